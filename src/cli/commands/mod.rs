@@ -1,0 +1,28 @@
+//! One module per subcommand: `XxxArgs` (its doc comment is the help) and `cmd_xxx`.
+//! The `Command` enum below is the whole command set; there is no runtime registry.
+
+mod metrics;
+
+use super::{CommandError, CommandHelper, Ui};
+
+/// Every coin command.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    Metrics(metrics::MetricsArgs),
+}
+
+/// Run one parsed command.
+pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), CommandError> {
+    match command {
+        Command::Metrics(args) => metrics::cmd_metrics(ui, helper, &args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,112 @@
+//! The command line: clap parsing, output, exit codes. The only module that prints.
+//!
+//! Conventions (see docs/cli.md): stdout carries data (tables, `--json`), stderr carries
+//! status and progress. Every read command takes `--json`. Exit codes: 0 ok, 1 user or
+//! configuration error, 2 usage error, 3 broken pipe, 255 internal error.
+
+pub mod commands;
+mod error;
+mod ui;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+pub use error::{CommandError, ErrorKind};
+pub use ui::Ui;
+
+/// Version control for continual instruction tuning of multimodal LLMs
+#[derive(Parser, Debug)]
+#[command(name = "coin", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// Options that every command takes
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// The command to run
+    #[command(subcommand)]
+    pub command: commands::Command,
+}
+
+/// When to colour output.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ColorChoice {
+    /// Colour when stdout is a terminal
+    #[default]
+    Auto,
+    /// Always colour
+    Always,
+    /// Never colour
+    Never,
+}
+
+/// Options accepted by every command.
+#[derive(clap::Args, Clone, Debug, Default)]
+#[command(next_help_heading = "Global Options")]
+pub struct GlobalArgs {
+    /// Path to the coin repository [default: search upward from the current directory]
+    #[arg(short = 'R', long, global = true, value_name = "PATH")]
+    pub repo: Option<PathBuf>,
+    /// When to colour output
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+    /// Print no status messages on stderr
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Override a configuration value for this command (repeatable)
+    #[arg(long = "config", global = true, value_name = "KEY=VALUE")]
+    pub config: Vec<String>,
+}
+
+/// What every command gets besides its own arguments.
+#[derive(Debug)]
+pub struct CommandHelper {
+    /// The global options.
+    pub global: GlobalArgs,
+    /// The directory the command runs in.
+    pub cwd: PathBuf,
+}
+
+impl CommandHelper {
+    /// The directory from which to look for a repository: `--repo` or the current directory.
+    pub fn start_dir(&self) -> PathBuf {
+        match &self.global.repo {
+            Some(p) if p.is_absolute() => p.clone(),
+            Some(p) => self.cwd.join(p),
+            None => self.cwd.clone(),
+        }
+    }
+}
+
+/// Parse the arguments, run the command and map the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let mut ui = Ui::new(&cli.global);
+    let cwd = match std::env::current_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            ui.error(&format!("Could not read the current directory: {e}"));
+            return ExitCode::from(1);
+        }
+    };
+    let helper = CommandHelper {
+        global: cli.global,
+        cwd,
+    };
+    match commands::run(&mut ui, &helper, cli.command).and_then(|()| ui.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if err.kind != ErrorKind::BrokenPipe {
+                ui.report(&err);
+            }
+            ExitCode::from(err.kind.exit_code())
+        }
+    }
+}

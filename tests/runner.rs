@@ -1,0 +1,28 @@
+//! All end-to-end tests, one binary (faster to link than one per file).
+
+mod common;
+
+mod test_metrics_command;
+
+#[test]
+fn every_test_file_is_listed() {
+    // A test_*.rs file that is not a `mod` above would silently never run.
+    let listed = include_str!("runner.rs");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    for entry in std::fs::read_dir(dir).expect("tests dir") {
+        let name = entry
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if let Some(stem) = name
+            .strip_prefix("test_")
+            .and_then(|n| n.strip_suffix(".rs"))
+        {
+            assert!(
+                listed.contains(&format!("mod test_{stem};")),
+                "tests/{name} is not listed in runner.rs"
+            );
+        }
+    }
+}
