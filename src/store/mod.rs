@@ -2,3 +2,5 @@
 //! atomic file writes and locks. Core module: no terminal I/O, no ML engine.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+
+pub mod fsutil;
