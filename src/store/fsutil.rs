@@ -24,9 +24,12 @@ impl AtomicFile {
     /// Start writing `path`; the temp file is created in the same directory.
     pub fn create(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let temp = tempfile::Builder::new()
-            .prefix(".coin-tmp-")
-            .tempfile_in(parent_of(&path))?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".coin-tmp-");
+        // tempfile creates 0600 files; files coin writes for the user get the usual 0644.
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        let temp = builder.tempfile_in(parent_of(&path))?;
         Ok(AtomicFile { path, temp })
     }
 
@@ -90,6 +93,12 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("a.txt")]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o644);
+        }
     }
 
     #[test]
