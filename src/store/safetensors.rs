@@ -319,7 +319,7 @@ pub fn build_file(tensors: &[(&str, Dtype, &[u64], &[u8])], metadata: &[(&str, &
         offset = end;
     }
     let mut json = serde_json::to_vec(&header).expect("a JSON map always serializes");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();

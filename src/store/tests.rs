@@ -407,3 +407,166 @@ fn tampered_manifest_entries_are_refused() {
     assert!(e.to_string().contains("evil"), "{e}");
     assert!(!dir.path().join("z.safetensors").exists());
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn dtype() -> impl Strategy<Value = Dtype> {
+        proptest::sample::select(Dtype::ALL.to_vec())
+    }
+
+    /// (name, dtype, shape, bytes) with a byte count valid for the dtype.
+    fn tensor() -> impl Strategy<Value = (String, Dtype, Vec<u64>, Vec<u8>)> {
+        (
+            "[a-z][a-z0-9._]{0,12}",
+            dtype(),
+            proptest::collection::vec(0u64..5, 0..4),
+        )
+            .prop_filter_map("sub-byte size", |(name, d, mut shape)| {
+                // make F4/F6 byte-aligned by giving them a trailing dim of 4
+                if d.bit_size() % 8 != 0 {
+                    shape.push(4);
+                }
+                let n: u64 = shape.iter().product();
+                d.byte_len(n).map(|b| (name, d, shape, b))
+            })
+            .prop_flat_map(|(name, d, shape, b)| {
+                proptest::collection::vec(any::<u8>(), b as usize)
+                    .prop_map(move |data| (name.clone(), d, shape.clone(), data))
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn ingest_materialize_round_trip(
+            tensors in proptest::collection::vec(tensor(), 0..6),
+            metadata in proptest::collection::vec(("[a-z]{1,6}", "\\PC{0,10}"), 0..3),
+            pad in 0usize..9,
+        ) {
+            // unique names
+            let mut seen = std::collections::HashSet::new();
+            let tensors: Vec<_> = tensors.into_iter().filter(|t| seen.insert(t.0.clone())).collect();
+            let mut meta_seen = std::collections::HashSet::new();
+            let metadata: Vec<_> = metadata.into_iter().filter(|m| meta_seen.insert(m.0.clone())).collect();
+            let specs: Vec<(&str, Dtype, &[u64], &[u8])> = tensors
+                .iter()
+                .map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice()))
+                .collect();
+            let meta: Vec<(&str, &str)> = metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let mut bytes = build_file(&specs, &meta);
+            // extra header padding (spaces after the JSON), as other writers do
+            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            for _ in 0..pad {
+                bytes.insert(8 + n, b' ');
+            }
+            let new_n = (n + pad) as u64;
+            bytes[..8].copy_from_slice(&new_n.to_le_bytes());
+
+            let (dir, store) = store();
+            let p = write(dir.path(), "f.safetensors", &bytes);
+            let entry = store.ingest_file(&p).unwrap();
+            let FileEntry::Safetensors { tensors: got, size, .. } = &entry else { panic!("{entry:?}") };
+            prop_assert_eq!(*size, bytes.len() as u64);
+            prop_assert_eq!(got.len(), tensors.len());
+            let out = dir.path().join("out.safetensors");
+            store.materialize(&entry, &out).unwrap();
+            prop_assert_eq!(std::fs::read(&out).unwrap(), bytes.clone());
+            for t in got {
+                let back = store.read_tensor(&t.id).unwrap();
+                let orig = tensors.iter().find(|o| o.0 == t.name).unwrap();
+                prop_assert_eq!(back.dtype, orig.1);
+                prop_assert_eq!(&back.shape, &orig.2);
+                prop_assert_eq!(&back.data, &orig.3);
+            }
+            // Ingesting again adds nothing.
+            let before = store.stats().unwrap();
+            prop_assert_eq!(store.ingest_file(&p).unwrap(), entry.clone());
+            prop_assert_eq!(store.stats().unwrap(), before);
+            // The manifest entry round-trips through JSON.
+            let json = serde_json::to_vec(&entry).unwrap();
+            prop_assert_eq!(serde_json::from_slice::<FileEntry>(&json).unwrap(), entry);
+        }
+
+        #[test]
+        fn blob_round_trip(data in proptest::collection::vec(any::<u8>(), 0..5000)) {
+            let (dir, store) = store();
+            let p = write(dir.path(), "x.bin", &data);
+            let entry = store.ingest_file(&p).unwrap();
+            let out = dir.path().join("y.bin");
+            store.materialize(&entry, &out).unwrap();
+            prop_assert_eq!(std::fs::read(&out).unwrap(), data);
+        }
+
+        #[test]
+        fn parser_never_panics_on_mutations(
+            seed in proptest::collection::vec(tensor(), 1..3),
+            flips in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 1..4),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let specs: Vec<(&str, Dtype, &[u64], &[u8])> = seed
+                .iter()
+                .map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice()))
+                .collect();
+            let mut bytes = build_file(&specs, &[]);
+            for (i, v) in flips {
+                let at = i.index(bytes.len());
+                bytes[at] = v;
+            }
+            fuzz::safetensors_file(&bytes);
+            fuzz::safetensors_file(&bytes[..cut.index(bytes.len() + 1)]);
+        }
+    }
+}
+
+#[test]
+fn fuzz_bodies_survive_a_hostile_corpus() {
+    let t = r#""w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}"#;
+    let with_header = |json: &str, data: &[u8]| {
+        let mut out = (json.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(json.as_bytes());
+        out.extend_from_slice(data);
+        out
+    };
+    let mut corpus: Vec<Vec<u8>> = vec![
+        vec![],
+        b"abc".to_vec(),
+        u64::MAX.to_le_bytes().to_vec(),
+        with_header("{", &[]),
+        with_header(&format!("{{{t}}}"), &[0; 8]),
+        with_header(&format!("{{{t},{t}}}"), &[0; 8]),
+        with_header(&"[".repeat(10_000), &[]),
+        with_header(
+            r#"{"w":{"dtype":"F32","shape":[18446744073709551615,2],"data_offsets":[0,8]}}"#,
+            &[0; 8],
+        ),
+        with_header(
+            r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[18446744073709551615,8]}}"#,
+            &[0; 8],
+        ),
+        with_header("{\"\u{0}\":{}}", &[]),
+    ];
+    let mut non_utf8 = 3u64.to_le_bytes().to_vec();
+    non_utf8.extend_from_slice(b"{\xc3}");
+    corpus.push(non_utf8);
+    for c in &corpus {
+        fuzz::safetensors_file(c);
+    }
+    let manifests: [&[u8]; 8] = [
+        b"",
+        b"{}",
+        b"{\"kind\":\"blob\"}",
+        b"{\"kind\":\"blob\",\"id\":\"00\",\"size\":1}",
+        b"{\"kind\":\"safetensors\",\"header\":\"0000000000000000000000000000000000000000000000000000000000000000\",\"size\":1,\"tensors\":[{\"name\":\"a\",\"dtype\":\"F9\",\"shape\":[],\"id\":\"x\",\"bytes\":1}]}",
+        b"{\"kind\":\"blob\",\"id\":\"0000000000000000000000000000000000000000000000000000000000000000\",\"size\":-1}",
+        b"\xff\xfe",
+        b"{\"kind\":\"blob\",\"id\":\"0000000000000000000000000000000000000000000000000000000000000000\",\"size\":3}",
+    ];
+    for m in manifests {
+        fuzz::manifest_entry(m);
+    }
+    // The last one is valid and must parse.
+    assert!(serde_json::from_slice::<FileEntry>(manifests[7]).is_ok());
+}
