@@ -131,3 +131,32 @@ fn corrupt_object_fails_verify_and_materialize() {
     assert!(failed.stderr.contains(&tensor_id), "{}", failed.stderr);
     assert!(!env.path("out/m.safetensors").exists());
 }
+
+#[test]
+fn killed_materialize_leaves_no_output_file() {
+    let env = TestEnvironment::new();
+    let file = safetensors_file(3, 5);
+    env.write("m.safetensors", &file);
+    let out = env
+        .coin(&["debug", "store-ingest", "--store", ".coin", "m.safetensors"])
+        .success();
+    env.write("entries.json", out.stdout.as_bytes());
+    let args = [
+        "debug",
+        "store-materialize",
+        "--store",
+        ".coin",
+        "--entries",
+        "entries.json",
+        "--output",
+        "out",
+    ];
+    let crashed = run(env
+        .coin_cmd(&env.work())
+        .env("COIN_FAULT", "store.materialize.before_rename")
+        .args(args));
+    assert_ne!(crashed.code, 0);
+    assert!(!env.path("out/m.safetensors").exists());
+    env.coin(&args).success();
+    assert_eq!(std::fs::read(env.path("out/m.safetensors")).unwrap(), file);
+}

@@ -178,25 +178,75 @@ impl Store {
     ) -> Result<FileEntry, StoreError> {
         let header_id = self.put_blob_bytes(header_bytes)?;
         let largest = header.tensors.iter().map(|t| t.len()).max().unwrap_or(0);
-        let mut buf = vec![0u8; largest.min(MAX_BUFFER) as usize];
-        let mut tensors = Vec::with_capacity(header.tensors.len());
-        for t in &header.tensors {
-            let object = ObjectHeader::tensor(t.dtype, t.shape.clone(), t.len());
-            let offset = header.data_start() + t.begin;
-            let id = self.ingest_range(file, path, offset, t.len(), object, &mut buf)?;
-            fault::point("store.ingest.after_tensor");
-            tensors.push(TensorEntry {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                id,
-                bytes: t.len(),
-            });
-        }
-        Ok(FileEntry::Safetensors {
-            header: header_id,
-            size: len,
-            tensors,
+        let cap = largest.min(MAX_BUFFER) as usize;
+        // Two buffers at most: while a new tensor object is written and fsynced on a writer
+        // thread (disk-bound), the next tensor is read and hashed (CPU-bound).
+        std::thread::scope(|scope| {
+            let mut free: Vec<Vec<u8>> = vec![vec![0u8; cap]];
+            let mut allocated = 1;
+            let mut pending: Option<std::thread::ScopedJoinHandle<'_, WriteResult>> = None;
+            let join = |p: std::thread::ScopedJoinHandle<'_, WriteResult>| match p.join() {
+                Ok((buf, result)) => result.map(|_| buf),
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            let mut tensors = Vec::with_capacity(header.tensors.len());
+            for t in &header.tensors {
+                let object = ObjectHeader::tensor(t.dtype, t.shape.clone(), t.len());
+                let offset = header.data_start() + t.begin;
+                let mut buf = match free.pop() {
+                    Some(b) => b,
+                    None if allocated < 2 => {
+                        allocated += 1;
+                        vec![0u8; cap]
+                    }
+                    None => join(
+                        pending
+                            .take()
+                            .expect("a buffer is out only while a write is pending"),
+                    )?,
+                };
+                let id = if t.len() > cap as u64 {
+                    let id = self.ingest_range(file, path, offset, t.len(), object, &mut buf)?;
+                    free.push(buf);
+                    id
+                } else {
+                    let n = t.len() as usize;
+                    file.seek(SeekFrom::Start(offset))
+                        .and_then(|_| file.read_exact(&mut buf[..n]))
+                        .map_err(|e| StoreError::io("read", path, e))?;
+                    let mut h = object.id_hasher();
+                    hash_update(&mut h, &buf[..n]);
+                    let id = ObjectId::from(h.finalize());
+                    if self.contains(&id) {
+                        free.push(buf);
+                    } else {
+                        if let Some(p) = pending.take() {
+                            free.push(join(p)?);
+                        }
+                        pending = Some(scope.spawn(move || {
+                            let r = self.write_object(&id, &object, |out| out.write_all(&buf[..n]));
+                            (buf, r)
+                        }));
+                    }
+                    id
+                };
+                fault::point("store.ingest.after_tensor");
+                tensors.push(TensorEntry {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    id,
+                    bytes: t.len(),
+                });
+            }
+            if let Some(p) = pending.take() {
+                join(p)?;
+            }
+            Ok(FileEntry::Safetensors {
+                header: header_id,
+                size: len,
+                tensors,
+            })
         })
     }
 
@@ -569,6 +619,9 @@ fn set_read_only(file: &File) -> io::Result<()> {
     file.set_permissions(p)
 }
 
+/// A writer thread hands its buffer back with the outcome.
+type WriteResult = (Vec<u8>, Result<bool, StoreError>);
+
 enum Sniff {
     /// A valid safetensors file.
     Valid(Header, Vec<u8>),
@@ -591,15 +644,26 @@ fn sniff_safetensors(file: &mut File, path: &Path, len: u64) -> Result<Sniff, St
         Ok(n) => n,
         Err(e) => return Ok(Sniff::NotSafetensors(e)),
     };
-    let mut header_bytes = Vec::with_capacity(8 + n as usize);
+    let mut header_bytes = Vec::with_capacity(8 + n.min(64 * 1024) as usize);
     header_bytes.extend_from_slice(&prefix);
+    // Look at the first JSON byte before reading up to 100 MB of a file that is not
+    // safetensors at all.
+    let mut first = [0u8; 1];
+    let looks_like = n > 0 && {
+        file.read_exact(&mut first).map_err(read_err)?;
+        header_bytes.push(first[0]);
+        first[0] == b'{'
+    };
+    if !looks_like {
+        return Ok(Sniff::NotSafetensors(HeaderError::Json(
+            "the header does not start with '{'".into(),
+        )));
+    }
     header_bytes.resize(8 + n as usize, 0);
-    file.read_exact(&mut header_bytes[8..]).map_err(read_err)?;
-    let looks_like = header_bytes.get(8) == Some(&b'{');
+    file.read_exact(&mut header_bytes[9..]).map_err(read_err)?;
     match safetensors::parse_json(&header_bytes[8..], len - 8 - n) {
         Ok(h) => Ok(Sniff::Valid(h, header_bytes)),
-        Err(e) if looks_like => Ok(Sniff::Invalid(e)),
-        Err(e) => Ok(Sniff::NotSafetensors(e)),
+        Err(e) => Ok(Sniff::Invalid(e)),
     }
 }
 
