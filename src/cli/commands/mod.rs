@@ -1,6 +1,7 @@
 //! One module per subcommand: `XxxArgs` (its doc comment is the help) and `cmd_xxx`.
 //! The `Command` enum below is the whole command set; there is no runtime registry.
 
+mod debug;
 mod metrics;
 
 use super::{CommandError, CommandHelper, Ui};
@@ -9,12 +10,15 @@ use super::{CommandError, CommandHelper, Ui};
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     Metrics(metrics::MetricsArgs),
+    #[command(hide = true)]
+    Debug(debug::DebugArgs),
 }
 
 /// Run one parsed command.
 pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), CommandError> {
     match command {
         Command::Metrics(args) => metrics::cmd_metrics(ui, helper, &args),
+        Command::Debug(args) => debug::cmd_debug(ui, helper, &args),
     }
 }
 
