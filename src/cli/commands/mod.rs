@@ -1,7 +1,11 @@
 //! One module per subcommand: `XxxArgs` (its doc comment is the help) and `cmd_xxx`.
 //! The `Command` enum below is the whole command set; there is no runtime registry.
 
+mod bench_data;
+mod judge;
 mod metrics;
+mod score;
+mod task;
 
 use super::{CommandError, CommandHelper, Ui};
 
@@ -9,12 +13,21 @@ use super::{CommandError, CommandHelper, Ui};
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     Metrics(metrics::MetricsArgs),
+    Score(score::ScoreArgs),
+    #[command(subcommand)]
+    Task(task::TaskCommand),
+    BenchData(bench_data::BenchDataArgs),
+    Judge(judge::JudgeArgs),
 }
 
 /// Run one parsed command.
 pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), CommandError> {
     match command {
         Command::Metrics(args) => metrics::cmd_metrics(ui, helper, &args),
+        Command::Score(args) => score::cmd_score(ui, helper, &args),
+        Command::Task(cmd) => task::cmd_task(ui, helper, &cmd),
+        Command::BenchData(args) => bench_data::cmd_bench_data(ui, helper, &args),
+        Command::Judge(args) => judge::cmd_judge(ui, helper, &args),
     }
 }
 
