@@ -515,7 +515,11 @@ mod tests {
         .is_err());
         assert!(InstructionSet::parse("style='x'\nverified=false\n[tasks.A]\nlayout='{instruction}\\n{question}'\ninstructions=['i']\n", p).is_err());
         // A valid file parses (so the refusals above are about the broken part).
-        assert!(InstructionSet::parse("style='x'\nverified=false\n[tasks.A]\ninstructions=['i']\n", p).is_ok());
+        assert!(InstructionSet::parse(
+            "style='x'\nverified=false\n[tasks.A]\ninstructions=['i']\n",
+            p
+        )
+        .is_ok());
         assert!(InstructionSet::parse(
             "style='x'\nverified=false\n[tasks.A]\ninstructions=[\"two\\nlines\"]\n",
             p

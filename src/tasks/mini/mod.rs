@@ -599,6 +599,10 @@ pub fn generate(
         ));
     }
     let set = InstructionSet::builtin("original")?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(16)
+        .build()
+        .map_err(|e| TaskError::Registry(format!("could not start writer threads: {e}")))?;
     let mut summaries = Vec::new();
     for task in &TASKS {
         progress(task.name);
@@ -608,14 +612,18 @@ pub fn generate(
         let mut sqa_problems = serde_json::Map::new();
         let mut sqa_splits: [Vec<String>; 2] = [Vec::new(), Vec::new()];
         let mut extra_ann = Vec::new();
+        let mut pngs: Vec<(PathBuf, Vec<u8>)> = Vec::with_capacity(cfg.train + cfg.test);
         for (split, n) in [("train", cfg.train), ("test", cfg.test)] {
             let mut rng = SplitMix64::derive(cfg.seed, &format!("{}/{split}", task.name));
             let prefix = task.dir.to_lowercase();
             for i in 0..n {
                 let id = format!("{prefix}-{split}-{i:05}");
                 let image = format!("{}/{id}.png", task.images);
-                let item = gen_item(task, &mut rng, &id, image.clone(), cfg.image_size);
-                write(&out.join("cl_dataset").join(&image), &item.png)?;
+                let mut item = gen_item(task, &mut rng, &id, image.clone(), cfg.image_size);
+                pngs.push((
+                    out.join("cl_dataset").join(&image),
+                    std::mem::take(&mut item.png),
+                ));
                 if let Some((choices, answer)) = &item.choices {
                     sqa_problems.insert(
                         id.clone(),
@@ -651,6 +659,12 @@ pub fn generate(
                 }
             }
         }
+        // Every file is written atomically (fsync + rename); overlap those waits.
+        pool.install(|| {
+            use rayon::prelude::*;
+            pngs.par_iter()
+                .try_for_each(|(path, bytes)| write(path, bytes))
+        })?;
         let dir = out.join("Instructions_Original").join(task.dir);
         write(&dir.join("train.json"), &json_bytes(&train_records))?;
         write(&dir.join(task.test_file), &json_bytes(&test_records))?;
