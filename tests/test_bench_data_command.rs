@@ -33,6 +33,22 @@ fn coin_mini_generates_registers_and_scores() {
     env.coin(&["task", "add", "--coin-mini", "mini"]).success();
     let list = env.coin(&["task", "list", "--json"]).success().json();
     assert_eq!(list.as_array().unwrap().len(), 8);
+    // coin's own readers accept the generated files, and every image is there.
+    let shown = env
+        .coin(&["task", "show", "mini-GQA", "--check"])
+        .success()
+        .stdout;
+    assert!(
+        shown.contains("# check: 8 train records, 6 test records, 14 images, 0 missing"),
+        "{shown}"
+    );
+    std::fs::remove_file(env.path("mini/cl_dataset/GQA/images/gqa-test-00003.png")).unwrap();
+    let err = env.coin(&["task", "show", "mini-GQA", "--check"]).code(1);
+    assert!(
+        err.stderr.contains("1 image(s) missing") && err.stderr.contains("gqa-test-00003.png"),
+        "{}",
+        err.stderr
+    );
     let test: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(env.path("mini/Instructions_Original/VQAv2/val.json")).unwrap(),
     )

@@ -134,6 +134,43 @@ impl TaskDef {
     }
 }
 
+/// What [`check_task`] found.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TaskCheck {
+    /// Training records (each conversation checked).
+    pub train_items: usize,
+    /// Test records.
+    pub test_items: usize,
+    /// Images referenced by both files, and how many are missing.
+    pub images: super::formats::ImageCheck,
+}
+
+/// Read a task's train and test files with coin's readers (streaming the train file), check
+/// every conversation, refuse image paths that escape the image root, and list missing images.
+/// Call it before any work starts; `TaskCheck::images.missing > 0` means some are absent.
+pub fn check_task(def: &TaskDef, repo_root: &Path) -> Result<TaskCheck, TaskError> {
+    let train = def.resolve(repo_root, &def.train);
+    let mut images: Vec<String> = Vec::new();
+    let train_items = super::formats::for_each_in_file(&train, |index, r: TrainRecord| {
+        r.validate().map_err(|message| TaskError::Record {
+            path: train.clone(),
+            index,
+            message,
+        })?;
+        images.extend(r.image);
+        Ok(())
+    })?;
+    let test = super::formats::read_test_file(&def.resolve(repo_root, &def.test))?;
+    images.extend(test.iter().filter_map(|r| r.image.clone()));
+    let root = def.resolve(repo_root, &def.image_root);
+    let images = super::formats::check_images(&root, images.iter().map(String::as_str))?;
+    Ok(TaskCheck {
+        train_items,
+        test_items: test.len(),
+        images,
+    })
+}
+
 /// The tasks of a repository.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
@@ -525,6 +562,53 @@ mod tests {
             p
         )
         .is_err());
+    }
+
+    #[test]
+    fn check_task_reads_files_and_lists_missing_images() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("imgs")).unwrap();
+        std::fs::write(root.join("imgs/a.png"), b"x").unwrap();
+        std::fs::write(root.join("train.json"), r#"[{"id": 1, "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ\nI"}, {"from": "gpt", "value": "x"}]}]"#).unwrap();
+        std::fs::write(
+            root.join("test.json"),
+            r#"[{"question_id": 1, "image": "b.png", "text": "Q\nI", "answer": "x"}]"#,
+        )
+        .unwrap();
+        let def = TaskDef {
+            name: "t".into(),
+            aliases: vec![],
+            coin: false,
+            scorer: "GQA".into(),
+            template: None,
+            data_root: None,
+            train: "train.json".into(),
+            test: "test.json".into(),
+            image_root: "imgs".into(),
+            annotations: None,
+            description: None,
+        };
+        let c = check_task(&def, root).unwrap();
+        assert_eq!(
+            (
+                c.train_items,
+                c.test_items,
+                c.images.referenced,
+                c.images.missing
+            ),
+            (1, 1, 2, 1)
+        );
+        assert_eq!(c.images.first_missing, vec!["b.png"]);
+        std::fs::write(
+            root.join("test.json"),
+            r#"[{"question_id": 1, "image": "../../etc/passwd", "text": "Q\nI", "answer": "x"}]"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            check_task(&def, root),
+            Err(TaskError::ImagePathEscapes { .. })
+        ));
     }
 
     #[test]

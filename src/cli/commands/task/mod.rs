@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::tasks::formats::dataset_identity;
 use crate::tasks::mini;
-use crate::tasks::registry::{find_registry_dir, Registry, TaskDef};
+use crate::tasks::registry::{check_task, find_registry_dir, Registry, TaskDef};
 
 /// Manage the tasks of a repository
 #[derive(clap::Subcommand, Debug)]
@@ -76,6 +76,9 @@ pub struct TaskShowArgs {
     /// Also hash the training file and count its records (blake3, item count)
     #[arg(long)]
     pub identity: bool,
+    /// Also read both data files with coin's readers and check every image exists
+    #[arg(long)]
+    pub check: bool,
     /// Print JSON
     #[arg(long)]
     pub json: bool,
@@ -198,8 +201,14 @@ fn cmd_show(ui: &mut Ui, helper: &CommandHelper, args: &TaskShowArgs) -> Result<
     } else {
         None
     };
+    let check = if args.check {
+        Some(check_task(def, &root)?)
+    } else {
+        None
+    };
     if args.json {
         return ui.json(&serde_json::json!({
+            "check": check,
             "definition": def,
             "default_mode": def.default_mode(),
             "paths": {
@@ -215,6 +224,16 @@ fn cmd_show(ui: &mut Ui, helper: &CommandHelper, args: &TaskShowArgs) -> Result<
     for (label, p) in [("train", &train), ("test", &test), ("image_root", &images)] {
         let state = if p.exists() { "" } else { "  (missing)" };
         writeln!(out, "# {label}: {}{state}", p.display())?;
+    }
+    if let Some(c) = &check {
+        writeln!(
+            out,
+            "# check: {} train records, {} test records, {} images, {} missing",
+            c.train_items, c.test_items, c.images.referenced, c.images.missing
+        )?;
+    }
+    if let Some(c) = check {
+        c.images.into_result(&images)?;
     }
     if let Some(id) = identity {
         writeln!(
