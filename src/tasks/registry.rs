@@ -171,6 +171,37 @@ pub fn check_task(def: &TaskDef, repo_root: &Path) -> Result<TaskCheck, TaskErro
     })
 }
 
+/// Score answers for a registered task: reads its test file and (where the scorer uses them)
+/// its annotations, and scores in `mode` or the task's default mode. The report names the
+/// task and the mode; store both with any eval record.
+pub fn score_task(
+    def: &TaskDef,
+    repo_root: &Path,
+    answers: &[super::formats::AnswerRecord],
+    mode: Option<ScoreMode>,
+) -> Result<super::scoring::ScoreReport, TaskError> {
+    let kind = def.scorer_kind()?;
+    let questions = super::formats::read_test_file(&def.resolve(repo_root, &def.test))?;
+    let annotations = match (&def.annotations, kind.annotations_hint()) {
+        (Some(a), Some(_)) => Some(super::scoring::load_annotations(
+            kind,
+            &def.resolve(repo_root, a),
+        )?),
+        _ => None,
+    };
+    let mut report = super::scoring::score(
+        kind,
+        mode.unwrap_or_else(|| def.default_mode()),
+        super::scoring::ScoreInput {
+            questions: &questions,
+            answers,
+            annotations: annotations.as_ref(),
+        },
+    )?;
+    report.task = def.name.clone();
+    Ok(report)
+}
+
 /// The tasks of a repository.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
