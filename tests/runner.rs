@@ -2,8 +2,12 @@
 
 mod common;
 
+mod test_bench_data_command;
+mod test_judge_command;
 mod test_metrics_command;
 mod test_store_crash;
+mod test_score_command;
+mod test_task_command;
 
 #[test]
 fn every_test_file_is_listed() {

@@ -2,7 +2,11 @@
 //! The `Command` enum below is the whole command set; there is no runtime registry.
 
 mod debug;
+mod bench_data;
+mod judge;
 mod metrics;
+mod score;
+mod task;
 
 use super::{CommandError, CommandHelper, Ui};
 
@@ -12,6 +16,11 @@ pub enum Command {
     Metrics(metrics::MetricsArgs),
     #[command(hide = true)]
     Debug(debug::DebugArgs),
+    Score(score::ScoreArgs),
+    #[command(subcommand)]
+    Task(task::TaskCommand),
+    BenchData(bench_data::BenchDataArgs),
+    Judge(judge::JudgeArgs),
 }
 
 /// Run one parsed command.
@@ -19,6 +28,10 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
     match command {
         Command::Metrics(args) => metrics::cmd_metrics(ui, helper, &args),
         Command::Debug(args) => debug::cmd_debug(ui, helper, &args),
+        Command::Score(args) => score::cmd_score(ui, helper, &args),
+        Command::Task(cmd) => task::cmd_task(ui, helper, &cmd),
+        Command::BenchData(args) => bench_data::cmd_bench_data(ui, helper, &args),
+        Command::Judge(args) => judge::cmd_judge(ui, helper, &args),
     }
 }
 

@@ -1,0 +1,345 @@
+//! The general-knowledge LLM judge of CoIN: prompt writing (`prompt_to_eval.json`), score
+//! parsing with CoIN's rules (`evaluate_score.py`), and a small client for any
+//! OpenAI-compatible chat endpoint, with timeouts, retries and resumable progress.
+//!
+//! The rule texts are coin's wording of CoIN's rules (CoIN's `rule.json` could not be read);
+//! the layout of the user message is CoIN's.
+
+pub mod http;
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::formats::{AnswerRecord, Qid, TestRecord};
+use super::TaskError;
+use crate::store::fsutil::write_atomic;
+
+/// The system message CoIN's `create_prompt.py` writes into `prompt_to_eval.json`.
+pub const PROMPT_SYSTEM: &str =
+    "You are a helpful and precise assistant for checking the quality of the answer.";
+/// The system message CoIN's judge script actually sends (it sends the user content only).
+pub const JUDGE_SYSTEM: &str = "You are a helpful assistant.";
+
+/// Which rule text ends the prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JudgeRule {
+    /// `CoIN`: every task but Grounding.
+    CoIN,
+    /// `CoIN_Grounding`: the ground truth is a normalised box.
+    CoINGrounding,
+}
+
+impl JudgeRule {
+    /// The rule text (coin's wording of CoIN's rule; not verified against `rule.json`).
+    pub fn text(self) -> &'static str {
+        match self {
+            JudgeRule::CoIN => "We would like to request your feedback on the performance of an AI assistant in response to the user question displayed above. The ground truth answer is given. Please rate the accuracy of the assistant's answer compared with the ground truth answer. The assistant receives an overall score on a scale of 0 to 10, where a higher score indicates better performance. Please output a single line containing only a value indicating the score for the assistant.",
+            JudgeRule::CoINGrounding => "We would like to request your feedback on the performance of an AI assistant in response to the user question displayed above. The ground truth answer is a bounding box (x1, y1, x2, y2) with coordinates normalised to 0-1, where (x1, y1) is the top-left corner and (x2, y2) the bottom-right corner of the region. Please rate how well the assistant's box matches the ground truth box. The assistant receives an overall score on a scale of 0 to 10, where a higher score indicates better performance. Please output a single line containing only a value indicating the score for the assistant.",
+        }
+    }
+}
+
+/// One answer to judge.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JudgeItem {
+    /// The question.
+    pub question_id: Qid,
+    /// The question without its instruction line.
+    pub question: String,
+    /// The ground truth (Grounding: `answer_bbox`).
+    pub ground_truth: String,
+    /// The model's answer.
+    pub prediction: String,
+}
+
+/// Pair answers with their questions (answer-file order). Questions without an answer are
+/// left out, as in CoIN (the judge sees the answer file).
+pub fn judge_items(
+    questions: &[TestRecord],
+    answers: &[AnswerRecord],
+    rule: JudgeRule,
+) -> Result<Vec<JudgeItem>, TaskError> {
+    let by_id: std::collections::HashMap<&Qid, &TestRecord> =
+        questions.iter().map(|q| (&q.question_id, q)).collect();
+    answers
+        .iter()
+        .map(|a| {
+            let q = by_id
+                .get(&a.question_id)
+                .ok_or_else(|| TaskError::Scoring {
+                    task: "judge".into(),
+                    message: format!(
+                        "question {} of the answer file is not in the questions file",
+                        a.question_id
+                    ),
+                })?;
+            let gt = match rule {
+                JudgeRule::CoINGrounding => q.answer_bbox.clone(),
+                JudgeRule::CoIN => q.answer.clone(),
+            }
+            .ok_or_else(|| TaskError::Scoring {
+                task: "judge".into(),
+                message: format!("question {} has no ground truth", q.question_id),
+            })?;
+            Ok(JudgeItem {
+                question_id: a.question_id.clone(),
+                question: q.question_without_instruction().to_string(),
+                ground_truth: gt,
+                prediction: a.answer().to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The user message of one item, in CoIN's layout.
+pub fn user_prompt(item: &JudgeItem, rule: JudgeRule) -> String {
+    format!(
+        "[Context]\n[Question]\n{}\n\n[Ground truth answer]\n{}\n\n[End of ground truth answer]\n\n[Assistant]\n{}\n\n[End of Assistant]\n\n[System]\n{}",
+        item.question,
+        item.ground_truth,
+        item.prediction,
+        rule.text()
+    )
+}
+
+/// `prompt_to_eval.json`: a list of `[system, user]` pairs.
+pub fn prompt_file(items: &[JudgeItem], rule: JudgeRule) -> String {
+    let v: Vec<[String; 2]> = items
+        .iter()
+        .map(|i| [PROMPT_SYSTEM.to_string(), user_prompt(i, rule)])
+        .collect();
+    serde_json::to_string_pretty(&v).expect("strings always serialise") + "\n"
+}
+
+/// Parse a judge reply with CoIN's rules (`evaluate_score.py`): the whole text as a number if
+/// it is ≤ 10; else the numerator of `x/…` if it is a number ≤ 10; else the first digit 1–9;
+/// else 0.
+pub fn parse_score(reply: &str) -> f64 {
+    let t = reply.trim();
+    if let Ok(v) = t.parse::<f64>() {
+        if v <= 10.0 && v.is_finite() {
+            return v;
+        }
+    }
+    if let Some((num, _)) = t.split_once('/') {
+        if let Ok(v) = num.trim().parse::<f64>() {
+            if v <= 10.0 && v.is_finite() {
+                return v;
+            }
+        }
+    }
+    t.chars()
+        .find(|c| ('1'..='9').contains(c))
+        .and_then(|c| c.to_digit(10))
+        .map_or(0.0, f64::from)
+}
+
+/// The judge's summary.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct JudgeScore {
+    /// Number of items.
+    pub n: usize,
+    /// Σ per-item scores (0–10 each).
+    pub sum: f64,
+    /// 100·Σs/(10·N).
+    pub score: f64,
+    /// CoIN's printed value: `round(score)`.
+    pub rounded: f64,
+}
+
+/// Summarise per-item scores.
+pub fn summarise(scores: &[f64]) -> JudgeScore {
+    let sum: f64 = scores.iter().sum();
+    let n = scores.len();
+    let score = if n == 0 {
+        0.0
+    } else {
+        100.0 * sum / (10.0 * n as f64)
+    };
+    JudgeScore {
+        n,
+        sum,
+        score,
+        rounded: score.round(),
+    }
+}
+
+/// How to reach the judge.
+#[derive(Clone, Debug)]
+pub struct JudgeClient {
+    /// `http://host:port/v1` (or the full `/chat/completions` URL).
+    pub endpoint: String,
+    /// The model name sent in each request.
+    pub model: String,
+    /// Sampling temperature (default 0: deterministic; CoIN used 0.7).
+    pub temperature: f64,
+    /// Maximum tokens per reply (CoIN: 20).
+    pub max_tokens: u32,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Extra attempts after a failed request.
+    pub retries: u32,
+    /// Pause before the first retry (doubled each time).
+    pub backoff: Duration,
+}
+
+impl JudgeClient {
+    fn url(&self) -> String {
+        let e = self.endpoint.trim_end_matches('/');
+        if e.ends_with("/chat/completions") {
+            e.to_string()
+        } else {
+            format!("{e}/chat/completions")
+        }
+    }
+
+    fn fail(&self, message: String) -> TaskError {
+        TaskError::Judge {
+            endpoint: self.endpoint.clone(),
+            message,
+        }
+    }
+
+    /// Ask once (with retries); the reply text.
+    pub fn ask(&self, user: &str) -> Result<String, TaskError> {
+        let body = serde_json::json!({
+            "model": self.model,
+            "messages": [
+                {"role": "system", "content": JUDGE_SYSTEM},
+                {"role": "user", "content": user},
+            ],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        });
+        let body = serde_json::to_vec(&body).expect("a JSON value always serialises");
+        let mut last = String::new();
+        let mut pause = self.backoff;
+        for attempt in 0..=self.retries {
+            if attempt > 0 {
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            match http::post_json(&self.url(), &body, self.timeout) {
+                Ok((200, reply)) => {
+                    let v: serde_json::Value = serde_json::from_slice(&reply)
+                        .map_err(|e| self.fail(format!("the reply is not JSON: {e}")))?;
+                    return v["choices"][0]["message"]["content"]
+                        .as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| {
+                            self.fail("the reply has no choices[0].message.content".into())
+                        });
+                }
+                Ok((status, reply)) => {
+                    last = format!(
+                        "HTTP {status}: {}",
+                        String::from_utf8_lossy(&reply)
+                            .chars()
+                            .take(200)
+                            .collect::<String>()
+                    );
+                    if (400..500).contains(&status) && status != 429 && status != 408 {
+                        break;
+                    }
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(self.fail(format!("{last} (after {} attempt(s))", self.retries + 1)))
+    }
+}
+
+/// One judged item, as saved in the progress file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Judged {
+    /// Position in the item list.
+    pub index: usize,
+    /// The question.
+    pub question_id: Qid,
+    /// The judge's reply.
+    pub reply: String,
+    /// The parsed score (0–10).
+    pub score: f64,
+}
+
+/// Read a progress file (JSONL of [`Judged`]); missing file = nothing done.
+pub fn read_progress(path: &Path) -> Result<Vec<Judged>, TaskError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TaskError::io("read", path, e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| TaskError::Record {
+                path: path.to_path_buf(),
+                index: i + 1,
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+fn save_progress(path: &Path, done: &[Judged]) -> Result<(), TaskError> {
+    let mut s = String::new();
+    for j in done {
+        s.push_str(&serde_json::to_string(j).expect("a Judged always serialises"));
+        s.push('\n');
+    }
+    write_atomic(path, s).map_err(|e| TaskError::io("write", path, e))
+}
+
+/// Judge every item not yet in the progress file, saving progress atomically every few items
+/// and on failure, so a rerun resumes where it stopped. Returns all judged items in order.
+pub fn run_judge(
+    client: &JudgeClient,
+    items: &[JudgeItem],
+    rule: JudgeRule,
+    progress_path: &Path,
+    mut on_item: impl FnMut(usize, usize),
+) -> Result<Vec<Judged>, TaskError> {
+    let mut done = read_progress(progress_path)?;
+    done.retain(|j| {
+        items
+            .get(j.index)
+            .is_some_and(|i| i.question_id == j.question_id)
+    });
+    let have: std::collections::HashSet<usize> = done.iter().map(|j| j.index).collect();
+    let mut since_save = 0;
+    for (index, item) in items.iter().enumerate() {
+        if have.contains(&index) {
+            continue;
+        }
+        match client.ask(&user_prompt(item, rule)) {
+            Ok(reply) => {
+                let score = parse_score(&reply);
+                done.push(Judged {
+                    index,
+                    question_id: item.question_id.clone(),
+                    reply,
+                    score,
+                });
+                since_save += 1;
+                on_item(done.len(), items.len());
+                if since_save >= 16 {
+                    save_progress(progress_path, &done)?;
+                    since_save = 0;
+                }
+            }
+            Err(e) => {
+                save_progress(progress_path, &done)?;
+                return Err(e);
+            }
+        }
+    }
+    done.sort_by_key(|j| j.index);
+    save_progress(progress_path, &done)?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests;

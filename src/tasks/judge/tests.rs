@@ -1,0 +1,228 @@
+#![allow(clippy::disallowed_methods)]
+use super::*;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+fn rec(id: &str, text: &str, answer: &str) -> TestRecord {
+    TestRecord {
+        question_id: Qid(id.into()),
+        image: None,
+        text: text.into(),
+        answer: Some(answer.into()),
+        answer_bbox: None,
+        size: None,
+        answers: None,
+    }
+}
+
+fn ans(id: &str, text: &str) -> AnswerRecord {
+    AnswerRecord {
+        question_id: Qid(id.into()),
+        prompt: String::new(),
+        text: Some(text.into()),
+        answer_id: serde_json::Value::Null,
+        model_id: serde_json::Value::Null,
+        metadata: serde_json::Value::Null,
+    }
+}
+
+#[test]
+fn score_parsing_follows_coin_rules() {
+    assert_eq!(parse_score("8"), 8.0);
+    assert_eq!(parse_score(" 7.5\n"), 7.5);
+    assert_eq!(parse_score("10"), 10.0);
+    assert_eq!(parse_score("8/10"), 8.0);
+    assert_eq!(parse_score("Score: 6 out of 10"), 6.0);
+    assert_eq!(parse_score("12"), 1.0); // > 10: falls through to the first digit 1-9
+    assert_eq!(parse_score("0"), 0.0);
+    assert_eq!(parse_score("none"), 0.0);
+    let s = summarise(&[10.0, 5.0, 0.0, 8.0]);
+    assert_eq!((s.n, s.sum, s.score, s.rounded), (4, 23.0, 57.5, 58.0));
+}
+
+#[test]
+fn prompts_use_coin_layout() {
+    let qs = [rec(
+        "1",
+        "What color?\nAnswer the question using a single word or phrase.",
+        "red",
+    )];
+    let items = judge_items(&qs, &[ans("1", "blue")], JudgeRule::CoIN).unwrap();
+    let u = user_prompt(&items[0], JudgeRule::CoIN);
+    assert!(u.starts_with("[Context]\n[Question]\nWhat color?\n\n[Ground truth answer]\nred\n\n[End of ground truth answer]\n\n[Assistant]\nblue\n\n[End of Assistant]\n\n[System]\n"), "{u}");
+    let file: Vec<[String; 2]> =
+        serde_json::from_str(&prompt_file(&items, JudgeRule::CoIN)).unwrap();
+    assert_eq!(file[0][0], PROMPT_SYSTEM);
+    let mut g = rec("2", "the red square\nPlease provide the bounding box coordinate of the region this sentence describes.", "");
+    g.answer = None;
+    g.answer_bbox = Some("[0.1, 0.2, 0.3, 0.4]".into());
+    let gi = judge_items(
+        &[g],
+        &[ans("2", "[0.1, 0.2, 0.3, 0.4]")],
+        JudgeRule::CoINGrounding,
+    )
+    .unwrap();
+    assert!(user_prompt(&gi[0], JudgeRule::CoINGrounding).contains("(x1, y1, x2, y2)"));
+    assert!(judge_items(&qs, &[ans("9", "x")], JudgeRule::CoIN).is_err());
+}
+
+#[test]
+fn http_response_parsing() {
+    let (s, b) = http::parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiXX").unwrap();
+    assert_eq!((s, b), (200, b"hi".to_vec()));
+    let (s, b) = http::parse_response(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!((s, b), (200, b"abcde".to_vec()));
+    assert!(http::parse_response(b"garbage").is_err());
+    assert_eq!(
+        http::parse_url("http://127.0.0.1:8000/v1").unwrap(),
+        ("127.0.0.1".into(), 8000, "/v1".into())
+    );
+    assert!(http::parse_url("https://x/v1").is_err());
+}
+
+/// A loopback chat server: replies with scores from `replies` in turn; `fail_after` requests
+/// it stops answering (closes the connection) to simulate a dead endpoint.
+fn serve(
+    replies: Vec<&'static str>,
+    fail_from: usize,
+) -> (String, Arc<AtomicUsize>, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    let h = std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 4096];
+            // Read the header, then the body by Content-Length.
+            loop {
+                let n = stream.read(&mut tmp).unwrap();
+                buf.extend_from_slice(&tmp[..n]);
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .unwrap()
+                        .trim()
+                        .parse()
+                        .unwrap();
+                    while buf.len() < end + 4 + len {
+                        let n = stream.read(&mut tmp).unwrap();
+                        buf.extend_from_slice(&tmp[..n]);
+                    }
+                    let req: serde_json::Value =
+                        serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
+                    assert_eq!(req["messages"][0]["content"], JUDGE_SYSTEM);
+                    assert_eq!(req["temperature"], 0.0);
+                    break;
+                }
+            }
+            let i = c.fetch_add(1, Ordering::SeqCst);
+            if i >= fail_from {
+                let body = "{\"error\": \"overloaded\"}";
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                continue;
+            }
+            let reply = replies[i % replies.len()];
+            let body = serde_json::json!({"choices": [{"message": {"role": "assistant", "content": reply}}]}).to_string();
+            let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    (format!("http://{addr}/v1"), count, h)
+}
+
+fn client(endpoint: &str) -> JudgeClient {
+    JudgeClient {
+        endpoint: endpoint.to_string(),
+        model: "judge".into(),
+        temperature: 0.0,
+        max_tokens: 20,
+        timeout: Duration::from_secs(5),
+        retries: 1,
+        backoff: Duration::from_millis(10),
+    }
+}
+
+fn items(n: usize) -> Vec<JudgeItem> {
+    (0..n)
+        .map(|i| JudgeItem {
+            question_id: Qid(i.to_string()),
+            question: "Q".into(),
+            ground_truth: "a".into(),
+            prediction: "b".into(),
+        })
+        .collect()
+}
+
+#[test]
+fn judge_runs_against_a_loopback_server_and_resumes() {
+    let d = tempfile::tempdir().unwrap();
+    let progress = d.path().join("progress.jsonl");
+    // The server answers 3 requests, then fails every request.
+    let (url, count, _h) = serve(vec!["8", "5/10", "The score is 3"], 3);
+    let c = client(&url);
+    let err = run_judge(&c, &items(5), JudgeRule::CoIN, &progress, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("HTTP 503") && err.contains("2 attempt"),
+        "{err}"
+    );
+    let saved = read_progress(&progress).unwrap();
+    assert_eq!(
+        saved.iter().map(|j| j.score).collect::<Vec<_>>(),
+        vec![8.0, 5.0, 3.0]
+    );
+    assert_eq!(count.load(Ordering::SeqCst), 5); // 3 good + 2 attempts at item 3
+
+    // A working server finishes the remaining two only.
+    let (url2, count2, _h2) = serve(vec!["10"], usize::MAX);
+    let done = run_judge(
+        &client(&url2),
+        &items(5),
+        JudgeRule::CoIN,
+        &progress,
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(count2.load(Ordering::SeqCst), 2);
+    let scores: Vec<f64> = done.iter().map(|j| j.score).collect();
+    assert_eq!(scores, vec![8.0, 5.0, 3.0, 10.0, 10.0]);
+    assert_eq!(summarise(&scores).score, 72.0);
+}
+
+#[test]
+fn dead_and_slow_endpoints_give_clear_errors() {
+    // Nothing listens on this port once the listener is dropped.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let c = client(&format!("http://127.0.0.1:{port}/v1"));
+    let e = c.ask("x").unwrap_err().to_string();
+    assert!(e.contains("cannot connect"), "{e}");
+    // A server that accepts but never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let _keep = std::thread::spawn(move || {
+        let conns: Vec<_> = listener.incoming().take(2).collect();
+        std::thread::sleep(Duration::from_secs(3));
+        drop(conns);
+    });
+    let mut slow = client(&url);
+    slow.timeout = Duration::from_millis(300);
+    let e = slow.ask("x").unwrap_err().to_string();
+    assert!(e.contains("no reply within"), "{e}");
+}

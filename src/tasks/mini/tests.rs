@@ -1,0 +1,222 @@
+use super::*;
+use crate::tasks::formats::{check_images, read_test_file, read_train_file, AnswerRecord};
+use crate::tasks::scoring::{load_annotations, score, ScoreInput, ScoreMode};
+
+fn small() -> MiniConfig {
+    MiniConfig {
+        seed: 3,
+        train: 12,
+        test: 10,
+        image_size: 32,
+    }
+}
+
+fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn generated_data_reads_back_and_scores_perfectly() {
+    let d = tempfile::tempdir().unwrap();
+    let m = generate(d.path(), &small(), |_| {}).unwrap();
+    assert_eq!(m.tasks.len(), 8);
+    for (task, summary) in TASKS.iter().zip(&m.tasks) {
+        let train = read_train_file(&d.path().join(&summary.train)).unwrap();
+        let test = read_test_file(&d.path().join(&summary.test)).unwrap();
+        assert_eq!((train.len(), test.len()), (12, 10));
+        let root = d.path().join("cl_dataset");
+        let images = train
+            .iter()
+            .filter_map(|r| r.image.as_deref())
+            .chain(test.iter().filter_map(|r| r.image.as_deref()));
+        let check = check_images(&root, images)
+            .unwrap()
+            .into_result(&root)
+            .unwrap();
+        assert_eq!(check.referenced, 22);
+        // The image decodes and has the requested size.
+        let first = image::open(root.join(test[0].image.as_deref().unwrap())).unwrap();
+        assert_eq!((first.width(), first.height()), (32, 32));
+        // Every human turn is "<image>\n question \n instruction".
+        assert!(train
+            .iter()
+            .all(|r| r.conversations[0].value.starts_with("<image>\n")));
+        // Perfect answers score 100 in both modes (compat with CoIN's annotation files).
+        let answers: Vec<AnswerRecord> = test
+            .iter()
+            .map(|q| AnswerRecord {
+                question_id: q.question_id.clone(),
+                prompt: q.text.clone(),
+                text: Some(q.answer.clone().or(q.answer_bbox.clone()).unwrap()),
+                answer_id: serde_json::Value::Null,
+                model_id: serde_json::Value::Null,
+                metadata: serde_json::Value::Null,
+            })
+            .collect();
+        let ann = summary
+            .annotations
+            .as_ref()
+            .map(|a| load_annotations(task.scorer, &d.path().join(a)).unwrap());
+        for mode in [ScoreMode::Compat, ScoreMode::Strict] {
+            let r = score(
+                task.scorer,
+                mode,
+                ScoreInput {
+                    questions: &test,
+                    answers: &answers,
+                    annotations: ann.as_ref(),
+                },
+            )
+            .unwrap();
+            assert_eq!(r.n, 10, "{} {mode}", task.name);
+            assert!(
+                (r.score - 100.0).abs() < 1e-9,
+                "{} {mode}: {r:?}",
+                task.name
+            );
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_bytes_other_seed_other_bytes() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let c = tempfile::tempdir().unwrap();
+    generate(a.path(), &small(), |_| {}).unwrap();
+    generate(b.path(), &small(), |_| {}).unwrap();
+    generate(c.path(), &MiniConfig { seed: 4, ..small() }, |_| {}).unwrap();
+    let fa = files(a.path());
+    assert_eq!(fa, files(b.path()));
+    assert_ne!(fa, files(c.path()));
+    // The train file of the first task has a stable hash (same seed, same bytes across versions).
+    let sqa = fa
+        .iter()
+        .find(|(p, _)| p.ends_with("ScienceQA/train.json"))
+        .unwrap();
+    assert!(String::from_utf8(sqa.1.clone())
+        .unwrap()
+        .contains("Answer with the option's letter from the given choices directly."));
+}
+
+#[test]
+fn answers_are_balanced_enough_for_the_stated_chance() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = MiniConfig {
+        seed: 1,
+        train: 400,
+        test: 1,
+        image_size: 32,
+    };
+    generate(d.path(), &cfg, |_| {}).unwrap();
+    for t in &TASKS {
+        let train = read_train_file(
+            &d.path()
+                .join(format!("Instructions_Original/{}/train.json", t.dir)),
+        )
+        .unwrap();
+        let mut counts = std::collections::HashMap::new();
+        for r in &train {
+            *counts
+                .entry(r.conversations[1].value.clone())
+                .or_insert(0usize) += 1;
+        }
+        let top = *counts.values().max().unwrap() as f64 / train.len() as f64;
+        // No constant answer is right much more often than the stated chance level allows
+        // (question types mix, so the best constant is at most the largest per-type share).
+        assert!(
+            top < t.chance.max(0.2) + 0.12,
+            "{}: top answer share {top}",
+            t.name
+        );
+        assert!(
+            counts.len() >= 4,
+            "{}: only {} distinct answers",
+            t.name,
+            counts.len()
+        );
+    }
+}
+
+#[test]
+fn corpus_covers_every_generated_word() {
+    let corpus = coin_mini_corpus();
+    let vocab: std::collections::HashSet<String> = words(&corpus).collect();
+    let d = tempfile::tempdir().unwrap();
+    let m = generate(
+        d.path(),
+        &MiniConfig {
+            seed: 9,
+            train: 60,
+            test: 20,
+            image_size: 32,
+        },
+        |_| {},
+    )
+    .unwrap();
+    for s in &m.tasks {
+        for r in read_train_file(&d.path().join(&s.train)).unwrap() {
+            for t in &r.conversations {
+                for w in words(&t.value) {
+                    assert!(
+                        w == "image" || vocab.contains(&w),
+                        "'{w}' of {} is not in the corpus",
+                        s.name
+                    );
+                }
+            }
+        }
+    }
+    for t in &TASKS {
+        assert!(chance_level(t.name).is_some());
+        assert!(chance_level(t.scorer.name()).is_some());
+    }
+    assert_eq!(chance_level("mini-gqa"), Some(5.0 / 18.0));
+    assert_eq!(chance_level("mnist"), None);
+}
+
+fn words(s: &str) -> impl Iterator<Item = String> + '_ {
+    s.split(|c: char| !(c.is_alphanumeric() || c == '\'' || c == '.'))
+        .map(|w| w.trim_matches(['.', '\'']).to_string())
+        .filter(|w| !w.is_empty())
+}
+
+#[test]
+fn registry_entries_point_at_the_generated_files() {
+    let d = tempfile::tempdir().unwrap();
+    generate(d.path(), &small(), |_| {}).unwrap();
+    for def in task_defs(".") {
+        assert!(!def.coin);
+        let root = d.path();
+        assert!(def.resolve(root, &def.train).is_file(), "{}", def.train);
+        assert!(def.resolve(root, &def.test).is_file(), "{}", def.test);
+        if let Some(a) = &def.annotations {
+            assert!(def.resolve(root, a).exists(), "{a}");
+        }
+    }
+    assert!(generate(
+        d.path(),
+        &MiniConfig {
+            image_size: 16,
+            ..small()
+        },
+        |_| {}
+    )
+    .is_err());
+}

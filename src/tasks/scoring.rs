@@ -1,0 +1,882 @@
+//! One scorer per CoIN task, each in two modes.
+//!
+//! - [`ScoreMode::Compat`] computes what CoIN's Python scorers compute, quirks included, so
+//!   numbers compare with published ones.
+//! - [`ScoreMode::Strict`] computes the same metric with the quirks fixed.
+//!
+//! Every difference is listed in docs/scoring.md; the rules are cited on each function.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::formats::{AnswerRecord, Qid, TestRecord};
+use super::normalize::{normalize_answer, soft_scores};
+use super::TaskError;
+
+/// How faithfully to reproduce CoIN's scorers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreMode {
+    /// CoIN's numbers, quirks included.
+    Compat,
+    /// The same metric with the quirks fixed.
+    Strict,
+}
+
+impl fmt::Display for ScoreMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ScoreMode::Compat => "compat",
+            ScoreMode::Strict => "strict",
+        })
+    }
+}
+
+impl std::str::FromStr for ScoreMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "compat" => Ok(ScoreMode::Compat),
+            "strict" => Ok(ScoreMode::Strict),
+            _ => Err(format!(
+                "unknown scoring mode '{s}' (expected compat or strict)"
+            )),
+        }
+    }
+}
+
+/// The eight CoIN scorers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ScorerKind {
+    /// Letter answers to multiple-choice problems.
+    ScienceQA,
+    /// Reading text; soft VQA accuracy over 10 human answers.
+    TextVQA,
+    /// Naming the object class.
+    ImageNet,
+    /// Compositional questions; exact match.
+    GQA,
+    /// Questions about blind users' photos; exact match in CoIN.
+    VizWiz,
+    /// Referring-expression boxes; IoU > 0.5.
+    Grounding,
+    /// VQA v2; exact match in CoIN.
+    VQAv2,
+    /// Book covers; exact match.
+    OCRVQA,
+}
+
+impl ScorerKind {
+    /// All eight, in CoIN's default order.
+    pub const ALL: [ScorerKind; 8] = [
+        ScorerKind::ScienceQA,
+        ScorerKind::TextVQA,
+        ScorerKind::ImageNet,
+        ScorerKind::GQA,
+        ScorerKind::VizWiz,
+        ScorerKind::Grounding,
+        ScorerKind::VQAv2,
+        ScorerKind::OCRVQA,
+    ];
+
+    /// The canonical task name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScorerKind::ScienceQA => "ScienceQA",
+            ScorerKind::TextVQA => "TextVQA",
+            ScorerKind::ImageNet => "ImageNet",
+            ScorerKind::GQA => "GQA",
+            ScorerKind::VizWiz => "VizWiz",
+            ScorerKind::Grounding => "Grounding",
+            ScorerKind::VQAv2 => "VQAv2",
+            ScorerKind::OCRVQA => "OCR-VQA",
+        }
+    }
+
+    /// Parse a task or scorer name: case-insensitive, `-`, `_` and spaces ignored, CoIN's
+    /// spellings accepted (`OCRVQA`, `OCR-VQA`, `vqav2`, `Science`, `ImagetNet`, …).
+    pub fn from_name(name: &str) -> Option<Self> {
+        let key: String = name
+            .chars()
+            .filter(|c| !matches!(c, '-' | '_' | ' '))
+            .flat_map(char::to_lowercase)
+            .collect();
+        Some(match key.as_str() {
+            "scienceqa" | "science" | "sqa" => ScorerKind::ScienceQA,
+            "textvqa" => ScorerKind::TextVQA,
+            "imagenet" | "imagetnet" => ScorerKind::ImageNet,
+            "gqa" => ScorerKind::GQA,
+            "vizwiz" => ScorerKind::VizWiz,
+            "grounding" | "refcoco" => ScorerKind::Grounding,
+            "vqav2" | "vqa2" => ScorerKind::VQAv2,
+            "ocrvqa" => ScorerKind::OCRVQA,
+            _ => return None,
+        })
+    }
+
+    /// What the score measures.
+    pub fn metric(self) -> &'static str {
+        match self {
+            ScorerKind::TextVQA => "vqa_accuracy",
+            ScorerKind::Grounding => "iou>0.5",
+            _ => "accuracy",
+        }
+    }
+
+    /// What `--annotations` must be for this task, if it takes one.
+    pub fn annotations_hint(self) -> Option<&'static str> {
+        match self {
+            ScorerKind::ScienceQA => {
+                Some("the ScienceQA folder with problems.json and pid_splits.json")
+            }
+            ScorerKind::TextVQA => Some("TextVQA_0.5.1_val.json"),
+            ScorerKind::GQA => Some("testdev_balanced_questions.json"),
+            _ => None,
+        }
+    }
+}
+
+/// One ScienceQA problem from `problems.json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct SqaProblem {
+    /// The choices.
+    pub choices: Vec<serde_json::Value>,
+    /// Index of the correct choice.
+    pub answer: usize,
+}
+
+/// One question of GQA's `testdev_balanced_questions.json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct GqaQuestion {
+    /// The answer.
+    pub answer: String,
+    /// Whether the question belongs to the balanced set.
+    #[serde(default = "yes", rename = "isBalanced")]
+    pub is_balanced: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Ground truth that lives outside CoIN's test files.
+#[derive(Clone, Debug)]
+pub enum Annotations {
+    /// ScienceQA `problems.json` and the `test` list of `pid_splits.json`.
+    ScienceQA {
+        /// Problems by id.
+        problems: HashMap<String, SqaProblem>,
+        /// The test split's problem ids, in file order.
+        test_ids: Vec<String>,
+    },
+    /// TextVQA answers by (image_id, lower-cased question).
+    TextVQA(HashMap<(String, String), Vec<String>>),
+    /// GQA questions by id.
+    GQA(HashMap<String, GqaQuestion>),
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &'static str,
+) -> Result<T, TaskError> {
+    let f = std::fs::File::open(path).map_err(|e| TaskError::io("open", path, e))?;
+    serde_json::from_reader(std::io::BufReader::new(f)).map_err(|e| TaskError::Format {
+        path: path.to_path_buf(),
+        what,
+        message: e.to_string(),
+    })
+}
+
+/// Load the annotations `kind` needs from `path` (a folder for ScienceQA, a file otherwise).
+pub fn load_annotations(kind: ScorerKind, path: &Path) -> Result<Annotations, TaskError> {
+    match kind {
+        ScorerKind::ScienceQA => {
+            let dir = if path.is_dir() {
+                path.to_path_buf()
+            } else {
+                path.parent().unwrap_or(Path::new(".")).to_path_buf()
+            };
+            let problems: HashMap<String, SqaProblem> =
+                read_json(&dir.join("problems.json"), "ScienceQA problems.json")?;
+            let mut splits: HashMap<String, Vec<serde_json::Value>> =
+                read_json(&dir.join("pid_splits.json"), "ScienceQA pid_splits.json")?;
+            let test = splits.remove("test").ok_or_else(|| TaskError::Format {
+                path: dir.join("pid_splits.json"),
+                what: "ScienceQA pid_splits.json",
+                message: "it has no \"test\" split".into(),
+            })?;
+            let test_ids = test
+                .into_iter()
+                .map(|v| match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                })
+                .collect();
+            Ok(Annotations::ScienceQA { problems, test_ids })
+        }
+        ScorerKind::TextVQA => {
+            #[derive(Deserialize)]
+            struct File {
+                data: Vec<Entry>,
+            }
+            #[derive(Deserialize)]
+            struct Entry {
+                image_id: String,
+                question: String,
+                #[serde(default)]
+                answers: Vec<String>,
+            }
+            let f: File = read_json(path, "TextVQA annotation file")?;
+            Ok(Annotations::TextVQA(
+                f.data
+                    .into_iter()
+                    .map(|e| ((e.image_id, e.question.to_lowercase()), e.answers))
+                    .collect(),
+            ))
+        }
+        ScorerKind::GQA => Ok(Annotations::GQA(read_json(path, "GQA questions file")?)),
+        other => Err(TaskError::Scoring {
+            task: other.name().into(),
+            message: "this task takes no annotation file".into(),
+        }),
+    }
+}
+
+/// The score of one question (0..=1).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ItemScore {
+    /// The question.
+    pub question_id: Qid,
+    /// 0..=1.
+    pub score: f64,
+}
+
+/// The result of scoring an answer file.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ScoreReport {
+    /// Task name.
+    pub task: String,
+    /// What the score measures.
+    pub metric: String,
+    /// The scoring mode.
+    pub mode: ScoreMode,
+    /// 0..=100.
+    pub score: f64,
+    /// Number of questions in the denominator.
+    pub n: usize,
+    /// Per-question scores, in the order the scorer visited them.
+    #[serde(skip)]
+    pub items: Vec<ItemScore>,
+}
+
+/// What a scorer gets.
+#[derive(Clone, Copy, Debug)]
+pub struct ScoreInput<'a> {
+    /// The task's test/val records.
+    pub questions: &'a [TestRecord],
+    /// The answer file's records.
+    pub answers: &'a [AnswerRecord],
+    /// Annotations, where the task uses them.
+    pub annotations: Option<&'a Annotations>,
+}
+
+/// Score an answer file.
+pub fn score(
+    kind: ScorerKind,
+    mode: ScoreMode,
+    input: ScoreInput,
+) -> Result<ScoreReport, TaskError> {
+    let items = match (kind, mode) {
+        (ScorerKind::ScienceQA, ScoreMode::Compat) => scienceqa_compat(input)?,
+        (ScorerKind::ScienceQA, ScoreMode::Strict) => scienceqa_strict(input)?,
+        (ScorerKind::TextVQA, ScoreMode::Compat) => textvqa_compat(input)?,
+        (ScorerKind::TextVQA, ScoreMode::Strict) => textvqa_strict(input)?,
+        (ScorerKind::ImageNet, ScoreMode::Compat) => imagenet_compat(input)?,
+        (ScorerKind::GQA, ScoreMode::Compat) => gqa_compat(input)?,
+        (ScorerKind::VizWiz | ScorerKind::VQAv2, ScoreMode::Compat) => {
+            per_answer(kind, input, |gt, pred| {
+                gt.to_uppercase() == pred.to_uppercase()
+            })?
+        }
+        (ScorerKind::VizWiz | ScorerKind::VQAv2, ScoreMode::Strict) => vqa_strict(kind, input)?,
+        (ScorerKind::OCRVQA, ScoreMode::Compat) => per_answer(kind, input, |gt, pred| {
+            !pred.contains("Unanswerable") && pred.to_lowercase() == gt.to_lowercase()
+        })?,
+        (ScorerKind::Grounding, ScoreMode::Compat) => grounding_compat(input)?,
+        (ScorerKind::Grounding, ScoreMode::Strict) => grounding_strict(input)?,
+        (ScorerKind::ImageNet | ScorerKind::GQA | ScorerKind::OCRVQA, ScoreMode::Strict) => {
+            per_question(kind, input, |rec, pred| {
+                let gt = gt_answer(kind, rec)?;
+                let p = plain_normalize(pred);
+                Ok(f64::from(u8::from(
+                    !p.is_empty() && p == plain_normalize(gt),
+                )))
+            })?
+        }
+    };
+    let n = items.len();
+    let total: f64 = items.iter().map(|i| i.score).sum();
+    Ok(ScoreReport {
+        task: kind.name().to_string(),
+        metric: kind.metric().to_string(),
+        mode,
+        score: if n == 0 {
+            0.0
+        } else {
+            100.0 * total / n as f64
+        },
+        n,
+        items,
+    })
+}
+
+fn err(kind: ScorerKind, message: impl Into<String>) -> TaskError {
+    TaskError::Scoring {
+        task: kind.name().to_string(),
+        message: message.into(),
+    }
+}
+
+fn gt_answer(kind: ScorerKind, rec: &TestRecord) -> Result<&str, TaskError> {
+    rec.answer.as_deref().ok_or_else(|| {
+        err(
+            kind,
+            format!("question {} has no \"answer\"", rec.question_id),
+        )
+    })
+}
+
+fn questions_by_id(
+    kind: ScorerKind,
+    questions: &[TestRecord],
+) -> Result<HashMap<&Qid, &TestRecord>, TaskError> {
+    let mut map = HashMap::with_capacity(questions.len());
+    for q in questions {
+        if map.insert(&q.question_id, q).is_some() {
+            return Err(err(
+                kind,
+                format!(
+                    "question id {} appears twice in the questions file",
+                    q.question_id
+                ),
+            ));
+        }
+    }
+    Ok(map)
+}
+
+/// Last answer per question id (what a Python dict built from the lines keeps).
+fn answers_by_id(answers: &[AnswerRecord]) -> HashMap<&Qid, &AnswerRecord> {
+    answers.iter().map(|a| (&a.question_id, a)).collect()
+}
+
+/// Strict: every answer must name a known question, at most once.
+fn strict_answers<'a>(
+    kind: ScorerKind,
+    input: &ScoreInput<'a>,
+) -> Result<HashMap<&'a Qid, &'a AnswerRecord>, TaskError> {
+    let known: HashSet<&Qid> = input.questions.iter().map(|q| &q.question_id).collect();
+    let mut map = HashMap::new();
+    for a in input.answers {
+        if !known.contains(&a.question_id) {
+            return Err(err(
+                kind,
+                format!(
+                    "the answer file answers question {}, which is not in the questions file",
+                    a.question_id
+                ),
+            ));
+        }
+        if map.insert(&a.question_id, a).is_some() {
+            return Err(err(
+                kind,
+                format!("question {} is answered twice", a.question_id),
+            ));
+        }
+    }
+    Ok(map)
+}
+
+/// Compat: iterate the answer file (CoIN's loop), look each ground truth up by question id.
+fn per_answer(
+    kind: ScorerKind,
+    input: ScoreInput,
+    correct: impl Fn(&str, &str) -> bool,
+) -> Result<Vec<ItemScore>, TaskError> {
+    let qs = questions_by_id(kind, input.questions)?;
+    input
+        .answers
+        .iter()
+        .map(|a| {
+            let q = qs.get(&a.question_id).ok_or_else(|| {
+                err(
+                    kind,
+                    format!(
+                        "question {} of the answer file is not in the questions file",
+                        a.question_id
+                    ),
+                )
+            })?;
+            let gt = gt_answer(kind, q)?;
+            Ok(ItemScore {
+                question_id: a.question_id.clone(),
+                score: f64::from(u8::from(correct(gt, a.answer()))),
+            })
+        })
+        .collect()
+}
+
+/// Strict: iterate the questions file; a question without an answer scores 0.
+fn per_question(
+    kind: ScorerKind,
+    input: ScoreInput,
+    score: impl Fn(&TestRecord, &str) -> Result<f64, TaskError>,
+) -> Result<Vec<ItemScore>, TaskError> {
+    let answers = strict_answers(kind, &input)?;
+    input
+        .questions
+        .iter()
+        .map(|q| {
+            let s = match answers.get(&q.question_id) {
+                Some(a) => score(q, a.answer())?,
+                None => 0.0,
+            };
+            Ok(ItemScore {
+                question_id: q.question_id.clone(),
+                score: s,
+            })
+        })
+        .collect()
+}
+
+/// Strict normalisation for short answers: trim, lower-case, drop trailing periods, collapse
+/// whitespace.
+pub fn plain_normalize(s: &str) -> String {
+    let lowered = s.trim().to_lowercase();
+    let words: Vec<&str> = lowered.trim_end_matches('.').split_whitespace().collect();
+    words.join(" ")
+}
+
+// ---------------------------------------------------------------- ScienceQA
+
+const OPTIONS: [char; 5] = ['A', 'B', 'C', 'D', 'E'];
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// CoIN's ScienceQA answer parser: the text itself if it is one of A–E; the first character if
+/// the text starts with `X. `; else the first single-character word (`\b(\w)\b`) upper-cased;
+/// else `None` (FAILED).
+pub fn sqa_parse_compat(text: &str) -> Option<char> {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() == 1 && OPTIONS.contains(&chars[0]) {
+        return Some(chars[0]);
+    }
+    if chars.len() >= 3 && OPTIONS.contains(&chars[0]) && chars[1] == '.' && chars[2] == ' ' {
+        return Some(chars[0]);
+    }
+    for (i, &c) in chars.iter().enumerate() {
+        let before = i == 0 || !is_word_char(chars[i - 1]);
+        let after = i + 1 == chars.len() || !is_word_char(chars[i + 1]);
+        if is_word_char(c) && before && after {
+            return c.to_uppercase().next();
+        }
+    }
+    None
+}
+
+/// Strict parser: an upper-case letter alone, `X.`/`X)`/`(X)` at the start, or
+/// `The answer is X`; nothing else (no stray single-letter words such as "a").
+pub fn sqa_parse_strict(text: &str) -> Option<char> {
+    let t = text.trim();
+    let chars: Vec<char> = t.chars().collect();
+    let letter = |c: char| c.is_ascii_uppercase();
+    match chars.as_slice() {
+        [c] if letter(*c) => return Some(*c),
+        [c, '.' | ')', ..] if letter(*c) && (chars.len() == 2 || chars[2] == ' ') => {
+            return Some(*c)
+        }
+        ['(', c, ')', ..] if letter(*c) => return Some(*c),
+        _ => {}
+    }
+    let lower = t.to_lowercase();
+    if let Some(i) = lower.find("the answer is ") {
+        let rest: Vec<char> = t[i + "the answer is ".len()..].chars().collect();
+        let rest = if rest.first() == Some(&'(') {
+            &rest[1..]
+        } else {
+            &rest[..]
+        };
+        if let Some(&c) = rest.first() {
+            if letter(c) && rest.get(1).is_none_or(|n| !is_word_char(*n)) {
+                return Some(c);
+            }
+        }
+    }
+    None
+}
+
+fn scienceqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
+    let kind = ScorerKind::ScienceQA;
+    let Some(Annotations::ScienceQA { problems, test_ids }) = input.annotations else {
+        return Err(err(kind, "compat mode needs --annotations: the ScienceQA folder with problems.json and pid_splits.json (or use --mode strict to score against the questions file)"));
+    };
+    let preds = answers_by_id(input.answers);
+    let mut out = Vec::with_capacity(test_ids.len());
+    for pid in test_ids {
+        let prob = problems.get(pid).ok_or_else(|| {
+            err(
+                kind,
+                format!("problem {pid} of the test split is not in problems.json"),
+            )
+        })?;
+        let qid = Qid(pid.clone());
+        let text = preds.get(&qid).map_or("FAILED", |a| a.answer());
+        let idx = sqa_parse_compat(text).and_then(|c| {
+            OPTIONS[..prob.choices.len().min(5)]
+                .iter()
+                .position(|o| *o == c)
+        });
+        out.push(ItemScore {
+            question_id: qid,
+            score: f64::from(u8::from(idx == Some(prob.answer))),
+        });
+    }
+    Ok(out)
+}
+
+/// The number of lettered options (`A. …` lines) in a ScienceQA question.
+fn option_count(text: &str) -> usize {
+    text.lines()
+        .filter(|l| {
+            let c: Vec<char> = l.trim_start().chars().take(3).collect();
+            c.len() >= 2 && c[0].is_ascii_uppercase() && c[1] == '.'
+        })
+        .count()
+}
+
+fn scienceqa_strict(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
+    let kind = ScorerKind::ScienceQA;
+    let problems = match input.annotations {
+        Some(Annotations::ScienceQA { problems, .. }) => Some(problems),
+        _ => None,
+    };
+    per_question(kind, input, |q, pred| {
+        let (answer_idx, n_choices) = match problems.and_then(|p| p.get(&q.question_id.0)) {
+            Some(p) => (p.answer, p.choices.len()),
+            None => {
+                let gt = gt_answer(kind, q)?.trim();
+                let idx = match (gt.parse::<usize>(), sqa_parse_strict(gt)) {
+                    (Ok(i), _) => i,
+                    (_, Some(c)) => (c as u8 - b'A') as usize,
+                    _ => {
+                        return Err(err(
+                            kind,
+                            format!("question {}: answer '{gt}' is not a letter", q.question_id),
+                        ))
+                    }
+                };
+                let n = option_count(&q.text);
+                (idx, if n == 0 { 26 } else { n })
+            }
+        };
+        let got = sqa_parse_strict(pred).map(|c| (c as u8 - b'A') as usize);
+        Ok(f64::from(u8::from(
+            got.is_some_and(|i| i < n_choices && i == answer_idx),
+        )))
+    })
+}
+
+// ---------------------------------------------------------------- TextVQA
+
+/// LLaVA/CoIN `prompt_processor`: recover the question from the prompt of an answer record.
+pub fn textvqa_prompt_question(prompt: &str) -> Option<String> {
+    let lines: Vec<&str> = prompt.split('\n').collect();
+    let q = if prompt.starts_with("OCR tokens: ") {
+        let start = prompt.find("Question: ")? + "Question: ".len();
+        let end = prompt[start..].find(" Short answer:")? + start;
+        prompt[start..end].to_string()
+    } else if prompt.contains("Reference OCR token: ") && lines.len() == 3 {
+        if prompt.starts_with("Reference OCR token:") {
+            lines[1].to_string()
+        } else {
+            lines[0].to_string()
+        }
+    } else if lines.len() == 2 {
+        lines[0].to_string()
+    } else {
+        return None;
+    };
+    Some(q.to_lowercase())
+}
+
+fn textvqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
+    let kind = ScorerKind::TextVQA;
+    let Some(Annotations::TextVQA(ann)) = input.annotations else {
+        return Err(err(kind, "compat mode needs --annotations TextVQA_0.5.1_val.json (or use --mode strict to score against the questions file)"));
+    };
+    input
+        .answers
+        .iter()
+        .map(|a| {
+            let q = textvqa_prompt_question(&a.prompt).ok_or_else(|| {
+                err(kind, format!("question {}: cannot find the question in the prompt (CoIN expects two lines)", a.question_id))
+            })?;
+            let gts = ann.get(&(a.question_id.0.clone(), q.clone())).ok_or_else(|| {
+                err(kind, format!("no annotation for image {} and question '{q}'", a.question_id))
+            })?;
+            if gts.len() != 10 {
+                return Err(err(kind, format!("question {}: {} ground-truth answers, the evaluator requires 10", a.question_id, gts.len())));
+            }
+            let norm: Vec<String> = gts.iter().map(|g| normalize_answer(g)).collect();
+            let s = soft_scores(&norm).get(&normalize_answer(a.answer())).copied().unwrap_or(0.0);
+            Ok(ItemScore { question_id: a.question_id.clone(), score: s })
+        })
+        .collect()
+}
+
+/// Strict VQA accuracy of a prediction against the human answers: the leave-one-out soft score
+/// with 10 answers, `min(1, matches/3)` with 2–9, exact match with 1 (all normalised).
+pub fn vqa_accuracy(gts: &[String], pred: &str) -> f64 {
+    let norm: Vec<String> = gts.iter().map(|g| normalize_answer(g)).collect();
+    let p = normalize_answer(pred);
+    if p.is_empty() {
+        return 0.0;
+    }
+    match norm.len() {
+        0 => 0.0,
+        1 => f64::from(u8::from(norm[0] == p)),
+        10 => soft_scores(&norm).get(&p).copied().unwrap_or(0.0),
+        _ => (norm.iter().filter(|g| **g == p).count() as f64 / 3.0).min(1.0),
+    }
+}
+
+fn record_gts(kind: ScorerKind, q: &TestRecord) -> Result<Vec<String>, TaskError> {
+    match &q.answers {
+        Some(a) if !a.is_empty() => Ok(a.clone()),
+        _ => Ok(vec![gt_answer(kind, q)?.to_string()]),
+    }
+}
+
+fn textvqa_strict(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
+    let kind = ScorerKind::TextVQA;
+    let ann = match input.annotations {
+        Some(Annotations::TextVQA(a)) => Some(a),
+        _ => None,
+    };
+    per_question(kind, input, |q, pred| {
+        let question = q.question_without_instruction().trim().to_lowercase();
+        let gts = match ann.and_then(|a| a.get(&(q.question_id.0.clone(), question))) {
+            Some(g) => g.clone(),
+            None => record_gts(kind, q)?,
+        };
+        Ok(vqa_accuracy(&gts, pred))
+    })
+}
+
+fn vqa_strict(kind: ScorerKind, input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
+    per_question(kind, input, |q, pred| {
+        Ok(vqa_accuracy(&record_gts(kind, q)?, pred))
+    })
+}
+
+// ---------------------------------------------------------------- ImageNet, GQA
+
+fn imagenet_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
+    let kind = ScorerKind::ImageNet;
+    input
+        .questions
+        .iter()
+        .zip(input.answers)
+        .map(|(q, a)| {
+            let gt = gt_answer(kind, q)?;
+            let pred = a.answer();
+            Ok(ItemScore {
+                question_id: q.question_id.clone(),
+                score: f64::from(u8::from(gt.contains(pred) || pred.contains(gt))),
+            })
+        })
+        .collect()
+}
+
+fn gqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
+    let kind = ScorerKind::GQA;
+    let Some(Annotations::GQA(ann)) = input.annotations else {
+        return Err(err(kind, "compat mode needs --annotations testdev_balanced_questions.json (or use --mode strict to score against the questions file)"));
+    };
+    // convert_gqa_for_eval.py: prediction = text.rstrip('.').lower(), keyed by question id.
+    let preds: HashMap<&str, String> = input
+        .answers
+        .iter()
+        .map(|a| {
+            (
+                a.question_id.0.as_str(),
+                a.answer().trim_end_matches('.').to_lowercase(),
+            )
+        })
+        .collect();
+    let mut ids: Vec<&String> = ann.keys().collect();
+    ids.sort();
+    let mut out = Vec::new();
+    for id in ids {
+        let q = &ann[id];
+        if !q.is_balanced {
+            continue;
+        }
+        let Some(pred) = preds.get(id.as_str()) else {
+            continue;
+        };
+        out.push(ItemScore {
+            question_id: Qid(id.clone()),
+            score: f64::from(u8::from(*pred == q.answer)),
+        });
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- Grounding
+
+/// Python's `float()` on a token: surrounding whitespace allowed.
+fn py_float(s: &str) -> Option<f64> {
+    s.trim().parse::<f64>().ok()
+}
+
+/// Parse a box the way CoIN parses predictions: strip `[`/`]` at both ends, then drop the first
+/// and the last character (`s[1:-1]`), split on commas; four floats or nothing. This loses the
+/// last digit of y2 (and the first of x1).
+pub fn bbox_parse_compat(text: &str) -> Option<[f64; 4]> {
+    let s = text.trim_matches(['[', ']']);
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() < 2 {
+        return None;
+    }
+    let inner: String = chars[1..chars.len() - 1].iter().collect();
+    let parts: Vec<&str> = inner.split(',').collect();
+    if parts.len() != 4 {
+        return None;
+    }
+    let mut b = [0.0; 4];
+    for (slot, p) in b.iter_mut().zip(parts) {
+        *slot = py_float(p)?;
+    }
+    Some(b)
+}
+
+/// Parse a ground-truth box string `"[x1, y1, x2, y2]"` (brackets optional).
+pub fn bbox_parse_gt(text: &str) -> Option<[f64; 4]> {
+    let s = text.trim().trim_start_matches('[').trim_end_matches(']');
+    let parts: Vec<&str> = s.split(',').collect();
+    if parts.len() != 4 {
+        return None;
+    }
+    let mut b = [0.0; 4];
+    for (slot, p) in b.iter_mut().zip(parts) {
+        *slot = py_float(p)?;
+    }
+    Some(b)
+}
+
+/// Strict box parser: every number in the text (digits with an optional decimal part), keeping
+/// every digit; exactly four or nothing.
+pub fn bbox_parse_strict(text: &str) -> Option<[f64; 4]> {
+    let mut nums = Vec::new();
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let starts = chars[i].is_ascii_digit()
+            || (chars[i] == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit));
+        if starts {
+            let neg = i > 0 && chars[i - 1] == '-';
+            let mut j = i;
+            let mut dot = false;
+            while j < chars.len() && (chars[j].is_ascii_digit() || (chars[j] == '.' && !dot)) {
+                dot |= chars[j] == '.';
+                j += 1;
+            }
+            let s: String = chars[i..j].iter().collect();
+            let v: f64 = s.trim_end_matches('.').parse().ok()?;
+            nums.push(if neg { -v } else { v });
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    <[f64; 4]>::try_from(nums).ok()
+}
+
+/// Intersection over union of two `[x1, y1, x2, y2]` boxes; 0 for empty or inverted boxes.
+pub fn iou(a: [f64; 4], b: [f64; 4]) -> f64 {
+    let area = |x: [f64; 4]| (x[2] - x[0]).max(0.0) * (x[3] - x[1]).max(0.0);
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = iw * ih;
+    let union = area(a) + area(b) - inter;
+    if union > 0.0 && inter.is_finite() {
+        inter / union
+    } else {
+        0.0
+    }
+}
+
+fn grounding_gt(q: &TestRecord) -> Result<[f64; 4], TaskError> {
+    let kind = ScorerKind::Grounding;
+    let s = q
+        .answer_bbox
+        .as_deref()
+        .or(q.answer.as_deref())
+        .ok_or_else(|| {
+            err(
+                kind,
+                format!("question {} has no \"answer_bbox\"", q.question_id),
+            )
+        })?;
+    bbox_parse_gt(s).ok_or_else(|| {
+        err(
+            kind,
+            format!("question {}: '{s}' is not a box", q.question_id),
+        )
+    })
+}
+
+// Both boxes are normalised to the padded square and CoIN multiplies both by max(w, h) before
+// the IoU; IoU is invariant to a common scale, so the normalised boxes are compared directly.
+fn grounding_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
+    let kind = ScorerKind::Grounding;
+    let qs = questions_by_id(kind, input.questions)?;
+    input
+        .answers
+        .iter()
+        .map(|a| {
+            let q = qs.get(&a.question_id).ok_or_else(|| {
+                err(
+                    kind,
+                    format!(
+                        "question {} of the answer file is not in the questions file",
+                        a.question_id
+                    ),
+                )
+            })?;
+            let gt = grounding_gt(q)?;
+            let s = bbox_parse_compat(a.answer())
+                .map_or(0.0, |p| f64::from(u8::from(iou(p, gt) > 0.5)));
+            Ok(ItemScore {
+                question_id: a.question_id.clone(),
+                score: s,
+            })
+        })
+        .collect()
+}
+
+fn grounding_strict(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
+    per_question(ScorerKind::Grounding, input, |q, pred| {
+        let gt = grounding_gt(q)?;
+        Ok(bbox_parse_strict(pred).map_or(0.0, |p| f64::from(u8::from(iou(p, gt) > 0.5))))
+    })
+}
+
+#[cfg(test)]
+mod tests;

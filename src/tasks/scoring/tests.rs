@@ -1,0 +1,581 @@
+use super::*;
+
+fn q(id: &str, text: &str, answer: &str) -> TestRecord {
+    TestRecord {
+        question_id: Qid(id.into()),
+        image: Some(format!("{id}.png")),
+        text: text.into(),
+        answer: Some(answer.into()),
+        answer_bbox: None,
+        size: None,
+        answers: None,
+    }
+}
+
+fn a(id: &str, text: &str) -> AnswerRecord {
+    AnswerRecord {
+        question_id: Qid(id.into()),
+        prompt: String::new(),
+        text: Some(text.into()),
+        answer_id: serde_json::Value::Null,
+        model_id: serde_json::Value::Null,
+        metadata: serde_json::Value::Null,
+    }
+}
+
+fn run(
+    kind: ScorerKind,
+    mode: ScoreMode,
+    qs: &[TestRecord],
+    ans: &[AnswerRecord],
+    ann: Option<&Annotations>,
+) -> ScoreReport {
+    score(
+        kind,
+        mode,
+        ScoreInput {
+            questions: qs,
+            answers: ans,
+            annotations: ann,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn names_accept_coin_spellings() {
+    assert_eq!(ScorerKind::from_name("OCRVQA"), Some(ScorerKind::OCRVQA));
+    assert_eq!(ScorerKind::from_name("ocr-vqa"), Some(ScorerKind::OCRVQA));
+    assert_eq!(ScorerKind::from_name("vqav2"), Some(ScorerKind::VQAv2));
+    assert_eq!(
+        ScorerKind::from_name("scienceqa"),
+        Some(ScorerKind::ScienceQA)
+    );
+    assert_eq!(
+        ScorerKind::from_name("ImagetNet"),
+        Some(ScorerKind::ImageNet)
+    );
+    assert_eq!(ScorerKind::from_name("mnist"), None);
+    for k in ScorerKind::ALL {
+        assert_eq!(ScorerKind::from_name(k.name()), Some(k));
+    }
+}
+
+#[test]
+fn imagenet_compat_substring_and_empty_credit() {
+    let qs = [
+        q("1", "Q\nI", "golden retriever"),
+        q("2", "Q\nI", "cat"),
+        q("3", "Q\nI", "dog"),
+        q("4", "Q\nI", "Tiger"),
+    ];
+    // "retriever" ⊂ gt, gt ⊂ "a cat sitting", "" counts, "tiger" ≠ "Tiger" (case-sensitive).
+    let ans = [
+        a("1", "retriever"),
+        a("2", "a cat sitting"),
+        a("3", ""),
+        a("4", "tiger"),
+    ];
+    let c = run(ScorerKind::ImageNet, ScoreMode::Compat, &qs, &ans, None);
+    assert_eq!(c.n, 4);
+    assert!((c.score - 75.0).abs() < 1e-9);
+    let s = run(ScorerKind::ImageNet, ScoreMode::Strict, &qs, &ans, None);
+    // strict: exact after lower-casing: only "tiger".
+    assert!((s.score - 25.0).abs() < 1e-9, "{s:?}");
+}
+
+#[test]
+fn imagenet_compat_is_index_aligned() {
+    let qs = [q("1", "Q\nI", "cat"), q("2", "Q\nI", "dog")];
+    // Answers in the other order: compat pairs them by position, strict by id.
+    let ans = [a("2", "dog"), a("1", "cat")];
+    assert_eq!(
+        run(ScorerKind::ImageNet, ScoreMode::Compat, &qs, &ans, None).score,
+        0.0
+    );
+    assert_eq!(
+        run(ScorerKind::ImageNet, ScoreMode::Strict, &qs, &ans, None).score,
+        100.0
+    );
+    // compat: zip stops at the shorter list; strict counts the missing answer as wrong.
+    let c = run(
+        ScorerKind::ImageNet,
+        ScoreMode::Compat,
+        &qs,
+        &ans[1..],
+        None,
+    );
+    assert_eq!((c.n, c.score), (1, 100.0));
+    let s = run(
+        ScorerKind::ImageNet,
+        ScoreMode::Strict,
+        &qs,
+        &ans[1..],
+        None,
+    );
+    assert_eq!((s.n, s.score), (2, 50.0));
+}
+
+#[test]
+fn vizwiz_and_vqav2_compat_exact_match_case_insensitive() {
+    for kind in [ScorerKind::VizWiz, ScorerKind::VQAv2] {
+        let qs = [
+            q("1", "Q\nI", "Yes"),
+            q("2", "Q\nI", "2"),
+            q("3", "Q\nI", "red"),
+        ];
+        let ans = [a("1", "YES"), a("2", "two"), a("3", "red.")];
+        let c = run(kind, ScoreMode::Compat, &qs, &ans, None);
+        assert!((c.score - 100.0 / 3.0).abs() < 1e-9, "{kind:?} {c:?}");
+        // strict: EvalAI normalisation makes "two" = "2" and "red." = "red".
+        let s = run(kind, ScoreMode::Strict, &qs, &ans, None);
+        assert_eq!(s.score, 100.0);
+    }
+}
+
+#[test]
+fn vqa_strict_uses_soft_accuracy_when_ten_answers_exist() {
+    let mut rec = q("1", "Q\nI", "red");
+    rec.answers = Some(
+        [
+            "red", "red", "blue", "blue", "blue", "blue", "blue", "blue", "blue", "blue",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    );
+    let c = run(
+        ScorerKind::VQAv2,
+        ScoreMode::Compat,
+        std::slice::from_ref(&rec),
+        &[a("1", "red")],
+        None,
+    );
+    assert_eq!(c.score, 100.0);
+    let s = run(
+        ScorerKind::VQAv2,
+        ScoreMode::Strict,
+        &[rec],
+        &[a("1", "red")],
+        None,
+    );
+    let expected = 100.0 * (2.0 * (1.0 / 3.0) + 8.0 * (2.0 / 3.0)) / 10.0;
+    assert!((s.score - expected).abs() < 1e-9, "{s:?}");
+}
+
+#[test]
+fn ocrvqa_compat_skips_unanswerable_predictions() {
+    let qs = [
+        q("1", "Q\nI", "Unanswerable"),
+        q("2", "Q\nI", "John Smith"),
+        q("3", "Q\nI", "Cooking"),
+    ];
+    let ans = [
+        a("1", "Unanswerable"),
+        a("2", "john smith"),
+        a("3", "cooking "),
+    ];
+    let c = run(ScorerKind::OCRVQA, ScoreMode::Compat, &qs, &ans, None);
+    // 1 is skipped (wrong, still counted), 2 right, 3 wrong (trailing space).
+    assert_eq!(c.n, 3);
+    assert!((c.score - 100.0 / 3.0).abs() < 1e-9);
+    let s = run(ScorerKind::OCRVQA, ScoreMode::Strict, &qs, &ans, None);
+    assert_eq!(s.score, 100.0);
+}
+
+#[test]
+fn gqa_compat_strips_trailing_periods_and_scores_only_predicted_balanced() {
+    let mut ann = HashMap::new();
+    ann.insert(
+        "1".to_string(),
+        GqaQuestion {
+            answer: "yes".into(),
+            is_balanced: true,
+        },
+    );
+    ann.insert(
+        "2".to_string(),
+        GqaQuestion {
+            answer: "left".into(),
+            is_balanced: true,
+        },
+    );
+    ann.insert(
+        "3".to_string(),
+        GqaQuestion {
+            answer: "no".into(),
+            is_balanced: false,
+        },
+    );
+    ann.insert(
+        "4".to_string(),
+        GqaQuestion {
+            answer: "red".into(),
+            is_balanced: true,
+        },
+    );
+    let ann = Annotations::GQA(ann);
+    let qs = [
+        q("1", "Q\nI", "yes"),
+        q("2", "Q\nI", "left"),
+        q("3", "Q\nI", "no"),
+        q("4", "Q\nI", "red"),
+    ];
+    let ans = [a("1", "Yes."), a("2", "left "), a("3", "no")];
+    let c = run(ScorerKind::GQA, ScoreMode::Compat, &qs, &ans, Some(&ann));
+    // 1 right ("yes"), 2 wrong (trailing space kept), 3 unbalanced skipped, 4 unpredicted skipped.
+    assert_eq!(c.n, 2);
+    assert_eq!(c.score, 50.0);
+    let s = run(ScorerKind::GQA, ScoreMode::Strict, &qs, &ans, None);
+    assert_eq!(s.n, 4);
+    assert_eq!(s.score, 75.0);
+    assert!(score(
+        ScorerKind::GQA,
+        ScoreMode::Compat,
+        ScoreInput {
+            questions: &qs,
+            answers: &ans,
+            annotations: None
+        }
+    )
+    .is_err());
+}
+
+#[test]
+fn scienceqa_parsers() {
+    assert_eq!(sqa_parse_compat("B"), Some('B'));
+    assert_eq!(sqa_parse_compat("C. the moon"), Some('C'));
+    assert_eq!(sqa_parse_compat("I think it is a dog"), Some('I'));
+    assert_eq!(sqa_parse_compat("answer: d"), Some('D'));
+    assert_eq!(sqa_parse_compat("FAILED"), None);
+    assert_eq!(sqa_parse_compat("F"), Some('F'));
+    assert_eq!(sqa_parse_strict("B"), Some('B'));
+    assert_eq!(sqa_parse_strict(" C. the moon"), Some('C'));
+    assert_eq!(sqa_parse_strict("(D)"), Some('D'));
+    assert_eq!(sqa_parse_strict("The answer is A."), Some('A'));
+    assert_eq!(sqa_parse_strict("I think it is a dog"), None);
+    assert_eq!(sqa_parse_strict("b"), None);
+}
+
+fn sqa_annotations() -> Annotations {
+    let mut problems = HashMap::new();
+    for (id, n, ans) in [("10", 2, 0), ("11", 3, 2), ("12", 4, 1), ("13", 2, 1)] {
+        problems.insert(
+            id.to_string(),
+            SqaProblem {
+                choices: vec![serde_json::Value::Null; n],
+                answer: ans,
+            },
+        );
+    }
+    problems.insert(
+        "99".into(),
+        SqaProblem {
+            choices: vec![serde_json::Value::Null; 2],
+            answer: 0,
+        },
+    );
+    Annotations::ScienceQA {
+        problems,
+        test_ids: vec!["10".into(), "11".into(), "12".into(), "13".into()],
+    }
+}
+
+#[test]
+fn scienceqa_compat_and_strict() {
+    let ann = sqa_annotations();
+    let qs = [
+        q("10", "Which?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.", "A"),
+        q("11", "Which?\nA. x\nB. y\nC. z\nAnswer with the option's letter from the given choices directly.", "C"),
+        q("12", "Which?\nA. x\nB. y\nC. z\nD. w\nAnswer with the option's letter from the given choices directly.", "B"),
+        q("13", "Which?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.", "B"),
+    ];
+    // 10: "a dog" → 'A' by the single-letter-word rule (compat right, strict wrong);
+    // 11: "C. z" right in both; 12: "E" beyond the choices: wrong in both; 13: no answer.
+    let ans = [a("10", "a dog"), a("11", "C. z"), a("12", "E")];
+    let c = run(
+        ScorerKind::ScienceQA,
+        ScoreMode::Compat,
+        &qs,
+        &ans,
+        Some(&ann),
+    );
+    assert_eq!(c.n, 4);
+    assert_eq!(c.score, 50.0);
+    let s = run(
+        ScorerKind::ScienceQA,
+        ScoreMode::Strict,
+        &qs,
+        &ans,
+        Some(&ann),
+    );
+    assert_eq!(s.score, 25.0);
+    // strict without annotations: the questions file's letters and option counts.
+    let s2 = run(ScorerKind::ScienceQA, ScoreMode::Strict, &qs, &ans, None);
+    assert_eq!(s2.score, 25.0);
+    assert!(score(
+        ScorerKind::ScienceQA,
+        ScoreMode::Compat,
+        ScoreInput {
+            questions: &qs,
+            answers: &ans,
+            annotations: None
+        }
+    )
+    .is_err());
+}
+
+#[test]
+fn textvqa_prompt_processor() {
+    assert_eq!(
+        textvqa_prompt_question("What Brand?\nAnswer the question using a single word or phrase.")
+            .as_deref(),
+        Some("what brand?")
+    );
+    assert_eq!(
+        textvqa_prompt_question("Q\nReference OCR token: a, b\nAnswer").as_deref(),
+        Some("q")
+    );
+    assert_eq!(
+        textvqa_prompt_question("Reference OCR token: a\nWhat?\nAnswer").as_deref(),
+        Some("what?")
+    );
+    assert_eq!(
+        textvqa_prompt_question("OCR tokens: x y Question: Who is it? Short answer:").as_deref(),
+        Some("who is it?")
+    );
+    assert_eq!(textvqa_prompt_question("one line"), None);
+}
+
+#[test]
+fn textvqa_compat_soft_accuracy_and_ten_answer_rule() {
+    let ten: Vec<String> = [
+        "Coca-Cola",
+        "coca cola",
+        "coca cola",
+        "coke",
+        "coke",
+        "coke",
+        "coke",
+        "pepsi",
+        "the coke",
+        "coke",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut map = HashMap::new();
+    map.insert(("img1".to_string(), "what brand?".to_string()), ten.clone());
+    map.insert(
+        ("img2".to_string(), "what?".to_string()),
+        vec!["x".to_string(); 3],
+    );
+    let ann = Annotations::TextVQA(map);
+    let qs = [
+        q(
+            "img1",
+            "What brand?\nAnswer the question using a single word or phrase.",
+            "coke",
+        ),
+        q(
+            "img2",
+            "What?\nAnswer the question using a single word or phrase.",
+            "x",
+        ),
+    ];
+    let mut ans1 = a("img1", "Coca-Cola.");
+    ans1.prompt = qs[0].text.clone();
+    let c = run(
+        ScorerKind::TextVQA,
+        ScoreMode::Compat,
+        &qs[..1],
+        std::slice::from_ref(&ans1),
+        Some(&ann),
+    );
+    // "coca cola" appears 3 times among the normalised answers → soft score 0.9.
+    assert!((c.score - 90.0).abs() < 1e-9, "{c:?}");
+    let mut ans2 = a("img2", "x");
+    ans2.prompt = qs[1].text.clone();
+    let e = score(
+        ScorerKind::TextVQA,
+        ScoreMode::Compat,
+        ScoreInput {
+            questions: &qs,
+            answers: &[ans1.clone(), ans2.clone()],
+            annotations: Some(&ann),
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("requires 10"), "{e}");
+    // strict: fewer than 10 answers use min(1, matches/3): 3 matches → 1.
+    let s = run(
+        ScorerKind::TextVQA,
+        ScoreMode::Strict,
+        &qs,
+        &[ans1, ans2],
+        Some(&ann),
+    );
+    assert!((s.score - 95.0).abs() < 1e-9, "{s:?}");
+    // strict without annotations: the single answer of the questions file, normalised.
+    let s2 = run(
+        ScorerKind::TextVQA,
+        ScoreMode::Strict,
+        &qs,
+        &[a("img1", "The Coke"), a("img2", "y")],
+        None,
+    );
+    assert_eq!(s2.score, 50.0);
+}
+
+#[test]
+fn grounding_parsers_and_iou() {
+    // compat drops the last digit of y2 (and the first character).
+    assert_eq!(
+        bbox_parse_compat("[0.12, 0.34, 0.56, 0.78]"),
+        Some([0.12, 0.34, 0.56, 0.7])
+    );
+    assert_eq!(
+        bbox_parse_compat("[1.0, 0.5, 0.9, 0.9]"),
+        Some([0.0, 0.5, 0.9, 0.0])
+    );
+    assert_eq!(bbox_parse_compat("[0.1, 0.2, 0.3]"), None);
+    assert_eq!(bbox_parse_compat("no box"), None);
+    assert_eq!(
+        bbox_parse_strict("[0.12, 0.34, 0.56, 0.78]"),
+        Some([0.12, 0.34, 0.56, 0.78])
+    );
+    assert_eq!(
+        bbox_parse_strict("The box is (1, 2, 3, 4)."),
+        Some([1.0, 2.0, 3.0, 4.0])
+    );
+    assert_eq!(bbox_parse_strict("[0.1, 0.2, 0.3]"), None);
+    assert_eq!(
+        bbox_parse_gt("[0.1, 0.2, 0.5, 0.9]"),
+        Some([0.1, 0.2, 0.5, 0.9])
+    );
+    assert!((iou([0.0, 0.0, 1.0, 1.0], [0.5, 0.0, 1.5, 1.0]) - 1.0 / 3.0).abs() < 1e-12);
+    assert_eq!(iou([0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]), 0.0);
+    assert_eq!(iou([1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]), 0.0);
+}
+
+#[test]
+fn grounding_compat_and_strict() {
+    let mut g1 = q("1", "the red square\nPlease provide the bounding box coordinate of the region this sentence describes.", "");
+    g1.answer = None;
+    g1.answer_bbox = Some("[0.10, 0.10, 0.50, 0.59]".into());
+    g1.size = Some([64.0, 64.0]);
+    let mut g2 = g1.clone();
+    g2.question_id = Qid("2".into());
+    g2.answer_bbox = Some("[0.0, 0.0, 0.5, 0.5]".into());
+    // g1: y2 0.59 truncated to 0.5 → IoU 0.4/0.49 = 0.816 → still right; g2: exact but
+    // "0.5" → "0." ... the y2 "0.50" → "0.5": right. Then a near miss: g3.
+    let mut g3 = g1.clone();
+    g3.question_id = Qid("3".into());
+    g3.answer_bbox = Some("[0.1, 0.1, 0.2, 0.19]".into());
+    let qs = [g1, g2, g3];
+    let ans = [
+        a("1", "[0.10, 0.10, 0.50, 0.59]"),
+        a("2", "[0.00, 0.00, 0.50, 0.50]"),
+        a("3", "[0.10, 0.10, 0.20, 0.19]"),
+    ];
+    // g3 compat: y2 0.19 → 0.1 → zero-height box → IoU 0 → wrong.
+    let c = run(ScorerKind::Grounding, ScoreMode::Compat, &qs, &ans, None);
+    assert!((c.score - 200.0 / 3.0).abs() < 1e-9, "{c:?}");
+    let s = run(ScorerKind::Grounding, ScoreMode::Strict, &qs, &ans, None);
+    assert_eq!(s.score, 100.0);
+    // strict counts unanswered questions as wrong; compat only scores the answers given.
+    let s = run(
+        ScorerKind::Grounding,
+        ScoreMode::Strict,
+        &qs,
+        &ans[..1],
+        None,
+    );
+    assert!((s.score - 100.0 / 3.0).abs() < 1e-9);
+    let c = run(
+        ScorerKind::Grounding,
+        ScoreMode::Compat,
+        &qs,
+        &ans[..1],
+        None,
+    );
+    assert_eq!((c.n, c.score), (1, 100.0));
+}
+
+#[test]
+fn strict_rejects_unknown_and_duplicate_answers() {
+    let qs = [q("1", "Q\nI", "x")];
+    for ans in [vec![a("2", "x")], vec![a("1", "x"), a("1", "y")]] {
+        assert!(score(
+            ScorerKind::VQAv2,
+            ScoreMode::Strict,
+            ScoreInput {
+                questions: &qs,
+                answers: &ans,
+                annotations: None
+            }
+        )
+        .is_err());
+    }
+    // compat: an unknown id is an error too (CoIN's dict lookup raises KeyError).
+    assert!(score(
+        ScorerKind::VQAv2,
+        ScoreMode::Compat,
+        ScoreInput {
+            questions: &qs,
+            answers: &[a("2", "x")],
+            annotations: None
+        }
+    )
+    .is_err());
+}
+
+#[test]
+fn annotations_load_from_files() {
+    let d = tempfile::tempdir().unwrap();
+    #[allow(clippy::disallowed_methods)]
+    {
+        std::fs::write(
+            d.path().join("problems.json"),
+            r#"{"10": {"choices": ["a", "b"], "answer": 1, "split": "test"}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("pid_splits.json"),
+            r#"{"train": [], "test": ["10"]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("tv.json"),
+            r#"{"data": [{"image_id": "i", "question": "What?", "answers": ["a"]}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("gqa.json"),
+            r#"{"q1": {"answer": "no", "isBalanced": true}}"#,
+        )
+        .unwrap();
+    }
+    let Annotations::ScienceQA { problems, test_ids } =
+        load_annotations(ScorerKind::ScienceQA, d.path()).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (problems["10"].answer, test_ids),
+        (1, vec!["10".to_string()])
+    );
+    let Annotations::TextVQA(t) =
+        load_annotations(ScorerKind::TextVQA, &d.path().join("tv.json")).unwrap()
+    else {
+        panic!()
+    };
+    assert!(t.contains_key(&("i".to_string(), "what?".to_string())));
+    let Annotations::GQA(g) =
+        load_annotations(ScorerKind::GQA, &d.path().join("gqa.json")).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(g["q1"].answer, "no");
+    assert!(load_annotations(ScorerKind::GQA, &d.path().join("missing.json")).is_err());
+}

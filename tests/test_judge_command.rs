@@ -1,0 +1,146 @@
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+
+use crate::common::TestEnvironment;
+
+/// Read one HTTP request (header, then the body by Content-Length).
+fn read_request(s: &mut std::net::TcpStream) {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    loop {
+        let n = s.read(&mut tmp).unwrap();
+        assert!(n > 0, "connection closed early");
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut tmp).unwrap();
+                buf.extend_from_slice(&tmp[..n]);
+            }
+            return;
+        }
+    }
+}
+
+fn setup(env: &TestEnvironment) {
+    env.write(
+        "val.json",
+        r#"[{"question_id": 1, "text": "What color?\nAnswer the question using a single word or phrase.", "answer": "red"},
+            {"question_id": 2, "text": "How many?\nAnswer the question using a single word or phrase.", "answer": "2"}]"#,
+    );
+    env.write(
+        "a.jsonl",
+        "{\"question_id\": 1, \"text\": \"red\"}\n{\"question_id\": 2, \"text\": \"3\"}\n",
+    );
+}
+
+#[test]
+fn judge_writes_prompts_and_scores_against_loopback() {
+    let env = TestEnvironment::new();
+    setup(&env);
+    env.coin(&[
+        "judge",
+        "--task",
+        "VQAv2",
+        "--questions",
+        "val.json",
+        "--answers",
+        "a.jsonl",
+        "--out",
+        "gk",
+    ])
+    .success();
+    let prompts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(env.path("gk/prompt_to_eval.json")).unwrap())
+            .unwrap();
+    assert_eq!(prompts.as_array().unwrap().len(), 2);
+    assert!(prompts[0][1]
+        .as_str()
+        .unwrap()
+        .starts_with("[Context]\n[Question]\nWhat color?\n"));
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for (i, s) in listener.incoming().enumerate() {
+            let mut s = s.unwrap();
+            read_request(&mut s);
+            let reply = if i == 0 { "10" } else { "4/10" };
+            let body =
+                serde_json::json!({"choices": [{"message": {"content": reply}}]}).to_string();
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let v = env
+        .coin(&[
+            "judge",
+            "--task",
+            "VQAv2",
+            "--questions",
+            "val.json",
+            "--answers",
+            "a.jsonl",
+            "--out",
+            "gk",
+            "--endpoint",
+            &url,
+            "--judge-model",
+            "qwen",
+            "--json",
+        ])
+        .success()
+        .json();
+    assert_eq!(v["score"].as_f64(), Some(70.0));
+    assert_eq!(v["n"], 2);
+    assert!(env.path("gk/judge_progress.jsonl").is_file());
+}
+
+#[test]
+fn judge_dead_endpoint_is_a_clear_error() {
+    let env = TestEnvironment::new();
+    setup(&env);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let out = env
+        .coin(&[
+            "judge",
+            "--task",
+            "VQAv2",
+            "--questions",
+            "val.json",
+            "--answers",
+            "a.jsonl",
+            "--out",
+            "gk",
+            "--endpoint",
+            &url,
+            "--judge-model",
+            "qwen",
+            "--retries",
+            "0",
+        ])
+        .code(1);
+    assert!(out.stderr.contains("cannot connect"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("run the same command again to resume"),
+        "{}",
+        out.stderr
+    );
+}
