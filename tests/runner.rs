@@ -3,6 +3,8 @@
 mod common;
 
 mod test_metrics_command;
+mod test_model_command;
+mod test_parity;
 
 #[test]
 fn every_test_file_is_listed() {

@@ -1,7 +1,9 @@
 //! One module per subcommand: `XxxArgs` (its doc comment is the help) and `cmd_xxx`.
 //! The `Command` enum below is the whole command set; there is no runtime registry.
 
+mod generate;
 mod metrics;
+mod model;
 
 use super::{CommandError, CommandHelper, Ui};
 
@@ -9,12 +11,16 @@ use super::{CommandError, CommandHelper, Ui};
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     Metrics(metrics::MetricsArgs),
+    Model(model::ModelArgs),
+    Generate(generate::GenerateArgs),
 }
 
 /// Run one parsed command.
 pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), CommandError> {
     match command {
         Command::Metrics(args) => metrics::cmd_metrics(ui, helper, &args),
+        Command::Model(args) => model::cmd_model(ui, helper, &args),
+        Command::Generate(args) => generate::cmd_generate(ui, helper, &args),
     }
 }
 
