@@ -5,8 +5,10 @@ mod common;
 mod test_bench_data_command;
 mod test_judge_command;
 mod test_metrics_command;
-mod test_store_crash;
+mod test_model_command;
+mod test_parity;
 mod test_score_command;
+mod test_store_crash;
 mod test_task_command;
 
 #[test]

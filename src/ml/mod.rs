@@ -1,1 +1,53 @@
 //! The model engine (candle): LLaVA-1.5 modules, adapters, training and generation.
+//!
+//! The modules are our own (candle-transformers' llava cannot be trained, see docs/model.md):
+//! [`clip`] (the frozen vision tower), [`projector`] (mlp2x_gelu), [`llama`] (the decoder with a
+//! KV cache), tied together by [`llava`]. Every linear layer is a [`linear::Linear`] that can carry
+//! an adapter; the decoder and projector use only ops with a backward. [`load`] reads llava-hf
+//! directories and the CoIN split setup, [`image`] and [`template`] turn an image and a question
+//! into model inputs, [`generate`] decodes greedily, [`tiny`] writes a random tiny model and
+//! [`peft`] reads PEFT LoRA adapters.
+
+pub mod clip;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod image;
+pub mod linear;
+pub mod llama;
+pub mod llava;
+pub mod load;
+pub mod peft;
+pub mod projector;
+pub mod rng;
+pub mod template;
+pub mod tiny;
+
+pub use error::MlError;
+
+/// Result type of the model engine.
+pub type Result<T> = std::result::Result<T, MlError>;
+
+/// The device models run on: the first CUDA GPU when built with `--features cuda` and one is
+/// present, otherwise the CPU.
+pub fn default_device() -> candle_core::Device {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(d) = candle_core::Device::new_cuda(0) {
+            return d;
+        }
+    }
+    candle_core::Device::Cpu
+}
+
+/// The weight dtype for a device: bf16 on a GPU, f32 on the CPU.
+pub fn default_dtype(device: &candle_core::Device) -> candle_core::DType {
+    if device.is_cpu() {
+        candle_core::DType::F32
+    } else {
+        candle_core::DType::BF16
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,10 +1,12 @@
 //! One module per subcommand: `XxxArgs` (its doc comment is the help) and `cmd_xxx`.
 //! The `Command` enum below is the whole command set; there is no runtime registry.
 
-mod debug;
 mod bench_data;
+mod debug;
+mod generate;
 mod judge;
 mod metrics;
+mod model;
 mod score;
 mod task;
 
@@ -21,6 +23,8 @@ pub enum Command {
     Task(task::TaskCommand),
     BenchData(bench_data::BenchDataArgs),
     Judge(judge::JudgeArgs),
+    Model(model::ModelArgs),
+    Generate(generate::GenerateArgs),
 }
 
 /// Run one parsed command.
@@ -32,6 +36,8 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Task(cmd) => task::cmd_task(ui, helper, &cmd),
         Command::BenchData(args) => bench_data::cmd_bench_data(ui, helper, &args),
         Command::Judge(args) => judge::cmd_judge(ui, helper, &args),
+        Command::Model(args) => model::cmd_model(ui, helper, &args),
+        Command::Generate(args) => generate::cmd_generate(ui, helper, &args),
     }
 }
 

@@ -1,0 +1,60 @@
+use std::path::PathBuf;
+
+use crate::cli::{CommandError, CommandHelper, Ui};
+use crate::ml::tiny::{write_tiny, TinyLayout, TinyOptions};
+
+/// Write a tiny random LLaVA-1.5 model (for tests and the demo)
+///
+/// The model is in llava-hf format (config.json, model.safetensors, tokenizer.json with an
+/// `<image>` token, preprocessor_config.json) and loads like any other model. The tokenizer is a
+/// byte-level BPE, so any text encodes; its merges are learnt from the vicuna_v1 template text
+/// plus the optional --corpus. Same seed and corpus, same files.
+#[derive(clap::Args, Debug)]
+pub struct InitArgs {
+    /// Write the tiny random model (the only kind `model init` makes)
+    #[arg(long, value_name = "DIR")]
+    pub tiny: PathBuf,
+    /// Seed of the random weights
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Extra text to learn tokenizer merges from (e.g. the task vocabulary)
+    #[arg(long, value_name = "FILE")]
+    pub corpus: Option<PathBuf>,
+    /// On-disk layout: llava-hf (hf), llava-hf with transformers ≥ 4.52 names (hf-new), or the
+    /// CoIN split setup (split: llm/, clip/, mm_projector.safetensors)
+    #[arg(long, value_enum, default_value_t = TinyLayout::Hf)]
+    pub layout: TinyLayout,
+    /// Print what was written as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn cmd_init(ui: &mut Ui, helper: &CommandHelper, args: &InitArgs) -> Result<(), CommandError> {
+    let dir = helper.cwd.join(&args.tiny);
+    let corpus = match &args.corpus {
+        Some(p) => std::fs::read_to_string(helper.cwd.join(p)).map_err(|e| {
+            CommandError::user(format!("Could not read the corpus '{}': {e}", p.display()))
+        })?,
+        None => String::new(),
+    };
+    let opts = TinyOptions {
+        seed: args.seed,
+        corpus,
+        layout: args.layout,
+        ..TinyOptions::default()
+    };
+    let model_dir = write_tiny(&dir, &opts)?;
+    if args.json {
+        ui.json(&serde_json::json!({
+            "model": model_dir,
+            "seed": args.seed,
+            "layout": format!("{:?}", args.layout).to_lowercase(),
+        }))?;
+    } else {
+        ui.status(&format!(
+            "Wrote a tiny random LLaVA-1.5 to {}.",
+            model_dir.display()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The one linear layer type of the model: a frozen weight (and bias) that can carry an adapter.
+//!
+//! Adapters are layers, not weight patches: `y = x Wᵀ + b + adapter(x)`. The forward uses only
+//! differentiable ops (matmul, add, mul), so gradients reach adapter tensors that are `Var`s.
+//! The training issue adds MoELoRA as another [`Adapter`] variant and may swap the base matmul
+//! for one whose backward skips the weight gradient.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+
+/// A LoRA adapter: `scale · B (A x)` with A (r × in) and B (out × r).
+#[derive(Clone, Debug)]
+pub struct Lora {
+    /// Down projection, shape (r, in_features).
+    pub a: Tensor,
+    /// Up projection, shape (out_features, r).
+    pub b: Tensor,
+    /// `lora_alpha / r` (or `/ √r` with rsLoRA).
+    pub scale: f64,
+}
+
+impl Lora {
+    /// The adapter's contribution for input `x` (…, in).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = self.a.dtype();
+        let x = if x.dtype() != dtype {
+            x.to_dtype(dtype)?
+        } else {
+            x.clone()
+        };
+        let h = matmul_t(&x, &self.a)?;
+        let y = matmul_t(&h, &self.b)?;
+        y * self.scale
+    }
+}
+
+/// What a linear layer may carry besides its frozen weight.
+#[derive(Clone, Debug)]
+pub enum Adapter {
+    /// Plain LoRA.
+    Lora(Lora),
+}
+
+impl Adapter {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Adapter::Lora(l) => l.forward(x),
+        }
+    }
+}
+
+/// `y = x Wᵀ + b (+ adapter(x))`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// Weight, shape (out_features, in_features).
+    pub weight: Tensor,
+    /// Optional bias, shape (out_features).
+    pub bias: Option<Tensor>,
+    /// Optional adapter.
+    pub adapter: Option<Adapter>,
+}
+
+impl Linear {
+    /// A linear layer without adapter.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight,
+            bias,
+            adapter: None,
+        }
+    }
+
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.weight.dims2().map(|d| d.1).unwrap_or(0)
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims2().map(|d| d.0).unwrap_or(0)
+    }
+}
+
+/// `x @ wᵀ` for x of any rank ≥ 2 (flattened to 2-D for a single GEMM).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let last = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / last.max(1);
+    let y = x.reshape((rows, last))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    let n = out.len();
+    out[n - 1] = w.dim(0)?;
+    y.reshape(out)
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = matmul_t(x, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(a) = &self.adapter {
+            let delta = a.forward(x)?.to_dtype(y.dtype())?;
+            y = (y + delta)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Index of the largest value along the last dimension, as u32 (greedy decoding).
+pub fn argmax_last(logits: &Tensor) -> Result<Tensor> {
+    logits.to_dtype(DType::F32)?.argmax(D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn lora_adds_scaled_low_rank_update() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev)?;
+        let b = Tensor::new(&[0.5f32, -0.5, 1.0], &dev)?;
+        let mut l = Linear::new(w, Some(b));
+        let x = Tensor::new(&[[[1f32, -1.]]], &dev)?;
+        let y: Vec<f32> = l.forward(&x)?.flatten_all()?.to_vec1()?;
+        assert_eq!(y, vec![-0.5, -1.5, 0.0]);
+        l.adapter = Some(Adapter::Lora(Lora {
+            a: Tensor::new(&[[1f32, 1.]], &dev)?, // r = 1: a·x = 0 for this x
+            b: Tensor::new(&[[1f32], [2.], [3.]], &dev)?,
+            scale: 2.0,
+        }));
+        let x2 = Tensor::new(&[[[1f32, 0.]]], &dev)?;
+        let y2: Vec<f32> = l.forward(&x2)?.flatten_all()?.to_vec1()?;
+        // base: [1.5, 2.5, 6.0]; lora: 2 * [1, 2, 3] * 1
+        assert_eq!(y2, vec![3.5, 6.5, 12.0]);
+        Ok(())
+    }
+}

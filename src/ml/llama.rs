@@ -1,0 +1,337 @@
+//! The LLaMA decoder: RMSNorm, RoPE (HF's rotate-half layout), grouped-query attention with a
+//! causal + padding mask, SwiGLU MLP, a KV cache for generation and `lm_head`.
+//!
+//! Every op on this path has a backward (no `softmax_last_dim`, fused `rms_norm` or fused
+//! `rope`): norms, softmax and RoPE are computed in f32 with plain tensor ops, as transformers
+//! does, so the same forward serves training.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use super::config::LlamaConfig;
+use super::linear::Linear;
+use super::load::Vb;
+use super::Result;
+
+/// RMSNorm with the HF semantics: normalise in f32, cast back, multiply by the weight.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    /// Scale, shape (hidden).
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(vb: &Vb, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: vb.get(&[dim], "weight")?,
+            eps,
+        })
+    }
+
+    /// Normalise the last dimension.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        y.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Self-attention with grouped-query heads.
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+}
+
+/// One decoder layer.
+pub struct DecoderLayer {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+/// Cached keys and values of every layer, shape (b, kv_heads, t, head_dim) each.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        KvCache::default()
+    }
+    /// Cached length (0 when empty).
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .and_then(|(k, _)| k.dim(2).ok())
+            .unwrap_or(0)
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// RoPE tables for given positions: cos and sin of shape (b, 1, s, head_dim).
+pub fn rope_tables(
+    positions: &Tensor,
+    head_dim: usize,
+    theta: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let dev = positions.device();
+    let half = head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, 1, half), dev)?;
+    let pos = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?; // (b, s, 1)
+    let freqs = pos.broadcast_mul(&inv)?; // (b, s, half)
+    let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+    Ok((emb.cos()?, emb.sin()?))
+}
+
+fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let y = (xf.broadcast_mul(cos)? + rotate_half(&xf)?.broadcast_mul(sin)?)?;
+    y.to_dtype(dtype)
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let hd = self.head_dim;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, s, self.heads, hd))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, s, self.kv_heads, hd))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, s, self.kv_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = apply_rope(&q.contiguous()?, cos, sin)?;
+        let k = apply_rope(&k.contiguous()?, cos, sin)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let t = k.dim(2)?;
+        let rep = self.heads / self.kv_heads;
+        let (k, v) = if rep > 1 {
+            let expand = |z: &Tensor| -> candle_core::Result<Tensor> {
+                z.unsqueeze(2)?
+                    .broadcast_as((b, self.kv_heads, rep, t, hd))?
+                    .reshape((b, self.heads, t, hd))
+            };
+            (expand(&k)?, expand(&v)?)
+        } else {
+            (k, v)
+        };
+        let dtype = q.dtype();
+        let scores = (q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            / (hd as f64).sqrt())?;
+        let scores = scores.broadcast_add(mask)?;
+        let p = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+        let o = p
+            .matmul(&v.contiguous()?)?
+            .transpose(1, 2)?
+            .reshape((b, s, self.heads * hd))?;
+        self.o_proj.forward(&o)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// The decoder with embeddings and `lm_head`.
+pub struct Llama {
+    /// Token embeddings (vocab, hidden).
+    pub embed_tokens: Tensor,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm.
+    pub norm: RmsNorm,
+    /// Output head (vocab ← hidden).
+    pub lm_head: Linear,
+    /// Configuration.
+    pub config: LlamaConfig,
+}
+
+impl Llama {
+    /// Load the body from `vb` (`embed_tokens`, `layers.N`, `norm`) and `lm_head`'s weight.
+    pub fn load(vb: &Vb, lm_head: &Tensor, config: &LlamaConfig) -> Result<Self> {
+        let c = config;
+        let h = c.hidden_size;
+        let embed_tokens = vb.pp("embed_tokens").get(&[c.vocab_size, h], "weight")?;
+        let q_out = c.num_attention_heads * c.head_dim;
+        let kv_out = c.num_key_value_heads * c.head_dim;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = vb.pp("layers").pp(i);
+            let a = l.pp("self_attn");
+            let m = l.pp("mlp");
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::load(&l.pp("input_layernorm"), h, c.rms_norm_eps)?,
+                self_attn: Attention {
+                    q_proj: a.pp("q_proj").linear(h, q_out, c.attention_bias)?,
+                    k_proj: a.pp("k_proj").linear(h, kv_out, c.attention_bias)?,
+                    v_proj: a.pp("v_proj").linear(h, kv_out, c.attention_bias)?,
+                    o_proj: a.pp("o_proj").linear(q_out, h, c.attention_bias)?,
+                    heads: c.num_attention_heads,
+                    kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                },
+                post_attention_layernorm: RmsNorm::load(
+                    &l.pp("post_attention_layernorm"),
+                    h,
+                    c.rms_norm_eps,
+                )?,
+                mlp: Mlp {
+                    gate_proj: m
+                        .pp("gate_proj")
+                        .linear(h, c.intermediate_size, c.mlp_bias)?,
+                    up_proj: m.pp("up_proj").linear(h, c.intermediate_size, c.mlp_bias)?,
+                    down_proj: m
+                        .pp("down_proj")
+                        .linear(c.intermediate_size, h, c.mlp_bias)?,
+                },
+            });
+        }
+        let norm = RmsNorm::load(&vb.pp("norm"), h, c.rms_norm_eps)?;
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head: Linear::new(lm_head.clone(), None),
+            config: config.clone(),
+        })
+    }
+
+    /// Embeddings of token ids (any shape of u32 ids → shape + (hidden)).
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let shape = ids.dims().to_vec();
+        let flat = ids.flatten_all()?;
+        let e = self.embed_tokens.index_select(&flat, 0)?;
+        let mut out = shape;
+        out.push(self.config.hidden_size);
+        e.reshape(out)
+    }
+
+    /// Run the decoder on input embeddings (b, s, hidden) at `positions` (b, s) with an additive
+    /// mask (b, 1, s, t) where t = cached + s. Returns the final-normed hidden states (b, s, h).
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (cos, sin) = rope_tables(positions, self.config.head_dim, self.config.rope_theta)?;
+        let mut x = embeds.clone();
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() != self.layers.len() {
+                c.layers = (0..self.layers.len()).map(|_| None).collect();
+            }
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer.self_attn.forward(&h, &cos, &sin, mask, slot)?;
+            x = (x + h)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            x = (&x + layer.mlp.forward(&h)?)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits (…, vocab) of hidden states, in f32.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+    }
+}
+
+/// The additive attention mask (b, 1, s, t) for `s` new positions after `past` cached ones:
+/// key j is visible to query i when `j <= past + i` and `valid[b][j]` (padding is invalid).
+pub fn attention_mask(
+    valid: &[Vec<bool>],
+    s: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let b = valid.len();
+    let t = valid.first().map(Vec::len).unwrap_or(0);
+    let past = t - s;
+    let mut m = vec![0f32; b * s * t];
+    for (bi, row) in valid.iter().enumerate() {
+        for i in 0..s {
+            for (j, &ok) in row.iter().enumerate() {
+                if !(ok && j <= past + i) {
+                    m[(bi * s + i) * t + j] = f32::MIN;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, s, t), device)
+}
