@@ -732,10 +732,5 @@ pub fn generate(
     Ok(manifest)
 }
 
-/// The folder of a generated task's file.
-pub fn task_path(out: &Path, rel: &str) -> PathBuf {
-    out.join(rel)
-}
-
 #[cfg(test)]
 mod tests;
