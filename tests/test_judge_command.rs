@@ -144,3 +144,22 @@ fn judge_dead_endpoint_is_a_clear_error() {
         out.stderr
     );
 }
+
+#[test]
+fn judge_scores_a_coin_reply_file() {
+    let env = TestEnvironment::new();
+    env.write(
+        "prompt_eval_merge.jsonl",
+        "{\"text\": \"10\"}\n{\"text\": \"7/10\"}\n{\"text\": \"12\"}\n",
+    );
+    let v = env
+        .coin(&["judge", "--replies", "prompt_eval_merge.jsonl", "--json"])
+        .success()
+        .json();
+    assert!(
+        (v["score"].as_f64().unwrap() - 170.0 / 3.0).abs() < 1e-9,
+        "{v}"
+    );
+    assert_eq!(v["rounded"].as_f64(), Some(57.0));
+    env.coin(&["judge", "--task", "GQA"]).code(2);
+}

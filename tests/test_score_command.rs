@@ -153,7 +153,7 @@ fn score_textvqa_and_scienceqa_with_annotations() {
     env.write(
         "TextVQA_0.5.1_val.json",
         serde_json::to_string(&serde_json::json!({"data": [
-            {"image_id": "img1", "question": q, "answers": ["stop", "stop", "STOP", "stop sign", "stop", "stop", "stop", "stop", "stop", "halt"]}
+            {"question_id": "img1", "image_id": "i1", "question": q, "answers": ["stop", "stop", "STOP", "stop sign", "stop", "stop", "stop", "stop", "stop", "halt"]}
         ]}))
         .unwrap(),
     );

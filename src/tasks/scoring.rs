@@ -172,8 +172,8 @@ pub enum Annotations {
         /// The test split's problem ids, in file order.
         test_ids: Vec<String>,
     },
-    /// TextVQA answers by (image_id, lower-cased question).
-    TextVQA(HashMap<(String, String), Vec<String>>),
+    /// TextVQA answers by question id (`str(question_id)`, as CoIN's `eval_textvqa.py` keys them).
+    TextVQA(HashMap<String, Vec<String>>),
     /// GQA questions by id.
     GQA(HashMap<String, GqaQuestion>),
 }
@@ -224,8 +224,7 @@ pub fn load_annotations(kind: ScorerKind, path: &Path) -> Result<Annotations, Ta
             }
             #[derive(Deserialize)]
             struct Entry {
-                image_id: String,
-                question: String,
+                question_id: Qid,
                 #[serde(default)]
                 answers: Vec<String>,
             }
@@ -233,7 +232,7 @@ pub fn load_annotations(kind: ScorerKind, path: &Path) -> Result<Annotations, Ta
             Ok(Annotations::TextVQA(
                 f.data
                     .into_iter()
-                    .map(|e| ((e.image_id, e.question.to_lowercase()), e.answers))
+                    .map(|e| (e.question_id.0, e.answers))
                     .collect(),
             ))
         }
@@ -593,27 +592,6 @@ fn scienceqa_strict(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
 
 // ---------------------------------------------------------------- TextVQA
 
-/// LLaVA/CoIN `prompt_processor`: recover the question from the prompt of an answer record.
-pub fn textvqa_prompt_question(prompt: &str) -> Option<String> {
-    let lines: Vec<&str> = prompt.split('\n').collect();
-    let q = if prompt.starts_with("OCR tokens: ") {
-        let start = prompt.find("Question: ")? + "Question: ".len();
-        let end = prompt[start..].find(" Short answer:")? + start;
-        prompt[start..end].to_string()
-    } else if prompt.contains("Reference OCR token: ") && lines.len() == 3 {
-        if prompt.starts_with("Reference OCR token:") {
-            lines[1].to_string()
-        } else {
-            lines[0].to_string()
-        }
-    } else if lines.len() == 2 {
-        lines[0].to_string()
-    } else {
-        return None;
-    };
-    Some(q.to_lowercase())
-}
-
 fn textvqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
     let kind = ScorerKind::TextVQA;
     let Some(Annotations::TextVQA(ann)) = input.annotations else {
@@ -623,18 +601,31 @@ fn textvqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
         .answers
         .iter()
         .map(|a| {
-            let q = textvqa_prompt_question(&a.prompt).ok_or_else(|| {
-                err(kind, format!("question {}: cannot find the question in the prompt (CoIN expects two lines)", a.question_id))
-            })?;
-            let gts = ann.get(&(a.question_id.0.clone(), q.clone())).ok_or_else(|| {
-                err(kind, format!("no annotation for image {} and question '{q}'", a.question_id))
+            let gts = ann.get(&a.question_id.0).ok_or_else(|| {
+                err(
+                    kind,
+                    format!("question {} is not in the annotation file", a.question_id),
+                )
             })?;
             if gts.len() != 10 {
-                return Err(err(kind, format!("question {}: {} ground-truth answers, the evaluator requires 10", a.question_id, gts.len())));
+                return Err(err(
+                    kind,
+                    format!(
+                        "question {}: {} ground-truth answers, the evaluator requires 10",
+                        a.question_id,
+                        gts.len()
+                    ),
+                ));
             }
             let norm: Vec<String> = gts.iter().map(|g| normalize_answer(g)).collect();
-            let s = soft_scores(&norm).get(&normalize_answer(a.answer())).copied().unwrap_or(0.0);
-            Ok(ItemScore { question_id: a.question_id.clone(), score: s })
+            let s = soft_scores(&norm)
+                .get(&normalize_answer(a.answer()))
+                .copied()
+                .unwrap_or(0.0);
+            Ok(ItemScore {
+                question_id: a.question_id.clone(),
+                score: s,
+            })
         })
         .collect()
 }
@@ -669,8 +660,7 @@ fn textvqa_strict(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
         _ => None,
     };
     per_question(kind, input, |q, pred| {
-        let question = q.question_without_instruction().trim().to_lowercase();
-        let gts = match ann.and_then(|a| a.get(&(q.question_id.0.clone(), question))) {
+        let gts = match ann.and_then(|a| a.get(&q.question_id.0)) {
             Some(g) => g.clone(),
             None => record_gts(kind, q)?,
         };
@@ -688,6 +678,17 @@ fn vqa_strict(kind: ScorerKind, input: ScoreInput) -> Result<Vec<ItemScore>, Tas
 
 fn imagenet_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
     let kind = ScorerKind::ImageNet;
+    // eval_ImagetNet.py: answer line i against question i, for every answer line.
+    if input.answers.len() > input.questions.len() {
+        return Err(err(
+            kind,
+            format!(
+                "{} answer lines but only {} questions (CoIN pairs them by position)",
+                input.answers.len(),
+                input.questions.len()
+            ),
+        ));
+    }
     input
         .questions
         .iter()
@@ -708,32 +709,36 @@ fn gqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
     let Some(Annotations::GQA(ann)) = input.annotations else {
         return Err(err(kind, "compat mode needs --annotations testdev_balanced_questions.json (or use --mode strict to score against the questions file)"));
     };
-    // convert_gqa_for_eval.py: prediction = text.rstrip('.').lower(), keyed by question id.
-    let preds: HashMap<&str, String> = input
-        .answers
-        .iter()
-        .map(|a| {
-            (
-                a.question_id.0.as_str(),
-                a.answer().trim_end_matches('.').to_lowercase(),
-            )
-        })
-        .collect();
-    let mut ids: Vec<&String> = ann.keys().collect();
-    ids.sort();
-    let mut out = Vec::new();
-    for id in ids {
-        let q = &ann[id];
-        if !q.is_balanced {
-            continue;
+    // convert_gqa_for_eval.py: prediction = text.rstrip('.').lower(), minus one leading space;
+    // eval_gqa.py: loop over the predictions (last one per id wins), KeyError for an unknown
+    // id, only balanced questions count.
+    let mut preds: Vec<(&Qid, String)> = Vec::new();
+    let mut seen: HashMap<&Qid, usize> = HashMap::new();
+    for a in input.answers {
+        let t = a.answer().trim_end_matches('.').to_lowercase();
+        let t = t.strip_prefix(' ').map_or(t.clone(), str::to_string);
+        match seen.get(&a.question_id) {
+            Some(&i) => preds[i].1 = t,
+            None => {
+                seen.insert(&a.question_id, preds.len());
+                preds.push((&a.question_id, t));
+            }
         }
-        let Some(pred) = preds.get(id.as_str()) else {
-            continue;
-        };
-        out.push(ItemScore {
-            question_id: Qid(id.clone()),
-            score: f64::from(u8::from(*pred == q.answer)),
-        });
+    }
+    let mut out = Vec::new();
+    for (qid, pred) in preds {
+        let q = ann.get(&qid.0).ok_or_else(|| {
+            err(
+                kind,
+                format!("question {qid} is not in the annotation file"),
+            )
+        })?;
+        if q.is_balanced {
+            out.push(ItemScore {
+                question_id: qid.clone(),
+                score: f64::from(u8::from(pred == q.answer)),
+            });
+        }
     }
     Ok(out)
 }
@@ -745,16 +750,17 @@ fn py_float(s: &str) -> Option<f64> {
     s.trim().parse::<f64>().ok()
 }
 
-/// Parse a box the way CoIN parses predictions: strip `[`/`]` at both ends, then drop the first
-/// and the last character (`s[1:-1]`), split on commas; four floats or nothing. This loses the
-/// last digit of y2 (and the first of x1).
+/// Parse a box the way CoIN's `eval_grounding.py` parses predictions: drop one leading space,
+/// delete every `[` and `]`, then drop the first and the last character (`s[1:-1]`), split on
+/// commas; four floats or nothing. This loses the last digit of y2 (and the first character of
+/// x1, harmless for `0.x` but `1.0` becomes `.0`).
 pub fn bbox_parse_compat(text: &str) -> Option<[f64; 4]> {
-    let s = text.trim_matches(['[', ']']);
-    let chars: Vec<char> = s.chars().collect();
-    if chars.len() < 2 {
+    let t = text.strip_prefix(' ').unwrap_or(text);
+    let s: Vec<char> = t.chars().filter(|c| *c != '[' && *c != ']').collect();
+    if s.len() < 2 {
         return None;
     }
-    let inner: String = chars[1..chars.len() - 1].iter().collect();
+    let inner: String = s[1..s.len() - 1].iter().collect();
     let parts: Vec<&str> = inner.split(',').collect();
     if parts.len() != 4 {
         return None;
@@ -768,7 +774,7 @@ pub fn bbox_parse_compat(text: &str) -> Option<[f64; 4]> {
 
 /// Parse a ground-truth box string `"[x1, y1, x2, y2]"` (brackets optional).
 pub fn bbox_parse_gt(text: &str) -> Option<[f64; 4]> {
-    let s = text.trim().trim_start_matches('[').trim_end_matches(']');
+    let s: String = text.chars().filter(|c| *c != '[' && *c != ']').collect();
     let parts: Vec<&str> = s.split(',').collect();
     if parts.len() != 4 {
         return None;
@@ -806,6 +812,19 @@ pub fn bbox_parse_strict(text: &str) -> Option<[f64; 4]> {
         }
     }
     <[f64; 4]>::try_from(nums).ok()
+}
+
+/// CoIN's `calculate_iou`: the intersection is clamped at 0 but the areas are not, so an
+/// inverted box has a negative area.
+pub fn iou_compat(a: [f64; 4], b: [f64; 4]) -> f64 {
+    let inter =
+        (a[2].min(b[2]) - a[0].max(b[0])).max(0.0) * (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
+    if union > 0.0 {
+        inter / union
+    } else {
+        0.0
+    }
 }
 
 /// Intersection over union of two `[x1, y1, x2, y2]` boxes; 0 for empty or inverted boxes.

@@ -12,21 +12,25 @@ use crate::tasks::ScorerKind;
 ///
 /// Always writes OUT/prompt_to_eval.json (CoIN's layout). With --endpoint (an
 /// OpenAI-compatible `http://…/v1` server) it asks the judge for each answer, saves progress
-/// in OUT/judge_progress.jsonl (a rerun resumes), and reports 100·Σs/(10·N).
+/// in OUT/judge_progress.jsonl (a rerun resumes), and reports 100·Σs/(10·N). With --replies
+/// it only scores a judge output file CoIN's scripts made (prompt_eval_merge.jsonl).
 #[derive(clap::Args, Debug)]
 pub struct JudgeArgs {
     /// The task (Grounding uses the box rule)
-    #[arg(long)]
-    pub task: String,
+    #[arg(long, required_unless_present = "replies")]
+    pub task: Option<String>,
     /// The task's test/val JSON (CoIN format)
-    #[arg(long)]
-    pub questions: PathBuf,
+    #[arg(long, required_unless_present = "replies")]
+    pub questions: Option<PathBuf>,
     /// The answer file (JSONL)
-    #[arg(long)]
-    pub answers: PathBuf,
+    #[arg(long, required_unless_present = "replies")]
+    pub answers: Option<PathBuf>,
     /// Where to write the prompts, progress and replies
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "replies")]
+    pub out: Option<PathBuf>,
+    /// Only score an existing judge output file (JSONL with the reply in "text")
+    #[arg(long, conflicts_with_all = ["task", "questions", "answers", "out", "endpoint"])]
+    pub replies: Option<PathBuf>,
     /// An OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
     #[arg(long, requires = "judge_model")]
     pub endpoint: Option<String>,
@@ -55,18 +59,41 @@ pub fn cmd_judge(
     helper: &CommandHelper,
     args: &JudgeArgs,
 ) -> Result<(), CommandError> {
-    let (name, kind, _) = super::score::resolve_scorer(helper, &args.task)?;
+    if let Some(replies) = &args.replies {
+        let summary = judge::summarise(&judge::read_reply_scores(&helper.cwd.join(replies))?);
+        if args.json {
+            return ui.json(&serde_json::json!({
+                "metric": "general_knowledge", "score": summary.score, "rounded": summary.rounded, "n": summary.n,
+            }));
+        }
+        writeln!(
+            ui.out(),
+            "general knowledge: {:.2} (CoIN prints {}) over {} replies",
+            summary.score,
+            summary.rounded,
+            summary.n
+        )?;
+        return Ok(());
+    }
+    let (Some(task), Some(questions), Some(answers), Some(out_arg)) =
+        (&args.task, &args.questions, &args.answers, &args.out)
+    else {
+        return Err(CommandError::usage(
+            "--task, --questions, --answers and --out are required without --replies.",
+        ));
+    };
+    let (name, kind, _) = super::score::resolve_scorer(helper, task)?;
     let rule = if kind == ScorerKind::Grounding {
         JudgeRule::CoINGrounding
     } else {
         JudgeRule::CoIN
     };
-    let questions = read_test_file(&helper.cwd.join(&args.questions))?;
-    let answers = read_answer_file(&helper.cwd.join(&args.answers))?;
+    let questions = read_test_file(&helper.cwd.join(questions))?;
+    let answers = read_answer_file(&helper.cwd.join(answers))?;
     let items = judge::judge_items(&questions, &answers, rule)?;
-    let out = helper.cwd.join(&args.out);
+    let out = helper.cwd.join(out_arg);
     std::fs::create_dir_all(&out).map_err(|e| {
-        CommandError::user(format!("Could not create '{}': {e}", args.out.display()))
+        CommandError::user(format!("Could not create '{}': {e}", out_arg.display()))
     })?;
     let prompts = out.join("prompt_to_eval.json");
     write_atomic(&prompts, judge::prompt_file(&items, rule))

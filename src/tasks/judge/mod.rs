@@ -2,8 +2,8 @@
 //! parsing with CoIN's rules (`evaluate_score.py`), and a small client for any
 //! OpenAI-compatible chat endpoint, with timeouts, retries and resumable progress.
 //!
-//! The rule texts are coin's wording of CoIN's rules (CoIN's `rule.json` could not be read);
-//! the layout of the user message is CoIN's.
+//! The layout of the messages and the rule texts are those of CoIN's `create_prompt.py` and
+//! `rule.json`; the score parsing is that of `evaluate_score.py`.
 
 pub mod http;
 
@@ -32,11 +32,12 @@ pub enum JudgeRule {
 }
 
 impl JudgeRule {
-    /// The rule text (coin's wording of CoIN's rule; not verified against `rule.json`).
+    /// The rule text, verbatim from CoIN's `ETrain/Eval/LLaVA/CoIN/rule.json` (typos included:
+    /// the judge model saw exactly these words).
     pub fn text(self) -> &'static str {
         match self {
-            JudgeRule::CoIN => "We would like to request your feedback on the performance of an AI assistant in response to the user question displayed above. The ground truth answer is given. Please rate the accuracy of the assistant's answer compared with the ground truth answer. The assistant receives an overall score on a scale of 0 to 10, where a higher score indicates better performance. Please output a single line containing only a value indicating the score for the assistant.",
-            JudgeRule::CoINGrounding => "We would like to request your feedback on the performance of an AI assistant in response to the user question displayed above. The ground truth answer is a bounding box (x1, y1, x2, y2) with coordinates normalised to 0-1, where (x1, y1) is the top-left corner and (x2, y2) the bottom-right corner of the region. Please rate how well the assistant's box matches the ground truth box. The assistant receives an overall score on a scale of 0 to 10, where a higher score indicates better performance. Please output a single line containing only a value indicating the score for the assistant.",
+            JudgeRule::CoIN => "We would like to request your feedback on the performance of an AI assistants in response to the user question displayed above.\nPlease rate the accuracy of its responses according to the ground truth answer displayed above. The assistant receives an overall score on a scale of 0 to 10, where a higher score indicates better overall performance.\nPlease output a single line containing only a values indicating the scores for the Assistant.",
+            JudgeRule::CoINGrounding => "We would like to request your feedback on the performance of an AI assistants in response to the user question displayed above. The user asks the question on observing an image. For your reference, the visual content in the image is represented with one descriptive sentence describing the same image and the bounding box coordinates of each object in the scene. These coordinates are in the form of bounding boxes, represented as (x1, y1, x2, y2) with floating numbers ranging from 0 to 1. These values correspond to the top left x, top left y, bottom right x, and bottom right y. \nPlease rate the accuracy of its responses according to the ground truth answer displayed above. The assistant receives an overall score on a scale of 0 to 10, where a higher score indicates better overall performance.\nPlease output a single line containing only a values indicating the scores for the Assistant.",
         }
     }
 }
@@ -55,7 +56,9 @@ pub struct JudgeItem {
 }
 
 /// Pair answers with their questions (answer-file order). Questions without an answer are
-/// left out, as in CoIN (the judge sees the answer file).
+/// left out, as in CoIN (the judge sees the answer file). As in `create_prompt.py`, the
+/// question is `text` without its last (instruction) line, except for Grounding, whose whole
+/// `text` is kept.
 pub fn judge_items(
     questions: &[TestRecord],
     answers: &[AnswerRecord],
@@ -85,7 +88,10 @@ pub fn judge_items(
             })?;
             Ok(JudgeItem {
                 question_id: a.question_id.clone(),
-                question: q.question_without_instruction().to_string(),
+                question: match rule {
+                    JudgeRule::CoIN => q.question_without_instruction().to_string(),
+                    JudgeRule::CoINGrounding => q.text.clone(),
+                },
                 ground_truth: gt,
                 prediction: a.answer().to_string(),
             })
@@ -96,7 +102,7 @@ pub fn judge_items(
 /// The user message of one item, in CoIN's layout.
 pub fn user_prompt(item: &JudgeItem, rule: JudgeRule) -> String {
     format!(
-        "[Context]\n[Question]\n{}\n\n[Ground truth answer]\n{}\n\n[End of ground truth answer]\n\n[Assistant]\n{}\n\n[End of Assistant]\n\n[System]\n{}",
+        "[Context]\n[Question]\n{}\n\n[Ground truth answer]\n{}\n\n[End of ground truth answer]\n\n[Assistant]\n{}\n\n[End of Assistant]\n\n[System]\n{}\n\n",
         item.question,
         item.ground_truth,
         item.prediction,
@@ -113,27 +119,52 @@ pub fn prompt_file(items: &[JudgeItem], rule: JudgeRule) -> String {
     serde_json::to_string_pretty(&v).expect("strings always serialise") + "\n"
 }
 
-/// Parse a judge reply with CoIN's rules (`evaluate_score.py`): the whole text as a number if
-/// it is ≤ 10; else the numerator of `x/…` if it is a number ≤ 10; else the first digit 1–9;
-/// else 0.
+/// Parse a judge reply with CoIN's rules (`evaluate_score.py`):
+/// - the whole reply parses as a number (Python `float`, surrounding whitespace allowed): that
+///   number if ≤ 10, else 0 (no other rule is tried);
+/// - else, if it contains `/`: the part before the first `/` if it is all digits and ≤ 10, else 0;
+/// - else the first digit 1–9 anywhere; else 0.
 pub fn parse_score(reply: &str) -> f64 {
-    let t = reply.trim();
-    if let Ok(v) = t.parse::<f64>() {
-        if v <= 10.0 && v.is_finite() {
-            return v;
-        }
+    if let Ok(v) = reply.trim().parse::<f64>() {
+        return if v <= 10.0 { v } else { 0.0 };
     }
-    if let Some((num, _)) = t.split_once('/') {
-        if let Ok(v) = num.trim().parse::<f64>() {
-            if v <= 10.0 && v.is_finite() {
-                return v;
-            }
-        }
+    if let Some((num, _)) = reply.split_once('/') {
+        let numeric = !num.is_empty() && num.chars().all(|c| c.is_numeric());
+        return match num.parse::<f64>() {
+            Ok(v) if numeric && v <= 10.0 => v,
+            _ => 0.0,
+        };
     }
-    t.chars()
+    reply
+        .chars()
         .find(|c| ('1'..='9').contains(c))
         .and_then(|c| c.to_digit(10))
         .map_or(0.0, f64::from)
+}
+
+/// Per-item scores of a CoIN judge output file (`prompt_eval_merge.jsonl`: one JSON object per
+/// line with the reply in `text`).
+pub fn read_reply_scores(path: &Path) -> Result<Vec<f64>, TaskError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TaskError::io("read", path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let v: serde_json::Value = serde_json::from_str(l).map_err(|e| TaskError::Record {
+                path: path.to_path_buf(),
+                index: i + 1,
+                message: e.to_string(),
+            })?;
+            v["text"]
+                .as_str()
+                .map(parse_score)
+                .ok_or_else(|| TaskError::Record {
+                    path: path.to_path_buf(),
+                    index: i + 1,
+                    message: "no \"text\" string".into(),
+                })
+        })
+        .collect()
 }
 
 /// The judge's summary.

@@ -35,11 +35,29 @@ fn score_parsing_follows_coin_rules() {
     assert_eq!(parse_score("10"), 10.0);
     assert_eq!(parse_score("8/10"), 8.0);
     assert_eq!(parse_score("Score: 6 out of 10"), 6.0);
-    assert_eq!(parse_score("12"), 1.0); // > 10: falls through to the first digit 1-9
+    assert_eq!(parse_score("12"), 0.0); // a number > 10 scores 0; no other rule is tried
     assert_eq!(parse_score("0"), 0.0);
     assert_eq!(parse_score("none"), 0.0);
+    assert_eq!(parse_score("7.5/10"), 0.0); // the numerator must be all digits
+    assert_eq!(parse_score("8 /10"), 0.0);
+    assert_eq!(parse_score("11/10"), 0.0);
+    assert_eq!(parse_score("Rating: 9"), 9.0);
     let s = summarise(&[10.0, 5.0, 0.0, 8.0]);
     assert_eq!((s.n, s.sum, s.score, s.rounded), (4, 23.0, 57.5, 58.0));
+}
+
+#[test]
+fn coin_judge_output_files_are_scored() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("prompt_eval_merge.jsonl");
+    std::fs::write(
+        &p,
+        "{\"text\": \"8\"}\n{\"text\": \"3/10\"}\n\n{\"text\": \"none\"}\n",
+    )
+    .unwrap();
+    assert_eq!(read_reply_scores(&p).unwrap(), vec![8.0, 3.0, 0.0]);
+    std::fs::write(&p, "{\"x\": 1}\n").unwrap();
+    assert!(read_reply_scores(&p).is_err());
 }
 
 #[test]
@@ -64,7 +82,13 @@ fn prompts_use_coin_layout() {
         JudgeRule::CoINGrounding,
     )
     .unwrap();
-    assert!(user_prompt(&gi[0], JudgeRule::CoINGrounding).contains("(x1, y1, x2, y2)"));
+    let gu = user_prompt(&gi[0], JudgeRule::CoINGrounding);
+    assert!(gu.contains("(x1, y1, x2, y2)"));
+    // Grounding keeps the whole text, instruction line included (create_prompt.py).
+    assert!(
+        gu.contains("the red square\nPlease provide the bounding box"),
+        "{gu}"
+    );
     assert!(judge_items(&qs, &[ans("9", "x")], JudgeRule::CoIN).is_err());
 }
 

@@ -646,12 +646,16 @@ pub fn generate(
                     }
                     match task.scorer {
                         ScorerKind::TextVQA => extra_ann.push(serde_json::json!({
-                            "image_id": id, "question": item.raw.question,
+                            "question_id": id, "image_id": id, "question": item.raw.question,
                             "answers": vec![item.raw.answer.clone(); 10],
                         })),
                         ScorerKind::GQA => extra_ann.push(serde_json::json!([id, {
                             "question": item.raw.question, "answer": item.raw.answer,
                             "isBalanced": true, "imageId": id,
+                            // Fields CoIN's eval_gqa.py reads for its per-type breakdowns.
+                            "types": {"structural": if matches!(item.raw.answer.as_str(), "yes" | "no") { "verify" } else { "query" }, "semantic": "attr", "detailed": "mini"},
+                            "groups": {"global": null, "local": null},
+                            "semantic": [], "entailed": [], "equivalent": [id],
                         }])),
                         _ => {}
                     }
@@ -726,11 +730,6 @@ pub fn generate(
     };
     write(&out.join(MANIFEST), &json_bytes(&manifest))?;
     Ok(manifest)
-}
-
-/// The folder of a generated task's file.
-pub fn task_path(out: &Path, rel: &str) -> PathBuf {
-    out.join(rel)
 }
 
 #[cfg(test)]
