@@ -123,7 +123,7 @@ def main():
         shutil.copy(tok_json, os.path.join(model_dir, "tokenizer.json"))
     image_id = tok.convert_tokens_to_ids("<image>")
 
-    text = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    text = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
                        max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                        rope_theta=10000.0, tie_word_embeddings=False)
@@ -199,10 +199,10 @@ def main():
                 expanded.extend([image_id] * n_img if t == image_id else [t])
             base_logits, base_tokens = run(model, expanded, pix)
             lora_logits, lora_tokens = run(pm, expanded, pix)
-            pixel_dump[f"{img_name}:{mode}"] = pix.flatten().tolist()
+            pixel_dump[f"{img_name}:{mode}"] = [round(x, 7) for x in pix.flatten().tolist()]
             cases.append({"image": img_name, "mode": mode, "question": q, "prompt": p,
-                          "input_ids": ids, "logits": base_logits, "tokens": base_tokens,
-                          "lora_logits": lora_logits, "lora_tokens": lora_tokens,
+                          "input_ids": ids, "logits": [round(x, 6) for x in base_logits], "tokens": base_tokens,
+                          "lora_logits": [round(x, 6) for x in lora_logits], "lora_tokens": lora_tokens,
                           "processor": kind, "processor_vs_pil_max_diff": diff})
 
     # Batched greedy generation with left padding (two prompts of different lengths).

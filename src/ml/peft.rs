@@ -280,4 +280,53 @@ mod tests {
         );
         assert_eq!(canonical_module("something.else"), None);
     }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn unsupported_adapters_are_refused_naming_the_cause() {
+        use crate::ml::load::write_safetensors;
+        let t = tempfile::tempdir().expect("tmp");
+        let dir = t.path();
+        let write_cfg = |v: serde_json::Value| {
+            std::fs::write(dir.join("adapter_config.json"), v.to_string()).expect("w")
+        };
+        let dev = Device::Cpu;
+        let a = Tensor::zeros((2, 8), DType::F32, &dev).expect("a");
+        let b = Tensor::ones((4, 2), DType::F32, &dev).expect("b");
+        let key = "base_model.model.model.layers.0.self_attn.q_proj";
+        write_safetensors(
+            &dir.join("adapter_model.safetensors"),
+            &[
+                (format!("{key}.lora_A.weight"), a.clone()),
+                (format!("{key}.lora_B.weight"), b.clone()),
+            ],
+        )
+        .expect("w");
+        write_cfg(
+            serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 8, "use_rslora": true}),
+        );
+        let ok = PeftLora::load(dir, &dev, DType::F32).expect("loads");
+        let l = &ok.layers["language_model.layers.0.self_attn.q_proj"];
+        assert_eq!(l.scale, 8.0 / 2f64.sqrt());
+        write_cfg(
+            serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 8, "use_dora": true}),
+        );
+        let e = PeftLora::load(dir, &dev, DType::F32).expect_err("dora refused");
+        assert!(e.to_string().contains("use_dora"), "{e}");
+        write_cfg(serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 8}));
+        write_safetensors(
+            &dir.join("adapter_model.safetensors"),
+            &[
+                (format!("{key}.lora_A.weight"), a),
+                (format!("{key}.lora_B.weight"), b),
+                (
+                    "base_model.model.model.layers.0.mlp.lora_router.weight".into(),
+                    Tensor::zeros((8, 4), DType::F32, &dev).expect("r"),
+                ),
+            ],
+        )
+        .expect("w");
+        let e = PeftLora::load(dir, &dev, DType::F32).expect_err("router refused");
+        assert!(e.to_string().contains("lora_router"), "{e}");
+    }
 }

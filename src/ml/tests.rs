@@ -87,7 +87,15 @@ fn all_layouts_load_to_the_same_model() {
     assert_eq!(b.model.layout, super::load::Layout::HfNew);
     assert_eq!(c.model.layout, super::load::Layout::Split);
     assert_eq!(c.model.config.image_token, ImageToken::Placeholder);
+    // Without --projector, `mm_projector.safetensors` next to the LLaMA weights is found.
+    std::fs::copy(
+        t.path().join("split/mm_projector.safetensors"),
+        split.join("mm_projector.safetensors"),
+    )
+    .expect("cp");
+    let mut c2 = load(&split, Some(&t.path().join("split/clip")), None).expect("split loads");
     let la = first_logits(&mut a, "What color is the cube?");
+    let lc2 = first_logits(&mut c2, "What color is the cube?");
     let lb = first_logits(&mut b, "What color is the cube?");
     let lc = first_logits(&mut c, "What color is the cube?");
     assert_eq!(la.len(), a.model.config.text.vocab_size);
@@ -95,6 +103,7 @@ fn all_layouts_load_to_the_same_model() {
     // The split setup tokenizes around <image> chunk by chunk; with a byte-level BPE the ids are
     // the same, so the numbers must agree too.
     assert!(max_diff(&la, &lc) < 1e-5, "{}", max_diff(&la, &lc));
+    assert_eq!(lc, lc2, "found projector = given projector");
     // A different seed is a different model.
     let other = tiny(&t.path().join("other"), TinyLayout::Hf, 6);
     let mut d = load(&other, None, None).expect("loads");
