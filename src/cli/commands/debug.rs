@@ -132,7 +132,8 @@ pub fn cmd_debug(
         DebugCommand::Blake3(a) => {
             let path = abs(&a.file);
             let mut f = std::fs::File::open(&path)?;
-            let mut buf = vec![0u8; 64 * 1024 * 1024];
+            let len = f.metadata()?.len();
+            let mut buf = vec![0u8; len.clamp(1, 64 * 1024 * 1024) as usize];
             let mut h = blake3::Hasher::new();
             let start = Instant::now();
             let mut total = 0u64;
