@@ -17,9 +17,13 @@ fn read_request(s: &mut std::net::TcpStream) {
             let head = String::from_utf8_lossy(&buf[..end]).to_string();
             let len: usize = head
                 .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.trim()
+                        .eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().to_string())
+                })
                 .unwrap()
-                .trim()
                 .parse()
                 .unwrap();
             while buf.len() < end + 4 + len {

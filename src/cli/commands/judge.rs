@@ -31,9 +31,12 @@ pub struct JudgeArgs {
     /// Only score an existing judge output file (JSONL with the reply in "text")
     #[arg(long, conflicts_with_all = ["task", "questions", "answers", "out", "endpoint"])]
     pub replies: Option<PathBuf>,
-    /// An OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    /// An OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 or https://api.example.com/v1
     #[arg(long, requires = "judge_model")]
     pub endpoint: Option<String>,
+    /// The environment variable holding the endpoint's API key, sent as a bearer token if set
+    #[arg(long, default_value = "OPENAI_API_KEY", value_name = "VAR")]
+    pub api_key_env: String,
     /// The judge model name sent to the endpoint (CoIN: Qwen1.5-32B-Chat)
     #[arg(long)]
     pub judge_model: Option<String>,
@@ -115,8 +118,12 @@ pub fn cmd_judge(
             "--timeout-s must be a positive number of seconds.",
         ));
     }
+    let api_key = std::env::var(&args.api_key_env)
+        .ok()
+        .filter(|k| !k.is_empty());
     let client = JudgeClient {
         endpoint: endpoint.clone(),
+        api_key,
         model: model.clone(),
         temperature: args.temperature,
         max_tokens: args.max_tokens,

@@ -200,8 +200,10 @@ pub fn summarise(scores: &[f64]) -> JudgeScore {
 /// How to reach the judge.
 #[derive(Clone, Debug)]
 pub struct JudgeClient {
-    /// `http://host:port/v1` (or the full `/chat/completions` URL).
+    /// `http(s)://host[:port]/v1` (or the full `/chat/completions` URL).
     pub endpoint: String,
+    /// Sent as `Authorization: Bearer …` when set (hosted endpoints need one).
+    pub api_key: Option<String>,
     /// The model name sent in each request.
     pub model: String,
     /// Sampling temperature (default 0: deterministic; CoIN used 0.7).
@@ -252,7 +254,7 @@ impl JudgeClient {
                 std::thread::sleep(pause);
                 pause *= 2;
             }
-            match http::post_json(&self.url(), &body, self.timeout) {
+            match http::post_json(&self.url(), &body, self.timeout, self.api_key.as_deref()) {
                 Ok((200, reply)) => {
                     let v: serde_json::Value = serde_json::from_slice(&reply)
                         .map_err(|e| self.fail(format!("the reply is not JSON: {e}")))?;

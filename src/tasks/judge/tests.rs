@@ -93,20 +93,11 @@ fn prompts_use_coin_layout() {
 }
 
 #[test]
-fn http_response_parsing() {
-    let (s, b) = http::parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiXX").unwrap();
-    assert_eq!((s, b), (200, b"hi".to_vec()));
-    let (s, b) = http::parse_response(
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-    )
-    .unwrap();
-    assert_eq!((s, b), (200, b"abcde".to_vec()));
-    assert!(http::parse_response(b"garbage").is_err());
-    assert_eq!(
-        http::parse_url("http://127.0.0.1:8000/v1").unwrap(),
-        ("127.0.0.1".into(), 8000, "/v1".into())
-    );
-    assert!(http::parse_url("https://x/v1").is_err());
+fn endpoint_urls() {
+    assert!(http::check_url("http://127.0.0.1:8000/v1").is_ok());
+    assert!(http::check_url("https://api.example.com/v1").is_ok());
+    assert!(http::check_url("ftp://x/v1").is_err());
+    assert!(http::check_url("http:///v1").is_err());
 }
 
 /// A loopback chat server: replies with scores from `replies` in turn; `fail_after` requests
@@ -130,13 +121,17 @@ fn serve(
                 buf.extend_from_slice(&tmp[..n]);
                 if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                     let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Content-Length: "))
-                        .unwrap()
-                        .trim()
-                        .parse()
-                        .unwrap();
+                    let header = |name: &str| {
+                        head.lines().find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.trim()
+                                .eq_ignore_ascii_case(name)
+                                .then(|| v.trim().to_string())
+                        })
+                    };
+                    let len: usize = header("content-length").unwrap().parse().unwrap();
+                    // The client sends the API key as a bearer token.
+                    assert_eq!(header("authorization").as_deref(), Some("Bearer test-key"));
                     while buf.len() < end + 4 + len {
                         let n = stream.read(&mut tmp).unwrap();
                         buf.extend_from_slice(&tmp[..n]);
@@ -169,6 +164,7 @@ fn serve(
 fn client(endpoint: &str) -> JudgeClient {
     JudgeClient {
         endpoint: endpoint.to_string(),
+        api_key: Some("test-key".into()),
         model: "judge".into(),
         temperature: 0.0,
         max_tokens: 20,
