@@ -106,7 +106,9 @@ impl ClipConfig {
                 "vision hidden_act",
             )?,
         };
-        if c.hidden_size % c.num_attention_heads != 0 || c.image_size % c.patch_size != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads)
+            || !c.image_size.is_multiple_of(c.patch_size)
+        {
             return Err(MlError::Unsupported {
                 path: path.to_path_buf(),
                 message: "vision hidden_size must divide by heads and image_size by patch_size"

@@ -87,7 +87,7 @@ impl TrainRecord {
                 return Err(format!("turn {i} is from '{}', expected '{want}'", t.from));
             }
         }
-        if self.conversations.len() % 2 != 0 {
+        if !self.conversations.len().is_multiple_of(2) {
             return Err("the last turn is not an answer from 'gpt'".into());
         }
         Ok(())
