@@ -128,13 +128,28 @@ impl TrainableParams {
                 s.dropout
             )));
         }
+        // Check the targets before touching the model, so an error leaves it unchanged.
+        let decoder: Vec<String> = model
+            .linears_mut()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.starts_with("language_model.layers."))
+            .collect();
+        if let Some(t) = s.targets.iter().find(|t| {
+            !decoder
+                .iter()
+                .any(|n| n.rsplit('.').next() == Some(t.as_str()))
+        }) {
+            return Err(MlError::Input(format!(
+                "the adapter target '{t}' matches no linear of the language model"
+            )));
+        }
         let device = model.device.clone();
         let dtype = compute_dtype(model.dtype);
         let dropout = Dropout::new(s.dropout, s.seed ^ 0xD50F);
         let mut rng = Rng::new(s.seed);
         let scale = s.alpha / s.r as f64;
         let mut vars = Vec::new();
-        let mut matched = vec![false; s.targets.len()];
         for (name, lin) in model.linears_mut() {
             if name.starts_with("multi_modal_projector.") && s.train_projector {
                 let w = Var::from_tensor(&lin.weight.to_dtype(dtype)?)?;
@@ -151,10 +166,9 @@ impl TrainableParams {
                 continue;
             }
             let last = name.rsplit('.').next().unwrap_or("");
-            let Some(ti) = s.targets.iter().position(|t| t == last) else {
+            if !s.targets.iter().any(|t| t == last) {
                 continue;
-            };
-            matched[ti] = true;
+            }
             let (out_f, in_f) = lin.weight.dims2()?;
             let b = var_from(vec![0.0; out_f * s.r], (out_f, s.r), &device, dtype)?;
             let drop = (s.dropout > 0.0).then(|| dropout.clone());
@@ -201,12 +215,6 @@ impl TrainableParams {
                     vars.push((format!("{name}.lora_router.weight"), router));
                 }
             }
-        }
-        if let Some(i) = matched.iter().position(|m| !m) {
-            return Err(MlError::Input(format!(
-                "the adapter target '{}' matches no linear of the language model",
-                s.targets[i]
-            )));
         }
         Ok(TrainableParams {
             vars,

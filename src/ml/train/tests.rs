@@ -220,11 +220,17 @@ fn adapters_target_only_decoder_linears_and_name_every_var() {
         ..AdapterSettings::default()
     };
     assert!(TrainableParams::attach(&mut model, &bad).is_err());
+    let (_dir2, mut fresh) = tiny_model();
     let bad = AdapterSettings {
-        targets: vec!["qkv_proj".into()],
+        targets: vec!["q_proj".into(), "qkv_proj".into()],
         ..AdapterSettings::default()
     };
-    assert!(TrainableParams::attach(&mut model, &bad).is_err());
+    let err = TrainableParams::attach(&mut fresh, &bad).expect_err("unknown target");
+    assert!(err.to_string().contains("'qkv_proj'"), "{err}");
+    // The failed attach left the model untouched.
+    for (name, lin) in fresh.linears_mut() {
+        assert!(lin.adapter.is_none() && !lin.weight.is_variable(), "{name}");
+    }
 }
 
 #[test]
