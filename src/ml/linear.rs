@@ -2,10 +2,12 @@
 //!
 //! Adapters are layers, not weight patches: `y = x Wᵀ + b + adapter(x)`. The forward uses only
 //! differentiable ops (matmul, add, mul), so gradients reach adapter tensors that are `Var`s.
-//! The training issue adds MoELoRA as another [`Adapter`] variant and may swap the base matmul
-//! for one whose backward skips the weight gradient.
+//! [`Adapter::MoeLora`] is CoIN's MoELoRA. Frozen weights (tensors that are not `Var`s) go
+//! through [`super::train::frozen::frozen_matmul_t`], whose backward skips the weight gradient.
 
 use candle_core::{DType, Module, Result, Tensor, D};
+
+use super::train::dropout::Dropout;
 
 /// A LoRA adapter: `scale · B (A x)` with A (r × in) and B (out × r).
 #[derive(Clone, Debug)]
@@ -16,6 +18,8 @@ pub struct Lora {
     pub b: Tensor,
     /// `lora_alpha / r` (or `/ √r` with rsLoRA).
     pub scale: f64,
+    /// Dropout on the adapter's input (training only; `None` at inference).
+    pub dropout: Option<Dropout>,
 }
 
 impl Lora {
@@ -27,9 +31,65 @@ impl Lora {
         } else {
             x.clone()
         };
+        let x = match &self.dropout {
+            Some(d) => d.forward(&x)?,
+            None => x,
+        };
         let h = matmul_t(&x, &self.a)?;
         let y = matmul_t(&h, &self.b)?;
         y * self.scale
+    }
+}
+
+/// CoIN's MoELoRA: E experts of rank r/E and a token-wise dense softmax router,
+/// `scale · Σ_e softmax(R x)_e · B_e A_e dropout(x)` with `scale = lora_alpha / r` (total r).
+///
+/// The experts are stored stacked: `a` is (E·r/E × in) = the A_e one under another, `b` is
+/// (out × E·r/E) = the B_e side by side, so the sum is two GEMMs with the gates applied to the
+/// rank-r/E blocks of `A x` in between.
+#[derive(Clone, Debug)]
+pub struct MoeLora {
+    /// Stacked down projections, shape (r, in_features); rows `e·r/E..(e+1)·r/E` are expert e.
+    pub a: Tensor,
+    /// Stacked up projections, shape (out_features, r); columns `e·r/E..` are expert e.
+    pub b: Tensor,
+    /// Router weight (no bias), shape (E, in_features).
+    pub router: Tensor,
+    /// Number of experts E.
+    pub experts: usize,
+    /// `lora_alpha / r`.
+    pub scale: f64,
+    /// Dropout on the experts' input (the router sees the undropped input, as in CoIN).
+    pub dropout: Option<Dropout>,
+}
+
+impl MoeLora {
+    /// The adapter's contribution for input `x` (…, in).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = self.a.dtype();
+        let x = if x.dtype() != dtype {
+            x.to_dtype(dtype)?
+        } else {
+            x.clone()
+        };
+        let gates = candle_nn::ops::softmax(&matmul_t(&x, &self.router)?, D::Minus1)?;
+        let xd = match &self.dropout {
+            Some(d) => d.forward(&x)?,
+            None => x,
+        };
+        let h = matmul_t(&xd, &self.a)?; // (…, r)
+        let dims = h.dims().to_vec();
+        let r = *dims.last().unwrap_or(&0);
+        let e = self.experts;
+        let mut blocks = dims[..dims.len() - 1].to_vec();
+        blocks.extend([e, r / e]);
+        let mut gate_shape = dims[..dims.len() - 1].to_vec();
+        gate_shape.extend([e, 1]);
+        let h = h
+            .reshape(blocks)?
+            .broadcast_mul(&gates.reshape(gate_shape)?)?
+            .reshape(dims)?;
+        matmul_t(&h, &self.b)? * self.scale
     }
 }
 
@@ -38,12 +98,15 @@ impl Lora {
 pub enum Adapter {
     /// Plain LoRA.
     Lora(Lora),
+    /// CoIN's MoELoRA.
+    MoeLora(MoeLora),
 }
 
 impl Adapter {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Adapter::Lora(l) => l.forward(x),
+            Adapter::MoeLora(m) => m.forward(x),
         }
     }
 }
@@ -80,12 +143,18 @@ impl Linear {
     }
 }
 
-/// `x @ wᵀ` for x of any rank ≥ 2 (flattened to 2-D for a single GEMM).
+/// `x @ wᵀ` for x of any rank ≥ 2 (flattened to 2-D for a single GEMM). A `w` that is not a
+/// `Var` is frozen: its backward computes the input gradient only.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let last = *dims.last().unwrap_or(&0);
     let rows = x.elem_count() / last.max(1);
-    let y = x.reshape((rows, last))?.matmul(&w.t()?)?;
+    let x2 = x.reshape((rows, last))?;
+    let y = if w.is_variable() {
+        x2.matmul(&w.t()?)?
+    } else {
+        super::train::frozen::frozen_matmul_t(&x2, w)?
+    };
     let mut out = dims;
     let n = out.len();
     out[n - 1] = w.dim(0)?;
@@ -94,7 +163,12 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = matmul_t(x, &self.weight)?;
+        // A trained projector keeps f32 weights under a bf16 model: compute in the weight's dtype.
+        let mut y = if x.dtype() != self.weight.dtype() {
+            matmul_t(&x.to_dtype(self.weight.dtype())?, &self.weight)?
+        } else {
+            matmul_t(x, &self.weight)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -129,6 +203,7 @@ mod tests {
             a: Tensor::new(&[[1f32, 1.]], &dev)?, // r = 1: a·x = 0 for this x
             b: Tensor::new(&[[1f32], [2.], [3.]], &dev)?,
             scale: 2.0,
+            dropout: None,
         }));
         let x2 = Tensor::new(&[[[1f32, 0.]]], &dev)?;
         let y2: Vec<f32> = l.forward(&x2)?.flatten_all()?.to_vec1()?;

@@ -12,6 +12,16 @@ use super::linear::Linear;
 use super::load::Vb;
 use super::Result;
 
+/// The dtype norms, RoPE, attention scores and logits are computed in: f32, or f64 for f64
+/// weights (the gradient checks run the tiny model in f64).
+pub fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// RMSNorm with the HF semantics: normalise in f32, cast back, multiply by the weight.
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
@@ -31,7 +41,7 @@ impl RmsNorm {
     /// Normalise the last dimension.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
+        let xf = x.to_dtype(compute_dtype(dtype))?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let y = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         y.to_dtype(dtype)?.broadcast_mul(&self.weight)
@@ -127,8 +137,9 @@ fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {
 
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let y = (xf.broadcast_mul(cos)? + rotate_half(&xf)?.broadcast_mul(sin)?)?;
+    let xf = x.to_dtype(compute_dtype(dtype))?;
+    let (cos, sin) = (cos.to_dtype(xf.dtype())?, sin.to_dtype(xf.dtype())?);
+    let y = (xf.broadcast_mul(&cos)? + rotate_half(&xf)?.broadcast_mul(&sin)?)?;
     y.to_dtype(dtype)
 }
 
@@ -186,10 +197,10 @@ impl Attention {
         };
         let dtype = q.dtype();
         let scores = (q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            .to_dtype(compute_dtype(dtype))?
+            .matmul(&k.to_dtype(compute_dtype(dtype))?.t()?)?
             / (hd as f64).sqrt())?;
-        let scores = scores.broadcast_add(mask)?;
+        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         let p = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
         let o = p
             .matmul(&v.contiguous()?)?
@@ -307,9 +318,11 @@ impl Llama {
         self.norm.forward(&x)
     }
 
-    /// Logits (…, vocab) of hidden states, in f32.
+    /// Logits (…, vocab) of hidden states, in f32 (f64 for an f64 model).
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+        let y = self.lm_head.forward(hidden)?;
+        let dtype = compute_dtype(y.dtype());
+        y.to_dtype(dtype)
     }
 }
 

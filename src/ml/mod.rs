@@ -6,7 +6,7 @@
 //! an adapter; the decoder and projector use only ops with a backward. [`load`] reads llava-hf
 //! directories and the CoIN split setup, [`image`] and [`template`] turn an image and a question
 //! into model inputs, [`generate`] decodes greedily, [`tiny`] writes a random tiny model and
-//! [`peft`] reads PEFT LoRA adapters.
+//! [`peft`] reads PEFT LoRA adapters; [`train`] holds the differentiable training core.
 
 pub mod clip;
 pub mod config;
@@ -22,6 +22,7 @@ pub mod projector;
 pub mod rng;
 pub mod template;
 pub mod tiny;
+pub mod train;
 
 pub use error::MlError;
 

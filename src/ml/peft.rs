@@ -197,7 +197,15 @@ impl PeftLora {
             } else {
                 a_alpha / r as f64
             };
-            layers.insert(name, Lora { a, b, scale });
+            layers.insert(
+                name,
+                Lora {
+                    a,
+                    b,
+                    scale,
+                    dropout: None,
+                },
+            );
         }
         if let Some((name, _)) = b_map.into_iter().next() {
             return Err(MlError::MissingTensor {

@@ -1,0 +1,108 @@
+//! Inverted dropout driven by our seeded RNG (candle's CPU RNG cannot be seeded).
+//!
+//! One [`Dropout`] is shared (cloned) by every adapter of a model, so a single
+//! [`Dropout::set_training`] switches them all between training (masking) and eval (identity).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Result, Tensor};
+
+use crate::ml::rng::Rng;
+
+#[derive(Debug)]
+struct State {
+    rng: Mutex<Rng>,
+    training: AtomicBool,
+}
+
+/// Dropout with probability `p`: in training each element is zeroed with probability `p` and the
+/// rest scaled by `1 / (1 − p)`; in eval it is the identity.
+#[derive(Clone, Debug)]
+pub struct Dropout {
+    p: f64,
+    state: Arc<State>,
+}
+
+impl Dropout {
+    /// A dropout in training mode, drawing masks from `Rng::new(seed)`.
+    pub fn new(p: f64, seed: u64) -> Self {
+        Dropout {
+            p,
+            state: Arc::new(State {
+                rng: Mutex::new(Rng::new(seed)),
+                training: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    /// The drop probability.
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// Switch every clone between training (`true`) and eval (`false`).
+    pub fn set_training(&self, training: bool) {
+        self.state.training.store(training, Ordering::Relaxed);
+    }
+
+    /// Whether masks are applied.
+    pub fn is_training(&self) -> bool {
+        self.state.training.load(Ordering::Relaxed)
+    }
+
+    /// Apply to `x` (a fresh mask per call in training).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.is_training() || self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - self.p);
+        let n = x.elem_count();
+        let mask: Vec<f32> = {
+            let mut rng = self
+                .state
+                .rng
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            (0..n)
+                .map(|_| {
+                    if rng.uniform() < self.p {
+                        0.0
+                    } else {
+                        keep as f32
+                    }
+                })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn drops_about_p_scales_the_rest_and_is_identity_in_eval() -> Result<()> {
+        let x = Tensor::ones((100, 100), candle_core::DType::F32, &Device::Cpu)?;
+        let d = Dropout::new(0.25, 1);
+        let y: Vec<f32> = d.forward(&x)?.flatten_all()?.to_vec1()?;
+        let zeros = y.iter().filter(|&&v| v == 0.0).count();
+        assert!((2300..2700).contains(&zeros), "{zeros} of 10000 dropped");
+        assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+        // Same seed, same masks; clones share the state and the mode.
+        let y2: Vec<f32> = Dropout::new(0.25, 1)
+            .forward(&x)?
+            .flatten_all()?
+            .to_vec1()?;
+        assert_eq!(y, y2);
+        let clone = d.clone();
+        d.set_training(false);
+        assert!(!clone.is_training());
+        let e: Vec<f32> = clone.forward(&x)?.flatten_all()?.to_vec1()?;
+        assert!(e.iter().all(|&v| v == 1.0));
+        Ok(())
+    }
+}

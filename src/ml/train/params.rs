@@ -1,0 +1,259 @@
+//! Trainable parameters: LoRA / MoELoRA adapters attached to the LLM's target linears and the
+//! projector, every one a named `candle_core::Var`, in f32 whatever the model's dtype (AdamW
+//! keeps its moments in the var's dtype), or f64 for an f64 model (gradient checks).
+//!
+//! Names (used for gradients, optimiser state and saving):
+//! - LoRA: `{linear}.lora_A.weight` (r × in), `{linear}.lora_B.weight` (out × r);
+//! - MoELoRA: `{linear}.lora_A.experts` (E·r/E × in, expert e = rows e·r/E..),
+//!   `{linear}.lora_B.experts` (out × E·r/E, expert e = columns e·r/E..),
+//!   `{linear}.lora_router.weight` (E × in);
+//! - projector: `multi_modal_projector.linear_{1,2}.{weight,bias}`;
+//!
+//! where `{linear}` is the canonical name of [`Llava::linears_mut`], e.g.
+//! `language_model.layers.3.self_attn.q_proj`. Only `language_model.layers.*` linears are
+//! targets: never the vision tower, the projector (trained in full instead) or `lm_head`.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::ml::linear::{Adapter, Lora, MoeLora};
+use crate::ml::llama::compute_dtype;
+use crate::ml::llava::Llava;
+use crate::ml::rng::Rng;
+use crate::ml::{MlError, Result};
+
+use super::dropout::Dropout;
+
+/// LLaVA's `find_all_linear_names` targets: every linear of the LLM's decoder layers.
+pub const DEFAULT_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Which adapter to train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterKind {
+    /// Plain LoRA (PEFT init: A Kaiming-uniform(a = √5), B = 0).
+    Lora,
+    /// CoIN's MoELoRA with this many experts of rank r / E (init A ~ N(0, 0.01²), B = 0,
+    /// router Kaiming-uniform(a = √5) as torch's `nn.Linear`).
+    MoeLora {
+        /// Number of experts E (must divide r).
+        experts: usize,
+    },
+}
+
+/// Adapter hyper-parameters (defaults: CoIN's r 128, α 256, dropout 0.05, all seven targets,
+/// projector trained).
+#[derive(Clone, Debug)]
+pub struct AdapterSettings {
+    /// LoRA or MoELoRA.
+    pub kind: AdapterKind,
+    /// Total rank r.
+    pub r: usize,
+    /// `lora_alpha`; the scale is α / r.
+    pub alpha: f64,
+    /// Dropout probability on the adapter input.
+    pub dropout: f64,
+    /// Linear names (last component, e.g. `q_proj`) of the decoder layers to adapt.
+    pub targets: Vec<String>,
+    /// Seed of the initialisation and of the dropout masks.
+    pub seed: u64,
+    /// Whether the projector's weights and biases are trained (in full).
+    pub train_projector: bool,
+}
+
+impl Default for AdapterSettings {
+    fn default() -> Self {
+        AdapterSettings {
+            kind: AdapterKind::Lora,
+            r: 128,
+            alpha: 256.0,
+            dropout: 0.05,
+            targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+            seed: 0,
+            train_projector: true,
+        }
+    }
+}
+
+/// Every trainable `Var` of a model, by name, plus the dropout shared by its adapters.
+#[derive(Debug)]
+pub struct TrainableParams {
+    /// (name, var) in attachment order.
+    pub vars: Vec<(String, Var)>,
+    /// The adapters' shared dropout (switch with [`TrainableParams::set_training`]).
+    pub dropout: Dropout,
+    /// The settings they were made with.
+    pub settings: AdapterSettings,
+}
+
+fn var_from(values: Vec<f32>, shape: (usize, usize), device: &Device, dtype: DType) -> Result<Var> {
+    Ok(Var::from_tensor(
+        &Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?,
+    )?)
+}
+
+/// torch's `kaiming_uniform_(a = √5)` on a (rows × fan_in) weight: U(−1/√fan_in, 1/√fan_in).
+fn kaiming_uniform(rng: &mut Rng, rows: usize, fan_in: usize) -> Vec<f32> {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    (0..rows * fan_in)
+        .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+        .collect()
+}
+
+impl TrainableParams {
+    /// Attach fresh adapters to the target linears of `model` (replacing any adapter) and, with
+    /// `train_projector`, turn the projector's tensors into `Var`s (f32).
+    pub fn attach(model: &mut Llava, settings: &AdapterSettings) -> Result<Self> {
+        let s = settings;
+        if s.r == 0 {
+            return Err(MlError::Input("the LoRA rank r must be at least 1".into()));
+        }
+        if let AdapterKind::MoeLora { experts } = s.kind {
+            if experts == 0 || !s.r.is_multiple_of(experts) {
+                return Err(MlError::Input(format!(
+                    "MoELoRA needs the rank r = {} to be a multiple of the expert count {experts}",
+                    s.r
+                )));
+            }
+        }
+        if !(0.0..1.0).contains(&s.dropout) {
+            return Err(MlError::Input(format!(
+                "dropout {} is not in [0, 1)",
+                s.dropout
+            )));
+        }
+        // Check the targets before touching the model, so an error leaves it unchanged.
+        let decoder: Vec<String> = model
+            .linears_mut()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.starts_with("language_model.layers."))
+            .collect();
+        if let Some(t) = s.targets.iter().find(|t| {
+            !decoder
+                .iter()
+                .any(|n| n.rsplit('.').next() == Some(t.as_str()))
+        }) {
+            return Err(MlError::Input(format!(
+                "the adapter target '{t}' matches no linear of the language model"
+            )));
+        }
+        let device = model.device.clone();
+        let dtype = compute_dtype(model.dtype);
+        let dropout = Dropout::new(s.dropout, s.seed ^ 0xD50F);
+        let mut rng = Rng::new(s.seed);
+        let scale = s.alpha / s.r as f64;
+        let mut vars = Vec::new();
+        for (name, lin) in model.linears_mut() {
+            if name.starts_with("multi_modal_projector.") && s.train_projector {
+                let w = Var::from_tensor(&lin.weight.to_dtype(dtype)?)?;
+                lin.weight = w.as_tensor().clone();
+                vars.push((format!("{name}.weight"), w));
+                if let Some(b) = &lin.bias {
+                    let b = Var::from_tensor(&b.to_dtype(dtype)?)?;
+                    lin.bias = Some(b.as_tensor().clone());
+                    vars.push((format!("{name}.bias"), b));
+                }
+                continue;
+            }
+            if !name.starts_with("language_model.layers.") {
+                continue;
+            }
+            let last = name.rsplit('.').next().unwrap_or("");
+            if !s.targets.iter().any(|t| t == last) {
+                continue;
+            }
+            let (out_f, in_f) = lin.weight.dims2()?;
+            let b = var_from(vec![0.0; out_f * s.r], (out_f, s.r), &device, dtype)?;
+            let drop = (s.dropout > 0.0).then(|| dropout.clone());
+            match s.kind {
+                AdapterKind::Lora => {
+                    let a = var_from(
+                        kaiming_uniform(&mut rng, s.r, in_f),
+                        (s.r, in_f),
+                        &device,
+                        dtype,
+                    )?;
+                    lin.adapter = Some(Adapter::Lora(Lora {
+                        a: a.as_tensor().clone(),
+                        b: b.as_tensor().clone(),
+                        scale,
+                        dropout: drop,
+                    }));
+                    vars.push((format!("{name}.lora_A.weight"), a));
+                    vars.push((format!("{name}.lora_B.weight"), b));
+                }
+                AdapterKind::MoeLora { experts } => {
+                    let a = var_from(
+                        rng.normal_vec(s.r * in_f, 0.01),
+                        (s.r, in_f),
+                        &device,
+                        dtype,
+                    )?;
+                    let router = var_from(
+                        kaiming_uniform(&mut rng, experts, in_f),
+                        (experts, in_f),
+                        &device,
+                        dtype,
+                    )?;
+                    lin.adapter = Some(Adapter::MoeLora(MoeLora {
+                        a: a.as_tensor().clone(),
+                        b: b.as_tensor().clone(),
+                        router: router.as_tensor().clone(),
+                        experts,
+                        scale,
+                        dropout: drop,
+                    }));
+                    vars.push((format!("{name}.lora_A.experts"), a));
+                    vars.push((format!("{name}.lora_B.experts"), b));
+                    vars.push((format!("{name}.lora_router.weight"), router));
+                }
+            }
+        }
+        Ok(TrainableParams {
+            vars,
+            dropout,
+            settings: s.clone(),
+        })
+    }
+
+    /// The names, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.vars.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// The var of a name.
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.vars.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// Just the vars (for an optimiser).
+    pub fn all_vars(&self) -> Vec<Var> {
+        self.vars.iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Total number of trainable scalars.
+    pub fn num_elements(&self) -> usize {
+        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Training mode (dropout on) or eval mode (dropout off).
+    pub fn set_training(&self, training: bool) {
+        self.dropout.set_training(training);
+    }
+
+    /// The names of vars that `grads` holds no gradient for (empty when all are reached).
+    pub fn missing_gradients(&self, grads: &candle_core::backprop::GradStore) -> Vec<String> {
+        self.vars
+            .iter()
+            .filter(|(_, v)| grads.get(v.as_tensor()).is_none())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
