@@ -3,6 +3,7 @@
 mod common;
 
 mod test_metrics_command;
+mod test_store_crash;
 
 #[test]
 fn every_test_file_is_listed() {

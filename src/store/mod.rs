@@ -1,6 +1,145 @@
 //! Content-addressed object store: blake3 tensor and blob objects, the safetensors codec,
 //! atomic file writes and locks. Core module: no terminal I/O, no ML engine.
+//!
+//! Layout and byte formats: docs/on-disk-format.md. The API is the contract shared with
+//! `history` (see [`Store`]).
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod dtype;
+mod entry;
+pub mod fault;
 pub mod fsutil;
+pub mod fuzz;
+mod id;
+pub mod lock;
+pub mod object;
+mod paths;
+mod repo;
+pub mod safetensors;
+
+use std::path::PathBuf;
+
+pub use dtype::{Dtype, UnknownDtype};
+pub use entry::{FileEntry, StoreStats, TensorData, TensorEntry};
+pub use id::ObjectId;
+pub use lock::Lock;
+pub use object::ObjectKind;
+pub use paths::check_relative_path;
+pub use repo::{Store, FORMAT_VERSION, STORE_TYPE};
+pub use safetensors::HeaderError;
+
+/// Errors of the object store. Messages name the path or object and the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A filesystem operation failed (the cause is the error's source).
+    #[error("could not {op} '{path}'")]
+    Io {
+        /// What was being done ("read", "create the object directory", ...).
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The directory has no store (no `format-version`).
+    #[error("'{path}' is not a coin store (no format-version file)")]
+    NotInitialized {
+        /// The .coin directory.
+        path: PathBuf,
+    },
+    /// The store was written by an incompatible coin.
+    #[error("'{path}' says '{found}', but this coin reads {expected}")]
+    UnsupportedFormat {
+        /// The file holding the version or type.
+        path: PathBuf,
+        /// Its content.
+        found: String,
+        /// What this coin supports.
+        expected: String,
+    },
+    /// Not 64 lowercase hex digits.
+    #[error("'{text}' is not an object id (64 lowercase hex digits)")]
+    InvalidObjectId {
+        /// The text (truncated).
+        text: String,
+    },
+    /// The object is not in the store.
+    #[error("object {id} is missing from the store")]
+    ObjectMissing {
+        /// The object.
+        id: ObjectId,
+    },
+    /// The object's file does not hold what its id promises.
+    #[error("object {id} is corrupt ('{path}'): {reason}")]
+    Corrupt {
+        /// The object.
+        id: ObjectId,
+        /// Its file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The object exists but is of another kind than the manifest says.
+    #[error("object {id} is a {found}, expected a {expected}")]
+    WrongKind {
+        /// The object.
+        id: ObjectId,
+        /// Its kind.
+        found: &'static str,
+        /// The kind the caller asked for.
+        expected: &'static str,
+    },
+    /// A manifest entry disagrees with the objects it names.
+    #[error("cannot rebuild '{path}': {reason}")]
+    EntryMismatch {
+        /// The output file.
+        path: PathBuf,
+        /// What disagrees.
+        reason: String,
+    },
+    /// A file that is (by name or content) safetensors but not a valid one.
+    #[error("'{path}' is not a valid safetensors file: {reason}")]
+    InvalidSafetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (names the tensor).
+        reason: HeaderError,
+    },
+    /// The file changed while it was being stored.
+    #[error("'{path}' changed while it was being stored; try again when nothing writes to it")]
+    FileChanged {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A path from a manifest or other input would escape its directory.
+    #[error("unsafe path '{path}': {reason}")]
+    UnsafePath {
+        /// The path (truncated).
+        path: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// Another process holds the lock.
+    #[error("'{path}' is locked by another coin process (waited {waited:?})")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// How long we waited.
+        waited: std::time::Duration,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

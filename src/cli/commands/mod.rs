@@ -11,6 +11,7 @@ mod gc;
 mod history_util;
 mod init;
 mod log;
+mod debug;
 mod metrics;
 mod show;
 mod stats;
@@ -38,6 +39,8 @@ pub enum Command {
     Fsck(fsck::FsckArgs),
     Gc(gc::GcArgs),
     Stats(stats::StatsArgs),
+    #[command(hide = true)]
+    Debug(debug::DebugArgs),
 }
 
 /// Run one parsed command.
@@ -58,6 +61,7 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Fsck(args) => fsck::cmd_fsck(ui, helper, &args),
         Command::Gc(args) => gc::cmd_gc(ui, helper, &args),
         Command::Stats(args) => stats::cmd_stats(ui, helper, &args),
+        Command::Debug(args) => debug::cmd_debug(ui, helper, &args),
     }
 }
 

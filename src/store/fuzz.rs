@@ -1,0 +1,30 @@
+//! Fuzz bodies: plain functions the cargo-fuzz targets in `fuzz/` call, and which the unit
+//! tests run over a corpus of hostile inputs, so they are built and exercised on stable.
+//! Each must return (an error is fine) and never panic or allocate without bound.
+
+use super::{safetensors, FileEntry};
+
+/// Parse arbitrary bytes as a whole safetensors file; when it parses, check the invariants
+/// ingest relies on (tensors tile the data exactly).
+pub fn safetensors_file(data: &[u8]) {
+    if let Ok(h) = safetensors::parse_bytes(data) {
+        let data_len = data.len() as u64 - h.data_start();
+        let mut pos = 0;
+        for t in &h.tensors {
+            assert_eq!(t.begin, pos, "tensors must tile the data");
+            assert!(t.end >= t.begin);
+            pos = t.end;
+        }
+        assert_eq!(pos, data_len, "tensors must cover the data");
+    }
+}
+
+/// Parse arbitrary bytes as a manifest file entry; when it parses, it must serialize and
+/// parse back to the same value.
+pub fn manifest_entry(data: &[u8]) {
+    if let Ok(entry) = serde_json::from_slice::<FileEntry>(data) {
+        let text = serde_json::to_vec(&entry).expect("a FileEntry always serializes");
+        let back: FileEntry = serde_json::from_slice(&text).expect("own output parses");
+        assert_eq!(back, entry);
+    }
+}

@@ -1,0 +1,725 @@
+//! [`Store`]: the object store in a `.coin` directory: ingest files (safetensors → one object
+//! per tensor, anything else → one blob), read and verify objects, rebuild files.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::fsutil::{self, AtomicFile};
+use super::object::{ObjectHeader, ObjectKind};
+use super::safetensors::{self, Header, HeaderError};
+use super::{fault, FileEntry, ObjectId, StoreError, StoreStats, TensorData, TensorEntry};
+
+/// Content of `.coin/format-version` written by this coin.
+pub const FORMAT_VERSION: &str = "1";
+/// Content of `.coin/store/type`: loose object files under `objects/`.
+pub const STORE_TYPE: &str = "loose";
+
+/// Largest buffer ingest reads into: an item (tensor or blob) up to this size is read once,
+/// hashed, and written from memory; a larger one is hashed in chunks, then (only when the
+/// object is new) read again and written, re-hashed to catch a file changing underneath.
+const MAX_BUFFER: u64 = 64 * 1024 * 1024;
+/// Chunk size for reading objects back.
+const READ_CHUNK: usize = 8 * 1024 * 1024;
+/// Below this, one-thread hashing beats spreading work over rayon.
+const RAYON_MIN: usize = 1024 * 1024;
+
+/// The object store of one repository. Cheap to clone; holds no open files.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+fn hash_update(h: &mut blake3::Hasher, data: &[u8]) {
+    if data.len() >= RAYON_MIN {
+        h.update_rayon(data);
+    } else {
+        h.update(data);
+    }
+}
+
+fn read_trimmed(path: &Path) -> Result<Option<String>, StoreError> {
+    match fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s.trim().to_string())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io("read", path, e)),
+    }
+}
+
+fn create_dir(path: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(path).map_err(|e| StoreError::io("create the directory", path, e))
+}
+
+fn is_hex(s: &str) -> bool {
+    s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl Store {
+    /// Create (or reopen) a store in `coin_dir` (the `.coin` directory): `objects/`,
+    /// `format-version`, `store/type`. Idempotent on a compatible store; refuses an
+    /// incompatible one.
+    pub fn init(coin_dir: &Path) -> Result<Store, StoreError> {
+        create_dir(&coin_dir.join("objects").join("tmp"))?;
+        create_dir(&coin_dir.join("store"))?;
+        for (path, content) in [
+            (coin_dir.join("format-version"), FORMAT_VERSION),
+            (coin_dir.join("store").join("type"), STORE_TYPE),
+        ] {
+            if read_trimmed(&path)?.is_none() {
+                fsutil::write_atomic(&path, format!("{content}\n"))
+                    .map_err(|e| StoreError::io("write", &path, e))?;
+            }
+        }
+        Store::open(coin_dir)
+    }
+
+    /// Open the store in `coin_dir`; refuses unknown format versions and store types.
+    pub fn open(coin_dir: &Path) -> Result<Store, StoreError> {
+        let version_path = coin_dir.join("format-version");
+        match read_trimmed(&version_path)? {
+            None => {
+                return Err(StoreError::NotInitialized {
+                    path: coin_dir.to_path_buf(),
+                })
+            }
+            Some(v) if v == FORMAT_VERSION => {}
+            Some(v) => {
+                return Err(StoreError::UnsupportedFormat {
+                    path: version_path,
+                    found: v.chars().take(40).collect(),
+                    expected: format!("format version {FORMAT_VERSION}"),
+                })
+            }
+        }
+        let type_path = coin_dir.join("store").join("type");
+        match read_trimmed(&type_path)? {
+            Some(t) if t == STORE_TYPE => {}
+            other => {
+                return Err(StoreError::UnsupportedFormat {
+                    path: type_path,
+                    found: other.unwrap_or_default().chars().take(40).collect(),
+                    expected: format!("store type '{STORE_TYPE}'"),
+                })
+            }
+        }
+        let store = Store {
+            root: coin_dir.to_path_buf(),
+        };
+        create_dir(&store.tmp_dir())?;
+        Ok(store)
+    }
+
+    /// The `.coin` directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn objects_dir(&self) -> PathBuf {
+        self.root.join("objects")
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("objects").join("tmp")
+    }
+
+    /// Where an object lives: `objects/ab/cdef…` (2 + 62 hex digits).
+    pub fn object_path(&self, id: &ObjectId) -> PathBuf {
+        let hex = id.to_hex();
+        self.objects_dir().join(&hex[..2]).join(&hex[2..])
+    }
+
+    /// Whether the object's file exists (not whether it is intact: see [`Store::verify`]).
+    pub fn contains(&self, id: &ObjectId) -> bool {
+        self.object_path(id).is_file()
+    }
+
+    /// Store a file. Safetensors files (a `.safetensors` name, or content that starts like
+    /// one: a valid length prefix followed by `{`) become one blob for the header plus one
+    /// tensor object per tensor, and must be valid; anything else becomes one blob. Only
+    /// missing objects are written. Memory stays below the largest tensor (64 MiB at most).
+    pub fn ingest_file(&self, path: &Path) -> Result<FileEntry, StoreError> {
+        let mut file = File::open(path).map_err(|e| StoreError::io("open", path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| StoreError::io("read the metadata of", path, e))?
+            .len();
+        let named = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        match sniff_safetensors(&mut file, path, len)? {
+            Sniff::Valid(header, header_bytes) => {
+                self.ingest_safetensors(&mut file, path, len, &header, &header_bytes)
+            }
+            Sniff::Invalid(reason) => Err(StoreError::InvalidSafetensors {
+                path: path.to_path_buf(),
+                reason,
+            }),
+            Sniff::NotSafetensors(reason) if named => Err(StoreError::InvalidSafetensors {
+                path: path.to_path_buf(),
+                reason,
+            }),
+            Sniff::NotSafetensors(_) => {
+                let mut buf = vec![0u8; len.min(MAX_BUFFER) as usize];
+                let id =
+                    self.ingest_range(&mut file, path, 0, len, ObjectHeader::blob(len), &mut buf)?;
+                Ok(FileEntry::Blob { id, size: len })
+            }
+        }
+    }
+
+    fn ingest_safetensors(
+        &self,
+        file: &mut File,
+        path: &Path,
+        len: u64,
+        header: &Header,
+        header_bytes: &[u8],
+    ) -> Result<FileEntry, StoreError> {
+        let header_id = self.put_blob_bytes(header_bytes)?;
+        let largest = header.tensors.iter().map(|t| t.len()).max().unwrap_or(0);
+        let cap = largest.min(MAX_BUFFER) as usize;
+        // Two buffers at most: while a new tensor object is written and fsynced on a writer
+        // thread (disk-bound), the next tensor is read and hashed (CPU-bound).
+        std::thread::scope(|scope| {
+            let mut free: Vec<Vec<u8>> = vec![vec![0u8; cap]];
+            let mut allocated = 1;
+            let mut pending: Option<std::thread::ScopedJoinHandle<'_, WriteResult>> = None;
+            let join = |p: std::thread::ScopedJoinHandle<'_, WriteResult>| match p.join() {
+                Ok((buf, result)) => result.map(|_| buf),
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            let mut tensors = Vec::with_capacity(header.tensors.len());
+            for t in &header.tensors {
+                let object = ObjectHeader::tensor(t.dtype, t.shape.clone(), t.len());
+                let offset = header.data_start() + t.begin;
+                let mut buf = match free.pop() {
+                    Some(b) => b,
+                    None if allocated < 2 => {
+                        allocated += 1;
+                        vec![0u8; cap]
+                    }
+                    None => join(
+                        pending
+                            .take()
+                            .expect("a buffer is out only while a write is pending"),
+                    )?,
+                };
+                let id = if t.len() > cap as u64 {
+                    let id = self.ingest_range(file, path, offset, t.len(), object, &mut buf)?;
+                    free.push(buf);
+                    id
+                } else {
+                    let n = t.len() as usize;
+                    file.seek(SeekFrom::Start(offset))
+                        .and_then(|_| file.read_exact(&mut buf[..n]))
+                        .map_err(|e| StoreError::io("read", path, e))?;
+                    let mut h = object.id_hasher();
+                    hash_update(&mut h, &buf[..n]);
+                    let id = ObjectId::from(h.finalize());
+                    if self.contains(&id) {
+                        free.push(buf);
+                    } else {
+                        if let Some(p) = pending.take() {
+                            free.push(join(p)?);
+                        }
+                        pending = Some(scope.spawn(move || {
+                            let r = self.write_object(&id, &object, |out| out.write_all(&buf[..n]));
+                            (buf, r)
+                        }));
+                    }
+                    id
+                };
+                fault::point("store.ingest.after_tensor");
+                tensors.push(TensorEntry {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    id,
+                    bytes: t.len(),
+                });
+            }
+            if let Some(p) = pending.take() {
+                join(p)?;
+            }
+            Ok(FileEntry::Safetensors {
+                header: header_id,
+                size: len,
+                tensors,
+            })
+        })
+    }
+
+    /// Hash `len` bytes of `file` at `offset` as an object with `header`; write the object
+    /// when it is missing. Returns its id.
+    pub(super) fn ingest_range(
+        &self,
+        file: &mut File,
+        path: &Path,
+        offset: u64,
+        len: u64,
+        header: ObjectHeader,
+        buf: &mut [u8],
+    ) -> Result<ObjectId, StoreError> {
+        let read_err = |e| StoreError::io("read", path, e);
+        file.seek(SeekFrom::Start(offset)).map_err(read_err)?;
+        if len <= buf.len() as u64 {
+            let data = &mut buf[..len as usize];
+            file.read_exact(data).map_err(read_err)?;
+            let mut h = header.id_hasher();
+            hash_update(&mut h, data);
+            let id = ObjectId::from(h.finalize());
+            self.write_object(&id, &header, |out| out.write_all(data))?;
+            return Ok(id);
+        }
+        // Too large for one buffer: hash in chunks first, write only if new.
+        let mut h = header.id_hasher();
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            file.read_exact(&mut buf[..n]).map_err(read_err)?;
+            hash_update(&mut h, &buf[..n]);
+            left -= n as u64;
+        }
+        let id = ObjectId::from(h.finalize());
+        let mut changed = false;
+        self.write_object(&id, &header, |out| {
+            file.seek(SeekFrom::Start(offset))?;
+            let mut h = header.id_hasher();
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                file.read_exact(&mut buf[..n])?;
+                hash_update(&mut h, &buf[..n]);
+                out.write_all(&buf[..n])?;
+                left -= n as u64;
+            }
+            if ObjectId::from(h.finalize()) != id {
+                changed = true;
+                return Err(io::Error::other("file changed"));
+            }
+            Ok(())
+        })
+        .map_err(|e| {
+            if changed {
+                StoreError::FileChanged {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                e
+            }
+        })?;
+        Ok(id)
+    }
+
+    /// Write object `id` unless it exists: temp file in `objects/tmp/`, header, payload from
+    /// `fill`, fsync, read-only, rename to `objects/ab/cdef…`, fsync the directory.
+    /// Returns whether a new object was written.
+    fn write_object(
+        &self,
+        id: &ObjectId,
+        header: &ObjectHeader,
+        fill: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> Result<bool, StoreError> {
+        let final_path = self.object_path(id);
+        if final_path.is_file() {
+            return Ok(false);
+        }
+        let dir = final_path
+            .parent()
+            .expect("an object path has a fan-out directory")
+            .to_path_buf();
+        create_dir(&dir)?;
+        let tmp_dir = self.tmp_dir();
+        let mut tmp = tempfile::Builder::new()
+            .prefix("obj-")
+            .tempfile_in(&tmp_dir)
+            .map_err(|e| StoreError::io("create a temporary file in", &tmp_dir, e))?;
+        let tmp_path = tmp.path().to_path_buf();
+        let write_err = |e| StoreError::io("write", &tmp_path, e);
+        tmp.write_all(&header.encode()).map_err(write_err)?;
+        fill(tmp.as_file_mut()).map_err(write_err)?;
+        fault::point("store.object.after_write");
+        tmp.as_file().sync_data().map_err(write_err)?;
+        set_read_only(tmp.as_file()).map_err(write_err)?;
+        fault::point("store.object.before_rename");
+        tmp.persist(&final_path)
+            .map_err(|e| StoreError::io("rename an object into", &final_path, e.error))?;
+        fsutil::sync_dir(&dir);
+        fault::point("store.object.after_rename");
+        Ok(true)
+    }
+
+    /// Store bytes as a blob (atomic; a no-op when it exists). Returns its id.
+    pub fn put_blob_bytes(&self, bytes: &[u8]) -> Result<ObjectId, StoreError> {
+        let header = ObjectHeader::blob(bytes.len() as u64);
+        let mut h = header.id_hasher();
+        hash_update(&mut h, bytes);
+        let id = ObjectId::from(h.finalize());
+        self.write_object(&id, &header, |out| out.write_all(bytes))?;
+        Ok(id)
+    }
+
+    /// Open an object and check its header against the file size.
+    fn open_object(&self, id: &ObjectId) -> Result<(File, ObjectHeader), StoreError> {
+        let path = self.object_path(id);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::ObjectMissing { id: *id })
+            }
+            Err(e) => return Err(StoreError::io("open", &path, e)),
+        };
+        let file_len = file
+            .metadata()
+            .map_err(|e| StoreError::io("read the metadata of", &path, e))?
+            .len();
+        let corrupt = |reason: String| StoreError::Corrupt {
+            id: *id,
+            path: path.clone(),
+            reason,
+        };
+        let (header, header_len) = ObjectHeader::decode(&mut file).map_err(corrupt)?;
+        if header_len.checked_add(header.payload_len) != Some(file_len) {
+            return Err(corrupt(format!(
+                "the file is {file_len} bytes but its header says {header_len} + {}",
+                header.payload_len
+            )));
+        }
+        Ok((file, header))
+    }
+
+    /// Stream object `id`'s payload into `out`, verifying its hash; the caller must discard
+    /// what was written when this fails. `out_path` names `out` in write errors.
+    fn copy_object(
+        &self,
+        id: &ObjectId,
+        kind: Option<ObjectKind>,
+        out: &mut dyn Write,
+        out_path: &Path,
+    ) -> Result<ObjectHeader, StoreError> {
+        let (mut file, header) = self.open_object(id)?;
+        if let Some(expected) = kind {
+            if header.kind != expected {
+                return Err(StoreError::WrongKind {
+                    id: *id,
+                    found: header.kind.as_str(),
+                    expected: expected.as_str(),
+                });
+            }
+        }
+        let path = self.object_path(id);
+        let mut buf = vec![0u8; header.payload_len.min(READ_CHUNK as u64) as usize];
+        let mut h = header.id_hasher();
+        let mut left = header.payload_len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            file.read_exact(&mut buf[..n])
+                .map_err(|e| StoreError::io("read", &path, e))?;
+            hash_update(&mut h, &buf[..n]);
+            out.write_all(&buf[..n])
+                .map_err(|e| StoreError::io("write", out_path, e))?;
+            left -= n as u64;
+        }
+        if ObjectId::from(h.finalize()) != *id {
+            return Err(StoreError::Corrupt {
+                id: *id,
+                path,
+                reason: "its content does not match its id (the file was modified or damaged)"
+                    .into(),
+            });
+        }
+        Ok(header)
+    }
+
+    /// Read a blob, verifying its hash.
+    pub fn read_blob(&self, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::new();
+        self.copy_object(id, Some(ObjectKind::Blob), &mut out, Path::new("<memory>"))?;
+        Ok(out)
+    }
+
+    /// Read a tensor (dtype, shape, raw little-endian bytes), verifying its hash.
+    pub fn read_tensor(&self, id: &ObjectId) -> Result<TensorData, StoreError> {
+        let mut data = Vec::new();
+        let header = self.copy_object(
+            id,
+            Some(ObjectKind::Tensor),
+            &mut data,
+            Path::new("<memory>"),
+        )?;
+        let (dtype, shape) = header
+            .tensor
+            .expect("a decoded tensor header has dtype and shape");
+        Ok(TensorData { dtype, shape, data })
+    }
+
+    /// Re-hash an object and check its header; reads it whole, keeps nothing.
+    pub fn verify(&self, id: &ObjectId) -> Result<(), StoreError> {
+        self.copy_object(id, None, &mut io::sink(), Path::new("<sink>"))
+            .map(|_| ())
+    }
+
+    /// Rebuild the file `entry` describes at `out`, byte-identical to what was ingested.
+    /// Every object is verified as it is read; the file appears atomically, and on any error
+    /// nothing is left at `out`. Parent directories are created.
+    pub fn materialize(&self, entry: &FileEntry, out: &Path) -> Result<(), StoreError> {
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            create_dir(parent)?;
+        }
+        let mut file = AtomicFile::create(out).map_err(|e| StoreError::io("create", out, e))?;
+        let mismatch = |reason: String| StoreError::EntryMismatch {
+            path: out.to_path_buf(),
+            reason,
+        };
+        match entry {
+            FileEntry::Blob { id, size } => {
+                let h = self.copy_object(id, Some(ObjectKind::Blob), file.file(), out)?;
+                if h.payload_len != *size {
+                    return Err(mismatch(format!(
+                        "blob {} has {} bytes, the manifest says {size}",
+                        id.short(),
+                        h.payload_len
+                    )));
+                }
+            }
+            FileEntry::Safetensors {
+                header,
+                size,
+                tensors,
+            } => {
+                let header_bytes = self.read_blob(header)?;
+                check_header_matches(&header_bytes, *size, tensors).map_err(mismatch)?;
+                file.write_all(&header_bytes)
+                    .map_err(|e| StoreError::io("write", out, e))?;
+                for t in tensors {
+                    let h = self.copy_object(&t.id, Some(ObjectKind::Tensor), file.file(), out)?;
+                    if h.tensor.as_ref() != Some(&(t.dtype, t.shape.clone())) {
+                        return Err(mismatch(format!(
+                            "tensor '{}': object {} is not {} {:?}",
+                            t.name,
+                            t.id.short(),
+                            t.dtype,
+                            t.shape
+                        )));
+                    }
+                }
+            }
+        }
+        set_checkout_mode(file.file()).map_err(|e| StoreError::io("write", out, e))?;
+        fault::point("store.materialize.before_rename");
+        file.commit().map_err(|e| StoreError::io("write", out, e))?;
+        Ok(())
+    }
+
+    /// Every object id in the store, sorted. Temp files and stray names are skipped.
+    pub fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
+        let dir = self.objects_dir();
+        let mut ids = Vec::new();
+        let entries = fs::read_dir(&dir).map_err(|e| StoreError::io("list", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("list", &dir, e))?;
+            let name = entry.file_name();
+            let Some(prefix) = name.to_str().filter(|n| n.len() == 2 && is_hex(n)) else {
+                continue;
+            };
+            let sub = entry.path();
+            if !sub.is_dir() {
+                continue;
+            }
+            for obj in fs::read_dir(&sub).map_err(|e| StoreError::io("list", &sub, e))? {
+                let obj = obj.map_err(|e| StoreError::io("list", &sub, e))?;
+                let name = obj.file_name();
+                if let Some(rest) = name.to_str().filter(|n| n.len() == 62 && is_hex(n)) {
+                    ids.push(ObjectId::from_hex(&format!("{prefix}{rest}"))?);
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Delete an object (for gc). Returns the bytes freed; 0 when it was already gone.
+    pub fn remove(&self, id: &ObjectId) -> Result<u64, StoreError> {
+        let path = self.object_path(id);
+        let len = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(StoreError::io("read the metadata of", &path, e)),
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(len),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(StoreError::io("remove", &path, e)),
+        }
+    }
+
+    /// Object count and bytes on disk.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut stats = StoreStats::default();
+        for id in self.list()? {
+            let path = self.object_path(&id);
+            let m = fs::metadata(&path)
+                .map_err(|e| StoreError::io("read the metadata of", &path, e))?;
+            stats.objects += 1;
+            stats.stored_bytes += m.len();
+        }
+        Ok(stats)
+    }
+
+    /// Temp files left in `objects/tmp/` by interrupted writes, with their ages.
+    pub fn temp_files(&self) -> Result<Vec<(PathBuf, Duration)>, StoreError> {
+        let dir = self.tmp_dir();
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(StoreError::io("list", &dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("list", &dir, e))?;
+            let age = entry
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            out.push((entry.path(), age));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Delete temp files older than `older_than` (a crashed writer's leftovers; a live
+    /// writer's file is younger). Returns how many were removed.
+    pub fn remove_temp_files(&self, older_than: Duration) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for (path, age) in self.temp_files()? {
+            if age >= older_than {
+                match fs::remove_file(&path) {
+                    Ok(()) => n += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StoreError::io("remove", &path, e)),
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(unix)]
+fn set_read_only(file: &File) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(fs::Permissions::from_mode(0o444))
+}
+
+/// Rebuilt files get mode 0644 (the temp file they start as is 0600).
+#[cfg(unix)]
+fn set_checkout_mode(file: &File) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(fs::Permissions::from_mode(0o644))
+}
+
+#[cfg(not(unix))]
+fn set_checkout_mode(_file: &File) -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn set_read_only(file: &File) -> io::Result<()> {
+    let mut p = file.metadata()?.permissions();
+    p.set_readonly(true);
+    file.set_permissions(p)
+}
+
+/// A writer thread hands its buffer back with the outcome.
+type WriteResult = (Vec<u8>, Result<bool, StoreError>);
+
+enum Sniff {
+    /// A valid safetensors file.
+    Valid(Header, Vec<u8>),
+    /// Starts like safetensors (a length prefix that fits, then `{`) but is not valid.
+    Invalid(HeaderError),
+    /// Does not start like safetensors (an error only when the name says it is).
+    NotSafetensors(HeaderError),
+}
+
+/// Read the length prefix and, when the file starts like safetensors (a length that fits,
+/// then `{`), the JSON header, and validate it. Leaves the file position after the header.
+fn sniff_safetensors(file: &mut File, path: &Path, len: u64) -> Result<Sniff, StoreError> {
+    let read_err = |e| StoreError::io("read", path, e);
+    if len < 8 {
+        return Ok(Sniff::NotSafetensors(HeaderError::TooShort(len)));
+    }
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix).map_err(read_err)?;
+    let n = match safetensors::parse_prefix(&prefix, len) {
+        Ok(n) => n,
+        Err(e) => return Ok(Sniff::NotSafetensors(e)),
+    };
+    let mut header_bytes = Vec::with_capacity(8 + n.min(64 * 1024) as usize);
+    header_bytes.extend_from_slice(&prefix);
+    // Look at the first JSON byte before reading up to 100 MB of a file that is not
+    // safetensors at all.
+    let mut first = [0u8; 1];
+    let looks_like = n > 0 && {
+        file.read_exact(&mut first).map_err(read_err)?;
+        header_bytes.push(first[0]);
+        first[0] == b'{'
+    };
+    if !looks_like {
+        return Ok(Sniff::NotSafetensors(HeaderError::Json(
+            "the header does not start with '{'".into(),
+        )));
+    }
+    header_bytes.resize(8 + n as usize, 0);
+    file.read_exact(&mut header_bytes[9..]).map_err(read_err)?;
+    match safetensors::parse_json(&header_bytes[8..], len - 8 - n) {
+        Ok(h) => Ok(Sniff::Valid(h, header_bytes)),
+        Err(e) => Ok(Sniff::Invalid(e)),
+    }
+}
+
+/// Check that a stored header blob describes exactly the manifest's tensors, in order, and
+/// adds up to the manifest's size.
+fn check_header_matches(
+    header_bytes: &[u8],
+    size: u64,
+    tensors: &[TensorEntry],
+) -> Result<(), String> {
+    let data_len: u64 = tensors
+        .iter()
+        .try_fold(0u64, |n, t| n.checked_add(t.bytes))
+        .ok_or("tensor sizes overflow")?;
+    let total = (header_bytes.len() as u64)
+        .checked_add(data_len)
+        .ok_or("sizes overflow")?;
+    if total != size {
+        return Err(format!(
+            "header ({} bytes) and tensors ({data_len} bytes) do not add up to the manifest's size {size}",
+            header_bytes.len()
+        ));
+    }
+    let n = safetensors::parse_prefix(header_bytes, total).map_err(|e| e.to_string())?;
+    if 8 + n != header_bytes.len() as u64 {
+        return Err("the header blob's length prefix does not match its size".into());
+    }
+    let parsed =
+        safetensors::parse_json(&header_bytes[8..], data_len).map_err(|e| e.to_string())?;
+    if parsed.tensors.len() != tensors.len() {
+        return Err(format!(
+            "the header lists {} tensors, the manifest {}",
+            parsed.tensors.len(),
+            tensors.len()
+        ));
+    }
+    for (p, t) in parsed.tensors.iter().zip(tensors) {
+        if p.name != t.name || p.dtype != t.dtype || p.shape != t.shape || p.len() != t.bytes {
+            return Err(format!(
+                "the header has tensor '{}' {} {:?} ({} bytes) where the manifest has '{}' {} {:?} ({} bytes)",
+                p.name, p.dtype, p.shape, p.len(), t.name, t.dtype, t.shape, t.bytes
+            ));
+        }
+    }
+    Ok(())
+}
