@@ -155,7 +155,7 @@ def fmt_s(x):
 def report(res):
     size, tb = res["size"], res["tensor"]
     c = res["tools"]["coin"]
-    lines = [f"### {res['name']}: {size / MiB:.1f} MiB file, {res['n']} tensors of {tb / MiB:.1f} MiB, "
+    lines = [f"#### {res['name']}: {size / MiB:.1f} MiB file, {res['n']} tensors of {tb / MiB:.1f} MiB, "
              f"one tensor rewritten per step, {STEPS} steps", ""]
     lines.append("| tool | first commit s | mean commit s (steps 1-5) | checkout s | store after | growth / changed bytes | peak RSS commit |")
     lines.append("|---|---|---|---|---|---|---|")

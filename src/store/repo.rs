@@ -506,6 +506,7 @@ impl Store {
                 }
             }
         }
+        set_checkout_mode(file.file()).map_err(|e| StoreError::io("write", out, e))?;
         fault::point("store.materialize.before_rename");
         file.commit().map_err(|e| StoreError::io("write", out, e))?;
         Ok(())
@@ -610,6 +611,18 @@ impl Store {
 fn set_read_only(file: &File) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     file.set_permissions(fs::Permissions::from_mode(0o444))
+}
+
+/// Rebuilt files get mode 0644 (the temp file they start as is 0600).
+#[cfg(unix)]
+fn set_checkout_mode(file: &File) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(fs::Permissions::from_mode(0o644))
+}
+
+#[cfg(not(unix))]
+fn set_checkout_mode(_file: &File) -> io::Result<()> {
+    Ok(())
 }
 
 #[cfg(not(unix))]

@@ -93,6 +93,12 @@ fn blob_round_trip_and_read_only_objects() {
     let out = dir.path().join("out/sub/config.json");
     store.materialize(&entry, &out).unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), b"{\"r\": 8}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
+    }
     assert_eq!(store.list().unwrap().len(), 2);
     // empty file
     let p = write(dir.path(), "empty", b"");

@@ -1,0 +1,37 @@
+//! `coin checkout`: rebuild a checkpoint's files.
+
+use std::path::PathBuf;
+
+use crate::cli::{CommandError, CommandHelper, Ui};
+
+use super::history_util::{open_repo, short};
+
+/// Rebuild every file of a checkpoint, byte-identical, in a new directory
+///
+/// Every object is verified on the way; a corrupt object aborts the checkout.
+#[derive(clap::Args, Debug)]
+pub struct CheckoutArgs {
+    /// The checkpoint
+    pub rev: String,
+    /// The directory to write (must not exist or be empty)
+    #[arg(short, long, value_name = "DIR")]
+    pub output: PathBuf,
+}
+
+pub fn cmd_checkout(
+    ui: &mut Ui,
+    helper: &CommandHelper,
+    args: &CheckoutArgs,
+) -> Result<(), CommandError> {
+    let repo = open_repo(helper)?;
+    let id = repo.resolve(&args.rev)?;
+    let out = helper.cwd.join(&args.output);
+    let files = repo.checkout(id, &out)?;
+    ui.status(&format!(
+        "Wrote {} file(s) of {} to '{}'.",
+        files.len(),
+        short(id),
+        args.output.display()
+    ));
+    Ok(())
+}

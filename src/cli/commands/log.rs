@@ -1,0 +1,82 @@
+//! `coin log`: the checkpoints of a branch, newest first.
+
+use std::io::Write;
+
+use crate::cli::{CommandError, CommandHelper, Ui};
+use crate::history::HistoryError;
+
+use super::history_util::{evals_json, format_time, open_repo, short, Decorations};
+
+/// Show the checkpoints leading to a revision, newest first (first parents)
+#[derive(clap::Args, Debug)]
+pub struct LogArgs {
+    /// Where to start [default: HEAD]
+    pub rev: Option<String>,
+    /// Show at most N checkpoints
+    #[arg(short = 'n', long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn cmd_log(ui: &mut Ui, helper: &CommandHelper, args: &LogArgs) -> Result<(), CommandError> {
+    let repo = open_repo(helper)?;
+    let start = match repo.resolve(args.rev.as_deref().unwrap_or("HEAD")) {
+        Ok(id) => id,
+        Err(HistoryError::EmptyBranch(b)) if args.rev.is_none() => {
+            if args.json {
+                return ui.json(&serde_json::json!([]));
+            }
+            ui.status(&format!("Branch '{b}' has no checkpoints yet."));
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let deco = Decorations::of(&repo)?;
+    let mut rows = Vec::new();
+    for id in repo.first_parent_chain(start, args.limit)? {
+        let cp = repo.read_checkpoint(id)?;
+        let train = cp.train.as_ref();
+        rows.push(serde_json::json!({
+            "id": id.to_string(),
+            "short_id": short(id),
+            "parents": cp.parents.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "branches": deco.branches(id),
+            "tags": deco.tags(id),
+            "time": cp.time,
+            "task": train.map(|t| t.task.clone()),
+            "message": train.and_then(|t| t.message.clone()),
+            "summary": cp.summary,
+            "eval": evals_json(&cp.evals),
+        }));
+        if !args.json {
+            let out = ui.out();
+            let mut names: Vec<String> = deco.branches(id);
+            names.extend(deco.tags(id).into_iter().map(|t| format!("tag: {t}")));
+            let names = if names.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", names.join(", "))
+            };
+            writeln!(out, "{}{names}  {}", short(id), format_time(cp.time))?;
+            let task = train.map_or("?", |t| t.task.as_str());
+            match train.and_then(|t| t.message.as_deref()) {
+                Some(m) => writeln!(out, "    {task}: {m}")?,
+                None => writeln!(out, "    {task}")?,
+            }
+            if !cp.evals.is_empty() {
+                let scores: Vec<String> = cp
+                    .evals
+                    .iter()
+                    .map(|(t, (r, _))| format!("{t} {:.2}", r.score))
+                    .collect();
+                writeln!(out, "    eval: {}", scores.join(", "))?;
+            }
+        }
+    }
+    if args.json {
+        ui.json(&rows)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,459 @@
+//! Making checkpoints (crash-safe commit with a compare-and-swap ref update), reading them
+//! back, and attaching eval records later as git notes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use git2::{ErrorCode, ObjectType, Oid};
+use serde::Serialize;
+
+use crate::store::fault;
+
+use super::records::{
+    self, parse_eval_record, parse_manifest, parse_note, parse_train, to_canonical_json,
+    validate_rel_path, validate_task_name, AdapterInfo, BaseModel, EvalRecord, Manifest,
+    NoteRecord, TrainRecord, SCHEMA_VERSION,
+};
+use super::repo::{short_id, CoinRepo, NOTES_REF};
+use super::HistoryError;
+
+/// One file to commit: where it is on disk and the path it gets in the checkpoint.
+#[derive(Clone, Debug)]
+pub struct SourceFile {
+    /// The file on disk.
+    pub disk: PathBuf,
+    /// Its relative, `/`-separated path in the checkpoint.
+    pub rel: String,
+}
+
+/// What to commit.
+#[derive(Clone, Debug, Default)]
+pub struct CommitRequest {
+    /// Files or directories (a PEFT adapter directory: every file in it, recursively).
+    pub paths: Vec<PathBuf>,
+    /// The task the checkpoint was trained on.
+    pub task: String,
+    /// A message.
+    pub message: Option<String>,
+    /// Eval records stored in the checkpoint's tree.
+    pub evals: BTreeMap<String, EvalRecord>,
+    /// The parent checkpoint, when it is not the current branch's head.
+    pub parent: Option<Oid>,
+    /// The base model, when known.
+    pub base_model: Option<BaseModel>,
+    /// More fields for the train record (later issues: dataset identity, hyperparameters, ...).
+    pub train_extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// What a commit made.
+#[derive(Clone, Debug, Serialize)]
+pub struct CommitOutcome {
+    /// The new checkpoint id.
+    #[serde(serialize_with = "ser_oid")]
+    pub id: Oid,
+    /// The branch it was committed on.
+    pub branch: String,
+    /// Its parent, if any.
+    #[serde(serialize_with = "ser_opt_oid")]
+    pub parent: Option<Oid>,
+    /// How many files it holds.
+    pub files: usize,
+    /// How many tensors it holds.
+    pub tensors: usize,
+}
+
+/// Where an eval record comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalSource {
+    /// The checkpoint's tree (`eval/<task>`), written with the commit.
+    Tree,
+    /// A git note (`refs/notes/coin`), attached later.
+    Note,
+}
+
+/// A checkpoint read back from git.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    /// The commit id.
+    pub id: Oid,
+    /// Parent checkpoint ids.
+    pub parents: Vec<Oid>,
+    /// Commit time, unix seconds.
+    pub time: i64,
+    /// The commit message's first line.
+    pub summary: String,
+    /// The manifest.
+    pub manifest: Manifest,
+    /// The train record, if the tree has one.
+    pub train: Option<TrainRecord>,
+    /// Eval records by task, tree and note merged (a note wins over the tree for its tasks).
+    pub evals: BTreeMap<String, (EvalRecord, EvalSource)>,
+}
+
+pub(crate) fn ser_oid<S: serde::Serializer>(oid: &Oid, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&oid.to_string())
+}
+
+pub(crate) fn ser_opt_oid<S: serde::Serializer>(
+    oid: &Option<Oid>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match oid {
+        Some(o) => s.serialize_str(&o.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+/// Expand the command-line paths into files with checkpoint-relative names. A file is named by
+/// its file name; a directory contributes every file below it, named relative to it.
+pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>, HistoryError> {
+    let mut out: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut add = |rel: String, disk: PathBuf| -> Result<(), HistoryError> {
+        validate_rel_path(&rel).map_err(HistoryError::Input)?;
+        if let Some(prev) = out.insert(rel.clone(), disk.clone()) {
+            return Err(HistoryError::Input(format!(
+                "two files would be committed as '{rel}': '{}' and '{}'",
+                prev.display(),
+                disk.display()
+            )));
+        }
+        Ok(())
+    };
+    for path in paths {
+        let meta = std::fs::metadata(path).map_err(HistoryError::io("read", path))?;
+        if meta.is_file() {
+            let name = file_name_utf8(path)?;
+            add(name, path.clone())?;
+        } else if meta.is_dir() {
+            let mut stack = vec![(path.clone(), String::new())];
+            while let Some((dir, prefix)) = stack.pop() {
+                let entries =
+                    std::fs::read_dir(&dir).map_err(HistoryError::io("read directory", &dir))?;
+                for entry in entries {
+                    let entry = entry.map_err(HistoryError::io("read directory", &dir))?;
+                    let p = entry.path();
+                    let name = file_name_utf8(&p)?;
+                    let rel = if prefix.is_empty() {
+                        name
+                    } else {
+                        format!("{prefix}/{name}")
+                    };
+                    let m = std::fs::metadata(&p).map_err(HistoryError::io("read", &p))?;
+                    if m.is_dir() {
+                        stack.push((p, rel));
+                    } else if m.is_file() {
+                        add(rel, p)?;
+                    } else {
+                        return Err(HistoryError::Input(format!(
+                            "'{}' is neither a file nor a directory",
+                            p.display()
+                        )));
+                    }
+                }
+            }
+        } else {
+            return Err(HistoryError::Input(format!(
+                "'{}' is neither a file nor a directory",
+                path.display()
+            )));
+        }
+    }
+    if out.is_empty() {
+        return Err(HistoryError::Input(
+            "nothing to commit: the given paths hold no files".to_string(),
+        ));
+    }
+    Ok(out
+        .into_iter()
+        .map(|(rel, disk)| SourceFile { disk, rel })
+        .collect())
+}
+
+fn file_name_utf8(path: &Path) -> Result<String, HistoryError> {
+    let name = path.file_name().ok_or_else(|| {
+        HistoryError::Input(format!("'{}' has no file name", path.display()))
+    })?;
+    name.to_str().map(str::to_string).ok_or_else(|| {
+        HistoryError::Input(format!(
+            "the file name of '{}' is not UTF-8; rename it to commit it",
+            path.display()
+        ))
+    })
+}
+
+/// Read the adapter kind and config from an `adapter_config.json` file.
+fn adapter_info(bytes: &[u8], disk: &Path) -> Result<AdapterInfo, HistoryError> {
+    let config: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        HistoryError::Input(format!(
+            "'{}' is not valid JSON: {e}",
+            disk.display()
+        ))
+    })?;
+    let kind = config
+        .get("peft_type")
+        .and_then(|v| v.as_str())
+        .map_or_else(|| "unknown".to_string(), str::to_lowercase);
+    Ok(AdapterInfo { kind, config })
+}
+
+impl CoinRepo {
+    /// Commit a checkpoint on the current branch.
+    ///
+    /// Order (each step durable before the next, so a crash anywhere leaves the repository
+    /// consistent): read the branch head → take the repository lock → write store objects →
+    /// write git blobs/trees/commit → move the branch by compare-and-swap from the head read at
+    /// the start. If another commit moved the branch meanwhile the CAS fails with
+    /// [`HistoryError::BranchMoved`] and nothing is changed (the objects written are
+    /// unreachable and gc removes them).
+    pub fn commit(&self, req: &CommitRequest) -> Result<CommitOutcome, HistoryError> {
+        validate_task_name(&req.task).map_err(HistoryError::Input)?;
+        for task in req.evals.keys() {
+            validate_task_name(task).map_err(HistoryError::Input)?;
+        }
+        let branch = self.current_branch()?;
+        let expected = self.branch_target(&branch)?;
+        let parent = match req.parent {
+            Some(p) => {
+                self.read_checkpoint(p)?;
+                Some(p)
+            }
+            None => expected,
+        };
+        let files = collect_files(&req.paths)?;
+
+        super::pause("commit.before_lock");
+        let _lock = self.lock()?;
+        fault::point("commit.after_lock");
+
+        let mut manifest = Manifest::new();
+        manifest.base_model = req.base_model.clone();
+        let mut tensors = 0;
+        for f in &files {
+            let entry = self.store().ingest_file(&f.disk)?;
+            if let crate::store::FileEntry::Safetensors { tensors: t, .. } = &entry {
+                tensors += t.len();
+            }
+            manifest.files.insert(f.rel.clone(), entry);
+            if f.rel == "adapter_config.json" {
+                let bytes = std::fs::read(&f.disk).map_err(HistoryError::io("read", &f.disk))?;
+                manifest.adapter = Some(adapter_info(&bytes, &f.disk)?);
+            }
+        }
+        fault::point("commit.after_objects");
+
+        let train = TrainRecord {
+            schema: SCHEMA_VERSION,
+            task: req.task.clone(),
+            message: req.message.clone(),
+            coin_version: crate::VERSION.to_string(),
+            extra: req.train_extra.clone(),
+        };
+        let git = self.git();
+        let blob = |text: String| {
+            git.blob(text.as_bytes())
+                .map_err(HistoryError::git("write a git blob"))
+        };
+        let mut tb = git
+            .treebuilder(None)
+            .map_err(HistoryError::git("build a tree"))?;
+        tb.insert("manifest", blob(to_canonical_json(&manifest)?)?, 0o100644)
+            .map_err(HistoryError::git("build a tree"))?;
+        tb.insert("train", blob(to_canonical_json(&train)?)?, 0o100644)
+            .map_err(HistoryError::git("build a tree"))?;
+        if !req.evals.is_empty() {
+            let mut eb = git
+                .treebuilder(None)
+                .map_err(HistoryError::git("build a tree"))?;
+            for (task, rec) in &req.evals {
+                eb.insert(task, blob(to_canonical_json(rec)?)?, 0o100644)
+                    .map_err(HistoryError::git("build a tree"))?;
+            }
+            let eval_tree = eb.write().map_err(HistoryError::git("write a tree"))?;
+            tb.insert("eval", eval_tree, 0o040000)
+                .map_err(HistoryError::git("build a tree"))?;
+        }
+        let tree_id = tb.write().map_err(HistoryError::git("write a tree"))?;
+        let tree = git
+            .find_tree(tree_id)
+            .map_err(HistoryError::git("read the new tree"))?;
+        let parent_commit = match parent {
+            Some(p) => Some(
+                git.find_commit(p)
+                    .map_err(HistoryError::git(format!("read checkpoint {p}")))?,
+            ),
+            None => None,
+        };
+        let parents: Vec<&git2::Commit<'_>> = parent_commit.iter().collect();
+        let summary = match &req.message {
+            Some(m) if !m.trim().is_empty() => format!("{}: {}", req.task, m.trim()),
+            _ => format!("{}: new checkpoint", req.task),
+        };
+        let full_message = format!(
+            "{summary}\n\nCoin-Task: {}\nCoin-Files: {}\nCoin-Version: {}\n",
+            req.task,
+            manifest.files.len(),
+            crate::VERSION
+        );
+        let sig = self.signature()?;
+        let id = git
+            .commit(None, &sig, &sig, &full_message, &tree, &parents)
+            .map_err(HistoryError::git("write the commit"))?;
+        fault::point("commit.after_git_objects");
+        super::pause("commit.before_ref");
+
+        self.update_branch(&branch, expected, id, &format!("coin commit: {summary}"))?;
+        fault::point("commit.after_ref");
+        Ok(CommitOutcome {
+            id,
+            branch,
+            parent,
+            files: manifest.files.len(),
+            tensors,
+        })
+    }
+
+    /// Read a checkpoint: manifest, train record and eval records (tree and notes merged).
+    pub fn read_checkpoint(&self, id: Oid) -> Result<Checkpoint, HistoryError> {
+        let short = short_id(id);
+        let git = self.git();
+        let commit = git
+            .find_commit(id)
+            .map_err(HistoryError::git(format!("read checkpoint {short}")))?;
+        let tree = commit
+            .tree()
+            .map_err(HistoryError::git(format!("read the tree of {short}")))?;
+        let read_blob = |name: &str| -> Result<Option<Vec<u8>>, HistoryError> {
+            match tree.get_path(Path::new(name)) {
+                Ok(e) => {
+                    let obj = e
+                        .to_object(git)
+                        .map_err(HistoryError::git(format!("read {name} of {short}")))?;
+                    let blob = obj.as_blob().ok_or_else(|| {
+                        HistoryError::Corrupt(format!("{name} of {short} is not a file"))
+                    })?;
+                    Ok(Some(blob.content().to_vec()))
+                }
+                Err(e) if e.code() == ErrorCode::NotFound => Ok(None),
+                Err(e) => Err(HistoryError::git(format!("read {name} of {short}"))(e)),
+            }
+        };
+        let manifest_bytes =
+            read_blob("manifest")?.ok_or_else(|| HistoryError::NotACheckpoint(short.clone()))?;
+        let manifest = parse_manifest(&manifest_bytes).map_err(|e| in_checkpoint(&short, e))?;
+        let train = match read_blob("train")? {
+            Some(b) => Some(parse_train(&b).map_err(|e| in_checkpoint(&short, e))?),
+            None => None,
+        };
+        let mut evals = BTreeMap::new();
+        if let Ok(entry) = tree.get_path(Path::new("eval")) {
+            if entry.kind() == Some(ObjectType::Tree) {
+                let sub = git
+                    .find_tree(entry.id())
+                    .map_err(HistoryError::git(format!("read eval/ of {short}")))?;
+                for e in sub.iter() {
+                    let Ok(task) = e.name() else { continue };
+                    let obj = e
+                        .to_object(git)
+                        .map_err(HistoryError::git(format!("read eval/{task} of {short}")))?;
+                    let Some(blob) = obj.as_blob() else { continue };
+                    let rec = parse_eval_record(task, blob.content())
+                        .map_err(|e| in_checkpoint(&short, e))?;
+                    evals.insert(task.to_string(), (rec, EvalSource::Tree));
+                }
+            }
+        }
+        if let Some(note) = self.read_note(id)? {
+            for (task, rec) in note.eval {
+                evals.insert(task, (rec, EvalSource::Note));
+            }
+        }
+        Ok(Checkpoint {
+            id,
+            parents: commit.parent_ids().collect(),
+            time: commit.time().seconds(),
+            summary: commit.summary().ok().flatten().unwrap_or("").to_string(),
+            manifest,
+            train,
+            evals,
+        })
+    }
+
+    /// The note attached to checkpoint `id`, if any.
+    pub fn read_note(&self, id: Oid) -> Result<Option<NoteRecord>, HistoryError> {
+        match self.git().find_note(Some(NOTES_REF), id) {
+            Ok(note) => {
+                let n = parse_note(note.message_bytes())
+                    .map_err(|e| in_checkpoint(&format!("the note of {}", short_id(id)), e))?;
+                Ok(Some(n))
+            }
+            Err(e) if e.code() == ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(HistoryError::git(format!(
+                "read the note of {}",
+                short_id(id)
+            ))(e)),
+        }
+    }
+
+    /// Attach eval records to an existing checkpoint without changing its id: they are merged
+    /// into its note under `refs/notes/coin` (a task recorded again replaces the older record).
+    pub fn add_eval_records(
+        &self,
+        id: Oid,
+        records: &BTreeMap<String, EvalRecord>,
+    ) -> Result<(), HistoryError> {
+        self.read_checkpoint(id)?;
+        let _lock = self.lock()?;
+        fault::point("note.after_lock");
+        let mut note = self.read_note(id)?.unwrap_or(NoteRecord {
+            schema: SCHEMA_VERSION,
+            ..NoteRecord::default()
+        });
+        for (task, rec) in records {
+            validate_task_name(task).map_err(HistoryError::Input)?;
+            note.eval.insert(task.clone(), rec.clone());
+        }
+        let text = records::to_canonical_json(&note)?;
+        let sig = self.signature()?;
+        self.git()
+            .note(&sig, &sig, Some(NOTES_REF), id, &text, true)
+            .map_err(HistoryError::git(format!(
+                "write the note of {}",
+                short_id(id)
+            )))?;
+        fault::point("note.after_write");
+        Ok(())
+    }
+
+    /// The checkpoints from `start` following first parents, newest first, at most `limit`.
+    pub fn first_parent_chain(
+        &self,
+        start: Oid,
+        limit: Option<usize>,
+    ) -> Result<Vec<Oid>, HistoryError> {
+        let mut out = Vec::new();
+        let mut cur = Some(start);
+        while let Some(id) = cur {
+            if limit.is_some_and(|l| out.len() >= l) {
+                break;
+            }
+            out.push(id);
+            let c = self
+                .git()
+                .find_commit(id)
+                .map_err(HistoryError::git(format!("read checkpoint {}", short_id(id))))?;
+            cur = c.parent_ids().next();
+        }
+        Ok(out)
+    }
+}
+
+fn in_checkpoint(what: &str, e: HistoryError) -> HistoryError {
+    match e {
+        HistoryError::Record { what: w, message } => HistoryError::Record {
+            what: format!("{w} in {what}"),
+            message,
+        },
+        other => other,
+    }
+}

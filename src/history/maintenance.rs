@@ -1,0 +1,491 @@
+//! Reachability, `fsck`, `gc` and `stats`.
+//!
+//! Roots: every ref under `refs/coin/` and its reflog, the notes ref `refs/notes/coin`, its
+//! reflog and every commit a note is attached to; for gc also every other ref of the git
+//! repository (a user may keep a checkpoint on a plain git branch) and its reflog. Everything
+//! reachable from a root is kept: the checkpoints' manifests name the store objects to keep,
+//! and eval records may name a `predictions` blob.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use git2::{ObjectType, Oid, Repository};
+use serde::Serialize;
+
+use crate::store::{fault, ObjectId};
+
+use super::records::{entry_object_ids, parse_manifest, parse_note, Manifest, MANIFEST_FORMAT};
+use super::repo::{short_id, CoinRepo, HEAD_REF, NOTES_REF};
+use super::HistoryError;
+
+/// A root of reachability: a commit and where it was found.
+#[derive(Clone, Debug)]
+pub(crate) struct Root {
+    pub id: Oid,
+    pub from: String,
+}
+
+/// One thing `coin fsck` found wrong.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FsckProblem {
+    /// The object, checkpoint or ref concerned.
+    pub object: String,
+    /// `object` (store object fails verification), `missing-object`, `checkpoint`, `ref`,
+    /// `note` or `history`.
+    pub kind: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The result of `coin fsck`.
+#[derive(Clone, Debug, Serialize)]
+pub struct FsckReport {
+    /// True when no problem was found.
+    pub ok: bool,
+    /// Store objects verified.
+    pub objects_checked: usize,
+    /// Checkpoints checked.
+    pub checkpoints_checked: usize,
+    /// Everything wrong.
+    pub problems: Vec<FsckProblem>,
+}
+
+/// The result of `coin gc`.
+#[derive(Clone, Debug, Serialize)]
+pub struct GcReport {
+    /// Whether objects were only listed, not removed.
+    pub dry_run: bool,
+    /// Objects kept (reachable).
+    pub kept: usize,
+    /// Objects removed (or that would be removed).
+    pub removed: Vec<String>,
+    /// Bytes freed (0 for a dry run).
+    pub freed_bytes: u64,
+}
+
+/// The result of `coin stats`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RepoStats {
+    /// Objects in the store.
+    pub objects: u64,
+    /// Bytes the store takes on disk.
+    pub stored_bytes: u64,
+    /// Bytes all reachable checkpoints would take as plain files (no dedupe).
+    pub logical_bytes: u64,
+    /// Reachable checkpoints.
+    pub checkpoints: usize,
+}
+
+#[derive(Default)]
+struct Reach {
+    checkpoints: Vec<Oid>,
+    manifests: BTreeMap<Oid, Manifest>,
+    objects: BTreeMap<ObjectId, String>,
+    problems: Vec<FsckProblem>,
+}
+
+fn problem(object: impl Into<String>, kind: &str, message: impl Into<String>) -> FsckProblem {
+    FsckProblem {
+        object: object.into(),
+        kind: kind.to_string(),
+        message: message.into(),
+    }
+}
+
+fn reflog_ids(git: &Repository, name: &str, from: &str, out: &mut Vec<Root>) {
+    if let Ok(log) = git.reflog(name) {
+        for entry in log.iter() {
+            for id in [entry.id_old(), entry.id_new()] {
+                if !id.is_zero() {
+                    out.push(Root {
+                        id,
+                        from: format!("reflog of {from}"),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Collect note-target commits and predictions ids from every notes commit reachable from the
+/// notes ref and its reflog.
+fn note_targets(
+    git: &Repository,
+    roots: &mut Vec<Root>,
+    objects: &mut BTreeMap<ObjectId, String>,
+    problems: &mut Vec<FsckProblem>,
+) {
+    let mut notes_commits = Vec::new();
+    if let Ok(r) = git.find_reference(NOTES_REF) {
+        if let Some(t) = r.target() {
+            notes_commits.push(Root {
+                id: t,
+                from: NOTES_REF.to_string(),
+            });
+        }
+    }
+    reflog_ids(git, NOTES_REF, NOTES_REF, &mut notes_commits);
+    let Ok(mut walk) = git.revwalk() else { return };
+    for r in &notes_commits {
+        if walk.push(r.id).is_err() {
+            problems.push(problem(
+                r.id.to_string(),
+                "note",
+                format!("notes commit (from {}) is missing", r.from),
+            ));
+        }
+    }
+    let mut seen_blobs = BTreeSet::new();
+    for oid in walk {
+        let oid = match oid {
+            Ok(o) => o,
+            Err(e) => {
+                problems.push(problem(NOTES_REF, "note", format!("walking the notes: {e}")));
+                break;
+            }
+        };
+        let Ok(tree) = git.find_commit(oid).and_then(|c| c.tree()) else {
+            problems.push(problem(oid.to_string(), "note", "notes commit unreadable"));
+            continue;
+        };
+        let _ = tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
+            if entry.kind() != Some(ObjectType::Blob) {
+                return git2::TreeWalkResult::Ok;
+            }
+            let hex = format!("{}{}", dir.replace('/', ""), entry.name().unwrap_or(""));
+            let Ok(target) = Oid::from_str(&hex) else {
+                return git2::TreeWalkResult::Ok;
+            };
+            roots.push(Root {
+                id: target,
+                from: format!("note on {}", short_id(target)),
+            });
+            if seen_blobs.insert(entry.id()) {
+                match git.find_blob(entry.id()) {
+                    Ok(b) => match parse_note(b.content()) {
+                        Ok(n) => {
+                            for r in n.eval.values() {
+                                for id in r.object_ids() {
+                                    objects.insert(id, format!("note on {}", short_id(target)));
+                                }
+                            }
+                        }
+                        Err(e) => problems.push(problem(
+                            short_id(target),
+                            "note",
+                            format!("note blob {}: {e}", entry.id()),
+                        )),
+                    },
+                    Err(e) => problems.push(problem(
+                        entry.id().to_string(),
+                        "note",
+                        format!("note blob unreadable: {e}"),
+                    )),
+                }
+            }
+            git2::TreeWalkResult::Ok
+        });
+    }
+}
+
+/// Read a commit's `manifest` if it has one that claims to be a coin manifest.
+/// Ok(None): no manifest or not a coin manifest (a user's own file called `manifest`).
+fn coin_manifest(git: &Repository, id: Oid) -> Result<Option<Manifest>, String> {
+    let commit = git.find_commit(id).map_err(|e| e.to_string())?;
+    let tree = commit.tree().map_err(|e| e.to_string())?;
+    let Some(entry) = tree.get_name("manifest") else {
+        return Ok(None);
+    };
+    let blob = git.find_blob(entry.id()).map_err(|e| e.to_string())?;
+    match parse_manifest(blob.content()) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) => {
+            let claims_coin = serde_json::from_slice::<serde_json::Value>(blob.content())
+                .ok()
+                .and_then(|v| v.get("format").and_then(|f| f.as_str().map(str::to_string)))
+                .is_some_and(|f| f == MANIFEST_FORMAT);
+            if claims_coin {
+                Err(e.to_string())
+            } else {
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl CoinRepo {
+    /// The roots of coin history: coin refs, their reflogs, notes targets.
+    pub(crate) fn coin_roots(&self) -> Result<Vec<Root>, HistoryError> {
+        let git = self.git();
+        let mut roots = Vec::new();
+        let refs = git
+            .references_glob("refs/coin/*")
+            .map_err(HistoryError::git("list refs"))?;
+        for r in refs.flatten() {
+            let Ok(name) = r.name().map(str::to_string) else {
+                continue;
+            };
+            if let Ok(c) = r.peel_to_commit() {
+                roots.push(Root {
+                    id: c.id(),
+                    from: name.clone(),
+                });
+            }
+            reflog_ids(git, &name, &name, &mut roots);
+        }
+        reflog_ids(git, HEAD_REF, HEAD_REF, &mut roots);
+        let mut objects = BTreeMap::new();
+        let mut problems = Vec::new();
+        note_targets(git, &mut roots, &mut objects, &mut problems);
+        Ok(roots)
+    }
+
+    fn reach(&self, include_other_refs: bool) -> Result<Reach, HistoryError> {
+        let git = self.git();
+        let mut reach = Reach::default();
+        let mut roots = Vec::new();
+        let refs = git
+            .references_glob("refs/coin/*")
+            .map_err(HistoryError::git("list refs"))?;
+        for r in refs {
+            let r = r.map_err(HistoryError::git("list refs"))?;
+            let name = r.name().unwrap_or("(non-UTF-8 ref)").to_string();
+            match r.peel_to_commit() {
+                Ok(c) => roots.push(Root {
+                    id: c.id(),
+                    from: name.clone(),
+                }),
+                Err(e) if name == HEAD_REF && e.code() == git2::ErrorCode::NotFound => {}
+                Err(e) => reach.problems.push(problem(
+                    name.clone(),
+                    "ref",
+                    format!("does not point at a commit: {e}"),
+                )),
+            }
+            reflog_ids(git, &name, &name, &mut roots);
+        }
+        note_targets(git, &mut roots, &mut reach.objects, &mut reach.problems);
+
+        let mut walk = git
+            .revwalk()
+            .map_err(HistoryError::git("walk the history"))?;
+        let mut pushed = BTreeSet::new();
+        for r in &roots {
+            if !pushed.insert(r.id) {
+                continue;
+            }
+            if let Err(e) = walk.push(r.id) {
+                let reflog = r.from.starts_with("reflog of ");
+                // git itself may expire old reflog entries' commits; that is not damage.
+                if !reflog {
+                    reach.problems.push(problem(
+                        r.id.to_string(),
+                        "history",
+                        format!("commit (from {}) is missing or unreadable: {e}", r.from),
+                    ));
+                }
+            }
+        }
+        for oid in walk {
+            let oid = match oid {
+                Ok(o) => o,
+                Err(e) => {
+                    reach
+                        .problems
+                        .push(problem("history", "history", format!("walking: {e}")));
+                    break;
+                }
+            };
+            reach.checkpoints.push(oid);
+            match coin_manifest(git, oid) {
+                Ok(Some(m)) => {
+                    for (path, entry) in &m.files {
+                        for id in entry_object_ids(entry) {
+                            reach
+                                .objects
+                                .entry(id)
+                                .or_insert_with(|| format!("{} file {path}", short_id(oid)));
+                        }
+                    }
+                    reach.manifests.insert(oid, m);
+                }
+                Ok(None) => reach.problems.push(problem(
+                    oid.to_string(),
+                    "checkpoint",
+                    "reachable from coin refs but has no coin manifest",
+                )),
+                Err(e) => reach.problems.push(problem(
+                    oid.to_string(),
+                    "checkpoint",
+                    format!("manifest: {e}"),
+                )),
+            }
+        }
+
+        if include_other_refs {
+            let mut other = Vec::new();
+            let all = git
+                .references()
+                .map_err(HistoryError::git("list refs"))?;
+            for r in all.flatten() {
+                let Ok(name) = r.name().map(str::to_string) else {
+                    continue;
+                };
+                if name.starts_with("refs/coin/") || name == NOTES_REF {
+                    continue;
+                }
+                if let Ok(c) = r.peel_to_commit() {
+                    other.push(c.id());
+                }
+                let mut logged = Vec::new();
+                reflog_ids(git, &name, &name, &mut logged);
+                other.extend(logged.into_iter().map(|r| r.id));
+            }
+            let mut logged = Vec::new();
+            reflog_ids(git, "HEAD", "HEAD", &mut logged);
+            other.extend(logged.into_iter().map(|r| r.id));
+            let mut walk = git
+                .revwalk()
+                .map_err(HistoryError::git("walk the history"))?;
+            for id in other {
+                let _ = walk.push(id);
+            }
+            for id in &reach.checkpoints {
+                let _ = walk.hide(*id);
+            }
+            for oid in walk.flatten() {
+                match coin_manifest(git, oid) {
+                    Ok(Some(m)) => {
+                        for id in m.object_ids() {
+                            reach
+                                .objects
+                                .entry(id)
+                                .or_insert_with(|| format!("commit {}", short_id(oid)));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => reach.problems.push(problem(
+                        oid.to_string(),
+                        "checkpoint",
+                        format!("manifest: {e}"),
+                    )),
+                }
+            }
+        }
+        Ok(reach)
+    }
+
+    /// Check everything: every store object re-hashed, every checkpoint reachable from coin
+    /// refs, reflogs and notes readable with all its objects present, refs valid.
+    pub fn fsck(&self) -> Result<FsckReport, HistoryError> {
+        let reach = self.reach(false)?;
+        let mut problems = reach.problems;
+        if let Err(e) = self.current_branch() {
+            problems.push(problem(HEAD_REF, "ref", e.to_string()));
+        }
+        for id in &reach.checkpoints {
+            if reach.manifests.contains_key(id) {
+                if let Err(e) = self.read_checkpoint(*id) {
+                    problems.push(problem(id.to_string(), "checkpoint", e.to_string()));
+                }
+            }
+        }
+        for (id, referrer) in &reach.objects {
+            if !self.store().contains(id) {
+                problems.push(problem(
+                    id.to_hex(),
+                    "missing-object",
+                    format!("referenced by {referrer} but not in the store"),
+                ));
+            }
+        }
+        let listed = self.store().list()?;
+        for id in &listed {
+            if let Err(e) = self.store().verify(id) {
+                problems.push(problem(id.to_hex(), "object", e.to_string()));
+            }
+        }
+        Ok(FsckReport {
+            ok: problems.is_empty(),
+            objects_checked: listed.len(),
+            checkpoints_checked: reach.checkpoints.len(),
+            problems,
+        })
+    }
+
+    /// Remove every store object no root reaches. Holds the repository lock for the whole
+    /// run, so it never races a commit (which holds it from before its first object write to
+    /// after its ref update). Refuses to run when reachability cannot be fully determined.
+    pub fn gc(&self, dry_run: bool) -> Result<GcReport, HistoryError> {
+        let _lock = self.lock()?;
+        let reach = self.reach(true)?;
+        if let Some(p) = reach.problems.first() {
+            return Err(HistoryError::Corrupt(format!(
+                "gc refused: the history is damaged ({} problem(s), first: {}: {}); run `coin fsck`",
+                reach.problems.len(),
+                p.object,
+                p.message
+            )));
+        }
+        fault::point("gc.after_mark");
+        let mut removed = Vec::new();
+        let mut freed = 0;
+        let mut kept = 0;
+        for id in self.store().list()? {
+            if reach.objects.contains_key(&id) {
+                kept += 1;
+                continue;
+            }
+            if !dry_run {
+                freed += self.store().remove(&id)?;
+                fault::point("gc.after_remove");
+            }
+            removed.push(id.to_hex());
+        }
+        Ok(GcReport {
+            dry_run,
+            kept,
+            removed,
+            freed_bytes: freed,
+        })
+    }
+
+    /// Store size and the logical size of all reachable checkpoints.
+    pub fn stats(&self) -> Result<RepoStats, HistoryError> {
+        let s = self.store().stats()?;
+        let reach = self.reach(false)?;
+        Ok(RepoStats {
+            objects: s.objects,
+            stored_bytes: s.stored_bytes,
+            logical_bytes: reach.manifests.values().map(Manifest::logical_bytes).sum(),
+            checkpoints: reach.manifests.len(),
+        })
+    }
+
+    /// Rebuild every file of checkpoint `id` under `out` (which must not exist or be empty),
+    /// byte-identical; every object is verified. Returns the files written.
+    pub fn checkout(&self, id: Oid, out: &Path) -> Result<Vec<String>, HistoryError> {
+        let cp = self.read_checkpoint(id)?;
+        if out.exists() {
+            let mut entries = std::fs::read_dir(out).map_err(HistoryError::io("read", out))?;
+            if entries.next().is_some() {
+                return Err(HistoryError::Input(format!(
+                    "'{}' exists and is not empty; choose a new directory",
+                    out.display()
+                )));
+            }
+        }
+        std::fs::create_dir_all(out).map_err(HistoryError::io("create directory", out))?;
+        let mut written = Vec::new();
+        for (rel, entry) in &cp.manifest.files {
+            let dest = out.join(rel);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(HistoryError::io("create directory", parent))?;
+            }
+            self.store().materialize(entry, &dest)?;
+            written.push(rel.clone());
+        }
+        Ok(written)
+    }
+}

@@ -1,0 +1,411 @@
+//! The small text files in a checkpoint's git tree: `manifest`, `train` and `eval/<task>`,
+//! their canonical serialisation, and validation of names and eval result files.
+//!
+//! Every record is a JSON object with a `schema` version. It is written canonically (keys
+//! sorted at every level, two-space indentation, a final newline) so that identical content
+//! always gives identical git blobs, trees and therefore checkpoint ids. Unknown fields are
+//! kept (`extra`) so later versions can add information without breaking older readers.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::store::{FileEntry, ObjectId};
+
+use super::HistoryError;
+
+/// The schema version of manifests, train and eval records written by this version.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// The marker every manifest carries, so coin can tell its commits from other commits.
+pub const MANIFEST_FORMAT: &str = "coin.manifest";
+
+/// What a checkpoint holds: the adapter's files as store objects, plus what is known about it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// Schema version ([`SCHEMA_VERSION`] when written by this version).
+    pub schema: u64,
+    /// The adapter kind and its configuration, when known (from `adapter_config.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterInfo>,
+    /// The base model the adapter applies to, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<BaseModel>,
+    /// Every committed file: relative path (`/`-separated) → store entry.
+    pub files: BTreeMap<String, FileEntry>,
+    /// Fields written by later versions, kept as they are.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// The adapter kind (`lora`, `moelora`, ...) and its configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterInfo {
+    /// Lower-case adapter kind, e.g. `lora` (from PEFT's `peft_type`), or `unknown`.
+    pub kind: String,
+    /// The adapter configuration as found in `adapter_config.json`.
+    pub config: Value,
+}
+
+/// Identity of the base model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BaseModel {
+    /// A human name, e.g. `llava-v1.5-7b`.
+    pub name: String,
+    /// The blake3 id of the base model's manifest, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<ObjectId>,
+}
+
+/// The store objects one file entry references (its header and tensors, or its blob).
+pub fn entry_object_ids(entry: &FileEntry) -> Vec<ObjectId> {
+    match entry {
+        FileEntry::Blob { id, .. } => vec![*id],
+        FileEntry::Safetensors {
+            header, tensors, ..
+        } => std::iter::once(*header)
+            .chain(tensors.iter().map(|t| t.id))
+            .collect(),
+    }
+}
+
+impl Manifest {
+    /// An empty manifest of the current schema.
+    pub fn new() -> Self {
+        Manifest {
+            format: MANIFEST_FORMAT.to_string(),
+            schema: SCHEMA_VERSION,
+            adapter: None,
+            base_model: None,
+            files: BTreeMap::new(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// Every store object this manifest references (headers, tensors, blobs).
+    pub fn object_ids(&self) -> Vec<ObjectId> {
+        self.files.values().flat_map(entry_object_ids).collect()
+    }
+
+    /// The sum of the sizes of all files (what a checkout writes).
+    pub fn logical_bytes(&self) -> u64 {
+        self.files
+            .values()
+            .map(|e| match e {
+                FileEntry::Blob { size, .. } | FileEntry::Safetensors { size, .. } => *size,
+            })
+            .sum()
+    }
+}
+
+impl Default for Manifest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What is known about how a checkpoint was made. Later issues add fields (dataset identity,
+/// hyperparameters, seed, loss summary, ...); they land in `extra` for older readers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainRecord {
+    /// Schema version.
+    pub schema: u64,
+    /// The task this checkpoint was trained on.
+    pub task: String,
+    /// The user's message, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The coin version that made the commit.
+    pub coin_version: String,
+    /// Everything else.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// One evaluation result of a checkpoint on one task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// The metric name, e.g. `accuracy`.
+    pub metric: String,
+    /// The score, 0–100.
+    pub score: f64,
+    /// How many samples were scored.
+    pub n: u64,
+    /// Optional fields (eval-set hash, decoding settings, scorer mode, predictions blob id, ...).
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl EvalRecord {
+    /// Store objects this record references (a `predictions` blob id, when present).
+    pub fn object_ids(&self) -> Vec<ObjectId> {
+        let mut ids = Vec::new();
+        if let Some(Value::String(s)) = self.extra.get("predictions") {
+            if let Ok(id) = s.parse::<ObjectId>() {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    fn validate(&self, task: &str) -> Result<(), String> {
+        if self.metric.trim().is_empty() {
+            return Err(format!("task '{task}': \"metric\" is empty"));
+        }
+        if !self.score.is_finite() || !(0.0..=100.0).contains(&self.score) {
+            return Err(format!(
+                "task '{task}': \"score\" must be between 0 and 100, got {}",
+                self.score
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The eval records attached later to a checkpoint, kept in a git note (`refs/notes/coin`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NoteRecord {
+    /// Schema version.
+    pub schema: u64,
+    /// Task → record.
+    #[serde(default)]
+    pub eval: BTreeMap<String, EvalRecord>,
+    /// Everything else.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// Sort the keys of every object in `v`, recursively.
+fn sort_keys(v: Value) -> Value {
+    match v {
+        Value::Object(map) => {
+            let sorted: BTreeMap<String, Value> =
+                map.into_iter().map(|(k, v)| (k, sort_keys(v))).collect();
+            Value::Object(sorted.into_iter().collect())
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(sort_keys).collect()),
+        other => other,
+    }
+}
+
+/// The canonical text of a record: sorted keys, two-space indentation, final newline.
+pub fn to_canonical_json<T: Serialize>(value: &T) -> Result<String, HistoryError> {
+    let v = serde_json::to_value(value).map_err(|e| HistoryError::Record {
+        what: "record".to_string(),
+        message: e.to_string(),
+    })?;
+    let mut s = serde_json::to_string_pretty(&sort_keys(v)).map_err(|e| HistoryError::Record {
+        what: "record".to_string(),
+        message: e.to_string(),
+    })?;
+    s.push('\n');
+    Ok(s)
+}
+
+fn bad(what: &str, message: impl Into<String>) -> HistoryError {
+    HistoryError::Record {
+        what: what.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Parse and validate a manifest (the `manifest` file of a checkpoint tree). Never panics, on
+/// any input; this is the fuzz target of the history side.
+pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, HistoryError> {
+    let m: Manifest =
+        serde_json::from_slice(bytes).map_err(|e| bad("manifest", format!("not valid: {e}")))?;
+    if m.format != MANIFEST_FORMAT {
+        return Err(bad(
+            "manifest",
+            format!("format is '{}', expected '{MANIFEST_FORMAT}'", m.format),
+        ));
+    }
+    if m.schema == 0 || m.schema > SCHEMA_VERSION {
+        return Err(bad(
+            "manifest",
+            format!(
+                "schema version {} is not supported by this coin (which reads 1..={SCHEMA_VERSION}); upgrade coin",
+                m.schema
+            ),
+        ));
+    }
+    for path in m.files.keys() {
+        validate_rel_path(path).map_err(|e| bad("manifest", e))?;
+    }
+    Ok(m)
+}
+
+/// Parse a `train` record.
+pub fn parse_train(bytes: &[u8]) -> Result<TrainRecord, HistoryError> {
+    serde_json::from_slice(bytes).map_err(|e| bad("train record", format!("not valid: {e}")))
+}
+
+/// Parse one `eval/<task>` record.
+pub fn parse_eval_record(task: &str, bytes: &[u8]) -> Result<EvalRecord, HistoryError> {
+    let r: EvalRecord = serde_json::from_slice(bytes)
+        .map_err(|e| bad(&format!("eval record '{task}'"), format!("not valid: {e}")))?;
+    r.validate(task)
+        .map_err(|e| bad(&format!("eval record '{task}'"), e))?;
+    Ok(r)
+}
+
+/// Parse a note (eval records attached later).
+pub fn parse_note(bytes: &[u8]) -> Result<NoteRecord, HistoryError> {
+    let n: NoteRecord =
+        serde_json::from_slice(bytes).map_err(|e| bad("eval note", format!("not valid: {e}")))?;
+    for (task, r) in &n.eval {
+        validate_task_name(task).map_err(|e| bad("eval note", e))?;
+        r.validate(task).map_err(|e| bad("eval note", e))?;
+    }
+    Ok(n)
+}
+
+/// Parse an eval results file: `{"<task>": {"metric": "...", "score": 0-100, "n": N}, ...}`.
+/// Errors name the task and field that is wrong.
+pub fn parse_eval_file(text: &str) -> Result<BTreeMap<String, EvalRecord>, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Value::Object(map) = v else {
+        return Err(
+            "expected a JSON object {\"<task>\": {\"metric\": ..., \"score\": ..., \"n\": ...}}"
+                .to_string(),
+        );
+    };
+    if map.is_empty() {
+        return Err("holds no results".to_string());
+    }
+    let mut out = BTreeMap::new();
+    for (task, rec) in map {
+        validate_task_name(&task)?;
+        if !rec.is_object() {
+            return Err(format!("task '{task}': expected an object"));
+        }
+        for field in ["metric", "score", "n"] {
+            if rec.get(field).is_none() {
+                return Err(format!("task '{task}': missing \"{field}\""));
+            }
+        }
+        let r: EvalRecord =
+            serde_json::from_value(rec).map_err(|e| format!("task '{task}': {e}"))?;
+        r.validate(&task)?;
+        out.insert(task, r);
+    }
+    Ok(out)
+}
+
+/// Check a task name: it becomes a file name in the checkpoint tree (`eval/<task>`).
+pub fn validate_task_name(task: &str) -> Result<(), String> {
+    if task.is_empty() {
+        return Err("a task name must not be empty".to_string());
+    }
+    if task.len() > 200 {
+        return Err(format!("task name '{task}' is longer than 200 bytes"));
+    }
+    if task.starts_with('.') {
+        return Err(format!("task name '{task}' must not start with '.'"));
+    }
+    if task.chars().any(|c| c == '/' || c == '\\' || c.is_control()) {
+        return Err(format!(
+            "task name '{}' must not contain '/', '\\' or control characters",
+            task.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+/// Check a file path recorded in a manifest: relative, `/`-separated, no `.`/`..`/empty parts.
+pub fn validate_rel_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("empty file path".to_string());
+    }
+    if path.contains('\\') || path.chars().any(|c| c.is_control()) {
+        return Err(format!("file path '{}' is not allowed", path.escape_debug()));
+    }
+    for part in path.split('/') {
+        if part.is_empty() || part == "." || part == ".." {
+            return Err(format!(
+                "file path '{path}' must be relative without '.', '..' or empty parts"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_level() {
+        let v = serde_json::json!({"b": 1, "a": {"z": [ {"y": 1, "x": 2} ], "c": null}});
+        let s = to_canonical_json(&v).unwrap();
+        assert_eq!(
+            s,
+            "{\n  \"a\": {\n    \"c\": null,\n    \"z\": [\n      {\n        \"x\": 2,\n        \"y\": 1\n      }\n    ]\n  },\n  \"b\": 1\n}\n"
+        );
+    }
+
+    #[test]
+    fn manifest_round_trips_and_is_canonical() {
+        let mut m = Manifest::new();
+        m.adapter = Some(AdapterInfo {
+            kind: "lora".into(),
+            config: serde_json::json!({"r": 8, "peft_type": "LORA"}),
+        });
+        m.extra.insert("later".into(), serde_json::json!({"k": 1}));
+        let text = to_canonical_json(&m).unwrap();
+        let back = parse_manifest(text.as_bytes()).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(to_canonical_json(&back).unwrap(), text);
+    }
+
+    #[test]
+    fn manifest_rejects_bad_input() {
+        for bad in [
+            &b""[..],
+            b"{}",
+            b"[1,2]",
+            b"\xff\xfe",
+            br#"{"format":"other","schema":1,"files":{}}"#,
+            br#"{"format":"coin.manifest","schema":99,"files":{}}"#,
+            br#"{"format":"coin.manifest","schema":1,"files":{"../x":{"kind":"blob"}}}"#,
+        ] {
+            assert!(parse_manifest(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert!(parse_manifest(br#"{"format":"coin.manifest","schema":1,"files":{}}"#).is_ok());
+    }
+
+    #[test]
+    fn eval_file_validation() {
+        let ok = parse_eval_file(r#"{"ScienceQA": {"metric": "accuracy", "score": 71.5, "n": 10, "extra": true}}"#)
+            .unwrap();
+        assert_eq!(ok["ScienceQA"].score, 71.5);
+        assert_eq!(ok["ScienceQA"].extra["extra"], serde_json::json!(true));
+        let cases = [
+            ("not json", "not valid JSON"),
+            ("[]", "expected a JSON object"),
+            ("{}", "no results"),
+            (r#"{"A": 3}"#, "expected an object"),
+            (r#"{"A": {"metric": "acc", "n": 1}}"#, "missing \"score\""),
+            (r#"{"A": {"metric": "acc", "score": 101, "n": 1}}"#, "between 0 and 100"),
+            (r#"{"A": {"metric": "acc", "score": 1, "n": -1}}"#, "task 'A'"),
+            (r#"{"A": {"metric": "acc", "score": "x", "n": 1}}"#, "task 'A'"),
+            (r#"{"a/b": {"metric": "acc", "score": 1, "n": 1}}"#, "must not contain"),
+            (r#"{"": {"metric": "acc", "score": 1, "n": 1}}"#, "must not be empty"),
+        ];
+        for (text, expect) in cases {
+            let err = parse_eval_file(text).unwrap_err();
+            assert!(err.contains(expect), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn rel_paths() {
+        assert!(validate_rel_path("a/b.safetensors").is_ok());
+        for p in ["", "/a", "a//b", "a/../b", "./a", "a\\b", "a/"] {
+            assert!(validate_rel_path(p).is_err(), "{p}");
+        }
+    }
+}

@@ -1,0 +1,537 @@
+//! Opening and creating coin repositories, and the coin refs (branches, tags, `refs/coin/HEAD`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use git2::{ErrorCode, Oid, Repository, Signature};
+use include_dir::{include_dir, Dir};
+
+use crate::store::{fsutil, lock::Lock, Store};
+
+use super::HistoryError;
+
+/// The symbolic ref naming the current coin branch (`refs/coin/heads/<name>`).
+pub const HEAD_REF: &str = "refs/coin/HEAD";
+/// Prefix of coin branches.
+pub const BRANCH_PREFIX: &str = "refs/coin/heads/";
+/// Prefix of coin tags.
+pub const TAG_PREFIX: &str = "refs/coin/tags/";
+/// The notes ref holding eval records attached after the commit.
+pub const NOTES_REF: &str = "refs/notes/coin";
+/// The branch `coin init` starts on.
+pub const DEFAULT_BRANCH: &str = "main";
+
+/// The templates shipped with coin, copied into `.coin/` by `coin init`.
+static TEMPLATES: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/templates");
+
+/// A coin repository: the directory holding `.coin/`, its git repository and its store.
+pub struct CoinRepo {
+    root: PathBuf,
+    git: Repository,
+    store: Store,
+}
+
+/// What `coin init` did.
+#[derive(Debug)]
+pub struct InitOutcome {
+    /// The directory holding `.coin/`.
+    pub root: PathBuf,
+    /// Whether a new git repository was created (false: an enclosing one is reused).
+    pub created_git: bool,
+    /// The git directory used.
+    pub git_dir: PathBuf,
+    /// Template files copied into `.coin/` (relative paths).
+    pub templates: Vec<PathBuf>,
+}
+
+fn collect_templates(dir: &'static Dir<'static>, out: &mut Vec<(PathBuf, &'static [u8])>) {
+    for f in dir.files() {
+        out.push((f.path().to_path_buf(), f.contents()));
+    }
+    for d in dir.dirs() {
+        collect_templates(d, out);
+    }
+}
+
+/// Every template file shipped in the binary: path relative to `templates/` → contents.
+pub fn template_files() -> Vec<(PathBuf, &'static [u8])> {
+    let mut out = Vec::new();
+    // include_dir's static Dir has 'static contents; reborrowing keeps that lifetime.
+    let dir: &'static Dir<'static> = &TEMPLATES;
+    collect_templates(dir, &mut out);
+    out.sort();
+    out
+}
+
+impl CoinRepo {
+    /// Create a coin repository at `path` (created if missing): a new git repository unless
+    /// `path` is inside one, then `.coin/` with the store and the templates.
+    pub fn init(path: &Path) -> Result<InitOutcome, HistoryError> {
+        std::fs::create_dir_all(path).map_err(HistoryError::io("create directory", path))?;
+        let root = path
+            .canonicalize()
+            .map_err(HistoryError::io("resolve", path))?;
+        let coin_dir = root.join(".coin");
+        if coin_dir.exists() {
+            return Err(HistoryError::AlreadyInitialized(root));
+        }
+        let (git, created_git) = match Repository::discover(&root) {
+            Ok(repo) if !repo.is_bare() => {
+                let inside = repo
+                    .workdir()
+                    .and_then(|w| w.canonicalize().ok())
+                    .is_some_and(|w| root.starts_with(w));
+                if inside {
+                    (repo, false)
+                } else {
+                    (init_git(&root)?, true)
+                }
+            }
+            _ => (init_git(&root)?, true),
+        };
+        let mut cfg = git
+            .config()
+            .map_err(HistoryError::git("open the git configuration"))?;
+        // Reflogs for refs/coin/* (not logged by default) so gc can keep what they reach.
+        cfg.set_str("core.logAllRefUpdates", "always")
+            .map_err(HistoryError::git("set core.logAllRefUpdates"))?;
+        exclude_coin_dir(&git, &root)?;
+
+        std::fs::create_dir_all(&coin_dir)
+            .map_err(HistoryError::io("create directory", &coin_dir))?;
+        Store::init(&coin_dir)?;
+        let mut templates = Vec::new();
+        for (rel, contents) in template_files() {
+            let dest = coin_dir.join(&rel);
+            if dest.exists() {
+                continue;
+            }
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(HistoryError::io("create directory", parent))?;
+            }
+            fsutil::write_atomic(&dest, contents).map_err(HistoryError::io("write", &dest))?;
+            templates.push(rel);
+        }
+        let config = coin_dir.join("config.toml");
+        if !config.exists() {
+            fsutil::write_atomic(&config, b"# coin repository configuration\n")
+                .map_err(HistoryError::io("write", &config))?;
+            templates.push(PathBuf::from("config.toml"));
+        }
+        if git.find_reference(HEAD_REF).is_err() {
+            git.reference_symbolic(
+                HEAD_REF,
+                &format!("{BRANCH_PREFIX}{DEFAULT_BRANCH}"),
+                true,
+                "coin init",
+            )
+            .map_err(HistoryError::git("create refs/coin/HEAD"))?;
+        }
+        Ok(InitOutcome {
+            root,
+            created_git,
+            git_dir: git.path().to_path_buf(),
+            templates,
+        })
+    }
+
+    /// Find the coin repository containing `start` (searching upward for `.coin/`) and open it.
+    pub fn discover(start: &Path) -> Result<CoinRepo, HistoryError> {
+        let start_abs = start
+            .canonicalize()
+            .map_err(HistoryError::io("open", start))?;
+        for dir in start_abs.ancestors() {
+            if dir.join(".coin").is_dir() {
+                return Self::open(dir);
+            }
+        }
+        Err(HistoryError::NotARepo(start.to_path_buf()))
+    }
+
+    /// Open the coin repository whose `.coin/` is directly in `root`.
+    pub fn open(root: &Path) -> Result<CoinRepo, HistoryError> {
+        let store = Store::open(&root.join(".coin"))?;
+        let git = Repository::discover(root).map_err(HistoryError::git(format!(
+            "open the git repository of '{}'",
+            root.display()
+        )))?;
+        Ok(CoinRepo {
+            root: root.to_path_buf(),
+            git,
+            store,
+        })
+    }
+
+    /// The directory holding `.coin/`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The `.coin/` directory.
+    pub fn coin_dir(&self) -> PathBuf {
+        self.root.join(".coin")
+    }
+
+    /// The git repository.
+    pub fn git(&self) -> &Repository {
+        &self.git
+    }
+
+    /// The object store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Take the repository lock (`.coin/lock`), shared by commit, note writes and gc, waiting
+    /// up to `COIN_LOCK_TIMEOUT` seconds (default 60).
+    pub fn lock(&self) -> Result<Lock, HistoryError> {
+        let secs = std::env::var("COIN_LOCK_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(60);
+        Ok(Lock::acquire(
+            &self.coin_dir().join("lock"),
+            Duration::from_secs(secs),
+        )?)
+    }
+
+    /// The signature for new commits and notes: `GIT_AUTHOR_NAME`/`EMAIL`/`DATE` (or
+    /// `COIN_TEST_TIMESTAMP`), else git's `user.name`/`user.email`, else `coin <coin@localhost>`.
+    pub fn signature(&self) -> Result<Signature<'static>, HistoryError> {
+        let cfg = self.git.config().ok();
+        let get = |env: &str, key: &str, default: &str| -> String {
+            std::env::var(env)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .or_else(|| cfg.as_ref().and_then(|c| c.get_string(key).ok()))
+                .unwrap_or_else(|| default.to_string())
+        };
+        let name = get("GIT_AUTHOR_NAME", "user.name", "coin");
+        let email = get("GIT_AUTHOR_EMAIL", "user.email", "coin@localhost");
+        let date = std::env::var("COIN_TEST_TIMESTAMP")
+            .ok()
+            .or_else(|| std::env::var("GIT_AUTHOR_DATE").ok())
+            .and_then(|s| parse_date(&s));
+        match date {
+            Some((secs, offset_min)) => {
+                Signature::new(&name, &email, &git2::Time::new(secs, offset_min))
+            }
+            None => Signature::now(&name, &email),
+        }
+        .map_err(HistoryError::git("make a commit signature"))
+    }
+
+    /// The current branch (the target of `refs/coin/HEAD`).
+    pub fn current_branch(&self) -> Result<String, HistoryError> {
+        let r = self.git.find_reference(HEAD_REF).map_err(|e| {
+            if e.code() == ErrorCode::NotFound {
+                HistoryError::Corrupt(format!(
+                    "{HEAD_REF} is missing; run `coin switch <branch>` to set the current branch"
+                ))
+            } else {
+                HistoryError::git(format!("read {HEAD_REF}"))(e)
+            }
+        })?;
+        let target = r.symbolic_target().ok().flatten().ok_or_else(|| {
+            HistoryError::Corrupt(format!(
+                "{HEAD_REF} is not a symbolic ref; run `coin switch <branch>`"
+            ))
+        })?;
+        target
+            .strip_prefix(BRANCH_PREFIX)
+            .map(str::to_string)
+            .ok_or_else(|| {
+                HistoryError::Corrupt(format!(
+                    "{HEAD_REF} points at '{target}', outside {BRANCH_PREFIX}"
+                ))
+            })
+    }
+
+    /// The commit a ref points at, `None` when it does not exist.
+    pub(crate) fn ref_target(&self, name: &str) -> Result<Option<Oid>, HistoryError> {
+        match self.git.find_reference(name) {
+            Ok(r) => {
+                let c = r
+                    .peel_to_commit()
+                    .map_err(HistoryError::git(format!("read {name}")))?;
+                Ok(Some(c.id()))
+            }
+            Err(e) if e.code() == ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(HistoryError::git(format!("read {name}"))(e)),
+        }
+    }
+
+    /// The head of branch `name`, `None` if the branch has no checkpoint (or does not exist).
+    pub fn branch_target(&self, name: &str) -> Result<Option<Oid>, HistoryError> {
+        self.ref_target(&format!("{BRANCH_PREFIX}{name}"))
+    }
+
+    /// The head of the current branch, `None` before the first commit.
+    pub fn head(&self) -> Result<Option<Oid>, HistoryError> {
+        self.branch_target(&self.current_branch()?)
+    }
+
+    fn list_refs(&self, prefix: &str) -> Result<Vec<(String, Oid)>, HistoryError> {
+        let mut out = Vec::new();
+        let refs = self
+            .git
+            .references_glob(&format!("{prefix}*"))
+            .map_err(HistoryError::git("list refs"))?;
+        for r in refs {
+            let r = r.map_err(HistoryError::git("list refs"))?;
+            let Ok(name) = r.name() else { continue };
+            let Some(short) = name.strip_prefix(prefix) else {
+                continue;
+            };
+            let short = short.to_string();
+            let c = r
+                .peel_to_commit()
+                .map_err(HistoryError::git(format!("read {prefix}{short}")))?;
+            out.push((short, c.id()));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// All branches with their heads, sorted by name.
+    pub fn branches(&self) -> Result<Vec<(String, Oid)>, HistoryError> {
+        self.list_refs(BRANCH_PREFIX)
+    }
+
+    /// All tags with their targets, sorted by name.
+    pub fn tags(&self) -> Result<Vec<(String, Oid)>, HistoryError> {
+        self.list_refs(TAG_PREFIX)
+    }
+
+    /// Check a branch or tag name (git's ref name rules, and none of coin's revision syntax).
+    pub fn validate_name(kind: &'static str, name: &str) -> Result<(), HistoryError> {
+        let invalid = |reason: &str| HistoryError::InvalidName {
+            kind,
+            name: name.to_string(),
+            reason: reason.to_string(),
+        };
+        if name.is_empty() {
+            return Err(invalid("it is empty"));
+        }
+        if name == "HEAD" || name == "@" {
+            return Err(invalid("it is reserved"));
+        }
+        if name.starts_with('-') {
+            return Err(invalid("it starts with '-'"));
+        }
+        if name.contains(['~', '^', ':', '?', '*', '[', '\\', ' ']) {
+            return Err(invalid("it contains one of ~ ^ : ? * [ \\ or a space"));
+        }
+        let full = format!("{BRANCH_PREFIX}{name}");
+        if !git2::Reference::is_valid_name(&full) {
+            return Err(invalid("git does not accept it as a ref name"));
+        }
+        Ok(())
+    }
+
+    /// Create branch `name` at `target`; fails if it exists.
+    pub fn create_branch(&self, name: &str, target: Oid) -> Result<(), HistoryError> {
+        Self::validate_name("branch", name)?;
+        self.create_ref("branch", &format!("{BRANCH_PREFIX}{name}"), name, target)
+    }
+
+    /// Create tag `name` at `target`; fails if it exists.
+    pub fn create_tag(&self, name: &str, target: Oid) -> Result<(), HistoryError> {
+        Self::validate_name("tag", name)?;
+        self.create_ref("tag", &format!("{TAG_PREFIX}{name}"), name, target)
+    }
+
+    fn create_ref(
+        &self,
+        kind: &'static str,
+        full: &str,
+        name: &str,
+        target: Oid,
+    ) -> Result<(), HistoryError> {
+        let _lock = self.lock()?;
+        match self
+            .git
+            .reference(full, target, false, &format!("coin {kind}: create"))
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == ErrorCode::Exists => Err(HistoryError::RefExists {
+                kind,
+                name: name.to_string(),
+            }),
+            Err(e) => Err(HistoryError::git(format!("create {full}"))(e)),
+        }
+    }
+
+    /// Make `name` the current branch. It must exist, unless `allow_unborn` (used right after
+    /// `coin init`, when `main` has no checkpoint yet).
+    pub fn switch(&self, name: &str, allow_unborn: bool) -> Result<(), HistoryError> {
+        Self::validate_name("branch", name)?;
+        if !allow_unborn && self.branch_target(name)?.is_none() {
+            return Err(HistoryError::NoSuchBranch(name.to_string()));
+        }
+        let _lock = self.lock()?;
+        self.git
+            .reference_symbolic(
+                HEAD_REF,
+                &format!("{BRANCH_PREFIX}{name}"),
+                true,
+                &format!("coin switch: to {name}"),
+            )
+            .map_err(HistoryError::git(format!("update {HEAD_REF}")))?;
+        Ok(())
+    }
+
+    /// Move branch `name` from `expected` (None: must not exist) to `new`, atomically. The
+    /// caller holds the repository lock; libgit2 also takes the ref's own `.lock` file.
+    pub(crate) fn update_branch(
+        &self,
+        name: &str,
+        expected: Option<Oid>,
+        new: Oid,
+        message: &str,
+    ) -> Result<(), HistoryError> {
+        let full = format!("{BRANCH_PREFIX}{name}");
+        let result = match expected {
+            Some(old) => self
+                .git
+                .reference_matching(&full, new, true, old, message)
+                .map(|_| ()),
+            None => self.git.reference(&full, new, false, message).map(|_| ()),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    ErrorCode::Modified | ErrorCode::Exists | ErrorCode::NotFound
+                ) =>
+            {
+                let actual = self.branch_target(name)?;
+                Err(HistoryError::BranchMoved {
+                    branch: name.to_string(),
+                    expected: expected.map_or("(none)".to_string(), |o| short_id(o)),
+                    actual: actual.map_or("(deleted)".to_string(), |o| short_id(o)),
+                })
+            }
+            Err(e) => Err(HistoryError::git(format!("update {full}"))(e)),
+        }
+    }
+}
+
+/// The 12-hex-digit short form of a checkpoint id.
+pub fn short_id(oid: Oid) -> String {
+    let s = oid.to_string();
+    s[..12.min(s.len())].to_string()
+}
+
+fn init_git(root: &Path) -> Result<Repository, HistoryError> {
+    Repository::init(root).map_err(HistoryError::git(format!(
+        "create a git repository in '{}'",
+        root.display()
+    )))
+}
+
+/// Add `/<rel>/.coin/` to `.git/info/exclude` so git ignores the store.
+fn exclude_coin_dir(git: &Repository, root: &Path) -> Result<(), HistoryError> {
+    let Some(workdir) = git.workdir().and_then(|w| w.canonicalize().ok()) else {
+        return Ok(());
+    };
+    let rel = root.strip_prefix(&workdir).unwrap_or(Path::new(""));
+    let mut pattern = String::from("/");
+    for c in rel.components() {
+        pattern.push_str(&c.as_os_str().to_string_lossy());
+        pattern.push('/');
+    }
+    pattern.push_str(".coin/");
+    let info = git.path().join("info");
+    std::fs::create_dir_all(&info).map_err(HistoryError::io("create directory", &info))?;
+    let path = info.join("exclude");
+    let mut text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(HistoryError::io("read", &path)(e)),
+    };
+    if text.lines().any(|l| l.trim() == pattern) {
+        return Ok(());
+    }
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&pattern);
+    text.push('\n');
+    fsutil::write_atomic(&path, text).map_err(HistoryError::io("write", &path))
+}
+
+/// Parse `YYYY-MM-DDTHH:MM:SS(Z|±HH:MM)` or `@SECONDS [±HHMM]` into (unix seconds, offset
+/// minutes).
+pub(crate) fn parse_date(s: &str) -> Option<(i64, i32)> {
+    let s = s.trim();
+    if let Some(rest) = s.strip_prefix('@') {
+        let mut parts = rest.split_whitespace();
+        let secs = parts.next()?.parse().ok()?;
+        return Some((secs, 0));
+    }
+    let (date, time) = s.split_once(['T', ' '])?;
+    let mut d = date.split('-');
+    let y: i64 = d.next()?.parse().ok()?;
+    let mo: u32 = d.next()?.parse().ok()?;
+    let da: u32 = d.next()?.parse().ok()?;
+    let (clock, offset) = if let Some(c) = time.strip_suffix('Z') {
+        (c, 0)
+    } else {
+        let idx = time.rfind(['+', '-'])?;
+        let (c, off) = time.split_at(idx);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let off = &off[1..];
+        let (oh, om) = off.split_once(':').unwrap_or((off.get(..2)?, off.get(2..)?));
+        (c, sign * (oh.parse::<i32>().ok()? * 60 + om.parse::<i32>().ok()?))
+    };
+    let mut t = clock.split(':');
+    let h: i64 = t.next()?.parse().ok()?;
+    let mi: i64 = t.next()?.parse().ok()?;
+    let se: i64 = t.next()?.split('.').next()?.parse().ok()?;
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = if y2 >= 0 { y2 } else { y2 - 399 } / 400;
+    let yoe = y2 - era * 400;
+    let mp = (i64::from(mo) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(da) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let local = days * 86_400 + h * 3600 + mi * 60 + se;
+    Some((local - i64::from(offset) * 60, offset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(parse_date("1970-01-01T00:00:00Z"), Some((0, 0)));
+        assert_eq!(
+            parse_date("2001-02-03T04:05:06+00:00"),
+            Some((981_173_106, 0))
+        );
+        assert_eq!(
+            parse_date("2001-02-03T05:05:06+01:00"),
+            Some((981_173_106, 60))
+        );
+        assert_eq!(parse_date("@12345"), Some((12345, 0)));
+        assert_eq!(parse_date("garbage"), None);
+        assert_eq!(parse_date("2001-13-03T04:05:06Z"), None);
+    }
+
+    #[test]
+    fn names() {
+        assert!(CoinRepo::validate_name("branch", "order-b").is_ok());
+        assert!(CoinRepo::validate_name("branch", "a/b").is_ok());
+        for bad in ["", "HEAD", "a~1", "a^", "-x", "a..b", "a b", "x.lock", "/a"] {
+            assert!(CoinRepo::validate_name("branch", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Revision syntax: full ids and unique hex prefixes, branch and tag names, `HEAD` (or `@`),
+//! followed by any number of `~N` / `~` (N-th first-parent ancestor) and `^N` / `^` (N-th
+//! parent) suffixes.
+
+use std::collections::BTreeSet;
+
+use git2::Oid;
+
+use super::repo::{short_id, CoinRepo, BRANCH_PREFIX, TAG_PREFIX};
+use super::HistoryError;
+
+enum Step {
+    Ancestor(usize),
+    Parent(usize),
+}
+
+fn split_rev(rev: &str) -> Result<(&str, Vec<Step>), HistoryError> {
+    let bad = |message: &str| HistoryError::BadRevision {
+        rev: rev.to_string(),
+        message: message.to_string(),
+    };
+    let idx = rev.find(['~', '^']).unwrap_or(rev.len());
+    let (base, mut rest) = rev.split_at(idx);
+    if base.is_empty() {
+        return Err(bad("it names no checkpoint before the ~ or ^"));
+    }
+    let mut steps = Vec::new();
+    while let Some(op) = rest.chars().next() {
+        rest = &rest[1..];
+        let digits_end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let (digits, tail) = rest.split_at(digits_end);
+        rest = tail;
+        let n = if digits.is_empty() {
+            1
+        } else {
+            digits
+                .parse::<usize>()
+                .map_err(|_| bad("the number after ~ or ^ is too large"))?
+        };
+        match op {
+            '~' => steps.push(Step::Ancestor(n)),
+            '^' => steps.push(Step::Parent(n)),
+            _ => return Err(bad("expected ~N or ^N after the name")),
+        }
+    }
+    Ok((base, steps))
+}
+
+impl CoinRepo {
+    /// Resolve a revision to a checkpoint id.
+    pub fn resolve(&self, rev: &str) -> Result<Oid, HistoryError> {
+        let rev = rev.trim();
+        if rev.is_empty() {
+            return Err(HistoryError::BadRevision {
+                rev: rev.to_string(),
+                message: "it is empty".to_string(),
+            });
+        }
+        let (base, steps) = split_rev(rev)?;
+        let mut id = self.resolve_base(base)?;
+        for step in steps {
+            let commit = self
+                .git()
+                .find_commit(id)
+                .map_err(HistoryError::git(format!("read checkpoint {}", short_id(id))))?;
+            match step {
+                Step::Ancestor(n) => {
+                    let mut c = commit;
+                    for i in 0..n {
+                        c = c.parent(0).map_err(|_| HistoryError::BadRevision {
+                            rev: rev.to_string(),
+                            message: format!(
+                                "{} has no parent ({} steps back is past the first checkpoint)",
+                                short_id(c.id()),
+                                i + 1
+                            ),
+                        })?;
+                    }
+                    id = c.id();
+                }
+                Step::Parent(0) => {}
+                Step::Parent(n) => {
+                    id = commit
+                        .parent_id(n - 1)
+                        .map_err(|_| HistoryError::BadRevision {
+                            rev: rev.to_string(),
+                            message: format!("{} has no parent number {n}", short_id(id)),
+                        })?;
+                }
+            }
+        }
+        Ok(id)
+    }
+
+    fn resolve_base(&self, base: &str) -> Result<Oid, HistoryError> {
+        if base == "HEAD" || base == "@" {
+            let branch = self.current_branch()?;
+            return self
+                .branch_target(&branch)?
+                .ok_or(HistoryError::EmptyBranch(branch));
+        }
+        if git2::Reference::is_valid_name(&format!("{BRANCH_PREFIX}{base}")) {
+            if let Some(id) = self.ref_target(&format!("{BRANCH_PREFIX}{base}"))? {
+                return Ok(id);
+            }
+            if let Some(id) = self.ref_target(&format!("{TAG_PREFIX}{base}"))? {
+                return Ok(id);
+            }
+        }
+        let lower = base.to_ascii_lowercase();
+        if lower.len() >= 4 && lower.len() <= 40 && lower.chars().all(|c| c.is_ascii_hexdigit())
+        {
+            if lower.len() == 40 {
+                if let Ok(oid) = Oid::from_str(&lower) {
+                    if self.git().find_commit(oid).is_ok() {
+                        return Ok(oid);
+                    }
+                }
+            }
+            let matches: Vec<Oid> = self
+                .known_checkpoints()?
+                .into_iter()
+                .filter(|o| o.to_string().starts_with(&lower))
+                .collect();
+            match matches.len() {
+                0 => {}
+                1 => return Ok(matches[0]),
+                _ => {
+                    return Err(HistoryError::AmbiguousRevision {
+                        rev: base.to_string(),
+                        candidates: matches.iter().map(|o| o.to_string()).collect(),
+                    })
+                }
+            }
+        }
+        Err(HistoryError::UnknownRevision(base.to_string()))
+    }
+
+    /// Every commit reachable from coin branches and tags, their reflogs and the notes.
+    pub fn known_checkpoints(&self) -> Result<BTreeSet<Oid>, HistoryError> {
+        let roots = self.coin_roots()?;
+        let mut walk = self
+            .git()
+            .revwalk()
+            .map_err(HistoryError::git("walk the history"))?;
+        for r in &roots {
+            // A root that is gone (pruned by git) is reported by fsck, not here.
+            let _ = walk.push(r.id);
+        }
+        let mut out = BTreeSet::new();
+        for oid in walk {
+            out.insert(oid.map_err(HistoryError::git("walk the history"))?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split() {
+        let (b, s) = split_rev("main~2^").unwrap();
+        assert_eq!(b, "main");
+        assert!(matches!(s[..], [Step::Ancestor(2), Step::Parent(1)]));
+        let (b, s) = split_rev("abc123").unwrap();
+        assert_eq!(b, "abc123");
+        assert!(s.is_empty());
+        let (_, s) = split_rev("HEAD~").unwrap();
+        assert!(matches!(s[..], [Step::Ancestor(1)]));
+        assert!(split_rev("~1").is_err());
+        assert!(split_rev("HEAD~99999999999999999999999").is_err());
+    }
+}
