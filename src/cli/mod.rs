@@ -53,9 +53,6 @@ pub struct GlobalArgs {
     /// Print no status messages on stderr
     #[arg(short, long, global = true)]
     pub quiet: bool,
-    /// Override a configuration value for this command (repeatable)
-    #[arg(long = "config", global = true, value_name = "KEY=VALUE")]
-    pub config: Vec<String>,
 }
 
 /// What every command gets besides its own arguments.
