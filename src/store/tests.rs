@@ -576,3 +576,22 @@ fn fuzz_bodies_survive_a_hostile_corpus() {
     // The last one is valid and must parse.
     assert!(serde_json::from_slice::<FileEntry>(manifests[7]).is_ok());
 }
+
+#[test]
+fn file_entry_json_refuses_unknown_fields_and_kinds() {
+    let id = "0".repeat(64);
+    let ok = format!(r#"{{"kind":"blob","id":"{id}","size":3}}"#);
+    assert!(serde_json::from_str::<FileEntry>(&ok).is_ok());
+    for bad in [
+        format!(r#"{{"kind":"blob","id":"{id}","size":3,"extra":1}}"#),
+        format!(r#"{{"kind":"tree","id":"{id}","size":3}}"#),
+        format!(
+            r#"{{"kind":"safetensors","header":"{id}","size":3,"tensors":[{{"name":"a","dtype":"F32","shape":[],"id":"{id}","bytes":4,"x":0}}]}}"#
+        ),
+        format!(
+            r#"{{"kind":"safetensors","header":"{id}","size":3,"tensors":[{{"name":"a","dtype":"F7","shape":[],"id":"{id}","bytes":4}}]}}"#
+        ),
+    ] {
+        assert!(serde_json::from_str::<FileEntry>(&bad).is_err(), "{bad}");
+    }
+}
