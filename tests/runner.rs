@@ -2,6 +2,7 @@
 
 mod common;
 
+mod test_history;
 mod test_metrics_command;
 mod test_store_crash;
 

@@ -140,7 +140,11 @@ fn note_targets(
         let oid = match oid {
             Ok(o) => o,
             Err(e) => {
-                problems.push(problem(NOTES_REF, "note", format!("walking the notes: {e}")));
+                problems.push(problem(
+                    NOTES_REF,
+                    "note",
+                    format!("walking the notes: {e}"),
+                ));
                 break;
             }
         };
@@ -324,9 +328,7 @@ impl CoinRepo {
 
         if include_other_refs {
             let mut other = Vec::new();
-            let all = git
-                .references()
-                .map_err(HistoryError::git("list refs"))?;
+            let all = git.references().map_err(HistoryError::git("list refs"))?;
             for r in all.flatten() {
                 let Ok(name) = r.name().map(str::to_string) else {
                     continue;

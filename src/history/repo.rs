@@ -484,8 +484,13 @@ pub(crate) fn parse_date(s: &str) -> Option<(i64, i32)> {
         let (c, off) = time.split_at(idx);
         let sign = if off.starts_with('-') { -1 } else { 1 };
         let off = &off[1..];
-        let (oh, om) = off.split_once(':').unwrap_or((off.get(..2)?, off.get(2..)?));
-        (c, sign * (oh.parse::<i32>().ok()? * 60 + om.parse::<i32>().ok()?))
+        let (oh, om) = off
+            .split_once(':')
+            .unwrap_or((off.get(..2)?, off.get(2..)?));
+        (
+            c,
+            sign * (oh.parse::<i32>().ok()? * 60 + om.parse::<i32>().ok()?),
+        )
     };
     let mut t = clock.split(':');
     let h: i64 = t.next()?.parse().ok()?;

@@ -4,6 +4,7 @@
 mod branch;
 mod checkout;
 mod commit;
+mod debug;
 mod diff;
 mod eval;
 mod fsck;
@@ -11,7 +12,6 @@ mod gc;
 mod history_util;
 mod init;
 mod log;
-mod debug;
 mod metrics;
 mod show;
 mod stats;
