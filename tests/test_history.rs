@@ -487,7 +487,7 @@ fn killed_commit_or_gc_leaves_a_clean_repository_at_every_fault_point() {
             "store.object.after_write",
             "store.object.before_rename",
             "store.object.after_rename",
-            "store.object.after_rename:4",
+            "store.object.after_rename:2",
             "store.ingest.after_tensor",
             "store.ingest.after_tensor:3",
             "gc.after_remove:2",
@@ -670,4 +670,25 @@ fn init_creates_the_documented_layout() {
         .git_in(&root, &["config", "core.logAllRefUpdates"])
         .success();
     assert_eq!(cfg.stdout.trim(), "always");
+}
+
+#[test]
+fn killed_eval_record_leaves_a_clean_repository() {
+    for point in coin::history::FAULT_POINTS
+        .iter()
+        .filter(|p| p.starts_with("note."))
+    {
+        let env = setup();
+        adapter_dir(&env, "a1", 0.0);
+        let id = commit(&env, &["a1", "--task", "A"]);
+        env.write("eval_b.json", EVAL_B);
+        let args = ["eval", "HEAD", "--record", "eval_b.json"];
+        let out = run_with(&env, &[("COIN_FAULT", point)], &args);
+        assert_eq!(out.code, -1, "{point} was not reached: {}", out.stderr);
+        env.coin(&["fsck"]).success();
+        env.coin(&args).success();
+        let show = env.coin(&["show", "--json"]).success().json();
+        assert_eq!(show["id"], id.as_str());
+        assert_eq!(show["eval"]["TextVQA"]["source"], "note");
+    }
 }
