@@ -410,8 +410,8 @@ impl CoinRepo {
                 let actual = self.branch_target(name)?;
                 Err(HistoryError::BranchMoved {
                     branch: name.to_string(),
-                    expected: expected.map_or("(none)".to_string(), |o| short_id(o)),
-                    actual: actual.map_or("(deleted)".to_string(), |o| short_id(o)),
+                    expected: expected.map_or("(none)".to_string(), short_id),
+                    actual: actual.map_or("(deleted)".to_string(), short_id),
                 })
             }
             Err(e) => Err(HistoryError::git(format!("update {full}"))(e)),
