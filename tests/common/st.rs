@@ -68,7 +68,7 @@ pub fn safetensors(tensors: &[T]) -> Vec<u8> {
         offset = end;
     }
     let mut json = serde_json::to_vec(&header).expect("json");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
