@@ -61,6 +61,8 @@ pub struct GcReport {
     pub removed: Vec<String>,
     /// Bytes freed (0 for a dry run).
     pub freed_bytes: u64,
+    /// Temp files of interrupted object writes (older than an hour) removed.
+    pub temp_files_removed: usize,
 }
 
 /// The result of `coin stats`.
@@ -444,11 +446,20 @@ impl CoinRepo {
             }
             removed.push(id.to_hex());
         }
+        // Leftovers of killed writers. Writers under the repository lock cannot be running;
+        // the hour covers any writer that does not take it.
+        let temp_files_removed = if dry_run {
+            0
+        } else {
+            self.store()
+                .remove_temp_files(std::time::Duration::from_secs(3600))?
+        };
         Ok(GcReport {
             dry_run,
             kept,
             removed,
             freed_bytes: freed,
+            temp_files_removed,
         })
     }
 
