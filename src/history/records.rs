@@ -428,6 +428,18 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parse_manifest_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = parse_manifest(&bytes);
+        }
+
+        #[test]
+        fn parse_eval_file_never_panics(text in ".{0,200}") {
+            let _ = parse_eval_file(&text);
+        }
+    }
+
     #[test]
     fn rel_paths() {
         assert!(validate_rel_path("a/b.safetensors").is_ok());
