@@ -4,6 +4,7 @@ mod common;
 
 mod test_bench_data_command;
 mod test_judge_command;
+mod test_history;
 mod test_metrics_command;
 mod test_model_command;
 mod test_parity;

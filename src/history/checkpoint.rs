@@ -171,9 +171,9 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>, HistoryError>
 }
 
 fn file_name_utf8(path: &Path) -> Result<String, HistoryError> {
-    let name = path.file_name().ok_or_else(|| {
-        HistoryError::Input(format!("'{}' has no file name", path.display()))
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| HistoryError::Input(format!("'{}' has no file name", path.display())))?;
     name.to_str().map(str::to_string).ok_or_else(|| {
         HistoryError::Input(format!(
             "the file name of '{}' is not UTF-8; rename it to commit it",
@@ -184,12 +184,8 @@ fn file_name_utf8(path: &Path) -> Result<String, HistoryError> {
 
 /// Read the adapter kind and config from an `adapter_config.json` file.
 fn adapter_info(bytes: &[u8], disk: &Path) -> Result<AdapterInfo, HistoryError> {
-    let config: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        HistoryError::Input(format!(
-            "'{}' is not valid JSON: {e}",
-            disk.display()
-        ))
-    })?;
+    let config: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| HistoryError::Input(format!("'{}' is not valid JSON: {e}", disk.display())))?;
     let kind = config
         .get("peft_type")
         .and_then(|v| v.as_str())
@@ -441,7 +437,10 @@ impl CoinRepo {
             let c = self
                 .git()
                 .find_commit(id)
-                .map_err(HistoryError::git(format!("read checkpoint {}", short_id(id))))?;
+                .map_err(HistoryError::git(format!(
+                    "read checkpoint {}",
+                    short_id(id)
+                )))?;
             cur = c.parent_ids().next();
         }
         Ok(out)

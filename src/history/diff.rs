@@ -303,7 +303,10 @@ mod tests {
 
     #[test]
     fn decode_dtypes() {
-        let f32s: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f32s: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         assert_eq!(decode_f64("F32", &f32s).unwrap(), vec![1.5, -2.0]);
         let f16s: Vec<u8> = [half::f16::from_f32(0.5), half::f16::from_f32(-3.0)]
             .iter()

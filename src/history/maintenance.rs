@@ -61,6 +61,8 @@ pub struct GcReport {
     pub removed: Vec<String>,
     /// Bytes freed (0 for a dry run).
     pub freed_bytes: u64,
+    /// Temp files of interrupted object writes (older than an hour) removed.
+    pub temp_files_removed: usize,
 }
 
 /// The result of `coin stats`.
@@ -140,7 +142,11 @@ fn note_targets(
         let oid = match oid {
             Ok(o) => o,
             Err(e) => {
-                problems.push(problem(NOTES_REF, "note", format!("walking the notes: {e}")));
+                problems.push(problem(
+                    NOTES_REF,
+                    "note",
+                    format!("walking the notes: {e}"),
+                ));
                 break;
             }
         };
@@ -324,9 +330,7 @@ impl CoinRepo {
 
         if include_other_refs {
             let mut other = Vec::new();
-            let all = git
-                .references()
-                .map_err(HistoryError::git("list refs"))?;
+            let all = git.references().map_err(HistoryError::git("list refs"))?;
             for r in all.flatten() {
                 let Ok(name) = r.name().map(str::to_string) else {
                     continue;
@@ -442,11 +446,20 @@ impl CoinRepo {
             }
             removed.push(id.to_hex());
         }
+        // Leftovers of killed writers. Writers under the repository lock cannot be running;
+        // the hour covers any writer that does not take it.
+        let temp_files_removed = if dry_run {
+            0
+        } else {
+            self.store()
+                .remove_temp_files(std::time::Duration::from_secs(3600))?
+        };
         Ok(GcReport {
             dry_run,
             kept,
             removed,
             freed_bytes: freed,
+            temp_files_removed,
         })
     }
 

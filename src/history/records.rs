@@ -306,7 +306,10 @@ pub fn validate_task_name(task: &str) -> Result<(), String> {
     if task.starts_with('.') {
         return Err(format!("task name '{task}' must not start with '.'"));
     }
-    if task.chars().any(|c| c == '/' || c == '\\' || c.is_control()) {
+    if task
+        .chars()
+        .any(|c| c == '/' || c == '\\' || c.is_control())
+    {
         return Err(format!(
             "task name '{}' must not contain '/', '\\' or control characters",
             task.escape_debug()
@@ -321,7 +324,10 @@ pub fn validate_rel_path(path: &str) -> Result<(), String> {
         return Err("empty file path".to_string());
     }
     if path.contains('\\') || path.chars().any(|c| c.is_control()) {
-        return Err(format!("file path '{}' is not allowed", path.escape_debug()));
+        return Err(format!(
+            "file path '{}' is not allowed",
+            path.escape_debug()
+        ));
     }
     for part in path.split('/') {
         if part.is_empty() || part == "." || part == ".." {
@@ -372,15 +378,21 @@ mod tests {
             br#"{"format":"coin.manifest","schema":99,"files":{}}"#,
             br#"{"format":"coin.manifest","schema":1,"files":{"../x":{"kind":"blob"}}}"#,
         ] {
-            assert!(parse_manifest(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_manifest(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert!(parse_manifest(br#"{"format":"coin.manifest","schema":1,"files":{}}"#).is_ok());
     }
 
     #[test]
     fn eval_file_validation() {
-        let ok = parse_eval_file(r#"{"ScienceQA": {"metric": "accuracy", "score": 71.5, "n": 10, "extra": true}}"#)
-            .unwrap();
+        let ok = parse_eval_file(
+            r#"{"ScienceQA": {"metric": "accuracy", "score": 71.5, "n": 10, "extra": true}}"#,
+        )
+        .unwrap();
         assert_eq!(ok["ScienceQA"].score, 71.5);
         assert_eq!(ok["ScienceQA"].extra["extra"], serde_json::json!(true));
         let cases = [
@@ -389,15 +401,42 @@ mod tests {
             ("{}", "no results"),
             (r#"{"A": 3}"#, "expected an object"),
             (r#"{"A": {"metric": "acc", "n": 1}}"#, "missing \"score\""),
-            (r#"{"A": {"metric": "acc", "score": 101, "n": 1}}"#, "between 0 and 100"),
-            (r#"{"A": {"metric": "acc", "score": 1, "n": -1}}"#, "task 'A'"),
-            (r#"{"A": {"metric": "acc", "score": "x", "n": 1}}"#, "task 'A'"),
-            (r#"{"a/b": {"metric": "acc", "score": 1, "n": 1}}"#, "must not contain"),
-            (r#"{"": {"metric": "acc", "score": 1, "n": 1}}"#, "must not be empty"),
+            (
+                r#"{"A": {"metric": "acc", "score": 101, "n": 1}}"#,
+                "between 0 and 100",
+            ),
+            (
+                r#"{"A": {"metric": "acc", "score": 1, "n": -1}}"#,
+                "task 'A'",
+            ),
+            (
+                r#"{"A": {"metric": "acc", "score": "x", "n": 1}}"#,
+                "task 'A'",
+            ),
+            (
+                r#"{"a/b": {"metric": "acc", "score": 1, "n": 1}}"#,
+                "must not contain",
+            ),
+            (
+                r#"{"": {"metric": "acc", "score": 1, "n": 1}}"#,
+                "must not be empty",
+            ),
         ];
         for (text, expect) in cases {
             let err = parse_eval_file(text).unwrap_err();
             assert!(err.contains(expect), "{text}: {err}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_manifest_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = parse_manifest(&bytes);
+        }
+
+        #[test]
+        fn parse_eval_file_never_panics(text in ".{0,200}") {
+            let _ = parse_eval_file(&text);
         }
     }
 

@@ -410,8 +410,8 @@ impl CoinRepo {
                 let actual = self.branch_target(name)?;
                 Err(HistoryError::BranchMoved {
                     branch: name.to_string(),
-                    expected: expected.map_or("(none)".to_string(), |o| short_id(o)),
-                    actual: actual.map_or("(deleted)".to_string(), |o| short_id(o)),
+                    expected: expected.map_or("(none)".to_string(), short_id),
+                    actual: actual.map_or("(deleted)".to_string(), short_id),
                 })
             }
             Err(e) => Err(HistoryError::git(format!("update {full}"))(e)),
@@ -484,8 +484,13 @@ pub(crate) fn parse_date(s: &str) -> Option<(i64, i32)> {
         let (c, off) = time.split_at(idx);
         let sign = if off.starts_with('-') { -1 } else { 1 };
         let off = &off[1..];
-        let (oh, om) = off.split_once(':').unwrap_or((off.get(..2)?, off.get(2..)?));
-        (c, sign * (oh.parse::<i32>().ok()? * 60 + om.parse::<i32>().ok()?))
+        let (oh, om) = off
+            .split_once(':')
+            .unwrap_or((off.get(..2)?, off.get(2..)?));
+        (
+            c,
+            sign * (oh.parse::<i32>().ok()? * 60 + om.parse::<i32>().ok()?),
+        )
     };
     let mut t = clock.split(':');
     let h: i64 = t.next()?.parse().ok()?;

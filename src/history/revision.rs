@@ -64,7 +64,10 @@ impl CoinRepo {
             let commit = self
                 .git()
                 .find_commit(id)
-                .map_err(HistoryError::git(format!("read checkpoint {}", short_id(id))))?;
+                .map_err(HistoryError::git(format!(
+                    "read checkpoint {}",
+                    short_id(id)
+                )))?;
             match step {
                 Step::Ancestor(n) => {
                     let mut c = commit;
@@ -110,8 +113,7 @@ impl CoinRepo {
             }
         }
         let lower = base.to_ascii_lowercase();
-        if lower.len() >= 4 && lower.len() <= 40 && lower.chars().all(|c| c.is_ascii_hexdigit())
-        {
+        if lower.len() >= 4 && lower.len() <= 40 && lower.chars().all(|c| c.is_ascii_hexdigit()) {
             if lower.len() == 40 {
                 if let Ok(oid) = Oid::from_str(&lower) {
                     if self.git().find_commit(oid).is_ok() {

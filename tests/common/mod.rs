@@ -1,6 +1,8 @@
 //! The end-to-end test harness: runs the real `coin` binary in a hermetic temp environment.
 #![allow(dead_code, clippy::disallowed_methods)]
 
+pub mod st;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

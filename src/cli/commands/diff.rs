@@ -39,10 +39,22 @@ pub fn cmd_diff(ui: &mut Ui, helper: &CommandHelper, args: &DiffArgs) -> Result<
     if d.eval.is_empty() {
         writeln!(out, "No eval records in either checkpoint.")?;
     } else {
-        let w = d.eval.iter().map(|e| e.task.chars().count()).max().unwrap_or(4).max(4);
-        writeln!(out, "{:<w$}  {:>8}  {:>8}  {:>8}", "task", "A", "B", "delta")?;
+        let w = d
+            .eval
+            .iter()
+            .map(|e| e.task.chars().count())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        writeln!(
+            out,
+            "{:<w$}  {:>8}  {:>8}  {:>8}",
+            "task", "A", "B", "delta"
+        )?;
         for e in &d.eval {
-            let delta = e.delta.map_or_else(|| "—".to_string(), |v| format!("{v:+.2}"));
+            let delta = e
+                .delta
+                .map_or_else(|| "—".to_string(), |v| format!("{v:+.2}"));
             let mark = if e.forgetting { "  forgetting" } else { "" };
             writeln!(
                 out,
@@ -59,7 +71,11 @@ pub fn cmd_diff(ui: &mut Ui, helper: &CommandHelper, args: &DiffArgs) -> Result<
         writeln!(out, "{:<8} {}", f.change, f.path)?;
     }
     if d.tensors.is_empty() {
-        writeln!(out, "No tensor changes ({} unchanged).", d.unchanged_tensors)?;
+        writeln!(
+            out,
+            "No tensor changes ({} unchanged).",
+            d.unchanged_tensors
+        )?;
     } else {
         writeln!(
             out,

@@ -119,7 +119,10 @@ pub fn evals_json(evals: &BTreeMap<String, (EvalRecord, EvalSource)>) -> serde_j
     for (task, (rec, source)) in evals {
         let mut v = serde_json::to_value(rec).unwrap_or(serde_json::Value::Null);
         if let serde_json::Value::Object(o) = &mut v {
-            o.insert("source".into(), serde_json::to_value(source).unwrap_or_default());
+            o.insert(
+                "source".into(),
+                serde_json::to_value(source).unwrap_or_default(),
+            );
         }
         map.insert(task.clone(), v);
     }
@@ -141,7 +144,11 @@ pub fn format_time(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", rem / 3600, (rem % 3600) / 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
 }
 
 #[cfg(test)]

@@ -88,11 +88,7 @@ pub fn cmd_show(ui: &mut Ui, helper: &CommandHelper, args: &ShowArgs) -> Result<
         match e {
             FileEntry::Blob { size, .. } => writeln!(out, "  {path}  ({size} bytes)")?,
             FileEntry::Safetensors { size, tensors, .. } => {
-                writeln!(
-                    out,
-                    "  {path}  ({size} bytes, {} tensors)",
-                    tensors.len()
-                )?;
+                writeln!(out, "  {path}  ({size} bytes, {} tensors)", tensors.len())?;
                 for t in tensors {
                     writeln!(
                         out,
@@ -109,7 +105,12 @@ pub fn cmd_show(ui: &mut Ui, helper: &CommandHelper, args: &ShowArgs) -> Result<
     if !cp.evals.is_empty() {
         writeln!(out)?;
         writeln!(out, "eval:")?;
-        let width = cp.evals.keys().map(|k| k.chars().count()).max().unwrap_or(4);
+        let width = cp
+            .evals
+            .keys()
+            .map(|k| k.chars().count())
+            .max()
+            .unwrap_or(4);
         for (task, (r, source)) in &cp.evals {
             let src = match source {
                 crate::history::EvalSource::Tree => "commit",

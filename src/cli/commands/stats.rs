@@ -27,6 +27,10 @@ pub fn cmd_stats(
     let out = ui.out();
     writeln!(out, "objects        {}", s.objects)?;
     writeln!(out, "stored bytes   {}", s.stored_bytes)?;
-    writeln!(out, "logical bytes  {}  ({} checkpoints)", s.logical_bytes, s.checkpoints)?;
+    writeln!(
+        out,
+        "logical bytes  {}  ({} checkpoints)",
+        s.logical_bytes, s.checkpoints
+    )?;
     Ok(())
 }
