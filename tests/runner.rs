@@ -3,8 +3,8 @@
 mod common;
 
 mod test_bench_data_command;
-mod test_judge_command;
 mod test_history;
+mod test_judge_command;
 mod test_metrics_command;
 mod test_model_command;
 mod test_parity;

@@ -95,6 +95,10 @@ impl CoinRepo {
         // Reflogs for refs/coin/* (not logged by default) so gc can keep what they reach.
         cfg.set_str("core.logAllRefUpdates", "always")
             .map_err(HistoryError::git("set core.logAllRefUpdates"))?;
+        // libgit2 fsyncs loose objects and refs only when asked: a checkpoint must survive a
+        // power cut, not just a killed process.
+        cfg.set_bool("core.fsyncObjectFiles", true)
+            .map_err(HistoryError::git("set core.fsyncObjectFiles"))?;
         exclude_coin_dir(&git, &root)?;
 
         std::fs::create_dir_all(&coin_dir)

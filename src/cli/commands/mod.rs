@@ -30,7 +30,6 @@ use super::{CommandError, CommandHelper, Ui};
 /// Every coin command.
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
-    Metrics(metrics::MetricsArgs),
     Init(init::InitArgs),
     Commit(commit::CommitArgs),
     Log(log::LogArgs),
@@ -45,6 +44,7 @@ pub enum Command {
     Fsck(fsck::FsckArgs),
     Gc(gc::GcArgs),
     Stats(stats::StatsArgs),
+    Metrics(metrics::MetricsArgs),
     #[command(hide = true)]
     Debug(debug::DebugArgs),
     Score(score::ScoreArgs),
@@ -84,11 +84,59 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
     }
 }
 
+/// The CLI reference in Markdown, rendered from the clap definitions (docs/cli.md).
+pub fn cli_reference() -> String {
+    use clap::CommandFactory;
+    fn walk(cmd: &mut clap::Command, path: &str, out: &mut String) {
+        let help = cmd.render_long_help().to_string();
+        out.push_str(&format!(
+            "## `{path}`\n\n```text\n{}\n```\n\n",
+            help.trim_end()
+        ));
+        let names: Vec<String> = cmd
+            .get_subcommands()
+            .filter(|c| !c.is_hide_set() && c.get_name() != "help")
+            .map(|c| c.get_name().to_string())
+            .collect();
+        for name in names {
+            if let Some(sub) = cmd.find_subcommand_mut(&name) {
+                walk(sub, &format!("{path} {name}"), out);
+            }
+        }
+    }
+    let mut out = String::from(
+        "# coin CLI reference\n\nGenerated from the clap definitions by \
+         `COIN_UPDATE_DOCS=1 cargo test --lib cli_reference_is_current`; a test fails when this \
+         file is stale. Every read command takes `--json`: data on stdout, status on stderr. \
+         Exit codes: 0 ok, 1 user or repository error, 2 usage error, 3 broken pipe, 255 internal \
+         error.\n\n",
+    );
+    let mut cmd = super::Cli::command().term_width(100);
+    cmd.build();
+    walk(&mut cmd, "coin", &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         use clap::CommandFactory;
         super::super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn cli_reference_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/cli.md");
+        let want = super::cli_reference();
+        if std::env::var_os("COIN_UPDATE_DOCS").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == want,
+            "docs/cli.md is stale: run `COIN_UPDATE_DOCS=1 cargo test --lib cli_reference_is_current`"
+        );
     }
 }
