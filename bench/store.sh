@@ -8,8 +8,8 @@
 #   bench/store.sh                 # release build (what docs/benchmarks.md reports)
 #   PROFILE=dev bench/store.sh     # reuse the dev build (deps are opt-level 3 there too)
 #
-# Until `coin commit` exists on this branch, coin is measured through the hidden
-# `coin debug store-ingest` / `store-materialize` commands (the Store API, no git commit).
+# coin is measured through the real commands: `coin commit` (store objects, manifest, git
+# commit, ref update, all fsynced) and `coin checkout REV --output DIR`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -100,6 +100,8 @@ def run_sequence(name, n_tensors, tensor_bytes, dtype, elem):
         os.makedirs(repo)
         f = os.path.join(repo, "model.safetensors")
         shutil.copyfile(src, f)
+        if tool == "coin":
+            sh(f"'{COIN}' -q init .", repo)
         if tool == "git-lfs":
             sh("git init -q && git lfs install --local >/dev/null && git lfs track '*.safetensors' >/dev/null"
                " && git add .gitattributes && git -c user.name=b -c user.email=b@b commit -qm init", repo)
@@ -113,8 +115,7 @@ def run_sequence(name, n_tensors, tensor_bytes, dtype, elem):
                 rewrite_tensor(f, offsets[k], tensor_bytes)
             # the file was just written: it is in the page cache for every tool alike
             if tool == "coin":
-                dt, r, out = timed([COIN, "debug", "store-ingest", "--store", ".coin", "model.safetensors"], cwd=repo)
-                entries.append(out)
+                dt, r, out = timed([COIN, "-q", "commit", "model.safetensors", "--task", "bench", "-m", f"s{step}"], cwd=repo)
                 stored.append(du(os.path.join(repo, ".coin", "objects")))
             elif tool == "git-lfs":
                 dt, r, _ = timed(["sh", "-c", f"git add model.safetensors && git -c user.name=b -c user.email=b@b commit -qm s{step}"], cwd=repo)
@@ -126,11 +127,8 @@ def run_sequence(name, n_tensors, tensor_bytes, dtype, elem):
             rss.append(r)
         # checkout: rebuild step 0's file from the store into the working location
         if tool == "coin":
-            ej = os.path.join(repo, "step0.json")
-            with open(ej, "w") as fh:
-                fh.write(entries[0])
             out = os.path.join(repo, "out")
-            co, co_rss, _ = timed([COIN, "debug", "store-materialize", "--store", ".coin", "--entries", ej, "--output", out], cwd=repo)
+            co, co_rss, _ = timed([COIN, "-q", "checkout", f"HEAD~{STEPS}", "--output", out], cwd=repo)
             restored = os.path.join(out, "model.safetensors")
         elif tool == "git-lfs":
             os.remove(f)
