@@ -348,6 +348,20 @@ fn gt_answer(kind: ScorerKind, rec: &TestRecord) -> Result<&str, TaskError> {
     })
 }
 
+/// The question an answer line refers to, or an error naming its id.
+fn question_of<'a>(
+    kind: ScorerKind,
+    qs: &HashMap<&Qid, &'a TestRecord>,
+    id: &Qid,
+) -> Result<&'a TestRecord, TaskError> {
+    qs.get(id).copied().ok_or_else(|| {
+        err(
+            kind,
+            format!("question {id} of the answer file is not in the questions file"),
+        )
+    })
+}
+
 fn questions_by_id(
     kind: ScorerKind,
     questions: &[TestRecord],
@@ -410,15 +424,7 @@ fn per_answer(
         .answers
         .iter()
         .map(|a| {
-            let q = qs.get(&a.question_id).ok_or_else(|| {
-                err(
-                    kind,
-                    format!(
-                        "question {} of the answer file is not in the questions file",
-                        a.question_id
-                    ),
-                )
-            })?;
+            let q = question_of(kind, &qs, &a.question_id)?;
             let gt = gt_answer(kind, q)?;
             Ok(ItemScore {
                 question_id: a.question_id.clone(),
@@ -870,15 +876,7 @@ fn grounding_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
         .answers
         .iter()
         .map(|a| {
-            let q = qs.get(&a.question_id).ok_or_else(|| {
-                err(
-                    kind,
-                    format!(
-                        "question {} of the answer file is not in the questions file",
-                        a.question_id
-                    ),
-                )
-            })?;
+            let q = question_of(kind, &qs, &a.question_id)?;
             let gt = grounding_gt(q)?;
             let s = bbox_parse_compat(a.answer())
                 .map_or(0.0, |p| f64::from(u8::from(iou(p, gt) > 0.5)));
