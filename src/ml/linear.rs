@@ -9,6 +9,23 @@ use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::train::dropout::Dropout;
 
+/// `x` in the adapter's dtype (an f32 adapter under a bf16 model).
+fn to_dtype_of(x: &Tensor, like: &Tensor) -> Result<Tensor> {
+    if x.dtype() == like.dtype() {
+        Ok(x.clone())
+    } else {
+        x.to_dtype(like.dtype())
+    }
+}
+
+/// `x` after the adapter's dropout, if any (training only).
+fn dropped(dropout: &Option<Dropout>, x: &Tensor) -> Result<Tensor> {
+    match dropout {
+        Some(d) => d.forward(x),
+        None => Ok(x.clone()),
+    }
+}
+
 /// A LoRA adapter: `scale · B (A x)` with A (r × in) and B (out × r).
 #[derive(Clone, Debug)]
 pub struct Lora {
@@ -25,16 +42,7 @@ pub struct Lora {
 impl Lora {
     /// The adapter's contribution for input `x` (…, in).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = self.a.dtype();
-        let x = if x.dtype() != dtype {
-            x.to_dtype(dtype)?
-        } else {
-            x.clone()
-        };
-        let x = match &self.dropout {
-            Some(d) => d.forward(&x)?,
-            None => x,
-        };
+        let x = dropped(&self.dropout, &to_dtype_of(x, &self.a)?)?;
         let h = matmul_t(&x, &self.a)?;
         let y = matmul_t(&h, &self.b)?;
         y * self.scale
@@ -66,17 +74,9 @@ pub struct MoeLora {
 impl MoeLora {
     /// The adapter's contribution for input `x` (…, in).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = self.a.dtype();
-        let x = if x.dtype() != dtype {
-            x.to_dtype(dtype)?
-        } else {
-            x.clone()
-        };
+        let x = to_dtype_of(x, &self.a)?;
         let gates = candle_nn::ops::softmax(&matmul_t(&x, &self.router)?, D::Minus1)?;
-        let xd = match &self.dropout {
-            Some(d) => d.forward(&x)?,
-            None => x,
-        };
+        let xd = dropped(&self.dropout, &x)?;
         let h = matmul_t(&xd, &self.a)?; // (…, r)
         let dims = h.dims().to_vec();
         let r = *dims.last().unwrap_or(&0);
