@@ -138,6 +138,68 @@ impl PromptTokenizer {
         Ok(out)
     }
 
+    /// Like [`PromptTokenizer::encode_prompt`], plus the byte range in `prompt` that each text
+    /// token came from, in order over all text segments (`(0, 0)`-style empty ranges for tokens
+    /// the tokenizer inserted, such as BOS). Training uses the ranges to label assistant tokens.
+    pub fn encode_prompt_with_offsets(
+        &self,
+        prompt: &str,
+    ) -> Result<(Vec<Segment>, Vec<(usize, usize)>)> {
+        let mut segments = Vec::new();
+        let mut ranges = Vec::new();
+        let mut cur: Vec<u32> = Vec::new();
+        match self.image_token {
+            ImageToken::Id(image_id) => {
+                let enc = self
+                    .tokenizer
+                    .encode(prompt, true)
+                    .map_err(|e| tok_err("encoding", e))?;
+                for (&id, &(a, b)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+                    if id == image_id {
+                        segments.push(Segment::Text(std::mem::take(&mut cur)));
+                        segments.push(Segment::Image);
+                    } else {
+                        cur.push(id);
+                        ranges.push((a, b));
+                    }
+                }
+                segments.push(Segment::Text(cur));
+            }
+            ImageToken::Placeholder => {
+                let mut base = 0;
+                for (i, chunk) in prompt.split(IMAGE_PLACEHOLDER).enumerate() {
+                    if i > 0 {
+                        segments.push(Segment::Image);
+                        base += IMAGE_PLACEHOLDER.len();
+                    }
+                    let enc = self
+                        .tokenizer
+                        .encode(chunk, true)
+                        .map_err(|e| tok_err("encoding", e))?;
+                    let mut ids: Vec<u32> = enc.get_ids().to_vec();
+                    let mut offs: Vec<(usize, usize)> = enc
+                        .get_offsets()
+                        .iter()
+                        .map(|&(a, b)| if b > a { (a + base, b + base) } else { (0, 0) })
+                        .collect();
+                    if ids.first() == Some(&self.bos) && i > 0 {
+                        ids.remove(0);
+                        offs.remove(0);
+                    }
+                    if i == 0 && ids.first() != Some(&self.bos) {
+                        ids.insert(0, self.bos);
+                        offs.insert(0, (0, 0));
+                    }
+                    ranges.extend(offs);
+                    segments.push(Segment::Text(ids));
+                    base += chunk.len();
+                }
+            }
+        }
+        segments.retain(|s| !matches!(s, Segment::Text(t) if t.is_empty()));
+        Ok((segments, ranges))
+    }
+
     /// Decode generated ids to text (special tokens skipped).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer

@@ -51,6 +51,23 @@ impl Dropout {
         self.state.training.load(Ordering::Relaxed)
     }
 
+    /// The mask generator's state (saved with a training checkpoint).
+    pub fn rng_state(&self) -> u64 {
+        self.lock_rng().state()
+    }
+
+    /// Continue the mask stream from a saved [`Dropout::rng_state`].
+    pub fn set_rng_state(&self, state: u64) {
+        *self.lock_rng() = Rng::from_state(state);
+    }
+
+    fn lock_rng(&self) -> std::sync::MutexGuard<'_, Rng> {
+        self.state
+            .rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Apply to `x` (a fresh mask per call in training).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if !self.is_training() || self.p <= 0.0 {
@@ -59,11 +76,7 @@ impl Dropout {
         let keep = 1.0 / (1.0 - self.p);
         let n = x.elem_count();
         let mask: Vec<f32> = {
-            let mut rng = self
-                .state
-                .rng
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut rng = self.lock_rng();
             (0..n)
                 .map(|_| {
                     if rng.uniform() < self.p {

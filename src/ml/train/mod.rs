@@ -2,15 +2,22 @@
 //! ([`frozen`]), trainable LoRA / MoELoRA adapters and projector as named `Var`s ([`params`]),
 //! seeded adapter dropout ([`dropout`]), batches to full-sequence logits ([`batch`]) and the
 //! assistant-only token cross-entropy ([`loss`]), an AdamW step ([`step`]) and PEFT-format
-//! saving ([`save`]). See docs/training.md.
+//! saving ([`save`]); CoIN records to labelled examples ([`data`]), AdamW with saveable state,
+//! schedules and clipping ([`optim`]) and the resumable training loop ([`trainer`]). See
+//! docs/training.md.
 
 pub mod batch;
+pub mod data;
 pub mod dropout;
 pub mod frozen;
 pub mod loss;
+pub mod optim;
 pub mod params;
 pub mod save;
 pub mod step;
+pub mod trainer;
 
+#[cfg(test)]
+mod loop_tests;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,419 @@
+//! Tests of the training loop on the tiny model and CoIN-mini data: label masking with a real
+//! tokenizer, gradient accumulation equal to one large batch, exact resumption, and a learning
+//! test (loss falls, exact-match accuracy far above chance).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use super::data::{encode_record, prepare_samples, Sample};
+use super::loss::IGNORE_INDEX;
+use super::params::{AdapterKind, AdapterSettings, TrainableParams};
+use super::trainer::{
+    accumulate_step, train, CheckpointPolicy, NoProgress, StepInfo, TrainConfig, TrainProgress,
+};
+use crate::ml::generate::{generate, GenerateRequest, GenerateSettings};
+use crate::ml::image::Rgb8;
+use crate::ml::llava::{load_model, LoadedModel, ModelSource, Segment};
+use crate::ml::tiny::{write_tiny, TinyOptions};
+use crate::tasks::formats::{read_test_file, read_train_file, Qid, TrainRecord, Turn};
+use crate::tasks::mini::{self, MiniConfig};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    model_dir: PathBuf,
+    data: PathBuf,
+}
+
+/// A tiny model whose tokenizer knows CoIN-mini's words, plus CoIN-mini data.
+fn fixture(train: usize, test: usize) -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model_dir = write_tiny(
+        &dir.path().join("model"),
+        &TinyOptions {
+            corpus: mini::coin_mini_corpus(),
+            ..TinyOptions::default()
+        },
+    )
+    .expect("tiny model");
+    let data = dir.path().join("mini");
+    mini::generate(
+        &data,
+        &MiniConfig {
+            train,
+            test,
+            ..MiniConfig::default()
+        },
+        |_| {},
+    )
+    .expect("coin-mini");
+    Fixture {
+        _dir: dir,
+        model_dir,
+        data,
+    }
+}
+
+fn load(dir: &Path, dtype: DType) -> LoadedModel {
+    let src = ModelSource::resolve(dir, None, None).expect("resolves");
+    load_model(&src, &Device::Cpu, dtype).expect("loads")
+}
+
+fn task(name: &str) -> mini::MiniTask {
+    *mini::TASKS
+        .iter()
+        .find(|t| t.name == name)
+        .expect("known mini task")
+}
+
+fn samples_of(f: &Fixture, m: &LoadedModel, t: &mini::MiniTask) -> Vec<Sample> {
+    let records = read_train_file(
+        &f.data
+            .join("Instructions_Original")
+            .join(t.dir)
+            .join("train.json"),
+    )
+    .expect("train.json");
+    let (samples, stats) = prepare_samples(
+        &records,
+        &f.data.join("cl_dataset"),
+        &m.tokenizer,
+        m.model.config.image_seq_len(),
+        2048,
+    )
+    .expect("samples");
+    assert_eq!(stats.samples, records.len());
+    samples
+}
+
+#[test]
+fn labels_supervise_exactly_the_assistant_replies() {
+    let f = fixture(2, 1);
+    let m = load(&f.model_dir, DType::F32);
+    let record = TrainRecord {
+        id: Qid("x".into()),
+        image: Some("a.png".into()),
+        conversations: [
+            ("What color is this?\n<image>", "red"),
+            ("Is it a circle?", "yes"),
+        ]
+        .iter()
+        .flat_map(|(q, a)| {
+            [
+                Turn {
+                    from: "human".into(),
+                    value: q.to_string(),
+                },
+                Turn {
+                    from: "gpt".into(),
+                    value: a.to_string(),
+                },
+            ]
+        })
+        .collect(),
+    };
+    let ex = encode_record(&m.tokenizer, &record).expect("encodes");
+    assert!(
+        matches!(ex.segments[1], Segment::Image),
+        "{:?}",
+        ex.segments
+    );
+    let ids: Vec<u32> = ex
+        .segments
+        .iter()
+        .filter_map(|s| match s {
+            Segment::Text(t) => Some(t.clone()),
+            Segment::Image => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(ids.len(), ex.text_labels.len());
+    let sup: Vec<u32> = ex
+        .text_labels
+        .iter()
+        .filter(|&&l| l != IGNORE_INDEX)
+        .map(|&l| l as u32)
+        .collect();
+    let unsup: Vec<u32> = ids
+        .iter()
+        .zip(&ex.text_labels)
+        .filter(|(_, &l)| l == IGNORE_INDEX)
+        .map(|(&i, _)| i)
+        .collect();
+    let dec = |v: &[u32]| m.tokenizer.tokenizer.decode(v, false).expect("decodes");
+    let s = dec(&sup);
+    assert_eq!(s.replace(' ', ""), "red</s>yes</s>", "supervised: {s:?}");
+    let u = dec(&unsup);
+    assert!(
+        // (a byte-level BPE may keep the space before a reply as its own, unsupervised token)
+        u.trim_end().ends_with("USER: Is it a circle? ASSISTANT:"),
+        "unsupervised: {u:?}"
+    );
+    assert!(!u.contains("red") && !u.contains("yes"), "{u:?}");
+    // Supervised labels equal their token ids (no shift inside the labels).
+    for (&id, &l) in ids.iter().zip(&ex.text_labels) {
+        assert!(l == IGNORE_INDEX || l == i64::from(id));
+    }
+}
+
+fn settings(kind: AdapterKind, seed: u64) -> AdapterSettings {
+    AdapterSettings {
+        kind,
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.05,
+        seed,
+        ..AdapterSettings::default()
+    }
+}
+
+#[test]
+fn accumulated_micro_batches_equal_one_large_batch() {
+    let f = fixture(8, 1);
+    let mut m = load(&f.model_dir, DType::F64);
+    let t = task("mini-GQA");
+    let samples = samples_of(&f, &m, &t);
+    for kind in [AdapterKind::Lora, AdapterKind::MoeLora { experts: 2 }] {
+        let params = TrainableParams::attach(&mut m.model, &settings(kind, 3)).expect("attach");
+        params.set_training(false);
+        // Non-zero B so every var has a gradient path.
+        for (name, var) in &params.vars {
+            if name.contains("lora_B") {
+                let v = var.as_tensor().ones_like().expect("ones") * 0.05;
+                var.set(&v.expect("scaled")).expect("set");
+            }
+        }
+        let step = |micro: Vec<Vec<usize>>| {
+            let (loss, mut acc, _, tokens) = accumulate_step(
+                &m.model,
+                &params,
+                &samples,
+                &m.image,
+                crate::ml::image::AspectMode::Pad,
+                &micro,
+            )
+            .expect("step");
+            (loss, acc.take(), tokens)
+        };
+        let (l1, g1, n1) = step(vec![(0..6).collect()]);
+        let (l2, g2, n2) = step(vec![vec![0, 1], vec![2, 3, 4], vec![5]]);
+        assert_eq!(n1, n2);
+        assert!((l1 - l2).abs() < 1e-10, "loss {l1} vs {l2}");
+        assert_eq!(g1.len(), params.vars.len());
+        let mut worst = 0.0f64;
+        for (name, a) in &g1 {
+            let b = &g2[name];
+            let diff = (a - b)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.max_all())
+                .and_then(|d| d.to_scalar::<f64>())
+                .expect("diff");
+            let scale = a
+                .abs()
+                .and_then(|d| d.max_all())
+                .and_then(|d| d.to_scalar::<f64>())
+                .expect("scale");
+            assert!(scale > 0.0, "{name} has a zero gradient");
+            worst = worst.max(diff / scale);
+        }
+        assert!(worst < 1e-9, "{kind:?}: worst relative difference {worst}");
+    }
+}
+
+struct StopAfter(usize, usize);
+impl TrainProgress for StopAfter {
+    fn step(&mut self, info: &StepInfo) {
+        self.1 = info.step;
+    }
+    fn should_stop(&mut self) -> bool {
+        self.1 >= self.0
+    }
+}
+
+fn var_values(p: &TrainableParams) -> Vec<(String, Vec<f32>)> {
+    p.vars
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.as_tensor()
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("values"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_interrupted_run_resumes_exactly() {
+    let f = fixture(12, 1);
+    let t = task("mini-VizWiz");
+    let cfg = TrainConfig {
+        epochs: 2,
+        batch_size: 2,
+        grad_accum: 2,
+        learning_rate: 5e-3,
+        warmup_ratio: 0.2,
+        seed: 1,
+        ..TrainConfig::default()
+    };
+    let kind = AdapterKind::MoeLora { experts: 2 };
+    let run = |stop: Option<usize>, ckpt: Option<&CheckpointPolicy>| {
+        let mut m = load(&f.model_dir, DType::F32);
+        let samples = samples_of(&f, &m, &t);
+        let params = TrainableParams::attach(&mut m.model, &settings(kind, 4)).expect("attach");
+        let report = match stop {
+            Some(n) => train(
+                &m.model,
+                &params,
+                &samples,
+                &m.image,
+                &cfg,
+                ckpt,
+                &mut StopAfter(n, 0),
+            ),
+            None => train(
+                &m.model,
+                &params,
+                &samples,
+                &m.image,
+                &cfg,
+                ckpt,
+                &mut NoProgress,
+            ),
+        }
+        .expect("train");
+        (report, var_values(&params))
+    };
+    let (straight, want) = run(None, None);
+    assert_eq!(straight.steps, 6);
+    assert!(!straight.stopped_early);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = CheckpointPolicy {
+        dir: dir.path().join("ckpt"),
+        every: 1,
+    };
+    let (first, _) = run(Some(4), Some(&policy));
+    assert!(first.stopped_early);
+    assert_eq!(first.steps, 4);
+    let (second, got) = run(None, Some(&policy));
+    assert_eq!(second.resumed_from, 4);
+    assert_eq!(second.steps, 6);
+    assert_eq!(second.losses, straight.losses, "same losses step by step");
+    assert_eq!(got, want, "bit-identical parameters after resuming");
+    // Only the newest checkpoint is kept, and a different run refuses it.
+    let kept: Vec<String> = std::fs::read_dir(&policy.dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert_eq!(kept, ["step-6"]);
+    let mut m = load(&f.model_dir, DType::F32);
+    let samples = samples_of(&f, &m, &t);
+    let params = TrainableParams::attach(&mut m.model, &settings(kind, 4)).expect("attach");
+    let other = TrainConfig {
+        learning_rate: 1e-3,
+        ..cfg.clone()
+    };
+    let err = train(
+        &m.model,
+        &params,
+        &samples,
+        &m.image,
+        &other,
+        Some(&policy),
+        &mut NoProgress,
+    )
+    .expect_err("a different run");
+    assert!(err.to_string().contains("different run"), "{err}");
+}
+
+/// Exact-match accuracy of greedy answers on a CoIN-mini test file (lower-cased, trimmed).
+fn exact_match(f: &Fixture, m: &mut LoadedModel, t: &mini::MiniTask) -> f64 {
+    let test = read_test_file(
+        &f.data
+            .join("Instructions_Original")
+            .join(t.dir)
+            .join(t.test_file),
+    )
+    .expect("test file");
+    let mut right = 0;
+    for chunk in test.chunks(16) {
+        let reqs: Vec<GenerateRequest> = chunk
+            .iter()
+            .map(|r| {
+                let rel = r.image.as_deref().expect("an image");
+                let img = Rgb8::open(&f.data.join("cl_dataset").join(rel)).expect("image");
+                GenerateRequest::question(&r.text, img)
+            })
+            .collect();
+        let out = generate(
+            m,
+            None,
+            &reqs,
+            &GenerateSettings {
+                max_new_tokens: 8,
+                ..GenerateSettings::default()
+            },
+        )
+        .expect("generate");
+        for (r, o) in chunk.iter().zip(out) {
+            if o.text.trim().to_lowercase()
+                == r.answer.as_deref().unwrap_or("").trim().to_lowercase()
+            {
+                right += 1;
+            }
+        }
+    }
+    right as f64 / test.len() as f64
+}
+
+#[test]
+fn a_hundred_steps_learn_a_coin_mini_task() {
+    let f = fixture(400, 60);
+    let t = task("mini-VizWiz");
+    let mut m = load(&f.model_dir, DType::F32);
+    let samples = samples_of(&f, &m, &t);
+    let before = exact_match(&f, &mut m, &t);
+    let params =
+        TrainableParams::attach(&mut m.model, &settings(AdapterKind::Lora, 7)).expect("attach");
+    let cfg = TrainConfig {
+        epochs: 4,
+        batch_size: 8,
+        grad_accum: 1,
+        learning_rate: 3e-3,
+        warmup_ratio: 0.05,
+        max_steps: Some(100),
+        seed: 2,
+        ..TrainConfig::default()
+    };
+    let report = train(
+        &m.model,
+        &params,
+        &samples,
+        &m.image,
+        &cfg,
+        None,
+        &mut NoProgress,
+    )
+    .expect("train");
+    assert_eq!(report.steps, 100);
+    let (first, last) = report.loss_drop(10).expect("losses");
+    let after = exact_match(&f, &mut m, &t);
+    eprintln!(
+        "mini-VizWiz: loss {first:.3} -> {last:.3}; exact match {:.1}% -> {:.1}% (chance {:.1}%), \
+         {:.0} positions/s",
+        before * 100.0,
+        after * 100.0,
+        t.chance * 100.0,
+        report.tokens_per_s
+    );
+    assert!(last < 0.5 * first, "loss {first} -> {last}");
+    assert!(
+        after >= t.chance + 0.35,
+        "accuracy {after} is not far above chance {}",
+        t.chance
+    );
+}

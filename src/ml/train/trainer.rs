@@ -1,0 +1,614 @@
+//! The training loop: epochs of seeded shuffles, micro-batches with gradient accumulation,
+//! the token-weighted masked loss, gradient clipping, AdamW with HF's warmup + cosine schedule,
+//! progress callbacks, and resumable checkpoints of the adapter and optimizer state.
+//!
+//! Loss over an optimiser step: the mean over every supervised token of all its micro-batches
+//! (each micro-batch's mean loss weighted by its share of the step's supervised tokens), so
+//! `batch_size × accumulation` behaves exactly like one large batch (HF's `num_items_in_batch`
+//! normalisation).
+//!
+//! Order: epoch `e` visits the samples in a Fisher–Yates permutation drawn from our seeded RNG;
+//! the micro-batches of an epoch are grouped `grad_accum` at a time into optimiser steps (the
+//! last step of an epoch may have fewer, as HF's Trainer). Everything random (order, dropout
+//! masks) comes from the seed, so a run is reproducible and a resumed run continues exactly.
+//!
+//! Checkpoints (`checkpoint.dir`): `step-<N>/` holds `params.safetensors` (every trainable var
+//! by name), `optimizer.safetensors` (AdamW moments) and `state.json` (step, AdamW t, dropout
+//! RNG state, loss history, the run's fingerprint); `latest` names the newest. Each is written
+//! to a temporary directory, fsynced and renamed, then `latest` is replaced atomically, then
+//! older ones are removed: a crash at any point leaves the previous checkpoint usable. A run
+//! started with the same checkpoint directory resumes from `latest` when the fingerprint
+//! (configuration, data, parameter names and shapes) matches, and refuses when it does not.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::batch::forward_batch;
+use super::data::{batch_pixels, Sample};
+use super::loss::masked_cross_entropy;
+use super::optim::{lr_factor, warmup_steps, AdamW, AdamWConfig, GradAccumulator, Schedule};
+use super::params::TrainableParams;
+use crate::ml::image::{AspectMode, ImageProcessor};
+use crate::ml::llava::Llava;
+use crate::ml::load::{read_tensor_file, write_safetensors};
+use crate::ml::rng::Rng;
+use crate::ml::{MlError, Result};
+use crate::store::fsutil::write_atomic;
+
+/// Hyper-parameters of a run (defaults: CoIN's, see coin-facts §1).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Samples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// A separate peak learning rate for the projector (`None`: the same; CoIN's
+    /// `--mm_projector_lr` is ignored by its optimizer, so `None` is the faithful default).
+    pub projector_lr: Option<f64>,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// Warmup steps as a fraction of all optimiser steps (rounded up).
+    pub warmup_ratio: f64,
+    /// The schedule after warmup.
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this (HF default 1.0); `None`: no clipping.
+    pub max_grad_norm: Option<f64>,
+    /// Seed of the data order (adapter init and dropout have theirs in the adapter settings).
+    pub seed: u64,
+    /// Image preprocessing (LLaVA-1.5 training: pad).
+    #[serde(with = "aspect_serde")]
+    pub image_aspect: AspectMode,
+    /// Stop after this many optimiser steps in all (for quick runs).
+    pub max_steps: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 1,
+            batch_size: 16,
+            grad_accum: 8,
+            learning_rate: 2e-4,
+            projector_lr: None,
+            weight_decay: 0.0,
+            warmup_ratio: 0.03,
+            schedule: Schedule::Cosine,
+            max_grad_norm: Some(1.0),
+            seed: 42,
+            image_aspect: AspectMode::Pad,
+            max_steps: None,
+        }
+    }
+}
+
+mod aspect_serde {
+    use crate::ml::image::AspectMode;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &AspectMode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match m {
+            AspectMode::Pad => "pad",
+            AspectMode::Resize => "resize",
+            AspectMode::Crop => "crop",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<AspectMode, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "pad" => Ok(AspectMode::Pad),
+            "resize" => Ok(AspectMode::Resize),
+            "crop" => Ok(AspectMode::Crop),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown image aspect '{other}' (pad, resize or crop)"
+            ))),
+        }
+    }
+}
+
+/// Where and how often to write resumable checkpoints.
+#[derive(Clone, Debug)]
+pub struct CheckpointPolicy {
+    /// The directory (created when missing).
+    pub dir: PathBuf,
+    /// Write one every this many optimiser steps (and always after the last step).
+    pub every: usize,
+}
+
+/// What one optimiser step did (passed to [`TrainProgress::step`]).
+#[derive(Clone, Debug)]
+pub struct StepInfo {
+    /// Steps done (1-based).
+    pub step: usize,
+    /// Steps in the run.
+    pub total: usize,
+    /// Epoch of this step (0-based).
+    pub epoch: usize,
+    /// Mean masked loss of the step.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Sequence positions processed in this step (padding excluded).
+    pub positions: usize,
+    /// Positions per second over the steps run in this process.
+    pub tokens_per_s: f64,
+    /// Estimated seconds left.
+    pub eta_s: f64,
+}
+
+/// Progress callbacks (the CLI draws a bar; library code never prints).
+pub trait TrainProgress {
+    /// The run starts (or resumes at `start_step`).
+    fn begin(&mut self, _total_steps: usize, _start_step: usize) {}
+    /// An optimiser step finished.
+    fn step(&mut self, _info: &StepInfo) {}
+    /// A checkpoint was written.
+    fn checkpoint(&mut self, _step: usize, _dir: &Path) {}
+    /// Asked after every step (after its checkpoint, if any): `true` ends the run there
+    /// (Ctrl-C, a time budget); the report then says `stopped_early`.
+    fn should_stop(&mut self) -> bool {
+        false
+    }
+}
+
+/// A progress sink that ignores everything.
+pub struct NoProgress;
+impl TrainProgress for NoProgress {}
+
+/// The outcome of [`train`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainReport {
+    /// Optimiser steps done (all, including those done before a resume).
+    pub steps: usize,
+    /// Optimiser steps the run plans in all.
+    pub planned_steps: usize,
+    /// The step this process started at (0 unless resumed).
+    pub resumed_from: usize,
+    /// Epochs (possibly partial with `max_steps`).
+    pub epochs: usize,
+    /// Samples in the dataset.
+    pub samples: usize,
+    /// Mean loss of every step, in order.
+    pub losses: Vec<f64>,
+    /// Sequence positions processed by this process.
+    pub positions: u64,
+    /// Supervised tokens processed by this process.
+    pub supervised_tokens: u64,
+    /// Wall seconds of this process's steps.
+    pub seconds: f64,
+    /// Positions per second (this process).
+    pub tokens_per_s: f64,
+    /// Trainable scalars.
+    pub trainable_parameters: usize,
+    /// Whether [`TrainProgress::should_stop`] ended the run before its last step.
+    pub stopped_early: bool,
+}
+
+impl TrainReport {
+    /// Mean loss of the first `k` and the last `k` steps.
+    pub fn loss_drop(&self, k: usize) -> Option<(f64, f64)> {
+        let n = self.losses.len();
+        if n == 0 {
+            return None;
+        }
+        let k = k.clamp(1, n);
+        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+        Some((mean(&self.losses[..k]), mean(&self.losses[n - k..])))
+    }
+}
+
+/// The optimiser steps of a run: each step is a list of micro-batches of sample indices.
+pub fn plan_steps(n_samples: usize, cfg: &TrainConfig) -> Vec<(usize, Vec<Vec<usize>>)> {
+    let mut steps = Vec::new();
+    if n_samples == 0 || cfg.batch_size == 0 || cfg.grad_accum == 0 {
+        return steps;
+    }
+    for epoch in 0..cfg.epochs {
+        let mut order: Vec<usize> = (0..n_samples).collect();
+        let mut rng = Rng::new(cfg.seed ^ (epoch as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+        for i in (1..n_samples).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+        let micro: Vec<Vec<usize>> = order
+            .chunks(cfg.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
+        for group in micro.chunks(cfg.grad_accum) {
+            steps.push((epoch, group.to_vec()));
+        }
+    }
+    if let Some(max) = cfg.max_steps {
+        steps.truncate(max);
+    }
+    steps
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedState {
+    format: String,
+    fingerprint: String,
+    step: usize,
+    adam_t: u64,
+    dropout_rng: u64,
+    losses: Vec<f64>,
+}
+
+const STATE_FORMAT: &str = "coin.train-state.v1";
+
+/// A run's identity for resuming: configuration, adapter settings, parameter names and
+/// shapes, and the samples (ids and lengths).
+fn fingerprint(cfg: &TrainConfig, params: &TrainableParams, samples: &[Sample]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(serde_json::to_string(cfg).unwrap_or_default().as_bytes());
+    h.update(format!("{:?}", params.settings).as_bytes());
+    for (name, var) in &params.vars {
+        h.update(format!("{name}{:?};", var.dims()).as_bytes());
+    }
+    for s in samples {
+        h.update(format!("{}:{}:{};", s.id, s.positions, s.supervised).as_bytes());
+    }
+    h.finalize().to_hex().to_string()
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> MlError {
+    MlError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(dir, e))
+}
+
+/// Write checkpoint `step` into `policy.dir` (see the module docs for the protocol).
+fn write_checkpoint(
+    dir: &Path,
+    step: usize,
+    params: &TrainableParams,
+    opt: &AdamW,
+    state: &SavedState,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let name = format!("step-{step}");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    let vars: Vec<(String, Tensor)> = params
+        .vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    write_safetensors(&tmp.join("params.safetensors"), &vars)?;
+    write_safetensors(&tmp.join("optimizer.safetensors"), &opt.state_tensors())?;
+    let mut text =
+        serde_json::to_string_pretty(state).map_err(|e| MlError::Input(e.to_string()))?;
+    text.push('\n');
+    let sp = tmp.join("state.json");
+    write_atomic(&sp, text).map_err(|e| io_err(&sp, e))?;
+    fsync_dir(&tmp)?;
+    let final_dir = dir.join(&name);
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| io_err(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| io_err(&final_dir, e))?;
+    fsync_dir(dir)?;
+    let latest = dir.join("latest");
+    write_atomic(&latest, format!("{name}\n")).map_err(|e| io_err(&latest, e))?;
+    // Older checkpoints are no longer needed.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("step-") && n != name {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(final_dir)
+}
+
+/// The newest checkpoint of `dir`, if any.
+pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
+    let latest = dir.join("latest");
+    match std::fs::read_to_string(&latest) {
+        Ok(name) => {
+            let p = dir.join(name.trim());
+            if !p.join("state.json").is_file() {
+                return Err(MlError::Input(format!(
+                    "'{}' names '{}', which is not a training checkpoint (delete '{}' to start \
+                     over)",
+                    latest.display(),
+                    p.display(),
+                    dir.display()
+                )));
+            }
+            Ok(Some(p))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(MlError::Read {
+            path: latest,
+            source,
+        }),
+    }
+}
+
+fn load_checkpoint(
+    ckpt: &Path,
+    fingerprint: &str,
+    params: &TrainableParams,
+    opt: &mut AdamW,
+) -> Result<SavedState> {
+    let sp = ckpt.join("state.json");
+    let text = std::fs::read_to_string(&sp).map_err(|source| MlError::Read {
+        path: sp.clone(),
+        source,
+    })?;
+    let state: SavedState = serde_json::from_str(&text).map_err(|e| MlError::Parse {
+        path: sp.clone(),
+        message: e.to_string(),
+    })?;
+    if state.format != STATE_FORMAT {
+        return Err(MlError::Parse {
+            path: sp,
+            message: format!("unknown format '{}'", state.format),
+        });
+    }
+    if state.fingerprint != fingerprint {
+        return Err(MlError::Input(format!(
+            "the checkpoint '{}' belongs to a different run (other configuration, data or \
+             adapter); delete it or use another checkpoint directory",
+            ckpt.display()
+        )));
+    }
+    let saved: BTreeMap<String, Tensor> = read_tensor_file(&ckpt.join("params.safetensors"))?
+        .into_iter()
+        .collect();
+    for (name, var) in &params.vars {
+        let t = saved.get(name).ok_or_else(|| {
+            MlError::Input(format!(
+                "the checkpoint '{}' has no tensor '{name}'",
+                ckpt.display()
+            ))
+        })?;
+        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+    }
+    let moments: BTreeMap<String, Tensor> = read_tensor_file(&ckpt.join("optimizer.safetensors"))?
+        .into_iter()
+        .collect();
+    opt.load_state(&moments, state.adam_t)?;
+    params.dropout.set_rng_state(state.dropout_rng);
+    Ok(state)
+}
+
+/// Forward and backward every micro-batch of one optimiser step; returns the step's mean loss
+/// over its supervised tokens, the summed (token-weighted) gradients, and the positions and
+/// supervised tokens it covered. Splitting the same samples into more micro-batches gives the
+/// same loss and gradients (up to rounding).
+pub fn accumulate_step(
+    model: &Llava,
+    params: &TrainableParams,
+    samples: &[Sample],
+    images: &ImageProcessor,
+    aspect: AspectMode,
+    micro: &[Vec<usize>],
+) -> Result<(f64, GradAccumulator, usize, usize)> {
+    let step_tokens: usize = micro.iter().flatten().map(|&k| samples[k].supervised).sum();
+    let step_positions: usize = micro.iter().flatten().map(|&k| samples[k].positions).sum();
+    let mut acc = GradAccumulator::default();
+    let mut loss_sum = 0.0;
+    for mb in micro {
+        let batch: Vec<&Sample> = mb.iter().map(|&k| &samples[k]).collect();
+        let pixels = batch_pixels(&batch, images, aspect, &model.device)?;
+        let examples: Vec<_> = batch.iter().map(|s| s.example.clone()).collect();
+        let (logits, labels) = forward_batch(model, &examples, &pixels)?;
+        let mb_tokens: usize = batch.iter().map(|s| s.supervised).sum();
+        let loss = masked_cross_entropy(&logits, &labels)?;
+        let weight = mb_tokens as f64 / step_tokens.max(1) as f64;
+        let grads = (&loss * weight)?.backward()?;
+        acc.add(&params.vars, &grads)?;
+        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * mb_tokens as f64;
+    }
+    Ok((
+        loss_sum / step_tokens.max(1) as f64,
+        acc,
+        step_positions,
+        step_tokens,
+    ))
+}
+
+/// Train `params` (already attached to `model`) on `samples`.
+///
+/// With a checkpoint policy the run writes resumable checkpoints and, when the directory
+/// already holds one of the same run, continues from it. The trained values stay in the vars
+/// (and so in the model); save them with [`super::save`]. Dropout is left off (eval mode).
+pub fn train(
+    model: &Llava,
+    params: &TrainableParams,
+    samples: &[Sample],
+    images: &ImageProcessor,
+    cfg: &TrainConfig,
+    checkpoint: Option<&CheckpointPolicy>,
+    progress: &mut dyn TrainProgress,
+) -> Result<TrainReport> {
+    if samples.is_empty() {
+        return Err(MlError::Input("no training samples".into()));
+    }
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.epochs == 0 {
+        return Err(MlError::Input(
+            "batch size, gradient accumulation and epochs must be at least 1".into(),
+        ));
+    }
+    if !(cfg.learning_rate.is_finite() && cfg.learning_rate >= 0.0) {
+        return Err(MlError::Input(format!(
+            "learning rate {} is not a non-negative number",
+            cfg.learning_rate
+        )));
+    }
+    let plan = plan_steps(samples.len(), cfg);
+    let total = plan.len();
+    let warmup = warmup_steps(total, cfg.warmup_ratio);
+    let mut opt = AdamW::new(
+        &params.vars,
+        AdamWConfig {
+            weight_decay: cfg.weight_decay,
+            ..AdamWConfig::default()
+        },
+    )?;
+    let fp = fingerprint(cfg, params, samples);
+    let mut losses = Vec::new();
+    let mut start = 0;
+    if let Some(policy) = checkpoint {
+        if let Some(ckpt) = latest_checkpoint(&policy.dir)? {
+            let st = load_checkpoint(&ckpt, &fp, params, &mut opt)?;
+            start = st.step;
+            losses = st.losses;
+        }
+    }
+    params.set_training(true);
+    progress.begin(total, start);
+    let t0 = Instant::now();
+    let (mut positions, mut supervised) = (0u64, 0u64);
+    let mut stopped = false;
+    let result = (|| -> Result<()> {
+        for (i, (epoch, micro)) in plan.iter().enumerate().skip(start) {
+            let (loss, mut acc, step_positions, step_tokens) =
+                accumulate_step(model, params, samples, images, cfg.image_aspect, micro)?;
+            if !loss.is_finite() {
+                return Err(MlError::Input(format!(
+                    "the loss became {loss} at step {} (lower the learning rate?)",
+                    i + 1
+                )));
+            }
+            let grad_norm = acc.clip(cfg.max_grad_norm)?;
+            let factor = lr_factor(cfg.schedule, i, warmup, total);
+            let lr = cfg.learning_rate * factor;
+            let plr = cfg.projector_lr.map(|p| p * factor);
+            opt.step(&acc.take(), |name| match plr {
+                Some(p) if name.starts_with("multi_modal_projector.") => p,
+                _ => lr,
+            })?;
+            losses.push(loss);
+            positions += step_positions as u64;
+            supervised += step_tokens as u64;
+            let done = i + 1;
+            let elapsed = t0.elapsed().as_secs_f64();
+            let per_step = elapsed / (done - start) as f64;
+            progress.step(&StepInfo {
+                step: done,
+                total,
+                epoch: *epoch,
+                loss,
+                lr,
+                grad_norm,
+                positions: step_positions,
+                tokens_per_s: positions as f64 / elapsed.max(1e-9),
+                eta_s: per_step * (total - done) as f64,
+            });
+            if let Some(policy) = checkpoint {
+                if done % policy.every.max(1) == 0 || done == total {
+                    let state = SavedState {
+                        format: STATE_FORMAT.into(),
+                        fingerprint: fp.clone(),
+                        step: done,
+                        adam_t: opt.t,
+                        dropout_rng: params.dropout.rng_state(),
+                        losses: losses.clone(),
+                    };
+                    let d = write_checkpoint(&policy.dir, done, params, &opt, &state)?;
+                    progress.checkpoint(done, &d);
+                }
+            }
+            if done < total && progress.should_stop() {
+                stopped = true;
+                break;
+            }
+        }
+        Ok(())
+    })();
+    params.set_training(false);
+    result?;
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(TrainReport {
+        steps: losses.len(),
+        planned_steps: total,
+        resumed_from: start,
+        epochs: plan.last().map(|(e, _)| e + 1).unwrap_or(0),
+        samples: samples.len(),
+        losses,
+        positions,
+        supervised_tokens: supervised,
+        seconds,
+        tokens_per_s: positions as f64 / seconds.max(1e-9),
+        trainable_parameters: params.num_elements(),
+        stopped_early: stopped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_covers_each_epoch_once_in_seeded_order() {
+        let cfg = TrainConfig {
+            epochs: 2,
+            batch_size: 3,
+            grad_accum: 2,
+            seed: 9,
+            ..TrainConfig::default()
+        };
+        let plan = plan_steps(10, &cfg);
+        // 4 micro-batches per epoch (3,3,3,1) → 2 steps per epoch.
+        assert_eq!(plan.len(), 4);
+        for epoch in 0..2 {
+            let mut seen: Vec<usize> = plan
+                .iter()
+                .filter(|(e, _)| *e == epoch)
+                .flat_map(|(_, m)| m.iter().flatten().copied())
+                .collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        }
+        assert_eq!(plan, plan_steps(10, &cfg), "same seed, same plan");
+        let other = plan_steps(
+            10,
+            &TrainConfig {
+                seed: 10,
+                ..cfg.clone()
+            },
+        );
+        assert_ne!(plan, other);
+        assert_ne!(plan[0].1, plan[2].1, "epochs are shuffled differently");
+        let capped = plan_steps(
+            10,
+            &TrainConfig {
+                max_steps: Some(3),
+                ..cfg
+            },
+        );
+        assert_eq!(capped.len(), 3);
+    }
+
+    #[test]
+    fn train_config_round_trips_through_json() {
+        let cfg = TrainConfig::default();
+        let text = serde_json::to_string(&cfg).expect("serialize");
+        assert!(text.contains("\"image_aspect\":\"pad\""), "{text}");
+        let back: TrainConfig = serde_json::from_str(&text).expect("parse");
+        assert_eq!(back, cfg);
+    }
+}
