@@ -42,6 +42,9 @@ pub fn image_question_prompt(question: &str) -> String {
     vicuna_v1(&[(&format!("{IMAGE_PLACEHOLDER}\n{question}"), None)])
 }
 
+/// The byte range `(start, end)` of a token in the text it was encoded from.
+pub type TokenSpan = (usize, usize);
+
 /// A tokenizer that knows how the model represents `<image>`.
 pub struct PromptTokenizer {
     /// The HF tokenizer.
@@ -144,7 +147,7 @@ impl PromptTokenizer {
     pub fn encode_prompt_with_offsets(
         &self,
         prompt: &str,
-    ) -> Result<(Vec<Segment>, Vec<(usize, usize)>)> {
+    ) -> Result<(Vec<Segment>, Vec<TokenSpan>)> {
         let mut segments = Vec::new();
         let mut ranges = Vec::new();
         let mut cur: Vec<u32> = Vec::new();
