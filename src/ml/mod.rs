@@ -30,19 +30,28 @@ pub use error::MlError;
 pub type Result<T> = std::result::Result<T, MlError>;
 
 /// The device models run on: the first CUDA GPU when built with `--features cuda` and one is
-/// present, otherwise the CPU.
+/// present, otherwise the CPU. `COIN_DEVICE=cpu` forces the CPU.
 pub fn default_device() -> candle_core::Device {
     #[cfg(feature = "cuda")]
     {
-        if let Ok(d) = candle_core::Device::new_cuda(0) {
-            return d;
+        if std::env::var("COIN_DEVICE").as_deref() != Ok("cpu") {
+            if let Ok(d) = candle_core::Device::new_cuda(0) {
+                return d;
+            }
         }
     }
     candle_core::Device::Cpu
 }
 
-/// The weight dtype for a device: bf16 on a GPU, f32 on the CPU.
+/// The weight dtype for a device: bf16 on a GPU, f32 on the CPU; `COIN_DTYPE=f32|bf16|f16`
+/// overrides it (e.g. f32 on a GPU to compare with a CPU run bit for bit).
 pub fn default_dtype(device: &candle_core::Device) -> candle_core::DType {
+    match std::env::var("COIN_DTYPE").as_deref() {
+        Ok("f32") => return candle_core::DType::F32,
+        Ok("bf16") => return candle_core::DType::BF16,
+        Ok("f16") => return candle_core::DType::F16,
+        _ => {}
+    }
     if device.is_cpu() {
         candle_core::DType::F32
     } else {

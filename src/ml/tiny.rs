@@ -38,6 +38,19 @@ pub enum TinyLayout {
     Split,
 }
 
+/// How large the random language model is (the vision tower stays tiny: 32 px, patch 8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TinySize {
+    /// Width 64, 2 layers (tests, the demo): ~0.1 M parameters.
+    Tiny,
+    /// Width 512, 4 layers, 8 heads: ~13 M parameters (CPU benchmarks).
+    Small,
+    /// TinyLlama-1.1B's decoder shape (width 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632)
+    /// with the tiny vocabulary: ~0.97 B parameters (GPU benchmarks).
+    #[value(name = "1b")]
+    Llama1b,
+}
+
 /// Options of a tiny model.
 #[derive(Clone, Debug)]
 pub struct TinyOptions {
@@ -49,6 +62,8 @@ pub struct TinyOptions {
     pub layout: TinyLayout,
     /// Tokenizer vocabulary target (byte alphabet + specials + merges).
     pub vocab_size: usize,
+    /// Language-model size.
+    pub size: TinySize,
 }
 
 impl Default for TinyOptions {
@@ -58,6 +73,7 @@ impl Default for TinyOptions {
             corpus: String::new(),
             layout: TinyLayout::Hf,
             vocab_size: 384,
+            size: TinySize::Tiny,
         }
     }
 }
@@ -146,6 +162,25 @@ pub fn tiny_config(vocab_size: usize) -> LlavaConfig {
         image_token: ImageToken::Id(3),
         pad_token_id: 0,
     }
+}
+
+/// The config of a model size (see [`TinySize`]).
+pub fn sized_config(vocab_size: usize, size: TinySize) -> LlavaConfig {
+    let mut c = tiny_config(vocab_size);
+    let t = &mut c.text;
+    let (h, inter, layers, heads, kv) = match size {
+        TinySize::Tiny => return c,
+        TinySize::Small => (512, 1376, 4, 8, 8),
+        TinySize::Llama1b => (2048, 5632, 22, 32, 4),
+    };
+    t.hidden_size = h;
+    t.intermediate_size = inter;
+    t.num_hidden_layers = layers;
+    t.num_attention_heads = heads;
+    t.num_key_value_heads = kv;
+    t.head_dim = h / heads;
+    t.max_position_embeddings = 2048;
+    c
 }
 
 struct Init {
@@ -271,7 +306,7 @@ pub fn write_tiny(dir: &Path, opts: &TinyOptions) -> Result<PathBuf> {
     mkdir(dir)?;
     let tok = tiny_tokenizer(&opts.corpus, opts.vocab_size)?;
     let vocab = tok.get_vocab_size(true);
-    let config = tiny_config(vocab);
+    let config = sized_config(vocab, opts.size);
     let weights = tiny_weights(&config, opts.seed)?;
     let tok_json = tok.to_string(true).map_err(tok_err)?;
     let pre = ImageProcessor::clip(config.vision.image_size).to_json();

@@ -22,6 +22,7 @@ enum DebugCommand {
     StoreMaterialize(StoreMaterializeArgs),
     StoreVerify(StoreVerifyArgs),
     Blake3(Blake3Args),
+    TrainBench(super::debug_train::TrainBenchArgs),
 }
 
 /// Store files in an object store (created if missing) and print their entries as JSON
@@ -75,6 +76,7 @@ pub fn cmd_debug(
 ) -> Result<(), CommandError> {
     let abs = |p: &PathBuf| helper.cwd.join(p);
     match &args.command {
+        DebugCommand::TrainBench(a) => super::debug_train::cmd_train_bench(ui, helper, a),
         DebugCommand::StoreIngest(a) => {
             let store = Store::init(&abs(&a.store)).map_err(user)?;
             let start = Instant::now();

@@ -6,6 +6,7 @@ mod branch;
 mod checkout;
 mod commit;
 mod debug;
+mod debug_train;
 mod diff;
 mod eval;
 mod fsck;

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
-use crate::ml::tiny::{write_tiny, TinyLayout, TinyOptions};
+use crate::ml::tiny::{write_tiny, TinyLayout, TinyOptions, TinySize};
 
 /// Write a tiny random LLaVA-1.5 model (for tests and the demo)
 ///
@@ -24,6 +24,10 @@ pub struct InitArgs {
     /// CoIN split setup (split: llm/, clip/, mm_projector.safetensors)
     #[arg(long, value_enum, default_value_t = TinyLayout::Hf)]
     pub layout: TinyLayout,
+    /// Language-model size: tiny (tests, demo), small (~13 M, CPU benchmarks) or 1b
+    /// (TinyLlama-1.1B-shaped decoder, GPU benchmarks); the vision tower is always tiny
+    #[arg(long, value_enum, default_value_t = TinySize::Tiny)]
+    pub size: TinySize,
     /// Print what was written as JSON
     #[arg(long)]
     pub json: bool,
@@ -41,6 +45,7 @@ pub fn cmd_init(ui: &mut Ui, helper: &CommandHelper, args: &InitArgs) -> Result<
         seed: args.seed,
         corpus,
         layout: args.layout,
+        size: args.size,
         ..TinyOptions::default()
     };
     let model_dir = write_tiny(&dir, &opts)?;

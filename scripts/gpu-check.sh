@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The GPU check of issues 3 and 4, run on a machine with an NVIDIA GPU from the repository root:
+#   scripts/gpu-check.sh BIN [quick]
+# BIN is a `cargo build --release --features cuda` coin binary (see docs/cuda.md); a file ending
+# in .xz is unpacked first. Needs python3 with torch, transformers and peft for the PyTorch side.
+# Writes everything it prints to $OUT/gpu-check.log (OUT defaults to /tmp/gpu-check).
+#  1. devices and driver;
+#  2. generation: the HF parity model (tests/fixtures/parity) on CPU f32, CUDA f32, CUDA bf16 —
+#     greedy tokens compared with each other and with the HF goldens;
+#  3. training: LoRA and MoELoRA steps on the tiny model with CoIN-mini data, CPU f32 vs CUDA
+#     f32 vs CUDA bf16 (same data order, init and dropout masks) — losses compared;
+#  4. benchmark: LoRA r=128 training steps/s and peak GPU memory on a TinyLlama-1.1B-shaped
+#     random model, coin vs PyTorch+PEFT (bf16).
+set -uo pipefail
+BIN=${1:?usage: scripts/gpu-check.sh BIN [quick]}
+MODE=${2:-full}
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu-check.log") 2>&1
+W=$(mktemp -d)
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "1. device"
+nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+NV=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
+for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13 libnvrtc.so.13; do
+  d=$(find "$NV" /usr/local/cuda* /usr/lib/x86_64-linux-gnu -name "$lib" 2>/dev/null | head -1)
+  [ -n "$d" ] && LD_LIBRARY_PATH="$(dirname "$d"):${LD_LIBRARY_PATH:-}"
+done
+export LD_LIBRARY_PATH
+if [[ "$BIN" == *.xz ]]; then
+  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$BIN" "$W/coin"
+  BIN=$W/coin
+fi
+chmod +x "$BIN"
+"$BIN" --version || { echo "FAIL: the binary does not start"; ldd "$BIN"; exit 1; }
+
+step "2. generation: CPU f32 / CUDA f32 / CUDA bf16 on the parity model"
+M=tests/fixtures/parity/model
+for img in a b; do
+  for run in cpu:f32 cuda:f32 cuda:bf16; do
+    dev=${run%%:*}; dt=${run##*:}
+    if [ "$dev" = cpu ]; then envs="COIN_DEVICE=cpu"; else envs="COIN_DEVICE=cuda"; fi
+    env $envs COIN_DTYPE=$dt timeout 120 "$BIN" generate --model $M --image tests/fixtures/parity/image_$img.png \
+      --prompt "What is shown in this image?" --max-new-tokens 12 --logits --json > "$W/gen-$img-$dev-$dt.json" \
+      || echo "FAIL: generate $img $run"
+  done
+done
+python3 - "$W" <<'EOF'
+import json, sys, glob, os
+w = sys.argv[1]
+for img in "ab":
+    runs = {}
+    for f in sorted(glob.glob(f"{w}/gen-{img}-*.json")):
+        try: runs[os.path.basename(f)[6:-5]] = json.load(open(f))
+        except Exception as e: print("unreadable", f, e)
+    base = runs.get("cpu-f32")
+    for k, r in runs.items():
+        same = base is not None and r["token_ids"] == base["token_ids"]
+        d = max(abs(a - b) for a, b in zip(r["first_step_logits"], base["first_step_logits"])) if base else None
+        print(f"image {img} {k:10s} tokens {r['token_ids']} equal-to-cpu={same} max|dlogit|={d}")
+EOF
+
+step "3. training steps: CPU f32 vs CUDA f32 vs CUDA bf16 (tiny model, CoIN-mini VizWiz)"
+"$BIN" -q bench-data coin-mini --out "$W/mini" --train 64 --test 4 >/dev/null
+python3 -c "import sys" # keep going even without python extras
+"$BIN" -q model init --tiny "$W/tiny" >/dev/null
+for method in lora moelora; do
+  for run in cpu:f32 cuda:f32 cuda:bf16; do
+    dev=${run%%:*}; dt=${run##*:}
+    timeout 180 "$BIN" debug train-bench --model "$W/tiny" --data "$W/mini" --task-dir VizWiz --method $method \
+      --experts 2 --device $dev --dtype $dt --batch 8 --steps 6 --warmup 0 --lr 2e-3 > "$W/train-$method-$dev-$dt.json" \
+      || echo "FAIL: train $method $run"
+  done
+done
+python3 - "$W" <<'EOF'
+import json, sys
+w = sys.argv[1]
+for method in ["lora", "moelora"]:
+    runs = {}
+    for k in ["cpu-f32", "cuda-f32", "cuda-bf16"]:
+        try: runs[k] = json.load(open(f"{w}/train-{method}-{k}.json"))
+        except Exception as e: print(method, k, "missing", e)
+    base = runs.get("cpu-f32")
+    for k, r in runs.items():
+        rel = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], base["losses"])) if base else None
+        print(f"{method:8s} {k:10s} losses {[round(x, 5) for x in r['losses']]} max rel diff vs cpu {rel:.2e}"
+              f" steps/s {r['steps_per_s']:.1f}")
+EOF
+[ "$MODE" = quick ] && exit 0
+
+step "4. benchmark: LoRA r=128 on a TinyLlama-1.1B-shaped model, bf16, batch 8 x (512 text + image)"
+"$BIN" -q model init --tiny "$W/m1b" --size 1b >/dev/null && ls -la "$W/m1b"
+mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$1" & echo $!; }
+P=$(mem "$W/mem-coin.txt")
+timeout 300 "$BIN" debug train-bench --model "$W/m1b" --device cuda --dtype bf16 --r 128 --alpha 256 \
+  --batch 8 --seq-len 512 --steps 10 --warmup 3 > "$W/bench-coin.json" || echo "FAIL: coin bench"
+kill $P
+P=$(mem "$W/mem-torch.txt")
+timeout 300 python3 scripts/bench_train_hf.py --model "$W/m1b" --device cuda --dtype bf16 --r 128 --alpha 256 \
+  --batch 8 --seq-len 512 --steps 10 --warmup 3 2>"$W/torch.err" > "$W/bench-torch.json" || { echo "FAIL: torch bench"; tail -20 "$W/torch.err"; }
+kill $P
+python3 - "$W" <<'EOF'
+import json, sys
+w = sys.argv[1]
+def peak(f):
+    try: return max(int(x) for x in open(f).read().split())
+    except Exception: return None
+res = {}
+for k in ["coin", "torch"]:
+    try: res[k] = json.load(open(f"{w}/bench-{k}.json"))
+    except Exception as e: print(k, "missing", e); continue
+    r = res[k]
+    print(f"{k:6s} steps/s {r['steps_per_s']:.3f} tokens/s {r['tokens_per_s']:.0f} trainable {r['trainable_parameters']}"
+          f" peak GPU (nvidia-smi) {peak(f'{w}/mem-{k}.txt')} MiB torch-allocator {r.get('peak_gpu_bytes')}"
+          f" first/last loss {r['losses'][0]:.3f}/{r['losses'][-1]:.3f}")
+if len(res) == 2:
+    print(f"ratio coin/torch steps/s = {res['coin']['steps_per_s'] / res['torch']['steps_per_s']:.2f}x")
+EOF
+tar czf "$OUT/results.tgz" -C "$W" $(cd "$W" && ls *.json *.txt 2>/dev/null)

@@ -1,0 +1,263 @@
+//! `coin debug train-bench`: timed training steps of the library trainer on a model directory
+//! (bench/train.sh and the GPU check script compare it with PyTorch+PEFT and with the CPU).
+//!
+//! Two data sources: synthetic rows (`--seq-len` text tokens around one image, the second half
+//! supervised, token ids from the seed — the shape bench/train.sh gives PyTorch too), or a
+//! CoIN task folder (`--data DIR --task-dir NAME`, e.g. CoIN-mini) for loss comparisons.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+
+use crate::cli::{CommandError, CommandHelper, Ui};
+use crate::ml::image::{AspectMode, ImageProcessor};
+use crate::ml::llava::{load_model, ModelSource, Segment};
+use crate::ml::rng::Rng;
+use crate::ml::train::batch::TrainExample;
+use crate::ml::train::data::{positions, prepare_samples, Sample};
+use crate::ml::train::loss::IGNORE_INDEX;
+use crate::ml::train::optim::Schedule;
+use crate::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
+use crate::ml::train::trainer::{train, StepInfo, TrainConfig, TrainProgress};
+use crate::store::fsutil::write_atomic;
+use crate::tasks::formats::read_train_file;
+
+/// Time training steps of the built-in trainer (benchmarks, GPU checks)
+#[derive(clap::Args, Debug)]
+pub struct TrainBenchArgs {
+    /// The model directory (llava-hf layout)
+    #[arg(long)]
+    model: PathBuf,
+    /// lora or moelora
+    #[arg(long, default_value = "lora")]
+    method: String,
+    /// Total rank r
+    #[arg(long, default_value_t = 8)]
+    r: usize,
+    /// lora_alpha
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// MoELoRA experts
+    #[arg(long, default_value_t = 2)]
+    experts: usize,
+    /// Adapter dropout
+    #[arg(long, default_value_t = 0.05)]
+    dropout: f64,
+    /// Rows per step
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Text tokens per synthetic row (the image adds its patches)
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    /// Timed steps
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps first
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Learning rate (constant)
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// cpu or cuda (default: cuda when built with it and present)
+    #[arg(long)]
+    device: Option<String>,
+    /// Weight dtype: f32, bf16 or f16 (default: bf16 on a GPU, f32 on the CPU)
+    #[arg(long)]
+    dtype: Option<String>,
+    /// A CoIN-format data folder instead of synthetic rows (with --task-dir)
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The task folder under DATA/Instructions_Original (e.g. VizWiz)
+    #[arg(long)]
+    task_dir: Option<String>,
+    /// Seed of data, adapter init and dropout
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+struct Timer {
+    last: Instant,
+    times: Vec<f64>,
+    losses: Vec<f64>,
+}
+
+impl TrainProgress for Timer {
+    fn begin(&mut self, _total: usize, _start: usize) {
+        self.last = Instant::now();
+    }
+    fn step(&mut self, info: &StepInfo) {
+        let now = Instant::now();
+        self.times.push((now - self.last).as_secs_f64());
+        self.losses.push(info.loss);
+        self.last = now;
+    }
+}
+
+fn user(e: impl std::fmt::Display) -> CommandError {
+    CommandError::user(e.to_string())
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn cmd_train_bench(
+    ui: &mut Ui,
+    helper: &CommandHelper,
+    a: &TrainBenchArgs,
+) -> Result<(), CommandError> {
+    let device = match a.device.as_deref() {
+        None => crate::ml::default_device(),
+        Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::new_cuda(0).map_err(|e| {
+            CommandError::user(format!("no CUDA device: {e}"))
+                .hint("build with `--features cuda` and run on a machine with an NVIDIA GPU")
+        })?,
+        Some(other) => return Err(CommandError::usage(format!("unknown device '{other}'"))),
+    };
+    let dtype = match a.dtype.as_deref() {
+        None => crate::ml::default_dtype(&device),
+        Some("f32") => DType::F32,
+        Some("bf16") => DType::BF16,
+        Some("f16") => DType::F16,
+        Some(other) => return Err(CommandError::usage(format!("unknown dtype '{other}'"))),
+    };
+    let kind = match a.method.as_str() {
+        "lora" => AdapterKind::Lora,
+        "moelora" => AdapterKind::MoeLora {
+            experts: a.experts,
+        },
+        other => return Err(CommandError::usage(format!("unknown method '{other}'"))),
+    };
+    let t_load = Instant::now();
+    let source = ModelSource::resolve(&helper.cwd.join(&a.model), None, None)?;
+    let mut loaded = load_model(&source, &device, dtype)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let tmp = tempfile::tempdir().map_err(user)?;
+    let samples: Vec<Sample> = match (&a.data, &a.task_dir) {
+        (Some(data), Some(task)) => {
+            let data = helper.cwd.join(data);
+            let records = read_train_file(
+                &data
+                    .join("Instructions_Original")
+                    .join(task)
+                    .join("train.json"),
+            )
+            .map_err(user)?;
+            let root = data.join("cl_dataset");
+            let (s, _) = prepare_samples(
+                &records,
+                &root,
+                &loaded.tokenizer,
+                loaded.model.config.image_seq_len(),
+                2048,
+            )?;
+            s
+        }
+        (None, None) => {
+            let n_img = loaded.model.config.image_seq_len();
+            let img = tmp.path().join("image.png");
+            let mut png = Vec::new();
+            image::RgbImage::from_fn(64, 48, |x, y| {
+                image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x + y) * 2) as u8])
+            })
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .map_err(user)?;
+            write_atomic(&img, png).map_err(user)?;
+            let vocab = loaded.model.config.text.vocab_size as u64;
+            let mut rng = Rng::new(a.seed);
+            let n_rows = a.batch * (a.steps + a.warmup);
+            let half = a.seq_len / 2;
+            let samples = (0..n_rows)
+                .map(|i| {
+                    let mut ids = |n: usize| -> Vec<u32> {
+                        (0..n).map(|_| 4 + (rng.next_u64() % (vocab - 4)) as u32).collect()
+                    };
+                    let mut head = vec![loaded.model.config.text.bos_token_id];
+                    head.extend(ids(half.saturating_sub(1)));
+                    let tail = ids(a.seq_len - half);
+                    let mut labels = vec![IGNORE_INDEX; head.len()];
+                    labels.extend(tail.iter().map(|&t| i64::from(t)));
+                    let example = TrainExample {
+                        segments: vec![Segment::Text(head), Segment::Image, Segment::Text(tail)],
+                        text_labels: labels,
+                    };
+                    Sample {
+                        id: i.to_string(),
+                        positions: positions(&example, n_img),
+                        supervised: a.seq_len - half,
+                        example,
+                        image: Some(img.clone()),
+                    }
+                })
+                .collect();
+            samples
+        }
+        _ => {
+            return Err(CommandError::usage(
+                "--data and --task-dir go together".to_string(),
+            ))
+        }
+    };
+    let params = TrainableParams::attach(
+        &mut loaded.model,
+        &AdapterSettings {
+            kind,
+            r: a.r,
+            alpha: a.alpha,
+            dropout: a.dropout,
+            seed: a.seed,
+            ..AdapterSettings::default()
+        },
+    )?;
+    let cfg = TrainConfig {
+        epochs: 1000,
+        batch_size: a.batch,
+        grad_accum: 1,
+        learning_rate: a.lr,
+        warmup_ratio: 0.0,
+        schedule: Schedule::Constant,
+        seed: a.seed,
+        image_aspect: AspectMode::Pad,
+        max_steps: Some(a.steps + a.warmup),
+        ..TrainConfig::default()
+    };
+    let images: &ImageProcessor = &loaded.image;
+    let mut timer = Timer {
+        last: Instant::now(),
+        times: Vec::new(),
+        losses: Vec::new(),
+    };
+    let report = train(&loaded.model, &params, &samples, images, &cfg, None, &mut timer)?;
+    let timed: Vec<f64> = timer.times.iter().skip(a.warmup).copied().collect();
+    let secs: f64 = timed.iter().sum();
+    let per_step_positions = samples
+        .iter()
+        .take(a.batch)
+        .map(|s| s.positions)
+        .sum::<usize>() as f64;
+    let steps_per_s = timed.len() as f64 / secs.max(1e-12);
+    ui.json(&serde_json::json!({
+        "engine": "coin",
+        "device": format!("{:?}", device.location()),
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "method": a.method,
+        "r": a.r,
+        "batch": a.batch,
+        "positions_per_row": per_step_positions / a.batch.max(1) as f64,
+        "trainable_parameters": report.trainable_parameters,
+        "load_seconds": load_s,
+        "losses": timer.losses,
+        "step_seconds": timer.times,
+        "timed_steps": timed.len(),
+        "steps_per_s": steps_per_s,
+        "tokens_per_s": steps_per_s * per_step_positions,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }))?;
+    Ok(())
+}
