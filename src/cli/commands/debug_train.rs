@@ -129,9 +129,7 @@ pub fn cmd_train_bench(
     };
     let kind = match a.method.as_str() {
         "lora" => AdapterKind::Lora,
-        "moelora" => AdapterKind::MoeLora {
-            experts: a.experts,
-        },
+        "moelora" => AdapterKind::MoeLora { experts: a.experts },
         other => return Err(CommandError::usage(format!("unknown method '{other}'"))),
     };
     let t_load = Instant::now();
@@ -176,7 +174,9 @@ pub fn cmd_train_bench(
             let samples = (0..n_rows)
                 .map(|i| {
                     let mut ids = |n: usize| -> Vec<u32> {
-                        (0..n).map(|_| 4 + (rng.next_u64() % (vocab - 4)) as u32).collect()
+                        (0..n)
+                            .map(|_| 4 + (rng.next_u64() % (vocab - 4)) as u32)
+                            .collect()
                     };
                     let mut head = vec![loaded.model.config.text.bos_token_id];
                     head.extend(ids(half.saturating_sub(1)));
@@ -233,7 +233,15 @@ pub fn cmd_train_bench(
         times: Vec::new(),
         losses: Vec::new(),
     };
-    let report = train(&loaded.model, &params, &samples, images, &cfg, None, &mut timer)?;
+    let report = train(
+        &loaded.model,
+        &params,
+        &samples,
+        images,
+        &cfg,
+        None,
+        &mut timer,
+    )?;
     let timed: Vec<f64> = timer.times.iter().skip(a.warmup).copied().collect();
     let secs: f64 = timed.iter().sum();
     let per_step_positions = samples

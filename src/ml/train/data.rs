@@ -226,6 +226,46 @@ pub fn prepare_samples(
     Ok((out, stats))
 }
 
+/// Preprocessed images kept in memory up to a byte budget (training revisits every image once
+/// per epoch; decoding and resizing is a visible share of a small model's step).
+#[derive(Debug)]
+pub struct PixelCache {
+    map: std::collections::HashMap<PathBuf, Tensor>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl PixelCache {
+    /// A cache holding at most `budget` bytes of pixel tensors (0 disables it).
+    pub fn new(budget: usize) -> Self {
+        PixelCache {
+            map: std::collections::HashMap::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    /// The pixels of `path`, from the cache or freshly preprocessed.
+    pub fn get(
+        &mut self,
+        path: &Path,
+        processor: &ImageProcessor,
+        mode: AspectMode,
+        device: &Device,
+    ) -> Result<Tensor> {
+        if let Some(t) = self.map.get(path) {
+            return Ok(t.clone());
+        }
+        let t = processor.preprocess(&Rgb8::open(path)?, mode, device)?;
+        let size = t.elem_count() * t.dtype().size_in_bytes();
+        if self.bytes + size <= self.budget {
+            self.bytes += size;
+            self.map.insert(path.to_path_buf(), t.clone());
+        }
+        Ok(t)
+    }
+}
+
 /// Load and preprocess the images of a batch of samples (one (3, H, W) tensor per sample with
 /// an image, in order).
 pub fn batch_pixels(
@@ -233,11 +273,12 @@ pub fn batch_pixels(
     processor: &ImageProcessor,
     mode: AspectMode,
     device: &Device,
+    cache: &mut PixelCache,
 ) -> Result<Vec<Tensor>> {
     samples
         .iter()
         .filter_map(|s| s.image.as_ref())
-        .map(|p| processor.preprocess(&Rgb8::open(p)?, mode, device))
+        .map(|p| cache.get(p, processor, mode, device))
         .collect()
 }
 

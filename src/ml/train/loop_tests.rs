@@ -191,6 +191,7 @@ fn accumulated_micro_batches_equal_one_large_batch() {
                 &m.image,
                 crate::ml::image::AspectMode::Pad,
                 &micro,
+                &mut super::data::PixelCache::new(0),
             )
             .expect("step");
             (loss, acc.take(), tokens)

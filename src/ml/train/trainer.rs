@@ -28,7 +28,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::batch::forward_batch;
-use super::data::{batch_pixels, Sample};
+use super::data::{batch_pixels, PixelCache, Sample};
 use super::loss::masked_cross_entropy;
 use super::optim::{lr_factor, warmup_steps, AdamW, AdamWConfig, GradAccumulator, Schedule};
 use super::params::TrainableParams;
@@ -245,6 +245,10 @@ struct SavedState {
 
 const STATE_FORMAT: &str = "coin.train-state.v1";
 
+/// Preprocessed images kept in memory during a run (CoIN-mini's 400 32-px images: 5 MB; a
+/// 336-px image is 1.3 MB, so real data mostly streams).
+const PIXEL_CACHE_BYTES: usize = 512 << 20;
+
 /// A run's identity for resuming: configuration, adapter settings, parameter names and
 /// shapes, and the samples (ids and lengths).
 fn fingerprint(cfg: &TrainConfig, params: &TrainableParams, samples: &[Sample]) -> String {
@@ -405,6 +409,7 @@ pub fn accumulate_step(
     images: &ImageProcessor,
     aspect: AspectMode,
     micro: &[Vec<usize>],
+    cache: &mut PixelCache,
 ) -> Result<(f64, GradAccumulator, usize, usize)> {
     let step_tokens: usize = micro.iter().flatten().map(|&k| samples[k].supervised).sum();
     let step_positions: usize = micro.iter().flatten().map(|&k| samples[k].positions).sum();
@@ -412,7 +417,7 @@ pub fn accumulate_step(
     let mut loss_sum = 0.0;
     for mb in micro {
         let batch: Vec<&Sample> = mb.iter().map(|&k| &samples[k]).collect();
-        let pixels = batch_pixels(&batch, images, aspect, &model.device)?;
+        let pixels = batch_pixels(&batch, images, aspect, &model.device, cache)?;
         let examples: Vec<_> = batch.iter().map(|s| s.example.clone()).collect();
         let (logits, labels) = forward_batch(model, &examples, &pixels)?;
         let mb_tokens: usize = batch.iter().map(|s| s.supervised).sum();
@@ -480,13 +485,21 @@ pub fn train(
     }
     params.set_training(true);
     progress.begin(total, start);
+    let mut cache = PixelCache::new(PIXEL_CACHE_BYTES);
     let t0 = Instant::now();
     let (mut positions, mut supervised) = (0u64, 0u64);
     let mut stopped = false;
     let result = (|| -> Result<()> {
         for (i, (epoch, micro)) in plan.iter().enumerate().skip(start) {
-            let (loss, mut acc, step_positions, step_tokens) =
-                accumulate_step(model, params, samples, images, cfg.image_aspect, micro)?;
+            let (loss, mut acc, step_positions, step_tokens) = accumulate_step(
+                model,
+                params,
+                samples,
+                images,
+                cfg.image_aspect,
+                micro,
+                &mut cache,
+            )?;
             if !loss.is_finite() {
                 return Err(MlError::Input(format!(
                     "the loss became {loss} at step {} (lower the learning rate?)",
