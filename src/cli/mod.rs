@@ -6,6 +6,7 @@
 
 pub mod commands;
 mod error;
+pub mod train_progress;
 mod ui;
 
 use std::path::PathBuf;

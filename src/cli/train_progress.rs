@@ -1,0 +1,108 @@
+//! The training progress display: a bar with step, loss, learning rate, tokens/s and ETA on a
+//! terminal; one status line every ~10 % of the run otherwise (logs, CI). Ctrl-C is not caught
+//! here: a killed run resumes from its last checkpoint.
+
+use std::path::Path;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::ml::train::trainer::{StepInfo, TrainProgress};
+
+/// Draws training progress on stderr.
+pub struct TrainBar {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+    label: String,
+    last_logged: usize,
+    total: usize,
+}
+
+impl TrainBar {
+    /// A display for the training of `label` (e.g. the task name). `interactive`: draw a bar
+    /// (a terminal); otherwise print occasional lines unless `quiet`.
+    pub fn new(label: &str, interactive: bool, quiet: bool) -> Self {
+        let bar = (interactive && !quiet).then(|| {
+            let b = ProgressBar::new(0);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>12} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_prefix(label.to_string());
+            b.enable_steady_tick(Duration::from_millis(200));
+            b
+        });
+        TrainBar {
+            bar,
+            quiet,
+            label: label.to_string(),
+            last_logged: 0,
+            total: 0,
+        }
+    }
+
+    /// Remove the bar.
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn message(info: &StepInfo) -> String {
+    format!(
+        "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+        info.loss, info.lr, info.tokens_per_s
+    )
+}
+
+impl TrainProgress for TrainBar {
+    fn begin(&mut self, total_steps: usize, start_step: usize) {
+        self.total = total_steps;
+        self.last_logged = start_step;
+        if let Some(b) = &self.bar {
+            b.set_length(total_steps as u64);
+            b.set_position(start_step as u64);
+            if start_step > 0 {
+                b.println(format!(
+                    "Resuming {} at step {start_step} of {total_steps}.",
+                    self.label
+                ));
+            }
+        } else if !self.quiet && start_step > 0 {
+            eprintln!(
+                "Resuming {} at step {start_step} of {total_steps}.",
+                self.label
+            );
+        }
+    }
+
+    fn step(&mut self, info: &StepInfo) {
+        match &self.bar {
+            Some(b) => {
+                b.set_position(info.step as u64);
+                b.set_message(message(info));
+            }
+            None => {
+                let every = (self.total / 10).max(1);
+                if !self.quiet && (info.step - self.last_logged >= every || info.step == info.total)
+                {
+                    self.last_logged = info.step;
+                    eprintln!(
+                        "{}: step {}/{}  {}  ETA {:.0} s",
+                        self.label,
+                        info.step,
+                        info.total,
+                        message(info),
+                        info.eta_s
+                    );
+                }
+            }
+        }
+    }
+
+    fn checkpoint(&mut self, _step: usize, _dir: &Path) {}
+}
