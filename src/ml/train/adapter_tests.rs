@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use super::batch::{forward_batch, TrainExample};
 use super::loss::IGNORE_INDEX;
 use super::params::{AdapterKind, AdapterSettings, TrainableParams};
-use super::save::save_adapter;
+use super::save::{save_adapter, save_adapter_as, AdapterFormat};
 use crate::ml::llava::{load_model, Llava, ModelSource, Segment};
 use crate::ml::load::{read_tensor_file, Layout};
 use crate::ml::peft::PeftAdapter;
@@ -333,5 +333,52 @@ fn attach_from_refuses_an_adapter_that_does_not_match_the_settings() {
         e.to_string()
             .contains("it has no adapter for 'language_model.layers.0.self_attn.k_proj', which the settings target ('k_proj')"),
         "{e}"
+    );
+}
+
+#[test]
+fn torch_bin_format_reads_back_and_switching_formats_leaves_no_stale_file() {
+    let t = tempfile::tempdir().expect("tmp");
+    let mut model = tiny(&t.path().join("m"), TinyLayout::Split);
+    let moe = settings(AdapterKind::MoeLora { experts: 4 });
+    let params = TrainableParams::attach(&mut model, &moe).expect("attach");
+    randomise(&params, 5);
+    let want = logits(&model);
+    let dir = t.path().join("ad");
+    save_adapter(&params, &dir, "tiny").expect("safetensors");
+    save_adapter_as(&params, &dir, "tiny", AdapterFormat::TorchBin).expect("bin");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "adapter_config.json",
+            "adapter_model.bin",
+            "non_lora_trainables.bin"
+        ]
+    );
+    let mut fresh = tiny(&t.path().join("m2"), TinyLayout::Split);
+    let again = TrainableParams::attach_from(&mut fresh, &moe, &dir).expect("attach_from");
+    for ((name, v), (_, w)) in params.vars.iter().zip(&again.vars) {
+        assert_eq!(values(v.as_tensor()), values(w.as_tensor()), "{name}");
+    }
+    assert_eq!(max_diff(&want, &logits(&fresh)), 0.0);
+    // Back to safetensors: the .bin files and their converted caches go.
+    save_adapter(&params, &dir, "tiny").expect("safetensors");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "non_lora_trainables.safetensors"
+        ]
     );
 }

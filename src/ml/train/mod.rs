@@ -11,6 +11,7 @@ pub mod loss;
 pub mod params;
 pub mod save;
 pub mod step;
+pub mod torch_save;
 
 #[cfg(test)]
 mod adapter_tests;

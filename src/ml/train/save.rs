@@ -18,12 +18,16 @@
 //! `{module}.lora_B.loraB.<e>.weight` (out × r/E), `{module}.lora_router.weight` (E × in), the
 //! stacked in-memory experts split back (A rows / B columns `e·r/E..(e+1)·r/E`). Tensors are
 //! written in the vars' dtype (f32). [`crate::ml::peft::PeftAdapter`] reads every layout back.
+//! [`save_adapter_as`] with [`AdapterFormat::TorchBin`] writes `adapter_model.bin` /
+//! `non_lora_trainables.bin` (torch.save zip pickles) instead, the names CoIN's loaders
+//! hard-code.
 
 use std::path::Path;
 
 use candle_core::Tensor;
 
 use super::params::{AdapterKind, TrainableParams};
+use super::torch_save::torch_save_bytes;
 use crate::ml::load::{write_safetensors, Layout};
 use crate::ml::peft::{PEFT_TYPE_LORA, PEFT_TYPE_MOELORA};
 use crate::ml::{MlError, Result};
@@ -146,10 +150,42 @@ pub fn adapter_config(params: &TrainableParams, base_model: &str) -> serde_json:
     }
 }
 
+/// The file format of saved tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AdapterFormat {
+    /// `adapter_model.safetensors` + `non_lora_trainables.safetensors` (PEFT's default).
+    #[default]
+    Safetensors,
+    /// `adapter_model.bin` + `non_lora_trainables.bin` (`torch.save` zip pickles): what CoIN's
+    /// and LLaVA's loaders hard-code.
+    TorchBin,
+}
+
+impl AdapterFormat {
+    fn extension(self) -> &'static str {
+        match self {
+            AdapterFormat::Safetensors => "safetensors",
+            AdapterFormat::TorchBin => "bin",
+        }
+    }
+}
+
 /// Write the adapter of `params` (LoRA or MoELoRA) into `dir` (created if missing):
 /// `adapter_config.json`, `adapter_model.safetensors` and, when the projector is trained,
 /// `non_lora_trainables.safetensors`. `base_model` goes into `base_model_name_or_path`.
 pub fn save_adapter(params: &TrainableParams, dir: &Path, base_model: &str) -> Result<()> {
+    save_adapter_as(params, dir, base_model, AdapterFormat::Safetensors)
+}
+
+/// [`save_adapter`] in a chosen tensor file format. Files of the other format (and converted
+/// `.bin` caches) left in `dir` by an earlier save are removed, so that a reader cannot pick up
+/// a stale adapter or projector.
+pub fn save_adapter_as(
+    params: &TrainableParams,
+    dir: &Path,
+    base_model: &str,
+    format: AdapterFormat,
+) -> Result<()> {
     let s = &params.settings;
     std::fs::create_dir_all(dir).map_err(|source| MlError::Write {
         path: dir.to_path_buf(),
@@ -165,6 +201,23 @@ pub fn save_adapter(params: &TrainableParams, dir: &Path, base_model: &str) -> R
             adapter.extend(pairs);
         }
     }
+    let mut keep = vec![format!("adapter_model.{}", format.extension())];
+    if !projector.is_empty() {
+        keep.push(format!("non_lora_trainables.{}", format.extension()));
+    }
+    for stale in [
+        "adapter_model.safetensors",
+        "adapter_model.bin",
+        "adapter_model.bin.coin.safetensors",
+        "non_lora_trainables.safetensors",
+        "non_lora_trainables.bin",
+        "non_lora_trainables.bin.coin.safetensors",
+    ] {
+        let p = dir.join(stale);
+        if !keep.iter().any(|k| k == stale) && p.exists() {
+            std::fs::remove_file(&p).map_err(|source| MlError::Write { path: p, source })?;
+        }
+    }
     let mut text = serde_json::to_string_pretty(&adapter_config(params, base_model))
         .map_err(|e| MlError::Input(e.to_string()))?;
     text.push('\n');
@@ -173,17 +226,17 @@ pub fn save_adapter(params: &TrainableParams, dir: &Path, base_model: &str) -> R
         path: cfg_path.clone(),
         source,
     })?;
-    write_safetensors(&dir.join("adapter_model.safetensors"), &adapter)?;
-    if !projector.is_empty() {
-        write_safetensors(&dir.join("non_lora_trainables.safetensors"), &projector)?;
-    } else {
-        // A projector left from an earlier save would be read back as this adapter's.
-        for stale in ["non_lora_trainables.safetensors", "non_lora_trainables.bin"] {
-            let p = dir.join(stale);
-            if p.exists() {
-                std::fs::remove_file(&p).map_err(|source| MlError::Write { path: p, source })?;
-            }
+    let write = |file: &str, tensors: &[(String, Tensor)]| -> Result<()> {
+        let path = dir.join(file);
+        match format {
+            AdapterFormat::Safetensors => write_safetensors(&path, tensors),
+            AdapterFormat::TorchBin => write_atomic(&path, torch_save_bytes(tensors)?)
+                .map_err(|source| MlError::Write { path, source }),
         }
+    };
+    write(&keep[0], &adapter)?;
+    if let Some(p) = keep.get(1) {
+        write(p, &projector)?;
     }
     Ok(())
 }
