@@ -20,7 +20,13 @@ Reads the tiny llava-hf model, its tokenizer and the PEFT LoRA adapter of tests/
                     tensors under coin's var names, and for moelora the last-position logits and
                     8 greedy tokens of parity case 0 (for `coin generate --adapter`);
                     "hf_peft_reads": which adapter key spellings HF PEFT loads onto the llava-hf
-                    model (evidence for the key layout coin writes).
+                    model (evidence for the key layout coin writes); "hf_reads_coin_lora": HF PEFT
+                    loading coin_lora/ (below) onto the llava-hf model, compared with the parity
+                    adapter it was made from.
+  coin_lora/        NOT written here: the parity LoRA as coin writes it (attach_from + save_adapter),
+                    written by `COIN_UPDATE_FIXTURES=1 cargo test --test runner
+                    the_lora_dir_coin_writes_is_the_one_hf_peft_read`; run that first, then this
+                    script (the test then checks coin still writes those bytes).
 
 Supervised positions (labels): every prompt token is -100 (BOS, system text, "USER:", the 16
 image positions, the question, " ASSISTANT:"); the answer tokens and the closing </s> (id 2) carry
@@ -167,6 +173,24 @@ def hf_peft_reads(parity, ids):
     return result
 
 
+def hf_reads_coin_lora(parity, coin_dir, ids):
+    """Load coin's LoRA dir with HF PEFT; compare with PEFT's own adapter and the base model."""
+    if not os.path.isdir(coin_dir):
+        return None
+    m = lambda: LlavaForConditionalGeneration.from_pretrained(os.path.join(parity, "model")).eval()
+    with torch.no_grad():
+        base = m()(input_ids=ids).logits
+        want = peft.PeftModel.from_pretrained(m(), os.path.join(parity, "adapter")).eval()(input_ids=ids).logits
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(m(), coin_dir).eval()
+    key_warnings = [str(x.message) for x in w if "keys" in str(x.message).lower()]
+    with torch.no_grad():
+        got = pm(input_ids=ids).logits
+    return {"max_logit_diff_vs_peft_adapter": (got - want).abs().max().item(),
+            "max_logit_diff_vs_base": (got - base).abs().max().item(), "key_warnings": key_warnings}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parity", default="tests/fixtures/parity")
@@ -175,9 +199,8 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    os.makedirs(args.out)
+    shutil.rmtree(os.path.join(args.out, "moelora"), ignore_errors=True)
+    os.makedirs(args.out, exist_ok=True)
     parity_goldens = json.load(open(os.path.join(args.parity, "goldens.json")))
     model_dir = os.path.join(args.parity, "model")
     tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(model_dir, "tokenizer.json"), bos_token="<s>",
@@ -305,11 +328,14 @@ def main():
                     "case0_logits": [float(f"{x:.8g}") for x in last.tolist()],
                     "case0_tokens": gen[0, len(ids):].tolist()},
         "hf_peft_reads": hf_peft_reads(args.parity, torch.tensor([[1, 5, 6, 7, 8]])),
+        "hf_reads_coin_lora": hf_reads_coin_lora(args.parity, os.path.join(args.out, "coin_lora"),
+                                                 torch.tensor([[1, 5, 6, 7, 8, 9, 10]])),
     }
     with open(os.path.join(args.out, "goldens.json"), "w") as f:
         json.dump(goldens, f)
     print(json.dumps(goldens["versions"]), "lora loss", lora_loss, "moelora loss", moe_loss,
-          "tokens", goldens["moelora"]["case0_tokens"], goldens["hf_peft_reads"])
+          "tokens", goldens["moelora"]["case0_tokens"], goldens["hf_peft_reads"],
+          goldens["hf_reads_coin_lora"])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ use coin::ml::peft::PeftAdapter;
 use coin::ml::train::batch::{forward_batch, TrainExample};
 use coin::ml::train::loss::{masked_cross_entropy, IGNORE_INDEX};
 use coin::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
+use coin::ml::train::save::save_adapter;
 use serde_json::Value;
 
 use crate::common::TestEnvironment;
@@ -318,4 +319,49 @@ fn coin_generate_with_a_coin_moelora_dir_matches_torch() {
         .map(|v| v.as_u64().expect("int") as u32)
         .collect();
     assert_eq!(got, tokens);
+}
+
+/// What coin writes for the parity LoRA (read with `attach_from`, saved with `save_adapter`) is
+/// byte-for-byte the committed tests/fixtures/train/coin_lora, which make_train_fixtures.py
+/// loaded with HF PEFT onto the llava-hf model: logits identical to PEFT's own adapter, no
+/// missing/unexpected-key warning. `COIN_UPDATE_FIXTURES=1` rewrites the directory (then rerun the
+/// script).
+#[test]
+#[allow(clippy::disallowed_methods)]
+fn the_lora_dir_coin_writes_is_the_one_hf_peft_read() {
+    let settings = AdapterSettings {
+        kind: AdapterKind::Lora,
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        ..AdapterSettings::default()
+    };
+    let mut m = model();
+    let p = TrainableParams::attach_from(&mut m, &settings, &fixtures().join("parity/adapter"))
+        .expect("attach_from");
+    let committed = fixtures().join("train/coin_lora");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = if std::env::var_os("COIN_UPDATE_FIXTURES").is_some() {
+        committed.clone()
+    } else {
+        tmp.path().join("coin_lora")
+    };
+    save_adapter(&p, &out, "tests/fixtures/parity/model").expect("saves");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "non_lora_trainables.safetensors",
+    ] {
+        let want = std::fs::read(committed.join(f)).expect("committed fixture file");
+        let got = std::fs::read(out.join(f)).expect("written file");
+        assert!(
+            want == got,
+            "{f} differs from tests/fixtures/train/coin_lora (format changed? rerun with \
+             COIN_UPDATE_FIXTURES=1, then scripts/make_train_fixtures.py)"
+        );
+    }
+    let reads = &goldens()["hf_reads_coin_lora"];
+    assert_eq!(reads["max_logit_diff_vs_peft_adapter"], 0.0, "{reads}");
+    assert_eq!(reads["key_warnings"], serde_json::json!([]), "{reads}");
+    assert!(reads["max_logit_diff_vs_base"].as_f64().expect("num") > 1e-2);
 }

@@ -105,8 +105,20 @@ pub fn saved_tensors(
 
 /// The `adapter_config.json` of `params`: PEFT's LoRA fields, or CoIN's `CoINMOELoraConfig`
 /// fields only (its PEFT fork predates rslora/DoRA and would not know them).
+///
+/// LoRA `target_modules` on a llava-hf model is the regex
+/// `.*language_model.*\.(q_proj|…)`: a list of short names would also match the CLIP tower's
+/// `q_proj`/`k_proj`/`v_proj` in PEFT (it then adds untrained LoRA layers there and warns about
+/// their missing keys). For the CoIN split setup, and for MoELoRA, the list of short names, as
+/// CoIN writes it.
 pub fn adapter_config(params: &TrainableParams, base_model: &str) -> serde_json::Value {
     let s = &params.settings;
+    let targets = match (s.kind, params.layout) {
+        (AdapterKind::Lora, Layout::HfOld | Layout::HfNew) => {
+            serde_json::json!(format!(".*language_model.*\\.({})", s.targets.join("|")))
+        }
+        _ => serde_json::json!(s.targets),
+    };
     match s.kind {
         AdapterKind::Lora => serde_json::json!({
             "peft_type": PEFT_TYPE_LORA,
@@ -115,7 +127,7 @@ pub fn adapter_config(params: &TrainableParams, base_model: &str) -> serde_json:
             "r": s.r,
             "lora_alpha": s.alpha,
             "lora_dropout": s.dropout,
-            "target_modules": s.targets,
+            "target_modules": targets,
             "bias": "none",
             "fan_in_fan_out": false,
             "use_rslora": false,
