@@ -315,6 +315,22 @@ fn attach_from_refuses_an_adapter_that_does_not_match_the_settings() {
         assert!(text.contains(file) && text.contains(msg), "{text}");
         assert!(fresh.linears_mut().iter().all(|(_, l)| l.adapter.is_none()));
     }
+    // rsLoRA changes the scale (α/√r): refused, naming the module.
+    let mut m4 = tiny(&t.path().join("m4"), TinyLayout::Hf);
+    let p4 = TrainableParams::attach(&mut m4, &settings(AdapterKind::Lora)).expect("attach");
+    let rs = t.path().join("rs");
+    save_adapter(&p4, &rs, "tiny").expect("saves");
+    let cfg_path = rs.join("adapter_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).expect("r")).expect("json");
+    cfg["use_rslora"] = serde_json::json!(true);
+    std::fs::write(&cfg_path, cfg.to_string()).expect("w");
+    let e = TrainableParams::attach_from(&mut fresh, &settings(AdapterKind::Lora), &rs)
+        .expect_err("rslora scale");
+    assert!(
+        e.to_string().contains("has the scale 5.65") && e.to_string().contains("α/r = 2"),
+        "{e}"
+    );
     // A target the file lacks: an adapter saved for q_proj and v_proj only.
     let few = AdapterSettings {
         targets: vec!["q_proj".into(), "v_proj".into()],

@@ -321,6 +321,17 @@ impl TrainableParams {
                     "it has no adapter for '{linear}', which the settings target ('{target}')"
                 ))
             })?;
+            let scale = match adapter {
+                Adapter::Lora(l) => l.scale,
+                Adapter::MoeLora(m) => m.scale,
+            };
+            let want_scale = self.settings.alpha / self.settings.r as f64;
+            if (scale - want_scale).abs() > 1e-12 * want_scale.abs() {
+                return Err(mismatch(format!(
+                    "'{}' has the scale {scale} (use_rslora / alpha_pattern?), the settings α/r = {want_scale}",
+                    key_of(linear)
+                )));
+            }
             let value = match (adapter, what.as_str()) {
                 (Adapter::Lora(l), "lora_A.weight") => &l.a,
                 (Adapter::Lora(l), "lora_B.weight") => &l.b,
