@@ -201,6 +201,7 @@ fn moelora_saves_in_coin_layout_and_the_generate_loader_reproduces_the_logits() 
         // Detached afterwards, the model's own projector back.
         assert_eq!(max_diff(&logits(&fresh), &base), 0.0);
         assert!(fresh.linears_mut().iter().all(|(_, l)| l.adapter.is_none()));
+        assert!(!fresh.projector.linear_1.weight.is_variable());
     }
 }
 
@@ -314,6 +315,7 @@ fn attach_from_refuses_an_adapter_that_does_not_match_the_settings() {
         let text = e.to_string();
         assert!(text.contains(file) && text.contains(msg), "{text}");
         assert!(fresh.linears_mut().iter().all(|(_, l)| l.adapter.is_none()));
+        assert!(!fresh.projector.linear_1.weight.is_variable());
     }
     // rsLoRA changes the scale (α/√r): refused, naming the module.
     let mut m4 = tiny(&t.path().join("m4"), TinyLayout::Hf);

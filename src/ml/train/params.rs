@@ -243,8 +243,8 @@ impl TrainableParams {
     ///
     /// The directory must match `settings`: the same kind and expert count, r and `lora_alpha`,
     /// and exactly one adapter for every linear the targets select (no more). A mismatch is an
-    /// [`MlError::AdapterMismatch`] naming the file and the tensor or config key; the model's
-    /// adapters are then left cleared.
+    /// [`MlError::AdapterMismatch`] naming the file and the tensor or config key; the model is
+    /// then left without adapters and with its own (frozen) projector.
     pub fn attach_from(model: &mut Llava, settings: &AdapterSettings, dir: &Path) -> Result<Self> {
         let dtype = compute_dtype(model.dtype);
         let saved = PeftAdapter::load(dir, &model.device, dtype)?;
@@ -282,10 +282,15 @@ impl TrainableParams {
                 ),
             ));
         }
+        let projector = (
+            model.projector.linear_1.clone(),
+            model.projector.linear_2.clone(),
+        );
         let params = Self::attach(model, settings)?;
         let result = params.load_values(model, &saved);
         if result.is_err() {
             model.clear_adapters();
+            (model.projector.linear_1, model.projector.linear_2) = projector;
         }
         result.map(|()| params)
     }
