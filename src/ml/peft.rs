@@ -729,4 +729,149 @@ mod tests {
         let e = PeftAdapter::load(dir, &dev, DType::F32).expect_err("router refused");
         assert!(e.to_string().contains("lora_router"), "{e}");
     }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn coin_moelora_files_are_read_and_malformed_ones_refused_by_name() {
+        use crate::ml::load::write_safetensors;
+        let t = tempfile::tempdir().expect("tmp");
+        let dir = t.path();
+        let dev = Device::Cpu;
+        let cfg = |r: usize| {
+            std::fs::write(
+                dir.join("adapter_config.json"),
+                serde_json::json!({"peft_type": "MOE_LORA_CoIN", "r": r, "lora_alpha": 8,
+                                   "expert_num": 2, "task_type": "CAUSAL_LM_CoIN"})
+                .to_string(),
+            )
+            .expect("w")
+        };
+        let val = |rows: usize, cols: usize, start: f32| {
+            Tensor::arange(start, start + (rows * cols) as f32, &dev)
+                .and_then(|t| t.reshape((rows, cols)))
+                .expect("t")
+        };
+        // CoIN's spelling: `.default` kept here, each expert under `.weight` and `.mlp.weight`.
+        let m = "base_model.model.model.layers.0.self_attn.q_proj";
+        let good = || {
+            let mut v = Vec::new();
+            for e in 0..2 {
+                let a = val(2, 8, 100.0 * e as f32);
+                let b = val(4, 2, -100.0 * e as f32);
+                v.push((format!("{m}.lora_A.default.loraA.{e}.weight"), a.clone()));
+                v.push((format!("{m}.lora_A.default.loraA.{e}.mlp.weight"), a));
+                v.push((format!("{m}.lora_B.default.loraB.{e}.weight"), b.clone()));
+                v.push((format!("{m}.lora_B.default.loraB.{e}.mlp.weight"), b));
+            }
+            v.push((format!("{m}.lora_router.default.weight"), val(2, 8, 0.5)));
+            v
+        };
+        let write = |v: &[(String, Tensor)]| {
+            write_safetensors(&dir.join("adapter_model.safetensors"), v).expect("w")
+        };
+        cfg(4);
+        write(&good());
+        let ok = PeftAdapter::load(dir, &dev, DType::F32).expect("loads");
+        assert_eq!(ok.kind, AdapterKind::MoeLora { experts: 2 });
+        let Adapter::MoeLora(moe) = &ok.layers["language_model.layers.0.self_attn.q_proj"] else {
+            panic!("a MoELoRA adapter");
+        };
+        assert_eq!(moe.scale, 2.0, "alpha / total r");
+        assert_eq!(moe.a.dims(), [4, 8]);
+        assert_eq!(moe.b.dims(), [4, 4]);
+        // Expert 1 is rows 2..4 of A and columns 2..4 of B.
+        let a1: Vec<f32> = moe.a.get(2).and_then(|r| r.to_vec1()).expect("row");
+        assert_eq!(a1[0], 100.0);
+        let b_row: Vec<f32> = moe.b.get(0).and_then(|r| r.to_vec1()).expect("row");
+        assert_eq!(b_row, vec![0.0, 1.0, -100.0, -99.0]);
+
+        let refused = |v: Vec<(String, Tensor)>, r: usize, want: &str| {
+            cfg(r);
+            write(&v);
+            let e = PeftAdapter::load(dir, &dev, DType::F32).expect_err(want);
+            assert!(e.to_string().contains(want), "{e}");
+        };
+        let mut differing = good();
+        differing[1].1 = val(2, 8, 7.0);
+        refused(
+            differing,
+            4,
+            "loraA.0.weight' differs from the other spelling",
+        );
+        let no_expert: Vec<_> = good()
+            .into_iter()
+            .filter(|(k, _)| !k.contains("loraB.1."))
+            .collect();
+        refused(no_expert, 4, &format!("{m}.lora_B.loraB.1.weight"));
+        let mut extra = good();
+        extra.push((format!("{m}.lora_A.loraA.2.weight"), val(2, 8, 0.0)));
+        refused(extra, 4, "has expert 2, but expert_num is 2");
+        refused(good(), 6, "adapter_config.json r = 6");
+        let no_router: Vec<_> = good()
+            .into_iter()
+            .filter(|(k, _)| !k.contains("router"))
+            .collect();
+        refused(no_router, 4, &format!("{m}.lora_router.weight"));
+        let mut plain = good();
+        plain.push((format!("{m}.lora_A.weight"), val(2, 8, 0.0)));
+        refused(
+            plain,
+            4,
+            "is a plain LoRA tensor but adapter_config.json says peft_type \"MOE_LORA_CoIN\"",
+        );
+
+        // A projector file with anything but the projector is refused, naming the tensor.
+        cfg(4);
+        write(&good());
+        write_safetensors(
+            &dir.join("non_lora_trainables.safetensors"),
+            &[
+                (
+                    "base_model.model.model.mm_projector.0.weight".into(),
+                    val(4, 8, 0.0),
+                ),
+                (
+                    "base_model.model.model.mm_projector.2.weight".into(),
+                    val(4, 4, 0.0),
+                ),
+                (
+                    "base_model.model.model.embed_tokens.weight".into(),
+                    val(4, 4, 0.0),
+                ),
+            ],
+        )
+        .expect("w");
+        let e = PeftAdapter::load(dir, &dev, DType::F32).expect_err("non-projector tensor");
+        assert!(
+            e.to_string()
+                .contains("'base_model.model.model.embed_tokens.weight' is not a projector weight"),
+            "{e}"
+        );
+        write_safetensors(
+            &dir.join("non_lora_trainables.safetensors"),
+            &[
+                (
+                    "base_model.model.model.mm_projector.0.weight".into(),
+                    val(4, 8, 0.0),
+                ),
+                (
+                    "base_model.model.model.mm_projector.2.weight".into(),
+                    val(4, 4, 0.0),
+                ),
+            ],
+        )
+        .expect("w");
+        let p = PeftAdapter::load(dir, &dev, DType::F32)
+            .expect("loads")
+            .projector
+            .expect("projector found");
+        let names: Vec<&str> = p.tensors.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "multi_modal_projector.linear_1.weight",
+                "multi_modal_projector.linear_2.weight"
+            ]
+        );
+    }
 }
