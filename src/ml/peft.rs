@@ -624,7 +624,12 @@ impl ProjectorWeights {
             (&mut p.linear_1, "multi_modal_projector.linear_1"),
             (&mut p.linear_2, "multi_modal_projector.linear_2"),
         ] {
-            let w = &self.tensors[&format!("{base}.weight")];
+            let w = self.tensors.get(&format!("{base}.weight")).ok_or_else(|| {
+                MlError::MissingTensor {
+                    name: format!("{base}.weight"),
+                    source_desc: src.clone(),
+                }
+            })?;
             if w.dims() != lin.weight.dims() {
                 return Err(MlError::ShapeMismatch {
                     name: format!("{base}.weight"),
