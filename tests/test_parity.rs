@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use coin::ml::generate::{generate, generate_segments, GenerateRequest, GenerateSettings};
 use coin::ml::image::{AspectMode, Rgb8};
+use coin::ml::linear::Adapter;
 use coin::ml::llava::{load_model, LoadedModel, ModelSource, Segment};
 use coin::ml::load::{read_tensor_file, write_safetensors};
-use coin::ml::peft::PeftLora;
+use coin::ml::peft::PeftAdapter;
 use serde_json::Value;
 
 use crate::common::TestEnvironment;
@@ -60,7 +61,7 @@ fn mode(s: &str) -> AspectMode {
 }
 
 /// Run every golden case through `m` (optionally with the adapter) and compare.
-fn check_cases(m: &mut LoadedModel, adapter: Option<&PeftLora>, what: &str) {
+fn check_cases(m: &mut LoadedModel, adapter: Option<&PeftAdapter>, what: &str) {
     let g = goldens();
     let max_new = g["max_new_tokens"].as_u64().expect("int") as usize;
     for case in g["cases"].as_array().expect("cases") {
@@ -122,9 +123,13 @@ fn logits_and_greedy_tokens_match_hf() {
 #[test]
 fn logits_and_greedy_tokens_match_hf_with_peft_lora() {
     let mut m = load(&ModelSource::Hf(fixtures().join("model")));
-    let a = PeftLora::load(&fixtures().join("adapter"), &Device::Cpu, DType::F32).expect("adapter");
+    let a =
+        PeftAdapter::load(&fixtures().join("adapter"), &Device::Cpu, DType::F32).expect("adapter");
     assert!(a.layers.len() >= 14, "{} LoRA layers", a.layers.len());
-    assert!(a.layers.values().all(|l| l.scale == 2.0));
+    assert!(a
+        .layers
+        .values()
+        .all(|l| matches!(l, Adapter::Lora(l) if l.scale == 2.0)));
     check_cases(&mut m, Some(&a), "lora");
     // The adapter is detached afterwards: plain results again.
     check_cases(&mut m, None, "base after lora");

@@ -81,6 +81,14 @@ pub enum MlError {
         /// The decoder's message.
         message: String,
     },
+    /// An adapter directory read for further training does not match the training settings.
+    #[error("the adapter '{path}' does not match the training settings: {message}")]
+    AdapterMismatch {
+        /// The adapter file (config or weights) that disagrees.
+        path: PathBuf,
+        /// What disagrees, naming the tensor or config key.
+        message: String,
+    },
     /// Inputs that do not fit the model (e.g. image token count).
     #[error("invalid input: {0}")]
     Input(String),

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::image::{AspectMode, Rgb8};
 use super::llama::{attention_mask, KvCache};
 use super::llava::{Llava, LoadedModel, Segment};
-use super::peft::PeftLora;
+use super::peft::PeftAdapter;
 use super::template::image_question_prompt;
 use super::{MlError, Result};
 
@@ -67,10 +67,11 @@ pub struct GenerateOutput {
     pub first_step_logits: Option<Vec<f32>>,
 }
 
-/// Generate for a batch; `adapter` is attached for the call and removed afterwards.
+/// Generate for a batch; `adapter` (and its projector, if it has one) is attached for the call
+/// and removed afterwards.
 pub fn generate(
     loaded: &mut LoadedModel,
-    adapter: Option<&PeftLora>,
+    adapter: Option<&PeftAdapter>,
     batch: &[GenerateRequest],
     settings: &GenerateSettings,
 ) -> Result<Vec<GenerateOutput>> {
@@ -104,24 +105,25 @@ pub fn generate(
         }
         rows.push(segs);
     }
-    if let Some(a) = adapter {
-        a.attach(&mut loaded.model)?;
-    }
-    let result = generate_segments(
-        &loaded.model,
-        &rows,
-        &pixels,
-        settings.max_new_tokens,
-        if settings.ignore_eos {
-            &[]
-        } else {
-            &loaded.tokenizer.eos
-        },
-        settings.return_logits,
-    );
-    if adapter.is_some() {
-        loaded.model.clear_adapters();
-    }
+    let eos: &[u32] = if settings.ignore_eos {
+        &[]
+    } else {
+        &loaded.tokenizer.eos
+    };
+    let run = |model: &Llava| {
+        generate_segments(
+            model,
+            &rows,
+            &pixels,
+            settings.max_new_tokens,
+            eos,
+            settings.return_logits,
+        )
+    };
+    let result = match adapter {
+        Some(a) => a.with_attached(&mut loaded.model, run)?,
+        None => run(&loaded.model),
+    };
     let result = result?;
     result
         .into_iter()

@@ -1,14 +1,25 @@
-//! PEFT LoRA adapters for inference: `adapter_config.json` + `adapter_model.safetensors`
-//! (or the legacy `adapter_model.bin`), PEFT key names, scale `lora_alpha / r` (rsLoRA:
-//! `/ √r`).
+//! PEFT adapter directories for inference and for further training: LoRA (`peft_type` `LORA`)
+//! and CoIN's MoELoRA (`MOE_LORA_CoIN`), `adapter_config.json` + `adapter_model.safetensors`
+//! (or the legacy / CoIN `adapter_model.bin` torch pickle), plus the trained projector in
+//! `non_lora_trainables.{safetensors,bin}` beside them when present (LLaVA/CoIN).
 //!
 //! Keys follow the in-memory module names of whatever trained them; all of these map onto our
 //! canonical linear names ([`super::llava::Llava::linears_mut`]):
 //! `base_model.model.model.language_model.layers.N…` (transformers ≥ 4.52),
 //! `base_model.model.language_model.model.layers.N…` (older llava-hf),
 //! `base_model.model.model.layers.N…` (CoIN/LLaVA), plus vision-tower, projector and lm_head
-//! modules. Options we do not implement (DoRA, fan_in_fan_out, biases, modules_to_save,
-//! MoELoRA routers) are refused with the key that caused it.
+//! modules; the adapter name (`.default`) may be present or stripped.
+//!
+//! Per module: LoRA `….lora_A.weight` (r × in), `….lora_B.weight` (out × r), scale
+//! `lora_alpha / r` (rsLoRA `/ √r`); MoELoRA with E = `expert_num` experts
+//! `….lora_A.loraA.<e>.weight` (r/E × in), `….lora_B.loraB.<e>.weight` (out × r/E),
+//! `….lora_router.weight` (E × in), scale `lora_alpha / r` with the total r (CoIN). CoIN's expert
+//! modules register their weight twice (`loraA.<e>.weight` and `loraA.<e>.mlp.weight`, the same
+//! tensor); both spellings are read and must agree. The experts are stacked into one
+//! [`MoeLora`] (`a` = the A_e one under another, `b` = the B_e side by side).
+//!
+//! Options we do not implement (DoRA, fan_in_fan_out, biases, modules_to_save, other tuners) are
+//! refused with the key that caused it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,20 +28,46 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::config::read_json;
-use super::linear::{Adapter, Lora};
+use super::linear::{Adapter, Linear, Lora, MoeLora};
 use super::llava::Llava;
 use super::load::read_tensor_file;
+use super::train::params::AdapterKind;
 use super::{MlError, Result};
 
-/// A loaded PEFT LoRA adapter.
+/// `peft_type` of plain LoRA.
+pub const PEFT_TYPE_LORA: &str = "LORA";
+/// `peft_type` of CoIN's MoELoRA (its vendored PEFT fork).
+pub const PEFT_TYPE_MOELORA: &str = "MOE_LORA_CoIN";
+
+/// A loaded adapter directory.
 #[derive(Clone, Debug)]
-pub struct PeftLora {
+pub struct PeftAdapter {
     /// The adapter directory.
     pub dir: PathBuf,
     /// The raw adapter_config.json.
     pub config: Value,
-    /// Canonical linear name → LoRA.
-    pub layers: BTreeMap<String, Lora>,
+    /// LoRA or MoELoRA (with its expert count).
+    pub kind: AdapterKind,
+    /// `lora_alpha` of the config.
+    pub alpha: f64,
+    /// The weights file read (`adapter_model.safetensors` or `.bin`).
+    pub weights_file: PathBuf,
+    /// Canonical linear name → adapter.
+    pub layers: BTreeMap<String, Adapter>,
+    /// Canonical linear name → the module's key prefix as stored in the weights file (for
+    /// messages).
+    pub module_keys: BTreeMap<String, String>,
+    /// The projector from `non_lora_trainables.*`, when the directory has one.
+    pub projector: Option<ProjectorWeights>,
+}
+
+/// A trained projector stored beside an adapter (`non_lora_trainables.{safetensors,bin}`).
+#[derive(Clone, Debug)]
+pub struct ProjectorWeights {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// `multi_modal_projector.linear_{1,2}.{weight,bias}` → tensor.
+    pub tensors: BTreeMap<String, Tensor>,
 }
 
 fn unsupported(path: &Path, message: String) -> MlError {
@@ -81,7 +118,79 @@ pub fn canonical_module(module: &str) -> Option<String> {
     None
 }
 
-impl PeftLora {
+/// Which adapter tensor a key holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    LoraA,
+    LoraB,
+    ExpertA(usize),
+    ExpertB(usize),
+    Router,
+}
+
+/// Split a key (without `base_model.model.` and `.default`) into module path and part.
+fn split_key(k: &str) -> Option<(&str, Part)> {
+    if let Some(m) = k.strip_suffix(".lora_A.weight") {
+        return Some((m, Part::LoraA));
+    }
+    if let Some(m) = k.strip_suffix(".lora_B.weight") {
+        return Some((m, Part::LoraB));
+    }
+    if let Some(m) = k.strip_suffix(".lora_router.weight") {
+        return Some((m, Part::Router));
+    }
+    for (mid, is_a) in [(".lora_A.loraA.", true), (".lora_B.loraB.", false)] {
+        if let Some(i) = k.find(mid) {
+            let rest = &k[i + mid.len()..];
+            let e = rest
+                .strip_suffix(".mlp.weight")
+                .or_else(|| rest.strip_suffix(".weight"))?
+                .parse::<usize>()
+                .ok()?;
+            let part = if is_a {
+                Part::ExpertA(e)
+            } else {
+                Part::ExpertB(e)
+            };
+            return Some((&k[..i], part));
+        }
+    }
+    None
+}
+
+/// The tensors of one adapted module as read.
+#[derive(Default)]
+struct ModuleTensors {
+    key: String,
+    a: Option<Tensor>,
+    b: Option<Tensor>,
+    experts_a: BTreeMap<usize, Tensor>,
+    experts_b: BTreeMap<usize, Tensor>,
+    router: Option<Tensor>,
+}
+
+fn same_values(a: &Tensor, b: &Tensor) -> Result<bool> {
+    if a.dims() != b.dims() {
+        return Ok(false);
+    }
+    let d = (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?;
+    Ok(d == 0.0)
+}
+
+fn config_usize(config: &Value, key: &str) -> Option<usize> {
+    config.get(key).and_then(Value::as_u64).map(|v| v as usize)
+}
+
+/// The files of an adapter directory: the first of `names` that exists.
+fn first_existing(dir: &Path, names: &[&str]) -> Option<PathBuf> {
+    names.iter().map(|n| dir.join(n)).find(|p| p.exists())
+}
+
+impl PeftAdapter {
     /// Read an adapter directory onto `device` in `dtype` (keep f32 for training).
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");
@@ -89,13 +198,29 @@ impl PeftLora {
         let peft_type = config
             .get("peft_type")
             .and_then(Value::as_str)
-            .unwrap_or("LORA");
-        if peft_type != "LORA" {
-            return Err(unsupported(
-                &cfg_path,
-                format!("peft_type \"{peft_type}\" (only LORA)"),
-            ));
-        }
+            .unwrap_or(PEFT_TYPE_LORA);
+        let kind = match peft_type {
+            PEFT_TYPE_LORA => AdapterKind::Lora,
+            PEFT_TYPE_MOELORA => {
+                let experts = config_usize(&config, "expert_num")
+                    .filter(|&e| e > 0)
+                    .ok_or_else(|| MlError::Parse {
+                        path: cfg_path.clone(),
+                        message: format!(
+                            "peft_type {PEFT_TYPE_MOELORA} needs a positive integer 'expert_num'"
+                        ),
+                    })?;
+                AdapterKind::MoeLora { experts }
+            }
+            other => {
+                return Err(unsupported(
+                    &cfg_path,
+                    format!(
+                        "peft_type \"{other}\" (only {PEFT_TYPE_LORA} and {PEFT_TYPE_MOELORA})"
+                    ),
+                ))
+            }
+        };
         for key in ["use_dora", "fan_in_fan_out"] {
             if config.get(key).and_then(Value::as_bool) == Some(true) {
                 return Err(unsupported(&cfg_path, format!("{key} = true")));
@@ -135,29 +260,32 @@ impl PeftLora {
             })
             .unwrap_or_default();
 
-        let weights = ["adapter_model.safetensors", "adapter_model.bin"]
-            .iter()
-            .map(|n| dir.join(n))
-            .find(|p| p.exists())
+        let weights = first_existing(dir, &["adapter_model.safetensors", "adapter_model.bin"])
             .ok_or_else(|| MlError::NotAModel {
                 path: dir.to_path_buf(),
                 message: "no adapter_model.safetensors or adapter_model.bin".into(),
             })?;
-        let mut a_map: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut b_map: BTreeMap<String, Tensor> = BTreeMap::new();
+        let src = format!("'{}'", weights.display());
+        let mut modules: BTreeMap<String, ModuleTensors> = BTreeMap::new();
         for (key, t) in read_tensor_file(&weights)? {
             let k = key.strip_prefix("base_model.model.").unwrap_or(&key);
             let k = k.replace(".default.", ".");
-            let (module, which) = if let Some(m) = k.strip_suffix(".lora_A.weight") {
-                (m, 'A')
-            } else if let Some(m) = k.strip_suffix(".lora_B.weight") {
-                (m, 'B')
-            } else {
+            let (module, part) = split_key(&k).ok_or_else(|| {
+                unsupported(
+                    &weights,
+                    format!("tensor '{key}' is not a LoRA or MoELoRA weight (other tuners are not supported)"),
+                )
+            })?;
+            let is_moe_part = matches!(part, Part::ExpertA(_) | Part::ExpertB(_) | Part::Router);
+            if is_moe_part != matches!(kind, AdapterKind::MoeLora { .. }) {
                 return Err(unsupported(
                     &weights,
-                    format!("tensor '{key}' is not a LoRA A/B weight (MoELoRA and other tuners are not supported here)"),
+                    format!(
+                        "tensor '{key}' is a {} tensor but adapter_config.json says peft_type \"{peft_type}\"",
+                        if is_moe_part { "MoELoRA" } else { "plain LoRA" }
+                    ),
                 ));
-            };
+            }
             let name = canonical_module(module).ok_or_else(|| {
                 unsupported(
                     &weights,
@@ -165,82 +293,145 @@ impl PeftLora {
                 )
             })?;
             let t = t.to_dtype(dtype)?.to_device(device)?;
-            if which == 'A' {
-                a_map.insert(name, t);
-            } else {
-                b_map.insert(name, t);
+            let entry = modules.entry(name).or_default();
+            if entry.key.is_empty() {
+                entry.key = if key.starts_with("base_model.model.") {
+                    format!("base_model.model.{module}")
+                } else {
+                    module.to_string()
+                };
             }
-        }
-        let mut layers = BTreeMap::new();
-        for (name, a) in a_map {
-            let b = b_map.remove(&name).ok_or_else(|| MlError::MissingTensor {
-                name: format!("{name}.lora_B.weight"),
-                source_desc: format!("'{}'", weights.display()),
-            })?;
-            let (r, _) = a.dims2()?;
-            let (_, rb) = b.dims2()?;
-            if r != rb {
-                return Err(MlError::ShapeMismatch {
-                    name: format!("{name}.lora_B.weight"),
-                    source_desc: format!("'{}'", weights.display()),
-                    expected: vec![b.dim(0)?, r],
-                    actual: b.dims().to_vec(),
-                });
-            }
-            let a_alpha = alpha_pattern
-                .iter()
-                .find(|(p, _)| name == *p || name.ends_with(&format!(".{p}")))
-                .map(|(_, a)| *a)
-                .unwrap_or(alpha);
-            let scale = if rslora {
-                a_alpha / (r as f64).sqrt()
-            } else {
-                a_alpha / r as f64
+            let slot = match part {
+                Part::LoraA => &mut entry.a,
+                Part::LoraB => &mut entry.b,
+                Part::Router => &mut entry.router,
+                Part::ExpertA(e) | Part::ExpertB(e) => {
+                    let map = if matches!(part, Part::ExpertA(_)) {
+                        &mut entry.experts_a
+                    } else {
+                        &mut entry.experts_b
+                    };
+                    if let Some(prev) = map.get(&e) {
+                        // CoIN stores every expert weight twice (`.weight`, `.mlp.weight`).
+                        if !same_values(prev, &t)? {
+                            return Err(unsupported(
+                                &weights,
+                                format!("tensor '{key}' differs from the other spelling of the same expert weight"),
+                            ));
+                        }
+                        continue;
+                    }
+                    map.insert(e, t);
+                    continue;
+                }
             };
-            layers.insert(
-                name,
-                Lora {
-                    a,
-                    b,
-                    scale,
-                    dropout: None,
-                },
-            );
+            *slot = Some(t);
         }
-        if let Some((name, _)) = b_map.into_iter().next() {
-            return Err(MlError::MissingTensor {
-                name: format!("{name}.lora_A.weight"),
-                source_desc: format!("'{}'", weights.display()),
+
+        let config_r = config_usize(&config, "r");
+        let mut layers = BTreeMap::new();
+        let mut module_keys = BTreeMap::new();
+        for (name, m) in modules {
+            let adapter = match kind {
+                AdapterKind::Lora => {
+                    let a = m.a.ok_or_else(|| MlError::MissingTensor {
+                        name: format!("{}.lora_A.weight", m.key),
+                        source_desc: src.clone(),
+                    })?;
+                    let b = m.b.ok_or_else(|| MlError::MissingTensor {
+                        name: format!("{}.lora_B.weight", m.key),
+                        source_desc: src.clone(),
+                    })?;
+                    let (r, _) = a.dims2()?;
+                    let (out_f, rb) = b.dims2()?;
+                    if r != rb {
+                        return Err(MlError::ShapeMismatch {
+                            name: format!("{}.lora_B.weight", m.key),
+                            source_desc: src.clone(),
+                            expected: vec![out_f, r],
+                            actual: b.dims().to_vec(),
+                        });
+                    }
+                    let a_alpha = alpha_pattern
+                        .iter()
+                        .find(|(p, _)| name == *p || name.ends_with(&format!(".{p}")))
+                        .map(|(_, a)| *a)
+                        .unwrap_or(alpha);
+                    let scale = if rslora {
+                        a_alpha / (r as f64).sqrt()
+                    } else {
+                        a_alpha / r as f64
+                    };
+                    Adapter::Lora(Lora {
+                        a,
+                        b,
+                        scale,
+                        dropout: None,
+                    })
+                }
+                AdapterKind::MoeLora { experts } => {
+                    moe_from_parts(&m, experts, alpha, config_r, &src)?
+                }
+            };
+            module_keys.insert(name.clone(), m.key);
+            layers.insert(name, adapter);
+        }
+        if layers.is_empty() {
+            return Err(MlError::NotAModel {
+                path: weights.clone(),
+                message: "the adapter file holds no adapter tensor".into(),
             });
         }
-        Ok(PeftLora {
+        let projector = ProjectorWeights::find(dir, device, dtype)?;
+        Ok(PeftAdapter {
             dir: dir.to_path_buf(),
             config,
+            kind,
+            alpha,
+            weights_file: weights,
             layers,
+            module_keys,
+            projector,
         })
     }
 
-    /// Attach to the model's linears (replacing any adapter). Adapters on vision layers past the
-    /// selected feature layer are skipped (those layers never run). Returns how many were
-    /// attached.
+    /// The total rank r of the adapter (the same for every module, or the config's `r`).
+    pub fn rank(&self) -> Option<usize> {
+        let mut ranks = self.layers.values().map(|a| match a {
+            Adapter::Lora(l) => l.a.dim(0).unwrap_or(0),
+            Adapter::MoeLora(m) => m.a.dim(0).unwrap_or(0),
+        });
+        let first = ranks.next()?;
+        ranks.all(|r| r == first).then_some(first)
+    }
+
+    /// Attach to the model's linears (replacing any adapter) and, when the directory has a
+    /// trained projector, replace the model's projector weights with it (CoIN chaining
+    /// semantics). Adapters on vision layers past the selected feature layer are skipped (those
+    /// layers never run). Returns how many adapters were attached. On error the model may be
+    /// partly changed: use [`PeftAdapter::with_attached`] to have it restored.
     pub fn attach(&self, model: &mut Llava) -> Result<usize> {
         let vision_layers = model.vision.layers.len();
-        let mut linears: BTreeMap<String, &mut super::linear::Linear> =
-            model.linears_mut().into_iter().collect();
+        let mut linears: BTreeMap<String, &mut Linear> = model.linears_mut().into_iter().collect();
         let mut n = 0;
-        for (name, lora) in &self.layers {
+        for (name, adapter) in &self.layers {
             match linears.get_mut(name) {
                 Some(lin) => {
                     let (out_f, in_f) = lin.weight.dims2()?;
-                    if lora.a.dim(1)? != in_f || lora.b.dim(0)? != out_f {
+                    let (a_in, b_out, router_in) = match adapter {
+                        Adapter::Lora(l) => (l.a.dim(1)?, l.b.dim(0)?, in_f),
+                        Adapter::MoeLora(m) => (m.a.dim(1)?, m.b.dim(0)?, m.router.dim(1)?),
+                    };
+                    if a_in != in_f || b_out != out_f || router_in != in_f {
+                        let key = self.module_keys.get(name).unwrap_or(name);
                         return Err(MlError::ShapeMismatch {
-                            name: format!("{name}.lora_A/B"),
-                            source_desc: format!("'{}'", self.dir.display()),
+                            name: format!("{key}.lora_A/B (out × in)"),
+                            source_desc: format!("'{}'", self.weights_file.display()),
                             expected: vec![out_f, in_f],
-                            actual: vec![lora.b.dim(0)?, lora.a.dim(1)?],
+                            actual: vec![b_out, a_in],
                         });
                     }
-                    lin.adapter = Some(Adapter::Lora(lora.clone()));
+                    lin.adapter = Some(adapter.clone());
                     n += 1;
                 }
                 None => {
@@ -260,7 +451,211 @@ impl PeftLora {
                 }
             }
         }
+        drop(linears);
+        if let Some(p) = &self.projector {
+            p.replace_in(model, model.dtype)?;
+        }
         Ok(n)
+    }
+
+    /// Run `f` with the adapter (and its projector) attached; afterwards every adapter is
+    /// removed and the model's own projector restored, also when attaching fails.
+    pub fn with_attached<T>(&self, model: &mut Llava, f: impl FnOnce(&Llava) -> T) -> Result<T> {
+        let saved = (
+            model.projector.linear_1.clone(),
+            model.projector.linear_2.clone(),
+        );
+        let result = self.attach(model).map(|_| f(model));
+        model.clear_adapters();
+        model.projector.linear_1 = saved.0;
+        model.projector.linear_2 = saved.1;
+        result
+    }
+}
+
+/// Stack one module's MoELoRA experts.
+fn moe_from_parts(
+    m: &ModuleTensors,
+    experts: usize,
+    alpha: f64,
+    config_r: Option<usize>,
+    src: &str,
+) -> Result<Adapter> {
+    let missing = |what: String| MlError::MissingTensor {
+        name: format!("{}.{what}", m.key),
+        source_desc: src.to_string(),
+    };
+    let mut a_parts = Vec::with_capacity(experts);
+    let mut b_parts = Vec::with_capacity(experts);
+    for e in 0..experts {
+        a_parts.push(
+            m.experts_a
+                .get(&e)
+                .ok_or_else(|| missing(format!("lora_A.loraA.{e}.weight")))?
+                .clone(),
+        );
+        b_parts.push(
+            m.experts_b
+                .get(&e)
+                .ok_or_else(|| missing(format!("lora_B.loraB.{e}.weight")))?
+                .clone(),
+        );
+    }
+    if let Some(e) = m
+        .experts_a
+        .keys()
+        .chain(m.experts_b.keys())
+        .find(|&&e| e >= experts)
+    {
+        return Err(unsupported(
+            Path::new(src.trim_matches('\'')),
+            format!("'{}' has expert {e}, but expert_num is {experts}", m.key),
+        ));
+    }
+    let router = m
+        .router
+        .clone()
+        .ok_or_else(|| missing("lora_router.weight".into()))?;
+    let (re, in_f) = a_parts[0].dims2()?;
+    let (out_f, _) = b_parts[0].dims2()?;
+    for e in 0..experts {
+        if a_parts[e].dims() != [re, in_f] {
+            return Err(MlError::ShapeMismatch {
+                name: format!("{}.lora_A.loraA.{e}.weight", m.key),
+                source_desc: src.to_string(),
+                expected: vec![re, in_f],
+                actual: a_parts[e].dims().to_vec(),
+            });
+        }
+        if b_parts[e].dims() != [out_f, re] {
+            return Err(MlError::ShapeMismatch {
+                name: format!("{}.lora_B.loraB.{e}.weight", m.key),
+                source_desc: src.to_string(),
+                expected: vec![out_f, re],
+                actual: b_parts[e].dims().to_vec(),
+            });
+        }
+    }
+    if router.dims() != [experts, in_f] {
+        return Err(MlError::ShapeMismatch {
+            name: format!("{}.lora_router.weight", m.key),
+            source_desc: src.to_string(),
+            expected: vec![experts, in_f],
+            actual: router.dims().to_vec(),
+        });
+    }
+    let r = re * experts;
+    if let Some(cr) = config_r {
+        if cr != r {
+            return Err(MlError::ShapeMismatch {
+                name: format!("{}.lora_A.loraA.0.weight", m.key),
+                source_desc: format!(
+                    "{src} (adapter_config.json r = {cr}, expert_num = {experts})"
+                ),
+                expected: vec![cr / experts.max(1), in_f],
+                actual: vec![re, in_f],
+            });
+        }
+    }
+    Ok(Adapter::MoeLora(MoeLora {
+        a: Tensor::cat(&a_parts, 0)?,
+        b: Tensor::cat(&b_parts, 1)?,
+        router,
+        experts,
+        scale: alpha / r as f64,
+        dropout: None,
+    }))
+}
+
+impl ProjectorWeights {
+    /// The canonical names a full mlp2x projector has.
+    pub const NAMES: [&'static str; 4] = [
+        "multi_modal_projector.linear_1.weight",
+        "multi_modal_projector.linear_1.bias",
+        "multi_modal_projector.linear_2.weight",
+        "multi_modal_projector.linear_2.bias",
+    ];
+
+    /// Read `non_lora_trainables.safetensors` (or `.bin`) of an adapter directory, if any.
+    /// Keys: CoIN's `base_model.model.model.mm_projector.{0,2}.{weight,bias}` or any layout's
+    /// projector names; any other tensor is refused (we would silently drop it).
+    pub fn find(dir: &Path, device: &Device, dtype: DType) -> Result<Option<Self>> {
+        let Some(file) = first_existing(
+            dir,
+            &["non_lora_trainables.safetensors", "non_lora_trainables.bin"],
+        ) else {
+            return Ok(None);
+        };
+        let mut tensors = BTreeMap::new();
+        for (key, t) in read_tensor_file(&file)? {
+            let k = key.strip_prefix("base_model.model.").unwrap_or(&key);
+            let name = k
+                .rsplit_once('.')
+                .and_then(|(module, leaf)| {
+                    let m = canonical_module(module)?;
+                    (m.starts_with("multi_modal_projector.")
+                        && (leaf == "weight" || leaf == "bias"))
+                        .then(|| format!("{m}.{leaf}"))
+                })
+                .ok_or_else(|| {
+                    unsupported(
+                        &file,
+                        format!("tensor '{key}' is not a projector weight (only the projector is supported in non_lora_trainables)"),
+                    )
+                })?;
+            tensors.insert(name, t.to_dtype(dtype)?.to_device(device)?);
+        }
+        for must in [Self::NAMES[0], Self::NAMES[2]] {
+            if !tensors.contains_key(must) {
+                return Err(MlError::MissingTensor {
+                    name: must.into(),
+                    source_desc: format!("'{}'", file.display()),
+                });
+            }
+        }
+        Ok(Some(ProjectorWeights { file, tensors }))
+    }
+
+    /// Replace the model's projector weights (shape-checked) with these, in `dtype`.
+    pub fn replace_in(&self, model: &mut Llava, dtype: DType) -> Result<()> {
+        let src = format!("'{}'", self.file.display());
+        let p = &mut model.projector;
+        for (lin, base) in [
+            (&mut p.linear_1, "multi_modal_projector.linear_1"),
+            (&mut p.linear_2, "multi_modal_projector.linear_2"),
+        ] {
+            let w = self.tensors.get(&format!("{base}.weight")).ok_or_else(|| {
+                MlError::MissingTensor {
+                    name: format!("{base}.weight"),
+                    source_desc: src.clone(),
+                }
+            })?;
+            if w.dims() != lin.weight.dims() {
+                return Err(MlError::ShapeMismatch {
+                    name: format!("{base}.weight"),
+                    source_desc: src,
+                    expected: lin.weight.dims().to_vec(),
+                    actual: w.dims().to_vec(),
+                });
+            }
+            let b = self.tensors.get(&format!("{base}.bias"));
+            match (&lin.bias, b) {
+                (Some(have), Some(b)) if have.dims() == b.dims() => {
+                    lin.bias = Some(b.to_dtype(dtype)?)
+                }
+                (None, None) => {}
+                (have, _) => {
+                    return Err(MlError::ShapeMismatch {
+                        name: format!("{base}.bias"),
+                        source_desc: src,
+                        expected: have.as_ref().map(|t| t.dims().to_vec()).unwrap_or_default(),
+                        actual: b.map(|t| t.dims().to_vec()).unwrap_or_default(),
+                    })
+                }
+            }
+            lin.weight = w.to_dtype(dtype)?;
+        }
+        Ok(())
     }
 }
 
@@ -313,13 +708,15 @@ mod tests {
         write_cfg(
             serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 8, "use_rslora": true}),
         );
-        let ok = PeftLora::load(dir, &dev, DType::F32).expect("loads");
-        let l = &ok.layers["language_model.layers.0.self_attn.q_proj"];
+        let ok = PeftAdapter::load(dir, &dev, DType::F32).expect("loads");
+        let Adapter::Lora(l) = &ok.layers["language_model.layers.0.self_attn.q_proj"] else {
+            panic!("a LoRA adapter");
+        };
         assert_eq!(l.scale, 8.0 / 2f64.sqrt());
         write_cfg(
             serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 8, "use_dora": true}),
         );
-        let e = PeftLora::load(dir, &dev, DType::F32).expect_err("dora refused");
+        let e = PeftAdapter::load(dir, &dev, DType::F32).expect_err("dora refused");
         assert!(e.to_string().contains("use_dora"), "{e}");
         write_cfg(serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 8}));
         write_safetensors(
@@ -334,7 +731,152 @@ mod tests {
             ],
         )
         .expect("w");
-        let e = PeftLora::load(dir, &dev, DType::F32).expect_err("router refused");
+        let e = PeftAdapter::load(dir, &dev, DType::F32).expect_err("router refused");
         assert!(e.to_string().contains("lora_router"), "{e}");
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn coin_moelora_files_are_read_and_malformed_ones_refused_by_name() {
+        use crate::ml::load::write_safetensors;
+        let t = tempfile::tempdir().expect("tmp");
+        let dir = t.path();
+        let dev = Device::Cpu;
+        let cfg = |r: usize| {
+            std::fs::write(
+                dir.join("adapter_config.json"),
+                serde_json::json!({"peft_type": "MOE_LORA_CoIN", "r": r, "lora_alpha": 8,
+                                   "expert_num": 2, "task_type": "CAUSAL_LM_CoIN"})
+                .to_string(),
+            )
+            .expect("w")
+        };
+        let val = |rows: usize, cols: usize, start: f32| {
+            Tensor::arange(start, start + (rows * cols) as f32, &dev)
+                .and_then(|t| t.reshape((rows, cols)))
+                .expect("t")
+        };
+        // CoIN's spelling: `.default` kept here, each expert under `.weight` and `.mlp.weight`.
+        let m = "base_model.model.model.layers.0.self_attn.q_proj";
+        let good = || {
+            let mut v = Vec::new();
+            for e in 0..2 {
+                let a = val(2, 8, 100.0 * e as f32);
+                let b = val(4, 2, -100.0 * e as f32);
+                v.push((format!("{m}.lora_A.default.loraA.{e}.weight"), a.clone()));
+                v.push((format!("{m}.lora_A.default.loraA.{e}.mlp.weight"), a));
+                v.push((format!("{m}.lora_B.default.loraB.{e}.weight"), b.clone()));
+                v.push((format!("{m}.lora_B.default.loraB.{e}.mlp.weight"), b));
+            }
+            v.push((format!("{m}.lora_router.default.weight"), val(2, 8, 0.5)));
+            v
+        };
+        let write = |v: &[(String, Tensor)]| {
+            write_safetensors(&dir.join("adapter_model.safetensors"), v).expect("w")
+        };
+        cfg(4);
+        write(&good());
+        let ok = PeftAdapter::load(dir, &dev, DType::F32).expect("loads");
+        assert_eq!(ok.kind, AdapterKind::MoeLora { experts: 2 });
+        let Adapter::MoeLora(moe) = &ok.layers["language_model.layers.0.self_attn.q_proj"] else {
+            panic!("a MoELoRA adapter");
+        };
+        assert_eq!(moe.scale, 2.0, "alpha / total r");
+        assert_eq!(moe.a.dims(), [4, 8]);
+        assert_eq!(moe.b.dims(), [4, 4]);
+        // Expert 1 is rows 2..4 of A and columns 2..4 of B.
+        let a1: Vec<f32> = moe.a.get(2).and_then(|r| r.to_vec1()).expect("row");
+        assert_eq!(a1[0], 100.0);
+        let b_row: Vec<f32> = moe.b.get(0).and_then(|r| r.to_vec1()).expect("row");
+        assert_eq!(b_row, vec![0.0, 1.0, -100.0, -99.0]);
+
+        let refused = |v: Vec<(String, Tensor)>, r: usize, want: &str| {
+            cfg(r);
+            write(&v);
+            let e = PeftAdapter::load(dir, &dev, DType::F32).expect_err(want);
+            assert!(e.to_string().contains(want), "{e}");
+        };
+        let mut differing = good();
+        differing[1].1 = val(2, 8, 7.0);
+        refused(
+            differing,
+            4,
+            "loraA.0.weight' differs from the other spelling",
+        );
+        let no_expert: Vec<_> = good()
+            .into_iter()
+            .filter(|(k, _)| !k.contains("loraB.1."))
+            .collect();
+        refused(no_expert, 4, &format!("{m}.lora_B.loraB.1.weight"));
+        let mut extra = good();
+        extra.push((format!("{m}.lora_A.loraA.2.weight"), val(2, 8, 0.0)));
+        refused(extra, 4, "has expert 2, but expert_num is 2");
+        refused(good(), 6, "adapter_config.json r = 6");
+        let no_router: Vec<_> = good()
+            .into_iter()
+            .filter(|(k, _)| !k.contains("router"))
+            .collect();
+        refused(no_router, 4, &format!("{m}.lora_router.weight"));
+        let mut plain = good();
+        plain.push((format!("{m}.lora_A.weight"), val(2, 8, 0.0)));
+        refused(
+            plain,
+            4,
+            "is a plain LoRA tensor but adapter_config.json says peft_type \"MOE_LORA_CoIN\"",
+        );
+
+        // A projector file with anything but the projector is refused, naming the tensor.
+        cfg(4);
+        write(&good());
+        write_safetensors(
+            &dir.join("non_lora_trainables.safetensors"),
+            &[
+                (
+                    "base_model.model.model.mm_projector.0.weight".into(),
+                    val(4, 8, 0.0),
+                ),
+                (
+                    "base_model.model.model.mm_projector.2.weight".into(),
+                    val(4, 4, 0.0),
+                ),
+                (
+                    "base_model.model.model.embed_tokens.weight".into(),
+                    val(4, 4, 0.0),
+                ),
+            ],
+        )
+        .expect("w");
+        let e = PeftAdapter::load(dir, &dev, DType::F32).expect_err("non-projector tensor");
+        assert!(
+            e.to_string()
+                .contains("'base_model.model.model.embed_tokens.weight' is not a projector weight"),
+            "{e}"
+        );
+        write_safetensors(
+            &dir.join("non_lora_trainables.safetensors"),
+            &[
+                (
+                    "base_model.model.model.mm_projector.0.weight".into(),
+                    val(4, 8, 0.0),
+                ),
+                (
+                    "base_model.model.model.mm_projector.2.weight".into(),
+                    val(4, 4, 0.0),
+                ),
+            ],
+        )
+        .expect("w");
+        let p = PeftAdapter::load(dir, &dev, DType::F32)
+            .expect("loads")
+            .projector
+            .expect("projector found");
+        let names: Vec<&str> = p.tensors.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "multi_modal_projector.linear_1.weight",
+                "multi_modal_projector.linear_2.weight"
+            ]
+        );
     }
 }

@@ -4,7 +4,7 @@ use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::ml::generate::{generate, GenerateRequest, GenerateSettings};
 use crate::ml::image::{AspectMode, Rgb8};
 use crate::ml::llava::{load_model, ModelSource};
-use crate::ml::peft::PeftLora;
+use crate::ml::peft::PeftAdapter;
 use crate::ml::template::image_question_prompt;
 
 /// Answer a question about an image with a model (greedy decoding)
@@ -24,7 +24,9 @@ pub struct GenerateArgs {
     /// Projector file of the CoIN setup (mm_projector.bin or .safetensors)
     #[arg(long, value_name = "FILE")]
     pub projector: Option<PathBuf>,
-    /// PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)
+    /// Adapter directory: PEFT LoRA or CoIN MoELoRA (adapter_config.json +
+    /// adapter_model.safetensors or .bin); a non_lora_trainables.{safetensors,bin} beside it
+    /// replaces the model's projector
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// Image file (PNG or JPEG)
@@ -72,7 +74,7 @@ pub fn cmd_generate(
     let dtype = crate::ml::default_dtype(&device);
     let mut loaded = load_model(&source, &device, dtype)?;
     let adapter = match &args.adapter {
-        Some(a) => Some(PeftLora::load(&cwd.join(a), &device, dtype)?),
+        Some(a) => Some(PeftAdapter::load(&cwd.join(a), &device, dtype)?),
         None => None,
     };
     let image = Rgb8::open(&cwd.join(&args.image))?;

@@ -1,10 +1,10 @@
 //! The differentiable training core: a weight-gradient-free matmul for frozen linears
 //! ([`frozen`]), trainable LoRA / MoELoRA adapters and projector as named `Var`s ([`params`]),
 //! seeded adapter dropout ([`dropout`]), batches to full-sequence logits ([`batch`]) and the
-//! assistant-only token cross-entropy ([`loss`]), an AdamW step ([`step`]) and PEFT-format
-//! saving ([`save`]); CoIN records to labelled examples ([`data`]), AdamW with saveable state,
-//! schedules and clipping ([`optim`]) and the resumable training loop ([`trainer`]). See
-//! docs/training.md.
+//! assistant-only token cross-entropy ([`loss`]), an AdamW step ([`step`]), saving LoRA /
+//! MoELoRA adapters in PEFT/CoIN layout ([`save`], [`torch_save`]); CoIN records to labelled
+//! examples ([`data`]), AdamW with saveable state, schedules and clipping ([`optim`]) and the
+//! resumable training loop ([`trainer`]). See docs/training.md and docs/trainer.md.
 
 pub mod batch;
 pub mod data;
@@ -15,8 +15,11 @@ pub mod optim;
 pub mod params;
 pub mod save;
 pub mod step;
+pub mod torch_save;
 pub mod trainer;
 
+#[cfg(test)]
+mod adapter_tests;
 #[cfg(test)]
 mod loop_tests;
 #[cfg(test)]

@@ -12,12 +12,20 @@
 //! where `{linear}` is the canonical name of [`Llava::linears_mut`], e.g.
 //! `language_model.layers.3.self_attn.q_proj`. Only `language_model.layers.*` linears are
 //! targets: never the vision tower, the projector (trained in full instead) or `lm_head`.
+//!
+//! [`TrainableParams::attach`] starts fresh adapters; [`TrainableParams::attach_from`] starts
+//! from a saved adapter directory (the previous task's adapter and projector, CoIN chaining).
+
+use std::collections::BTreeSet;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::ml::linear::{Adapter, Lora, MoeLora};
 use crate::ml::llama::compute_dtype;
 use crate::ml::llava::Llava;
+use crate::ml::load::Layout;
+use crate::ml::peft::PeftAdapter;
 use crate::ml::rng::Rng;
 use crate::ml::{MlError, Result};
 
@@ -90,6 +98,9 @@ pub struct TrainableParams {
     pub dropout: Dropout,
     /// The settings they were made with.
     pub settings: AdapterSettings,
+    /// The layout of the model they are attached to (decides the saved key names, see
+    /// [`super::save`]).
+    pub layout: Layout,
 }
 
 fn var_from(values: Vec<f32>, shape: (usize, usize), device: &Device, dtype: DType) -> Result<Var> {
@@ -220,7 +231,173 @@ impl TrainableParams {
             vars,
             dropout,
             settings: s.clone(),
+            layout: model.layout,
         })
+    }
+
+    /// Attach adapters initialised from a saved adapter directory (LoRA or MoELoRA, any key
+    /// layout, safetensors or `.bin`), as trainable vars in f32 (f64 for an f64 model). The
+    /// directory's `non_lora_trainables.*` projector, when present, initialises the projector
+    /// vars (or, with `train_projector` off, replaces the model's frozen projector); without
+    /// one the model's projector is kept.
+    ///
+    /// The directory must match `settings`: the same kind and expert count, r and `lora_alpha`,
+    /// and exactly one adapter for every linear the targets select (no more). A mismatch is an
+    /// [`MlError::AdapterMismatch`] naming the file and the tensor or config key; the model is
+    /// then left without adapters and with its own (frozen) projector.
+    pub fn attach_from(model: &mut Llava, settings: &AdapterSettings, dir: &Path) -> Result<Self> {
+        let dtype = compute_dtype(model.dtype);
+        let saved = PeftAdapter::load(dir, &model.device, dtype)?;
+        let cfg_path = dir.join("adapter_config.json");
+        let mismatch = |path: &Path, message: String| MlError::AdapterMismatch {
+            path: path.to_path_buf(),
+            message,
+        };
+        let kind_name = |k: AdapterKind| match k {
+            AdapterKind::Lora => "LoRA".to_string(),
+            AdapterKind::MoeLora { experts } => format!("MoELoRA with {experts} experts"),
+        };
+        if saved.kind != settings.kind {
+            return Err(mismatch(
+                &cfg_path,
+                format!(
+                    "it is {} (peft_type/expert_num), the settings ask for {}",
+                    kind_name(saved.kind),
+                    kind_name(settings.kind)
+                ),
+            ));
+        }
+        if let Some(r) = saved.rank().filter(|&r| r != settings.r) {
+            return Err(mismatch(
+                &saved.weights_file,
+                format!("its rank r is {r}, the settings' r is {}", settings.r),
+            ));
+        }
+        if saved.alpha != settings.alpha {
+            return Err(mismatch(
+                &cfg_path,
+                format!(
+                    "lora_alpha is {}, the settings' alpha is {} (the scale α/r would change)",
+                    saved.alpha, settings.alpha
+                ),
+            ));
+        }
+        let projector = (
+            model.projector.linear_1.clone(),
+            model.projector.linear_2.clone(),
+        );
+        let params = Self::attach(model, settings)?;
+        let result = params.load_values(model, &saved);
+        if result.is_err() {
+            model.clear_adapters();
+            (model.projector.linear_1, model.projector.linear_2) = projector;
+        }
+        result.map(|()| params)
+    }
+
+    /// Set every adapter var (and the projector) from `saved`, checking that the adapted
+    /// linears are exactly the attached ones.
+    fn load_values(&self, model: &mut Llava, saved: &PeftAdapter) -> Result<()> {
+        let file = &saved.weights_file;
+        let mismatch = |message: String| MlError::AdapterMismatch {
+            path: file.clone(),
+            message,
+        };
+        let key_of = |linear: &str| {
+            saved
+                .module_keys
+                .get(linear)
+                .cloned()
+                .unwrap_or_else(|| linear.to_string())
+        };
+        let mut attached = BTreeSet::new();
+        for (name, var) in &self.vars {
+            if name.starts_with("multi_modal_projector.") {
+                continue;
+            }
+            let (linear, what) = name
+                .rsplit_once(".lora_")
+                .map(|(l, w)| (l, format!("lora_{w}")))
+                .ok_or_else(|| MlError::Input(format!("unexpected trainable var '{name}'")))?;
+            attached.insert(linear.to_string());
+            let adapter = saved.layers.get(linear).ok_or_else(|| {
+                let target = linear.rsplit('.').next().unwrap_or(linear);
+                mismatch(format!(
+                    "it has no adapter for '{linear}', which the settings target ('{target}')"
+                ))
+            })?;
+            let scale = match adapter {
+                Adapter::Lora(l) => l.scale,
+                Adapter::MoeLora(m) => m.scale,
+            };
+            let want_scale = self.settings.alpha / self.settings.r as f64;
+            if (scale - want_scale).abs() > 1e-12 * want_scale.abs() {
+                return Err(mismatch(format!(
+                    "'{}' has the scale {scale} (use_rslora / alpha_pattern?), the settings α/r = {want_scale}",
+                    key_of(linear)
+                )));
+            }
+            let value = match (adapter, what.as_str()) {
+                (Adapter::Lora(l), "lora_A.weight") => &l.a,
+                (Adapter::Lora(l), "lora_B.weight") => &l.b,
+                (Adapter::MoeLora(m), "lora_A.experts") => &m.a,
+                (Adapter::MoeLora(m), "lora_B.experts") => &m.b,
+                (Adapter::MoeLora(m), "lora_router.weight") => &m.router,
+                _ => {
+                    return Err(mismatch(format!(
+                        "the adapter of '{}' does not fit the var '{name}'",
+                        key_of(linear)
+                    )))
+                }
+            };
+            if value.dims() != var.dims() {
+                return Err(mismatch(format!(
+                    "'{}' ({what}) has shape {:?}, the settings need {:?}",
+                    key_of(linear),
+                    value.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&value.to_dtype(var.dtype())?)?;
+        }
+        if let Some(extra) = saved.layers.keys().find(|l| !attached.contains(*l)) {
+            return Err(mismatch(format!(
+                "it adapts '{}', which the settings' targets {:?} do not select",
+                key_of(extra),
+                self.settings.targets
+            )));
+        }
+        if let Some(p) = &saved.projector {
+            if self.settings.train_projector {
+                for (name, var) in self
+                    .vars
+                    .iter()
+                    .filter(|(n, _)| n.starts_with("multi_modal_projector."))
+                {
+                    let t = p
+                        .tensors
+                        .get(name)
+                        .ok_or_else(|| MlError::AdapterMismatch {
+                            path: p.file.clone(),
+                            message: format!("it has no '{name}', which the model's projector has"),
+                        })?;
+                    if t.dims() != var.dims() {
+                        return Err(MlError::AdapterMismatch {
+                            path: p.file.clone(),
+                            message: format!(
+                                "'{name}' has shape {:?}, the model's projector {:?}",
+                                t.dims(),
+                                var.dims()
+                            ),
+                        });
+                    }
+                    var.set(&t.to_dtype(var.dtype())?)?;
+                }
+            } else {
+                p.replace_in(model, model.dtype)?;
+            }
+        }
+        Ok(())
     }
 
     /// The names, in order.

@@ -376,13 +376,13 @@ fn saved_peft_adapter_reads_back_with_identical_outputs() {
     let (_dir, mut model) = tiny_model_f32();
     let params = attach(&mut model, AdapterKind::Lora);
     let out = tempfile::tempdir().expect("temp dir");
-    super::save::save_peft_lora(&params, out.path(), "tiny").expect("adapter saves");
+    super::save::save_adapter(&params, out.path(), "tiny").expect("adapter saves");
     let (examples, pixels) = batch(model.config.text.vocab_size as u32);
     let (want, _) = forward_batch(&model, &examples, &pixels).expect("forward");
 
     // A fresh model, the saved LoRA through the inference loader, the saved projector by hand.
     let (_dir2, mut fresh) = tiny_model_f32();
-    let peft = crate::ml::peft::PeftLora::load(out.path(), &Device::Cpu, DType::F32)
+    let peft = crate::ml::peft::PeftAdapter::load(out.path(), &Device::Cpu, DType::F32)
         .expect("adapter loads");
     assert_eq!(peft.attach(&mut fresh).expect("attaches"), 2 * 7);
     let proj =
