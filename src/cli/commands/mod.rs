@@ -5,6 +5,7 @@ mod bench_data;
 mod branch;
 mod checkout;
 mod commit;
+mod compare;
 mod debug;
 mod diff;
 mod eval;
@@ -15,6 +16,7 @@ mod history_util;
 mod init;
 mod judge;
 mod log;
+mod matrix;
 mod metrics;
 mod model;
 mod score;
@@ -24,6 +26,7 @@ mod status;
 mod switch;
 mod tag;
 mod task;
+mod workflow_util;
 
 use super::{CommandError, CommandHelper, Ui};
 
@@ -54,6 +57,8 @@ pub enum Command {
     Judge(judge::JudgeArgs),
     Model(model::ModelArgs),
     Generate(generate::GenerateArgs),
+    Matrix(matrix::MatrixArgs),
+    Compare(compare::CompareArgs),
 }
 
 /// Run one parsed command.
@@ -81,6 +86,8 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Judge(args) => judge::cmd_judge(ui, helper, &args),
         Command::Model(args) => model::cmd_model(ui, helper, &args),
         Command::Generate(args) => generate::cmd_generate(ui, helper, &args),
+        Command::Matrix(args) => matrix::cmd_matrix(ui, helper, &args),
+        Command::Compare(args) => compare::cmd_compare(ui, helper, &args),
     }
 }
 
