@@ -11,6 +11,7 @@ mod test_parity;
 mod test_score_command;
 mod test_store_crash;
 mod test_task_command;
+mod test_workflow_eval;
 
 #[test]
 fn every_test_file_is_listed() {

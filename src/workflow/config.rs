@@ -922,4 +922,38 @@ mod tests {
         let none = ConfigSources::for_repo(&dir.path().join("sub"), vec![], vec![]);
         assert_eq!(none.resolve().expect("defaults").train.lora_r, 128);
     }
+
+    #[test]
+    fn template_settings_are_valid_keys_when_uncommented() {
+        let template = include_str!("../../templates/config.toml");
+        let mut text = String::new();
+        let mut n = 0;
+        for line in template.lines() {
+            let Some(rest) = line.strip_prefix("# ") else {
+                continue;
+            };
+            let is_setting = rest.starts_with('[')
+                || rest
+                    .split_once(" = ")
+                    .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+            if is_setting {
+                text.push_str(rest);
+                text.push('\n');
+                n += 1;
+            }
+        }
+        assert!(n > 25, "only {n} settings found");
+        let layer = Layer::from_toml(&text, LayerSource::File("template".into())).expect("toml");
+        let c = resolve(&[layer], None).expect("the template's settings resolve");
+        assert_eq!(c.model.base, "models/llava-v1.5-7b");
+        assert_eq!(
+            c,
+            {
+                let mut d = RunConfig::preset("llava-7b").expect("preset");
+                d.model.base = "models/llava-v1.5-7b".into();
+                d
+            },
+            "the template shows the llava-7b values"
+        );
+    }
 }

@@ -262,6 +262,7 @@ fn draw<DB: DrawingBackend>(
             }
         })
         .y_labels(6)
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .x_desc(if has_zero {
             "after step (0 = zero-shot)"
         } else {
@@ -270,7 +271,7 @@ fn draw<DB: DrawingBackend>(
         .y_desc("score")
         .label_style(FONT)
         .axis_desc_style(FONT)
-        .light_line_style(RGBColor(240, 240, 240))
+        .light_line_style(RGBColor(248, 248, 248))
         .draw()
         .map_err(e)?;
     let mut ends: Vec<(i32, i32, String, RGBColor)> = Vec::new();

@@ -133,9 +133,13 @@ pub fn cmd_eval(ui: &mut Ui, helper: &CommandHelper, args: &EvalArgs) -> Result<
             status.as_str().unwrap_or("")
         )?;
     }
+    let cached = evals
+        .iter()
+        .filter(|e| e.status == weval::TaskStatus::Cached)
+        .count();
     ui.status(&format!(
-        "Recorded {} eval result(s) on {}.",
-        evals.len(),
+        "Recorded {} eval result(s) on {} ({cached} already cached).",
+        evals.len() - cached,
         short(id)
     ));
     Ok(())

@@ -53,7 +53,10 @@ pub fn cmd_matrix(
     args: &MatrixArgs,
 ) -> Result<(), CommandError> {
     let repo = open_repo(helper)?;
-    let name = args.branch.clone().unwrap_or_else(|| "HEAD".to_string());
+    let name = match &args.branch {
+        Some(b) => b.clone(),
+        None => repo.current_branch()?,
+    };
     let tip = repo.resolve(&name)?;
     let bm = build_matrix(&repo, tip)?;
     let m = bm.metrics(args.forgetting.into())?;
