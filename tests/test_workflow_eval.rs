@@ -109,8 +109,15 @@ fn statuses(v: &Value) -> Vec<String> {
 fn eval_generates_caches_forces_and_rescores() {
     let env = setup();
     write_adapter(&env.path("ad1"), 1);
-    env.coin(&["commit", "ad1", "--task", "mini-VQAv2"])
-        .success();
+    env.coin(&[
+        "commit",
+        "ad1",
+        "--task",
+        "mini-VQAv2",
+        "--base-model",
+        "coin-tiny",
+    ])
+    .success();
 
     // Errors come before any model is loaded.
     let e = env.coin(&["eval", "--tasks", "mini-Nothing"]).code(1);
@@ -127,6 +134,14 @@ fn eval_generates_caches_forces_and_rescores() {
     );
     let e = env.coin(&["eval", "--set", "model.base=nowhere"]).code(1);
     assert!(e.stderr.contains("nowhere"), "{}", e.stderr);
+    let e = env
+        .coin(&["eval", "--set", "model.name=llava-v1.5-13b"])
+        .code(1);
+    assert!(
+        e.stderr.contains("'coin-tiny'") && e.stderr.contains("llava-v1.5-13b"),
+        "{}",
+        e.stderr
+    );
 
     // Default tasks: those trained on the history (mini-VQAv2); plus one more by name.
     let first = env

@@ -290,6 +290,7 @@ fn plan(
     tasks: &[String],
     cfg: &RunConfig,
     opts: &EvalOptions,
+    need_images: bool,
 ) -> Result<Vec<TaskPlan>, WorkflowError> {
     let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
     let root = repo.root().to_path_buf();
@@ -317,12 +318,14 @@ fn plan(
                 test_path.display()
             )));
         }
-        let image_root = def.resolve(&root, &def.image_root);
-        formats::check_images(
-            &image_root,
-            questions.iter().filter_map(|q| q.image.as_deref()),
-        )?
-        .into_result(&image_root)?;
+        if need_images {
+            let image_root = def.resolve(&root, &def.image_root);
+            formats::check_images(
+                &image_root,
+                questions.iter().filter_map(|q| q.image.as_deref()),
+            )?
+            .into_result(&image_root)?;
+        }
         let mode = resolve_mode(opts, cfg, &def);
         let annotations = match (&def.annotations, kind.annotations_hint()) {
             (Some(a), Some(_)) => {
@@ -585,7 +588,8 @@ fn run(
     } else {
         tasks.to_vec()
     };
-    let plans = plan(repo, &cp, &tasks, cfg, opts)?;
+    super::config::check_parent_base(&cp, cfg)?;
+    let plans = plan(repo, &cp, &tasks, cfg, opts, true)?;
     let names: Vec<String> = plans.iter().map(|p| p.def.name.clone()).collect();
     let to_generate = plans
         .iter()
@@ -746,7 +750,14 @@ pub fn score_answer_file(
     let answers = formats::read_answer_file(answers_path)?;
     let opts = EvalOptions { mode, force: true };
     // The plan checks the task's data; its keys are not used for an answer file.
-    let plans = plan(repo, &cp, std::slice::from_ref(&def.name), cfg, &opts)?;
+    let plans = plan(
+        repo,
+        &cp,
+        std::slice::from_ref(&def.name),
+        cfg,
+        &opts,
+        false,
+    )?;
     let plan = plans
         .into_iter()
         .next()
@@ -794,7 +805,7 @@ pub fn rescore(
         )));
     }
     let opts = EvalOptions { mode, force: true };
-    let plans = plan(repo, &cp, &names, cfg, &opts)?;
+    let plans = plan(repo, &cp, &names, cfg, &opts, false)?;
     let mut out = Vec::new();
     for plan in &plans {
         let Some((old, _)) = cp.evals.get(&plan.def.name) else {
@@ -836,3 +847,6 @@ pub fn rescore(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests;

@@ -321,4 +321,4 @@ pub fn paper_table(rows: &[PaperRow<'_>]) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
