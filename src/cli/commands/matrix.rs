@@ -53,11 +53,16 @@ pub fn cmd_matrix(
     args: &MatrixArgs,
 ) -> Result<(), CommandError> {
     let repo = open_repo(helper)?;
-    let name = match &args.branch {
-        Some(b) => b.clone(),
-        None => repo.current_branch()?,
+    let (name, tip) = match &args.branch {
+        Some(b) => (b.clone(), repo.resolve(b)?),
+        None => {
+            let branch = repo.current_branch()?;
+            let tip = repo
+                .head()?
+                .ok_or_else(|| crate::history::HistoryError::EmptyBranch(branch.clone()))?;
+            (branch, tip)
+        }
     };
-    let tip = repo.resolve(&name)?;
     let bm = build_matrix(&repo, tip)?;
     let m = bm.metrics(args.forgetting.into())?;
     if let Some(plot) = &args.plot {
