@@ -33,7 +33,7 @@ const PALETTE: [(u8, u8, u8); 10] = [
 ];
 
 const CELL_H: i32 = 26;
-const FONT: (&str, u32) = ("sans-serif", 12);
+const FONT: (&str, u32) = ("sans-serif", 14);
 
 /// Draw `bm` to `path`; the extension picks the format (`.svg` or `.png`).
 pub fn plot_matrix(bm: &BranchMatrix, title: &str, path: &Path) -> Result<(), WorkflowError> {
