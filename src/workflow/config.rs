@@ -252,7 +252,8 @@ impl RunConfig {
                 targets: ALL_LLM_LINEARS.iter().map(|s| s.to_string()).collect(),
             },
             eval: EvalConfig {
-                max_new_tokens: 16,
+                // Grounding answers ("[0.25, 0.50, 0.50, 0.75]") are the longest in CoIN-mini.
+                max_new_tokens: 32,
                 batch_size: 16,
                 mode: "auto".into(),
                 image_aspect: "pad".into(),
@@ -955,5 +956,41 @@ mod tests {
             },
             "the template shows the llava-7b values"
         );
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn parent_base_mismatch_is_refused() {
+        use crate::workflow::matrix::tests::Fixture;
+        let mut f = Fixture::new();
+        let plain = f.commit("A", false, &[]);
+        let cfg = resolve(&[], Some("tiny")).expect("tiny");
+        let parent = f.repo.read_checkpoint(plain).expect("read");
+        check_parent_base(&parent, &cfg).expect("no recorded base passes");
+        // A train record whose stored configuration names another base model.
+        let file = f.dir.path().join("w.bin");
+        std::fs::write(&file, "w").expect("write");
+        let other = RunConfig::preset("llava-7b").expect("preset");
+        let mut train_extra = BTreeMap::new();
+        train_extra.insert("config".to_string(), other.to_record_value());
+        let id = f
+            .repo
+            .commit(&crate::history::CommitRequest {
+                paths: vec![file],
+                task: "B".into(),
+                train_extra,
+                ..Default::default()
+            })
+            .expect("commit")
+            .id;
+        let parent = f.repo.read_checkpoint(id).expect("read");
+        let msg = check_parent_base(&parent, &cfg)
+            .expect_err("mismatch")
+            .to_string();
+        assert!(
+            msg.contains("'llava-v1.5-7b'") && msg.contains("'coin-tiny'"),
+            "{msg}"
+        );
+        check_parent_base(&parent, &other).expect("same base passes");
     }
 }
