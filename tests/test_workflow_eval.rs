@@ -230,6 +230,14 @@ fn eval_generates_caches_forces_and_rescores() {
         .json();
     assert_eq!(statuses(&back), ["rescored"]);
     assert_eq!(back[0]["record"]["mode"], "strict");
+    assert_eq!(
+        back[0]["record"]["score"], longer[0]["record"]["score"],
+        "re-scoring the stored predictions in the same mode gives the same score"
+    );
+    assert_eq!(
+        back[0]["record"]["cache_key"],
+        longer[0]["record"]["cache_key"]
+    );
 
     // An answer file: perfect answers score 100.
     let test: Value = serde_json::from_str(
