@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod ml;
 pub mod store;
 pub mod tasks;
+pub mod workflow;
 
 /// The version of coin that wrote an object, a record or a training key.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

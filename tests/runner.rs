@@ -12,6 +12,7 @@ mod test_score_command;
 mod test_store_crash;
 mod test_task_command;
 mod test_train_parity;
+mod test_workflow_eval;
 
 #[test]
 fn every_test_file_is_listed() {

@@ -5,6 +5,7 @@ mod bench_data;
 mod branch;
 mod checkout;
 mod commit;
+mod compare;
 mod debug;
 mod debug_train;
 mod diff;
@@ -16,6 +17,7 @@ mod history_util;
 mod init;
 mod judge;
 mod log;
+mod matrix;
 mod metrics;
 mod model;
 mod score;
@@ -25,6 +27,7 @@ mod status;
 mod switch;
 mod tag;
 mod task;
+mod workflow_util;
 
 use super::{CommandError, CommandHelper, Ui};
 
@@ -55,6 +58,8 @@ pub enum Command {
     Judge(judge::JudgeArgs),
     Model(model::ModelArgs),
     Generate(generate::GenerateArgs),
+    Matrix(matrix::MatrixArgs),
+    Compare(compare::CompareArgs),
 }
 
 /// Run one parsed command.
@@ -82,6 +87,8 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Judge(args) => judge::cmd_judge(ui, helper, &args),
         Command::Model(args) => model::cmd_model(ui, helper, &args),
         Command::Generate(args) => generate::cmd_generate(ui, helper, &args),
+        Command::Matrix(args) => matrix::cmd_matrix(ui, helper, &args),
+        Command::Compare(args) => compare::cmd_compare(ui, helper, &args),
     }
 }
 

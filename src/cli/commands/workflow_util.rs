@@ -1,0 +1,98 @@
+//! Helpers shared by the workflow commands (`coin eval`, `coin matrix`, `coin compare`, and
+//! the training commands): configuration flags, error mapping, progress display.
+
+use std::path::PathBuf;
+
+use crate::cli::{CommandError, CommandHelper, ErrorKind, Ui};
+use crate::history::CoinRepo;
+use crate::workflow::config::{ConfigSources, RunConfig};
+use crate::workflow::eval::{EvalEvent, EvalProgress, TaskStatus};
+use crate::workflow::WorkflowError;
+
+impl From<WorkflowError> for CommandError {
+    fn from(e: WorkflowError) -> Self {
+        match e {
+            WorkflowError::History(h) => h.into(),
+            WorkflowError::Task(t) => t.into(),
+            WorkflowError::Ml(m) => m.into(),
+            WorkflowError::UnknownKey { .. } => CommandError::new(ErrorKind::User, e)
+                .hint("see docs/config.md for every setting and its default"),
+            WorkflowError::BaseMismatch { .. } => CommandError::new(ErrorKind::User, e).hint(
+                "set model.name (and model.base) to the parent's base model, or start a new branch from a checkpoint of this base",
+            ),
+            other => CommandError::new(ErrorKind::User, other),
+        }
+    }
+}
+
+/// `--config FILE.toml` and `--set key=value`, for every command that resolves a
+/// [`RunConfig`].
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ConfigArgs {
+    /// A TOML file of settings ([model], [train], [eval]) over .coin/config.toml; repeatable
+    #[arg(long = "config", value_name = "FILE.toml")]
+    pub config: Vec<PathBuf>,
+    /// Override one setting, e.g. --set train.lora_r=64 --set eval.mode=strict; repeatable
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl ConfigArgs {
+    /// Resolve the configuration of `repo`: preset → .coin/config.toml → --config → --set.
+    pub fn resolve(
+        &self,
+        helper: &CommandHelper,
+        repo: &CoinRepo,
+        default_preset: Option<&str>,
+    ) -> Result<RunConfig, CommandError> {
+        let mut sources = ConfigSources::for_repo(
+            &repo.coin_dir(),
+            self.config.iter().map(|p| helper.cwd.join(p)).collect(),
+            self.set.clone(),
+        );
+        sources.default_preset = default_preset.map(str::to_string);
+        Ok(sources.resolve()?)
+    }
+}
+
+/// Shows eval progress as status lines on stderr.
+pub struct StatusProgress<'a> {
+    /// Where to write.
+    pub ui: &'a Ui,
+}
+
+impl EvalProgress for StatusProgress<'_> {
+    fn event(&mut self, event: &EvalEvent<'_>) {
+        match event {
+            EvalEvent::Planned { tasks, to_generate } => {
+                if *to_generate == 0 {
+                    self.ui.status(&format!(
+                        "All {} task(s) are cached or re-scored from stored predictions; no model is loaded.",
+                        tasks.len()
+                    ));
+                }
+            }
+            EvalEvent::LoadingModel { base } => self.ui.status(&format!(
+                "Loading the base model from '{}'.",
+                base.display()
+            )),
+            EvalEvent::TaskStarted { task, items } => self
+                .ui
+                .status(&format!("Generating answers for {task} ({items} items).")),
+            EvalEvent::Generated { task, done, total } => {
+                if self.ui.show_progress() {
+                    self.ui.status(&format!("  {task}: {done}/{total}"));
+                }
+            }
+            EvalEvent::TaskDone { eval } => {
+                let what = match eval.status {
+                    TaskStatus::Generated => "generated and scored",
+                    TaskStatus::Cached => "cached: same adapter, eval set, decoding and scorer mode (use --force to re-run)",
+                    TaskStatus::Rescored => "re-scored from stored predictions, no generation",
+                    TaskStatus::ScoredFile => "scored from the answer file",
+                };
+                self.ui.status(&format!("{}: {what}.", eval.task));
+            }
+        }
+    }
+}

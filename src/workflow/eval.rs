@@ -1,0 +1,855 @@
+//! Evaluating a checkpoint: generate answers for each task's test set with the base model plus
+//! the checkpoint's adapter, score them with the task's scorer, store the predictions as a
+//! store blob and attach the records to the checkpoint as a git note (its id never changes).
+//!
+//! Work is cached: a record whose `cache_key` equals the one computed now is kept as it is; a
+//! record whose `generation_key` matches (same adapter, base model, eval set and decoding) but
+//! was scored in another mode is re-scored from its stored predictions without generating.
+//! Key definitions: docs/workflow.md.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use git2::Oid;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::history::records::to_canonical_json;
+use crate::history::{Checkpoint, CoinRepo, EvalRecord};
+use crate::ml::generate::{generate, GenerateRequest, GenerateSettings};
+use crate::ml::image::{AspectMode, Rgb8};
+use crate::ml::llava::{load_model, LoadedModel, ModelSource};
+use crate::ml::peft::PeftAdapter;
+use crate::store::ObjectId;
+use crate::tasks::formats::{self, AnswerRecord, TestRecord};
+use crate::tasks::registry::{self, Registry, TaskDef};
+use crate::tasks::{ScoreMode, ScoreReport};
+
+use super::config::RunConfig;
+use super::{short, WorkflowError};
+
+/// Version of the generation procedure; part of every generation key, so a change of the
+/// prompt or decoding code invalidates cached predictions.
+pub const GENERATION_VERSION: u32 = 1;
+
+/// Version of the scoring procedure; part of every cache key.
+pub const SCORING_VERSION: u32 = 1;
+
+/// How a task's record was obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskStatus {
+    /// Answers were generated and scored.
+    Generated,
+    /// An identical record (same cache key) was already attached; nothing was done.
+    Cached,
+    /// Stored predictions were scored again (another mode), without generating.
+    Rescored,
+    /// An answer file given by the user was scored.
+    ScoredFile,
+}
+
+/// What happened for one task.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskEval {
+    /// The task (its registered name).
+    pub task: String,
+    /// The record now attached to the checkpoint.
+    pub record: EvalRecord,
+    /// How it was obtained.
+    pub status: TaskStatus,
+}
+
+/// Progress of an eval, reported to the caller (the command line shows it; tests ignore it).
+#[derive(Clone, Debug)]
+pub enum EvalEvent<'a> {
+    /// Every task's data was checked; `to_generate` tasks need the model.
+    Planned {
+        /// Tasks in order.
+        tasks: &'a [String],
+        /// How many of them need generation.
+        to_generate: usize,
+    },
+    /// The base model is being loaded.
+    LoadingModel {
+        /// Its directory.
+        base: &'a Path,
+    },
+    /// Generation for a task starts.
+    TaskStarted {
+        /// The task.
+        task: &'a str,
+        /// Test items.
+        items: usize,
+    },
+    /// `done` of `total` answers generated for `task`.
+    Generated {
+        /// The task.
+        task: &'a str,
+        /// Answers so far.
+        done: usize,
+        /// Test items.
+        total: usize,
+    },
+    /// A task's record is attached (or was already).
+    TaskDone {
+        /// The outcome.
+        eval: &'a TaskEval,
+    },
+}
+
+/// Receives [`EvalEvent`]s.
+pub trait EvalProgress {
+    /// Called for every event.
+    fn event(&mut self, event: &EvalEvent<'_>);
+}
+
+/// A progress sink that ignores everything.
+pub struct NoProgress;
+
+impl EvalProgress for NoProgress {
+    fn event(&mut self, _event: &EvalEvent<'_>) {}
+}
+
+/// Options of one eval.
+#[derive(Clone, Debug, Default)]
+pub struct EvalOptions {
+    /// Scoring mode; `None` = `eval.mode` of the configuration (`auto` = the task's default).
+    pub mode: Option<ScoreMode>,
+    /// Generate and score again even when a record with the same key exists.
+    pub force: bool,
+}
+
+/// The adapter of a checkpoint, ready to attach. The one place that knows adapter kinds:
+/// MoELoRA gets its variant here when its loader exists.
+pub enum CheckpointAdapter {
+    /// The checkpoint holds no adapter (a zero-shot / base checkpoint): the base model runs.
+    None,
+    /// A PEFT LoRA or CoIN MoELoRA adapter (with its projector, when the checkpoint has one).
+    Adapter(Box<PeftAdapter>),
+}
+
+impl CheckpointAdapter {
+    /// Attach to the model's linears (replacing any adapter).
+    pub fn attach(&self, model: &mut crate::ml::llava::Llava) -> Result<(), WorkflowError> {
+        match self {
+            CheckpointAdapter::None => model.clear_adapters(),
+            CheckpointAdapter::Adapter(l) => {
+                l.attach(model)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Materialise checkpoint `cp`'s files into a temporary folder and load its adapter onto
+/// `device` in `dtype`. A checkpoint without `adapter_config.json` has no adapter.
+pub fn load_checkpoint_adapter(
+    repo: &CoinRepo,
+    cp: &Checkpoint,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> Result<CheckpointAdapter, WorkflowError> {
+    if !cp.manifest.files.contains_key("adapter_config.json") {
+        return Ok(CheckpointAdapter::None);
+    }
+    // The adapter loader knows the kinds (PEFT LoRA, CoIN MoELoRA) and refuses the rest by name.
+    let tmp = tempfile::Builder::new()
+        .prefix("coin-eval-adapter-")
+        .tempdir()
+        .map_err(|e| WorkflowError::Input(format!("could not create a temporary folder: {e}")))?;
+    let dir = tmp.path().join("adapter");
+    repo.checkout(cp.id, &dir)?;
+    let adapter = PeftAdapter::load(&dir, device, dtype)?;
+    Ok(CheckpointAdapter::Adapter(Box::new(adapter)))
+}
+
+/// One task's prepared eval: its definition, data identity, keys and what to do.
+struct TaskPlan {
+    def: TaskDef,
+    questions: Vec<TestRecord>,
+    mode: ScoreMode,
+    aspect: AspectMode,
+    eval_set: Value,
+    decoding: Value,
+    generation_key: String,
+    scoring: Value,
+    cache_key: String,
+    action: Action,
+}
+
+enum Action {
+    Keep(EvalRecord),
+    Rescore(ObjectId),
+    Generate,
+}
+
+fn blake3_json(v: &Value) -> Result<String, WorkflowError> {
+    Ok(blake3::hash(to_canonical_json(v)?.as_bytes())
+        .to_hex()
+        .to_string())
+}
+
+/// The cache key: blake3 of the generation key and the scoring settings (mode, scorer,
+/// annotations' blake3, scoring version).
+fn cache_key(generation_key: &str, scoring: &Value) -> Result<String, WorkflowError> {
+    blake3_json(&json!({ "generation": generation_key, "scoring": scoring }))
+}
+
+fn aspect_mode(s: &str) -> AspectMode {
+    match s {
+        "crop" => AspectMode::Crop,
+        "resize" => AspectMode::Resize,
+        _ => AspectMode::Pad,
+    }
+}
+
+/// The registry of the repository, with a clear error when a task is unknown.
+pub fn find_task<'a>(reg: &'a Registry, name: &str) -> Result<&'a TaskDef, WorkflowError> {
+    reg.get(name).ok_or_else(|| {
+        let known: Vec<&str> = reg.tasks.iter().map(|t| t.name.as_str()).collect();
+        WorkflowError::Input(if known.is_empty() {
+            format!("unknown task '{name}': this repository has no tasks registered (add them with `coin task add`)")
+        } else {
+            format!(
+                "unknown task '{name}'; registered tasks: {} (add one with `coin task add`)",
+                known.join(", ")
+            )
+        })
+    })
+}
+
+/// The tasks trained on the first-parent chain ending at `id`, oldest first, each once: what
+/// `coin eval REV` evaluates when no tasks are named (the row of the accuracy matrix).
+pub fn trained_tasks(repo: &CoinRepo, id: Oid) -> Result<Vec<String>, WorkflowError> {
+    let mut tasks: Vec<String> = Vec::new();
+    let mut chain = repo.first_parent_chain(id, None)?;
+    chain.reverse();
+    for c in chain {
+        let cp = repo.read_checkpoint(c)?;
+        if let Some(t) = &cp.train {
+            if super::matrix::is_base_record(t) {
+                continue;
+            }
+            if !tasks.iter().any(|x| x == &t.task) {
+                tasks.push(t.task.clone());
+            }
+        }
+    }
+    Ok(tasks)
+}
+
+/// The identity of the base model that goes into generation keys: the configured name and
+/// directory (content is not hashed: 13 GB per eval would cost more than the eval).
+fn base_identity(cfg: &RunConfig) -> Value {
+    json!({
+        "name": cfg.model.name,
+        "base": cfg.model.base,
+        "vision_tower": cfg.model.vision_tower,
+        "projector": cfg.model.projector,
+        "dtype": cfg.model.dtype,
+    })
+}
+
+/// The blake3 of a checkpoint's adapter content: its manifest's file entries (every entry
+/// names its content by hash), so two checkpoints with the same files share cached evals.
+pub fn adapter_identity(cp: &Checkpoint) -> Result<String, WorkflowError> {
+    let v = serde_json::to_value(&cp.manifest.files).map_err(|e| {
+        WorkflowError::Input(format!(
+            "the manifest of {} does not serialise: {e}",
+            short(cp.id)
+        ))
+    })?;
+    blake3_json(&v)
+}
+
+fn resolve_mode(opts: &EvalOptions, cfg: &RunConfig, def: &TaskDef) -> ScoreMode {
+    opts.mode.unwrap_or_else(|| match cfg.eval.mode.as_str() {
+        "compat" => ScoreMode::Compat,
+        "strict" => ScoreMode::Strict,
+        _ => def.default_mode(),
+    })
+}
+
+/// Check every task's data and work out per task what is cached. Fails before any model is
+/// loaded when a task is unknown, its test file is missing or broken, images are missing, or
+/// compat scoring lacks its annotations.
+fn plan(
+    repo: &CoinRepo,
+    cp: &Checkpoint,
+    tasks: &[String],
+    cfg: &RunConfig,
+    opts: &EvalOptions,
+    need_images: bool,
+) -> Result<Vec<TaskPlan>, WorkflowError> {
+    let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
+    let root = repo.root().to_path_buf();
+    let adapter = adapter_identity(cp)?;
+    let mut plans: Vec<TaskPlan> = Vec::new();
+    for name in tasks {
+        let def = find_task(&reg, name)?.clone();
+        if plans.iter().any(|p| p.def.name == def.name) {
+            continue;
+        }
+        let kind = def.scorer_kind()?;
+        let test_path = def.resolve(&root, &def.test);
+        if !test_path.is_file() {
+            return Err(WorkflowError::Input(format!(
+                "task '{}': the test file '{}' does not exist (for CoIN-mini: `coin bench-data coin-mini --out DIR` then `coin task add --coin-mini DIR`)",
+                def.name,
+                test_path.display()
+            )));
+        }
+        let questions = formats::read_test_file(&test_path)?;
+        if questions.is_empty() {
+            return Err(WorkflowError::Input(format!(
+                "task '{}': the test file '{}' has no records",
+                def.name,
+                test_path.display()
+            )));
+        }
+        if need_images {
+            let image_root = def.resolve(&root, &def.image_root);
+            formats::check_images(
+                &image_root,
+                questions.iter().filter_map(|q| q.image.as_deref()),
+            )?
+            .into_result(&image_root)?;
+        }
+        let mode = resolve_mode(opts, cfg, &def);
+        let annotations = match (&def.annotations, kind.annotations_hint()) {
+            (Some(a), Some(_)) => {
+                let p = def.resolve(&root, a);
+                if !p.exists() {
+                    return Err(WorkflowError::Input(format!(
+                        "task '{}': the annotations '{}' do not exist",
+                        def.name,
+                        p.display()
+                    )));
+                }
+                Some(p)
+            }
+            (None, Some(hint)) if mode == ScoreMode::Compat => {
+                return Err(WorkflowError::Input(format!(
+                    "task '{}': compat scoring needs {hint}; set `annotations` in its task definition or use --mode strict",
+                    def.name
+                )));
+            }
+            _ => None,
+        };
+        let identity = formats::dataset_identity(&test_path)?;
+        let eval_set = json!({
+            "file": def.test,
+            "blake3": identity.blake3,
+            "items": identity.items,
+        });
+        let aspect_name = cfg.eval.aspect_for(&def.name).to_string();
+        let decoding = json!({
+            "max_new_tokens": cfg.eval.max_new_tokens,
+            "image_aspect": aspect_name,
+            "template": "vicuna_v1",
+            "greedy": true,
+            "version": GENERATION_VERSION,
+        });
+        let generation_key = blake3_json(&json!({
+            "adapter": adapter,
+            "base": base_identity(cfg),
+            "eval_set": eval_set["blake3"],
+            "decoding": decoding,
+        }))?;
+        let annotations_id = match &annotations {
+            Some(p) if p.is_file() => Some(
+                blake3::hash(&std::fs::read(p).map_err(|e| {
+                    WorkflowError::Input(format!("could not read '{}': {e}", p.display()))
+                })?)
+                .to_hex()
+                .to_string(),
+            ),
+            Some(p) => Some(p.display().to_string()),
+            None => None,
+        };
+        let scoring = json!({
+            "mode": mode.to_string(),
+            "scorer": kind.name(),
+            "annotations": annotations_id,
+            "version": SCORING_VERSION,
+        });
+        let cache_key = cache_key(&generation_key, &scoring)?;
+        let existing = cp.evals.get(&def.name).map(|(r, _)| r);
+        let action = match existing {
+            Some(r) if !opts.force && r.extra.get("cache_key") == Some(&json!(cache_key)) => {
+                Action::Keep(r.clone())
+            }
+            Some(r)
+                if !opts.force && r.extra.get("generation_key") == Some(&json!(generation_key)) =>
+            {
+                match r.object_ids().first() {
+                    Some(id) if repo.store().contains(id) => Action::Rescore(*id),
+                    _ => Action::Generate,
+                }
+            }
+            _ => Action::Generate,
+        };
+        plans.push(TaskPlan {
+            def,
+            questions,
+            mode,
+            aspect: aspect_mode(&aspect_name),
+            eval_set,
+            decoding,
+            generation_key,
+            scoring,
+            cache_key,
+            action,
+        });
+    }
+    Ok(plans)
+}
+
+/// Parse a predictions blob (JSONL answer lines).
+fn parse_predictions(bytes: &[u8], id: &ObjectId) -> Result<Vec<AnswerRecord>, WorkflowError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| {
+        WorkflowError::Input(format!("the predictions blob {id} is not UTF-8 text"))
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(line).map_err(|e| {
+            WorkflowError::Input(format!(
+                "line {} of the predictions blob {id} is broken: {e}",
+                i + 1
+            ))
+        })?);
+    }
+    Ok(out)
+}
+
+fn make_record(
+    plan: &TaskPlan,
+    report: &ScoreReport,
+    predictions: ObjectId,
+    cfg: &RunConfig,
+    generation_key: Option<&str>,
+) -> EvalRecord {
+    let mut extra = BTreeMap::new();
+    extra.insert("mode".into(), json!(report.mode.to_string()));
+    extra.insert("scorer".into(), json!(plan.def.scorer));
+    extra.insert("predictions".into(), json!(predictions.to_string()));
+    extra.insert("eval_set".into(), plan.eval_set.clone());
+    extra.insert("coin_version".into(), json!(crate::VERSION));
+    match generation_key {
+        Some(g) => {
+            extra.insert("decoding".into(), plan.decoding.clone());
+            extra.insert("base_model".into(), json!(cfg.model.name));
+            extra.insert("generation_key".into(), json!(g));
+            extra.insert("cache_key".into(), json!(plan.cache_key));
+        }
+        None => {
+            extra.insert("source".into(), json!("answers-file"));
+        }
+    }
+    EvalRecord {
+        metric: report.metric.clone(),
+        score: report.score,
+        n: report.n as u64,
+        extra,
+    }
+}
+
+fn score_answers(
+    repo: &CoinRepo,
+    plan: &TaskPlan,
+    answers: &[AnswerRecord],
+) -> Result<ScoreReport, WorkflowError> {
+    Ok(registry::score_task(
+        &plan.def,
+        repo.root(),
+        answers,
+        Some(plan.mode),
+    )?)
+}
+
+/// Evaluate checkpoint `checkpoint` on `tasks` (registered names or aliases; empty = the tasks
+/// trained on its first-parent chain): loads the base model named by `cfg.model` and the
+/// checkpoint's adapter only when some task is not cached. Returns one outcome per task, in
+/// order; every record is attached to the checkpoint as soon as its task is done.
+pub fn evaluate(
+    repo: &CoinRepo,
+    checkpoint: Oid,
+    tasks: &[String],
+    cfg: &RunConfig,
+    opts: &EvalOptions,
+    progress: &mut dyn EvalProgress,
+) -> Result<Vec<TaskEval>, WorkflowError> {
+    run(
+        repo,
+        checkpoint,
+        tasks,
+        cfg,
+        opts,
+        progress,
+        ModelSlot::Load,
+    )
+}
+
+/// A model already in memory, for [`evaluate_loaded`].
+pub struct InMemoryModel<'m> {
+    /// The loaded base model.
+    pub model: &'m mut LoadedModel,
+    /// `None`: the model runs as it is (e.g. the trainer's adapter still attached);
+    /// `Some`: attached for the eval and removed afterwards.
+    pub adapter: Option<&'m CheckpointAdapter>,
+}
+
+/// [`evaluate`] with a model already in memory (the trainer after a training step), so the
+/// base model is not loaded again. `checkpoint` must be the committed checkpoint whose weights
+/// the model carries (its files give the cache key).
+pub fn evaluate_loaded(
+    repo: &CoinRepo,
+    checkpoint: Oid,
+    tasks: &[String],
+    cfg: &RunConfig,
+    opts: &EvalOptions,
+    model: InMemoryModel<'_>,
+    progress: &mut dyn EvalProgress,
+) -> Result<Vec<TaskEval>, WorkflowError> {
+    run(
+        repo,
+        checkpoint,
+        tasks,
+        cfg,
+        opts,
+        progress,
+        ModelSlot::Given(model.model, model.adapter),
+    )
+}
+
+enum ModelSlot<'m> {
+    Load,
+    Given(&'m mut LoadedModel, Option<&'m CheckpointAdapter>),
+}
+
+/// Load the base model `cfg.model` names (CPU f32, or the first GPU in `model.dtype`).
+pub fn load_base_model(repo_root: &Path, cfg: &RunConfig) -> Result<LoadedModel, WorkflowError> {
+    let base = cfg.base_dir(repo_root).ok_or_else(|| {
+        WorkflowError::Input(
+            "no base model configured: set [model] base = \"DIR\" in .coin/config.toml or pass --set model.base=DIR".into(),
+        )
+    })?;
+    if !base.is_dir() {
+        return Err(WorkflowError::Input(format!(
+            "the base model directory '{}' (model.base) does not exist",
+            base.display()
+        )));
+    }
+    let vision = cfg.vision_tower_dir(repo_root);
+    let projector = cfg.projector_file(repo_root);
+    let source = ModelSource::resolve(&base, vision.as_deref(), projector.as_deref())?;
+    let device = crate::ml::default_device();
+    let dtype = if device.is_cpu() || cfg.model.dtype == "f32" {
+        candle_core::DType::F32
+    } else {
+        candle_core::DType::BF16
+    };
+    Ok(load_model(&source, &device, dtype)?)
+}
+
+fn run(
+    repo: &CoinRepo,
+    checkpoint: Oid,
+    tasks: &[String],
+    cfg: &RunConfig,
+    opts: &EvalOptions,
+    progress: &mut dyn EvalProgress,
+    slot: ModelSlot<'_>,
+) -> Result<Vec<TaskEval>, WorkflowError> {
+    let cp = repo.read_checkpoint(checkpoint)?;
+    let tasks = if tasks.is_empty() {
+        let t = trained_tasks(repo, checkpoint)?;
+        if t.is_empty() {
+            return Err(WorkflowError::Input(format!(
+                "checkpoint {} has no trained task on its history; name the tasks with --tasks",
+                short(checkpoint)
+            )));
+        }
+        t
+    } else {
+        tasks.to_vec()
+    };
+    super::config::check_parent_base(&cp, cfg)?;
+    let plans = plan(repo, &cp, &tasks, cfg, opts, true)?;
+    let names: Vec<String> = plans.iter().map(|p| p.def.name.clone()).collect();
+    let to_generate = plans
+        .iter()
+        .filter(|p| matches!(p.action, Action::Generate))
+        .count();
+    progress.event(&EvalEvent::Planned {
+        tasks: &names,
+        to_generate,
+    });
+
+    let mut owned_model: Option<LoadedModel> = None;
+    let mut owned_adapter: Option<CheckpointAdapter> = None;
+    let (model, adapter): (Option<&mut LoadedModel>, Option<&CheckpointAdapter>) = if to_generate
+        == 0
+    {
+        (None, None)
+    } else {
+        match slot {
+            ModelSlot::Given(m, a) => (Some(m), a),
+            ModelSlot::Load => {
+                let base = cfg.base_dir(repo.root()).unwrap_or_default();
+                progress.event(&EvalEvent::LoadingModel { base: &base });
+                let loaded = owned_model.insert(load_base_model(repo.root(), cfg)?);
+                let a =
+                    load_checkpoint_adapter(repo, &cp, &loaded.model.device, loaded.model.dtype)?;
+                (Some(loaded), Some(&*owned_adapter.insert(a)))
+            }
+        }
+    };
+    let mut model = model;
+    // An adapter directory may carry its own projector (CoIN's non_lora_trainables): keep the
+    // model's to put back afterwards.
+    let saved_projector = match (model.as_deref(), adapter) {
+        (Some(m), Some(_)) => Some((
+            m.model.projector.linear_1.clone(),
+            m.model.projector.linear_2.clone(),
+        )),
+        _ => None,
+    };
+    if let (Some(m), Some(a)) = (model.as_deref_mut(), adapter) {
+        a.attach(&mut m.model)?;
+    }
+
+    let mut out = Vec::new();
+    let result = (|| -> Result<(), WorkflowError> {
+        for plan in &plans {
+            let (record, status) = match &plan.action {
+                Action::Keep(r) => (r.clone(), TaskStatus::Cached),
+                Action::Rescore(id) => {
+                    let answers = parse_predictions(&repo.store().read_blob(id)?, id)?;
+                    let report = score_answers(repo, plan, &answers)?;
+                    let rec = make_record(plan, &report, *id, cfg, Some(&plan.generation_key));
+                    (rec, TaskStatus::Rescored)
+                }
+                Action::Generate => {
+                    let m = model
+                        .as_deref_mut()
+                        .expect("a model is loaded whenever a task needs generation");
+                    let answers = generate_answers(repo.root(), m, plan, cfg, progress)?;
+                    let jsonl = formats::answers_to_jsonl(&answers);
+                    let id = repo.store().put_blob_bytes(jsonl.as_bytes())?;
+                    let report = score_answers(repo, plan, &answers)?;
+                    let rec = make_record(plan, &report, id, cfg, Some(&plan.generation_key));
+                    (rec, TaskStatus::Generated)
+                }
+            };
+            if status != TaskStatus::Cached {
+                let mut one = BTreeMap::new();
+                one.insert(plan.def.name.clone(), record.clone());
+                repo.add_eval_records(checkpoint, &one)?;
+            }
+            let eval = TaskEval {
+                task: plan.def.name.clone(),
+                record,
+                status,
+            };
+            progress.event(&EvalEvent::TaskDone { eval: &eval });
+            out.push(eval);
+        }
+        Ok(())
+    })();
+    if let (Some(m), Some(_)) = (model, adapter) {
+        m.model.clear_adapters();
+        if let Some((l1, l2)) = saved_projector {
+            m.model.projector.linear_1 = l1;
+            m.model.projector.linear_2 = l2;
+        }
+    }
+    result?;
+    Ok(out)
+}
+
+/// Generate one answer per test record, in batches of `eval.batch_size`; answer lines as
+/// CoIN's `model_*.py` write them (`prompt` = the record's `text`, which CoIN's compat TextVQA
+/// scorer needs).
+fn generate_answers(
+    repo_root: &Path,
+    model: &mut LoadedModel,
+    plan: &TaskPlan,
+    cfg: &RunConfig,
+    progress: &mut dyn EvalProgress,
+) -> Result<Vec<AnswerRecord>, WorkflowError> {
+    let image_root: PathBuf = plan.def.resolve(repo_root, &plan.def.image_root);
+    let total = plan.questions.len();
+    progress.event(&EvalEvent::TaskStarted {
+        task: &plan.def.name,
+        items: total,
+    });
+    let settings = GenerateSettings {
+        max_new_tokens: cfg.eval.max_new_tokens,
+        aspect: plan.aspect,
+        return_logits: false,
+        ignore_eos: false,
+    };
+    let mut answers = Vec::with_capacity(total);
+    for chunk in plan.questions.chunks(cfg.eval.batch_size.max(1)) {
+        let mut batch = Vec::with_capacity(chunk.len());
+        for q in chunk {
+            let req = match &q.image {
+                Some(img) => {
+                    let path = formats::resolve_image(&image_root, img)?;
+                    GenerateRequest::question(&q.text, Rgb8::open(&path)?)
+                }
+                None => GenerateRequest {
+                    prompt: crate::ml::template::vicuna_v1(&[(q.text.as_str(), None)]),
+                    image: None,
+                },
+            };
+            batch.push(req);
+        }
+        let outs = generate(model, None, &batch, &settings)?;
+        for (q, o) in chunk.iter().zip(outs) {
+            answers.push(AnswerRecord {
+                question_id: q.question_id.clone(),
+                prompt: q.text.clone(),
+                text: Some(o.text.trim().to_string()),
+                answer_id: json!(format!("{}-{}", plan.def.name, q.question_id)),
+                model_id: json!(cfg.model.name),
+                metadata: json!({}),
+            });
+        }
+        progress.event(&EvalEvent::Generated {
+            task: &plan.def.name,
+            done: answers.len(),
+            total,
+        });
+    }
+    Ok(answers)
+}
+
+/// Score an answer file made elsewhere (`coin eval REV --answers FILE --task T`): the answers
+/// are stored as the predictions blob and the record attached to `checkpoint`, marked
+/// `"source": "answers-file"` (no generation key, so a later `coin eval` regenerates).
+pub fn score_answer_file(
+    repo: &CoinRepo,
+    checkpoint: Oid,
+    task: &str,
+    answers_path: &Path,
+    cfg: &RunConfig,
+    mode: Option<ScoreMode>,
+) -> Result<TaskEval, WorkflowError> {
+    let cp = repo.read_checkpoint(checkpoint)?;
+    let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
+    let def = find_task(&reg, task)?.clone();
+    let bytes = std::fs::read(answers_path).map_err(|e| {
+        WorkflowError::Input(format!(
+            "could not read the answer file '{}': {e}",
+            answers_path.display()
+        ))
+    })?;
+    let answers = formats::read_answer_file(answers_path)?;
+    let opts = EvalOptions { mode, force: true };
+    // The plan checks the task's data; its keys are not used for an answer file.
+    let plans = plan(
+        repo,
+        &cp,
+        std::slice::from_ref(&def.name),
+        cfg,
+        &opts,
+        false,
+    )?;
+    let plan = plans
+        .into_iter()
+        .next()
+        .expect("plan returns one entry per distinct task");
+    let report = score_answers(repo, &plan, &answers)?;
+    let id = repo.store().put_blob_bytes(&bytes)?;
+    let record = make_record(&plan, &report, id, cfg, None);
+    let mut one = BTreeMap::new();
+    one.insert(def.name.clone(), record.clone());
+    repo.add_eval_records(checkpoint, &one)?;
+    Ok(TaskEval {
+        task: def.name,
+        record,
+        status: TaskStatus::ScoredFile,
+    })
+}
+
+/// Re-score the stored predictions of `checkpoint`'s records for `tasks` (empty = every record
+/// with a predictions blob) in `mode`, without a model; the new records replace the old ones.
+pub fn rescore(
+    repo: &CoinRepo,
+    checkpoint: Oid,
+    tasks: &[String],
+    cfg: &RunConfig,
+    mode: Option<ScoreMode>,
+) -> Result<Vec<TaskEval>, WorkflowError> {
+    let cp = repo.read_checkpoint(checkpoint)?;
+    let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
+    let names: Vec<String> = if tasks.is_empty() {
+        cp.evals
+            .iter()
+            .filter(|(_, (r, _))| !r.object_ids().is_empty())
+            .map(|(t, _)| t.clone())
+            .collect()
+    } else {
+        tasks
+            .iter()
+            .map(|t| find_task(&reg, t).map(|d| d.name.clone()))
+            .collect::<Result<_, _>>()?
+    };
+    if names.is_empty() {
+        return Err(WorkflowError::Input(format!(
+            "checkpoint {} has no stored predictions to re-score; run `coin eval` first",
+            short(checkpoint)
+        )));
+    }
+    let opts = EvalOptions { mode, force: true };
+    let plans = plan(repo, &cp, &names, cfg, &opts, false)?;
+    let mut out = Vec::new();
+    for plan in &plans {
+        let Some((old, _)) = cp.evals.get(&plan.def.name) else {
+            return Err(WorkflowError::Input(format!(
+                "checkpoint {} has no eval record for '{}' to re-score",
+                short(checkpoint),
+                plan.def.name
+            )));
+        };
+        let Some(id) = old.object_ids().first().copied() else {
+            return Err(WorkflowError::Input(format!(
+                "the '{}' record of {} has no stored predictions; run `coin eval` to generate them",
+                plan.def.name,
+                short(checkpoint)
+            )));
+        };
+        let answers = parse_predictions(&repo.store().read_blob(&id)?, &id)?;
+        let report = score_answers(repo, plan, &answers)?;
+        let mut record = old.clone();
+        record.metric = report.metric.clone();
+        record.score = report.score;
+        record.n = report.n as u64;
+        record
+            .extra
+            .insert("mode".into(), json!(report.mode.to_string()));
+        if let Some(Value::String(g)) = old.extra.get("generation_key") {
+            record
+                .extra
+                .insert("cache_key".into(), json!(cache_key(g, &plan.scoring)?));
+        }
+        let mut one = BTreeMap::new();
+        one.insert(plan.def.name.clone(), record.clone());
+        repo.add_eval_records(checkpoint, &one)?;
+        out.push(TaskEval {
+            task: plan.def.name.clone(),
+            record,
+            status: TaskStatus::Rescored,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,79 @@
+//! The continual-instruction-tuning workflow on top of the core modules: the resolved run
+//! configuration ([`config`]), evaluating checkpoints and attaching the records ([`eval`]),
+//! the accuracy matrix of a branch ([`matrix`]), comparing task orders ([`compare`]) and
+//! plotting ([`plot`]).
+//!
+//! This module may use the ML engine, history, tasks and metrics; it never prints. Long work
+//! reports progress through [`eval::EvalProgress`], which the command line implements.
+//! Commands: docs/workflow.md; configuration: docs/config.md.
+#![warn(missing_docs)]
+
+pub mod compare;
+pub mod config;
+pub mod eval;
+pub mod matrix;
+pub mod plot;
+mod plot_font;
+
+use git2::Oid;
+
+pub use config::RunConfig;
+
+/// Errors of the workflow.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    /// A configuration value or layer is wrong.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A configuration key that does not exist.
+    #[error("configuration: {layer} sets '{key}', which is not a setting; valid keys: {}", valid.join(", "))]
+    UnknownKey {
+        /// The dotted key.
+        key: String,
+        /// Which layer set it.
+        layer: String,
+        /// Every valid dotted key.
+        valid: Vec<String>,
+    },
+    /// The parent checkpoint was made for another base model.
+    #[error("checkpoint {parent} was trained on base model '{parent_base}', but the configuration names '{config_base}'")]
+    BaseMismatch {
+        /// The parent (short id).
+        parent: String,
+        /// Its recorded base model.
+        parent_base: String,
+        /// The configured base model name (`model.name`).
+        config_base: String,
+    },
+    /// Wrong input from the user (unknown task, missing data, ...), said in words.
+    #[error("{0}")]
+    Input(String),
+    /// History failed.
+    #[error(transparent)]
+    History(#[from] crate::history::HistoryError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Reading or scoring task data failed.
+    #[error(transparent)]
+    Task(#[from] crate::tasks::TaskError),
+    /// The model engine failed.
+    #[error(transparent)]
+    Ml(#[from] crate::ml::MlError),
+    /// The metrics could not be computed.
+    #[error(transparent)]
+    Matrix(#[from] crate::metrics::MatrixError),
+    /// Plotting failed.
+    #[error("could not draw the plot '{path}': {message}")]
+    Plot {
+        /// The output file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The 12-hex-digit form of a checkpoint id.
+pub fn short(oid: Oid) -> String {
+    oid.to_string()[..12].to_string()
+}

@@ -1,0 +1,393 @@
+//! `coin eval` (generate + score, cache, --force, --answers, --rescore), `coin matrix`
+//! (--json, --csv into `coin metrics`, --format paper, --plot) and `coin compare`, end to end
+//! on the tiny model and CoIN-mini.
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::Path;
+use std::process::Stdio;
+
+use serde_json::Value;
+
+use crate::common::TestEnvironment;
+
+/// A PEFT LoRA adapter for the tiny model (width 64, 2 layers, 4 query / 2 KV heads of 16):
+/// q_proj and v_proj of both layers, rank 4, non-zero B so that it changes the output.
+fn write_adapter(dir: &Path, seed: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    let r = 4usize;
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+    let mut values = |n: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let v = ((state >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 0.8;
+                v.to_le_bytes()
+            })
+            .collect()
+    };
+    for l in 0..2 {
+        for (m, out) in [("q_proj", 64usize), ("v_proj", 32usize)] {
+            let p = format!("base_model.model.model.language_model.layers.{l}.self_attn.{m}");
+            tensors.insert(format!("{p}.lora_A.weight"), (vec![r, 64], values(r * 64)));
+            tensors.insert(
+                format!("{p}.lora_B.weight"),
+                (vec![out, r], values(out * r)),
+            );
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, (shape, bytes))| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, None).unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), bytes).unwrap();
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": ["q_proj", "v_proj"],
+        "task_type": "CAUSAL_LM"
+    });
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+}
+
+/// A repository with the tiny model, CoIN-mini (4 train / 5 test items per task) registered
+/// and `model.base` configured.
+fn setup() -> TestEnvironment {
+    let env = TestEnvironment::new();
+    env.coin(&["init"]).success();
+    env.coin(&["model", "init", "--tiny", "model", "--seed", "1"])
+        .success();
+    env.coin(&[
+        "bench-data",
+        "coin-mini",
+        "--out",
+        "mini",
+        "--train",
+        "4",
+        "--test",
+        "5",
+    ])
+    .success();
+    env.coin(&["task", "add", "--coin-mini", "mini"]).success();
+    let cfg = std::fs::read_to_string(env.path(".coin/config.toml")).unwrap();
+    env.write(
+        ".coin/config.toml",
+        format!("{cfg}\n[model]\npreset = \"tiny\"\nbase = \"model\"\n\n[eval]\nmax_new_tokens = 6\nbatch_size = 3\n"),
+    );
+    env
+}
+
+fn records(env: &TestEnvironment, rev: &str) -> Value {
+    env.coin(&["show", rev, "--json"]).success().json()["eval"].clone()
+}
+
+fn statuses(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["status"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn eval_generates_caches_forces_and_rescores() {
+    let env = setup();
+    write_adapter(&env.path("ad1"), 1);
+    env.coin(&[
+        "commit",
+        "ad1",
+        "--task",
+        "mini-VQAv2",
+        "--base-model",
+        "coin-tiny",
+    ])
+    .success();
+
+    // Errors come before any model is loaded.
+    let e = env.coin(&["eval", "--tasks", "mini-Nothing"]).code(1);
+    assert!(
+        e.stderr.contains("unknown task 'mini-Nothing'") && e.stderr.contains("mini-VQAv2"),
+        "{}",
+        e.stderr
+    );
+    let e = env.coin(&["eval", "--set", "eval.bogus=1"]).code(1);
+    assert!(
+        e.stderr.contains("eval.bogus") && e.stderr.contains("eval.max_new_tokens"),
+        "{}",
+        e.stderr
+    );
+    let e = env.coin(&["eval", "--set", "model.base=nowhere"]).code(1);
+    assert!(e.stderr.contains("nowhere"), "{}", e.stderr);
+    let e = env
+        .coin(&["eval", "--set", "model.name=llava-v1.5-13b"])
+        .code(1);
+    assert!(
+        e.stderr.contains("'coin-tiny'") && e.stderr.contains("llava-v1.5-13b"),
+        "{}",
+        e.stderr
+    );
+
+    // Default tasks: those trained on the history (mini-VQAv2); plus one more by name.
+    let first = env
+        .coin(&["eval", "--tasks", "mini-VQAv2,mini-ImageNet", "--json"])
+        .success();
+    let j = first.json();
+    assert_eq!(statuses(&j), ["generated", "generated"]);
+    let recs = records(&env, "HEAD");
+    for task in ["mini-VQAv2", "mini-ImageNet"] {
+        let r = &recs[task];
+        assert_eq!(r["n"], 5, "{r}");
+        assert_eq!(r["source"], "note");
+        assert_eq!(r["mode"], "strict", "CoIN-mini tasks default to strict");
+        assert_eq!(r["decoding"]["max_new_tokens"], 6);
+        assert_eq!(r["eval_set"]["items"], 5);
+        for key in ["predictions", "cache_key", "generation_key"] {
+            assert!(r[key].is_string(), "{key} missing in {r}");
+        }
+    }
+    // The predictions blob is a store object that fsck verifies and gc keeps.
+    env.coin(&["gc"]).success();
+    env.coin(&["fsck"]).success();
+    let pred = recs["mini-VQAv2"]["predictions"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Same key: nothing is generated again.
+    let again = env
+        .coin(&["eval", "--tasks", "mini-VQAv2,mini-ImageNet"])
+        .success();
+    assert!(
+        again.stderr.contains("no model is loaded"),
+        "{}",
+        again.stderr
+    );
+    assert!(
+        again.stderr.contains("mini-VQAv2: cached"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(records(&env, "HEAD"), recs);
+
+    // --force generates again: greedy decoding gives the same predictions blob.
+    let forced = env.coin(&["eval", "--force", "--json"]).success().json();
+    assert_eq!(statuses(&forced), ["generated"]);
+    assert_eq!(forced[0]["task"], "mini-VQAv2");
+    assert_eq!(forced[0]["record"]["predictions"], pred.as_str());
+
+    // Another decoding setting is another key.
+    let longer = env
+        .coin(&["eval", "--set", "eval.max_new_tokens=7", "--json"])
+        .success()
+        .json();
+    assert_eq!(statuses(&longer), ["generated"]);
+
+    // Another mode re-scores the stored predictions without a model.
+    let compat = env
+        .coin(&[
+            "eval",
+            "--mode",
+            "compat",
+            "--json",
+            "--set",
+            "eval.max_new_tokens=7",
+        ])
+        .success();
+    assert_eq!(statuses(&compat.json()), ["rescored"]);
+    assert!(
+        compat.stderr.contains("no model is loaded"),
+        "{}",
+        compat.stderr
+    );
+    assert_eq!(records(&env, "HEAD")["mini-VQAv2"]["mode"], "compat");
+    let back = env
+        .coin(&[
+            "eval",
+            "--rescore",
+            "--mode",
+            "strict",
+            "--tasks",
+            "mini-VQAv2",
+            "--json",
+        ])
+        .success()
+        .json();
+    assert_eq!(statuses(&back), ["rescored"]);
+    assert_eq!(back[0]["record"]["mode"], "strict");
+    assert_eq!(
+        back[0]["record"]["score"], longer[0]["record"]["score"],
+        "re-scoring the stored predictions in the same mode gives the same score"
+    );
+    assert_eq!(
+        back[0]["record"]["cache_key"],
+        longer[0]["record"]["cache_key"]
+    );
+
+    // An answer file: perfect answers score 100.
+    let test: Value = serde_json::from_str(
+        &std::fs::read_to_string(env.path("mini/Instructions_Original/VQAv2/val.json")).unwrap(),
+    )
+    .unwrap();
+    let mut lines = String::new();
+    for q in test.as_array().unwrap() {
+        lines.push_str(
+            &serde_json::json!({"question_id": q["question_id"], "text": q["answer"]}).to_string(),
+        );
+        lines.push('\n');
+    }
+    env.write("answers.jsonl", lines);
+    let scored = env
+        .coin(&[
+            "eval",
+            "--answers",
+            "answers.jsonl",
+            "--task",
+            "vqav2-mini",
+            "--json",
+        ])
+        .code(1);
+    assert!(scored.stderr.contains("unknown task"), "{}", scored.stderr);
+    let scored = env
+        .coin(&[
+            "eval",
+            "--answers",
+            "answers.jsonl",
+            "--task",
+            "mini-VQAv2",
+            "--json",
+        ])
+        .success()
+        .json();
+    assert_eq!(statuses(&scored), ["scored-file"]);
+    let r = &records(&env, "HEAD")["mini-VQAv2"];
+    assert_eq!(r["score"], 100.0);
+    assert_eq!(r["source"], "note");
+    // The old --record path still works.
+    env.write(
+        "results.json",
+        r#"{"mini-GQA": {"metric": "accuracy", "score": 42.5, "n": 3}}"#,
+    );
+    env.coin(&["eval", "HEAD", "--record", "results.json"])
+        .success();
+    assert_eq!(records(&env, "HEAD")["mini-GQA"]["score"], 42.5);
+}
+
+#[test]
+fn matrix_and_compare_from_eval_records() {
+    let env = setup();
+    write_adapter(&env.path("ad1"), 1);
+    write_adapter(&env.path("ad2"), 2);
+    write_adapter(&env.path("ad3"), 3);
+    env.coin(&["commit", "ad1", "--task", "mini-VQAv2"])
+        .success();
+    env.coin(&["eval", "--tasks", "mini-VQAv2,mini-ImageNet"])
+        .success();
+    env.coin(&["branch", "alt"]).success();
+    env.coin(&["commit", "ad2", "--task", "mini-ImageNet"])
+        .success();
+    let evals = env.coin(&["eval", "--json"]).success().json();
+    assert_eq!(
+        statuses(&evals),
+        ["generated", "generated"],
+        "default tasks: both trained tasks"
+    );
+
+    let m = env.coin(&["matrix", "--json"]).success().json();
+    assert_eq!(
+        m["tasks"],
+        serde_json::json!(["mini-VQAv2", "mini-ImageNet"])
+    );
+    let head = records(&env, "HEAD");
+    let prev = records(&env, "HEAD~1");
+    assert_eq!(m["matrix"][0][0], prev["mini-VQAv2"]["score"]);
+    assert_eq!(m["matrix"][0][1], prev["mini-ImageNet"]["score"]);
+    assert_eq!(m["matrix"][1][0], head["mini-VQAv2"]["score"]);
+    assert_eq!(m["matrix"][1][1], head["mini-ImageNet"]["score"]);
+    assert_eq!(m["checkpoints"].as_array().unwrap().len(), 2);
+    for key in [
+        "mft",
+        "mfn",
+        "maa",
+        "bwt",
+        "fwt",
+        "forgetting",
+        "forgetting_per_task",
+    ] {
+        assert!(m["metrics"].get(key).is_some(), "metrics lacks {key}");
+    }
+
+    // CSV piped into `coin metrics -` gives the same metrics.
+    let csv = env.coin(&["matrix", "--csv"]).success().stdout;
+    let mut child = env
+        .coin_cmd(&env.work())
+        .args(["metrics", "-", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(csv.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let metrics: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["mft", "mfn", "maa", "bwt", "forgetting"] {
+        assert_eq!(metrics["metrics"][key], m["metrics"][key], "{key}");
+    }
+    assert_eq!(metrics["matrix"], m["matrix"]);
+
+    let table = env.coin(&["matrix"]).success().stdout;
+    assert!(
+        table.contains("1 mini-VQAv2") && table.contains("MFN"),
+        "{table}"
+    );
+    let paper = env.coin(&["matrix", "--format", "paper"]).success().stdout;
+    assert_eq!(paper.lines().count(), 2, "{paper}");
+    env.coin(&["matrix", "--plot", "m.svg", "--json"]).success();
+    env.coin(&["matrix", "--plot", "m.png"]).success();
+    let svg = std::fs::read_to_string(env.path("m.svg")).unwrap();
+    assert!(svg.contains("mini-ImageNet"));
+    assert!(std::fs::read(env.path("m.png"))
+        .unwrap()
+        .starts_with(b"\x89PNG"));
+
+    // Another order from the shared first step.
+    env.coin(&["switch", "alt"]).success();
+    env.coin(&["commit", "ad3", "--task", "mini-GQA"]).success();
+    env.coin(&["eval", "--mode", "strict"]).success();
+    let c = env
+        .coin(&["compare", "main", "alt", "--json"])
+        .success()
+        .json();
+    assert_eq!(
+        c["shared"][0]["shared_tasks"],
+        serde_json::json!(["mini-VQAv2"])
+    );
+    assert_eq!(c["shared"][0]["shared_checkpoints"], 1);
+    assert_eq!(
+        c["branches"][1]["tasks"],
+        serde_json::json!(["mini-VQAv2", "mini-GQA", "mini-ImageNet"])
+    );
+    let text = env.coin(&["compare", "main", "alt"]).success().stdout;
+    assert!(text.contains("mini-VQAv2 → mini-GQA"), "{text}");
+    assert!(text.contains("share 1 checkpoint(s)"), "{text}");
+}
