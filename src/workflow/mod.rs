@@ -13,6 +13,7 @@ pub mod config;
 pub mod eval;
 pub mod matrix;
 pub mod plot;
+pub mod train;
 mod plot_font;
 
 use git2::Oid;
