@@ -12,6 +12,7 @@
 
 mod checkpoint;
 mod diff;
+mod forgetting;
 mod maintenance;
 pub mod records;
 mod repo;
@@ -21,6 +22,9 @@ use std::path::PathBuf;
 
 pub use checkpoint::{Checkpoint, CommitOutcome, CommitRequest, EvalSource, SourceFile};
 pub use diff::{diff_checkpoints, CheckpointDiff, EvalDelta, FileChange, TensorChange};
+pub use forgetting::{
+    forgetting_along_path, forgetting_from_scores, ForgettingReport, TaskForgetting,
+};
 pub use maintenance::{FsckProblem, FsckReport, GcReport, RepoStats};
 pub use records::{
     parse_eval_file, parse_manifest, AdapterInfo, BaseModel, EvalRecord, Manifest, TrainRecord,
