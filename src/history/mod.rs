@@ -15,6 +15,7 @@ mod diff;
 mod forgetting;
 mod maintenance;
 pub mod records;
+pub mod remote;
 mod repo;
 mod revision;
 

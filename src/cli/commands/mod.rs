@@ -4,10 +4,12 @@
 mod bench_data;
 mod branch;
 mod checkout;
+mod clone;
 mod commit;
 mod debug;
 mod diff;
 mod eval;
+mod fetch;
 mod fsck;
 mod gc;
 mod generate;
@@ -17,6 +19,9 @@ mod judge;
 mod log;
 mod metrics;
 mod model;
+mod pull;
+mod push;
+mod remote;
 mod score;
 mod show;
 mod stats;
@@ -54,6 +59,12 @@ pub enum Command {
     Judge(judge::JudgeArgs),
     Model(model::ModelArgs),
     Generate(generate::GenerateArgs),
+    #[command(subcommand)]
+    Remote(remote::RemoteCommand),
+    Push(push::PushArgs),
+    Fetch(fetch::FetchArgs),
+    Pull(pull::PullArgs),
+    Clone(clone::CloneArgs),
 }
 
 /// Run one parsed command.
@@ -81,6 +92,11 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Judge(args) => judge::cmd_judge(ui, helper, &args),
         Command::Model(args) => model::cmd_model(ui, helper, &args),
         Command::Generate(args) => generate::cmd_generate(ui, helper, &args),
+        Command::Remote(cmd) => remote::cmd_remote(ui, helper, &cmd),
+        Command::Push(args) => push::cmd_push(ui, helper, &args),
+        Command::Fetch(args) => fetch::cmd_fetch(ui, helper, &args),
+        Command::Pull(args) => pull::cmd_pull(ui, helper, &args),
+        Command::Clone(args) => clone::cmd_clone(ui, helper, &args),
     }
 }
 
