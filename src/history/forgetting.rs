@@ -50,12 +50,12 @@ impl ForgettingReport {
     }
 }
 
+/// Per-task `(metric, score)` of one checkpoint.
+pub type TaskScores = BTreeMap<String, (String, f64)>;
+
 /// Compute forgetting from scores: `chain` is newest first (A, A's first parent, …), each
 /// with its per-task `(metric, score)`; `b` is B's scores.
-pub fn forgetting_from_scores(
-    chain: &[(Oid, BTreeMap<String, (String, f64)>)],
-    b: &BTreeMap<String, (String, f64)>,
-) -> ForgettingReport {
+pub fn forgetting_from_scores(chain: &[(Oid, TaskScores)], b: &TaskScores) -> ForgettingReport {
     let mut best: BTreeMap<&str, (&str, f64, Oid)> = BTreeMap::new();
     for (id, scores) in chain {
         for (task, (metric, score)) in scores {
@@ -93,7 +93,7 @@ pub fn forgetting_from_scores(
     }
 }
 
-fn scores(repo: &CoinRepo, id: Oid) -> Result<BTreeMap<String, (String, f64)>, HistoryError> {
+fn scores(repo: &CoinRepo, id: Oid) -> Result<TaskScores, HistoryError> {
     Ok(repo
         .read_checkpoint(id)?
         .evals

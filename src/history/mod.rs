@@ -24,7 +24,7 @@ use std::path::PathBuf;
 pub use checkpoint::{Checkpoint, CommitOutcome, CommitRequest, EvalSource, SourceFile};
 pub use diff::{diff_checkpoints, CheckpointDiff, EvalDelta, FileChange, TensorChange};
 pub use forgetting::{
-    forgetting_along_path, forgetting_from_scores, ForgettingReport, TaskForgetting,
+    forgetting_along_path, forgetting_from_scores, ForgettingReport, TaskForgetting, TaskScores,
 };
 pub use maintenance::{FsckProblem, FsckReport, GcReport, RepoStats};
 pub use records::{
