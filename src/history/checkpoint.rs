@@ -43,6 +43,8 @@ pub struct CommitRequest {
     pub base_model: Option<BaseModel>,
     /// More fields for the train record (later issues: dataset identity, hyperparameters, ...).
     pub train_extra: BTreeMap<String, serde_json::Value>,
+    /// Do not run the `pre-checkpoint` hook (`coin commit --no-verify`).
+    pub skip_hooks: bool,
 }
 
 /// What a commit made.
@@ -60,6 +62,8 @@ pub struct CommitOutcome {
     pub files: usize,
     /// How many tensors it holds.
     pub tensors: usize,
+    /// The `pre-checkpoint` hook's run, when one is installed (it let the checkpoint pass).
+    pub gate: Option<super::hooks::HookOutcome>,
 }
 
 /// Where an eval record comes from.
@@ -296,6 +300,26 @@ impl CoinRepo {
             .commit(None, &sig, &sig, &full_message, &tree, &parents)
             .map_err(HistoryError::git("write the commit"))?;
         fault::point("commit.after_git_objects");
+        // The gate sees the finished commit object; a veto leaves it unreachable (gc).
+        let gate = if req.skip_hooks {
+            None
+        } else {
+            let ctx = super::hooks::HookContext {
+                checkpoint: Some(id),
+                parent,
+                branch: Some(branch.clone()),
+                task: Some(req.task.clone()),
+                extra_args: Vec::new(),
+            };
+            self.run_event("pre-checkpoint", &ctx)?
+        };
+        if let Some(g) = gate.as_ref().filter(|g| !g.success()) {
+            return Err(HistoryError::HookRefused {
+                event: g.event.clone(),
+                code: g.code,
+                output: g.output(),
+            });
+        }
         super::pause("commit.before_ref");
 
         self.update_branch(&branch, expected, id, &format!("coin commit: {summary}"))?;
@@ -306,6 +330,7 @@ impl CoinRepo {
             parent,
             files: manifest.files.len(),
             tensors,
+            gate,
         })
     }
 

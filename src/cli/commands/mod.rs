@@ -14,6 +14,7 @@ mod fsck;
 mod gc;
 mod generate;
 mod history_util;
+mod hooks;
 mod init;
 mod judge;
 mod log;
@@ -65,6 +66,8 @@ pub enum Command {
     Fetch(fetch::FetchArgs),
     Pull(pull::PullArgs),
     Clone(clone::CloneArgs),
+    #[command(subcommand)]
+    Hooks(hooks::HooksCommand),
 }
 
 /// Run one parsed command.
@@ -97,6 +100,7 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Fetch(args) => fetch::cmd_fetch(ui, helper, &args),
         Command::Pull(args) => pull::cmd_pull(ui, helper, &args),
         Command::Clone(args) => clone::cmd_clone(ui, helper, &args),
+        Command::Hooks(cmd) => hooks::cmd_hooks(ui, helper, &cmd),
     }
 }
 
