@@ -167,7 +167,7 @@ fn run_hook(ui: &mut Ui, helper: &CommandHelper, a: &HooksRunArgs) -> Result<(),
         )));
     }
     // post-checkout with nothing changed: the fast path, before opening anything.
-    if a.name == "post-checkout" && a.args.first().is_some() && a.args.first() == a.args.get(1) {
+    if a.name == "post-checkout" && !a.args.is_empty() && a.args.first() == a.args.get(1) {
         return Ok(());
     }
     let Some((repo, work)) = hook_repo(helper)? else {
