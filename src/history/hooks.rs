@@ -6,8 +6,8 @@
 //!
 //! * The hook is the executable file `.coin/hooks/<event>`; a missing or non-executable file
 //!   means "no hook" (samples ship as `<event>.sample`).
-//! * Arguments: `pre-checkpoint CHECKPOINT [PARENT]`, `post-train CHECKPOINT [PARENT]`,
-//!   `post-eval CHECKPOINT TASK...` (as given in [`HookContext::args`]).
+//! * Arguments: the checkpoint id, then [`HookContext::extra_args`]: `pre-checkpoint
+//!   CHECKPOINT`, `post-train CHECKPOINT`, `post-eval CHECKPOINT TASK...`.
 //! * Environment: `COIN_EVENT`, `COIN_REPO` (the directory holding `.coin/`), `COIN_DIR` (the
 //!   `.coin/` directory), `COIN_CHECKPOINT`, `COIN_PARENT` (empty for a first checkpoint),
 //!   `COIN_BRANCH`, `COIN_TASK` (when known), `COIN_EXE` (the running coin binary, when it is
@@ -97,7 +97,7 @@ pub struct HookContext {
     pub branch: Option<String>,
     /// The task (`COIN_TASK`).
     pub task: Option<String>,
-    /// Arguments after the checkpoint and parent (e.g. the tasks of `post-eval`).
+    /// Arguments after the checkpoint id (e.g. the tasks of `post-eval`).
     pub extra_args: Vec<String>,
 }
 
@@ -252,9 +252,6 @@ impl CoinRepo {
         let mut cmd = Command::new(&path);
         if let Some(c) = ctx.checkpoint {
             cmd.arg(c.to_string());
-        }
-        if let Some(p) = ctx.parent {
-            cmd.arg(p.to_string());
         }
         cmd.args(&ctx.extra_args)
             .current_dir(self.root())

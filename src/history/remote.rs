@@ -1,9 +1,12 @@
 //! Sharing checkpoints: remotes, push, fetch, pull and clone.
 //!
-//! A remote is another coin/git repository reachable as a path or `file://` URL. Refs and
-//! notes travel with git (libgit2's local transport): `refs/coin/heads/*`, `refs/coin/tags/*`
-//! and `refs/notes/coin`. Store objects travel through an [`ObjectTransport`] (today the
-//! filesystem one), so an S3-compatible store is one more implementation (docs/remotes.md).
+//! A remote is another coin/git repository reachable as a path or `file://` URL. Its git
+//! side is opened directly with libgit2: the git objects of `refs/coin/heads/*`,
+//! `refs/coin/tags/*` and `refs/notes/coin` travel as one pack (only what the other side
+//! lacks), and refs move by compare-and-swap (libgit2's local transport is not used: it cannot
+//! list a repository whose `refs/coin/HEAD` names an unborn branch). Store objects travel
+//! through an [`ObjectTransport`] (today the filesystem one), so an S3-compatible store is one
+//! more implementation (docs/remotes.md).
 //!
 //! Ordering makes every step safe to interrupt and re-run:
 //! * push: refuse if any object of the checkpoints being sent is missing locally and on the
@@ -18,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use git2::{AutotagOption, Direction as GitDirection, FetchOptions, Oid, PushOptions};
+use git2::{Oid, Repository};
 use serde::Serialize;
 
 use crate::store::transport::{transfer, Direction, FsTransport, ObjectTransport, TransferReport};
@@ -292,36 +295,24 @@ impl CoinRepo {
         Ok((transport, dir.join("lock")))
     }
 
-    /// The refs of `remote`: name → id (`ls-remote`), and the target of its `refs/coin/HEAD`.
+    /// The git repository of a path remote, opened directly (libgit2's local transport
+    /// cannot list a repository whose `refs/coin/HEAD` names an unborn branch, which every
+    /// fresh coin repository has).
+    fn open_remote_git(&self, remote: &RemoteInfo) -> Result<Repository, HistoryError> {
+        let path = url_path(&remote.url).ok_or_else(|| unsupported(&remote.url))?;
+        Repository::open(&path).map_err(HistoryError::git(format!(
+            "open the remote repository '{}'",
+            remote.url
+        )))
+    }
+
+    /// The refs of `remote`: name → id (like `ls-remote`; symbolic refs resolved, unborn ones
+    /// left out), and the branch its `refs/coin/HEAD` names.
     pub fn remote_refs(
         &self,
         remote: &RemoteInfo,
     ) -> Result<(BTreeMap<String, Oid>, Option<String>), HistoryError> {
-        let url = self.git_url(remote)?;
-        let mut r = self
-            .git()
-            .remote_anonymous(&url)
-            .map_err(git_err("open the remote"))?;
-        r.connect(GitDirection::Fetch)
-            .map_err(HistoryError::git(format!("connect to '{}'", remote.url)))?;
-        let mut refs = BTreeMap::new();
-        let mut head = None;
-        for h in r.list().map_err(git_err("list the remote's refs"))? {
-            if h.name() == HEAD_REF {
-                head = h
-                    .symref_target()
-                    .and_then(|t| t.strip_prefix(BRANCH_PREFIX))
-                    .map(str::to_string);
-            }
-            refs.insert(h.name().to_string(), h.oid());
-        }
-        Ok((refs, head))
-    }
-
-    fn git_url(&self, remote: &RemoteInfo) -> Result<String, HistoryError> {
-        url_path(&remote.url)
-            .map(|p| p.display().to_string())
-            .ok_or_else(|| unsupported(&remote.url))
+        list_refs_of(&self.open_remote_git(remote)?)
     }
 
     /// Commits with a coin manifest reachable from `tips` and not from `hide` (ids that are
@@ -426,14 +417,14 @@ impl CoinRepo {
         progress: Progress<'_>,
     ) -> Result<PushReport, HistoryError> {
         let info = self.remote_info(remote)?;
-        let url = self.git_url(&info)?;
         let head = self
             .branch_target(branch)?
             .ok_or_else(|| HistoryError::EmptyBranch(branch.to_string()))?;
         let (transport, lock_path) = self.object_transport(&info, true)?;
         // The remote's gc shares this lock: it must not see our objects before our refs.
         let _remote_lock = Lock::acquire(&lock_path, lock_wait())?;
-        let (remote_refs, _) = self.remote_refs(&info)?;
+        let rgit = self.open_remote_git(&info)?;
+        let (remote_refs, _) = list_refs_of(&rgit)?;
         let full = format!("{BRANCH_PREFIX}{branch}");
         let old = remote_refs.get(&full).copied();
         if let Some(o) = old {
@@ -474,9 +465,8 @@ impl CoinRepo {
         )?;
 
         // Notes: merge the remote's first when both sides have new ones.
-        let mut notes = false;
+        let remote_notes = remote_refs.get(NOTES_REF).copied();
         if let Some(local) = local_notes {
-            let remote_notes = remote_refs.get(NOTES_REF).copied();
             let needs_merge = match remote_notes {
                 None => false,
                 Some(r) if r == local => false,
@@ -488,19 +478,25 @@ impl CoinRepo {
                             .map_err(git_err("compare notes"))?)
                 }
             };
-            if needs_merge {
+            if let (true, Some(theirs)) = (needs_merge, remote_notes) {
+                copy_git_objects(&rgit, self.git(), &[theirs], &[local])?;
                 let staging = format!("{STAGING_PREFIX}push/notes");
-                self.git_fetch(&url, &[format!("+{NOTES_REF}:{staging}")])?;
-                let theirs = self.ref_target(&staging)?;
-                if let Some(t) = theirs {
+                self.git()
+                    .reference(&staging, theirs, true, "coin push: remote notes")
+                    .map_err(git_err("stage the remote notes"))?;
+                let merged = {
                     let _lock = self.lock()?;
-                    self.merge_notes(t, &staging)?;
-                }
+                    self.merge_notes(theirs, &staging)
+                };
                 self.delete_ref(&staging)?;
+                merged?;
             }
-            notes = true;
         }
-        let mut specs = vec![format!("{full}:{full}")];
+        // (ref, expected on the remote, new target)
+        let mut updates: Vec<(String, Option<Oid>, Oid)> = Vec::new();
+        if old != Some(head) {
+            updates.push((full.clone(), old, head));
+        }
         let mut tags = Vec::new();
         for (name, target) in self.tags()? {
             let in_history = target == head
@@ -508,16 +504,38 @@ impl CoinRepo {
                     .git()
                     .graph_descendant_of(head, target)
                     .unwrap_or(false);
-            let remote_has = remote_refs.get(&format!("{TAG_PREFIX}{name}")) == Some(&target);
-            if in_history && !remote_has {
-                specs.push(format!("{TAG_PREFIX}{name}:{TAG_PREFIX}{name}"));
+            let tag_ref = format!("{TAG_PREFIX}{name}");
+            if in_history && !remote_refs.contains_key(&tag_ref) {
+                updates.push((tag_ref, None, target));
                 tags.push(name);
             }
         }
-        if notes {
-            specs.push(format!("{NOTES_REF}:{NOTES_REF}"));
+        let notes_now = self.ref_target(NOTES_REF)?;
+        let mut notes = false;
+        if let Some(n) = notes_now {
+            if remote_notes != Some(n) {
+                updates.push((NOTES_REF.to_string(), remote_notes, n));
+            }
+            notes = true;
         }
-        self.git_push(&url, &specs)?;
+        let new_tips: Vec<Oid> = updates.iter().map(|u| u.2).collect();
+        let remote_has: Vec<Oid> = remote_refs.values().copied().collect();
+        copy_git_objects(self.git(), &rgit, &new_tips, &remote_has)?;
+        for (name, expected, new) in updates {
+            let msg = format!("coin push from {}", self.root().display());
+            let r = match expected {
+                Some(o) => rgit
+                    .reference_matching(&name, new, true, o, &msg)
+                    .map(|_| ()),
+                None => rgit.reference(&name, new, false, &msg).map(|_| ()),
+            };
+            r.map_err(|e| {
+                HistoryError::Input(format!(
+                    "the remote's {name} changed while pushing ({}); re-run the push",
+                    e.message()
+                ))
+            })?;
+        }
         Ok(PushReport {
             remote: info.name,
             branch: branch.to_string(),
@@ -528,48 +546,6 @@ impl CoinRepo {
             tags,
             notes,
         })
-    }
-
-    fn git_fetch(&self, url: &str, specs: &[String]) -> Result<(), HistoryError> {
-        let mut r = self
-            .git()
-            .remote_anonymous(url)
-            .map_err(git_err("open the remote"))?;
-        let mut opts = FetchOptions::new();
-        opts.download_tags(AutotagOption::None);
-        let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
-        r.fetch(&specs, Some(&mut opts), Some("coin fetch"))
-            .map_err(HistoryError::git(format!("fetch from '{url}'")))
-    }
-
-    fn git_push(&self, url: &str, specs: &[String]) -> Result<(), HistoryError> {
-        let mut r = self
-            .git()
-            .remote_anonymous(url)
-            .map_err(git_err("open the remote"))?;
-        let mut rejected: Vec<String> = Vec::new();
-        {
-            let mut cb = git2::RemoteCallbacks::new();
-            cb.push_update_reference(|name, status| {
-                if let Some(msg) = status {
-                    rejected.push(format!("{name}: {msg}"));
-                }
-                Ok(())
-            });
-            let mut opts = PushOptions::new();
-            opts.remote_callbacks(cb);
-            let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
-            r.push(&specs, Some(&mut opts))
-                .map_err(HistoryError::git(format!("push to '{url}'")))?;
-        }
-        if rejected.is_empty() {
-            Ok(())
-        } else {
-            Err(HistoryError::Input(format!(
-                "the remote refused: {}",
-                rejected.join("; ")
-            )))
-        }
     }
 
     fn delete_ref(&self, name: &str) -> Result<(), HistoryError> {
@@ -657,7 +633,6 @@ impl CoinRepo {
     /// `refs/coin/remotes/<remote>/<branch>`; tags are created when absent; notes are merged.
     pub fn fetch(&self, remote: &str, progress: Progress<'_>) -> Result<FetchReport, HistoryError> {
         let info = self.remote_info(remote)?;
-        let url = self.git_url(&info)?;
         let (transport, _) = self.object_transport(&info, false)?;
         let key: String = info
             .name
@@ -676,16 +651,32 @@ impl CoinRepo {
         for (name, _) in self.refs_under(&staging)? {
             self.delete_ref(&name)?;
         }
-        let (remote_refs, remote_head) = self.remote_refs(&info)?;
-        let mut specs = vec![
-            format!("+{BRANCH_PREFIX}*:{staging}heads/*"),
-            format!("+{TAG_PREFIX}*:{staging}tags/*"),
-        ];
+        let rgit = self.open_remote_git(&info)?;
+        let (remote_refs, remote_head) = list_refs_of(&rgit)?;
         let has_notes = remote_refs.contains_key(NOTES_REF);
-        if has_notes {
-            specs.push(format!("+{NOTES_REF}:{staging}notes"));
+        let mut wanted: Vec<(String, Oid)> = Vec::new();
+        for (name, id) in &remote_refs {
+            if let Some(b) = name.strip_prefix(BRANCH_PREFIX) {
+                wanted.push((format!("{staging}heads/{b}"), *id));
+            } else if let Some(t) = name.strip_prefix(TAG_PREFIX) {
+                wanted.push((format!("{staging}tags/{t}"), *id));
+            } else if name == NOTES_REF {
+                wanted.push((format!("{staging}notes"), *id));
+            }
         }
-        self.git_fetch(&url, &specs)?;
+        let have: Vec<Oid> = self
+            .refs_under("refs/coin/")?
+            .into_iter()
+            .chain(self.refs_under(NOTES_REF)?)
+            .map(|(_, id)| id)
+            .collect();
+        let tips: Vec<Oid> = wanted.iter().map(|w| w.1).collect();
+        copy_git_objects(&rgit, self.git(), &tips, &have)?;
+        for (name, id) in &wanted {
+            self.git()
+                .reference(name, *id, true, "coin fetch: staged")
+                .map_err(git_err("stage a fetched ref"))?;
+        }
         let staged = self.refs_under(&staging)?;
         let tips: Vec<Oid> = staged
             .iter()
@@ -895,6 +886,92 @@ impl CoinRepo {
         }
         Ok((repo, fetch))
     }
+}
+
+/// Every ref of `git` with its target (symbolic refs resolved; unborn ones left out), and
+/// the branch `refs/coin/HEAD` names.
+fn list_refs_of(git: &Repository) -> Result<(BTreeMap<String, Oid>, Option<String>), HistoryError> {
+    let mut refs = BTreeMap::new();
+    let mut head = None;
+    for r in git
+        .references()
+        .map_err(git_err("list the remote's refs"))?
+    {
+        let r = r.map_err(git_err("list the remote's refs"))?;
+        let Ok(name) = r.name().map(str::to_string) else {
+            continue;
+        };
+        if name == HEAD_REF {
+            head = r
+                .symbolic_target()
+                .ok()
+                .flatten()
+                .and_then(|t| t.strip_prefix(BRANCH_PREFIX))
+                .map(str::to_string);
+        }
+        if let Ok(resolved) = r.resolve() {
+            if let Some(id) = resolved.target() {
+                refs.insert(name, id);
+            }
+        }
+    }
+    Ok((refs, head))
+}
+
+/// Copy the git objects reachable from `tips` and not from `hide` (commits `to` already has)
+/// from one repository to another, as one pack written into `to`'s object database.
+fn copy_git_objects(
+    from: &Repository,
+    to: &Repository,
+    tips: &[Oid],
+    hide: &[Oid],
+) -> Result<(), HistoryError> {
+    let to_odb = to.odb().map_err(git_err("open the object database"))?;
+    let tips: Vec<Oid> = tips
+        .iter()
+        .copied()
+        .filter(|t| !to_odb.exists(*t))
+        .collect();
+    if tips.is_empty() {
+        return Ok(());
+    }
+    let mut walk = from.revwalk().map_err(git_err("walk the history"))?;
+    for t in &tips {
+        walk.push(*t)
+            .map_err(HistoryError::git(format!("walk from {}", short_id(*t))))?;
+    }
+    for h in hide {
+        if to_odb.exists(*h) {
+            // A commit the sender lacks cannot be hidden; it is not needed then.
+            let _ = walk.hide(*h);
+        }
+    }
+    let mut pb = from.packbuilder().map_err(git_err("build a pack"))?;
+    pb.insert_walk(&mut walk).map_err(git_err("build a pack"))?;
+    if pb.object_count() == 0 {
+        return Ok(());
+    }
+    let mut writer = to_odb.packwriter().map_err(git_err("write a pack"))?;
+    let mut write_err = None;
+    pb.foreach(
+        |chunk| match std::io::Write::write_all(&mut writer, chunk) {
+            Ok(()) => true,
+            Err(e) => {
+                write_err = Some(e);
+                false
+            }
+        },
+    )
+    .map_err(git_err("write a pack"))?;
+    if let Some(e) = write_err {
+        return Err(HistoryError::Io {
+            op: "write a pack into".into(),
+            path: to.path().to_path_buf(),
+            source: e,
+        });
+    }
+    writer.commit().map_err(git_err("index the pack"))?;
+    Ok(())
 }
 
 fn lock_wait() -> Duration {
