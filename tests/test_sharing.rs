@@ -67,6 +67,8 @@ fn object_files(coin_dir: &Path) -> Vec<PathBuf> {
 }
 
 fn same_dir(a: &Path, b: &Path) {
+    // Every file of `a` is in `b` with the same bytes (b may hold coin's stamp besides).
+    assert!(b.is_dir(), "{} is missing", b.display());
     let mut names: Vec<_> = std::fs::read_dir(a)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -846,4 +848,77 @@ fn post_eval_hook_runs_with_the_documented_environment() {
             root.display()
         )
     );
+}
+
+#[test]
+fn plain_git_fetch_then_checkout_fetches_objects_on_demand() {
+    let env = TestEnvironment::new();
+    let (_a, ids) = repo_with_three(&env);
+    env.coin(&["init", "b"]).success();
+    let b = env.path("b");
+    env.coin_in(&b, &["remote", "add", "origin", "../a"])
+        .success();
+    // git has no post-fetch hook: the refs arrive without the store objects...
+    env.git_in(
+        &b,
+        &[
+            "fetch",
+            "-q",
+            "origin",
+            "refs/coin/heads/main:refs/coin/heads/main",
+        ],
+    )
+    .success();
+    assert!(object_files(&b.join(".coin")).is_empty());
+    // ...and checkout brings the ones it needs from the remotes, verified.
+    let o = b.join("o");
+    let out = env
+        .coin_in(&b, &["checkout", &ids[1], "--output", o.to_str().unwrap()])
+        .success();
+    assert!(out.stderr.contains("Fetched"), "{}", out.stderr);
+    same_dir(&env.path("ad1"), &o);
+    let o2 = b.join("o2");
+    let out = env
+        .coin_in(&b, &["checkout", &ids[1], "--output", o2.to_str().unwrap()])
+        .success();
+    assert!(
+        !out.stderr.contains("Fetched"),
+        "nothing missing the second time"
+    );
+}
+
+#[test]
+fn post_merge_refreshes_the_pointer() {
+    let env = TestEnvironment::new();
+    env.git_in(&env.work(), &["init", "-q", "-b", "main", "code"])
+        .success();
+    let code = env.path("code");
+    env.coin_in(&code, &["init"]).success();
+    let d0 = adapter(&env, "ad0", 0.0);
+    let d1 = adapter(&env, "ad1", 1.0);
+    let mut ids = Vec::new();
+    for d in [&d0, &d1] {
+        let out = env
+            .coin_in(&code, &["commit", d.to_str().unwrap(), "--task", "T"])
+            .success();
+        ids.push(out.stdout.trim().to_string());
+    }
+    let pointer = |id: &str| format!("checkpoint = \"{id}\"\noutput = \"weights\"\n");
+    env.write("code/adapter.coin", pointer(&ids[0]));
+    env.write("code/.gitignore", "weights/\n");
+    env.git_in(&code, &["add", "."]).success();
+    env.git_in(&code, &["commit", "-q", "-m", "step 1"])
+        .success();
+    env.git_in(&code, &["checkout", "-q", "-b", "feature"])
+        .success();
+    env.write("code/adapter.coin", pointer(&ids[1]));
+    env.git_in(&code, &["commit", "-q", "-am", "step 2"])
+        .success();
+    env.git_in(&code, &["checkout", "-q", "main"]).success();
+    same_dir(&d0, &code.join("weights"));
+    let out = env
+        .git_in(&code, &["merge", "-q", "--ff-only", "feature"])
+        .success();
+    assert!(out.stderr.contains("refreshed"), "{}", out.stderr);
+    same_dir(&d1, &code.join("weights"));
 }

@@ -524,13 +524,13 @@ impl CoinRepo {
                 objects: None,
             },
         };
-        let (transport, lock_path) = self.object_transport(&info, true)?;
-        let _lock = crate::store::Lock::acquire(&lock_path, Duration::from_secs(60))?;
+        let transport = self.object_transport(&info, true)?;
+        let _lock = transport.lock(Duration::from_secs(60))?;
         let ids: Vec<ObjectId> = ids.into_iter().collect();
-        self.check_objects_available(&ids, &transport)?;
+        self.check_objects_available(&ids, transport.as_ref())?;
         let t = crate::store::transport::transfer(
             self.store(),
-            &transport,
+            transport.as_ref(),
             &ids,
             crate::store::transport::Direction::Push,
             &mut |_, _| {},
@@ -540,7 +540,7 @@ impl CoinRepo {
             "coin: {} checkpoint(s), {} object(s) sent to '{}' ({} already there).",
             checkpoints.len(),
             t.transferred,
-            transport_name(&transport),
+            transport.describe(),
             t.already_present
         ));
         Ok(report)
@@ -647,6 +647,7 @@ impl CoinRepo {
             .tempdir_in(parent)
             .map_err(HistoryError::io("create a temp directory in", parent))?;
         let staged = tmp.path().join("out");
+        self.fetch_missing_objects(&[id])?;
         self.checkout(id, &staged)?;
         fsutil::write_atomic(staged.join(POINTER_STAMP), format!("{id}\n"))
             .map_err(HistoryError::io("write", &stamp))?;
@@ -741,10 +742,6 @@ impl CoinRepo {
             )))
         }
     }
-}
-
-fn transport_name(t: &dyn crate::store::transport::ObjectTransport) -> String {
-    t.describe()
 }
 
 /// A shipped git hook with `@COIN_EXE@` (the fallback when `coin` is not on PATH) replaced

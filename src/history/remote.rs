@@ -25,7 +25,7 @@ use git2::{Oid, Repository};
 use serde::Serialize;
 
 use crate::store::transport::{transfer, Direction, FsTransport, ObjectTransport, TransferReport};
-use crate::store::{Lock, ObjectId};
+use crate::store::ObjectId;
 
 use super::checkpoint::{ser_oid, ser_opt_oid};
 use super::records::{self, parse_note, NoteRecord, SCHEMA_VERSION};
@@ -270,13 +270,14 @@ impl CoinRepo {
         }
     }
 
-    /// The object transport of `remote` (its store created when it is a bare repository's
-    /// first push and `create`), and the lock file guarding its store.
+    /// The object transport of `remote`: where its store objects are (its store is created
+    /// on a bare repository's first push when `create`). Callers only see the trait, so
+    /// another kind of store (S3, docs/remotes.md) is added here alone.
     pub fn object_transport(
         &self,
         remote: &RemoteInfo,
         create: bool,
-    ) -> Result<(FsTransport, PathBuf), HistoryError> {
+    ) -> Result<Box<dyn ObjectTransport>, HistoryError> {
         let dir = match &remote.objects {
             Some(o) => Some((url_path(o).ok_or_else(|| unsupported(o))?, true)),
             None => {
@@ -291,8 +292,7 @@ impl CoinRepo {
                 remote.url, remote.name
             )));
         };
-        let transport = FsTransport::open(&dir, create && may_create)?;
-        Ok((transport, dir.join("lock")))
+        Ok(Box::new(FsTransport::open(&dir, create && may_create)?))
     }
 
     /// The git repository of a path remote, opened directly (libgit2's local transport
@@ -381,6 +381,42 @@ impl CoinRepo {
         Ok(ids.into_iter().collect())
     }
 
+    /// Fetch the store objects of `checkpoints` that are missing here from the configured
+    /// remotes (in name order; a remote that cannot be reached is skipped), each verified
+    /// before it becomes visible. This is how objects follow a plain `git fetch`/`git pull`,
+    /// which has no hook: `coin checkout` and the pointer refresh call it. Returns how many
+    /// objects were fetched; with nothing missing it only checks that files exist.
+    pub fn fetch_missing_objects(&self, checkpoints: &[Oid]) -> Result<usize, HistoryError> {
+        let mut missing: Vec<ObjectId> = self
+            .objects_of(checkpoints)?
+            .into_iter()
+            .filter(|id| !self.store().contains(id))
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let mut fetched = 0;
+        for remote in self.remotes()? {
+            let Ok(transport) = self.object_transport(&remote, false) else {
+                continue;
+            };
+            let mut still = Vec::new();
+            for id in missing {
+                if transport.has(&id)? {
+                    transport.get(self.store(), &id)?;
+                    fetched += 1;
+                } else {
+                    still.push(id);
+                }
+            }
+            missing = still;
+            if missing.is_empty() {
+                break;
+            }
+        }
+        Ok(fetched)
+    }
+
     /// Check that every object in `ids` is either here or on the other side; the error lists
     /// the first missing ones.
     pub fn check_objects_available(
@@ -420,9 +456,9 @@ impl CoinRepo {
         let head = self
             .branch_target(branch)?
             .ok_or_else(|| HistoryError::EmptyBranch(branch.to_string()))?;
-        let (transport, lock_path) = self.object_transport(&info, true)?;
+        let transport = self.object_transport(&info, true)?;
         // The remote's gc shares this lock: it must not see our objects before our refs.
-        let _remote_lock = Lock::acquire(&lock_path, lock_wait())?;
+        let _remote_lock = transport.lock(lock_wait())?;
         let rgit = self.open_remote_git(&info)?;
         let (remote_refs, _) = list_refs_of(&rgit)?;
         let full = format!("{BRANCH_PREFIX}{branch}");
@@ -455,10 +491,10 @@ impl CoinRepo {
             ids.extend(self.note_objects(NOTES_REF)?);
         }
         let ids: Vec<ObjectId> = ids.into_iter().collect();
-        self.check_objects_available(&ids, &transport)?;
+        self.check_objects_available(&ids, transport.as_ref())?;
         let objects = transfer(
             self.store(),
-            &transport,
+            transport.as_ref(),
             &ids,
             Direction::Push,
             &mut |d, t| progress(d, t),
@@ -633,7 +669,7 @@ impl CoinRepo {
     /// `refs/coin/remotes/<remote>/<branch>`; tags are created when absent; notes are merged.
     pub fn fetch(&self, remote: &str, progress: Progress<'_>) -> Result<FetchReport, HistoryError> {
         let info = self.remote_info(remote)?;
-        let (transport, _) = self.object_transport(&info, false)?;
+        let transport = self.object_transport(&info, false)?;
         let key: String = info
             .name
             .chars()
@@ -693,7 +729,7 @@ impl CoinRepo {
         let ids: Vec<ObjectId> = ids.into_iter().collect();
         let objects = transfer(
             self.store(),
-            &transport,
+            transport.as_ref(),
             &ids,
             Direction::Fetch,
             &mut |d, t| progress(d, t),

@@ -16,8 +16,9 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use super::{ObjectId, Store, StoreError};
+use super::{Lock, ObjectId, Store, StoreError};
 
 /// A place objects can be copied to and from.
 pub trait ObjectTransport {
@@ -31,6 +32,12 @@ pub trait ObjectTransport {
     /// Copy object `id` from the other side into `local`, verified before it becomes visible.
     /// Returns the bytes received (0 when `local` already had it).
     fn get(&self, local: &Store, id: &ObjectId) -> Result<u64, StoreError>;
+    /// Take the other side's writer lock, when it has one, for a push: its gc must not remove
+    /// objects that arrived before the refs naming them. `None`: no lock to take (a store
+    /// without gc, or one whose gc keeps young objects).
+    fn lock(&self, _wait: Duration) -> Result<Option<Lock>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// A store reachable through the filesystem.
@@ -92,6 +99,11 @@ impl ObjectTransport for FsTransport {
 
     fn get(&self, local: &Store, id: &ObjectId) -> Result<u64, StoreError> {
         copy(&self.remote, local, id)
+    }
+
+    /// The store's `lock` file, which coin's commit and gc on that side share.
+    fn lock(&self, wait: Duration) -> Result<Option<Lock>, StoreError> {
+        Lock::acquire(&self.remote.root().join("lock"), wait).map(Some)
     }
 }
 
