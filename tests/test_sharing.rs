@@ -922,3 +922,27 @@ fn post_merge_refreshes_the_pointer() {
     assert!(out.stderr.contains("refreshed"), "{}", out.stderr);
     same_dir(&d1, &code.join("weights"));
 }
+
+#[test]
+fn pre_push_of_plain_code_ignores_a_users_manifest_file() {
+    let env = TestEnvironment::new();
+    env.git_in(&env.work(), &["init", "-q", "-b", "main", "code"])
+        .success();
+    let code = env.path("code");
+    env.coin_in(&code, &["init"]).success();
+    env.write("code/manifest", "{\"format\": \"my-own\"}\n");
+    env.git_in(&code, &["add", "manifest"]).success();
+    env.git_in(&code, &["commit", "-q", "-m", "code"]).success();
+    env.git_in(&env.work(), &["init", "-q", "--bare", "r.git"])
+        .success();
+    env.git_in(&code, &["remote", "add", "origin", "../r.git"])
+        .success();
+    let out = env
+        .git_in(&code, &["push", "-q", "origin", "main"])
+        .success();
+    assert!(!out.stderr.contains("coin:"), "{}", out.stderr);
+    assert!(
+        !env.path("r.git/coin").exists(),
+        "no store is made for code"
+    );
+}

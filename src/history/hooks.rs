@@ -765,3 +765,94 @@ pub fn is_coin_hook(path: &Path) -> bool {
     let n = f.read(&mut head).unwrap_or(0);
     String::from_utf8_lossy(&head[..n]).contains(MARKER)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    #[test]
+    fn pointers() {
+        let (p, id) = parse_pointer(&format!("checkpoint = \"{ID}\"\noutput = \"a/b\"\n")).unwrap();
+        assert_eq!((p.output.as_str(), id.to_string().as_str()), ("a/b", ID));
+        for bad in [
+            "checkpoint = \"0123\"\noutput = \"a\"".to_string(),
+            format!("checkpoint = \"{ID}\"\noutput = \"../up\""),
+            format!("checkpoint = \"{ID}\"\noutput = \"/abs\""),
+            format!("checkpoint = \"{ID}\"\noutput = \"a\"\nextra = 1"),
+            format!("checkpoint = \"{ID}\""),
+        ] {
+            assert!(parse_pointer(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn gates_from_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        CoinRepo::init(tmp.path()).unwrap();
+        let repo = CoinRepo::open(&tmp.path().canonicalize().unwrap()).unwrap();
+        let cfg = repo.coin_dir().join("config.toml");
+        assert_eq!(repo.gates_config().unwrap(), GatesConfig::default());
+        std::fs::write(&cfg, "[gates]\nmax_forgetting = 3\n").unwrap();
+        assert_eq!(repo.gates_config().unwrap().max_forgetting, Some(3.0));
+        std::fs::write(&cfg, "[gates]\nmax_forgetting = 2.5\n").unwrap();
+        assert_eq!(repo.gates_config().unwrap().max_forgetting, Some(2.5));
+        for bad in [
+            "[gates]\nmax_forgetting = -1\n",
+            "[gates]\nmax_forgetting = \"5\"\n",
+            "gates = 1\n",
+            "[gates\n",
+        ] {
+            std::fs::write(&cfg, bad).unwrap();
+            assert!(repo.gates_config().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rendered_hooks_carry_the_marker_and_no_placeholder() {
+        let shipped = shipped_hooks("git");
+        let names: Vec<&str> = shipped.iter().map(|(n, _)| n.as_str()).collect();
+        let mut expected = GIT_HOOKS.to_vec();
+        expected.sort();
+        assert_eq!(names, expected);
+        for (name, template) in shipped {
+            let text = String::from_utf8(render_git_hook(template)).unwrap();
+            assert!(text.starts_with("#!/bin/sh\n"), "{name}");
+            assert!(text.contains(MARKER), "{name}");
+            assert!(!text.contains("@COIN_EXE@"), "{name}");
+            assert!(text.contains(&format!("hooks run \"$hook\"")), "{name}");
+        }
+        let events: Vec<String> = shipped_hooks("coin").into_iter().map(|(n, _)| n).collect();
+        assert!(events.contains(&"pre-checkpoint".to_string()));
+    }
+
+    #[test]
+    fn event_hook_outcome_and_missing_hook() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        CoinRepo::init(tmp.path()).unwrap();
+        let repo = CoinRepo::open(&tmp.path().canonicalize().unwrap()).unwrap();
+        let ctx = HookContext {
+            checkpoint: Some(Oid::from_str(ID).unwrap()),
+            extra_args: vec!["x y".into()],
+            ..HookContext::default()
+        };
+        assert!(repo.run_event("post-train", &ctx).unwrap().is_none());
+        let path = repo.event_hooks_dir().join("post-train");
+        std::fs::write(
+            &path,
+            "#!/bin/sh\necho \"$1|$2|$COIN_PARENT|$COIN_EVENT\"\necho err >&2\nexit 7\n",
+        )
+        .unwrap();
+        // Not executable: not a hook.
+        assert!(repo.run_event("post-train", &ctx).unwrap().is_none());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = repo.run_event("post-train", &ctx).unwrap().unwrap();
+        assert_eq!(out.code, Some(7));
+        assert!(!out.success());
+        assert_eq!(out.stdout, format!("{ID}|x y||post-train\n"));
+        assert_eq!(out.output(), format!("{ID}|x y||post-train\nerr"));
+    }
+}

@@ -315,8 +315,8 @@ impl CoinRepo {
         list_refs_of(&self.open_remote_git(remote)?)
     }
 
-    /// Commits with a coin manifest reachable from `tips` and not from `hide` (ids that are
-    /// not in the local repository are ignored), newest first.
+    /// Commits with a coin manifest reachable from `tips` and not from `hide` (hidden ids
+    /// that are not in the local repository are ignored), newest first.
     pub fn checkpoints_between(
         &self,
         tips: &[Oid],
@@ -338,7 +338,15 @@ impl CoinRepo {
             let id = id.map_err(git_err("walk the history"))?;
             let commit = git.find_commit(id).map_err(git_err("read a commit"))?;
             let tree = commit.tree().map_err(git_err("read a tree"))?;
-            if tree.get_name("manifest").is_some() {
+            // A code commit may have its own file called `manifest`: only coin's count.
+            let is_coin = tree
+                .get_name("manifest")
+                .and_then(|e| git.find_blob(e.id()).ok())
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(b.content()).ok())
+                .is_some_and(|v| {
+                    v.get("format").and_then(|f| f.as_str()) == Some(records::MANIFEST_FORMAT)
+                });
+            if is_coin {
                 out.push(id);
             }
         }
