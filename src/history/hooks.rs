@@ -822,7 +822,7 @@ mod tests {
             assert!(text.starts_with("#!/bin/sh\n"), "{name}");
             assert!(text.contains(MARKER), "{name}");
             assert!(!text.contains("@COIN_EXE@"), "{name}");
-            assert!(text.contains(&format!("hooks run \"$hook\"")), "{name}");
+            assert!(text.contains("hooks run \"$hook\""), "{name}");
         }
         let events: Vec<String> = shipped_hooks("coin").into_iter().map(|(n, _)| n).collect();
         assert!(events.contains(&"pre-checkpoint".to_string()));
