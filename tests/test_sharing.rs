@@ -946,3 +946,33 @@ fn pre_push_of_plain_code_ignores_a_users_manifest_file() {
         "no store is made for code"
     );
 }
+
+#[test]
+fn clone_of_a_code_repository_whose_coin_branch_is_still_empty() {
+    let env = TestEnvironment::new();
+    env.git_in(&env.work(), &["init", "-q", "-b", "dev", "src"])
+        .success();
+    let src = env.path("src");
+    env.write("src/train.py", "print('hi')\n");
+    env.git_in(&src, &["add", "train.py"]).success();
+    env.git_in(&src, &["commit", "-q", "-m", "code"]).success();
+    env.coin_in(&src, &["init"]).success();
+    // refs/coin/HEAD names the unborn branch main: libgit2's clone cannot list that.
+    env.coin(&["clone", "src", "dst"]).success();
+    let dst = env.path("dst");
+    assert_eq!(
+        std::fs::read_to_string(dst.join("train.py")).unwrap(),
+        "print('hi')\n"
+    );
+    let branch = env.git_in(&dst, &["branch", "--show-current"]).success();
+    assert_eq!(branch.stdout.trim(), "dev");
+    let st = env.coin_in(&dst, &["status", "--json"]).success().json();
+    assert_eq!(st["checkpoints"], 0);
+    // The clone can record and push back.
+    let d = adapter(&env, "d", 0.0);
+    env.coin_in(&dst, &["commit", d.to_str().unwrap(), "--task", "T"])
+        .success();
+    env.coin_in(&dst, &["push"]).success();
+    let log = env.coin_in(&src, &["log", "--json"]).success().json();
+    assert_eq!(log.as_array().unwrap().len(), 1);
+}

@@ -896,9 +896,18 @@ impl CoinRepo {
                 dir.display()
             )));
         }
-        git2::build::RepoBuilder::new()
+        if git2::build::RepoBuilder::new()
             .clone(&src.display().to_string(), dir)
-            .map_err(HistoryError::git(format!("clone '{url}'")))?;
+            .is_err()
+        {
+            // libgit2's clone lists every ref and fails on a symbolic ref to an unborn branch
+            // (a coin repository whose current branch has no checkpoint yet): copy the code
+            // branches directly instead.
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(HistoryError::io("clean up", dir))?;
+            }
+            clone_code_directly(&src, dir, &url)?;
+        }
         // The remote URL as given (absolute), not libgit2's normalised form.
         {
             let git = git2::Repository::open(dir).map_err(git_err("open the clone"))?;
@@ -1015,6 +1024,49 @@ fn copy_git_objects(
         });
     }
     writer.commit().map_err(git_err("index the pack"))?;
+    Ok(())
+}
+
+/// A git clone without libgit2's transport: a new repository at `dir` with `origin` = `url`,
+/// the source's `refs/heads/*` as `refs/remotes/origin/*`, and its HEAD branch checked out
+/// when it has one.
+fn clone_code_directly(src: &Path, dir: &Path, url: &str) -> Result<(), HistoryError> {
+    let from = Repository::open(src).map_err(HistoryError::git(format!("open '{url}'")))?;
+    let to = Repository::init(dir).map_err(HistoryError::git(format!(
+        "create a git repository in '{}'",
+        dir.display()
+    )))?;
+    to.remote("origin", url)
+        .map_err(git_err("add the remote 'origin'"))?;
+    let (refs, _) = list_refs_of(&from)?;
+    let heads: Vec<(String, Oid)> = refs
+        .into_iter()
+        .filter_map(|(n, id)| n.strip_prefix("refs/heads/").map(|b| (b.to_string(), id)))
+        .collect();
+    let tips: Vec<Oid> = heads.iter().map(|h| h.1).collect();
+    copy_git_objects(&from, &to, &tips, &[])?;
+    for (b, id) in &heads {
+        to.reference(&format!("refs/remotes/origin/{b}"), *id, true, "coin clone")
+            .map_err(git_err("create a remote-tracking branch"))?;
+    }
+    let head_branch = from
+        .find_reference("HEAD")
+        .ok()
+        .and_then(|h| h.symbolic_target().ok().flatten().map(str::to_string))
+        .and_then(|t| t.strip_prefix("refs/heads/").map(str::to_string));
+    if let Some(b) = head_branch {
+        if let Some((_, id)) = heads.iter().find(|(n, _)| *n == b) {
+            to.reference(&format!("refs/heads/{b}"), *id, false, "coin clone")
+                .map_err(git_err("create the branch"))?;
+            to.set_head(&format!("refs/heads/{b}"))
+                .map_err(git_err("set HEAD"))?;
+            to.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))
+                .map_err(git_err("check out the work tree"))?;
+        } else {
+            to.set_head(&format!("refs/heads/{b}"))
+                .map_err(git_err("set HEAD"))?;
+        }
+    }
     Ok(())
 }
 
