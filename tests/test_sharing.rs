@@ -976,3 +976,53 @@ fn clone_of_a_code_repository_whose_coin_branch_is_still_empty() {
     let log = env.coin_in(&src, &["log", "--json"]).success().json();
     assert_eq!(log.as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn notes_added_on_both_sides_are_merged_per_task() {
+    let env = TestEnvironment::new();
+    let (a, ids) = repo_with_three(&env);
+    env.git_in(&env.work(), &["init", "-q", "--bare", "r.git"])
+        .success();
+    env.coin_in(&a, &["remote", "add", "origin", "../r.git"])
+        .success();
+    env.coin_in(&a, &["push"]).success();
+    env.coin(&["clone", "r.git", "b"]).success();
+    let b = env.path("b");
+    // A evaluates the first checkpoint, B the second, and both re-score T1 on the third.
+    let ea = eval_file(&env, "ea.json", &[("T9", 11.0)]);
+    env.coin_in(&a, &["eval", &ids[0], "--record", ea.to_str().unwrap()])
+        .success();
+    let clash_a = eval_file(&env, "ca.json", &[("T1", 1.0)]);
+    env.coin_in(
+        &a,
+        &["eval", &ids[2], "--record", clash_a.to_str().unwrap()],
+    )
+    .success();
+    let eb = eval_file(&env, "eb.json", &[("T8", 22.0)]);
+    env.coin_in(&b, &["eval", &ids[1], "--record", eb.to_str().unwrap()])
+        .success();
+    let clash_b = eval_file(&env, "cb.json", &[("T1", 2.0), ("T7", 7.0)]);
+    env.coin_in(
+        &b,
+        &["eval", &ids[2], "--record", clash_b.to_str().unwrap()],
+    )
+    .success();
+    env.coin_in(&b, &["push"]).success();
+    // A's push finds diverged notes, merges B's in (keeping A's T1), then pushes.
+    let push = env.coin_in(&a, &["push", "--json"]).success().json();
+    assert_eq!(push["notes"], true);
+    let score = |dir: &Path, id: &str, task: &str| {
+        env.coin_in(dir, &["show", id, "--json"]).success().json()["eval"][task]["score"].clone()
+    };
+    assert_eq!(score(&a, &ids[0], "T9"), 11.0);
+    assert_eq!(score(&a, &ids[1], "T8"), 22.0);
+    assert_eq!(score(&a, &ids[2], "T1"), 1.0, "the local record wins");
+    assert_eq!(score(&a, &ids[2], "T7"), 7.0);
+    // B fetches: the remote's notes are a descendant of B's, so a fast-forward.
+    let f = env.coin_in(&b, &["fetch", "--json"]).success().json();
+    assert_eq!(f["notes"], "fast-forward");
+    assert_eq!(score(&b, &ids[0], "T9"), 11.0);
+    assert_eq!(score(&b, &ids[2], "T1"), 1.0);
+    env.coin_in(&a, &["fsck"]).success();
+    env.coin_in(&b, &["fsck"]).success();
+}
