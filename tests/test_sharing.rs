@@ -92,8 +92,10 @@ fn push_clone_checkout_is_byte_identical_and_only_missing_objects_move() {
         .success();
     env.coin_in(&a, &["remote", "add", "origin", "../shared.git"])
         .success();
+    env.coin_in(&a, &["tag", "v1", "HEAD~1"]).success();
     let push = env.coin_in(&a, &["push", "--json"]).success().json();
     assert_eq!(push["checkpoints"], 3);
+    assert_eq!(push["tags"], serde_json::json!(["v1"]));
     assert_eq!(push["new"], ids[2].as_str());
     let sent = push["objects"]["transferred"].as_u64().unwrap();
     assert!(sent > 0);
@@ -116,7 +118,9 @@ fn push_clone_checkout_is_byte_identical_and_only_missing_objects_move() {
         .map(|c| c["id"].as_str().unwrap())
         .collect();
     assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str(), ids[0].as_str()]);
-    // The note travelled too.
+    // The tag and the note travelled too.
+    let tag = env.coin_in(&b, &["show", "v1", "--json"]).success().json();
+    assert_eq!(tag["id"], ids[1].as_str());
     let show = env
         .coin_in(&b, &["show", "HEAD", "--json"])
         .success()
@@ -247,7 +251,8 @@ fn killed_fetch_publishes_nothing_and_can_be_rerun() {
     let (a, _ids) = repo_with_three(&env);
     env.coin(&["init", "b"]).success();
     let b = env.path("b");
-    env.coin_in(&b, &["remote", "add", "origin", "../a"])
+    let url = format!("file://{}", env.path("a").display());
+    env.coin_in(&b, &["remote", "add", "origin", &url])
         .success();
     let out = run(env
         .coin_cmd(&b)
