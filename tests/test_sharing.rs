@@ -1031,3 +1031,60 @@ fn notes_added_on_both_sides_are_merged_per_task() {
     env.coin_in(&a, &["fsck"]).success();
     env.coin_in(&b, &["fsck"]).success();
 }
+
+#[test]
+fn remote_add_list_remove() {
+    let env = TestEnvironment::new();
+    let (a, _) = repo_with_three(&env);
+    env.coin(&["init", "hub"]).success();
+    env.coin_in(
+        &a,
+        &["remote", "add", "hub", "../hub", "--objects", "../store"],
+    )
+    .success();
+    let list = env
+        .coin_in(&a, &["remote", "list", "--json"])
+        .success()
+        .json();
+    assert_eq!(list[0]["name"], "hub");
+    assert_eq!(list[0]["url"], env.path("hub").display().to_string());
+    assert_eq!(list[0]["objects"], env.path("store").display().to_string());
+    // Objects go where remote.hub.coinobjects says.
+    env.coin_in(&a, &["push", "hub"]).success();
+    assert!(!object_files(&env.path("store")).is_empty());
+    assert!(object_files(&env.path("hub/.coin")).is_empty());
+    env.coin_in(&a, &["fetch", "hub"]).success();
+    assert!(env
+        .git_in(&a, &["show-ref", "refs/coin/remotes/hub/main"])
+        .success()
+        .stdout
+        .contains("refs/coin/remotes/hub/main"));
+    // Same name, other URL: refused; same name and URL: reused.
+    env.coin_in(&a, &["remote", "add", "hub", "../elsewhere"])
+        .code(1);
+    env.coin_in(&a, &["remote", "add", "hub", "../hub"])
+        .success();
+    env.coin_in(&a, &["remote", "remove", "hub"]).success();
+    assert!(env
+        .coin_in(&a, &["remote", "list", "--json"])
+        .success()
+        .json()
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let refs = env
+        .git_in(&a, &["for-each-ref", "refs/coin/remotes"])
+        .success()
+        .stdout;
+    assert!(refs.trim().is_empty(), "{refs}");
+    let err = env.coin_in(&a, &["push"]).code(1);
+    assert!(
+        err.stderr.contains("no remote is configured"),
+        "{}",
+        err.stderr
+    );
+    env.coin_in(&a, &["remote", "add", "s3", "s3://bucket/x"])
+        .success();
+    let err = env.coin_in(&a, &["push", "s3"]).code(1);
+    assert!(err.stderr.contains("S3 plan"), "{}", err.stderr);
+}

@@ -64,7 +64,7 @@ pub struct HookOutcome {
     /// What it printed on stderr.
     pub stderr: String,
     /// How long it ran.
-    pub elapsed_ms: u128,
+    pub elapsed_ms: u64,
 }
 
 impl HookOutcome {
@@ -286,7 +286,7 @@ impl CoinRepo {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            elapsed_ms: start.elapsed().as_millis(),
+            elapsed_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
         }))
     }
 

@@ -1086,7 +1086,15 @@ fn absolute_url(url: &str) -> Result<String, HistoryError> {
     match url_path(url) {
         Some(p) if p.is_relative() => {
             let abs = std::path::absolute(&p).map_err(HistoryError::io("resolve", &p))?;
-            let abs = abs.canonicalize().unwrap_or(abs);
+            // Canonical where it exists; a store folder made by the first push may not yet.
+            let abs = abs
+                .canonicalize()
+                .ok()
+                .or_else(|| {
+                    let parent = abs.parent()?.canonicalize().ok()?;
+                    Some(parent.join(abs.file_name()?))
+                })
+                .unwrap_or(abs);
             Ok(abs.display().to_string())
         }
         _ => Ok(url.to_string()),
