@@ -657,6 +657,10 @@ fn init_creates_the_documented_layout() {
     insta::assert_snapshot!(entries.join("\n"), @r"
     .coin/config.toml
     .coin/format-version
+    .coin/hooks/
+    .coin/hooks/post-eval.sample
+    .coin/hooks/post-train.sample
+    .coin/hooks/pre-checkpoint
     .coin/objects/
     .coin/objects/tmp/
     .coin/store/

@@ -43,6 +43,11 @@ pub struct CommitRequest {
     pub base_model: Option<BaseModel>,
     /// More fields for the train record (later issues: dataset identity, hyperparameters, ...).
     pub train_extra: BTreeMap<String, serde_json::Value>,
+    /// Do not run the `pre-checkpoint` hook (`coin commit --no-verify`).
+    pub skip_hooks: bool,
+    /// Write the checkpoint but leave the branch where it is (no gate either): the caller
+    /// evaluates it first and then calls [`CoinRepo::publish_checkpoint`] (`coin train`).
+    pub detached: bool,
 }
 
 /// What a commit made.
@@ -60,6 +65,8 @@ pub struct CommitOutcome {
     pub files: usize,
     /// How many tensors it holds.
     pub tensors: usize,
+    /// The `pre-checkpoint` hook's run, when one is installed (it let the checkpoint pass).
+    pub gate: Option<super::hooks::HookOutcome>,
 }
 
 /// Where an eval record comes from.
@@ -296,9 +303,19 @@ impl CoinRepo {
             .commit(None, &sig, &sig, &full_message, &tree, &parents)
             .map_err(HistoryError::git("write the commit"))?;
         fault::point("commit.after_git_objects");
-        super::pause("commit.before_ref");
-
-        self.update_branch(&branch, expected, id, &format!("coin commit: {summary}"))?;
+        let gate = if req.detached {
+            None
+        } else {
+            self.gate_and_move(
+                &branch,
+                expected,
+                id,
+                parent,
+                &req.task,
+                req.skip_hooks,
+                &format!("coin commit: {summary}"),
+            )?
+        };
         fault::point("commit.after_ref");
         Ok(CommitOutcome {
             id,
@@ -306,7 +323,70 @@ impl CoinRepo {
             parent,
             files: manifest.files.len(),
             tensors,
+            gate,
         })
+    }
+
+    /// Run the `pre-checkpoint` gate on the written checkpoint `id` (unless `skip_hooks`) and,
+    /// when it passes, move `branch` from `expected` to `id` by compare-and-swap. The caller
+    /// holds the repository lock. A veto leaves the commit unreachable (gc removes it).
+    #[allow(clippy::too_many_arguments)]
+    fn gate_and_move(
+        &self,
+        branch: &str,
+        expected: Option<Oid>,
+        id: Oid,
+        parent: Option<Oid>,
+        task: &str,
+        skip_hooks: bool,
+        message: &str,
+    ) -> Result<Option<super::hooks::HookOutcome>, HistoryError> {
+        let gate = if skip_hooks {
+            None
+        } else {
+            let ctx = super::hooks::HookContext {
+                checkpoint: Some(id),
+                parent,
+                branch: Some(branch.to_string()),
+                task: Some(task.to_string()),
+                extra_args: Vec::new(),
+            };
+            self.run_event("pre-checkpoint", &ctx)?
+        };
+        if let Some(g) = gate.as_ref().filter(|g| !g.success()) {
+            return Err(HistoryError::HookRefused {
+                event: g.event.clone(),
+                code: g.code,
+                output: g.output(),
+            });
+        }
+        super::pause("commit.before_ref");
+        self.update_branch(branch, expected, id, message)?;
+        Ok(gate)
+    }
+
+    /// Make a checkpoint written with [`CommitRequest::detached`] the head of `branch` (which
+    /// must still be at `expected`), after the `pre-checkpoint` gate (unless `skip_hooks`).
+    /// The gate now sees the eval records attached meanwhile.
+    pub fn publish_checkpoint(
+        &self,
+        branch: &str,
+        expected: Option<Oid>,
+        id: Oid,
+        skip_hooks: bool,
+    ) -> Result<Option<super::hooks::HookOutcome>, HistoryError> {
+        let cp = self.read_checkpoint(id)?;
+        let task = cp.train.as_ref().map(|t| t.task.clone()).unwrap_or_default();
+        let _lock = self.lock()?;
+        self.gate_and_move(
+            branch,
+            expected,
+            id,
+            cp.parents.first().copied(),
+            &task,
+            skip_hooks,
+            &format!("coin: publish {}", short_id(id)),
+        )
     }
 
     /// Read a checkpoint: manifest, train record and eval records (tree and notes merged).

@@ -75,6 +75,9 @@ pub struct CheckpointDiff {
     pub tensors: Vec<TensorChange>,
     /// Tensors identical in both.
     pub unchanged_tensors: usize,
+    /// B's forgetting relative to the best earlier score of each task on A's first-parent
+    /// chain (see [`super::forgetting_along_path`]).
+    pub forgetting: super::ForgettingReport,
 }
 
 /// Decode raw little-endian tensor bytes of a safetensors dtype into f64 values.
@@ -282,6 +285,7 @@ pub fn diff_checkpoints(
         files,
         tensors,
         unchanged_tensors: unchanged,
+        forgetting: super::forgetting_along_path(repo, a, b)?,
     })
 }
 

@@ -12,8 +12,11 @@
 
 mod checkpoint;
 mod diff;
+mod forgetting;
+pub mod hooks;
 mod maintenance;
 pub mod records;
+pub mod remote;
 mod repo;
 mod revision;
 
@@ -21,12 +24,16 @@ use std::path::PathBuf;
 
 pub use checkpoint::{Checkpoint, CommitOutcome, CommitRequest, EvalSource, SourceFile};
 pub use diff::{diff_checkpoints, CheckpointDiff, EvalDelta, FileChange, TensorChange};
+pub use forgetting::{
+    forgetting_along_path, forgetting_from_scores, ForgettingReport, TaskForgetting, TaskScores,
+};
 pub use maintenance::{FsckProblem, FsckReport, GcReport, RepoStats};
 pub use records::{
     parse_eval_file, parse_manifest, AdapterInfo, BaseModel, EvalRecord, Manifest, TrainRecord,
 };
 pub use repo::{
-    CoinRepo, InitOutcome, BRANCH_PREFIX, DEFAULT_BRANCH, HEAD_REF, NOTES_REF, TAG_PREFIX,
+    CoinRepo, InitOptions, InitOutcome, BRANCH_PREFIX, DEFAULT_BRANCH, HEAD_REF, NOTES_REF,
+    TAG_PREFIX,
 };
 
 /// Every fault-injection point on the `commit` and `gc` paths of the history side, in the
@@ -145,6 +152,16 @@ pub enum HistoryError {
     /// The repository is damaged in a way that makes the operation unsafe.
     #[error("{0}")]
     Corrupt(String),
+    /// A `pre-*` hook vetoed the operation; nothing was recorded.
+    #[error("the {event} hook refused ({}); nothing was recorded{}", code.map_or("killed by a signal".to_string(), |c| format!("exit status {c}")), if output.is_empty() { String::new() } else { format!(":\n{output}") })]
+    HookRefused {
+        /// The event (`pre-checkpoint`).
+        event: String,
+        /// The hook's exit code.
+        code: Option<i32>,
+        /// What it printed (stdout, then stderr).
+        output: String,
+    },
 }
 
 impl HistoryError {

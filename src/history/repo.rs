@@ -42,6 +42,21 @@ pub struct InitOutcome {
     pub git_dir: PathBuf,
     /// Template files copied into `.coin/` (relative paths).
     pub templates: Vec<PathBuf>,
+    /// The git hooks installed, when asked for.
+    pub hooks: Option<super::hooks::InstallReport>,
+}
+
+/// The shipped templates plus the shipped event hooks (`hooks/coin/*` → `hooks/*`), as
+/// (path relative to `.coin/`, contents, executable).
+fn template_files_shipped() -> Vec<(PathBuf, Vec<u8>, bool)> {
+    let mut out: Vec<(PathBuf, Vec<u8>, bool)> = template_files()
+        .into_iter()
+        .map(|(p, b)| (p, b.to_vec(), false))
+        .collect();
+    for (name, bytes) in super::hooks::shipped_hooks("coin") {
+        out.push((Path::new("hooks").join(name), bytes.to_vec(), true));
+    }
+    out
 }
 
 fn collect_templates(dir: &'static Dir<'static>, out: &mut Vec<(PathBuf, &'static [u8])>) {
@@ -63,10 +78,62 @@ pub fn template_files() -> Vec<(PathBuf, &'static [u8])> {
     out
 }
 
+/// Options of [`CoinRepo::init_with`].
+#[derive(Clone, Debug, Default)]
+pub struct InitOptions {
+    /// Copy this folder into `.coin/` instead of the templates shipped with coin (like
+    /// `git init --template`); its `hooks/` folder, if any, replaces the shipped event hooks.
+    pub template: Option<PathBuf>,
+    /// Also install coin's git hooks (`pre-push`, `post-checkout`, `post-merge`,
+    /// `pre-commit`), chaining with hooks already there.
+    pub git_hooks: bool,
+}
+
+/// Every file under `dir`, relative to it, with its contents and whether it is executable.
+fn read_template_dir(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>, bool)>, HistoryError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(HistoryError::io("read directory", &d))? {
+            let e = e.map_err(HistoryError::io("read directory", &d))?;
+            let p = e.path();
+            let meta = std::fs::metadata(&p).map_err(HistoryError::io("read", &p))?;
+            if meta.is_dir() {
+                stack.push(p);
+            } else if meta.is_file() {
+                let bytes = std::fs::read(&p).map_err(HistoryError::io("read", &p))?;
+                let rel = p.strip_prefix(dir).unwrap_or(&p).to_path_buf();
+                out.push((rel, bytes, meta.permissions().mode() & 0o111 != 0));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 impl CoinRepo {
     /// Create a coin repository at `path` (created if missing): a new git repository unless
-    /// `path` is inside one, then `.coin/` with the store and the templates.
+    /// `path` is inside one, then `.coin/` with the store, the shipped templates and event
+    /// hooks. Installs no git hooks (see [`CoinRepo::init_with`]).
     pub fn init(path: &Path) -> Result<InitOutcome, HistoryError> {
+        Self::init_with(path, &InitOptions::default())
+    }
+
+    /// [`CoinRepo::init`] with options: another template folder, git hooks.
+    pub fn init_with(path: &Path, opts: &InitOptions) -> Result<InitOutcome, HistoryError> {
+        let template_files = match &opts.template {
+            Some(dir) => {
+                if !dir.is_dir() {
+                    return Err(HistoryError::Input(format!(
+                        "template folder '{}' does not exist",
+                        dir.display()
+                    )));
+                }
+                Some(read_template_dir(dir)?)
+            }
+            None => None,
+        };
         std::fs::create_dir_all(path).map_err(HistoryError::io("create directory", path))?;
         let root = path
             .canonicalize()
@@ -105,7 +172,11 @@ impl CoinRepo {
             .map_err(HistoryError::io("create directory", &coin_dir))?;
         Store::init(&coin_dir)?;
         let mut templates = Vec::new();
-        for (rel, contents) in template_files() {
+        let files: Vec<(PathBuf, Vec<u8>, bool)> = match template_files {
+            Some(files) => files,
+            None => template_files_shipped(),
+        };
+        for (rel, contents, exec) in files {
             let dest = coin_dir.join(&rel);
             if dest.exists() {
                 continue;
@@ -115,6 +186,11 @@ impl CoinRepo {
                     .map_err(HistoryError::io("create directory", parent))?;
             }
             fsutil::write_atomic(&dest, contents).map_err(HistoryError::io("write", &dest))?;
+            if exec {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))
+                    .map_err(HistoryError::io("set the mode of", &dest))?;
+            }
             templates.push(rel);
         }
         let config = coin_dir.join("config.toml");
@@ -132,11 +208,19 @@ impl CoinRepo {
             )
             .map_err(HistoryError::git("create refs/coin/HEAD"))?;
         }
+        let git_dir = git.path().to_path_buf();
+        let hooks = if opts.git_hooks {
+            drop(git);
+            Some(CoinRepo::open(&root)?.install_git_hooks()?)
+        } else {
+            None
+        };
         Ok(InitOutcome {
             root,
             created_git,
-            git_dir: git.path().to_path_buf(),
+            git_dir,
             templates,
+            hooks,
         })
     }
 

@@ -111,6 +111,13 @@ impl CoinRepo {
             if let Some(id) = self.ref_target(&format!("{TAG_PREFIX}{base}"))? {
                 return Ok(id);
             }
+            // `<remote>/<branch>`: a remote-tracking ref written by `coin fetch`.
+            let tracking = format!("{}{base}", super::remote::REMOTE_PREFIX);
+            if base.contains('/') {
+                if let Some(id) = self.ref_target(&tracking)? {
+                    return Ok(id);
+                }
+            }
         }
         let lower = base.to_ascii_lowercase();
         if lower.len() >= 4 && lower.len() <= 40 && lower.chars().all(|c| c.is_ascii_hexdigit()) {

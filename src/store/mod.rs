@@ -17,6 +17,7 @@ pub mod object;
 mod paths;
 mod repo;
 pub mod safetensors;
+pub mod transport;
 
 use std::path::PathBuf;
 

@@ -360,6 +360,60 @@ impl Store {
         Ok(id)
     }
 
+    /// Receive object `id` from `src`, which yields an object file's bytes (header, then
+    /// payload, as stored in `objects/ab/cdef…`): e.g. another store's file or a download.
+    /// The header is checked, the payload is hashed while it goes to a temp file, and the
+    /// object becomes visible (renamed into place) only when the hash equals `id` and nothing
+    /// follows the payload. `source` names `src` in errors. Returns whether a new object was
+    /// written (an object already present counts as done and `src` is not read).
+    pub fn receive_object(
+        &self,
+        id: &ObjectId,
+        src: &mut dyn Read,
+        source: &Path,
+    ) -> Result<bool, StoreError> {
+        if self.contains(id) {
+            return Ok(false);
+        }
+        let corrupt = |reason: String| StoreError::Corrupt {
+            id: *id,
+            path: source.to_path_buf(),
+            reason,
+        };
+        let (header, _) = ObjectHeader::decode(&mut &mut *src).map_err(corrupt)?;
+        let mut bad: Option<String> = None;
+        let result = self.write_object(id, &header, |out| {
+            let mut buf = vec![0u8; header.payload_len.min(READ_CHUNK as u64) as usize];
+            let mut h = header.id_hasher();
+            let mut left = header.payload_len;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                if let Err(e) = src.read_exact(&mut buf[..n]) {
+                    bad = Some(format!("it ends early ({e})"));
+                    return Err(io::Error::other("short object"));
+                }
+                hash_update(&mut h, &buf[..n]);
+                out.write_all(&buf[..n])?;
+                left -= n as u64;
+            }
+            let mut extra = [0u8; 1];
+            if src.read(&mut extra)? != 0 {
+                bad = Some("bytes follow the payload".into());
+                return Err(io::Error::other("trailing bytes"));
+            }
+            if ObjectId::from(h.finalize()) != *id {
+                bad = Some("its content does not match its id".into());
+                return Err(io::Error::other("hash mismatch"));
+            }
+            Ok(())
+        });
+        match (result, bad) {
+            (Ok(written), _) => Ok(written),
+            (Err(_), Some(reason)) => Err(corrupt(reason)),
+            (Err(e), None) => Err(e),
+        }
+    }
+
     /// Open an object and check its header against the file size.
     fn open_object(&self, id: &ObjectId) -> Result<(File, ObjectHeader), StoreError> {
         let path = self.object_path(id);

@@ -24,6 +24,7 @@ use super::eval::{
 };
 use super::{short, WorkflowError};
 use crate::history::records::to_canonical_json;
+use crate::history::hooks::HookContext;
 use crate::history::{BaseModel, CoinRepo, CommitRequest};
 use crate::ml::image::AspectMode;
 use crate::ml::train::data::{prepare_samples, PrepareStats};
@@ -66,6 +67,8 @@ pub struct TrainRequest {
     pub message: Option<String>,
     /// Train even when a checkpoint with the same training key exists.
     pub retrain: bool,
+    /// Skip the `pre-checkpoint` gate.
+    pub skip_hooks: bool,
 }
 
 /// What [`train_task`] did.
@@ -357,6 +360,8 @@ pub fn train_task(
             "dtype": format!("{:?}", loaded.model.dtype).to_lowercase(),
         }),
     );
+    // Written but not yet on the branch: the evals come first, so that the pre-checkpoint gate
+    // (e.g. the forgetting gate) sees the new scores.
     let outcome = repo.commit(&CommitRequest {
         paths: vec![out.clone()],
         task: def.name.clone(),
@@ -368,11 +373,12 @@ pub fn train_task(
             manifest: None,
         }),
         train_extra: extra,
+        skip_hooks: req.skip_hooks,
+        detached: true,
     })?;
     progress.note(&format!(
-        "Committed {} on {} ({} after {} steps, loss {first:.3} → {last:.3}).",
+        "Wrote checkpoint {} ({} after {} steps, loss {first:.3} → {last:.3}).",
         short(outcome.id),
-        outcome.branch,
         def.name,
         report.steps
     ));
@@ -385,6 +391,33 @@ pub fn train_task(
         Some(&mut loaded),
         progress,
     )?;
+    let gate = repo.publish_checkpoint(&branch, head, outcome.id, req.skip_hooks)?;
+    if let Some(g) = gate {
+        let text = g.output();
+        if !text.is_empty() {
+            progress.note(&text);
+        }
+    }
+    progress.note(&format!(
+        "{} is now the head of {branch}.",
+        short(outcome.id)
+    ));
+    let ctx = HookContext {
+        checkpoint: Some(outcome.id),
+        parent,
+        branch: Some(branch.clone()),
+        task: Some(def.name.clone()),
+        extra_args: Vec::new(),
+    };
+    if let Some(h) = repo.run_event("post-train", &ctx)? {
+        let text = h.output();
+        if !text.is_empty() {
+            progress.note(&text);
+        }
+        if !h.success() {
+            progress.note("The post-train hook failed; the checkpoint is kept.");
+        }
+    }
     // The resume state and the saved copy are in the store now.
     let _ = std::fs::remove_dir_all(&work);
     Ok(TrainOutcome {
@@ -394,7 +427,7 @@ pub fn train_task(
         report: Some(report),
         prepared: Some(prepared),
         evals,
-        branch: outcome.branch,
+        branch,
     })
 }
 

@@ -8,7 +8,8 @@ use super::history_util::{open_repo, short};
 
 /// Rebuild every file of a checkpoint, byte-identical, in a new directory
 ///
-/// Every object is verified on the way; a corrupt object aborts the checkout.
+/// Every object is verified on the way; a corrupt object aborts the checkout. Objects missing
+/// here (e.g. after a plain `git fetch` of coin refs) are first fetched from the remotes.
 #[derive(clap::Args, Debug)]
 pub struct CheckoutArgs {
     /// The checkpoint
@@ -26,6 +27,12 @@ pub fn cmd_checkout(
     let repo = open_repo(helper)?;
     let id = repo.resolve(&args.rev)?;
     let out = helper.cwd.join(&args.output);
+    let fetched = repo.fetch_missing_objects(&[id])?;
+    if fetched > 0 {
+        ui.status(&format!(
+            "Fetched {fetched} missing object(s) from the remotes."
+        ));
+    }
     let files = repo.checkout(id, &out)?;
     ui.status(&format!(
         "Wrote {} file(s) of {} to '{}'.",

@@ -32,6 +32,9 @@ pub struct CommitArgs {
     /// The base model's name, recorded in the manifest
     #[arg(long, value_name = "NAME")]
     pub base_model: Option<String>,
+    /// Do not run the pre-checkpoint hook (.coin/hooks/pre-checkpoint)
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 pub fn cmd_commit(
@@ -59,8 +62,15 @@ pub fn cmd_commit(
             manifest: None,
         }),
         train_extra: Default::default(),
+        skip_hooks: args.no_verify,
+        detached: false,
     };
     let outcome = repo.commit(&req)?;
+    if let Some(output) = outcome.gate.as_ref().map(|g| g.output()) {
+        if !output.is_empty() {
+            ui.status(&output);
+        }
+    }
     use std::io::Write;
     writeln!(ui.out(), "{}", outcome.id)?;
     ui.status(&format!(

@@ -3,13 +3,21 @@
 use std::io::Write;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
-use crate::history::diff_checkpoints;
+use git2::Oid;
+
+use crate::history::{diff_checkpoints, CheckpointDiff, ForgettingReport};
 
 use super::history_util::{open_repo, short};
 
 /// Compare two checkpoints: per-task score deltas (forgetting marked), then tensor changes
 ///
-/// Changed tensors show the relative L2 norm of the change, ‖B − A‖ / ‖A‖.
+/// Changed tensors show the relative L2 norm of the change, ‖B − A‖ / ‖A‖. Forgetting is also
+/// measured against the best earlier score of each task on A's first-parent chain (A and its
+/// ancestors), not only against A.
+///
+/// With --fail-on-forgetting X the command exits with status 1 (after printing the report)
+/// when any task's score in B is more than X points below its best earlier score, so scripts
+/// and hooks (the sample pre-checkpoint gate) can use it as a check.
 #[derive(clap::Args, Debug)]
 pub struct DiffArgs {
     /// The older checkpoint
@@ -19,6 +27,9 @@ pub struct DiffArgs {
     /// Print JSON instead of tables
     #[arg(long)]
     pub json: bool,
+    /// Exit with status 1 when a task drops more than POINTS below its best earlier score
+    #[arg(long, value_name = "POINTS")]
+    pub fail_on_forgetting: Option<f64>,
 }
 
 fn opt(v: Option<f64>) -> String {
@@ -29,10 +40,54 @@ pub fn cmd_diff(ui: &mut Ui, helper: &CommandHelper, args: &DiffArgs) -> Result<
     let repo = open_repo(helper)?;
     let a = repo.resolve(&args.a)?;
     let b = repo.resolve(&args.b)?;
+    if let Some(x) = args.fail_on_forgetting {
+        if !x.is_finite() || x < 0.0 {
+            return Err(CommandError::usage(format!(
+                "--fail-on-forgetting needs a number of points >= 0, got {x}"
+            )));
+        }
+    }
     let d = diff_checkpoints(&repo, a, b)?;
     if args.json {
-        return ui.json(&d);
+        ui.json(&d)?;
+    } else {
+        print_tables(ui, &d)?;
     }
+    match args.fail_on_forgetting {
+        Some(x) => check_forgetting(&d.forgetting, x, b),
+        None => Ok(()),
+    }
+}
+
+/// The `--fail-on-forgetting` verdict: an error naming every task over the threshold.
+fn check_forgetting(r: &ForgettingReport, threshold: f64, b: Oid) -> Result<(), CommandError> {
+    let over = r.exceeding(threshold);
+    if over.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = over
+        .iter()
+        .map(|t| {
+            format!(
+                "{} dropped {:.2} points (best {:.2} at {}, now {:.2})",
+                t.task,
+                t.forgetting.unwrap_or_default(),
+                t.best,
+                short(t.best_at),
+                t.b.unwrap_or_default()
+            )
+        })
+        .collect();
+    Err(CommandError::user(format!(
+        "{} forgets more than {threshold} points: {}",
+        short(b),
+        list.join("; ")
+    ))
+    .hint("see `coin diff --json` for every task's best earlier score"))
+}
+
+fn print_tables(ui: &mut Ui, d: &CheckpointDiff) -> Result<(), CommandError> {
+    let (a, b) = (d.a, d.b);
     let out = ui.out();
     writeln!(out, "A {}  B {}", short(a), short(b))?;
     writeln!(out)?;
@@ -63,6 +118,39 @@ pub fn cmd_diff(ui: &mut Ui, helper: &CommandHelper, args: &DiffArgs) -> Result<
                 opt(e.a),
                 opt(e.b),
                 delta
+            )?;
+        }
+    }
+    let f = &d.forgetting;
+    if f.tasks.iter().any(|t| t.forgetting.is_some()) {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "Forgetting vs the best earlier score on A's path ({} checkpoints):",
+            f.checkpoints_scanned
+        )?;
+        let w = f
+            .tasks
+            .iter()
+            .map(|e| e.task.chars().count())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        writeln!(
+            out,
+            "{:<w$}  {:>8}  {:>12}  {:>8}  {:>8}",
+            "task", "best", "at", "B", "drop"
+        )?;
+        for t in f.tasks.iter().filter(|t| t.forgetting.is_some()) {
+            writeln!(
+                out,
+                "{:<w$}  {:>8.2}  {:>12}  {:>8}  {:>8}",
+                t.task,
+                t.best,
+                short(t.best_at),
+                opt(t.b),
+                t.forgetting
+                    .map_or_else(|| "—".to_string(), |v| format!("{v:.2}"))
             )?;
         }
     }

@@ -4,6 +4,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
+use crate::history::hooks::HookContext;
 use crate::tasks::ScoreMode;
 use crate::workflow::eval::{self as weval, EvalOptions, TaskEval};
 
@@ -85,7 +86,7 @@ pub fn cmd_eval(ui: &mut Ui, helper: &CommandHelper, args: &EvalArgs) -> Result<
             records.len(),
             short(id)
         ));
-        return Ok(());
+        return post_eval(ui, &repo, id, records.keys().cloned().collect());
     }
     let cfg = args.config.resolve(helper, &repo, None)?;
     let mode = args.mode.map(ScoreMode::from);
@@ -108,8 +109,10 @@ pub fn cmd_eval(ui: &mut Ui, helper: &CommandHelper, args: &EvalArgs) -> Result<
         let mut progress = StatusProgress { ui: &*ui };
         weval::evaluate(&repo, id, &args.tasks, &cfg, &opts, &mut progress)?
     };
+    let tasks: Vec<String> = evals.iter().map(|e| e.task.clone()).collect();
     if args.json {
-        return ui.json(&evals);
+        ui.json(&evals)?;
+        return post_eval(ui, &repo, id, tasks);
     }
     let width = evals
         .iter()
@@ -142,5 +145,42 @@ pub fn cmd_eval(ui: &mut Ui, helper: &CommandHelper, args: &EvalArgs) -> Result<
         evals.len() - cached,
         short(id)
     ));
+    post_eval(ui, &repo, id, tasks)
+}
+
+/// Run `.coin/hooks/post-eval` (when there is one) with the checkpoint, its parent and the
+/// tasks; a failing hook is reported, the records are kept.
+pub fn post_eval(
+    ui: &mut Ui,
+    repo: &crate::history::CoinRepo,
+    id: git2::Oid,
+    tasks: Vec<String>,
+) -> Result<(), CommandError> {
+    let parent = repo
+        .git()
+        .find_commit(id)
+        .ok()
+        .and_then(|c| c.parent_ids().next());
+    let ctx = HookContext {
+        checkpoint: Some(id),
+        parent,
+        extra_args: tasks,
+        ..HookContext::default()
+    };
+    if let Some(hook) = repo.run_event("post-eval", &ctx)? {
+        let output = hook.output();
+        if !output.is_empty() {
+            ui.status(&output);
+        }
+        if !hook.success() {
+            ui.warn(&format!(
+                "the post-eval hook failed ({}); the records are kept",
+                hook.code
+                    .map_or("killed by a signal".to_string(), |c| format!(
+                        "exit status {c}"
+                    ))
+            ));
+        }
+    }
     Ok(())
 }

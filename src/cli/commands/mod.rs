@@ -4,22 +4,28 @@
 mod bench_data;
 mod branch;
 mod checkout;
+mod clone;
 mod commit;
 mod compare;
 mod debug;
 mod debug_train;
 mod diff;
 mod eval;
+mod fetch;
 mod fsck;
 mod gc;
 mod generate;
 mod history_util;
+mod hooks;
 mod init;
 mod judge;
 mod log;
 mod matrix;
 mod metrics;
 mod model;
+mod pull;
+mod push;
+mod remote;
 mod score;
 mod show;
 mod stats;
@@ -60,6 +66,14 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     Matrix(matrix::MatrixArgs),
     Compare(compare::CompareArgs),
+    #[command(subcommand)]
+    Remote(remote::RemoteCommand),
+    Push(push::PushArgs),
+    Fetch(fetch::FetchArgs),
+    Pull(pull::PullArgs),
+    Clone(clone::CloneArgs),
+    #[command(subcommand)]
+    Hooks(hooks::HooksCommand),
 }
 
 /// Run one parsed command.
@@ -89,6 +103,12 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Generate(args) => generate::cmd_generate(ui, helper, &args),
         Command::Matrix(args) => matrix::cmd_matrix(ui, helper, &args),
         Command::Compare(args) => compare::cmd_compare(ui, helper, &args),
+        Command::Remote(cmd) => remote::cmd_remote(ui, helper, &cmd),
+        Command::Push(args) => push::cmd_push(ui, helper, &args),
+        Command::Fetch(args) => fetch::cmd_fetch(ui, helper, &args),
+        Command::Pull(args) => pull::cmd_pull(ui, helper, &args),
+        Command::Clone(args) => clone::cmd_clone(ui, helper, &args),
+        Command::Hooks(cmd) => hooks::cmd_hooks(ui, helper, &cmd),
     }
 }
 

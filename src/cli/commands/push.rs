@@ -1,0 +1,51 @@
+//! `coin push`: send a branch's checkpoints (objects first, then refs and notes) to a remote.
+
+use crate::cli::{CommandError, CommandHelper, Ui};
+
+use super::history_util::{open_repo, short};
+use super::remote::{human_bytes, TransferProgress};
+
+/// Push a branch to a remote: the objects it lacks, then the branch, its tags and the notes
+///
+/// Only objects the remote does not have are sent; each is verified by its hash before it
+/// becomes visible there, and the refs move only after all objects are in, so an interrupted
+/// push leaves the remote as it was (plus some objects) and can be re-run. Refused, with
+/// nothing sent, when an object of a checkpoint being pushed is missing.
+#[derive(clap::Args, Debug)]
+pub struct PushArgs {
+    /// The remote [default: origin, or the only remote]
+    pub remote: Option<String>,
+    /// The branch [default: the current branch]
+    pub branch: Option<String>,
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn cmd_push(ui: &mut Ui, helper: &CommandHelper, args: &PushArgs) -> Result<(), CommandError> {
+    let repo = open_repo(helper)?;
+    let remote = match &args.remote {
+        Some(r) => r.clone(),
+        None => repo.default_remote()?,
+    };
+    let branch = match &args.branch {
+        Some(b) => b.clone(),
+        None => repo.current_branch()?,
+    };
+    let mut progress = TransferProgress::new(ui, "Sending objects");
+    let report = repo.push(&remote, &branch, &mut |d, t| progress.update(d, t))?;
+    drop(progress);
+    if args.json {
+        return ui.json(&report);
+    }
+    let old = report.old.map_or("(new)".to_string(), short);
+    ui.status(&format!(
+        "Pushed '{branch}' to '{remote}': {old} -> {}, {} checkpoint(s), {} of {} object(s) sent ({}).",
+        short(report.new),
+        report.checkpoints,
+        report.objects.transferred,
+        report.objects.objects,
+        human_bytes(report.objects.bytes)
+    ));
+    Ok(())
+}

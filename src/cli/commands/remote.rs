@@ -1,0 +1,157 @@
+//! `coin remote`: add, list and remove remotes (coin/git repositories reachable as a path or
+//! `file://` URL), and the progress display shared by push, pull, fetch and clone.
+
+use std::io::Write;
+
+use crate::cli::{CommandError, CommandHelper, Ui};
+use crate::history::remote::OBJECTS_KEY;
+
+use super::history_util::open_repo;
+
+/// Manage remotes: other coin repositories to push checkpoints to and pull them from
+///
+/// A remote is a git remote (refs and notes travel with git) whose store objects live in its
+/// `.coin/` (a coin repository), in `coin/` (a bare git repository), or where git config
+/// `remote.<name>.coinobjects` says. See docs/remotes.md.
+#[derive(clap::Subcommand, Debug)]
+pub enum RemoteCommand {
+    Add(RemoteAddArgs),
+    List(RemoteListArgs),
+    Remove(RemoteRemoveArgs),
+}
+
+/// Add a remote (reuses a git remote of the same name and URL)
+#[derive(clap::Args, Debug)]
+pub struct RemoteAddArgs {
+    /// Its name, e.g. origin
+    pub name: String,
+    /// A path or file:// URL of a coin repository or a bare git repository
+    pub url: String,
+    /// Where its store objects live, when not in the repository itself (path or file:// URL)
+    #[arg(long, value_name = "URL")]
+    pub objects: Option<String>,
+}
+
+/// List remotes with their URLs and object stores
+#[derive(clap::Args, Debug)]
+pub struct RemoteListArgs {
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Remove a remote and its remote-tracking refs (refs/coin/remotes/NAME/*)
+#[derive(clap::Args, Debug)]
+pub struct RemoteRemoveArgs {
+    /// The remote
+    pub name: String,
+}
+
+pub fn cmd_remote(
+    ui: &mut Ui,
+    helper: &CommandHelper,
+    cmd: &RemoteCommand,
+) -> Result<(), CommandError> {
+    let repo = open_repo(helper)?;
+    match cmd {
+        RemoteCommand::Add(a) => {
+            let info = repo.remote_add(&a.name, &a.url, a.objects.as_deref())?;
+            ui.status(&format!("Added remote '{}' at '{}'.", info.name, info.url));
+            Ok(())
+        }
+        RemoteCommand::List(a) => {
+            let remotes = repo.remotes()?;
+            if a.json {
+                return ui.json(&remotes);
+            }
+            let out = ui.out();
+            for r in remotes {
+                match &r.objects {
+                    Some(o) => writeln!(out, "{}\t{}\t(objects: {o})", r.name, r.url)?,
+                    None => writeln!(out, "{}\t{}", r.name, r.url)?,
+                }
+            }
+            Ok(())
+        }
+        RemoteCommand::Remove(a) => {
+            repo.git().remote_delete(&a.name).map_err(|e| {
+                CommandError::user(format!("Could not remove remote '{}': {e}", a.name))
+            })?;
+            let prefix = format!("{}{}/", crate::history::remote::REMOTE_PREFIX, a.name);
+            let names: Vec<String> = repo
+                .git()
+                .references_glob(&format!("{prefix}*"))
+                .map_err(|e| CommandError::internal(format!("Could not list refs: {e}")))?
+                .flatten()
+                .filter_map(|r| r.name().map(str::to_string).ok())
+                .collect();
+            for name in names {
+                if let Ok(mut r) = repo.git().find_reference(&name) {
+                    r.delete()
+                        .map_err(|e| CommandError::user(format!("Could not delete {name}: {e}")))?;
+                }
+            }
+            // `git remote remove` drops the whole section, coinobjects included; libgit2 too,
+            // but be explicit for configs written by hand.
+            if let Ok(mut cfg) = repo.git().config() {
+                let _ = cfg.remove(&format!("remote.{}.{OBJECTS_KEY}", a.name));
+            }
+            ui.status(&format!("Removed remote '{}'.", a.name));
+            Ok(())
+        }
+    }
+}
+
+/// A progress callback for object transfers: a bar on a terminal, nothing otherwise.
+pub struct TransferProgress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl TransferProgress {
+    /// A progress display for `what` ("Sending objects").
+    pub fn new(ui: &Ui, what: &str) -> Self {
+        let bar = ui.show_progress().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_message(what.to_string());
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{msg} {pos}/{len} {wide_bar}")
+            {
+                bar.set_style(style);
+            }
+            bar
+        });
+        TransferProgress { bar }
+    }
+
+    /// Record `done` of `total` objects.
+    pub fn update(&mut self, done: usize, total: usize) {
+        if let Some(b) = &self.bar {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        }
+    }
+}
+
+impl Drop for TransferProgress {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// "1.2 MB"-style byte counts for status lines.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
