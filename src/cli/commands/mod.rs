@@ -24,6 +24,7 @@ mod matrix;
 mod metrics;
 mod model;
 mod pull;
+mod run;
 mod push;
 mod remote;
 mod score;
@@ -32,6 +33,7 @@ mod stats;
 mod status;
 mod switch;
 mod tag;
+mod train;
 mod task;
 mod workflow_util;
 
@@ -64,6 +66,8 @@ pub enum Command {
     Judge(judge::JudgeArgs),
     Model(model::ModelArgs),
     Generate(generate::GenerateArgs),
+    Train(train::TrainArgs),
+    Run(run::RunArgs),
     Matrix(matrix::MatrixArgs),
     Compare(compare::CompareArgs),
     #[command(subcommand)]
@@ -101,6 +105,8 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Judge(args) => judge::cmd_judge(ui, helper, &args),
         Command::Model(args) => model::cmd_model(ui, helper, &args),
         Command::Generate(args) => generate::cmd_generate(ui, helper, &args),
+        Command::Train(args) => train::cmd_train(ui, helper, &args),
+        Command::Run(args) => run::cmd_run(ui, helper, &args),
         Command::Matrix(args) => matrix::cmd_matrix(ui, helper, &args),
         Command::Compare(args) => compare::cmd_compare(ui, helper, &args),
         Command::Remote(cmd) => remote::cmd_remote(ui, helper, &cmd),

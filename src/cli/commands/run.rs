@@ -1,0 +1,193 @@
+//! `coin run`: train and evaluate a whole task order on a branch, resumably.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+
+use crate::cli::train_progress::TrainBar;
+use crate::cli::{CommandError, CommandHelper, Ui};
+use crate::history::CommitRequest;
+use crate::metrics::ForgettingMode;
+use crate::workflow::eval::{evaluate, trained_tasks, EvalOptions};
+use crate::workflow::matrix::{build_matrix, is_base_record, KIND_BASE, KIND_FIELD};
+use crate::workflow::train::{read_order, train_task, EvalTasks, TrainRequest};
+
+use super::history_util::{open_repo, short};
+use super::train::{outcome_json, CliTrainProgress};
+use super::workflow_util::{ConfigArgs, StatusProgress};
+
+/// Train and evaluate a task order step by step on a branch
+///
+/// Each task of the order is trained on top of the previous step (`coin train`), evaluated on
+/// every task seen so far (all tasks of the order with --full-grid), and committed. The run is
+/// resumable and idempotent: steps already on the branch are skipped, so the same command after
+/// an interruption continues where it stopped, and steps shared with another order (same
+/// parent, data and settings) are reused without training. Prints the accuracy matrix at the end.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The order: a name from .coin/orders/ (coin, alphabet, reversed, ...) or a TOML file with
+    /// `tasks = [...]`
+    #[arg(required_unless_present = "order")]
+    pub order_name: Option<String>,
+    /// The order as a comma-separated task list instead
+    #[arg(long, value_delimiter = ',', value_name = "A,B,C", conflicts_with = "order_name")]
+    pub order: Vec<String>,
+    /// The branch to run on (created empty when missing; default: the current branch)
+    #[arg(long)]
+    pub branch: Option<String>,
+    /// Adapter kind (shorthand for --set train.method=...)
+    #[arg(long, value_parser = ["lora", "moelora"])]
+    pub method: Option<String>,
+    /// First evaluate the base model on every task of the order (a zero-shot row, for FWT)
+    #[arg(long)]
+    pub zero_shot: bool,
+    /// Evaluate every step on every task of the order (the upper triangle too)
+    #[arg(long)]
+    pub full_grid: bool,
+    /// Skip the pre-checkpoint gate
+    #[arg(long)]
+    pub no_verify: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the steps and the matrix as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn cmd_run(ui: &mut Ui, helper: &CommandHelper, args: &RunArgs) -> Result<(), CommandError> {
+    let repo = open_repo(helper)?;
+    let order: Vec<String> = if args.order.is_empty() {
+        let name = args
+            .order_name
+            .as_deref()
+            .ok_or_else(|| CommandError::usage("give an order name or --order A,B,C"))?;
+        read_order(&repo, &helper.cwd.join(name).to_string_lossy())
+            .or_else(|_| read_order(&repo, name))?
+    } else {
+        args.order.clone()
+    };
+    let mut config = args.config.clone();
+    if let Some(m) = &args.method {
+        config.set.push(format!("train.method={m}"));
+    }
+    let cfg = config.resolve(helper, &repo, None)?;
+    if let Some(b) = &args.branch {
+        let exists = repo.branch_target(b)?.is_some();
+        if repo.current_branch()? != *b {
+            repo.switch(b, !exists)?;
+            ui.status(&format!(
+                "On branch {b}{}.",
+                if exists { "" } else { " (new, empty)" }
+            ));
+        }
+    }
+    let branch = repo.current_branch()?;
+    // What the branch already holds: it must be a prefix of the order.
+    let head = repo.branch_target(&branch)?;
+    let done = match head {
+        Some(h) => trained_tasks(&repo, h)?,
+        None => Vec::new(),
+    };
+    if done.len() > order.len() || done.iter().zip(&order).any(|(a, b)| a != b) {
+        return Err(CommandError::user(format!(
+            "branch {branch} has trained [{}], which is not a start of the order [{}]",
+            done.join(", "),
+            order.join(", ")
+        ))
+        .hint("run the order on another branch: --branch NAME"));
+    }
+    let grid = EvalTasks::List(order.clone());
+    if args.zero_shot {
+        let has_base = match head {
+            Some(h) => repo
+                .first_parent_chain(h, None)?
+                .iter()
+                .filter_map(|c| repo.read_checkpoint(*c).ok())
+                .any(|cp| cp.train.as_ref().is_some_and(is_base_record)),
+            None => false,
+        };
+        if !has_base {
+            if head.is_some() {
+                ui.warn("--zero-shot: the branch already has steps; a zero-shot row must come first, so none is added");
+            } else {
+                let mut extra = BTreeMap::new();
+                extra.insert(KIND_FIELD.to_string(), serde_json::json!(KIND_BASE));
+                extra.insert("config".to_string(), cfg.to_record_value());
+                let out = repo.commit(&CommitRequest {
+                    paths: Vec::new(),
+                    task: "zero-shot".into(),
+                    message: Some("the base model, before any task".into()),
+                    train_extra: extra,
+                    skip_hooks: true,
+                    ..CommitRequest::default()
+                })?;
+                ui.status(&format!(
+                    "Zero-shot row: evaluating the base model ({}) on {} tasks.",
+                    short(out.id),
+                    order.len()
+                ));
+                evaluate(
+                    &repo,
+                    out.id,
+                    &order,
+                    &cfg,
+                    &EvalOptions::default(),
+                    &mut StatusProgress { ui: &*ui },
+                )?;
+            }
+        }
+    }
+    let mut steps = Vec::new();
+    for (k, task) in order.iter().enumerate() {
+        if k < done.len() {
+            continue;
+        }
+        ui.status(&format!("Step {}/{}: {task}.", k + 1, order.len()));
+        let req = TrainRequest {
+            task: task.clone(),
+            from: None,
+            eval_tasks: if args.full_grid {
+                grid.clone()
+            } else {
+                EvalTasks::Seen
+            },
+            message: Some(format!("step {} of {}", k + 1, order.len())),
+            retrain: false,
+            skip_hooks: args.no_verify,
+        };
+        let interactive = ui.show_progress();
+        let quiet = ui.is_quiet();
+        let outcome = {
+            let mut progress = CliTrainProgress {
+                bar: TrainBar::new(task, interactive, quiet),
+                evals: StatusProgress { ui: &*ui },
+                ui: &*ui,
+            };
+            let o = train_task(&repo, &cfg, &req, &mut progress);
+            progress.bar.finish();
+            o?
+        };
+        steps.push(outcome);
+    }
+    if !done.is_empty() {
+        ui.status(&format!(
+            "{} of {} steps were already on {branch}.",
+            done.len(),
+            order.len()
+        ));
+    }
+    let tip = repo
+        .branch_target(&branch)?
+        .ok_or_else(|| CommandError::user(format!("branch {branch} has no checkpoint")))?;
+    let bm = build_matrix(&repo, tip)?;
+    let metrics = bm.metrics(ForgettingMode::MaxEarlier)?;
+    if args.json {
+        return ui.json(&serde_json::json!({
+            "branch": branch,
+            "order": order,
+            "steps": steps.iter().map(outcome_json).collect::<Vec<_>>(),
+            "matrix": bm.to_json(&metrics),
+        }));
+    }
+    write!(ui.out(), "{}", bm.to_table())?;
+    Ok(())
+}
