@@ -14,6 +14,7 @@ mod test_store_crash;
 mod test_task_command;
 mod test_train_parity;
 mod test_workflow_eval;
+mod test_workflow_train;
 
 #[test]
 fn every_test_file_is_listed() {

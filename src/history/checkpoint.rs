@@ -376,7 +376,11 @@ impl CoinRepo {
         skip_hooks: bool,
     ) -> Result<Option<super::hooks::HookOutcome>, HistoryError> {
         let cp = self.read_checkpoint(id)?;
-        let task = cp.train.as_ref().map(|t| t.task.clone()).unwrap_or_default();
+        let task = cp
+            .train
+            .as_ref()
+            .map(|t| t.task.clone())
+            .unwrap_or_default();
         let _lock = self.lock()?;
         self.gate_and_move(
             branch,

@@ -13,8 +13,8 @@ pub mod config;
 pub mod eval;
 pub mod matrix;
 pub mod plot;
-pub mod train;
 mod plot_font;
+pub mod train;
 
 use git2::Oid;
 

@@ -23,8 +23,8 @@ use super::eval::{
     InMemoryModel, TaskEval,
 };
 use super::{short, WorkflowError};
-use crate::history::records::to_canonical_json;
 use crate::history::hooks::HookContext;
+use crate::history::records::to_canonical_json;
 use crate::history::{BaseModel, CoinRepo, CommitRequest};
 use crate::ml::image::AspectMode;
 use crate::ml::train::data::{prepare_samples, PrepareStats};
@@ -171,7 +171,14 @@ pub fn loop_config(cfg: &RunConfig, task: &str, n: usize) -> Result<LoopConfig, 
     };
     // A fractional epoch count (HF allows 0.5): stop after that share of the steps.
     if t.num_train_epochs.fract() != 0.0 {
-        let per_epoch = plan_steps(n, &LoopConfig { epochs: 1, ..lc.clone() }).len();
+        let per_epoch = plan_steps(
+            n,
+            &LoopConfig {
+                epochs: 1,
+                ..lc.clone()
+            },
+        )
+        .len();
         lc.max_steps = Some(((per_epoch as f64) * t.num_train_epochs).round().max(1.0) as usize);
     }
     Ok(lc)

@@ -29,7 +29,12 @@ pub struct RunArgs {
     #[arg(required_unless_present = "order")]
     pub order_name: Option<String>,
     /// The order as a comma-separated task list instead
-    #[arg(long, value_delimiter = ',', value_name = "A,B,C", conflicts_with = "order_name")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "A,B,C",
+        conflicts_with = "order_name"
+    )]
     pub order: Vec<String>,
     /// The branch to run on (created empty when missing; default: the current branch)
     #[arg(long)]
@@ -112,11 +117,28 @@ pub fn cmd_run(ui: &mut Ui, helper: &CommandHelper, args: &RunArgs) -> Result<()
                 let mut extra = BTreeMap::new();
                 extra.insert(KIND_FIELD.to_string(), serde_json::json!(KIND_BASE));
                 extra.insert("config".to_string(), cfg.to_record_value());
+                // The zero-shot checkpoint holds no adapter, only a note of what it is.
+                let tmp = tempfile::tempdir().map_err(|e| {
+                    CommandError::user(format!("could not create a temporary folder: {e}"))
+                })?;
+                let note = tmp.path().join("zero-shot.json");
+                let text = serde_json::to_string_pretty(&serde_json::json!({
+                    "kind": KIND_BASE,
+                    "base_model": cfg.model.name,
+                    "about": "the zero-shot row: the base model evaluated before any task",
+                }))?;
+                crate::store::fsutil::write_atomic(&note, format!("{text}\n")).map_err(|e| {
+                    CommandError::user(format!("could not write '{}': {e}", note.display()))
+                })?;
                 let out = repo.commit(&CommitRequest {
-                    paths: Vec::new(),
+                    paths: vec![note],
                     task: "zero-shot".into(),
                     message: Some("the base model, before any task".into()),
                     train_extra: extra,
+                    base_model: Some(crate::history::BaseModel {
+                        name: cfg.model.name.clone(),
+                        manifest: None,
+                    }),
                     skip_hooks: true,
                     ..CommitRequest::default()
                 })?;

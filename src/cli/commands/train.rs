@@ -6,7 +6,9 @@ use crate::cli::train_progress::TrainBar;
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::ml::train::trainer::TrainProgress;
 use crate::workflow::eval::EvalProgress;
-use crate::workflow::train::{train_task, EvalTasks, TrainOutcome, TrainRequest, TrainWorkflowProgress};
+use crate::workflow::train::{
+    train_task, EvalTasks, TrainOutcome, TrainRequest, TrainWorkflowProgress,
+};
 
 use super::history_util::{open_repo, short};
 use super::workflow_util::{ConfigArgs, StatusProgress};
@@ -102,7 +104,11 @@ pub fn outcome_json(o: &TrainOutcome) -> serde_json::Value {
     })
 }
 
-pub fn cmd_train(ui: &mut Ui, helper: &CommandHelper, args: &TrainArgs) -> Result<(), CommandError> {
+pub fn cmd_train(
+    ui: &mut Ui,
+    helper: &CommandHelper,
+    args: &TrainArgs,
+) -> Result<(), CommandError> {
     let repo = open_repo(helper)?;
     let mut config = args.config.clone();
     if let Some(m) = &args.method {
@@ -142,7 +148,13 @@ pub fn cmd_train(ui: &mut Ui, helper: &CommandHelper, args: &TrainArgs) -> Resul
         if outcome.reused { " (reused)" } else { "" }
     )?;
     for e in &outcome.evals {
-        writeln!(ui.out(), "  {:<20} {:>6.2}  n={}", e.task, e.record.score, e.record.n)?;
+        writeln!(
+            ui.out(),
+            "  {:<20} {:>6.2}  n={}",
+            e.task,
+            e.record.score,
+            e.record.n
+        )?;
     }
     Ok(())
 }

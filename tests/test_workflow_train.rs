@@ -1,0 +1,186 @@
+//! `coin train` and `coin run` end to end on the tiny model and CoIN-mini: a checkpoint per
+//! task with the resolved config and training key in its train record, chaining (task 2 starts
+//! from task 1's adapter), evals attached, reuse of identical steps by a second order, resuming
+//! an interrupted order, MoELoRA, and the errors that must come before any training.
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+use serde_json::Value;
+
+use crate::common::TestEnvironment;
+
+fn setup() -> TestEnvironment {
+    let env = TestEnvironment::new();
+    env.coin(&["init"]).success();
+    env.coin(&["model", "init", "--tiny", "model"]).success();
+    env.coin(&[
+        "bench-data",
+        "coin-mini",
+        "--out",
+        "mini",
+        "--train",
+        "12",
+        "--test",
+        "4",
+    ])
+    .success();
+    env.coin(&["task", "add", "--coin-mini", "mini"]).success();
+    let cfg = std::fs::read_to_string(env.path(".coin/config.toml")).unwrap();
+    env.write(
+        ".coin/config.toml",
+        format!(
+            "{cfg}\n[model]\npreset = \"tiny\"\nbase = \"model\"\n\n[train]\nnum_train_epochs = 1.0\n\
+             per_device_batch_size = 4\n\n[eval]\nmax_new_tokens = 4\nbatch_size = 4\n"
+        ),
+    );
+    env
+}
+
+fn show(env: &TestEnvironment, rev: &str) -> Value {
+    env.coin(&["show", rev, "--json"]).success().json()
+}
+
+#[test]
+fn train_commits_chains_evaluates_and_reuses() {
+    let env = setup();
+    // Errors first, before anything is loaded or trained.
+    let e = env.coin(&["train", "mini-Nothing"]).code(1);
+    assert!(
+        e.stderr.contains("unknown task 'mini-Nothing'"),
+        "{}",
+        e.stderr
+    );
+    let e = env
+        .coin(&["train", "mini-VizWiz", "--set", "train.lr_scheduler=sine"])
+        .code(1);
+    assert!(e.stderr.contains("lr_scheduler"), "{}", e.stderr);
+
+    let t1 = env
+        .coin(&["train", "mini-VizWiz", "--json"])
+        .success()
+        .json();
+    assert_eq!(t1["reused"], false);
+    assert_eq!(t1["report"]["steps"], 3, "12 samples / batch 4, one epoch");
+    let id1 = t1["checkpoint"].as_str().unwrap().to_string();
+    let s1 = show(&env, &id1);
+    let train = &s1["train"];
+    assert_eq!(train["task"], "mini-VizWiz");
+    assert_eq!(train["config"]["train"]["per_device_batch_size"], 4);
+    assert_eq!(train["training_key"], t1["training_key"]);
+    assert_eq!(train["data"]["items"], 12);
+    assert!(s1["eval"]["mini-VizWiz"]["score"].is_number(), "{s1}");
+    let files: Vec<&str> = s1["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        files.contains(&"adapter_config.json")
+            && files.contains(&"adapter_model.safetensors")
+            && files.contains(&"non_lora_trainables.safetensors"),
+        "{files:?}"
+    );
+
+    // Task 2 continues task 1's adapter and is evaluated on both tasks.
+    let t2 = env.coin(&["train", "mini-GQA", "--json"]).success().json();
+    let id2 = t2["checkpoint"].as_str().unwrap().to_string();
+    let s2 = show(&env, &id2);
+    assert_eq!(s2["parents"][0].as_str().unwrap(), id1, "{s2}");
+    let evals: Vec<&str> = t2["evals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["task"].as_str().unwrap())
+        .collect();
+    assert_eq!(evals, ["mini-VizWiz", "mini-GQA"]);
+    // The adapter changed (trained further), the files differ from task 1's.
+    let d = env.coin(&["diff", &id1, &id2, "--json"]).success().json();
+    assert!(d.to_string().contains("adapter_model.safetensors"), "{d}");
+
+    // Another order sharing the first step reuses it: same checkpoint id, no training.
+    let run = env
+        .coin(&[
+            "run",
+            "--order",
+            "mini-VizWiz,mini-VQAv2",
+            "--branch",
+            "alt",
+            "--json",
+        ])
+        .success();
+    let r = run.json();
+    assert_eq!(r["steps"][0]["reused"], true, "{}", run.stderr);
+    assert_eq!(r["steps"][0]["checkpoint"].as_str().unwrap(), id1);
+    assert_eq!(r["steps"][1]["reused"], false);
+    assert!(run.stderr.contains("Reusing checkpoint"), "{}", run.stderr);
+    assert_eq!(r["matrix"]["tasks"][1], "mini-VQAv2");
+    assert_eq!(r["matrix"]["matrix"].as_array().unwrap().len(), 2);
+
+    // Running the same order again does nothing new.
+    let again = env
+        .coin(&[
+            "run",
+            "--order",
+            "mini-VizWiz,mini-VQAv2",
+            "--branch",
+            "alt",
+            "--json",
+        ])
+        .success();
+    assert_eq!(again.json()["steps"].as_array().unwrap().len(), 0);
+    assert!(
+        again.stderr.contains("2 of 2 steps were already on alt"),
+        "{}",
+        again.stderr
+    );
+
+    // An order that is not a continuation of the branch is refused.
+    let e = env
+        .coin(&["run", "--order", "mini-GQA,mini-VizWiz", "--branch", "alt"])
+        .code(1);
+    assert!(
+        e.stderr.contains("not a start of the order"),
+        "{}",
+        e.stderr
+    );
+
+    env.coin(&["fsck"]).success();
+}
+
+#[test]
+fn moelora_run_with_zero_shot_row_and_resume_after_a_partial_order() {
+    let env = setup();
+    // A first run of only the first task, then the full order: it continues.
+    env.coin(&[
+        "run",
+        "--order",
+        "mini-VQAv2",
+        "--branch",
+        "moe",
+        "--method",
+        "moelora",
+        "--zero-shot",
+    ])
+    .success();
+    let r = env
+        .coin(&[
+            "run",
+            "--order",
+            "mini-VQAv2,mini-ImageNet",
+            "--method",
+            "moelora",
+            "--json",
+        ])
+        .success()
+        .json();
+    assert_eq!(r["branch"], "moe");
+    assert_eq!(r["steps"].as_array().unwrap().len(), 1);
+    let tip = r["steps"][0]["checkpoint"].as_str().unwrap().to_string();
+    let s = show(&env, &tip);
+    assert_eq!(s["adapter"]["kind"], "moe_lora_coin", "{s}");
+    assert_eq!(s["train"]["config"]["train"]["method"], "moelora");
+    let m = env.coin(&["matrix", "moe", "--json"]).success().json();
+    // The zero-shot row exists (FWT needs the upper triangle too, so it may stay null).
+    assert!(m.to_string().contains("zero"), "{m}");
+    assert_eq!(m["tasks"].as_array().unwrap().len(), 2);
+}
