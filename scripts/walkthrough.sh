@@ -5,7 +5,9 @@
 #   - reads the history back: log, show, diff with forgetting, byte-identical checkout, fsck, gc,
 #   - branches a second task order,
 #   - generates the CoIN-mini benchmark and a tiny LLaVA-1.5, registers the tasks, runs the model,
-#   - scores answer files with CoIN's scorers and computes continual-learning metrics.
+#   - scores answer files with CoIN's scorers and computes continual-learning metrics,
+#   - trains LoRA on three CoIN-mini tasks in order (coin run), prints the accuracy matrix,
+#     reuses shared steps in a second order, and shares the history through a bare remote.
 #   bash scripts/walkthrough.sh [DIR]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -69,5 +71,33 @@ run score --task ImageNet --questions "$q" --answers answers.jsonl --mode strict
 
 # Continual-learning metrics from an accuracy matrix (rows: after each step; columns: tasks).
 run metrics "$root/docs/examples/matrix.csv"
+
+# The real loop on the tiny model: train task after task (one LoRA carried along), evaluate every
+# step on every task seen, commit each step; then the accuracy matrix and its metrics.
+cd repo
+cat >> .coin/config.toml <<'TOML'
+
+[model]
+preset = "tiny"
+base = "../models/tiny"
+
+[train]
+num_train_epochs = 1.0
+TOML
+run run --order mini-VizWiz,mini-GQA,mini-VQAv2 --branch mini
+run matrix mini --plot matrix.svg
+# A second order that starts with the same task reuses that step instead of training it again.
+run run --order mini-VizWiz,mini-VQAv2 --branch mini-alt
+run compare mini mini-alt
+
+# Sharing: push to a bare remote, clone elsewhere, check out byte-identical adapters.
+git init -q --bare ../shared.git
+run remote add origin ../shared.git
+run push origin mini
+cd ..
+run clone shared.git clone
+cd clone
+run checkout origin/mini --output adapter-from-remote
+cd ..
 echo
-echo "The repository is in $dir/repo; explore it with coin log, coin show, coin diff."
+echo "The repository is in $dir/repo (a clone in $dir/clone); explore it with coin log, coin show, coin diff, coin matrix."
