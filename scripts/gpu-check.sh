@@ -27,13 +27,18 @@ for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13 lib
   d=$(find "$NV" /usr/local/cuda* /usr/lib/x86_64-linux-gnu -name "$lib" 2>/dev/null | head -1)
   [ -n "$d" ] && LD_LIBRARY_PATH="$(dirname "$d"):${LD_LIBRARY_PATH:-}"
 done
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu; do
+  [ -e "$d/libcuda.so.1" ] && LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:$d"
+done
 export LD_LIBRARY_PATH
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 if [[ "$BIN" == *.xz ]]; then
   python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$BIN" "$W/coin"
   BIN=$W/coin
 fi
 chmod +x "$BIN"
 "$BIN" --version || { echo "FAIL: the binary does not start"; ldd "$BIN"; exit 1; }
+ldd "$BIN" | grep -E "cuda|cublas|curand|not found"
 
 step "2. generation: CPU f32 / CUDA f32 / CUDA bf16 on the parity model"
 M=tests/fixtures/parity/model
