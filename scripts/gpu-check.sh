@@ -8,7 +8,8 @@
 #  2. generation: the HF parity model (tests/fixtures/parity) on CPU f32, CUDA f32, CUDA bf16 —
 #     greedy tokens compared with each other and with the HF goldens;
 #  3. training: LoRA and MoELoRA steps on the tiny model with CoIN-mini data, CPU f32 vs CUDA
-#     f32 vs CUDA bf16 (same data order, init and dropout masks) — losses compared;
+#     f32 vs CUDA bf16 (same data order and init; dropout off, since a GPU draws its masks on the
+#     device) — losses compared;
 #  4. benchmark: LoRA r=128 training steps/s and peak GPU memory on a TinyLlama-1.1B-shaped
 #     random model, coin vs PyTorch+PEFT (bf16).
 set -uo pipefail
@@ -20,6 +21,7 @@ exec > >(tee "$OUT/gpu-check.log") 2>&1
 W=$(mktemp -d)
 step() { echo; echo "=== $* ($(date +%T))"; }
 
+[ "$MODE" = bench ] || {
 step "1. device"
 nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 NV=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
@@ -74,7 +76,7 @@ for method in lora moelora; do
   for run in cpu:f32 cuda:f32 cuda:bf16; do
     dev=${run%%:*}; dt=${run##*:}
     timeout 180 "$BIN" debug train-bench --model "$W/tiny" --data "$W/mini" --task-dir VizWiz --method $method \
-      --experts 2 --device $dev --dtype $dt --batch 8 --steps 6 --warmup 0 --lr 2e-3 > "$W/train-$method-$dev-$dt.json" \
+      --experts 2 --device $dev --dtype $dt --batch 8 --steps 6 --warmup 0 --lr 2e-3 --dropout 0 > "$W/train-$method-$dev-$dt.json" \
       || echo "FAIL: train $method $run"
   done
 done
@@ -93,17 +95,32 @@ for method in ["lora", "moelora"]:
               f" steps/s {r['steps_per_s']:.1f}")
 EOF
 [ "$MODE" = quick ] && exit 0
+}
+[ "$MODE" = bench ] && {
+NV=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
+for lib in libcublas.so.13 libcurand.so.10 libcudart.so.13; do
+  d=$(find "$NV" -name "$lib" 2>/dev/null | head -1); [ -n "$d" ] && LD_LIBRARY_PATH="$(dirname "$d"):${LD_LIBRARY_PATH:-}"
+done
+export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/usr/local/nvidia/lib64"
+if [[ "$BIN" == *.xz ]]; then
+  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$BIN" "$W/coin"; BIN=$W/coin
+fi
+chmod +x "$BIN"
+}
 
-step "4. benchmark: LoRA r=128 on a TinyLlama-1.1B-shaped model, bf16, batch 8 x (512 text + image)"
+BATCHES=${BATCHES:-8}
+step "4. benchmark: LoRA r=128 on a TinyLlama-1.1B-shaped model, bf16, batch $BATCHES x (512 text + image)"
 "$BIN" -q model init --tiny "$W/m1b" --size 1b >/dev/null && ls -la "$W/m1b"
+for B in $BATCHES; do
+echo "--- batch $B"
 mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$1" & echo $!; }
 P=$(mem "$W/mem-coin.txt")
 timeout 300 "$BIN" debug train-bench --model "$W/m1b" --device cuda --dtype bf16 --r 128 --alpha 256 \
-  --batch 8 --seq-len 512 --steps 10 --warmup 3 > "$W/bench-coin.json" || echo "FAIL: coin bench"
+  --batch $B --seq-len 512 --steps 10 --warmup 3 > "$W/bench-coin.json" 2>"$W/coin.err" || { echo "FAIL: coin bench"; head -3 "$W/coin.err"; }
 kill $P
 P=$(mem "$W/mem-torch.txt")
 timeout 300 python3 scripts/bench_train_hf.py --model "$W/m1b" --device cuda --dtype bf16 --r 128 --alpha 256 \
-  --batch 8 --seq-len 512 --steps 10 --warmup 3 2>"$W/torch.err" > "$W/bench-torch.json" || { echo "FAIL: torch bench"; tail -20 "$W/torch.err"; }
+  --batch $B --seq-len 512 --steps 10 --warmup 3 2>"$W/torch.err" > "$W/bench-torch.json" || { echo "FAIL: torch bench"; tail -20 "$W/torch.err"; }
 kill $P
 python3 - "$W" <<'EOF'
 import json, sys
@@ -122,4 +139,6 @@ for k in ["coin", "torch"]:
 if len(res) == 2:
     print(f"ratio coin/torch steps/s = {res['coin']['steps_per_s'] / res['torch']['steps_per_s']:.2f}x")
 EOF
+mv "$W/bench-coin.json" "$W/bench-coin-b$B.json" 2>/dev/null; mv "$W/bench-torch.json" "$W/bench-torch-b$B.json" 2>/dev/null
+done
 tar czf "$OUT/results.tgz" -C "$W" $(cd "$W" && ls *.json *.txt 2>/dev/null)

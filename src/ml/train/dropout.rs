@@ -1,4 +1,5 @@
-//! Inverted dropout driven by our seeded RNG (candle's CPU RNG cannot be seeded).
+//! Inverted dropout driven by our seeded RNG on the CPU (candle's CPU RNG cannot be seeded) and
+//! by candle's seeded device generator on a GPU.
 //!
 //! One [`Dropout`] is shared (cloned) by every adapter of a model, so a single
 //! [`Dropout::set_training`] switches them all between training (masking) and eval (identity).
@@ -74,6 +75,15 @@ impl Dropout {
             return Ok(x.clone());
         }
         let keep = 1.0 / (1.0 - self.p);
+        if !x.device().is_cpu() {
+            // On a GPU the mask is drawn there (candle's seeded device generator; the trainer
+            // re-seeds it from the run's seed and the step number before every step, so runs
+            // and resumed runs are reproducible). Drawing hundreds of millions of uniforms on
+            // the CPU and copying them over made a 1B model's step CPU-bound.
+            let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+            let mask = (u.ge(self.p)?.to_dtype(x.dtype())? * keep)?;
+            return x * mask;
+        }
         let n = x.elem_count();
         let mask: Vec<f32> = {
             let mut rng = self.lock_rng();

@@ -491,6 +491,12 @@ pub fn train(
     let mut stopped = false;
     let result = (|| -> Result<()> {
         for (i, (epoch, micro)) in plan.iter().enumerate().skip(start) {
+            if !model.device.is_cpu() {
+                // Device-side dropout masks: a function of the seed and the step (resumable).
+                model
+                    .device
+                    .set_seed(cfg.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
+            }
             let (loss, mut acc, step_positions, step_tokens) = accumulate_step(
                 model,
                 params,
