@@ -20,6 +20,10 @@ pub const DEFAULT_PRESET: &str = "llava-7b";
 /// The names of the built-in presets.
 pub const PRESETS: &[&str] = &["tiny", "llava-7b"];
 
+/// Top-level tables of `.coin/config.toml` that are not run settings (read elsewhere:
+/// `[gates]` by the hooks, docs/hooks.md).
+pub const OTHER_TABLES: &[&str] = &["gates"];
+
 /// Dotted keys whose value is a table with free keys (task names).
 const MAP_KEYS: &[&str] = &["train.batch_size_per_task", "eval.image_aspect_per_task"];
 
@@ -505,9 +509,13 @@ impl Layer {
 
     /// Parse TOML text as a layer.
     pub fn from_toml(text: &str, source: LayerSource) -> Result<Layer, WorkflowError> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
             WorkflowError::Config(format!("{source} is not valid TOML: {}", e.message()))
         })?;
+        // Tables that other parts of coin read from the same file (the gates of the hooks).
+        for other in OTHER_TABLES {
+            table.remove(*other);
+        }
         Ok(Layer { source, table })
     }
 
