@@ -184,3 +184,38 @@ fn moelora_run_with_zero_shot_row_and_resume_after_a_partial_order() {
     assert!(m.to_string().contains("zero"), "{m}");
     assert_eq!(m["tasks"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn the_pre_checkpoint_gate_sees_the_new_scores_and_can_veto_a_trained_checkpoint() {
+    let env = setup();
+    let first = env
+        .coin(&["train", "mini-VizWiz", "--json"])
+        .success()
+        .json();
+    let head = first["checkpoint"].as_str().unwrap().to_string();
+    // A gate that records what it sees (the new checkpoint's eval records) and refuses.
+    let hook = env.write(
+        ".coin/hooks/pre-checkpoint",
+        "#!/bin/sh\n\"$COIN_EXE\" show \"$COIN_CHECKPOINT\" --json > seen.json\necho \"no: $COIN_TASK\"\nexit 1\n",
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let e = env.coin(&["train", "mini-GQA"]).code(1);
+    assert!(e.stderr.contains("no: mini-GQA"), "{}", e.stderr);
+    let seen: Value =
+        serde_json::from_str(&std::fs::read_to_string(env.path("seen.json")).unwrap()).unwrap();
+    assert!(seen["eval"]["mini-GQA"]["score"].is_number(), "{seen}");
+    assert!(seen["eval"]["mini-VizWiz"]["score"].is_number(), "{seen}");
+    // The branch did not move.
+    let now = show(&env, "HEAD");
+    assert_eq!(now["id"].as_str().unwrap(), head);
+    // --no-verify skips the gate.
+    let t = env
+        .coin(&["train", "mini-GQA", "--no-verify", "--json"])
+        .success()
+        .json();
+    assert_eq!(show(&env, "HEAD")["id"], t["checkpoint"]);
+}
