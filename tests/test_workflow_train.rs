@@ -219,3 +219,41 @@ fn the_pre_checkpoint_gate_sees_the_new_scores_and_can_veto_a_trained_checkpoint
         .json();
     assert_eq!(show(&env, "HEAD")["id"], t["checkpoint"]);
 }
+
+#[test]
+fn a_killed_train_leaves_no_checkpoint_and_resumes_to_the_same_weights() {
+    // Uninterrupted reference in one repository, killed-and-resumed in another.
+    let a = setup();
+    let want = a.coin(&["train", "mini-OCRVQA", "--json"]).success().json();
+    let b = setup();
+    let mut cmd = b.coin_cmd(&b.work());
+    cmd.args(["train", "mini-OCRVQA"])
+        .env("COIN_FAULT", "train.after_checkpoint:2");
+    let killed = crate::common::run(&mut cmd);
+    assert_ne!(killed.code, 0, "the fault point aborts the process");
+    let e = b.coin(&["log"]);
+    assert!(
+        !e.stdout.contains("mini-OCRVQA"),
+        "no checkpoint after a kill: {}",
+        e.stdout
+    );
+    let resumed = b.coin(&["train", "mini-OCRVQA", "--json"]).success();
+    assert!(resumed.stderr.contains("Resuming"), "{}", resumed.stderr);
+    let got = resumed.json();
+    assert_eq!(got["training_key"], want["training_key"]);
+    assert_eq!(got["report"]["losses"], want["report"]["losses"]);
+    let files = |env: &TestEnvironment, id: &Value| -> Value {
+        let s = show(env, id.as_str().unwrap());
+        let mut f = s["files"].clone();
+        for e in f.as_array_mut().unwrap() {
+            e.as_object_mut().unwrap().remove("size");
+        }
+        f
+    };
+    assert_eq!(
+        files(&b, &got["checkpoint"]),
+        files(&a, &want["checkpoint"]),
+        "bit-identical adapter after resuming"
+    );
+    b.coin(&["fsck"]).success();
+}

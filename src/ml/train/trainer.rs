@@ -548,6 +548,7 @@ pub fn train(
                         losses: losses.clone(),
                     };
                     let d = write_checkpoint(&policy.dir, done, params, &opt, &state)?;
+                    crate::store::fault::point("train.after_checkpoint");
                     progress.checkpoint(done, &d);
                 }
             }
