@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=${1:-10}
 PROFILE=${PROFILE:-release}
-if [ "$PROFILE" = release ]; then cargo build --release --quiet; BIN=target/release/coin; else cargo build --quiet; BIN=target/debug/coin; fi
+if [ -n "${BIN:-}" ]; then :; elif [ "$PROFILE" = release ]; then cargo build --release --quiet; BIN=target/release/coin; else cargo build --quiet; BIN=target/debug/coin; fi
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 "$BIN" -q model init --tiny "$W/tiny" --size tiny
