@@ -122,15 +122,7 @@ pub struct EvalConfig {
 }
 
 /// The seven linear layers of a LLaMA block (CoIN's `find_all_linear_names`).
-pub const ALL_LLM_LINEARS: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub const ALL_LLM_LINEARS: &[&str] = &crate::ml::train::params::DEFAULT_TARGETS;
 
 fn task_key(s: &str) -> String {
     s.chars()

@@ -282,32 +282,34 @@ pub fn batch_pixels(
         .collect()
 }
 
+/// A record with an optional image and (question, answer) turns (tests).
+#[cfg(test)]
+pub(crate) fn record(image: bool, turns: &[(&str, &str)]) -> TrainRecord {
+    use crate::tasks::formats::{Qid, Turn};
+    TrainRecord {
+        id: Qid("r1".into()),
+        image: image.then(|| "img.png".to_string()),
+        conversations: turns
+            .iter()
+            .flat_map(|(q, a)| {
+                [
+                    Turn {
+                        from: "human".into(),
+                        value: q.to_string(),
+                    },
+                    Turn {
+                        from: "gpt".into(),
+                        value: a.to_string(),
+                    },
+                ]
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tasks::formats::{Qid, Turn};
-
-    fn record(image: bool, turns: &[(&str, &str)]) -> TrainRecord {
-        TrainRecord {
-            id: Qid("r1".into()),
-            image: image.then(|| "img.png".to_string()),
-            conversations: turns
-                .iter()
-                .flat_map(|(q, a)| {
-                    [
-                        Turn {
-                            from: "human".into(),
-                            value: q.to_string(),
-                        },
-                        Turn {
-                            from: "gpt".into(),
-                            value: a.to_string(),
-                        },
-                    ]
-                })
-                .collect(),
-        }
-    }
 
     #[test]
     fn conversation_text_moves_the_image_first_and_marks_replies() {

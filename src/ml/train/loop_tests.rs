@@ -16,7 +16,7 @@ use crate::ml::generate::{generate, GenerateRequest, GenerateSettings};
 use crate::ml::image::Rgb8;
 use crate::ml::llava::{load_model, LoadedModel, ModelSource, Segment};
 use crate::ml::tiny::{write_tiny, TinyOptions};
-use crate::tasks::formats::{read_test_file, read_train_file, Qid, TrainRecord, Turn};
+use crate::tasks::formats::{read_test_file, read_train_file};
 use crate::tasks::mini::{self, MiniConfig};
 
 struct Fixture {
@@ -90,28 +90,13 @@ fn samples_of(f: &Fixture, m: &LoadedModel, t: &mini::MiniTask) -> Vec<Sample> {
 fn labels_supervise_exactly_the_assistant_replies() {
     let f = fixture(2, 1);
     let m = load(&f.model_dir, DType::F32);
-    let record = TrainRecord {
-        id: Qid("x".into()),
-        image: Some("a.png".into()),
-        conversations: [
+    let record = super::data::record(
+        true,
+        &[
             ("What color is this?\n<image>", "red"),
             ("Is it a circle?", "yes"),
-        ]
-        .iter()
-        .flat_map(|(q, a)| {
-            [
-                Turn {
-                    from: "human".into(),
-                    value: q.to_string(),
-                },
-                Turn {
-                    from: "gpt".into(),
-                    value: a.to_string(),
-                },
-            ]
-        })
-        .collect(),
-    };
+        ],
+    );
     let ex = encode_record(&m.tokenizer, &record).expect("encodes");
     assert!(
         matches!(ex.segments[1], Segment::Image),
