@@ -12,29 +12,17 @@ use super::remote::TransferProgress;
 /// `coin branch NAME <remote>/<branch>`.
 #[derive(clap::Args, Debug)]
 pub struct PullArgs {
-    /// The remote [default: origin, or the only remote]
-    pub remote: Option<String>,
-    /// The branch [default: the current branch]
-    pub branch: Option<String>,
-    /// Print JSON instead of text
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub target: super::remote::RemoteBranchArgs,
 }
 
 pub fn cmd_pull(ui: &mut Ui, helper: &CommandHelper, args: &PullArgs) -> Result<(), CommandError> {
     let repo = open_repo(helper)?;
-    let remote = match &args.remote {
-        Some(r) => r.clone(),
-        None => repo.default_remote()?,
-    };
-    let branch = match &args.branch {
-        Some(b) => b.clone(),
-        None => repo.current_branch()?,
-    };
+    let (remote, branch) = args.target.resolve(&repo)?;
     let mut progress = TransferProgress::new(ui, "Receiving objects");
     let report = repo.pull(&remote, &branch, &mut |d, t| progress.update(d, t))?;
     drop(progress);
-    if args.json {
+    if args.target.json {
         return ui.json(&report);
     }
     ui.status(&fetch_summary(&report.fetch));

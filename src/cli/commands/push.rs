@@ -13,29 +13,17 @@ use super::remote::{human_bytes, TransferProgress};
 /// nothing sent, when an object of a checkpoint being pushed is missing.
 #[derive(clap::Args, Debug)]
 pub struct PushArgs {
-    /// The remote [default: origin, or the only remote]
-    pub remote: Option<String>,
-    /// The branch [default: the current branch]
-    pub branch: Option<String>,
-    /// Print JSON instead of text
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub target: super::remote::RemoteBranchArgs,
 }
 
 pub fn cmd_push(ui: &mut Ui, helper: &CommandHelper, args: &PushArgs) -> Result<(), CommandError> {
     let repo = open_repo(helper)?;
-    let remote = match &args.remote {
-        Some(r) => r.clone(),
-        None => repo.default_remote()?,
-    };
-    let branch = match &args.branch {
-        Some(b) => b.clone(),
-        None => repo.current_branch()?,
-    };
+    let (remote, branch) = args.target.resolve(&repo)?;
     let mut progress = TransferProgress::new(ui, "Sending objects");
     let report = repo.push(&remote, &branch, &mut |d, t| progress.update(d, t))?;
     drop(progress);
-    if args.json {
+    if args.target.json {
         return ui.json(&report);
     }
     let old = report.old.map_or("(new)".to_string(), short);

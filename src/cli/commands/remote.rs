@@ -155,3 +155,33 @@ pub fn human_bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+/// `[REMOTE] [BRANCH] [--json]` of `coin push` and `coin pull`.
+#[derive(clap::Args, Debug)]
+pub struct RemoteBranchArgs {
+    /// The remote [default: origin, or the only remote]
+    pub remote: Option<String>,
+    /// The branch [default: the current branch]
+    pub branch: Option<String>,
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RemoteBranchArgs {
+    /// The remote and branch, defaults filled in.
+    pub fn resolve(
+        &self,
+        repo: &crate::history::CoinRepo,
+    ) -> Result<(String, String), CommandError> {
+        let remote = match &self.remote {
+            Some(r) => r.clone(),
+            None => repo.default_remote()?,
+        };
+        let branch = match &self.branch {
+            Some(b) => b.clone(),
+            None => repo.current_branch()?,
+        };
+        Ok((remote, branch))
+    }
+}
