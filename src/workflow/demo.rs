@@ -27,6 +27,7 @@ use super::train::{commit_zero_shot, train_task, EvalTasks, TrainRequest, TrainW
 use super::WorkflowError;
 use crate::history::{CoinRepo, InitOptions};
 use crate::metrics::{ForgettingMode, Metrics};
+use crate::ml::image::AspectMode;
 use crate::ml::llava::{load_model, ModelSource};
 use crate::ml::tiny::{write_tiny, TinyOptions};
 use crate::ml::train::data::prepare_samples;
@@ -34,7 +35,6 @@ use crate::ml::train::full::save_full_model;
 use crate::ml::train::optim::Schedule;
 use crate::ml::train::params::TrainableParams;
 use crate::ml::train::trainer::{train, CheckpointPolicy, TrainConfig as LoopConfig, TrainReport};
-use crate::ml::image::AspectMode;
 use crate::store::fsutil::write_atomic;
 use crate::tasks::formats::read_train_file;
 use crate::tasks::mini::{self, pretrain, MiniConfig};
@@ -106,13 +106,13 @@ impl DemoSettings {
                 quick,
                 mini_seed: 0,
                 mini_train: 400,
-                mini_test: 50,
+                mini_test: 40,
                 captions: 2000,
                 captions_seed: 1,
-                pretrain_steps: 400,
+                pretrain_steps: 300,
                 pretrain_batch: 16,
                 pretrain_lr: 3e-3,
-                config_toml: config_toml(8, 2.0, 3e-3, 12),
+                config_toml: config_toml(8, 2.0, 3e-3, 24),
             }
         }
     }
@@ -296,14 +296,21 @@ fn check_dir(dir: &Path, settings: &DemoSettings) -> Result<bool, WorkflowError>
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| WorkflowError::Input(format!("'{}': {e}", marker.display())))?;
         let saved: DemoSettings = serde_json::from_value(v["settings"].clone()).map_err(|e| {
-            WorkflowError::Input(format!("'{}' is not a coin demo marker: {e}", marker.display()))
+            WorkflowError::Input(format!(
+                "'{}' is not a coin demo marker: {e}",
+                marker.display()
+            ))
         })?;
         if saved != *settings {
             return Err(WorkflowError::Input(format!(
                 "'{}' holds a demo made with other settings ({}); use another --dir (or the \
                  same --quick choice as before)",
                 dir.display(),
-                if saved.quick { "--quick" } else { "without --quick" }
+                if saved.quick {
+                    "--quick"
+                } else {
+                    "without --quick"
+                }
             )));
         }
         return Ok(true);
@@ -351,9 +358,7 @@ pub fn run_demo(
     }
     let resumed = check_dir(dir, settings)?;
     std::fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
-    let dir = dir
-        .canonicalize()
-        .map_err(|e| io_err("resolve", dir, e))?;
+    let dir = dir.canonicalize().map_err(|e| io_err("resolve", dir, e))?;
     if resumed {
         progress.note(&format!("Resuming the demo in '{}'.", dir.display()));
     }
@@ -362,7 +367,10 @@ pub fn run_demo(
     let repo = if dir.join(".coin").is_dir() {
         CoinRepo::open(&dir)?
     } else {
-        progress.note(&format!("Creating a coin repository in '{}'.", dir.display()));
+        progress.note(&format!(
+            "Creating a coin repository in '{}'.",
+            dir.display()
+        ));
         CoinRepo::init_with(
             &dir,
             &InitOptions {
@@ -379,7 +387,8 @@ pub fn run_demo(
     });
     write_file(
         &dir.join(MARKER),
-        &(serde_json::to_string_pretty(&marker).map_err(|e| WorkflowError::Input(e.to_string()))?
+        &(serde_json::to_string_pretty(&marker)
+            .map_err(|e| WorkflowError::Input(e.to_string()))?
             + "\n"),
     )?;
 
@@ -506,7 +515,11 @@ pub fn run_demo(
         if k < done.len() {
             continue;
         }
-        progress.note(&format!("Step {}/{}: {task} ({method}).", k + 1, order.len()));
+        progress.note(&format!(
+            "Step {}/{}: {task} ({method}).",
+            k + 1,
+            order.len()
+        ));
         let req = TrainRequest {
             task: task.clone(),
             from: None,
@@ -629,4 +642,74 @@ fn pretrain_base(
         trainable_parameters: report.trainable_parameters,
         config: lc,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use git2::Oid;
+
+    use super::*;
+    use crate::metrics::AccuracyMatrix;
+    use crate::workflow::matrix::MatrixRow;
+
+    fn bm(rows: Vec<Vec<Option<f64>>>) -> BranchMatrix {
+        let tasks: Vec<String> = demo_order().into_iter().take(rows.len()).collect();
+        BranchMatrix {
+            checkpoints: tasks
+                .iter()
+                .map(|t| MatrixRow {
+                    id: Oid::ZERO_SHA1,
+                    task: t.clone(),
+                })
+                .collect(),
+            zero_shot: None,
+            matrix: AccuracyMatrix {
+                tasks,
+                rows,
+                zero_shot: None,
+            },
+        }
+    }
+
+    #[test]
+    fn facts_compare_the_diagonal_with_chance_and_bwt_with_the_bar() {
+        // ScienceQA (chance 25) then TextVQA (chance 12.5).
+        let good = bm(vec![vec![Some(90.0), None], vec![Some(60.0), Some(80.0)]]);
+        let f = DemoFacts::of(&good, &good.metrics(ForgettingMode::MaxEarlier).unwrap());
+        assert_eq!(f.tasks[0].chance, 25.0);
+        assert_eq!(f.tasks[1].chance, 12.5);
+        assert_eq!(f.tasks[0].margin, Some(65.0));
+        assert_eq!(f.tasks[0].final_score, Some(60.0));
+        assert_eq!(f.min_margin, Some(65.0));
+        assert_eq!(f.bwt, Some(-30.0));
+        assert!(f.learned && f.forgets && f.holds());
+
+        // A task barely above chance; no forgetting.
+        let weak = bm(vec![vec![Some(40.0), None], vec![Some(41.0), Some(80.0)]]);
+        let f = DemoFacts::of(&weak, &weak.metrics(ForgettingMode::MaxEarlier).unwrap());
+        assert_eq!(f.min_margin, Some(15.0));
+        assert!(!f.learned && !f.forgets && !f.holds());
+
+        // A missing diagonal cell is not "learnt".
+        let gap = bm(vec![vec![None, None], vec![Some(50.0), Some(80.0)]]);
+        let f = DemoFacts::of(&gap, &gap.metrics(ForgettingMode::MaxEarlier).unwrap());
+        assert_eq!(f.min_margin, None);
+        assert!(!f.learned);
+    }
+
+    #[test]
+    fn a_foreign_folder_is_refused_and_a_demo_folder_is_resumed_only_with_its_settings() {
+        let d = tempfile::tempdir().expect("temp dir");
+        let quick = DemoSettings::new(true);
+        assert!(!check_dir(&d.path().join("new"), &quick).expect("a new folder is fine"));
+        assert!(!check_dir(d.path(), &quick).expect("an empty folder is fine"));
+        write_file(&d.path().join("x.txt"), "mine").expect("write");
+        let e = check_dir(d.path(), &quick).expect_err("not empty");
+        assert!(e.to_string().contains("not empty"), "{e}");
+        let marker = json!({"format": "coin.demo.v1", "settings": quick});
+        write_file(&d.path().join(MARKER), &marker.to_string()).expect("write");
+        assert!(check_dir(d.path(), &quick).expect("same settings resume"));
+        let e = check_dir(d.path(), &DemoSettings::new(false)).expect_err("other settings");
+        assert!(e.to_string().contains("--quick"), "{e}");
+    }
 }

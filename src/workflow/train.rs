@@ -555,13 +555,6 @@ pub fn commit_zero_shot(
         skip_hooks: true,
         ..CommitRequest::default()
     })?;
-    super::eval::evaluate(
-        repo,
-        out.id,
-        tasks,
-        cfg,
-        &EvalOptions::default(),
-        progress,
-    )?;
+    super::eval::evaluate(repo, out.id, tasks, cfg, &EvalOptions::default(), progress)?;
     Ok(out.id)
 }

@@ -135,9 +135,11 @@ pub fn cmd_demo(ui: &mut Ui, helper: &CommandHelper, args: &DemoArgs) -> Result<
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
-    let dir = helper
-        .cwd
-        .join(args.dir.clone().unwrap_or_else(|| PathBuf::from("coin-demo")));
+    let dir = helper.cwd.join(
+        args.dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("coin-demo")),
+    );
     let settings = DemoSettings::new(args.quick);
     let report = {
         let mut progress = CliDemoProgress {
@@ -191,10 +193,11 @@ pub fn cmd_demo(ui: &mut Ui, helper: &CommandHelper, args: &DemoArgs) -> Result<
         )?;
     }
     if args.check && !holds {
-        return Err(CommandError::user(
-            "the demo did not show what it should (see NOT MET above)",
-        )
-        .hint("a slower machine does not change the numbers; a changed trainer or model might"));
+        return Err(
+            CommandError::user("the demo did not show what it should (see NOT MET above)").hint(
+                "a slower machine does not change the numbers; a changed trainer or model might",
+            ),
+        );
     }
     Ok(())
 }

@@ -8,9 +8,7 @@ use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::metrics::ForgettingMode;
 use crate::workflow::eval::trained_tasks;
 use crate::workflow::matrix::{build_matrix, is_base_record};
-use crate::workflow::train::{
-    commit_zero_shot, read_order, train_task, EvalTasks, TrainRequest,
-};
+use crate::workflow::train::{commit_zero_shot, read_order, train_task, EvalTasks, TrainRequest};
 
 use super::history_util::open_repo;
 use super::train::{outcome_json, CliTrainProgress};

@@ -136,13 +136,14 @@ pub fn save_full_model(params: &TrainableParams, source: &Path, out: &Path) -> R
     let mut replaced = 0usize;
     for (name, var) in &params.vars {
         let key = hf_key(params.layout, name)?;
-        let slot = tensors
-            .iter_mut()
-            .find(|(k, _)| *k == key)
-            .ok_or_else(|| MlError::MissingTensor {
-                name: key.clone(),
-                source_desc: source.display().to_string(),
-            })?;
+        let slot =
+            tensors
+                .iter_mut()
+                .find(|(k, _)| *k == key)
+                .ok_or_else(|| MlError::MissingTensor {
+                    name: key.clone(),
+                    source_desc: source.display().to_string(),
+                })?;
         if slot.1.dims() != var.dims() {
             return Err(MlError::Input(format!(
                 "'{key}' has shape {:?} in '{}', the trained var {:?}",

@@ -15,9 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use super::draw::Canvas;
-use super::{
-    background, json_bytes, place, write, AUTHORS, COLORS, GENRES, SHAPES, WORDS,
-};
+use super::{background, json_bytes, place, write, AUTHORS, COLORS, GENRES, SHAPES, WORDS};
 use crate::tasks::formats::{Qid, TrainRecord, Turn};
 use crate::tasks::rng::SplitMix64;
 use crate::tasks::TaskError;
@@ -131,7 +129,7 @@ pub fn caption_item(rng: &mut SplitMix64, size: u32) -> Caption {
                 let g = 90 + rng.below(80) as u8;
                 p.copy_from_slice(&[g, g, g]);
             }
-            "grey noise with no object".to_string()
+            "grey noise without any object".to_string()
         }
     };
     Caption {
@@ -164,18 +162,13 @@ pub fn caption_corpus() -> String {
     }
     lines.push("on the left and on the right".into());
     lines.push("1 shape: 2 shapes: 3 shapes: 4 shapes:".into());
-    lines.push("grey noise with no object".into());
+    lines.push("grey noise without any object".into());
     lines.join("\n") + "\n"
 }
 
 /// Generate `n` caption items into `out` (`train.json`, `images/`); returns the train file.
 /// Same seed, size and count → same bytes.
-pub fn generate_captions(
-    out: &Path,
-    seed: u64,
-    n: usize,
-    size: u32,
-) -> Result<PathBuf, TaskError> {
+pub fn generate_captions(out: &Path, seed: u64, n: usize, size: u32) -> Result<PathBuf, TaskError> {
     if size < 32 || n == 0 {
         return Err(TaskError::Registry(format!(
             "caption data needs an image size of at least 32 and at least one item (got {size}, \
@@ -219,4 +212,93 @@ pub fn generate_captions(
     let file = out.join("train.json");
     write(&file, &json_bytes(&records))?;
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::tasks::formats::{check_images, read_train_file};
+
+    fn words(text: &str) -> BTreeSet<String> {
+        text.split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn captions_are_deterministic_and_read_back() {
+        let a = tempfile::tempdir().expect("temp dir");
+        let b = tempfile::tempdir().expect("temp dir");
+        let c = tempfile::tempdir().expect("temp dir");
+        let fa = generate_captions(a.path(), 5, 40, 32).expect("generates");
+        let fb = generate_captions(b.path(), 5, 40, 32).expect("generates");
+        generate_captions(c.path(), 6, 40, 32).expect("generates");
+        let bytes = |d: &Path, f: &str| std::fs::read(d.join(f)).expect("file exists");
+        assert_eq!(bytes(a.path(), "train.json"), bytes(b.path(), "train.json"));
+        assert_eq!(
+            bytes(a.path(), "images/caption-00007.png"),
+            bytes(b.path(), "images/caption-00007.png")
+        );
+        assert_ne!(bytes(a.path(), "train.json"), bytes(c.path(), "train.json"));
+        let records = read_train_file(&fa).expect("CoIN train format");
+        assert_eq!(records.len(), 40);
+        assert_eq!(fb, b.path().join("train.json"));
+        for r in &records {
+            r.validate().expect("valid conversation");
+            assert_eq!(r.conversations.len(), 2);
+            let prompt = r.conversations[0]
+                .value
+                .strip_prefix("<image>\n")
+                .expect("image first");
+            assert!(PROMPTS.contains(&prompt), "{prompt}");
+        }
+        let check = check_images(a.path(), records.iter().filter_map(|r| r.image.as_deref()))
+            .expect("paths inside the folder");
+        assert_eq!((check.referenced, check.missing), (40, 0));
+        assert!(generate_captions(a.path(), 5, 0, 32).is_err());
+        assert!(generate_captions(a.path(), 5, 3, 16).is_err());
+    }
+
+    #[test]
+    fn captions_cover_the_task_vocabulary_but_not_the_task_formats() {
+        let mut rng = SplitMix64::derive(9, "pretrain");
+        let items: Vec<Caption> = (0..600).map(|_| caption_item(&mut rng, 32)).collect();
+        let kinds: BTreeSet<&str> = items.iter().map(|c| c.kind).collect();
+        assert_eq!(kinds, KINDS.iter().copied().collect());
+        let seen: BTreeSet<String> = items.iter().flat_map(|c| words(&c.text)).collect();
+        let vocab = COLORS
+            .iter()
+            .map(|c| c.0)
+            .chain(SHAPES.iter().map(|s| s.0))
+            .chain(WORDS)
+            .chain(AUTHORS)
+            .chain(GENRES.iter().map(|g| g.0))
+            .chain(["left", "right", "1", "2", "3", "4", "row", "column"]);
+        for w in vocab {
+            assert!(seen.contains(w), "no caption mentions '{w}'");
+        }
+        // Every caption word is in the tokenizer corpus.
+        let corpus = words(&caption_corpus());
+        for w in &seen {
+            assert!(corpus.contains(w), "'{w}' is missing from caption_corpus()");
+        }
+        // The tasks' answer conventions never appear: no lettered options, no box strings,
+        // no yes/no, no `unanswerable`; and no prompt is a task question or instruction.
+        for c in &items {
+            assert!(!c.text.contains('['), "{}", c.text);
+            for w in ["yes", "no", "unanswerable", "A", "B", "C", "D"] {
+                assert!(!words(&c.text).contains(w), "{}: '{w}'", c.text);
+            }
+        }
+        let task_lines: BTreeSet<String> = super::super::coin_mini_corpus()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        for p in PROMPTS {
+            assert!(!task_lines.contains(p), "'{p}' is a task line");
+        }
+    }
 }
