@@ -109,10 +109,10 @@ impl DemoSettings {
                 mini_test: 40,
                 captions: 2000,
                 captions_seed: 1,
-                pretrain_steps: 300,
+                pretrain_steps: 250,
                 pretrain_batch: 16,
                 pretrain_lr: 3e-3,
-                config_toml: config_toml(8, 2.0, 3e-3, 24),
+                config_toml: config_toml(8, 4.0, 3e-3, 24),
             }
         }
     }
