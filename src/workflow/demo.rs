@@ -65,7 +65,7 @@ pub const FORGET_BWT: f64 = -5.0;
 pub struct DemoSettings {
     /// The smaller run of the tests (checks the mechanics, not the science).
     pub quick: bool,
-    /// CoIN-mini: seed, items per task, image size.
+    /// Seed of the CoIN-mini data.
     pub mini_seed: u64,
     /// Training items per task.
     pub mini_train: usize,
