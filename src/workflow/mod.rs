@@ -10,6 +10,7 @@
 
 pub mod compare;
 pub mod config;
+pub mod demo;
 pub mod eval;
 pub mod matrix;
 pub mod plot;

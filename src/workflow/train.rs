@@ -512,3 +512,49 @@ pub fn read_order(repo: &CoinRepo, name_or_file: &str) -> Result<Vec<String>, Wo
     }
     Ok(o.tasks)
 }
+
+/// Commit the zero-shot row on the current (empty) branch: a checkpoint without adapter whose
+/// train record has `kind = "base"` (one file, `zero-shot.json`, saying what it is, with
+/// `about` merged in), then evaluate the base model on `tasks` and attach the records. Returns
+/// the checkpoint. `coin run --zero-shot` and `coin demo` use it.
+pub fn commit_zero_shot(
+    repo: &CoinRepo,
+    cfg: &RunConfig,
+    tasks: &[String],
+    about: BTreeMap<String, Value>,
+    progress: &mut dyn EvalProgress,
+) -> Result<Oid, WorkflowError> {
+    use super::matrix::{KIND_BASE, KIND_FIELD};
+    let mut extra = BTreeMap::new();
+    extra.insert(KIND_FIELD.to_string(), json!(KIND_BASE));
+    extra.insert("config".to_string(), cfg.to_record_value());
+    let tmp = tempfile::tempdir()
+        .map_err(|e| WorkflowError::Input(format!("could not create a temporary folder: {e}")))?;
+    let note = tmp.path().join("zero-shot.json");
+    let mut body = serde_json::Map::new();
+    body.insert("kind".into(), json!(KIND_BASE));
+    body.insert("base_model".into(), json!(cfg.model.name));
+    body.insert(
+        "about".into(),
+        json!("the zero-shot row: the base model evaluated before any task"),
+    );
+    body.extend(about);
+    let text = serde_json::to_string_pretty(&Value::Object(body))
+        .map_err(|e| WorkflowError::Input(e.to_string()))?;
+    crate::store::fsutil::write_atomic(&note, format!("{text}\n"))
+        .map_err(|e| io_err("write", &note, e))?;
+    let out = repo.commit(&CommitRequest {
+        paths: vec![note],
+        task: "zero-shot".into(),
+        message: Some("the base model, before any task".into()),
+        train_extra: extra,
+        base_model: Some(BaseModel {
+            name: cfg.model.name.clone(),
+            manifest: None,
+        }),
+        skip_hooks: true,
+        ..CommitRequest::default()
+    })?;
+    super::eval::evaluate(repo, out.id, tasks, cfg, &EvalOptions::default(), progress)?;
+    Ok(out.id)
+}

@@ -9,6 +9,7 @@ mod commit;
 mod compare;
 mod debug;
 mod debug_train;
+mod demo;
 mod diff;
 mod eval;
 mod fetch;
@@ -70,6 +71,7 @@ pub enum Command {
     Run(run::RunArgs),
     Matrix(matrix::MatrixArgs),
     Compare(compare::CompareArgs),
+    Demo(demo::DemoArgs),
     #[command(subcommand)]
     Remote(remote::RemoteCommand),
     Push(push::PushArgs),
@@ -109,6 +111,7 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Run(args) => run::cmd_run(ui, helper, &args),
         Command::Matrix(args) => matrix::cmd_matrix(ui, helper, &args),
         Command::Compare(args) => compare::cmd_compare(ui, helper, &args),
+        Command::Demo(args) => demo::cmd_demo(ui, helper, &args),
         Command::Remote(cmd) => remote::cmd_remote(ui, helper, &cmd),
         Command::Push(args) => push::cmd_push(ui, helper, &args),
         Command::Fetch(args) => fetch::cmd_fetch(ui, helper, &args),

@@ -5,13 +5,12 @@ use std::io::Write as _;
 
 use crate::cli::train_progress::TrainBar;
 use crate::cli::{CommandError, CommandHelper, Ui};
-use crate::history::CommitRequest;
 use crate::metrics::ForgettingMode;
-use crate::workflow::eval::{evaluate, trained_tasks, EvalOptions};
-use crate::workflow::matrix::{build_matrix, is_base_record, KIND_BASE, KIND_FIELD};
-use crate::workflow::train::{read_order, train_task, EvalTasks, TrainRequest};
+use crate::workflow::eval::trained_tasks;
+use crate::workflow::matrix::{build_matrix, is_base_record};
+use crate::workflow::train::{commit_zero_shot, read_order, train_task, EvalTasks, TrainRequest};
 
-use super::history_util::{open_repo, short};
+use super::history_util::open_repo;
 use super::train::{outcome_json, CliTrainProgress};
 use super::workflow_util::{ConfigArgs, StatusProgress};
 
@@ -114,45 +113,15 @@ pub fn cmd_run(ui: &mut Ui, helper: &CommandHelper, args: &RunArgs) -> Result<()
             if head.is_some() {
                 ui.warn("--zero-shot: the branch already has steps; a zero-shot row must come first, so none is added");
             } else {
-                let mut extra = BTreeMap::new();
-                extra.insert(KIND_FIELD.to_string(), serde_json::json!(KIND_BASE));
-                extra.insert("config".to_string(), cfg.to_record_value());
-                // The zero-shot checkpoint holds no adapter, only a note of what it is.
-                let tmp = tempfile::tempdir().map_err(|e| {
-                    CommandError::user(format!("could not create a temporary folder: {e}"))
-                })?;
-                let note = tmp.path().join("zero-shot.json");
-                let text = serde_json::to_string_pretty(&serde_json::json!({
-                    "kind": KIND_BASE,
-                    "base_model": cfg.model.name,
-                    "about": "the zero-shot row: the base model evaluated before any task",
-                }))?;
-                crate::store::fsutil::write_atomic(&note, format!("{text}\n")).map_err(|e| {
-                    CommandError::user(format!("could not write '{}': {e}", note.display()))
-                })?;
-                let out = repo.commit(&CommitRequest {
-                    paths: vec![note],
-                    task: "zero-shot".into(),
-                    message: Some("the base model, before any task".into()),
-                    train_extra: extra,
-                    base_model: Some(crate::history::BaseModel {
-                        name: cfg.model.name.clone(),
-                        manifest: None,
-                    }),
-                    skip_hooks: true,
-                    ..CommitRequest::default()
-                })?;
                 ui.status(&format!(
-                    "Zero-shot row: evaluating the base model ({}) on {} tasks.",
-                    short(out.id),
+                    "Zero-shot row: evaluating the base model on {} tasks.",
                     order.len()
                 ));
-                evaluate(
+                commit_zero_shot(
                     &repo,
-                    out.id,
-                    &order,
                     &cfg,
-                    &EvalOptions::default(),
+                    &order,
+                    BTreeMap::new(),
                     &mut StatusProgress { ui: &*ui },
                 )?;
             }

@@ -10,6 +10,7 @@ pub mod batch;
 pub mod data;
 pub mod dropout;
 pub mod frozen;
+pub mod full;
 pub mod loss;
 pub mod optim;
 pub mod params;

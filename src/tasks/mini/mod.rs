@@ -8,6 +8,7 @@
 //! Original templates of templates/instructions/original.toml. See docs/coin-mini.md.
 
 pub mod draw;
+pub mod pretrain;
 
 use std::path::{Path, PathBuf};
 

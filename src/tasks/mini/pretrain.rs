@@ -1,0 +1,304 @@
+//! Caption data for "pre-training" a tiny base model before CoIN-mini (`coin demo`).
+//!
+//! The images are drawn with the same primitives as the CoIN-mini tasks (big shapes, rendered
+//! words in an ink colour, two shapes left and right, 1–4 shapes in the cells of a 4×4 grid,
+//! book covers, grey noise), but the text is a plain description ("a red circle", "the word
+//! cat written in blue", "2 shapes: a green square at row 1 column 3 and ..."), asked with
+//! prompts no task uses ("Describe the image."). So a model trained on it learns to ground
+//! colours, shapes, written words, positions and counts — the image/text format — but not
+//! the tasks' questions or answer conventions (lettered options, box strings, yes/no).
+//!
+//! Written in CoIN's `train.json` format (LLaVA conversations) so the ordinary data pipeline
+//! reads it: `DIR/train.json` and `DIR/images/<id>.png`. Deterministic from the seed, drawn
+//! from its own stream (`pretrain`), so it never repeats a task item.
+
+use std::path::{Path, PathBuf};
+
+use super::draw::Canvas;
+use super::{background, json_bytes, place, write, AUTHORS, COLORS, GENRES, SHAPES, WORDS};
+use crate::tasks::formats::{Qid, TrainRecord, Turn};
+use crate::tasks::rng::SplitMix64;
+use crate::tasks::TaskError;
+
+/// The prompts of the caption data (none of them is a task's question or instruction).
+pub const PROMPTS: [&str; 3] = [
+    "Describe the image.",
+    "What does the picture show?",
+    "Give a short caption.",
+];
+
+/// The kinds of pictures, one per CoIN-mini image style.
+pub const KINDS: [&str; 6] = ["shape", "word", "pair", "grid", "book", "noise"];
+
+/// One caption item.
+#[derive(Clone, Debug)]
+pub struct Caption {
+    /// Which kind of picture (one of [`KINDS`]).
+    pub kind: &'static str,
+    /// The description.
+    pub text: String,
+    /// The PNG bytes.
+    pub png: Vec<u8>,
+}
+
+fn count_shapes(items: &[String]) -> String {
+    match items.len() {
+        0 => String::new(),
+        1 => items[0].clone(),
+        n => format!("{} and {}", items[..n - 1].join(", "), items[n - 1]),
+    }
+}
+
+/// Draw one caption item.
+pub fn caption_item(rng: &mut SplitMix64, size: u32) -> Caption {
+    let s = f64::from(size);
+    let scale = i64::from((size / 32).max(1));
+    let mut canvas = background(rng, size);
+    let k = rng.below(KINDS.len());
+    let text = match KINDS[k] {
+        "shape" => {
+            let (c, sh) = (rng.below(COLORS.len()), rng.below(SHAPES.len()));
+            let (cx, cy, r) = place(rng, size, true);
+            canvas.shape(SHAPES[sh].1, cx, cy, r, COLORS[c].1);
+            format!("a {} {}", COLORS[c].0, SHAPES[sh].0)
+        }
+        "word" => {
+            let word = *rng.pick(&WORDS);
+            let ink = rng.below(COLORS.len());
+            let w = word.len() as i64 * 6 * scale;
+            let x = rng.below((i64::from(size) - w).max(1) as usize) as i64;
+            let y = rng.below((i64::from(size) - 7 * scale).max(1) as usize) as i64;
+            canvas.text(x, y, word, scale, COLORS[ink].1);
+            format!("the word {word} written in {}", COLORS[ink].0)
+        }
+        "pair" => {
+            let sh = rng.distinct(SHAPES.len(), 2);
+            let co = rng.distinct(COLORS.len(), 2);
+            let r = s * 0.18;
+            let xs = [s * (0.2 + 0.1 * rng.unit()), s * (0.7 + 0.1 * rng.unit())];
+            for i in 0..2 {
+                let cy = r + (s - 2.0 * r) * rng.unit();
+                canvas.shape(SHAPES[sh[i]].1, xs[i], cy, r, COLORS[co[i]].1);
+            }
+            format!(
+                "a {} {} on the left and a {} {} on the right",
+                COLORS[co[0]].0, SHAPES[sh[0]].0, COLORS[co[1]].0, SHAPES[sh[1]].0
+            )
+        }
+        "grid" => {
+            let n = 1 + rng.below(4);
+            let mut cells = rng.distinct(16, n);
+            cells.sort_unstable();
+            let cell = s / 4.0;
+            let mut parts = Vec::new();
+            for &c in &cells {
+                let (co, sh) = (rng.below(COLORS.len()), rng.below(SHAPES.len()));
+                let (cx, cy) = (
+                    (c % 4) as f64 * cell + cell / 2.0,
+                    (c / 4) as f64 * cell + cell / 2.0,
+                );
+                canvas.shape(SHAPES[sh].1, cx, cy, cell * 0.42, COLORS[co].1);
+                parts.push(format!(
+                    "a {} {} at row {} column {}",
+                    COLORS[co].0,
+                    SHAPES[sh].0,
+                    c / 4 + 1,
+                    c % 4 + 1
+                ));
+            }
+            let noun = if n == 1 { "shape" } else { "shapes" };
+            format!("{n} {noun}: {}", count_shapes(&parts))
+        }
+        "book" => {
+            let genre = rng.below(GENRES.len());
+            canvas = Canvas::new(size, GENRES[genre].1);
+            let title = *rng.pick(&WORDS);
+            let author = *rng.pick(&AUTHORS);
+            let ink = [20, 20, 20];
+            canvas.rect(0, 0, i64::from(size), scale, ink);
+            let tx = rng.below((i64::from(size) - title.len() as i64 * 6 * scale).max(1) as usize)
+                as i64;
+            canvas.text(tx, 3 * scale, title, scale, ink);
+            let ax = rng.below((i64::from(size) - author.len() as i64 * 6 * scale).max(1) as usize)
+                as i64;
+            canvas.text(ax, i64::from(size) - 9 * scale, author, scale, ink);
+            format!("a {} book called {title} by {author}", GENRES[genre].0)
+        }
+        _ => {
+            for p in canvas.pixels.chunks_mut(3) {
+                let g = 90 + rng.below(80) as u8;
+                p.copy_from_slice(&[g, g, g]);
+            }
+            "grey noise without any object".to_string()
+        }
+    };
+    Caption {
+        kind: KINDS[k],
+        text,
+        png: canvas.png(),
+    }
+}
+
+/// Every caption word, for training a tokenizer that covers them (one phrase per line).
+pub fn caption_corpus() -> String {
+    let mut lines: Vec<String> = PROMPTS.iter().map(|p| p.to_string()).collect();
+    for (c, _) in COLORS {
+        for (s, _) in SHAPES {
+            lines.push(format!("a {c} {s}"));
+        }
+        for w in WORDS {
+            lines.push(format!("the word {w} written in {c}"));
+        }
+    }
+    for r in 1..=4 {
+        for c in 1..=4 {
+            lines.push(format!("at row {r} column {c}"));
+        }
+    }
+    for (g, _) in GENRES {
+        for a in AUTHORS {
+            lines.push(format!("a {g} book called cat by {a}"));
+        }
+    }
+    lines.push("on the left and on the right".into());
+    lines.push("1 shape: 2 shapes: 3 shapes: 4 shapes:".into());
+    lines.push("grey noise without any object".into());
+    lines.join("\n") + "\n"
+}
+
+/// Generate `n` caption items into `out` (`train.json`, `images/`); returns the train file.
+/// Same seed, size and count → same bytes.
+pub fn generate_captions(out: &Path, seed: u64, n: usize, size: u32) -> Result<PathBuf, TaskError> {
+    if size < 32 || n == 0 {
+        return Err(TaskError::Registry(format!(
+            "caption data needs an image size of at least 32 and at least one item (got {size}, \
+             {n})"
+        )));
+    }
+    let mut rng = SplitMix64::derive(seed, "pretrain");
+    let mut records = Vec::with_capacity(n);
+    let mut pngs = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("caption-{i:05}");
+        let image = format!("images/{id}.png");
+        let item = caption_item(&mut rng, size);
+        let prompt = *rng.pick(&PROMPTS);
+        pngs.push((out.join(&image), item.png));
+        records.push(TrainRecord {
+            id: Qid(id.clone()),
+            image: Some(image),
+            conversations: vec![
+                Turn {
+                    from: "human".into(),
+                    value: format!("<image>\n{prompt}"),
+                },
+                Turn {
+                    from: "gpt".into(),
+                    value: item.text,
+                },
+            ],
+        });
+    }
+    // Every file is written atomically (fsync + rename); overlap those waits.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(16)
+        .build()
+        .map_err(|e| TaskError::Registry(format!("could not start writer threads: {e}")))?;
+    pool.install(|| {
+        use rayon::prelude::*;
+        pngs.par_iter()
+            .try_for_each(|(path, bytes): &(PathBuf, Vec<u8>)| write(path, bytes))
+    })?;
+    let file = out.join("train.json");
+    write(&file, &json_bytes(&records))?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::tasks::formats::{check_images, read_train_file};
+
+    fn words(text: &str) -> BTreeSet<String> {
+        text.split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn captions_are_deterministic_and_read_back() {
+        let a = tempfile::tempdir().expect("temp dir");
+        let b = tempfile::tempdir().expect("temp dir");
+        let c = tempfile::tempdir().expect("temp dir");
+        let fa = generate_captions(a.path(), 5, 40, 32).expect("generates");
+        let fb = generate_captions(b.path(), 5, 40, 32).expect("generates");
+        generate_captions(c.path(), 6, 40, 32).expect("generates");
+        let bytes = |d: &Path, f: &str| std::fs::read(d.join(f)).expect("file exists");
+        assert_eq!(bytes(a.path(), "train.json"), bytes(b.path(), "train.json"));
+        assert_eq!(
+            bytes(a.path(), "images/caption-00007.png"),
+            bytes(b.path(), "images/caption-00007.png")
+        );
+        assert_ne!(bytes(a.path(), "train.json"), bytes(c.path(), "train.json"));
+        let records = read_train_file(&fa).expect("CoIN train format");
+        assert_eq!(records.len(), 40);
+        assert_eq!(fb, b.path().join("train.json"));
+        for r in &records {
+            r.validate().expect("valid conversation");
+            assert_eq!(r.conversations.len(), 2);
+            let prompt = r.conversations[0]
+                .value
+                .strip_prefix("<image>\n")
+                .expect("image first");
+            assert!(PROMPTS.contains(&prompt), "{prompt}");
+        }
+        let check = check_images(a.path(), records.iter().filter_map(|r| r.image.as_deref()))
+            .expect("paths inside the folder");
+        assert_eq!((check.referenced, check.missing), (40, 0));
+        assert!(generate_captions(a.path(), 5, 0, 32).is_err());
+        assert!(generate_captions(a.path(), 5, 3, 16).is_err());
+    }
+
+    #[test]
+    fn captions_cover_the_task_vocabulary_but_not_the_task_formats() {
+        let mut rng = SplitMix64::derive(9, "pretrain");
+        let items: Vec<Caption> = (0..600).map(|_| caption_item(&mut rng, 32)).collect();
+        let kinds: BTreeSet<&str> = items.iter().map(|c| c.kind).collect();
+        assert_eq!(kinds, KINDS.iter().copied().collect());
+        let seen: BTreeSet<String> = items.iter().flat_map(|c| words(&c.text)).collect();
+        let vocab = COLORS
+            .iter()
+            .map(|c| c.0)
+            .chain(SHAPES.iter().map(|s| s.0))
+            .chain(WORDS)
+            .chain(AUTHORS)
+            .chain(GENRES.iter().map(|g| g.0))
+            .chain(["left", "right", "1", "2", "3", "4", "row", "column"]);
+        for w in vocab {
+            assert!(seen.contains(w), "no caption mentions '{w}'");
+        }
+        // Every caption word is in the tokenizer corpus.
+        let corpus = words(&caption_corpus());
+        for w in &seen {
+            assert!(corpus.contains(w), "'{w}' is missing from caption_corpus()");
+        }
+        // The tasks' answer conventions never appear: no lettered options, no box strings,
+        // no yes/no, no `unanswerable`; and no prompt is a task question or instruction.
+        for c in &items {
+            assert!(!c.text.contains('['), "{}", c.text);
+            for w in ["yes", "no", "unanswerable", "A", "B", "C", "D"] {
+                assert!(!words(&c.text).contains(w), "{}: '{w}'", c.text);
+            }
+        }
+        let task_lines: BTreeSet<String> = super::super::coin_mini_corpus()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        for p in PROMPTS {
+            assert!(!task_lines.contains(p), "'{p}' is a task line");
+        }
+    }
+}

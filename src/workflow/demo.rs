@@ -1,0 +1,715 @@
+//! `coin demo`: the whole continual instruction-tuning loop on a laptop CPU, with nothing to
+//! download. In a folder it creates a coin repository, generates CoIN-mini and a tiny random
+//! LLaVA, "pre-trains" the tiny base on caption data (full-parameter, so that the base knows
+//! the image/text format; [`crate::tasks::mini::pretrain`]), commits the base as the zero-shot
+//! row, trains CoIN's order over the eight mini tasks with LoRA (or MoELoRA) through the
+//! ordinary [`super::train::train_task`], and computes the matrix, the metrics, an SVG plot
+//! and the two facts the demo exists to show: every task is learnt (its accuracy right after
+//! training is far above chance) and plain LoRA forgets (BWT clearly negative).
+//!
+//! Every stage is cached in the folder, so a demo that was interrupted continues with the
+//! same command, and another `--method` reuses the data, the base model and the repository
+//! (it runs on its own branch, named after the method). Library code: nothing is printed;
+//! the CLI (`src/cli/commands/demo.rs`) shows progress through [`DemoProgress`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::config::ConfigSources;
+use super::eval::trained_tasks;
+use super::matrix::{build_matrix, BranchMatrix};
+use super::train::{commit_zero_shot, train_task, EvalTasks, TrainRequest, TrainWorkflowProgress};
+use super::WorkflowError;
+use crate::history::{CoinRepo, InitOptions};
+use crate::metrics::{ForgettingMode, Metrics};
+use crate::ml::image::AspectMode;
+use crate::ml::llava::{load_model, ModelSource};
+use crate::ml::tiny::{write_tiny, TinyOptions};
+use crate::ml::train::data::prepare_samples;
+use crate::ml::train::full::save_full_model;
+use crate::ml::train::optim::Schedule;
+use crate::ml::train::params::TrainableParams;
+use crate::ml::train::trainer::{train, CheckpointPolicy, TrainConfig as LoopConfig, TrainReport};
+use crate::store::fsutil::write_atomic;
+use crate::tasks::formats::read_train_file;
+use crate::tasks::mini::{self, pretrain, MiniConfig};
+use crate::tasks::registry::Registry;
+
+/// The marker file of a demo folder (its presence lets a later `coin demo` resume there).
+pub const MARKER: &str = "demo.json";
+/// Where the tiny random model goes, relative to the folder.
+pub const RANDOM_MODEL: &str = "models/tiny-random";
+/// Where the pre-trained base goes, relative to the folder.
+pub const BASE_MODEL: &str = "models/coin-mini-base";
+/// The name of the pre-trained base (`model.name`).
+pub const BASE_NAME: &str = "coin-mini-base";
+/// The CoIN-mini data, relative to the folder.
+pub const DATA_DIR: &str = "data/coin-mini";
+/// The caption data for pre-training, relative to the folder.
+pub const CAPTIONS_DIR: &str = "data/captions";
+/// The file in the base model's folder that records its pre-training (and marks it done).
+pub const PRETRAIN_RECORD: &str = "pretrain.json";
+/// "Far above chance": every task's accuracy right after training must beat its chance level
+/// by at least this many points.
+pub const LEARN_MARGIN: f64 = 20.0;
+/// "Forgets measurably": BWT must be at most this (points).
+pub const FORGET_BWT: f64 = -5.0;
+
+/// What the demo does and how large it is.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DemoSettings {
+    /// The smaller run of the tests (checks the mechanics, not the science).
+    pub quick: bool,
+    /// Seed of the CoIN-mini data.
+    pub mini_seed: u64,
+    /// Training items per task.
+    pub mini_train: usize,
+    /// Test items per task.
+    pub mini_test: usize,
+    /// Caption items for pre-training.
+    pub captions: usize,
+    /// Seed of the caption data (distinct from the task data's).
+    pub captions_seed: u64,
+    /// Full-parameter pre-training: optimiser steps.
+    pub pretrain_steps: usize,
+    /// Pre-training batch size.
+    pub pretrain_batch: usize,
+    /// Pre-training peak learning rate (cosine, 5 % warmup).
+    pub pretrain_lr: f64,
+    /// The `.coin/config.toml` of the demo repository (the `tiny` preset plus these values).
+    pub config_toml: String,
+}
+
+impl DemoSettings {
+    /// The settings of `coin demo` (`quick`: of `coin demo --quick`).
+    pub fn new(quick: bool) -> DemoSettings {
+        if quick {
+            DemoSettings {
+                quick,
+                mini_seed: 0,
+                mini_train: 16,
+                mini_test: 6,
+                captions: 48,
+                captions_seed: 1,
+                pretrain_steps: 6,
+                pretrain_batch: 8,
+                pretrain_lr: 3e-3,
+                config_toml: config_toml(8, 1.0, 3e-3, 8),
+            }
+        } else {
+            DemoSettings {
+                quick,
+                mini_seed: 0,
+                mini_train: 400,
+                mini_test: 40,
+                captions: 2000,
+                captions_seed: 1,
+                pretrain_steps: 250,
+                pretrain_batch: 16,
+                pretrain_lr: 3e-3,
+                config_toml: config_toml(8, 4.0, 3e-3, 24),
+            }
+        }
+    }
+}
+
+/// The demo repository's configuration: the `tiny` preset on the pre-trained base, LoRA r
+/// `r` (α = 2r), `epochs` over each task's data in batches of 8 at `lr` (projector too),
+/// `max_new_tokens` for the answers.
+fn config_toml(r: usize, epochs: f64, lr: f64, max_new_tokens: usize) -> String {
+    format!(
+        "# Written by `coin demo`: the tiny pre-trained base and the demo's training settings.\n\
+         # Values here override the `tiny` preset (docs/config.md); edit and `coin train` freely.\n\
+         \n\
+         [model]\n\
+         preset = \"tiny\"\n\
+         name = \"{BASE_NAME}\"\n\
+         base = \"{BASE_MODEL}\"\n\
+         \n\
+         [train]\n\
+         lora_r = {r}\n\
+         lora_alpha = {alpha:?}\n\
+         lora_dropout = 0.0\n\
+         learning_rate = {lr:e}\n\
+         mm_projector_lr = {lr:e}\n\
+         num_train_epochs = {epochs:?}\n\
+         per_device_batch_size = 8\n\
+         warmup_ratio = 0.05\n\
+         \n\
+         [eval]\n\
+         max_new_tokens = {max_new_tokens}\n\
+         mode = \"strict\"\n",
+        alpha = 2.0 * r as f64,
+    )
+}
+
+/// Progress of the demo (the CLI shows it).
+pub trait DemoProgress {
+    /// A sentence about what happens next.
+    fn note(&mut self, message: &str);
+    /// A training stage starts (`label`: the pre-training or a task): the sink for its steps,
+    /// notes and evals.
+    fn stage(&mut self, label: &str) -> &mut dyn TrainWorkflowProgress;
+}
+
+/// One task's accuracy right after training it, against its chance level.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskFact {
+    /// The task.
+    pub task: String,
+    /// Its score (0–100) on the checkpoint that trained it (the matrix diagonal).
+    pub after_training: Option<f64>,
+    /// Its score at the end of the order (the final row).
+    pub final_score: Option<f64>,
+    /// Chance level in points (best image-blind answer).
+    pub chance: f64,
+    /// `after_training − chance`.
+    pub margin: Option<f64>,
+}
+
+/// The two facts the demo shows, computed from the matrix.
+#[derive(Clone, Debug, Serialize)]
+pub struct DemoFacts {
+    /// Per task, in order.
+    pub tasks: Vec<TaskFact>,
+    /// The smallest margin over chance (`None` when a cell is missing).
+    pub min_margin: Option<f64>,
+    /// Backward transfer (points; negative = forgetting).
+    pub bwt: Option<f64>,
+    /// Every task's margin is at least [`LEARN_MARGIN`].
+    pub learned: bool,
+    /// BWT is at most [`FORGET_BWT`].
+    pub forgets: bool,
+}
+
+impl DemoFacts {
+    /// Compute the facts of a matrix whose columns are CoIN-mini tasks.
+    pub fn of(bm: &BranchMatrix, metrics: &Metrics) -> DemoFacts {
+        let m = &bm.matrix;
+        let n = m.rows.len();
+        let tasks: Vec<TaskFact> = m
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(j, t)| {
+                let chance = 100.0 * mini::chance_level(t).unwrap_or(0.0);
+                let after = m.get(j, j);
+                TaskFact {
+                    task: t.clone(),
+                    after_training: after,
+                    final_score: n.checked_sub(1).and_then(|last| m.get(last, j)),
+                    chance,
+                    margin: after.map(|a| a - chance),
+                }
+            })
+            .collect();
+        let min_margin = tasks
+            .iter()
+            .map(|t| t.margin)
+            .collect::<Option<Vec<f64>>>()
+            .and_then(|v| v.into_iter().reduce(f64::min));
+        DemoFacts {
+            learned: min_margin.is_some_and(|v| v >= LEARN_MARGIN),
+            forgets: metrics.bwt.is_some_and(|b| b <= FORGET_BWT),
+            min_margin,
+            bwt: metrics.bwt,
+            tasks,
+        }
+    }
+
+    /// Whether both facts hold.
+    pub fn holds(&self) -> bool {
+        self.learned && self.forgets
+    }
+}
+
+/// What the pre-training did (also `models/coin-mini-base/pretrain.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PretrainRecord {
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Caption samples.
+    pub samples: usize,
+    /// Mean loss of the first and last 10 steps.
+    pub loss_first10: f64,
+    /// See `loss_first10`.
+    pub loss_last10: f64,
+    /// Wall seconds of the training loop.
+    pub seconds: f64,
+    /// Trainable scalars.
+    pub trainable_parameters: usize,
+    /// The loop's settings.
+    pub config: LoopConfig,
+}
+
+/// Everything the demo produced.
+#[derive(Clone, Debug)]
+pub struct DemoReport {
+    /// The demo folder (the coin repository's root).
+    pub dir: PathBuf,
+    /// The branch of this method.
+    pub branch: String,
+    /// The adapter kind.
+    pub method: String,
+    /// The order.
+    pub order: Vec<String>,
+    /// The matrix of the branch.
+    pub matrix: BranchMatrix,
+    /// Its metrics.
+    pub metrics: Metrics,
+    /// The two facts.
+    pub facts: DemoFacts,
+    /// The SVG plot.
+    pub plot: PathBuf,
+    /// The pre-training record.
+    pub pretrain: PretrainRecord,
+    /// Whether the pre-training ran now (false: the cached base was used).
+    pub pretrained_now: bool,
+    /// Wall seconds per stage, in order.
+    pub stage_seconds: Vec<(String, f64)>,
+    /// Wall seconds of the whole demo (this process).
+    pub seconds: f64,
+}
+
+fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> WorkflowError {
+    WorkflowError::Input(format!("could not {what} '{}': {e}", path.display()))
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), WorkflowError> {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).map_err(|e| io_err("create", p, e))?;
+    }
+    write_atomic(path, text).map_err(|e| io_err("write", path, e))
+}
+
+/// Check the folder: a new or empty one is used, a previous demo's folder (same `--quick`)
+/// is resumed; anything else is refused.
+fn check_dir(dir: &Path, settings: &DemoSettings) -> Result<bool, WorkflowError> {
+    let marker = dir.join(MARKER);
+    if marker.is_file() {
+        let text = std::fs::read_to_string(&marker).map_err(|e| io_err("read", &marker, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| WorkflowError::Input(format!("'{}': {e}", marker.display())))?;
+        let saved: DemoSettings = serde_json::from_value(v["settings"].clone()).map_err(|e| {
+            WorkflowError::Input(format!(
+                "'{}' is not a coin demo marker: {e}",
+                marker.display()
+            ))
+        })?;
+        if saved != *settings {
+            return Err(WorkflowError::Input(format!(
+                "'{}' holds a demo made with other settings ({}); use another --dir (or the \
+                 same --quick choice as before)",
+                dir.display(),
+                if saved.quick {
+                    "--quick"
+                } else {
+                    "without --quick"
+                }
+            )));
+        }
+        return Ok(true);
+    }
+    if dir.exists() {
+        let mut entries = std::fs::read_dir(dir).map_err(|e| io_err("read", dir, e))?;
+        if entries.next().is_some() {
+            return Err(WorkflowError::Input(format!(
+                "'{}' exists and is not empty (and is not a previous coin demo); give a new \
+                 folder with --dir",
+                dir.display()
+            )));
+        }
+    }
+    Ok(false)
+}
+
+/// The CoIN order of the eight mini tasks.
+pub fn demo_order() -> Vec<String> {
+    mini::TASKS.iter().map(|t| t.name.to_string()).collect()
+}
+
+/// Run (or resume) the demo in `dir` with adapter `method` (`lora` or `moelora`); `sets` are
+/// extra `key=value` settings over the demo's `.coin/config.toml` (tuning).
+pub fn run_demo(
+    dir: &Path,
+    method: &str,
+    settings: &DemoSettings,
+    sets: &[String],
+    progress: &mut dyn DemoProgress,
+) -> Result<DemoReport, WorkflowError> {
+    let t0 = Instant::now();
+    let mut stages: Vec<(String, f64)> = Vec::new();
+    let mut lap = {
+        let mut last = Instant::now();
+        move |name: &str, stages: &mut Vec<(String, f64)>| {
+            stages.push((name.to_string(), last.elapsed().as_secs_f64()));
+            last = Instant::now();
+        }
+    };
+    if !matches!(method, "lora" | "moelora") {
+        return Err(WorkflowError::Config(format!(
+            "--method '{method}' is not lora or moelora"
+        )));
+    }
+    let resumed = check_dir(dir, settings)?;
+    std::fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
+    let dir = dir.canonicalize().map_err(|e| io_err("resolve", dir, e))?;
+    if resumed {
+        progress.note(&format!("Resuming the demo in '{}'.", dir.display()));
+    }
+
+    // 1. The repository.
+    let repo = if dir.join(".coin").is_dir() {
+        CoinRepo::open(&dir)?
+    } else {
+        progress.note(&format!(
+            "Creating a coin repository in '{}'.",
+            dir.display()
+        ));
+        CoinRepo::init_with(
+            &dir,
+            &InitOptions {
+                template: None,
+                git_hooks: true,
+            },
+        )?;
+        CoinRepo::open(&dir)?
+    };
+    let marker = json!({
+        "format": "coin.demo.v1",
+        "about": "a coin demo folder: `coin demo --dir` here resumes it",
+        "settings": settings,
+    });
+    write_file(
+        &dir.join(MARKER),
+        &(serde_json::to_string_pretty(&marker)
+            .map_err(|e| WorkflowError::Input(e.to_string()))?
+            + "\n"),
+    )?;
+
+    // 2. CoIN-mini, registered.
+    let data = dir.join(DATA_DIR);
+    if !data.join(mini::MANIFEST).is_file() {
+        progress.note(&format!(
+            "Generating CoIN-mini: 8 tasks × {} train / {} test items.",
+            settings.mini_train, settings.mini_test
+        ));
+        mini::generate(
+            &data,
+            &MiniConfig {
+                seed: settings.mini_seed,
+                train: settings.mini_train,
+                test: settings.mini_test,
+                image_size: 32,
+            },
+            |_| {},
+        )?;
+    }
+    let mut reg = Registry::load(&repo.coin_dir().join("tasks"))?;
+    for def in mini::task_defs(DATA_DIR) {
+        if reg.get(&def.name).is_none() {
+            reg.add(def, false)?;
+        }
+    }
+    let order = demo_order();
+    write_file(
+        &repo.coin_dir().join("orders").join("coin-mini.toml"),
+        &format!(
+            "# CoIN's order over the CoIN-mini tasks (written by `coin demo`).\nname = \
+             \"coin-mini\"\ntasks = [{}]\n",
+            order
+                .iter()
+                .map(|t| format!("\"{t}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )?;
+    lap("data", &mut stages);
+
+    // 3. The tiny random model (tokenizer trained on the tasks' and the captions' words).
+    let random = dir.join(RANDOM_MODEL);
+    if !random.join("model.safetensors").is_file() {
+        progress.note("Writing a tiny random LLaVA (width 64, 2 layers, 32-px vision tower).");
+        write_tiny(
+            &random,
+            &TinyOptions {
+                corpus: mini::coin_mini_corpus() + &pretrain::caption_corpus(),
+                ..TinyOptions::default()
+            },
+        )?;
+    }
+
+    // 4. Pre-training (cached: the base's pretrain.json marks it done).
+    let base = dir.join(BASE_MODEL);
+    let record_path = base.join(PRETRAIN_RECORD);
+    let pretrained_now = !record_path.is_file();
+    if pretrained_now {
+        let captions = dir.join(CAPTIONS_DIR);
+        if !captions.join("train.json").is_file() {
+            progress.note(&format!(
+                "Generating {} caption items for pre-training.",
+                settings.captions
+            ));
+            pretrain::generate_captions(&captions, settings.captions_seed, settings.captions, 32)?;
+        }
+        lap("model+captions", &mut stages);
+        let record = pretrain_base(&dir, &random, &captions, &base, settings, progress)?;
+        write_file(
+            &record_path,
+            &(serde_json::to_string_pretty(&record)
+                .map_err(|e| WorkflowError::Input(e.to_string()))?
+                + "\n"),
+        )?;
+        lap("pretrain", &mut stages);
+    } else {
+        progress.note(&format!("Using the pre-trained base in '{BASE_MODEL}'."));
+    }
+    let pre_text =
+        std::fs::read_to_string(&record_path).map_err(|e| io_err("read", &record_path, e))?;
+    let pre: PretrainRecord = serde_json::from_str(&pre_text)
+        .map_err(|e| WorkflowError::Input(format!("'{}': {e}", record_path.display())))?;
+
+    // 5. The configuration, the branch, the zero-shot row.
+    write_file(&repo.coin_dir().join("config.toml"), &settings.config_toml)?;
+    let mut all_sets = vec![format!("train.method={method}")];
+    all_sets.extend(sets.iter().cloned());
+    let mut sources = ConfigSources::for_repo(&repo.coin_dir(), Vec::new(), all_sets);
+    sources.default_preset = Some("tiny".into());
+    let cfg = sources.resolve()?;
+    let branch = method.to_string();
+    if repo.current_branch()? != branch {
+        let exists = repo.branch_target(&branch)?.is_some();
+        repo.switch(&branch, !exists)?;
+    }
+    let head = repo.branch_target(&branch)?;
+    let done = match head {
+        Some(h) => trained_tasks(&repo, h)?,
+        None => Vec::new(),
+    };
+    if done.len() > order.len() || done.iter().zip(&order).any(|(a, b)| a != b) {
+        return Err(WorkflowError::Input(format!(
+            "branch {branch} has trained [{}], which is not a start of CoIN's order; use a new \
+             --dir",
+            done.join(", ")
+        )));
+    }
+    if head.is_none() {
+        progress.note("Zero-shot row: evaluating the pre-trained base on the eight tasks.");
+        let mut about = BTreeMap::new();
+        about.insert(
+            "pretraining".to_string(),
+            serde_json::to_value(&pre).map_err(|e| WorkflowError::Input(e.to_string()))?,
+        );
+        let p = progress.stage("zero-shot");
+        commit_zero_shot(&repo, &cfg, &order, about, p.evals())?;
+        lap("zero-shot", &mut stages);
+    }
+
+    // 6. CoIN's order.
+    for (k, task) in order.iter().enumerate() {
+        if k < done.len() {
+            continue;
+        }
+        progress.note(&format!(
+            "Step {}/{}: {task} ({method}).",
+            k + 1,
+            order.len()
+        ));
+        let req = TrainRequest {
+            task: task.clone(),
+            from: None,
+            eval_tasks: EvalTasks::Seen,
+            message: Some(format!("demo step {} of {}: {task}", k + 1, order.len())),
+            retrain: false,
+            skip_hooks: false,
+        };
+        train_task(&repo, &cfg, &req, progress.stage(task))?;
+        lap(task, &mut stages);
+    }
+
+    // 7. Matrix, metrics, plot, facts.
+    let tip = repo
+        .branch_target(&branch)?
+        .ok_or_else(|| WorkflowError::Input(format!("branch {branch} has no checkpoint")))?;
+    let bm = build_matrix(&repo, tip)?;
+    let metrics = bm.metrics(ForgettingMode::MaxEarlier)?;
+    let plot = dir.join(format!("matrix-{branch}.svg"));
+    super::plot::plot_matrix(
+        &bm,
+        &format!("coin demo: CoIN-mini, {method}, tiny model"),
+        &plot,
+    )?;
+    let facts = DemoFacts::of(&bm, &metrics);
+    lap("matrix", &mut stages);
+    Ok(DemoReport {
+        dir: dir.clone(),
+        branch,
+        method: method.to_string(),
+        order,
+        matrix: bm,
+        metrics,
+        facts,
+        plot,
+        pretrain: pre,
+        pretrained_now,
+        stage_seconds: stages,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Full-parameter training of the random model on the captions, saved as the base model.
+fn pretrain_base(
+    dir: &Path,
+    random: &Path,
+    captions: &Path,
+    out: &Path,
+    settings: &DemoSettings,
+    progress: &mut dyn DemoProgress,
+) -> Result<PretrainRecord, WorkflowError> {
+    let src = ModelSource::resolve(random, None, None)?;
+    let mut loaded = load_model(&src, &Device::Cpu, DType::F32)?;
+    let records = read_train_file(&captions.join("train.json"))?;
+    let (samples, _) = prepare_samples(
+        &records,
+        captions,
+        &loaded.tokenizer,
+        loaded.model.config.image_seq_len(),
+        256,
+    )?;
+    let params = TrainableParams::attach_full(&mut loaded.model, settings.captions_seed)?;
+    let lc = LoopConfig {
+        epochs: (settings.pretrain_steps * settings.pretrain_batch)
+            .div_ceil(samples.len().max(1))
+            .max(1),
+        batch_size: settings.pretrain_batch,
+        grad_accum: 1,
+        learning_rate: settings.pretrain_lr,
+        projector_lr: None,
+        weight_decay: 0.0,
+        warmup_ratio: 0.05,
+        schedule: Schedule::Cosine,
+        max_grad_norm: Some(1.0),
+        seed: settings.captions_seed,
+        image_aspect: AspectMode::Pad,
+        max_steps: Some(settings.pretrain_steps),
+    };
+    progress.note(&format!(
+        "Pre-training the tiny base on {} captions: {} full-parameter steps ({} parameters; the \
+         vision tower stays frozen).",
+        samples.len(),
+        settings.pretrain_steps,
+        params.num_elements()
+    ));
+    let policy = CheckpointPolicy {
+        dir: dir.join(".coin").join("tmp").join("pretrain"),
+        every: (settings.pretrain_steps / 10).max(1),
+    };
+    let report: TrainReport = {
+        let p = progress.stage("pre-training");
+        train(
+            &loaded.model,
+            &params,
+            &samples,
+            &loaded.image,
+            &lc,
+            Some(&policy),
+            p.trainer(),
+        )?
+    };
+    if report.stopped_early {
+        return Err(WorkflowError::Input(
+            "pre-training stopped early; run the same command to resume".into(),
+        ));
+    }
+    save_full_model(&params, random, out)?;
+    let _ = std::fs::remove_dir_all(&policy.dir);
+    let (first, last) = report.loss_drop(10).unwrap_or((f64::NAN, f64::NAN));
+    progress.stage("pre-training").note(&format!(
+        "Pre-trained in {:.0} s: loss {first:.3} → {last:.3}; saved as '{BASE_MODEL}'.",
+        report.seconds
+    ));
+    Ok(PretrainRecord {
+        steps: report.steps,
+        samples: samples.len(),
+        loss_first10: first,
+        loss_last10: last,
+        seconds: report.seconds,
+        trainable_parameters: report.trainable_parameters,
+        config: lc,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use git2::Oid;
+
+    use super::*;
+    use crate::metrics::AccuracyMatrix;
+    use crate::workflow::matrix::MatrixRow;
+
+    fn bm(rows: Vec<Vec<Option<f64>>>) -> BranchMatrix {
+        let tasks: Vec<String> = demo_order().into_iter().take(rows.len()).collect();
+        BranchMatrix {
+            checkpoints: tasks
+                .iter()
+                .map(|t| MatrixRow {
+                    id: Oid::ZERO_SHA1,
+                    task: t.clone(),
+                })
+                .collect(),
+            zero_shot: None,
+            matrix: AccuracyMatrix {
+                tasks,
+                rows,
+                zero_shot: None,
+            },
+        }
+    }
+
+    #[test]
+    fn facts_compare_the_diagonal_with_chance_and_bwt_with_the_bar() {
+        // ScienceQA (chance 25) then TextVQA (chance 12.5).
+        let good = bm(vec![vec![Some(90.0), None], vec![Some(60.0), Some(80.0)]]);
+        let f = DemoFacts::of(&good, &good.metrics(ForgettingMode::MaxEarlier).unwrap());
+        assert_eq!(f.tasks[0].chance, 25.0);
+        assert_eq!(f.tasks[1].chance, 12.5);
+        assert_eq!(f.tasks[0].margin, Some(65.0));
+        assert_eq!(f.tasks[0].final_score, Some(60.0));
+        assert_eq!(f.min_margin, Some(65.0));
+        assert_eq!(f.bwt, Some(-30.0));
+        assert!(f.learned && f.forgets && f.holds());
+
+        // A task barely above chance; no forgetting.
+        let weak = bm(vec![vec![Some(40.0), None], vec![Some(41.0), Some(80.0)]]);
+        let f = DemoFacts::of(&weak, &weak.metrics(ForgettingMode::MaxEarlier).unwrap());
+        assert_eq!(f.min_margin, Some(15.0));
+        assert!(!f.learned && !f.forgets && !f.holds());
+
+        // A missing diagonal cell is not "learnt".
+        let gap = bm(vec![vec![None, None], vec![Some(50.0), Some(80.0)]]);
+        let f = DemoFacts::of(&gap, &gap.metrics(ForgettingMode::MaxEarlier).unwrap());
+        assert_eq!(f.min_margin, None);
+        assert!(!f.learned);
+    }
+
+    #[test]
+    fn a_foreign_folder_is_refused_and_a_demo_folder_is_resumed_only_with_its_settings() {
+        let d = tempfile::tempdir().expect("temp dir");
+        let quick = DemoSettings::new(true);
+        assert!(!check_dir(&d.path().join("new"), &quick).expect("a new folder is fine"));
+        assert!(!check_dir(d.path(), &quick).expect("an empty folder is fine"));
+        write_file(&d.path().join("x.txt"), "mine").expect("write");
+        let e = check_dir(d.path(), &quick).expect_err("not empty");
+        assert!(e.to_string().contains("not empty"), "{e}");
+        let marker = json!({"format": "coin.demo.v1", "settings": quick});
+        write_file(&d.path().join(MARKER), &marker.to_string()).expect("write");
+        assert!(check_dir(d.path(), &quick).expect("same settings resume"));
+        let e = check_dir(d.path(), &DemoSettings::new(false)).expect_err("other settings");
+        assert!(e.to_string().contains("--quick"), "{e}");
+    }
+}
