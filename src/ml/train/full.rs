@@ -186,54 +186,12 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::*;
-    use crate::ml::llava::{load_model, ModelSource, Segment};
+    use crate::ml::llava::{load_model, ModelSource};
     use crate::ml::rng::Rng;
     use crate::ml::tiny::{write_tiny, TinyOptions};
-    use crate::ml::train::batch::{forward_batch, TrainExample};
-    use crate::ml::train::loss::{masked_cross_entropy, IGNORE_INDEX};
+    use crate::ml::train::batch::forward_batch;
 
-    fn batch(vocab: u32) -> (Vec<TrainExample>, Vec<Tensor>) {
-        let mut rng = Rng::new(11);
-        let mut ids = |n: usize| -> Vec<u32> {
-            (0..n)
-                .map(|_| 4 + (rng.next_u64() % (vocab as u64 - 4)) as u32)
-                .collect()
-        };
-        let mut examples = Vec::new();
-        for (pre, post, answer) in [(5usize, 4usize, 6usize), (3, 2, 3)] {
-            let mut head = vec![1u32];
-            head.extend(ids(pre));
-            let tail_prompt = ids(post);
-            let ans = ids(answer);
-            let mut tail = tail_prompt.clone();
-            tail.extend(&ans);
-            let mut labels = vec![IGNORE_INDEX; head.len() + tail_prompt.len()];
-            labels.extend(ans.iter().map(|&t| t as i64));
-            examples.push(TrainExample {
-                segments: vec![Segment::Text(head), Segment::Image, Segment::Text(tail)],
-                text_labels: labels,
-            });
-        }
-        let mut prng = Rng::new(12);
-        let pixels = (0..2)
-            .map(|_| {
-                Tensor::from_vec(prng.normal_vec(3 * 32 * 32, 1.0), (3, 32, 32), &Device::Cpu)
-                    .expect("pixel tensor")
-            })
-            .collect();
-        (examples, pixels)
-    }
-
-    fn loss(model: &Llava, ex: &[TrainExample], px: &[Tensor]) -> Tensor {
-        let (logits, labels) = forward_batch(model, ex, px).expect("forward");
-        masked_cross_entropy(&logits, &labels).expect("loss")
-    }
-
-    fn scalar(t: &Tensor) -> f64 {
-        t.to_dtype(DType::F64)
-            .and_then(|t| t.to_scalar::<f64>())
-            .expect("scalar")
-    }
+    use crate::ml::train::tests::{batch, loss_of as loss, scalar};
 
     fn kind_of(name: &str) -> &'static str {
         if name.contains("embed_tokens") {

@@ -13,7 +13,7 @@ use crate::ml::llava::{load_model, Llava, ModelSource, Segment};
 use crate::ml::rng::Rng;
 use crate::ml::tiny::{write_tiny, TinyOptions};
 
-fn tiny_model() -> (tempfile::TempDir, Llava) {
+pub(super) fn tiny_model() -> (tempfile::TempDir, Llava) {
     let dir = tempfile::tempdir().expect("temp dir");
     let m = write_tiny(dir.path(), &TinyOptions::default()).expect("tiny model writes");
     let src = ModelSource::resolve(&m, None, None).expect("tiny model resolves");
@@ -23,7 +23,7 @@ fn tiny_model() -> (tempfile::TempDir, Llava) {
 
 /// Two rows of different lengths (so padding is exercised), each: BOS + prompt text (masked),
 /// image, more prompt (masked), an assistant answer (supervised).
-fn batch(vocab: u32) -> (Vec<TrainExample>, Vec<Tensor>) {
+pub(super) fn batch(vocab: u32) -> (Vec<TrainExample>, Vec<Tensor>) {
     let mut rng = Rng::new(11);
     let mut ids = |n: usize| -> Vec<u32> {
         (0..n)
@@ -55,12 +55,12 @@ fn batch(vocab: u32) -> (Vec<TrainExample>, Vec<Tensor>) {
     (examples, pixels)
 }
 
-fn loss_of(model: &Llava, examples: &[TrainExample], pixels: &[Tensor]) -> Tensor {
+pub(super) fn loss_of(model: &Llava, examples: &[TrainExample], pixels: &[Tensor]) -> Tensor {
     let (logits, labels) = forward_batch(model, examples, pixels).expect("forward");
     masked_cross_entropy(&logits, &labels).expect("loss")
 }
 
-fn scalar(t: &Tensor) -> f64 {
+pub(super) fn scalar(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64)
         .and_then(|t| t.to_scalar::<f64>())
         .expect("scalar")
@@ -115,7 +115,7 @@ fn kind_of(name: &str) -> &'static str {
     }
 }
 
-fn set_entry(var: &Var, values: &[f64], i: usize, v: f64) {
+pub(super) fn set_entry(var: &Var, values: &[f64], i: usize, v: f64) {
     let mut w = values.to_vec();
     w[i] = v;
     let t = Tensor::from_vec(w, var.shape(), &Device::Cpu).expect("perturbed tensor");
