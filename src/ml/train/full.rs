@@ -191,7 +191,7 @@ mod tests {
     use crate::ml::tiny::{write_tiny, TinyOptions};
     use crate::ml::train::batch::forward_batch;
 
-    use crate::ml::train::tests::{batch, loss_of as loss, scalar};
+    use crate::ml::train::tests::{batch, check_against_finite_differences, scalar};
 
     fn kind_of(name: &str) -> &'static str {
         if name.contains("embed_tokens") {
@@ -209,13 +209,6 @@ mod tests {
         } else {
             "other"
         }
-    }
-
-    fn set_entry(var: &Var, values: &[f64], i: usize, v: f64) {
-        let mut w = values.to_vec();
-        w[i] = v;
-        let t = Tensor::from_vec(w, var.shape(), &Device::Cpu).expect("perturbed tensor");
-        var.set(&t).expect("var set");
     }
 
     /// Every kind of full-mode var: the 2 largest-|grad| entries of every var against central
@@ -236,45 +229,7 @@ mod tests {
             1 + 2 * c.num_hidden_layers + 1 + 7 * c.num_hidden_layers + 1 + 4
         );
         let (ex, px) = batch(c.vocab_size as u32);
-        let grads = loss(&model, &ex, &px).backward().expect("backward");
-        assert_eq!(params.missing_gradients(&grads), Vec::<String>::new());
-        let eps = 1e-5;
-        let mut worst: BTreeMap<&str, f64> = BTreeMap::new();
-        for (name, var) in &params.vars {
-            let g: Vec<f64> = grads
-                .get(var.as_tensor())
-                .expect("checked above")
-                .flatten_all()
-                .and_then(|t| t.to_vec1())
-                .expect("grad values");
-            assert!(
-                g.iter().any(|v| *v != 0.0),
-                "{name}: all-zero gradient (severed path?)"
-            );
-            let values: Vec<f64> = var
-                .as_tensor()
-                .flatten_all()
-                .and_then(|t| t.to_vec1())
-                .expect("values");
-            let mut order: Vec<usize> = (0..g.len()).collect();
-            order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-            for &i in order.iter().take(2) {
-                set_entry(var, &values, i, values[i] + eps);
-                let plus = scalar(&loss(&model, &ex, &px));
-                set_entry(var, &values, i, values[i] - eps);
-                let minus = scalar(&loss(&model, &ex, &px));
-                set_entry(var, &values, i, values[i]);
-                let numeric = (plus - minus) / (2.0 * eps);
-                let rel = (g[i] - numeric).abs() / g[i].abs().max(numeric.abs());
-                assert!(
-                    rel < 1e-5,
-                    "{name}[{i}]: analytic {:e} vs numeric {numeric:e} (rel {rel:e})",
-                    g[i]
-                );
-                let w = worst.entry(kind_of(name)).or_insert(0.0);
-                *w = w.max(rel);
-            }
-        }
+        let worst = check_against_finite_differences(&model, &params, &ex, &px, 2, kind_of);
         eprintln!("full mode: max relative error per kind {worst:?}");
         let kinds: Vec<&str> = worst.keys().copied().collect();
         assert_eq!(
