@@ -345,6 +345,26 @@ struct Item {
     choices: Option<(Vec<String>, usize)>,
 }
 
+/// A book cover (OCR-VQA-like): the genre's colour, a title word near the top, an author name
+/// near the bottom. Returns the canvas and the genre index, title and author.
+fn book_cover(
+    rng: &mut SplitMix64,
+    size: u32,
+    scale: i64,
+) -> (Canvas, usize, &'static str, &'static str) {
+    let genre = rng.below(GENRES.len());
+    let mut canvas = Canvas::new(size, GENRES[genre].1);
+    let title = *rng.pick(&WORDS);
+    let author = *rng.pick(&AUTHORS);
+    let ink = [20, 20, 20];
+    canvas.rect(0, 0, i64::from(size), scale, ink);
+    let tx = rng.below((i64::from(size) - title.len() as i64 * 6 * scale).max(1) as usize) as i64;
+    canvas.text(tx, 3 * scale, title, scale, ink);
+    let ax = rng.below((i64::from(size) - author.len() as i64 * 6 * scale).max(1) as usize) as i64;
+    canvas.text(ax, i64::from(size) - 9 * scale, author, scale, ink);
+    (canvas, genre, title, author)
+}
+
 fn background(rng: &mut SplitMix64, size: u32) -> Canvas {
     let g = 225 + rng.below(25) as u8;
     Canvas::new(size, [g, g, g.saturating_sub(rng.below(10) as u8)])
@@ -534,18 +554,8 @@ fn gen_item(task: &MiniTask, rng: &mut SplitMix64, id: &str, image: String, size
             }
         }
         ScorerKind::OCRVQA => {
-            let genre = rng.below(GENRES.len());
-            canvas = Canvas::new(size, GENRES[genre].1);
-            let title = *rng.pick(&WORDS);
-            let author = *rng.pick(&AUTHORS);
-            let ink = [20, 20, 20];
-            canvas.rect(0, 0, i64::from(size), scale, ink);
-            let tx = rng.below((i64::from(size) - title.len() as i64 * 6 * scale).max(1) as usize)
-                as i64;
-            canvas.text(tx, 3 * scale, title, scale, ink);
-            let ax = rng.below((i64::from(size) - author.len() as i64 * 6 * scale).max(1) as usize)
-                as i64;
-            canvas.text(ax, i64::from(size) - 9 * scale, author, scale, ink);
+            let (cover, genre, title, author) = book_cover(rng, size, scale);
+            canvas = cover;
             let k = rng.below(3);
             let a = match k {
                 0 => title,

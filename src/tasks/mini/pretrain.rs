@@ -14,8 +14,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::draw::Canvas;
-use super::{background, json_bytes, place, write, AUTHORS, COLORS, GENRES, SHAPES, WORDS};
+use super::{
+    background, book_cover, json_bytes, place, write, AUTHORS, COLORS, GENRES, SHAPES, WORDS,
+};
 use crate::tasks::formats::{Qid, TrainRecord, Turn};
 use crate::tasks::rng::SplitMix64;
 use crate::tasks::TaskError;
@@ -110,18 +111,8 @@ pub fn caption_item(rng: &mut SplitMix64, size: u32) -> Caption {
             format!("{n} {noun}: {}", count_shapes(&parts))
         }
         "book" => {
-            let genre = rng.below(GENRES.len());
-            canvas = Canvas::new(size, GENRES[genre].1);
-            let title = *rng.pick(&WORDS);
-            let author = *rng.pick(&AUTHORS);
-            let ink = [20, 20, 20];
-            canvas.rect(0, 0, i64::from(size), scale, ink);
-            let tx = rng.below((i64::from(size) - title.len() as i64 * 6 * scale).max(1) as usize)
-                as i64;
-            canvas.text(tx, 3 * scale, title, scale, ink);
-            let ax = rng.below((i64::from(size) - author.len() as i64 * 6 * scale).max(1) as usize)
-                as i64;
-            canvas.text(ax, i64::from(size) - 9 * scale, author, scale, ink);
+            let (cover, genre, title, author) = book_cover(rng, size, scale);
+            canvas = cover;
             format!("a {} book called {title} by {author}", GENRES[genre].0)
         }
         _ => {
