@@ -212,12 +212,84 @@ fn the_pre_checkpoint_gate_sees_the_new_scores_and_can_veto_a_trained_checkpoint
     // The branch did not move.
     let now = show(&env, "HEAD");
     assert_eq!(now["id"].as_str().unwrap(), head);
-    // --no-verify skips the gate.
+    // Running it again reuses the vetoed checkpoint (same training key) but not past the gate.
+    let e = env.coin(&["train", "mini-GQA"]).code(1);
+    assert!(
+        e.stderr.contains("Reusing checkpoint") && e.stderr.contains("no: mini-GQA"),
+        "{}",
+        e.stderr
+    );
+    assert_eq!(show(&env, "HEAD")["id"].as_str().unwrap(), head);
+    // --no-verify skips the gate; post-train runs after the checkpoint is published.
+    let post = env.write(
+        ".coin/hooks/post-train",
+        "#!/bin/sh\necho \"$COIN_TASK $COIN_CHECKPOINT\" > post-train.txt\n",
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&post, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
     let t = env
         .coin(&["train", "mini-GQA", "--no-verify", "--json"])
         .success()
         .json();
+    assert_eq!(t["reused"], true);
     assert_eq!(show(&env, "HEAD")["id"], t["checkpoint"]);
+    // A step that trains (not reused) runs post-train after publishing.
+    let t = env
+        .coin(&["train", "mini-VQAv2", "--no-verify", "--json"])
+        .success()
+        .json();
+    assert_eq!(t["reused"], false);
+    let seen = std::fs::read_to_string(env.path("post-train.txt")).unwrap();
+    assert_eq!(
+        seen.trim(),
+        format!("mini-VQAv2 {}", t["checkpoint"].as_str().unwrap())
+    );
+}
+
+#[test]
+fn eval_task_choices_and_the_full_grid() {
+    let env = setup();
+    let t = env
+        .coin(&["train", "mini-VizWiz", "--eval-tasks", "none", "--json"])
+        .success()
+        .json();
+    assert_eq!(t["evals"].as_array().unwrap().len(), 0);
+    let t = env
+        .coin(&[
+            "train",
+            "mini-GQA",
+            "--eval-tasks",
+            "mini-VQAv2,mini-GQA",
+            "--json",
+        ])
+        .success()
+        .json();
+    let tasks: Vec<&str> = t["evals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["task"].as_str().unwrap())
+        .collect();
+    assert_eq!(tasks, ["mini-VQAv2", "mini-GQA"]);
+    // --full-grid: the first step is also evaluated on the later task (upper triangle).
+    let r = env
+        .coin(&[
+            "run",
+            "--order",
+            "mini-VQAv2,mini-ImageNet",
+            "--branch",
+            "grid",
+            "--full-grid",
+            "--json",
+        ])
+        .success()
+        .json();
+    let m = &r["matrix"]["matrix"];
+    assert!(m[0][1].is_number(), "upper-triangle cell missing: {m}");
+    assert!(m[1][0].is_number() && m[1][1].is_number(), "{m}");
 }
 
 #[test]

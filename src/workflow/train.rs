@@ -252,21 +252,22 @@ pub fn train_task(
 
     if !req.retrain {
         if let Some(found) = find_by_key(repo, &key)? {
-            if head != Some(found) {
-                let _lock = repo.lock()?;
-                repo.update_branch(
-                    &branch,
-                    head,
-                    found,
-                    &format!("coin train: reuse {} for {}", short(found), def.name),
-                )?;
-            }
             progress.note(&format!(
                 "Reusing checkpoint {} (same parent, data, template and settings: training key \
                  {}).",
                 short(found),
                 &key[..12]
             ));
+            // A reused checkpoint passes the same gate as a new one (it may be one the gate
+            // vetoed before: its eval notes keep it known to the repository).
+            if head != Some(found) {
+                if let Some(g) = repo.publish_checkpoint(&branch, head, found, req.skip_hooks)? {
+                    let text = g.output();
+                    if !text.is_empty() {
+                        progress.note(&text);
+                    }
+                }
+            }
             let evals = run_evals(repo, found, cfg, req, &def.name, None, progress)?;
             return Ok(TrainOutcome {
                 checkpoint: found,
