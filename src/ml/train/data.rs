@@ -8,10 +8,14 @@
 //! Labels: LLaVA masks the system prompt and every `USER: … ASSISTANT: ` part by recomputing
 //! token lengths of each round (with SentencePiece-specific `-2` corrections that go wrong for
 //! other tokenizers: its "tokenization mismatch" warning). We label by character position
-//! instead: a token is supervised iff its span in the text overlaps an assistant reply (the
-//! reply text plus its `</s>`). With LLaMA's tokenizer this supervises exactly the tokens LLaVA
-//! supervises (the reply's first token carries the separating space, `▁word`, and `</s>`); BOS,
-//! image places and padding are never supervised.
+//! instead: a token is supervised iff its span in the text overlaps an assistant reply: the
+//! separating space after `ASSISTANT:`, the reply text and its `</s>` — exactly what
+//! generation, prompted with `… ASSISTANT:`, has to produce. With LLaMA's tokenizer this
+//! supervises the tokens LLaVA supervises (the reply's first token carries the space,
+//! `▁word`, and `</s>`). A byte-level BPE without a merge for ` word` makes the space a token
+//! of its own: it is supervised too (leaving it out taught the tiny demo models every reply
+//! except its first token, so greedy decoding after `ASSISTANT:` started from an untrained
+//! position). BOS, image places and padding are never supervised.
 //!
 //! Sequences longer than `max_positions` (image patches counted) are cut at the end, as LLaVA
 //! truncates to `model_max_length`; an example left with no supervised token is skipped and
@@ -56,7 +60,7 @@ pub struct PrepareStats {
 }
 
 /// The conversation text of a record and the byte ranges of its assistant replies (each
-/// including the `</s>` that ends it).
+/// from the space after `ASSISTANT:` to the `</s>` that ends it).
 pub fn conversation_text(record: &TrainRecord) -> Result<(String, Vec<(usize, usize)>)> {
     record
         .validate()
@@ -83,8 +87,12 @@ pub fn conversation_text(record: &TrainRecord) -> Result<(String, Vec<(usize, us
         }
         text.push_str("USER: ");
         text.push_str(&user);
-        text.push_str(" ASSISTANT: ");
+        text.push_str(" ASSISTANT:");
+        // The reply starts at the separating space: generation is prompted with
+        // `… ASSISTANT:` and must produce it (as `▁word` with LLaMA's tokenizer, or as a
+        // token of its own with a byte-level BPE that has no merge for ` word`).
         let start = text.len();
+        text.push(' ');
         text.push_str(&pair[1].value);
         text.push_str("</s>");
         replies.push((start, text.len()));
@@ -323,7 +331,7 @@ mod tests {
             )
         );
         let got: Vec<&str> = replies.iter().map(|&(a, b)| &text[a..b]).collect();
-        assert_eq!(got, ["A cat</s>", "Yes</s>"]);
+        assert_eq!(got, [" A cat</s>", " Yes</s>"]);
     }
 
     #[test]

@@ -130,8 +130,7 @@ fn labels_supervise_exactly_the_assistant_replies() {
     assert_eq!(s.replace(' ', ""), "red</s>yes</s>", "supervised: {s:?}");
     let u = dec(&unsup);
     assert!(
-        // (a byte-level BPE may keep the space before a reply as its own, unsupervised token)
-        u.trim_end().ends_with("USER: Is it a circle? ASSISTANT:"),
+        u.ends_with("USER: Is it a circle? ASSISTANT:"),
         "unsupervised: {u:?}"
     );
     assert!(!u.contains("red") && !u.contains("yes"), "{u:?}");
@@ -139,6 +138,71 @@ fn labels_supervise_exactly_the_assistant_replies() {
     for (&id, &l) in ids.iter().zip(&ex.text_labels) {
         assert!(l == IGNORE_INDEX || l == i64::from(id));
     }
+}
+
+/// What training supervises is what greedy decoding must produce: the first turn's tokens
+/// are the generation prompt's tokens followed by supervised tokens only. The tiny byte-level
+/// BPE has no merge for ` B` or ` 3` (the space is a token of its own), so this fails if the
+/// separating space after `ASSISTANT:` is left unsupervised.
+#[test]
+fn every_token_after_the_generation_prompt_is_supervised() {
+    let f = fixture(2, 1);
+    let m = load(&f.model_dir, DType::F32);
+    let text_ids = |segments: &[Segment]| -> Vec<u32> {
+        segments
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Text(t) => Some(t.clone()),
+                Segment::Image => None,
+            })
+            .flatten()
+            .collect()
+    };
+    let mut separate_space = 0;
+    for (q, a) in [
+        ("Which one?\nA. red\nB. blue", "B"),
+        ("How many shapes are there?", "3"),
+        ("What color is this?", "red"),
+        ("Where is it?", "[0.25, 0.50, 0.50, 0.75]"),
+    ] {
+        let record = super::data::record(true, &[(&format!("<image>\n{q}"), a)]);
+        let ex = encode_record(&m.tokenizer, &record).expect("encodes");
+        let ids = text_ids(&ex.segments);
+        let prompt = m
+            .tokenizer
+            .encode_prompt(&crate::ml::template::image_question_prompt(q))
+            .expect("prompt encodes");
+        let prompt_ids = text_ids(&prompt);
+        assert_eq!(
+            &ids[..prompt_ids.len()],
+            &prompt_ids[..],
+            "{q}: same prefix"
+        );
+        assert!(
+            ex.text_labels[..prompt_ids.len()]
+                .iter()
+                .all(|&l| l == IGNORE_INDEX),
+            "{q}: a prompt token is supervised"
+        );
+        let rest = &ex.text_labels[prompt_ids.len()..];
+        assert!(
+            rest.iter().all(|&l| l != IGNORE_INDEX),
+            "{q} -> {a}: a token generation must produce is unsupervised: {rest:?}"
+        );
+        let first = m
+            .tokenizer
+            .tokenizer
+            .decode(&[ids[prompt_ids.len()]], false)
+            .expect("decodes");
+        if first == " " {
+            separate_space += 1;
+        }
+    }
+    // The case the test is about occurs with this tokenizer.
+    assert!(
+        separate_space > 0,
+        "no reply starts with a lone space token"
+    );
 }
 
 fn settings(kind: AdapterKind, seed: u64) -> AdapterSettings {
