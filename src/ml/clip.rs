@@ -3,12 +3,15 @@
 //!
 //! Layer selection follows HF's `hidden_states[k]`: index 0 is the embeddings after
 //! `pre_layrnorm`, index i the output of layer i, so LLaVA's −2 on a 24-layer tower is layer 23's
-//! output and only 23 layers run. The tower is never trained, so fused ops are fine here.
+//! output and only 23 layers run. Every op here has a backward (layer norm and softmax are
+//! composed of plain tensor ops), so the tower can be trained in full
+//! ([`crate::ml::train::TrainableParams::attach_full`] with the vision tower: the demo's tiny base).
 
 use candle_core::{Module, Tensor, D};
 
 use super::config::{ClipConfig, FeatureSelect};
 use super::linear::Linear;
+use super::llama::compute_dtype;
 use super::load::Vb;
 use super::Result;
 
@@ -28,7 +31,7 @@ impl LayerNorm {
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(candle_core::DType::F32)?;
+        let x = x.to_dtype(compute_dtype(dtype))?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -73,10 +76,9 @@ impl ClipLayer {
         let k = split(self.k_proj.forward(&h)?)?;
         let v = split(self.v_proj.forward(&h)?)?;
         let dtype = q.dtype();
-        let att = q
-            .to_dtype(candle_core::DType::F32)?
-            .matmul(&k.to_dtype(candle_core::DType::F32)?.t()?)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(dtype)?;
+        let cd = compute_dtype(dtype);
+        let att = q.to_dtype(cd)?.matmul(&k.to_dtype(cd)?.t()?)?;
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?.to_dtype(dtype)?;
         let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         let x = (x + self.out_proj.forward(&o)?)?;
         let h = self.ln2.forward(&x)?;
@@ -138,6 +140,36 @@ impl ClipVision {
             layers,
             config: config.clone(),
         })
+    }
+
+    /// Every tensor of the tower that is not a linear layer's, by its key under the tower's
+    /// prefix (`embeddings.patch_embedding.weight` is held as (d, c·p·p), the checkpoint's
+    /// (d, c, p, p) flattened), for full training.
+    pub(crate) fn tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut v: Vec<(String, &mut Tensor)> = vec![
+            (
+                "embeddings.patch_embedding.weight".into(),
+                &mut self.patch_w,
+            ),
+            (
+                "embeddings.class_embedding".into(),
+                &mut self.class_embedding,
+            ),
+            (
+                "embeddings.position_embedding.weight".into(),
+                &mut self.position_embedding,
+            ),
+            ("pre_layrnorm.weight".into(), &mut self.pre_ln.w),
+            ("pre_layrnorm.bias".into(), &mut self.pre_ln.b),
+        ];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("encoder.layers.{i}");
+            v.push((format!("{p}.layer_norm1.weight"), &mut l.ln1.w));
+            v.push((format!("{p}.layer_norm1.bias"), &mut l.ln1.b));
+            v.push((format!("{p}.layer_norm2.weight"), &mut l.ln2.w));
+            v.push((format!("{p}.layer_norm2.bias"), &mut l.ln2.b));
+        }
+        v
     }
 
     /// Pixel values (b, 3, H, W) → selected hidden state (b, n, d), CLS dropped for `Patch`.

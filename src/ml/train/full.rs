@@ -4,15 +4,20 @@
 //! [`TrainableParams::attach_full`] turns every weight of the LLM — token embeddings, every
 //! decoder linear, both RMSNorms of every layer, the final norm and `lm_head` — plus the
 //! projector's weights and biases into trainable `Var`s (f32, f64 for an f64 model) that the
-//! ordinary [`super::trainer::train`] loop updates. The vision tower stays frozen: its fused
-//! ops (`softmax_last_dim`, layer norm) have no backward, and the demo does not need it
-//! trained (its random features already tell the images apart; the projector learns to read
-//! them). A model with tied embeddings is refused (one var would have to serve two places).
+//! ordinary [`super::trainer::train`] loop updates. With [`FullScope::WithVisionTower`] every
+//! tensor of the CLIP tower that runs (patch and position embeddings, class embedding, every
+//! layer norm, every encoder linear) is trained too: the demo's tiny base starts from a
+//! random tower, whose 32-wide random features lose the shapes and written words of the
+//! pictures. (Real LLaVA keeps CLIP frozen: use [`FullScope::LanguageModel`] there.) A model
+//! with tied embeddings is refused (one var would have to serve two places).
 //!
 //! Var names: `language_model.embed_tokens.weight`, `language_model.layers.N.<linear>.weight`
 //! (the canonical linear names of [`Llava::linears_mut`] + `.weight`),
 //! `language_model.layers.N.{input,post_attention}_layernorm.weight`,
-//! `language_model.norm.weight`, `lm_head.weight`, `multi_modal_projector.linear_{1,2}.{weight,bias}`.
+//! `language_model.norm.weight`, `lm_head.weight`, `multi_modal_projector.linear_{1,2}.{weight,bias}`,
+//! and for the tower `vision_tower.<key under the CLIP vision model>` (e.g.
+//! `vision_tower.embeddings.patch_embedding.weight`, held flattened as (d, c·p·p);
+//! `vision_tower.encoder.layers.N.self_attn.q_proj.weight`).
 //!
 //! [`save_full_model`] writes a llava-hf directory: the source model's `model.safetensors` with
 //! every trained tensor replaced (same key names and layout, so the vision tower is copied
@@ -42,11 +47,21 @@ fn to_var(t: &Tensor, dtype: DType) -> Result<Var> {
     Ok(Var::from_tensor(&t.to_dtype(dtype)?)?)
 }
 
+/// Which weights full training updates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FullScope {
+    /// The language model and the projector (the vision tower stays frozen, as in LLaVA).
+    LanguageModel,
+    /// The language model, the projector and the vision tower (a random tiny base).
+    WithVisionTower,
+}
+
 impl TrainableParams {
-    /// Make every LLM weight and the projector trainable (see the module docs). Any adapter
-    /// is removed first. `seed` only seeds the (unused: full training has no dropout) dropout
-    /// stream; the recorded `settings` are placeholders (no adapter).
-    pub fn attach_full(model: &mut Llava, seed: u64) -> Result<Self> {
+    /// Make every LLM weight and the projector trainable, and the vision tower too for
+    /// [`FullScope::WithVisionTower`] (see the module docs). Any adapter is removed first.
+    /// `seed` only seeds the (unused: full training has no dropout) dropout stream; the
+    /// recorded `settings` are placeholders (no adapter).
+    pub fn attach_full(model: &mut Llava, seed: u64, scope: FullScope) -> Result<Self> {
         if model.config.text.tie_word_embeddings {
             return Err(MlError::Input(
                 "full training of a model with tied embeddings is not supported".into(),
@@ -72,8 +87,15 @@ impl TrainableParams {
         let v = to_var(&llm.norm.weight, dtype)?;
         llm.norm.weight = v.as_tensor().clone();
         vars.push(("language_model.norm.weight".to_string(), v));
+        if scope == FullScope::WithVisionTower {
+            for (name, t) in model.vision.tensors_mut() {
+                let v = to_var(t, dtype)?;
+                *t = v.as_tensor().clone();
+                vars.push((format!("vision_tower.{name}"), v));
+            }
+        }
         for (name, lin) in model.linears_mut() {
-            if name.starts_with("vision_tower.") {
+            if name.starts_with("vision_tower.") && scope == FullScope::LanguageModel {
                 continue;
             }
             let w = to_var(&lin.weight, dtype)?;
@@ -114,6 +136,15 @@ pub fn hf_key(layout: Layout, var_name: &str) -> Result<String> {
         (Layout::HfNew, n) if n.starts_with("language_model.") => format!("model.{n}"),
         (Layout::HfOld, n) if n.starts_with("multi_modal_projector.") => n.to_string(),
         (Layout::HfNew, n) if n.starts_with("multi_modal_projector.") => format!("model.{n}"),
+        (Layout::HfOld, n) if n.starts_with("vision_tower.") => {
+            format!("vision_tower.vision_model.{}", &n["vision_tower.".len()..])
+        }
+        (Layout::HfNew, n) if n.starts_with("vision_tower.") => {
+            format!(
+                "model.vision_tower.vision_model.{}",
+                &n["vision_tower.".len()..]
+            )
+        }
         _ => {
             return Err(MlError::Input(format!(
                 "cannot save '{var_name}' of a {layout:?} model as a llava-hf model (only \
@@ -135,7 +166,11 @@ pub fn save_full_model(params: &TrainableParams, source: &Path, out: &Path) -> R
     }
     let mut replaced = 0usize;
     for (name, var) in &params.vars {
-        let key = hf_key(params.layout, name)?;
+        let mut key = hf_key(params.layout, name)?;
+        if !tensors.iter().any(|(k, _)| *k == key) && key.contains(".vision_model.") {
+            // Some checkpoints keep the tower without the `vision_model.` level.
+            key = key.replacen(".vision_model.", ".", 1);
+        }
         let slot =
             tensors
                 .iter_mut()
@@ -144,7 +179,11 @@ pub fn save_full_model(params: &TrainableParams, source: &Path, out: &Path) -> R
                     name: key.clone(),
                     source_desc: source.display().to_string(),
                 })?;
-        if slot.1.dims() != var.dims() {
+        // The patch embedding is held flattened: (d, c·p·p) for the checkpoint's (d, c, p, p).
+        let flattened = key.ends_with("patch_embedding.weight")
+            && slot.1.rank() == 4
+            && slot.1.elem_count() == var.elem_count();
+        if slot.1.dims() != var.dims() && !flattened {
             return Err(MlError::Input(format!(
                 "'{key}' has shape {:?} in '{}', the trained var {:?}",
                 slot.1.dims(),
@@ -152,7 +191,10 @@ pub fn save_full_model(params: &TrainableParams, source: &Path, out: &Path) -> R
                 var.dims()
             )));
         }
-        slot.1 = var.as_tensor().to_dtype(slot.1.dtype())?;
+        slot.1 = var
+            .as_tensor()
+            .reshape(slot.1.dims())?
+            .to_dtype(slot.1.dtype())?;
         replaced += 1;
     }
     if replaced != params.vars.len() {
@@ -194,7 +236,15 @@ mod tests {
     use crate::ml::train::tests::{batch, check_against_finite_differences, scalar};
 
     fn kind_of(name: &str) -> &'static str {
-        if name.contains("embed_tokens") {
+        if name.starts_with("vision_tower.") {
+            if name.contains("layer_norm") || name.contains("layrnorm") {
+                "vision_norm"
+            } else if name.contains(".embeddings.") {
+                "vision_embedding"
+            } else {
+                "vision_linear"
+            }
+        } else if name.contains("embed_tokens") {
             "embed_tokens"
         } else if name.contains("layernorm") || name.contains(".norm.") {
             "norm"
@@ -212,48 +262,61 @@ mod tests {
     }
 
     /// Every kind of full-mode var: the 2 largest-|grad| entries of every var against central
-    /// differences in f64; every var reached with a non-zero gradient.
+    /// differences in f64; every var reached with a non-zero gradient. Both scopes.
     #[test]
     fn full_mode_gradients_match_finite_differences_and_reach_every_var() {
         let dir = tempfile::tempdir().expect("temp dir");
         let m = write_tiny(dir.path(), &TinyOptions::default()).expect("tiny model writes");
         let src = ModelSource::resolve(&m, None, None).expect("resolves");
-        let mut model = load_model(&src, &Device::Cpu, DType::F64)
-            .expect("loads")
-            .model;
-        let params = TrainableParams::attach_full(&mut model, 3).expect("attach_full");
-        let c = &model.config.text;
-        // embed, 2 norms per layer, final norm, 7 linears per layer, lm_head, projector (4).
-        assert_eq!(
-            params.vars.len(),
-            1 + 2 * c.num_hidden_layers + 1 + 7 * c.num_hidden_layers + 1 + 4
-        );
-        let (ex, px) = batch(c.vocab_size as u32);
-        let worst = check_against_finite_differences(&model, &params, &ex, &px, 2, kind_of);
-        eprintln!("full mode: max relative error per kind {worst:?}");
-        let kinds: Vec<&str> = worst.keys().copied().collect();
-        assert_eq!(
-            kinds,
-            [
+        for scope in [FullScope::LanguageModel, FullScope::WithVisionTower] {
+            let mut model = load_model(&src, &Device::Cpu, DType::F64)
+                .expect("loads")
+                .model;
+            let params = TrainableParams::attach_full(&mut model, 3, scope).expect("attach_full");
+            let c = &model.config.text;
+            // embed, 2 norms per layer, final norm, 7 linears per layer, lm_head, projector (4).
+            let mut expected = 1 + 2 * c.num_hidden_layers + 1 + 7 * c.num_hidden_layers + 1 + 4;
+            let mut kinds_expected = vec![
                 "attention_linear",
                 "embed_tokens",
                 "lm_head",
                 "mlp_linear",
                 "norm",
-                "projector"
-            ]
-        );
+                "projector",
+            ];
+            if scope == FullScope::WithVisionTower {
+                // patch, class and position embeddings, pre-LN (2); per layer that runs:
+                // 2 layer norms (4) and 6 linears with biases (12).
+                expected += 5 + 16 * model.vision.layers.len();
+                kinds_expected.extend(["vision_embedding", "vision_linear", "vision_norm"]);
+            }
+            assert_eq!(params.vars.len(), expected, "{scope:?}");
+            let (ex, px) = batch(c.vocab_size as u32);
+            let worst = check_against_finite_differences(&model, &params, &ex, &px, 2, kind_of);
+            eprintln!("full mode {scope:?}: max relative error per kind {worst:?}");
+            let kinds: Vec<&str> = worst.keys().copied().collect();
+            kinds_expected.sort_unstable();
+            assert_eq!(kinds, kinds_expected, "{scope:?}");
+        }
     }
 
     /// Train-mode values (random perturbation of every var) saved and loaded back: logits
-    /// identical, different from the source model, vision tower bit-identical.
+    /// identical, different from the source model; the vision tower bit-identical when it
+    /// was not trained, every one of its trained tensors changed when it was.
     #[test]
     fn saved_full_model_loads_back_with_identical_logits() {
+        for scope in [FullScope::LanguageModel, FullScope::WithVisionTower] {
+            saved_full_model_round_trip(scope);
+        }
+    }
+
+    fn saved_full_model_round_trip(scope: FullScope) {
         let dir = tempfile::tempdir().expect("temp dir");
         let m = write_tiny(&dir.path().join("src"), &TinyOptions::default()).expect("tiny");
         let src = ModelSource::resolve(&m, None, None).expect("resolves");
         let mut loaded = load_model(&src, &Device::Cpu, DType::F32).expect("loads");
-        let params = TrainableParams::attach_full(&mut loaded.model, 3).expect("attach_full");
+        let params =
+            TrainableParams::attach_full(&mut loaded.model, 3, scope).expect("attach_full");
         let mut rng = Rng::new(7);
         for (_, var) in &params.vars {
             let noise = Tensor::from_vec(
@@ -310,6 +373,17 @@ mod tests {
             b.keys().collect::<Vec<_>>(),
             "same key names"
         );
+        let vision_trained: Vec<String> = params
+            .vars
+            .iter()
+            .filter(|(n, _)| n.starts_with("vision_tower."))
+            .map(|(n, _)| hf_key(params.layout, n).expect("key"))
+            .collect();
+        assert_eq!(
+            vision_trained.is_empty(),
+            scope == FullScope::LanguageModel,
+            "{scope:?}"
+        );
         for (k, t) in &a {
             if k.starts_with("vision_tower.") {
                 let d = scalar(
@@ -319,7 +393,11 @@ mod tests {
                         .and_then(|d| d.max_all())
                         .expect("max"),
                 );
-                assert_eq!(d, 0.0, "{k} copied unchanged");
+                if vision_trained.contains(k) {
+                    assert!(d > 0.0, "{k} was trained but saved unchanged");
+                } else {
+                    assert_eq!(d, 0.0, "{k} copied unchanged");
+                }
             }
         }
     }
