@@ -103,10 +103,16 @@ pub fn tiny_tokenizer(corpus: &str, vocab_size: usize) -> Result<Tokenizer> {
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build()
         .into();
-    let mut lines: Vec<String> = vec![
-        VICUNA_V1_SYSTEM.to_string(),
-        vicuna_v1(&[("<image>\nWhat is in the image?", Some("A picture."))]),
-    ];
+    // The template is in every prompt: weigh it like that (a pair seen once is never merged,
+    // and a system prompt spelled byte by byte makes every sequence ~100 tokens longer).
+    let mut lines: Vec<String> = Vec::new();
+    for _ in 0..4 {
+        lines.push(VICUNA_V1_SYSTEM.to_string());
+        lines.push(vicuna_v1(&[(
+            "<image>\nWhat is in the image?",
+            Some("A picture."),
+        )]));
+    }
     lines.extend(corpus.lines().map(str::to_string));
     tok.train(&mut trainer, lines.iter()).map_err(tok_err)?;
     let template = TemplateProcessing::builder()
