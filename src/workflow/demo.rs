@@ -31,7 +31,7 @@ use crate::ml::image::AspectMode;
 use crate::ml::llava::{load_model, ModelSource};
 use crate::ml::tiny::{write_tiny, TinyOptions};
 use crate::ml::train::data::prepare_samples;
-use crate::ml::train::full::save_full_model;
+use crate::ml::train::full::{save_full_model, FullScope};
 use crate::ml::train::optim::Schedule;
 use crate::ml::train::params::TrainableParams;
 use crate::ml::train::trainer::{train, CheckpointPolicy, TrainConfig as LoopConfig, TrainReport};
@@ -75,6 +75,14 @@ pub struct DemoSettings {
     pub captions: usize,
     /// Seed of the caption data (distinct from the task data's).
     pub captions_seed: u64,
+    /// Share of the caption items asked as multiple choice (`pretrain::choice_prompt`).
+    pub captions_choice: f64,
+    /// Share of the caption items asked as a short question (`pretrain::Caption::questions`).
+    pub captions_questions: f64,
+    /// Whether pre-training trains the (random) vision tower too.
+    pub pretrain_vision: bool,
+    /// The tiny tokenizer's vocabulary size (byte alphabet + specials + merges).
+    pub vocab_size: usize,
     /// Full-parameter pre-training: optimiser steps.
     pub pretrain_steps: usize,
     /// Pre-training batch size.
@@ -96,6 +104,10 @@ impl DemoSettings {
                 mini_test: 6,
                 captions: 48,
                 captions_seed: 1,
+                captions_choice: 0.3,
+                captions_questions: 0.3,
+                pretrain_vision: true,
+                vocab_size: 1024,
                 pretrain_steps: 6,
                 pretrain_batch: 8,
                 pretrain_lr: 3e-3,
@@ -109,6 +121,10 @@ impl DemoSettings {
                 mini_test: 40,
                 captions: 2000,
                 captions_seed: 1,
+                captions_choice: 0.3,
+                captions_questions: 0.3,
+                pretrain_vision: true,
+                vocab_size: 1024,
                 pretrain_steps: 250,
                 pretrain_batch: 16,
                 pretrain_lr: 3e-3,
@@ -439,6 +455,7 @@ pub fn run_demo(
             &random,
             &TinyOptions {
                 corpus: mini::coin_mini_corpus() + &pretrain::caption_corpus(),
+                vocab_size: settings.vocab_size,
                 ..TinyOptions::default()
             },
         )?;
@@ -455,7 +472,16 @@ pub fn run_demo(
                 "Generating {} caption items for pre-training.",
                 settings.captions
             ));
-            pretrain::generate_captions(&captions, settings.captions_seed, settings.captions, 32)?;
+            pretrain::generate_captions(
+                &captions,
+                settings.captions_seed,
+                settings.captions,
+                32,
+                pretrain::CaptionMix {
+                    choice: settings.captions_choice,
+                    questions: settings.captions_questions,
+                },
+            )?;
         }
         lap("model+captions", &mut stages);
         let record = pretrain_base(&dir, &random, &captions, &base, settings, progress)?;
@@ -581,7 +607,12 @@ fn pretrain_base(
         loaded.model.config.image_seq_len(),
         256,
     )?;
-    let params = TrainableParams::attach_full(&mut loaded.model, settings.captions_seed)?;
+    let scope = if settings.pretrain_vision {
+        FullScope::WithVisionTower
+    } else {
+        FullScope::LanguageModel
+    };
+    let params = TrainableParams::attach_full(&mut loaded.model, settings.captions_seed, scope)?;
     let lc = LoopConfig {
         epochs: (settings.pretrain_steps * settings.pretrain_batch)
             .div_ceil(samples.len().max(1))
@@ -600,10 +631,15 @@ fn pretrain_base(
     };
     progress.note(&format!(
         "Pre-training the tiny base on {} captions: {} full-parameter steps ({} parameters; the \
-         vision tower stays frozen).",
+         vision tower {}).",
         samples.len(),
         settings.pretrain_steps,
-        params.num_elements()
+        params.num_elements(),
+        if settings.pretrain_vision {
+            "is trained too"
+        } else {
+            "stays frozen"
+        }
     ));
     let policy = CheckpointPolicy {
         dir: dir.join(".coin").join("tmp").join("pretrain"),
