@@ -389,6 +389,18 @@ fn place(rng: &mut SplitMix64, size: u32, big: bool) -> (f64, f64, f64) {
     (cx, cy, r)
 }
 
+/// Radius and centres of GQA's two shapes: the middle of the left and of the right half,
+/// ±1/32 of the side across and ±1/16 up and down (version 1 placed them anywhere in their
+/// half; see [`place`] for why the positions are now nearly fixed).
+pub(crate) fn pair_layout(rng: &mut SplitMix64, size: u32) -> (f64, [(f64, f64); 2]) {
+    let s = f64::from(size);
+    let x0 = s * (0.25 + (rng.unit() - 0.5) / 16.0);
+    let x1 = s * (0.75 + (rng.unit() - 0.5) / 16.0);
+    let y0 = s * (0.5 + (rng.unit() - 0.5) / 8.0);
+    let y1 = s * (0.5 + (rng.unit() - 0.5) / 8.0);
+    (s * 0.2, [(x0, y0), (x1, y1)])
+}
+
 /// The top-left corner of a word of `len` letters drawn at `scale`: centred, ±2 px.
 pub(crate) fn word_corner(rng: &mut SplitMix64, size: u32, len: usize, scale: i64) -> (i64, i64) {
     let w = len as i64 * 6 * scale;
@@ -459,12 +471,11 @@ fn gen_item(task: &MiniTask, rng: &mut SplitMix64, id: &str, image: String, size
         ScorerKind::GQA => {
             let sh = rng.distinct(SHAPES.len(), 2);
             let co = rng.distinct(COLORS.len(), 2);
-            let r = s * 0.18;
-            // object 0 on the left half, object 1 on the right half.
-            let xs = [s * (0.2 + 0.1 * rng.unit()), s * (0.7 + 0.1 * rng.unit())];
+            // object 0 in the left half, object 1 in the right half.
+            let (r, centres) = pair_layout(rng, size);
             for i in 0..2 {
-                let cy = r + (s - 2.0 * r) * rng.unit();
-                canvas.shape(SHAPES[sh[i]].1, xs[i], cy, r, COLORS[co[i]].1);
+                let (cx, cy) = centres[i];
+                canvas.shape(SHAPES[sh[i]].1, cx, cy, r, COLORS[co[i]].1);
             }
             match rng.below(3) {
                 0 => {

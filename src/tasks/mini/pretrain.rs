@@ -93,11 +93,10 @@ pub fn caption_item(rng: &mut SplitMix64, size: u32) -> Caption {
         "pair" => {
             let sh = rng.distinct(SHAPES.len(), 2);
             let co = rng.distinct(COLORS.len(), 2);
-            let r = s * 0.18;
-            let xs = [s * (0.2 + 0.1 * rng.unit()), s * (0.7 + 0.1 * rng.unit())];
+            let (r, centres) = super::pair_layout(rng, size);
             for i in 0..2 {
-                let cy = r + (s - 2.0 * r) * rng.unit();
-                canvas.shape(SHAPES[sh[i]].1, xs[i], cy, r, COLORS[co[i]].1);
+                let (cx, cy) = centres[i];
+                canvas.shape(SHAPES[sh[i]].1, cx, cy, r, COLORS[co[i]].1);
             }
             for (i, side) in ["left", "right"].iter().enumerate() {
                 questions.push((
