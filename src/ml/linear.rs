@@ -43,9 +43,10 @@ impl Lora {
     /// The adapter's contribution for input `x` (…, in).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = dropped(&self.dropout, &to_dtype_of(x, &self.a)?)?;
-        let h = matmul_t(&x, &self.a)?;
-        let y = matmul_t(&h, &self.b)?;
-        y * self.scale
+        // The scale goes on the rank-r intermediate, not on the (…, out) result: one pass over
+        // r columns instead of `out` (forward and backward).
+        let h = (matmul_t(&x, &self.a)? * self.scale)?;
+        matmul_t(&h, &self.b)
     }
 }
 

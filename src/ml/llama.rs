@@ -1,13 +1,16 @@
 //! The LLaMA decoder: RMSNorm, RoPE (HF's rotate-half layout), grouped-query attention with a
 //! causal + padding mask, SwiGLU MLP, a KV cache for generation and `lm_head`.
 //!
-//! Every op on this path has a backward (no `softmax_last_dim`, fused `rms_norm` or fused
-//! `rope`): norms, softmax and RoPE are computed in f32 with plain tensor ops, as transformers
-//! does, so the same forward serves training.
+//! Every op on this path has a backward (no candle `softmax_last_dim`, `rms_norm` or `rope`,
+//! which have none): norms, softmax and RoPE are computed in f32, as transformers does, so the
+//! same forward serves training. On the CPU in f32/f64 RMSNorm, RoPE, the masked attention
+//! softmax and SwiGLU are [`super::fused`] kernels with an analytic backward; elsewhere (CUDA,
+//! bf16/f16) the same functions compose plain tensor ops (the `*_composed` references).
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::LlamaConfig;
+use super::fused;
 use super::linear::Linear;
 use super::load::Vb;
 use super::Result;
@@ -40,6 +43,15 @@ impl RmsNorm {
 
     /// Normalise the last dimension.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if fused::supported(x) && self.weight.dtype() == x.dtype() {
+            return fused::rms_norm(x, &self.weight, self.eps);
+        }
+        self.forward_composed(x)
+    }
+
+    /// [`RmsNorm::forward`] from plain tensor ops (any device and dtype; the fused op's
+    /// reference).
+    pub fn forward_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(compute_dtype(dtype))?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -135,7 +147,18 @@ fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
 }
 
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+/// HF's `apply_rotary_pos_emb` on `x` (b, h, s, head_dim), which may be a strided view; the
+/// result is contiguous. Fused on the CPU for f32/f64.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if fused::supported(x) {
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        return fused::rope(x, &cos, &sin);
+    }
+    apply_rope_composed(&x.contiguous()?, cos, sin)
+}
+
+/// [`apply_rope`] from plain tensor ops (any device and dtype; the fused op's reference).
+pub fn apply_rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(compute_dtype(dtype))?;
     let (cos, sin) = (cos.to_dtype(xf.dtype())?, sin.to_dtype(xf.dtype())?);
@@ -170,8 +193,8 @@ impl Attention {
             .reshape((b, s, self.kv_heads, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = apply_rope(&q.contiguous()?, cos, sin)?;
-        let k = apply_rope(&k.contiguous()?, cos, sin)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
         let (k, v) = match cache {
             Some(slot) => {
                 let kv = match slot.take() {
@@ -196,12 +219,10 @@ impl Attention {
             (k, v)
         };
         let dtype = q.dtype();
-        let scores = (q
+        let scores = q
             .to_dtype(compute_dtype(dtype))?
-            .matmul(&k.to_dtype(compute_dtype(dtype))?.t()?)?
-            / (hd as f64).sqrt())?;
-        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-        let p = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+            .matmul(&k.to_dtype(compute_dtype(dtype))?.t()?)?;
+        let p = attention_probs(&scores, mask, 1.0 / (hd as f64).sqrt())?.to_dtype(dtype)?;
         let o = p
             .matmul(&v.contiguous()?)?
             .transpose(1, 2)?
@@ -210,10 +231,42 @@ impl Attention {
     }
 }
 
+/// `softmax(scores · scale + mask)` over the keys; fused on the CPU for f32/f64.
+pub fn attention_probs(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let mask = mask.to_dtype(scores.dtype())?;
+    if fused::supported(scores) {
+        return fused::masked_softmax(scores, &mask, scale);
+    }
+    attention_probs_composed(scores, &mask, scale)
+}
+
+/// [`attention_probs`] from plain tensor ops (any device and dtype; the fused op's reference).
+pub fn attention_probs_composed(
+    scores: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let scores = (scores * scale)?.broadcast_add(mask)?;
+    candle_nn::ops::softmax(&scores, D::Minus1)
+}
+
+/// `silu(gate) · up`; fused on the CPU for f32/f64.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if fused::supported(gate) && gate.dtype() == up.dtype() {
+        return fused::swiglu(gate, up);
+    }
+    swiglu_composed(gate, up)
+}
+
+/// [`swiglu`] from plain tensor ops (any device and dtype; the fused op's reference).
+pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    gate.silu()? * up
+}
+
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+        let h = swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
     }
 }
 

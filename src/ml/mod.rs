@@ -11,6 +11,7 @@
 pub mod clip;
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod image;
 pub mod linear;

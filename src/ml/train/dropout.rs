@@ -98,6 +98,10 @@ impl Dropout {
                 .collect()
         };
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        if crate::ml::fused::supported(x) {
+            // No gradient computed or kept for the constant mask.
+            return crate::ml::fused::mul_const(x, &mask);
+        }
         x * mask
     }
 }

@@ -1,0 +1,794 @@
+//! Fused CPU kernels with an analytic backward for the decoder's element-wise hot spots.
+//!
+//! candle 0.11's own fused ops (`rms_norm`, `softmax_last_dim`, `rope`) have no backward, so the
+//! decoder used to compose RMSNorm, the masked attention softmax, RoPE and SwiGLU from 5–15
+//! small tensor ops each. On the CPU every one of them is a full pass over memory, a fresh
+//! buffer, and in the backward one more zero-filled gradient buffer plus an add per node. The
+//! ops here do each in one forward pass and one backward pass:
+//!
+//! - [`rms_norm`]: `x / √(mean(x²) + ε) · w` over the last dimension;
+//! - [`masked_softmax`]: `softmax(s · scale + mask)` over the last dimension, the additive mask
+//!   broadcast over the head dimension (the attention probabilities);
+//! - [`rope`]: HF's rotate-half rotary embedding `x·cos + rotate_half(x)·sin`, reading a strided
+//!   (transposed) `x` directly;
+//! - [`swiglu`]: `silu(g) · u`.
+//!
+//! They run for f32 and f64 tensors on the CPU ([`supported`]); callers keep the composed ops for
+//! every other device or dtype (CUDA, bf16/f16), which also serve as the tests' reference. The
+//! backward kernels return a gradient only for arguments that need one (`track_op`), so a frozen
+//! norm weight gets none. Gradients are checked against central finite differences in f64 and
+//! against the composed ops' gradients in the tests below.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
+    Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+/// Whether the fused kernels handle `t` (f32 or f64 on the CPU).
+pub fn supported(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// The float types the kernels are written for.
+trait Real:
+    WithDType
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign
+    + PartialOrd
+{
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn lowest() -> Self;
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn lowest() -> Self {
+        f32::MIN
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn lowest() -> Self {
+        f64::MIN
+    }
+}
+
+/// Elements per parallel task: below this a row block runs on the calling thread.
+const MIN_TASK_ELEMS: usize = 1 << 14;
+
+fn rows_per_task(row_len: usize) -> usize {
+    (MIN_TASK_ELEMS / row_len.max(1)).max(1)
+}
+
+/// The contiguous slice of a CPU storage under `layout`.
+fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [T]> {
+    let all = T::cpu_storage_as_slice(s)?;
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => bail!("{op}: the input must be contiguous"),
+    }
+}
+
+/// Run `f` on the contiguous values of a CPU tensor (copied first when strided).
+fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("fused ops run on the CPU only")
+    };
+    f(cpu_slice::<T>(cpu, layout, "fused op")?)
+}
+
+fn tensor_like<T: WithDType>(v: Vec<T>, like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(v, like.shape(), like.device())
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+struct RmsNorm {
+    eps: f64,
+}
+
+fn rms_norm_fwd<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let h = w.len();
+    let mut y = vec![T::zero(); x.len()];
+    let inv_h = T::from_f64(1.0 / h as f64);
+    let eps = T::from_f64(eps);
+    y.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .with_min_len(rows_per_task(h))
+        .for_each(|(yr, xr)| {
+            let mut ss = T::zero();
+            for &v in xr {
+                ss += v * v;
+            }
+            let r = T::one() / (ss * inv_h + eps).sqrt();
+            for ((o, &v), &wi) in yr.iter_mut().zip(xr).zip(w) {
+                *o = v * r * wi;
+            }
+        });
+    y
+}
+
+/// dx (and dw when asked) of RMSNorm: with `r = 1/√(mean(x²)+ε)`, `x̂ = x·r`,
+/// `dx = r·(g·w − x̂·mean(g·w·x̂))`, `dw = Σ_rows g·x̂`.
+fn rms_norm_bwd<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64, want_dw: bool) -> (Vec<T>, Vec<T>) {
+    let h = w.len();
+    let inv_h = T::from_f64(1.0 / h as f64);
+    let eps = T::from_f64(eps);
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(h)
+        .zip(x.par_chunks(h).zip(g.par_chunks(h)))
+        .with_min_len(rows_per_task(h))
+        .for_each(|(dr, (xr, gr))| {
+            let mut ss = T::zero();
+            for &v in xr {
+                ss += v * v;
+            }
+            let r = T::one() / (ss * inv_h + eps).sqrt();
+            let mut dot = T::zero();
+            for ((&v, &gi), &wi) in xr.iter().zip(gr).zip(w) {
+                dot += gi * wi * v;
+            }
+            // mean(g·w·x̂) = r · mean(g·w·x)
+            let c = dot * r * inv_h;
+            for (((o, &v), &gi), &wi) in dr.iter_mut().zip(xr).zip(gr).zip(w) {
+                *o = r * (gi * wi - v * r * c);
+            }
+        });
+    let mut dw = Vec::new();
+    if want_dw {
+        dw = vec![T::zero(); h];
+        for (xr, gr) in x.chunks(h).zip(g.chunks(h)) {
+            let mut ss = T::zero();
+            for &v in xr {
+                ss += v * v;
+            }
+            let r = T::one() / (ss * inv_h + eps).sqrt();
+            for ((d, &v), &gi) in dw.iter_mut().zip(xr).zip(gr) {
+                *d += gi * v * r;
+            }
+        }
+    }
+    (dx, dw)
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = l2.shape().elem_count();
+        if l1.shape().dims().last() != Some(&h) {
+            bail!("rms norm: weight of {h} for input {:?}", l1.shape());
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(rms_norm_fwd(
+                cpu_slice(s1, l1, self.name())?,
+                cpu_slice(s2, l2, self.name())?,
+                self.eps,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(rms_norm_fwd(
+                cpu_slice(s1, l1, self.name())?,
+                cpu_slice(s2, l2, self.name())?,
+                self.eps,
+            )),
+            _ => bail!("rms norm: f32 or f64 input and weight of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let want_dw = w.track_op();
+        macro_rules! run {
+            ($t:ty) => {
+                with_values::<$t, _>(x, |xv| {
+                    with_values::<$t, _>(w, |wv| {
+                        with_values::<$t, _>(grad, |gv| {
+                            let (dx, dw) = rms_norm_bwd(xv, wv, gv, self.eps, want_dw);
+                            let dx = tensor_like(dx, x)?;
+                            let dw = if want_dw {
+                                Some(tensor_like(dw, w)?)
+                            } else {
+                                None
+                            };
+                            Ok((Some(dx), dw))
+                        })
+                    })
+                })
+            };
+        }
+        match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            d => bail!("rms norm backward: unsupported dtype {d:?}"),
+        }
+    }
+}
+
+/// RMSNorm over the last dimension of `x` with weight `w` (shape (hidden)), f32/f64 on the CPU.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = if x.is_contiguous() {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    let w = if w.is_contiguous() {
+        w.clone()
+    } else {
+        w.contiguous()?
+    };
+    x.apply_op2(&w, RmsNorm { eps })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strided 4-D access (a transposed view, a mask broadcast over heads).
+
+/// Element offsets of a 4-D layout, a size-1 dimension broadcast against `dims` (stride 0).
+#[derive(Clone, Copy)]
+struct Strided4 {
+    start: usize,
+    strides: [usize; 4],
+}
+
+impl Strided4 {
+    fn new(layout: &Layout, dims: [usize; 4], what: &str) -> Result<Self> {
+        let ld = layout.dims();
+        if ld.len() != 4 {
+            bail!("{what}: expected 4 dimensions, got {ld:?}");
+        }
+        let mut strides = [0usize; 4];
+        for k in 0..4 {
+            if ld[k] == dims[k] {
+                strides[k] = layout.stride()[k];
+            } else if ld[k] == 1 {
+                strides[k] = 0;
+            } else {
+                bail!("{what}: shape {ld:?} does not broadcast to {dims:?}");
+            }
+        }
+        Ok(Strided4 {
+            start: layout.start_offset(),
+            strides,
+        })
+    }
+
+    /// Offset of the start of row `r` (rows = the first three dimensions flattened).
+    fn row(&self, r: usize, dims: [usize; 4]) -> usize {
+        let i2 = r % dims[2];
+        let i1 = (r / dims[2]) % dims[1];
+        let i0 = r / (dims[2] * dims[1]);
+        self.start + i0 * self.strides[0] + i1 * self.strides[1] + i2 * self.strides[2]
+    }
+}
+
+fn dims4(shape: &Shape) -> Result<[usize; 4]> {
+    let (a, b, c, d) = shape.dims4()?;
+    Ok([a, b, c, d])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masked, scaled softmax (attention probabilities)
+
+struct MaskedSoftmax {
+    scale: f64,
+}
+
+fn masked_softmax_fwd<T: Real>(
+    s: &[T],
+    dims: [usize; 4],
+    mask: &[T],
+    ml: Strided4,
+    scale: f64,
+) -> Vec<T> {
+    let t = dims[3];
+    let scale = T::from_f64(scale);
+    let mut p = vec![T::zero(); s.len()];
+    p.par_chunks_mut(t)
+        .zip(s.par_chunks(t))
+        .enumerate()
+        .with_min_len(rows_per_task(t))
+        .for_each(|(r, (pr, sr))| {
+            let base = ml.row(r, dims);
+            let st = ml.strides[3];
+            let mut max = T::lowest();
+            for (j, (o, &v)) in pr.iter_mut().zip(sr).enumerate() {
+                let z = v * scale + mask[base + j * st];
+                *o = z;
+                if z > max {
+                    max = z;
+                }
+            }
+            let mut sum = T::zero();
+            for o in pr.iter_mut() {
+                let e = (*o - max).exp();
+                *o = e;
+                sum += e;
+            }
+            let inv = T::one() / sum;
+            for o in pr.iter_mut() {
+                *o = *o * inv;
+            }
+        });
+    p
+}
+
+/// `ds = scale · p · (g − Σ g·p)` per row.
+fn masked_softmax_bwd<T: Real>(p: &[T], g: &[T], t: usize, scale: f64) -> Vec<T> {
+    let scale = T::from_f64(scale);
+    let mut ds = vec![T::zero(); p.len()];
+    ds.par_chunks_mut(t)
+        .zip(p.par_chunks(t).zip(g.par_chunks(t)))
+        .with_min_len(rows_per_task(t))
+        .for_each(|(dr, (pr, gr))| {
+            let mut dot = T::zero();
+            for (&pi, &gi) in pr.iter().zip(gr) {
+                dot += pi * gi;
+            }
+            for ((o, &pi), &gi) in dr.iter_mut().zip(pr).zip(gr) {
+                *o = scale * pi * (gi - dot);
+            }
+        });
+    ds
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = dims4(l1.shape())?;
+        let ml = Strided4::new(l2, dims, "attention mask")?;
+        if ml.strides[3] == 0 && l2.dims()[3] != dims[3] {
+            bail!("attention mask: the key dimension must not be broadcast");
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(m)) => CpuStorage::F32(masked_softmax_fwd(
+                cpu_slice(s1, l1, self.name())?,
+                dims,
+                m,
+                ml,
+                self.scale,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(m)) => CpuStorage::F64(masked_softmax_fwd(
+                cpu_slice(s1, l1, self.name())?,
+                dims,
+                m,
+                ml,
+                self.scale,
+            )),
+            _ => bail!("masked softmax: f32 or f64 scores and mask of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        scores: &Tensor,
+        _mask: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !scores.track_op() {
+            return Ok((None, None));
+        }
+        let t = scores.dim(candle_core::D::Minus1)?;
+        macro_rules! run {
+            ($t:ty) => {
+                with_values::<$t, _>(res, |pv| {
+                    with_values::<$t, _>(grad, |gv| {
+                        tensor_like(masked_softmax_bwd(pv, gv, t, self.scale), scores)
+                    })
+                })
+            };
+        }
+        let ds = match scores.dtype() {
+            DType::F32 => run!(f32)?,
+            DType::F64 => run!(f64)?,
+            d => bail!("masked softmax backward: unsupported dtype {d:?}"),
+        };
+        Ok((Some(ds), None))
+    }
+}
+
+/// `softmax(scores · scale + mask)` over the last dimension; `scores` (b, h, s, t), `mask`
+/// additive, broadcastable to it (usually (b, 1, s, t)), of the scores' dtype. The mask gets no
+/// gradient.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = if scores.is_contiguous() {
+        scores.clone()
+    } else {
+        scores.contiguous()?
+    };
+    scores.apply_op2(mask, MaskedSoftmax { scale })
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE (HF rotate-half layout)
+
+struct Rope;
+
+fn rope_fwd<T: Real>(
+    x: &[T],
+    xl: Strided4,
+    dims: [usize; 4],
+    cos: &[T],
+    cl: Strided4,
+    sin: &[T],
+    sl: Strided4,
+) -> Vec<T> {
+    let d = dims[3];
+    let half = d / 2;
+    let mut y = vec![T::zero(); dims.iter().product()];
+    y.par_chunks_mut(d)
+        .enumerate()
+        .with_min_len(rows_per_task(d))
+        .for_each(|(r, yr)| {
+            let xb = xl.row(r, dims);
+            let cb = cl.row(r, dims);
+            let sb = sl.row(r, dims);
+            let xs = xl.strides[3];
+            let (cs, ss) = (cl.strides[3], sl.strides[3]);
+            for k in 0..half {
+                let x1 = x[xb + k * xs];
+                let x2 = x[xb + (k + half) * xs];
+                yr[k] = x1 * cos[cb + k * cs] - x2 * sin[sb + k * ss];
+                yr[k + half] = x2 * cos[cb + (k + half) * cs] + x1 * sin[sb + (k + half) * ss];
+            }
+        });
+    y
+}
+
+/// `dx[k] = g[k]·cos[k] + g[k+½]·sin[k+½]` (first half), `g[k]·cos[k] − g[k−½]·sin[k−½]`
+/// (second half); `g` contiguous (b, h, s, d).
+fn rope_bwd<T: Real>(
+    g: &[T],
+    dims: [usize; 4],
+    cos: &[T],
+    cl: Strided4,
+    sin: &[T],
+    sl: Strided4,
+) -> Vec<T> {
+    let d = dims[3];
+    let half = d / 2;
+    let mut dx = vec![T::zero(); g.len()];
+    dx.par_chunks_mut(d)
+        .zip(g.par_chunks(d))
+        .enumerate()
+        .with_min_len(rows_per_task(d))
+        .for_each(|(r, (dr, gr))| {
+            let cb = cl.row(r, dims);
+            let sb = sl.row(r, dims);
+            let (cs, ss) = (cl.strides[3], sl.strides[3]);
+            for k in 0..half {
+                let (g1, g2) = (gr[k], gr[k + half]);
+                dr[k] = g1 * cos[cb + k * cs] + g2 * sin[sb + (k + half) * ss];
+                dr[k + half] = g2 * cos[cb + (k + half) * cs] - g1 * sin[sb + k * ss];
+            }
+        });
+    dx
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = dims4(l1.shape())?;
+        if dims[3] % 2 != 0 {
+            bail!("rope: odd head dimension {}", dims[3]);
+        }
+        let xl = Strided4::new(l1, dims, "rope input")?;
+        let cl = Strided4::new(l2, dims, "rope cos")?;
+        let sl = Strided4::new(l3, dims, "rope sin")?;
+        if l2.dims()[3] != dims[3] || l3.dims()[3] != dims[3] {
+            bail!("rope: tables of width {} for head dim {}", l2.dims()[3], dims[3]);
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
+                CpuStorage::F32(rope_fwd(x, xl, dims, c, cl, s, sl))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(s)) => {
+                CpuStorage::F64(rope_fwd(x, xl, dims, c, cl, s, sl))
+            }
+            _ => bail!("rope: f32 or f64 input and tables of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !x.track_op() {
+            return Ok((None, None, None));
+        }
+        let dims = dims4(x.shape())?;
+        let (cs, cl) = cos.storage_and_layout();
+        let (ss, sl) = sin.storage_and_layout();
+        let cl = Strided4::new(cl, dims, "rope cos")?;
+        let sl = Strided4::new(sl, dims, "rope sin")?;
+        let dx = match (&*cs, &*ss, x.dtype()) {
+            (Storage::Cpu(CpuStorage::F32(c)), Storage::Cpu(CpuStorage::F32(s)), DType::F32) => {
+                with_values::<f32, _>(grad, |g| {
+                    Tensor::from_vec(rope_bwd(g, dims, c, cl, s, sl), x.shape(), x.device())
+                })?
+            }
+            (Storage::Cpu(CpuStorage::F64(c)), Storage::Cpu(CpuStorage::F64(s)), DType::F64) => {
+                with_values::<f64, _>(grad, |g| {
+                    Tensor::from_vec(rope_bwd(g, dims, c, cl, s, sl), x.shape(), x.device())
+                })?
+            }
+            _ => bail!("rope backward: f32 or f64 CPU tensors of one dtype"),
+        };
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// HF's rotary embedding `x·cos + rotate_half(x)·sin` of `x` (b, h, s, d), which may be a
+/// strided view (e.g. the transpose of (b, s, h, d)); `cos`/`sin` broadcastable to it (usually
+/// (b, 1, s, d)), of `x`'s dtype. The result is contiguous; the tables get no gradient.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let unit_inner = |t: &Tensor| t.stride().last() == Some(&1) || t.dim(3).ok() == Some(1);
+    let x = if unit_inner(x) { x.clone() } else { x.contiguous()? };
+    x.apply_op3(cos, sin, Rope)
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+struct SwiGlu;
+
+fn sigmoid<T: Real>(v: T) -> T {
+    T::one() / (T::one() + (-v).exp())
+}
+
+fn swiglu_fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut y = vec![T::zero(); g.len()];
+    y.par_chunks_mut(MIN_TASK_ELEMS)
+        .zip(g.par_chunks(MIN_TASK_ELEMS).zip(u.par_chunks(MIN_TASK_ELEMS)))
+        .for_each(|(yc, (gc, uc))| {
+            for ((o, &gi), &ui) in yc.iter_mut().zip(gc).zip(uc) {
+                *o = gi * sigmoid(gi) * ui;
+            }
+        });
+    y
+}
+
+/// `dg = grad·u·σ(g)·(1 + g·(1 − σ(g)))`, `du = grad·g·σ(g)`.
+fn swiglu_bwd<T: Real>(g: &[T], u: &[T], grad: &[T], want_du: bool) -> (Vec<T>, Vec<T>) {
+    let mut dg = vec![T::zero(); g.len()];
+    let mut du = if want_du {
+        vec![T::zero(); g.len()]
+    } else {
+        Vec::new()
+    };
+    let n = MIN_TASK_ELEMS;
+    if want_du {
+        dg.par_chunks_mut(n)
+            .zip(du.par_chunks_mut(n))
+            .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(grad.par_chunks(n)))
+            .for_each(|((dgc, duc), ((gc, uc), grc))| {
+                for ((((a, b), &gi), &ui), &gr) in
+                    dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(grc)
+                {
+                    let s = sigmoid(gi);
+                    *a = gr * ui * s * (T::one() + gi * (T::one() - s));
+                    *b = gr * gi * s;
+                }
+            });
+    } else {
+        dg.par_chunks_mut(n)
+            .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(grad.par_chunks(n)))
+            .for_each(|(dgc, ((gc, uc), grc))| {
+                for (((a, &gi), &ui), &gr) in dgc.iter_mut().zip(gc).zip(uc).zip(grc) {
+                    let s = sigmoid(gi);
+                    *a = gr * ui * s * (T::one() + gi * (T::one() - s));
+                }
+            });
+    }
+    (dg, du)
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(swiglu_fwd(
+                cpu_slice(s1, l1, self.name())?,
+                cpu_slice(s2, l2, self.name())?,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(swiglu_fwd(
+                cpu_slice(s1, l1, self.name())?,
+                cpu_slice(s2, l2, self.name())?,
+            )),
+            _ => bail!("swiglu: f32 or f64 inputs of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (want_dg, want_du) = (g.track_op(), u.track_op());
+        if !want_dg && !want_du {
+            return Ok((None, None));
+        }
+        macro_rules! run {
+            ($t:ty) => {
+                with_values::<$t, _>(g, |gv| {
+                    with_values::<$t, _>(u, |uv| {
+                        with_values::<$t, _>(grad, |grv| {
+                            let (dg, du) = swiglu_bwd(gv, uv, grv, want_du);
+                            let dg = if want_dg {
+                                Some(tensor_like(dg, g)?)
+                            } else {
+                                None
+                            };
+                            let du = if want_du {
+                                Some(tensor_like(du, u)?)
+                            } else {
+                                None
+                            };
+                            Ok((dg, du))
+                        })
+                    })
+                })
+            };
+        }
+        match g.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            d => bail!("swiglu backward: unsupported dtype {d:?}"),
+        }
+    }
+}
+
+/// `silu(g) · u` for two tensors of one shape.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let c = |t: &Tensor| {
+        if t.is_contiguous() {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    c(g)?.apply_op2(&c(u)?, SwiGlu)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multiplication by a constant mask (dropout)
+
+struct MulConst {
+    mask: Tensor,
+}
+
+impl CustomOp1 for MulConst {
+    fn name(&self) -> &'static str {
+        "fused-mul-const"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (ms, ml) = self.mask.storage_and_layout();
+        let Storage::Cpu(m) = &*ms else {
+            bail!("mul-const: the mask must be on the CPU")
+        };
+        if ml.shape() != l.shape() {
+            bail!("mul-const: mask {:?} for input {:?}", ml.shape(), l.shape());
+        }
+        fn mul<T: Real>(x: &[T], m: &[T]) -> Vec<T> {
+            let mut y = vec![T::zero(); x.len()];
+            y.par_chunks_mut(MIN_TASK_ELEMS)
+                .zip(x.par_chunks(MIN_TASK_ELEMS).zip(m.par_chunks(MIN_TASK_ELEMS)))
+                .for_each(|(yc, (xc, mc))| {
+                    for ((o, &a), &b) in yc.iter_mut().zip(xc).zip(mc) {
+                        *o = a * b;
+                    }
+                });
+            y
+        }
+        let out = match (s, m) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(mul(
+                cpu_slice(s, l, self.name())?,
+                cpu_slice(m, ml, self.name())?,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(mul(
+                cpu_slice(s, l, self.name())?,
+                cpu_slice(m, ml, self.name())?,
+            )),
+            _ => bail!("mul-const: f32 or f64 input and mask of one dtype"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if !arg.track_op() {
+            return Ok(None);
+        }
+        Ok(Some(grad.mul(&self.mask)?))
+    }
+}
+
+/// `x · mask` for a constant `mask` of `x`'s shape and dtype: the backward computes `x`'s
+/// gradient only (a plain `mul` also computes and stores one for the mask).
+pub fn mul_const(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let c = |t: &Tensor| {
+        if t.is_contiguous() {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    c(x)?.apply_op1(MulConst { mask: c(mask)? })
+}
