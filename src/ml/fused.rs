@@ -533,7 +533,11 @@ impl CustomOp3 for Rope {
         let cl = Strided4::new(l2, dims, "rope cos")?;
         let sl = Strided4::new(l3, dims, "rope sin")?;
         if l2.dims()[3] != dims[3] || l3.dims()[3] != dims[3] {
-            bail!("rope: tables of width {} for head dim {}", l2.dims()[3], dims[3]);
+            bail!(
+                "rope: tables of width {} for head dim {}",
+                l2.dims()[3],
+                dims[3]
+            );
         }
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
@@ -585,7 +589,11 @@ impl CustomOp3 for Rope {
 /// (b, 1, s, d)), of `x`'s dtype. The result is contiguous; the tables get no gradient.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let unit_inner = |t: &Tensor| t.stride().last() == Some(&1) || t.dim(3).ok() == Some(1);
-    let x = if unit_inner(x) { x.clone() } else { x.contiguous()? };
+    let x = if unit_inner(x) {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
     x.apply_op3(cos, sin, Rope)
 }
 
@@ -601,7 +609,10 @@ fn sigmoid<T: Real>(v: T) -> T {
 fn swiglu_fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); g.len()];
     y.par_chunks_mut(MIN_TASK_ELEMS)
-        .zip(g.par_chunks(MIN_TASK_ELEMS).zip(u.par_chunks(MIN_TASK_ELEMS)))
+        .zip(
+            g.par_chunks(MIN_TASK_ELEMS)
+                .zip(u.par_chunks(MIN_TASK_ELEMS)),
+        )
         .for_each(|(yc, (gc, uc))| {
             for ((o, &gi), &ui) in yc.iter_mut().zip(gc).zip(uc) {
                 *o = gi * sigmoid(gi) * ui;
@@ -658,7 +669,11 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
-            bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
+            bail!(
+                "swiglu: gate {:?} and up {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
         }
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(swiglu_fwd(
@@ -750,7 +765,10 @@ impl CustomOp1 for MulConst {
         fn mul<T: Real>(x: &[T], m: &[T]) -> Vec<T> {
             let mut y = vec![T::zero(); x.len()];
             y.par_chunks_mut(MIN_TASK_ELEMS)
-                .zip(x.par_chunks(MIN_TASK_ELEMS).zip(m.par_chunks(MIN_TASK_ELEMS)))
+                .zip(
+                    x.par_chunks(MIN_TASK_ELEMS)
+                        .zip(m.par_chunks(MIN_TASK_ELEMS)),
+                )
                 .for_each(|(yc, (xc, mc))| {
                     for ((o, &a), &b) in yc.iter_mut().zip(xc).zip(mc) {
                         *o = a * b;
@@ -791,4 +809,210 @@ pub fn mul_const(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         }
     };
     c(x)?.apply_op1(MulConst { mask: c(mask)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ml::llama::{
+        apply_rope_composed, attention_mask, attention_probs_composed, rope_tables,
+        swiglu_composed, RmsNorm as ComposedNorm,
+    };
+    use crate::ml::rng::Rng;
+    use candle_core::{Device, Var};
+
+    fn randn(rng: &mut Rng, shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(rng.normal_vec(n, 1.0), shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F64))
+            .expect("random tensor")
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("values")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        values(a)
+            .iter()
+            .zip(values(b))
+            .fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    /// `f` applied to `inputs`, of which those flagged in `diff` are vars: checks that the fused
+    /// op `f` equals the composed `reference` (values and gradients of `Σ f(x)·up`), that
+    /// unflagged inputs get no gradient from the fused op, and that the fused gradients match
+    /// central finite differences in f64 on every entry.
+    fn check(
+        inputs: &[Tensor],
+        diff: &[bool],
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+        reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) {
+        let vars: Vec<Option<Var>> = inputs
+            .iter()
+            .zip(diff)
+            .map(|(t, &d)| d.then(|| Var::from_tensor(t).expect("var")))
+            .collect();
+        let args: Vec<Tensor> = inputs
+            .iter()
+            .zip(&vars)
+            .map(|(t, v)| {
+                v.as_ref()
+                    .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
+            })
+            .collect();
+        let y = f(&args).expect("fused forward");
+        let y_ref = reference(&args).expect("composed forward");
+        assert!(max_diff(&y, &y_ref) < 1e-12, "forward differs");
+        let mut rng = Rng::new(99);
+        let up = randn(&mut rng, y.dims());
+        let g = (&y * &up)
+            .and_then(|t| t.sum_all())
+            .expect("loss")
+            .backward()
+            .expect("bwd");
+        let g_ref = (&y_ref * &up)
+            .and_then(|t| t.sum_all())
+            .expect("loss")
+            .backward()
+            .expect("bwd");
+        for (k, v) in vars.iter().enumerate() {
+            let Some(v) = v else {
+                assert!(g.get(&inputs[k]).is_none());
+                continue;
+            };
+            let ga = g.get(v.as_tensor()).expect("fused gradient");
+            let gr = g_ref.get(v.as_tensor()).expect("composed gradient");
+            assert!(
+                max_diff(ga, gr) < 1e-10,
+                "input {k}: gradient differs from composed"
+            );
+            let analytic = values(ga);
+            let base = values(v.as_tensor());
+            let eps = 1e-6;
+            let loss_at = |vals: &[f64]| -> f64 {
+                let mut a = args.clone();
+                a[k] = Tensor::from_vec(vals.to_vec(), v.dims(), &Device::Cpu).expect("t");
+                let y = f(&a).expect("forward");
+                values(&(&y * &up).and_then(|t| t.sum_all()).expect("loss"))[0]
+            };
+            for i in 0..base.len() {
+                let mut p = base.clone();
+                p[i] += eps;
+                let plus = loss_at(&p);
+                p[i] = base[i] - eps;
+                let minus = loss_at(&p);
+                let numeric = (plus - minus) / (2.0 * eps);
+                let err = (numeric - analytic[i]).abs() / analytic[i].abs().max(1.0);
+                assert!(err < 1e-6, "input {k}[{i}]: {} vs {numeric}", analytic[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_composed_and_finite_differences() {
+        let mut rng = Rng::new(1);
+        let x = randn(&mut rng, &[2, 3, 8]);
+        let w = randn(&mut rng, &[8]);
+        let fused = |a: &[Tensor]| rms_norm(&a[0], &a[1], 1e-5);
+        let composed = |a: &[Tensor]| ComposedNorm::new(a[1].clone(), 1e-5).forward_composed(&a[0]);
+        // Frozen weight (no gradient for it) and trainable weight.
+        check(&[x.clone(), w.clone()], &[true, false], fused, composed);
+        check(&[x, w], &[true, true], fused, composed);
+    }
+
+    #[test]
+    fn masked_softmax_matches_composed_and_finite_differences() {
+        let mut rng = Rng::new(2);
+        // b 2, heads 3, 4 new positions after 1 cached one, the second row padded at the end.
+        let valid = vec![vec![true; 5], vec![true, true, true, true, false]];
+        let mask = attention_mask(&valid, 4, &Device::Cpu)
+            .and_then(|m| m.to_dtype(DType::F64))
+            .expect("mask");
+        let s = randn(&mut rng, &[2, 3, 4, 5]);
+        check(
+            &[s, mask],
+            &[true, false],
+            |a| masked_softmax(&a[0], &a[1], 0.35),
+            |a| attention_probs_composed(&a[0], &a[1], 0.35),
+        );
+    }
+
+    #[test]
+    fn rope_on_a_transposed_view_matches_composed_and_finite_differences() {
+        let mut rng = Rng::new(3);
+        let pos = Tensor::new(&[[0u32, 1, 2], [3, 4, 5]], &Device::Cpu).expect("pos");
+        let (cos, sin) = rope_tables(&pos, 6, 10000.0).expect("tables");
+        let (cos, sin) = (
+            cos.to_dtype(DType::F64).expect("cos"),
+            sin.to_dtype(DType::F64).expect("sin"),
+        );
+        // (b, s, h, d) → (b, h, s, d) as in attention: a strided input.
+        let x = randn(&mut rng, &[2, 3, 2, 6]);
+        check(
+            &[x, cos, sin],
+            &[true, false, false],
+            |a| rope(&a[0].transpose(1, 2)?, &a[1], &a[2]),
+            |a| apply_rope_composed(&a[0].transpose(1, 2)?.contiguous()?, &a[1], &a[2]),
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_composed_and_finite_differences() {
+        let mut rng = Rng::new(4);
+        let g = randn(&mut rng, &[3, 7]);
+        let u = randn(&mut rng, &[3, 7]);
+        let (f, c) = (
+            |a: &[Tensor]| swiglu(&a[0], &a[1]),
+            |a: &[Tensor]| swiglu_composed(&a[0], &a[1]),
+        );
+        check(&[g.clone(), u.clone()], &[true, true], f, c);
+        check(&[g, u], &[true, false], f, c);
+    }
+
+    #[test]
+    fn mul_const_gives_the_input_gradient_only() {
+        let mut rng = Rng::new(5);
+        let x = randn(&mut rng, &[4, 5]);
+        let m = randn(&mut rng, &[4, 5]);
+        check(
+            &[x, m],
+            &[true, false],
+            |a| mul_const(&a[0], &a[1]),
+            |a| &a[0] * &a[1],
+        );
+    }
+
+    /// The f32 kernels (the production dtype) agree with the composed f32 ops to rounding, on
+    /// shapes large enough to split across threads.
+    #[test]
+    fn f32_kernels_match_composed_ops() -> Result<()> {
+        let mut rng = Rng::new(6);
+        let f32t = |rng: &mut Rng, shape: &[usize]| randn(rng, shape).to_dtype(DType::F32);
+        let x = f32t(&mut rng, &[4, 70, 96])?;
+        let w = f32t(&mut rng, &[96])?;
+        let a = rms_norm(&x, &w, 1e-6)?;
+        let b = ComposedNorm::new(w.clone(), 1e-6).forward_composed(&x)?;
+        assert!(max_diff(&a, &b) < 1e-5);
+        let valid = vec![vec![true; 70]; 4];
+        let mask = attention_mask(&valid, 70, &Device::Cpu)?;
+        let s = f32t(&mut rng, &[4, 3, 70, 70])?;
+        let a = masked_softmax(&s, &mask, 0.125)?;
+        let b = attention_probs_composed(&s, &mask, 0.125)?;
+        assert!(max_diff(&a, &b) < 1e-6);
+        let pos = Tensor::from_vec((0..280u32).map(|i| i % 70).collect(), (4, 70), &Device::Cpu)?;
+        let (cos, sin) = rope_tables(&pos, 32, 10000.0)?;
+        let q = f32t(&mut rng, &[4, 70, 3, 32])?.transpose(1, 2)?;
+        let a = rope(&q, &cos, &sin)?;
+        let b = apply_rope_composed(&q.contiguous()?, &cos, &sin)?;
+        assert!(max_diff(&a, &b) < 1e-5);
+        let (g, u) = (f32t(&mut rng, &[280, 96])?, f32t(&mut rng, &[280, 96])?);
+        assert!(max_diff(&swiglu(&g, &u)?, &swiglu_composed(&g, &u)?) < 1e-5);
+        Ok(())
+    }
 }

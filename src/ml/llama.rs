@@ -34,6 +34,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// A norm with this weight and ε.
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm { weight, eps }
+    }
+
     fn load(vb: &Vb, dim: usize, eps: f64) -> Result<Self> {
         Ok(RmsNorm {
             weight: vb.get(&[dim], "weight")?,

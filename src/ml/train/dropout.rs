@@ -85,18 +85,10 @@ impl Dropout {
             return x * mask;
         }
         let n = x.elem_count();
-        let mask: Vec<f32> = {
-            let mut rng = self.lock_rng();
-            (0..n)
-                .map(|_| {
-                    if rng.uniform() < self.p {
-                        0.0
-                    } else {
-                        keep as f32
-                    }
-                })
-                .collect()
-        };
+        let mut mask = vec![0f32; n];
+        let (p, keep) = (self.p, keep as f32);
+        self.lock_rng()
+            .fill_uniform(&mut mask, |u| if u < p { 0.0 } else { keep });
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         if crate::ml::fused::supported(x) {
             // No gradient computed or kept for the constant mask.
