@@ -70,11 +70,45 @@ impl Real for f64 {
     }
 }
 
-/// Elements per parallel task: below this a row block runs on the calling thread.
-const MIN_TASK_ELEMS: usize = 1 << 14;
+/// Elements per parallel task.
+const MIN_TASK_ELEMS: usize = 1 << 15;
 
 fn rows_per_task(row_len: usize) -> usize {
     (MIN_TASK_ELEMS / row_len.max(1)).max(1)
+}
+
+/// Run `f(first_row, block)` on blocks of whole rows of `out` (≥ [`MIN_TASK_ELEMS`] elements
+/// each): on the calling thread when there is a single block (a hand-off to the pool costs more
+/// than a small tensor's work), on rayon's pool otherwise.
+fn for_row_blocks<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let rows = rows_per_task(row_len);
+    let block = rows * row_len.max(1);
+    if out.len() <= block {
+        f(0, out)
+    } else {
+        out.par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(b, c)| f(b * rows, c))
+    }
+}
+
+/// [`for_row_blocks`] over two outputs of one shape.
+fn for_row_blocks2<T: Send>(
+    a: &mut [T],
+    b: &mut [T],
+    row_len: usize,
+    f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
+) {
+    let rows = rows_per_task(row_len);
+    let block = rows * row_len.max(1);
+    if a.len() <= block {
+        f(0, a, b)
+    } else {
+        a.par_chunks_mut(block)
+            .zip(b.par_chunks_mut(block))
+            .enumerate()
+            .for_each(|(i, (x, y))| f(i * rows, x, y))
+    }
 }
 
 /// The contiguous slice of a CPU storage under `layout`.
@@ -116,10 +150,9 @@ fn rms_norm_fwd<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     let inv_h = T::from_f64(1.0 / h as f64);
     let eps = T::from_f64(eps);
-    y.par_chunks_mut(h)
-        .zip(x.par_chunks(h))
-        .with_min_len(rows_per_task(h))
-        .for_each(|(yr, xr)| {
+    for_row_blocks(&mut y, h, |r0, yb| {
+        for (k, yr) in yb.chunks_mut(h).enumerate() {
+            let xr = &x[(r0 + k) * h..][..h];
             let mut ss = T::zero();
             for &v in xr {
                 ss += v * v;
@@ -128,7 +161,8 @@ fn rms_norm_fwd<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
             for ((o, &v), &wi) in yr.iter_mut().zip(xr).zip(w) {
                 *o = v * r * wi;
             }
-        });
+        }
+    });
     y
 }
 
@@ -139,10 +173,10 @@ fn rms_norm_bwd<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64, want_dw: bool) -> 
     let inv_h = T::from_f64(1.0 / h as f64);
     let eps = T::from_f64(eps);
     let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(h)
-        .zip(x.par_chunks(h).zip(g.par_chunks(h)))
-        .with_min_len(rows_per_task(h))
-        .for_each(|(dr, (xr, gr))| {
+    for_row_blocks(&mut dx, h, |r0, db| {
+        for (k, dr) in db.chunks_mut(h).enumerate() {
+            let xr = &x[(r0 + k) * h..][..h];
+            let gr = &g[(r0 + k) * h..][..h];
             let mut ss = T::zero();
             for &v in xr {
                 ss += v * v;
@@ -157,7 +191,8 @@ fn rms_norm_bwd<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64, want_dw: bool) -> 
             for (((o, &v), &gi), &wi) in dr.iter_mut().zip(xr).zip(gr).zip(w) {
                 *o = r * (gi * wi - v * r * c);
             }
-        });
+        }
+    });
     let mut dw = Vec::new();
     if want_dw {
         dw = vec![T::zero(); h];
@@ -319,11 +354,10 @@ fn masked_softmax_fwd<T: Real>(
     let t = dims[3];
     let scale = T::from_f64(scale);
     let mut p = vec![T::zero(); s.len()];
-    p.par_chunks_mut(t)
-        .zip(s.par_chunks(t))
-        .enumerate()
-        .with_min_len(rows_per_task(t))
-        .for_each(|(r, (pr, sr))| {
+    for_row_blocks(&mut p, t, |r0, pb| {
+        for (k, pr) in pb.chunks_mut(t).enumerate() {
+            let r = r0 + k;
+            let sr = &s[r * t..][..t];
             let base = ml.row(r, dims);
             let st = ml.strides[3];
             let mut max = T::lowest();
@@ -344,7 +378,8 @@ fn masked_softmax_fwd<T: Real>(
             for o in pr.iter_mut() {
                 *o = *o * inv;
             }
-        });
+        }
+    });
     p
 }
 
@@ -352,10 +387,10 @@ fn masked_softmax_fwd<T: Real>(
 fn masked_softmax_bwd<T: Real>(p: &[T], g: &[T], t: usize, scale: f64) -> Vec<T> {
     let scale = T::from_f64(scale);
     let mut ds = vec![T::zero(); p.len()];
-    ds.par_chunks_mut(t)
-        .zip(p.par_chunks(t).zip(g.par_chunks(t)))
-        .with_min_len(rows_per_task(t))
-        .for_each(|(dr, (pr, gr))| {
+    for_row_blocks(&mut ds, t, |r0, db| {
+        for (k, dr) in db.chunks_mut(t).enumerate() {
+            let pr = &p[(r0 + k) * t..][..t];
+            let gr = &g[(r0 + k) * t..][..t];
             let mut dot = T::zero();
             for (&pi, &gi) in pr.iter().zip(gr) {
                 dot += pi * gi;
@@ -363,7 +398,8 @@ fn masked_softmax_bwd<T: Real>(p: &[T], g: &[T], t: usize, scale: f64) -> Vec<T>
             for ((o, &pi), &gi) in dr.iter_mut().zip(pr).zip(gr) {
                 *o = scale * pi * (gi - dot);
             }
-        });
+        }
+    });
     ds
 }
 
@@ -462,10 +498,9 @@ fn rope_fwd<T: Real>(
     let d = dims[3];
     let half = d / 2;
     let mut y = vec![T::zero(); dims.iter().product()];
-    y.par_chunks_mut(d)
-        .enumerate()
-        .with_min_len(rows_per_task(d))
-        .for_each(|(r, yr)| {
+    for_row_blocks(&mut y, d, |r0, yb| {
+        for (i, yr) in yb.chunks_mut(d).enumerate() {
+            let r = r0 + i;
             let xb = xl.row(r, dims);
             let cb = cl.row(r, dims);
             let sb = sl.row(r, dims);
@@ -477,7 +512,8 @@ fn rope_fwd<T: Real>(
                 yr[k] = x1 * cos[cb + k * cs] - x2 * sin[sb + k * ss];
                 yr[k + half] = x2 * cos[cb + (k + half) * cs] + x1 * sin[sb + (k + half) * ss];
             }
-        });
+        }
+    });
     y
 }
 
@@ -494,11 +530,10 @@ fn rope_bwd<T: Real>(
     let d = dims[3];
     let half = d / 2;
     let mut dx = vec![T::zero(); g.len()];
-    dx.par_chunks_mut(d)
-        .zip(g.par_chunks(d))
-        .enumerate()
-        .with_min_len(rows_per_task(d))
-        .for_each(|(r, (dr, gr))| {
+    for_row_blocks(&mut dx, d, |r0, db| {
+        for (i, dr) in db.chunks_mut(d).enumerate() {
+            let r = r0 + i;
+            let gr = &g[r * d..][..d];
             let cb = cl.row(r, dims);
             let sb = sl.row(r, dims);
             let (cs, ss) = (cl.strides[3], sl.strides[3]);
@@ -507,7 +542,8 @@ fn rope_bwd<T: Real>(
                 dr[k] = g1 * cos[cb + k * cs] + g2 * sin[sb + (k + half) * ss];
                 dr[k + half] = g2 * cos[cb + (k + half) * cs] - g1 * sin[sb + k * ss];
             }
-        });
+        }
+    });
     dx
 }
 
@@ -608,52 +644,41 @@ fn sigmoid<T: Real>(v: T) -> T {
 
 fn swiglu_fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); g.len()];
-    y.par_chunks_mut(MIN_TASK_ELEMS)
-        .zip(
-            g.par_chunks(MIN_TASK_ELEMS)
-                .zip(u.par_chunks(MIN_TASK_ELEMS)),
-        )
-        .for_each(|(yc, (gc, uc))| {
-            for ((o, &gi), &ui) in yc.iter_mut().zip(gc).zip(uc) {
-                *o = gi * sigmoid(gi) * ui;
-            }
-        });
+    for_row_blocks(&mut y, 1, |i0, yb| {
+        let n = yb.len();
+        for ((o, &gi), &ui) in yb.iter_mut().zip(&g[i0..i0 + n]).zip(&u[i0..i0 + n]) {
+            *o = gi * sigmoid(gi) * ui;
+        }
+    });
     y
 }
 
 /// `dg = grad·u·σ(g)·(1 + g·(1 − σ(g)))`, `du = grad·g·σ(g)`.
 fn swiglu_bwd<T: Real>(g: &[T], u: &[T], grad: &[T], want_du: bool) -> (Vec<T>, Vec<T>) {
     let mut dg = vec![T::zero(); g.len()];
-    let mut du = if want_du {
-        vec![T::zero(); g.len()]
-    } else {
-        Vec::new()
-    };
-    let n = MIN_TASK_ELEMS;
     if want_du {
-        dg.par_chunks_mut(n)
-            .zip(du.par_chunks_mut(n))
-            .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(grad.par_chunks(n)))
-            .for_each(|((dgc, duc), ((gc, uc), grc))| {
-                for ((((a, b), &gi), &ui), &gr) in
-                    dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(grc)
-                {
-                    let s = sigmoid(gi);
-                    *a = gr * ui * s * (T::one() + gi * (T::one() - s));
-                    *b = gr * gi * s;
-                }
-            });
+        let mut du = vec![T::zero(); g.len()];
+        for_row_blocks2(&mut dg, &mut du, 1, |i0, a, b| {
+            let r = i0..i0 + a.len();
+            let inputs = g[r.clone()].iter().zip(&u[r.clone()]).zip(&grad[r]);
+            for ((da, db), ((&gi, &ui), &gr)) in a.iter_mut().zip(b.iter_mut()).zip(inputs) {
+                let s = sigmoid(gi);
+                *da = gr * ui * s * (T::one() + gi * (T::one() - s));
+                *db = gr * gi * s;
+            }
+        });
+        (dg, du)
     } else {
-        dg.par_chunks_mut(n)
-            .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(grad.par_chunks(n)))
-            .for_each(|(dgc, ((gc, uc), grc))| {
-                for (((a, &gi), &ui), &gr) in dgc.iter_mut().zip(gc).zip(uc).zip(grc) {
-                    let s = sigmoid(gi);
-                    *a = gr * ui * s * (T::one() + gi * (T::one() - s));
-                }
-            });
+        for_row_blocks(&mut dg, 1, |i0, a| {
+            let r = i0..i0 + a.len();
+            let inputs = g[r.clone()].iter().zip(&u[r.clone()]).zip(&grad[r]);
+            for (da, ((&gi, &ui), &gr)) in a.iter_mut().zip(inputs) {
+                let s = sigmoid(gi);
+                *da = gr * ui * s * (T::one() + gi * (T::one() - s));
+            }
+        });
+        (dg, Vec::new())
     }
-    (dg, du)
 }
 
 impl CustomOp2 for SwiGlu {
@@ -764,16 +789,12 @@ impl CustomOp1 for MulConst {
         }
         fn mul<T: Real>(x: &[T], m: &[T]) -> Vec<T> {
             let mut y = vec![T::zero(); x.len()];
-            y.par_chunks_mut(MIN_TASK_ELEMS)
-                .zip(
-                    x.par_chunks(MIN_TASK_ELEMS)
-                        .zip(m.par_chunks(MIN_TASK_ELEMS)),
-                )
-                .for_each(|(yc, (xc, mc))| {
-                    for ((o, &a), &b) in yc.iter_mut().zip(xc).zip(mc) {
-                        *o = a * b;
-                    }
-                });
+            for_row_blocks(&mut y, 1, |i0, yb| {
+                let n = yb.len();
+                for ((o, &a), &b) in yb.iter_mut().zip(&x[i0..i0 + n]).zip(&m[i0..i0 + n]) {
+                    *o = a * b;
+                }
+            });
             y
         }
         let out = match (s, m) {
@@ -989,13 +1010,13 @@ mod tests {
     }
 
     /// The f32 kernels (the production dtype) agree with the composed f32 ops to rounding, on
-    /// shapes large enough to split across threads.
+    /// shapes large enough to split into several parallel blocks (> `MIN_TASK_ELEMS`).
     #[test]
     fn f32_kernels_match_composed_ops() -> Result<()> {
         let mut rng = Rng::new(6);
         let f32t = |rng: &mut Rng, shape: &[usize]| randn(rng, shape).to_dtype(DType::F32);
-        let x = f32t(&mut rng, &[4, 70, 96])?;
-        let w = f32t(&mut rng, &[96])?;
+        let x = f32t(&mut rng, &[4, 70, 160])?;
+        let w = f32t(&mut rng, &[160])?;
         let a = rms_norm(&x, &w, 1e-6)?;
         let b = ComposedNorm::new(w.clone(), 1e-6).forward_composed(&x)?;
         assert!(max_diff(&a, &b) < 1e-5);
@@ -1006,12 +1027,12 @@ mod tests {
         let b = attention_probs_composed(&s, &mask, 0.125)?;
         assert!(max_diff(&a, &b) < 1e-6);
         let pos = Tensor::from_vec((0..280u32).map(|i| i % 70).collect(), (4, 70), &Device::Cpu)?;
-        let (cos, sin) = rope_tables(&pos, 32, 10000.0)?;
-        let q = f32t(&mut rng, &[4, 70, 3, 32])?.transpose(1, 2)?;
+        let (cos, sin) = rope_tables(&pos, 64, 10000.0)?;
+        let q = f32t(&mut rng, &[4, 70, 3, 64])?.transpose(1, 2)?;
         let a = rope(&q, &cos, &sin)?;
         let b = apply_rope_composed(&q.contiguous()?, &cos, &sin)?;
         assert!(max_diff(&a, &b) < 1e-5);
-        let (g, u) = (f32t(&mut rng, &[280, 96])?, f32t(&mut rng, &[280, 96])?);
+        let (g, u) = (f32t(&mut rng, &[280, 160])?, f32t(&mut rng, &[280, 160])?);
         assert!(max_diff(&swiglu(&g, &u)?, &swiglu_composed(&g, &u)?) < 1e-5);
         Ok(())
     }

@@ -55,15 +55,20 @@ impl Rng {
         use rayon::prelude::*;
         const CHUNK: usize = 1 << 14;
         let start = self.state;
-        out.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                let mut st = start.wrapping_add(GAMMA.wrapping_mul((c * CHUNK) as u64));
-                for o in chunk {
-                    st = st.wrapping_add(GAMMA);
-                    *o = f(to_unit(mix(st)));
-                }
-            });
+        let fill = |c: usize, chunk: &mut [T]| {
+            let mut st = start.wrapping_add(GAMMA.wrapping_mul((c * CHUNK) as u64));
+            for o in chunk {
+                st = st.wrapping_add(GAMMA);
+                *o = f(to_unit(mix(st)));
+            }
+        };
+        if out.len() <= CHUNK {
+            fill(0, out); // no pool hand-off for a small mask
+        } else {
+            out.par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(c, chunk)| fill(c, chunk));
+        }
         self.state = start.wrapping_add(GAMMA.wrapping_mul(out.len() as u64));
     }
 
