@@ -147,6 +147,14 @@ impl Linear {
 /// `x @ wᵀ` for x of any rank ≥ 2 (flattened to 2-D for a single GEMM). A `w` that is not a
 /// `Var` is frozen: its backward computes the input gradient only.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.rank() == 2 {
+        // Already 2-D: no reshape nodes (each would cost a gradient pass in the backward).
+        return if w.is_variable() {
+            x.matmul(&w.t()?)
+        } else {
+            super::train::frozen::frozen_matmul_t(x, w)
+        };
+    }
     let dims = x.dims().to_vec();
     let last = *dims.last().unwrap_or(&0);
     let rows = x.elem_count() / last.max(1);

@@ -172,15 +172,17 @@ pub fn apply_rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_cor
 }
 
 impl Attention {
+    /// `x` is the flattened (b·s, hidden) stream of `b` rows of `s` positions.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
+        (b, s): (usize, usize),
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
         let hd = self.head_dim;
         let q = self
             .q_proj
@@ -231,7 +233,7 @@ impl Attention {
         let o = p
             .matmul(&v.contiguous()?)?
             .transpose(1, 2)?
-            .reshape((b, s, self.heads * hd))?;
+            .reshape((b * s, self.heads * hd))?;
         self.o_proj.forward(&o)
     }
 }
@@ -359,7 +361,10 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let (cos, sin) = rope_tables(positions, self.config.head_dim, self.config.rope_theta)?;
-        let mut x = embeds.clone();
+        // The residual stream runs flattened to (b·s, hidden): the linears then need no reshape
+        // (each reshape is one more node, and in the backward one more gradient pass).
+        let (b, s, h) = embeds.dims3()?;
+        let mut x = embeds.reshape((b * s, h))?;
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {
                 c.layers = (0..self.layers.len()).map(|_| None).collect();
@@ -368,12 +373,14 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(&h, &cos, &sin, mask, slot)?;
+            let h = layer
+                .self_attn
+                .forward(&h, (b, s), &cos, &sin, mask, slot)?;
             x = (x + h)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = (&x + layer.mlp.forward(&h)?)?;
         }
-        self.norm.forward(&x)
+        self.norm.forward(&x)?.reshape((b, s, h))
     }
 
     /// Logits (…, vocab) of hidden states, in f32 (f64 for an f64 model).
