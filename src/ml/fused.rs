@@ -1009,6 +1009,42 @@ mod tests {
         );
     }
 
+    #[test]
+    fn lora_linear_matches_composed_and_finite_differences() {
+        let mut rng = Rng::new(7);
+        let x = randn(&mut rng, &[5, 6]);
+        let a = randn(&mut rng, &[2, 6]);
+        let b = randn(&mut rng, &[4, 2]);
+        let w = randn(&mut rng, &[4, 6]);
+        let keep: Vec<f64> = (0..30)
+            .map(|i| if i % 3 == 0 { 0.0 } else { 1.5 })
+            .collect();
+        let mask = Tensor::from_vec(keep, (5, 6), &Device::Cpu).expect("mask");
+        for m in [Some(mask), None] {
+            let fused = |t: &[Tensor]| lora_linear(&t[0], &w, &t[1], &t[2], 0.75, m.clone());
+            let composed = |t: &[Tensor]| {
+                let xd = match &m {
+                    Some(m) => (&t[0] * m)?,
+                    None => t[0].clone(),
+                };
+                let h = (xd.matmul(&t[1].t()?)? * 0.75)?;
+                t[0].matmul(&w.t()?)? + h.matmul(&t[2].t()?)?
+            };
+            check(
+                &[x.clone(), a.clone(), b.clone()],
+                &[true, true, true],
+                fused,
+                composed,
+            );
+            check(
+                &[x.clone(), a.clone(), b.clone()],
+                &[true, false, true],
+                fused,
+                composed,
+            );
+        }
+    }
+
     /// The f32 kernels (the production dtype) agree with the composed f32 ops to rounding, on
     /// shapes large enough to split into several parallel blocks (> `MIN_TASK_ELEMS`).
     #[test]
@@ -1036,4 +1072,122 @@ mod tests {
         assert!(max_diff(&swiglu(&g, &u)?, &swiglu_composed(&g, &u)?) < 1e-5);
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A frozen linear layer with a LoRA adapter, as one node
+
+/// `y = x Wᵀ + s · (xd Aᵀ) Bᵀ` with `xd = x ∘ mask` (dropout) and a frozen W. The value is
+/// computed by the caller from detached tensors (the same GEMMs as the composed ops); this op
+/// only hands it out (one copy) and carries the backward, so the graph gets one node per linear
+/// instead of six (frozen matmul, dropout, two matmuls, scale, add), each of which cost the
+/// backward a zero-filled gradient buffer and an add.
+struct LoraLinear {
+    /// The value, taken (not kept) by the forward.
+    y: std::sync::Mutex<Option<Tensor>>,
+    w: Tensor,
+    xd: Tensor,
+    mask: Option<Tensor>,
+    h_scaled: Tensor,
+    scale: f64,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "fused-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = self
+            .y
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let Some(y) = y else {
+            bail!("lora linear: the forward ran twice")
+        };
+        let (storage, layout) = y.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            bail!("lora linear: the value must be on the CPU")
+        };
+        let out = match cpu {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(cpu_slice::<f32>(cpu, layout, self.name())?.to_vec())
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(cpu_slice::<f64>(cpu, layout, self.name())?.to_vec())
+            }
+            _ => bail!("lora linear: f32 or f64 only"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let (want_da, want_db) = (a.track_op(), b.track_op());
+        let (a, b) = (a.detach(), b.detach());
+        // dh (before the scale) = s · g B, (n × r).
+        let dh = (g.matmul(&b)? * self.scale)?;
+        let da = want_da.then(|| dh.t()?.matmul(&self.xd)).transpose()?;
+        let db = want_db.then(|| g.t()?.matmul(&self.h_scaled)).transpose()?;
+        let dx = if x.track_op() {
+            let dxd = dh.matmul(&a)?;
+            let dxd = match &self.mask {
+                Some(m) => (dxd * m)?,
+                None => dxd,
+            };
+            Some((g.matmul(&self.w)? + dxd)?)
+        } else {
+            None
+        };
+        Ok((dx, da, db))
+    }
+}
+
+/// The output of a frozen linear `w` (out × in, not a var) with a LoRA adapter `a` (r × in), `b`
+/// (out × r) and scale `s` on a 2-D `x` (n × in): `x wᵀ + s·((x∘mask) aᵀ) bᵀ`, one graph node
+/// with an analytic backward for `x`, `a` and `b`. All of one dtype (f32/f64) on the CPU.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Tensor>,
+) -> Result<Tensor> {
+    let xd_ = x.detach();
+    let xd = match &mask {
+        Some(m) => (&xd_ * m)?,
+        None => xd_.clone(),
+    };
+    let h_scaled = (xd.matmul(&a.detach().t()?)? * scale)?;
+    let base = xd_.matmul(&w.t()?)?;
+    let y = (base + h_scaled.matmul(&b.detach().t()?)?)?;
+    x.apply_op3(
+        a,
+        b,
+        LoraLinear {
+            y: std::sync::Mutex::new(Some(y)),
+            w: w.clone(),
+            xd,
+            mask,
+            h_scaled,
+            scale,
+        },
+    )
 }

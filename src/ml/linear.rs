@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
+use super::fused;
 use super::train::dropout::Dropout;
 
 /// `x` in the adapter's dtype (an f32 adapter under a bf16 model).
@@ -170,8 +171,41 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out)
 }
 
+impl Linear {
+    /// The fused CPU path of a frozen weight with a LoRA adapter ([`fused::lora_linear`]), when
+    /// it applies: x, weight and adapter of one f32/f64 dtype on the CPU, a 2-D `x`, a frozen
+    /// weight. `None`: use the composed ops.
+    fn forward_fused_lora(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(Adapter::Lora(l)) = &self.adapter else {
+            return Ok(None);
+        };
+        let dt = x.dtype();
+        if !fused::supported(x)
+            || x.rank() != 2
+            || self.weight.is_variable()
+            || self.weight.dtype() != dt
+            || l.a.dtype() != dt
+            || l.b.dtype() != dt
+        {
+            return Ok(None);
+        }
+        let mask = match &l.dropout {
+            Some(d) => d.next_cpu_mask(x)?,
+            None => None,
+        };
+        let mut y = fused::lora_linear(x, &self.weight, &l.a, &l.b, l.scale, mask)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(Some(y))
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_fused_lora(x)? {
+            return Ok(y);
+        }
         // A trained projector keeps f32 weights under a bf16 model: compute in the weight's dtype.
         let mut y = if x.dtype() != self.weight.dtype() {
             matmul_t(&x.to_dtype(self.weight.dtype())?, &self.weight)?
