@@ -39,6 +39,7 @@ trait Real:
     + std::ops::Div<Output = Self>
     + std::ops::Neg<Output = Self>
     + std::ops::AddAssign
+    + std::ops::MulAssign
     + PartialOrd
 {
     fn exp(self) -> Self;
@@ -376,7 +377,7 @@ fn masked_softmax_fwd<T: Real>(
             }
             let inv = T::one() / sum;
             for o in pr.iter_mut() {
-                *o = *o * inv;
+                *o *= inv;
             }
         }
     });
@@ -832,6 +833,124 @@ pub fn mul_const(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     c(x)?.apply_op1(MulConst { mask: c(mask)? })
 }
 
+// ---------------------------------------------------------------------------------------------
+// A frozen linear layer with a LoRA adapter, as one node
+
+/// `y = x Wᵀ + s · (xd Aᵀ) Bᵀ` with `xd = x ∘ mask` (dropout) and a frozen W. The value is
+/// computed by the caller from detached tensors (the same GEMMs as the composed ops); this op
+/// only hands it out (one copy) and carries the backward, so the graph gets one node per linear
+/// instead of six (frozen matmul, dropout, two matmuls, scale, add), each of which cost the
+/// backward a zero-filled gradient buffer and an add.
+struct LoraLinear {
+    /// The value, taken (not kept) by the forward.
+    y: std::sync::Mutex<Option<Tensor>>,
+    w: Tensor,
+    xd: Tensor,
+    mask: Option<Tensor>,
+    h_scaled: Tensor,
+    scale: f64,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "fused-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = self
+            .y
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let Some(y) = y else {
+            bail!("lora linear: the forward ran twice")
+        };
+        let (storage, layout) = y.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            bail!("lora linear: the value must be on the CPU")
+        };
+        let out = match cpu {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(cpu_slice::<f32>(cpu, layout, self.name())?.to_vec())
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(cpu_slice::<f64>(cpu, layout, self.name())?.to_vec())
+            }
+            _ => bail!("lora linear: f32 or f64 only"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let (want_da, want_db) = (a.track_op(), b.track_op());
+        let (a, b) = (a.detach(), b.detach());
+        // dh (before the scale) = s · g B, (n × r).
+        let dh = (g.matmul(&b)? * self.scale)?;
+        let da = want_da.then(|| dh.t()?.matmul(&self.xd)).transpose()?;
+        let db = want_db.then(|| g.t()?.matmul(&self.h_scaled)).transpose()?;
+        let dx = if x.track_op() {
+            let dxd = dh.matmul(&a)?;
+            let dxd = match &self.mask {
+                Some(m) => (dxd * m)?,
+                None => dxd,
+            };
+            Some((g.matmul(&self.w)? + dxd)?)
+        } else {
+            None
+        };
+        Ok((dx, da, db))
+    }
+}
+
+/// The output of a frozen linear `w` (out × in, not a var) with a LoRA adapter `a` (r × in), `b`
+/// (out × r) and scale `s` on a 2-D `x` (n × in): `x wᵀ + s·((x∘mask) aᵀ) bᵀ`, one graph node
+/// with an analytic backward for `x`, `a` and `b`. All of one dtype (f32/f64) on the CPU.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Tensor>,
+) -> Result<Tensor> {
+    let xd_ = x.detach();
+    let xd = match &mask {
+        Some(m) => (&xd_ * m)?,
+        None => xd_.clone(),
+    };
+    let h_scaled = (xd.matmul(&a.detach().t()?)? * scale)?;
+    let base = xd_.matmul(&w.t()?)?;
+    let y = (base + h_scaled.matmul(&b.detach().t()?)?)?;
+    x.apply_op3(
+        a,
+        b,
+        LoraLinear {
+            y: std::sync::Mutex::new(Some(y)),
+            w: w.clone(),
+            xd,
+            mask,
+            h_scaled,
+            scale,
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1072,122 +1191,4 @@ mod tests {
         assert!(max_diff(&swiglu(&g, &u)?, &swiglu_composed(&g, &u)?) < 1e-5);
         Ok(())
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A frozen linear layer with a LoRA adapter, as one node
-
-/// `y = x Wᵀ + s · (xd Aᵀ) Bᵀ` with `xd = x ∘ mask` (dropout) and a frozen W. The value is
-/// computed by the caller from detached tensors (the same GEMMs as the composed ops); this op
-/// only hands it out (one copy) and carries the backward, so the graph gets one node per linear
-/// instead of six (frozen matmul, dropout, two matmuls, scale, add), each of which cost the
-/// backward a zero-filled gradient buffer and an add.
-struct LoraLinear {
-    /// The value, taken (not kept) by the forward.
-    y: std::sync::Mutex<Option<Tensor>>,
-    w: Tensor,
-    xd: Tensor,
-    mask: Option<Tensor>,
-    h_scaled: Tensor,
-    scale: f64,
-}
-
-impl CustomOp3 for LoraLinear {
-    fn name(&self) -> &'static str {
-        "fused-lora-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let y = self
-            .y
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        let Some(y) = y else {
-            bail!("lora linear: the forward ran twice")
-        };
-        let (storage, layout) = y.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            bail!("lora linear: the value must be on the CPU")
-        };
-        let out = match cpu {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(cpu_slice::<f32>(cpu, layout, self.name())?.to_vec())
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(cpu_slice::<f64>(cpu, layout, self.name())?.to_vec())
-            }
-            _ => bail!("lora linear: f32 or f64 only"),
-        };
-        Ok((out, layout.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = grad.contiguous()?;
-        let (want_da, want_db) = (a.track_op(), b.track_op());
-        let (a, b) = (a.detach(), b.detach());
-        // dh (before the scale) = s · g B, (n × r).
-        let dh = (g.matmul(&b)? * self.scale)?;
-        let da = want_da.then(|| dh.t()?.matmul(&self.xd)).transpose()?;
-        let db = want_db.then(|| g.t()?.matmul(&self.h_scaled)).transpose()?;
-        let dx = if x.track_op() {
-            let dxd = dh.matmul(&a)?;
-            let dxd = match &self.mask {
-                Some(m) => (dxd * m)?,
-                None => dxd,
-            };
-            Some((g.matmul(&self.w)? + dxd)?)
-        } else {
-            None
-        };
-        Ok((dx, da, db))
-    }
-}
-
-/// The output of a frozen linear `w` (out × in, not a var) with a LoRA adapter `a` (r × in), `b`
-/// (out × r) and scale `s` on a 2-D `x` (n × in): `x wᵀ + s·((x∘mask) aᵀ) bᵀ`, one graph node
-/// with an analytic backward for `x`, `a` and `b`. All of one dtype (f32/f64) on the CPU.
-pub fn lora_linear(
-    x: &Tensor,
-    w: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-    mask: Option<Tensor>,
-) -> Result<Tensor> {
-    let xd_ = x.detach();
-    let xd = match &mask {
-        Some(m) => (&xd_ * m)?,
-        None => xd_.clone(),
-    };
-    let h_scaled = (xd.matmul(&a.detach().t()?)? * scale)?;
-    let base = xd_.matmul(&w.t()?)?;
-    let y = (base + h_scaled.matmul(&b.detach().t()?)?)?;
-    x.apply_op3(
-        a,
-        b,
-        LoraLinear {
-            y: std::sync::Mutex::new(Some(y)),
-            w: w.clone(),
-            xd,
-            mask,
-            h_scaled,
-            scale,
-        },
-    )
 }
