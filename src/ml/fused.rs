@@ -25,9 +25,13 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-/// Whether the fused kernels handle `t` (f32 or f64 on the CPU).
+/// Whether the fused kernels handle `t` (f32 or f64 on the CPU). `COIN_FUSED=0` in the
+/// environment turns them off (the composed ops everywhere), to measure what they buy.
 pub fn supported(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("COIN_FUSED").as_deref() != Ok("0"))
+        && t.device().is_cpu()
+        && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
 /// The float types the kernels are written for.
