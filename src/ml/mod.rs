@@ -48,8 +48,8 @@ pub fn default_device() -> candle_core::Device {
 ///
 /// candle runs element-wise CPU ops on its own barrier pool (whose workers spin between ops) and
 /// GEMMs, like our [`fused`] kernels, on rayon's pool. With two cores or fewer the two pools'
-/// threads compete for the cores: a LoRA training step of the small benchmark model took 1.6–1.8×
-/// the time with both at two threads than with the element-wise pool at one
+/// threads compete for the cores: on the 2-core build machine under load, LoRA training ran
+/// 1.5× (small benchmark model) to 2.6–3.0× (tiny) faster with the element-wise pool at one thread
 /// (docs/benchmarks.md). So with ≤ 2 threads and `CANDLE_NUM_THREADS` unset, this sets it to 1;
 /// GEMMs and the fused kernels keep every thread. Larger machines keep candle's default.
 pub fn configure_cpu_threads() {
