@@ -25,13 +25,43 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-/// Whether the fused kernels handle `t` (f32 or f64 on the CPU). `COIN_FUSED=0` in the
-/// environment turns them off (the composed ops everywhere), to measure what they buy.
+/// Whether the fused ops handle `t` (f32 or f64 on the CPU). `COIN_FUSED=0` in the
+/// environment turns them all off (the composed ops everywhere), to measure what they buy.
+/// [`lora_linear`] is gated by this alone (it is built from candle's own kernels).
 pub fn supported(t: &Tensor) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("COIN_FUSED").as_deref() != Ok("0"))
         && t.device().is_cpu()
         && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+thread_local! {
+    static LOOP_KERNELS_OVERRIDE: std::cell::Cell<Option<bool>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Whether the hand-written element loops ([`rms_norm`], [`masked_softmax`], [`rope`],
+/// [`swiglu`], [`mul_const`]) run for `t`: [`supported`], and by default only in optimised
+/// builds. The `coin` crate is built at opt-level 0 in the dev profile (its dependencies at 3),
+/// where these loops ran ~1.9× slower per training step than candle's optimised kernels, so
+/// debug builds (tests, `coin demo` from `cargo run`) keep the composed ops unless
+/// `COIN_FUSED=1`, or a test turns them on with [`set_loop_kernels_for_this_thread`].
+pub fn loop_kernels(t: &Tensor) -> bool {
+    static DEFAULT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = LOOP_KERNELS_OVERRIDE.with(|o| o.get()).unwrap_or_else(|| {
+        *DEFAULT.get_or_init(|| match std::env::var("COIN_FUSED").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => !cfg!(debug_assertions),
+        })
+    });
+    on && supported(t)
+}
+
+/// Force [`loop_kernels`] on or off for the calling thread (`None`: back to the default); the
+/// whole-model tests use it to run the fused loops in debug builds too.
+pub fn set_loop_kernels_for_this_thread(on: Option<bool>) {
+    LOOP_KERNELS_OVERRIDE.with(|o| o.set(on));
 }
 
 /// The float types the kernels are written for.

@@ -48,7 +48,7 @@ impl RmsNorm {
 
     /// Normalise the last dimension.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if fused::supported(x) && self.weight.dtype() == x.dtype() {
+        if fused::loop_kernels(x) && self.weight.dtype() == x.dtype() {
             return fused::rms_norm(x, &self.weight, self.eps);
         }
         self.forward_composed(x)
@@ -155,7 +155,7 @@ fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {
 /// HF's `apply_rotary_pos_emb` on `x` (b, h, s, head_dim), which may be a strided view; the
 /// result is contiguous. Fused on the CPU for f32/f64.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    if fused::supported(x) {
+    if fused::loop_kernels(x) {
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         return fused::rope(x, &cos, &sin);
     }
@@ -241,7 +241,7 @@ impl Attention {
 /// `softmax(scores · scale + mask)` over the keys; fused on the CPU for f32/f64.
 pub fn attention_probs(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let mask = mask.to_dtype(scores.dtype())?;
-    if fused::supported(scores) {
+    if fused::loop_kernels(scores) {
         return fused::masked_softmax(scores, &mask, scale);
     }
     attention_probs_composed(scores, &mask, scale)
@@ -259,7 +259,7 @@ pub fn attention_probs_composed(
 
 /// `silu(gate) · up`; fused on the CPU for f32/f64.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    if fused::supported(gate) && gate.dtype() == up.dtype() {
+    if fused::loop_kernels(gate) && gate.dtype() == up.dtype() {
         return fused::swiglu(gate, up);
     }
     swiglu_composed(gate, up)

@@ -103,7 +103,7 @@ impl Dropout {
             return x * mask;
         }
         let mask = self.cpu_mask(x)?;
-        if crate::ml::fused::supported(x) {
+        if crate::ml::fused::loop_kernels(x) {
             // No gradient computed or kept for the constant mask.
             return crate::ml::fused::mul_const(x, &mask);
         }
