@@ -3,7 +3,8 @@
 # trainer) vs PyTorch+PEFT (scripts/bench_train_hf.py) on the same random llava-hf model, the
 # same shapes (batch × (text + image patches)), LoRA on q,k,v,o,gate,up,down + full projector,
 # AdamW, clipping; warm-up steps excluded. Each engine runs in its own process (peak RSS = the
-# process's VmHWM / ru_maxrss). Then coin's peak memory across adapter ranks on one model, to show
+# process's VmHWM / ru_maxrss; CPU seconds per step = user + system time of all threads, steadier
+# than the wall clock on a shared machine). Then coin's peak memory across adapter ranks on one model, to show
 # it grows with the adapter, not with the frozen weights.
 #   PYTHON=venv/bin/python bench/train.sh [steps]
 set -euo pipefail
@@ -17,14 +18,15 @@ trap 'rm -rf "$W"' EXIT
 "$BIN" -q model init --tiny "$W/tiny" --size tiny
 "$BIN" -q model init --tiny "$W/small" --size small
 field() { "$PY" -c "import json,sys; d=json.load(sys.stdin); print(d['$1'])"; }
-printf '%-6s %-5s %-4s %-12s %-12s %-7s %-14s %s\n' model batch seq coin_tok/s torch_tok/s ratio coin_peak_MiB torch_peak_MiB
+printf '%-6s %-5s %-4s %-12s %-12s %-7s %-14s %-15s %-16s %s\n' model batch seq coin_tok/s torch_tok/s ratio coin_peak_MiB torch_peak_MiB coin_cpu_s/step torch_cpu_s/step
 for cfg in "tiny 8 64" "small 8 128"; do
   set -- $cfg
   C=$("$BIN" debug train-bench --model "$W/$1" --batch "$2" --seq-len "$3" --steps "$STEPS" --warmup 2 --device cpu)
   T=$("$PY" scripts/bench_train_hf.py --model "$W/$1" --batch "$2" --seq-len "$3" --steps "$STEPS" --warmup 2 2>/dev/null)
   ct=$(echo "$C" | field tokens_per_s); tt=$(echo "$T" | field tokens_per_s)
   cm=$(echo "$C" | field peak_rss_bytes); tm=$(echo "$T" | field peak_rss_bytes)
-  "$PY" -c "print(f'{\"$1\":<6} {$2:<5} {$3:<4} {$ct:<12.0f} {$tt:<12.0f} {$ct/$tt:<7.2f} {$cm/2**20:<14.0f} {$tm/2**20:.0f}')"
+  cc=$(echo "$C" | field cpu_seconds_per_step); tc=$(echo "$T" | field cpu_seconds_per_step)
+  "$PY" -c "print(f'{\"$1\":<6} {$2:<5} {$3:<4} {$ct:<12.0f} {$tt:<12.0f} {$ct/$tt:<7.2f} {$cm/2**20:<14.0f} {$tm/2**20:<15.0f} {$cc:<16.3f} {$tc:.3f}')"
 done
 echo
 echo "coin peak memory vs adapter rank (small model, batch 8, seq 128):"

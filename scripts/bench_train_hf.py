@@ -72,11 +72,12 @@ def main():
     data = [batch() for _ in range(args.steps + args.warmup)]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for ids, labels, pix in data:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         s = time.perf_counter()
+        c = time.process_time()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=(dtype == torch.bfloat16)):
             out = model(input_ids=ids, pixel_values=pix, labels=labels,
                         attention_mask=torch.ones_like(ids))
@@ -88,6 +89,7 @@ def main():
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - s)
+        cpu_times.append(time.process_time() - c)
     timed = times[args.warmup:]
     secs = sum(timed)
     positions = ids.shape[1] * args.batch
@@ -98,6 +100,7 @@ def main():
         "positions_per_row": ids.shape[1], "trainable_parameters": n_trainable,
         "load_seconds": load_s, "losses": losses, "step_seconds": times,
         "steps_per_s": len(timed) / secs, "tokens_per_s": len(timed) * positions / secs,
+        "cpu_seconds_per_step": sum(cpu_times[args.warmup:]) / len(timed),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
     }))

@@ -78,6 +78,7 @@ impl CommandHelper {
 
 /// Parse the arguments, run the command and map the outcome to an exit code.
 pub fn main() -> ExitCode {
+    crate::ml::configure_cpu_threads();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
+use super::fused;
 use super::train::dropout::Dropout;
 
 /// `x` in the adapter's dtype (an f32 adapter under a bf16 model).
@@ -43,9 +44,10 @@ impl Lora {
     /// The adapter's contribution for input `x` (…, in).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = dropped(&self.dropout, &to_dtype_of(x, &self.a)?)?;
-        let h = matmul_t(&x, &self.a)?;
-        let y = matmul_t(&h, &self.b)?;
-        y * self.scale
+        // The scale goes on the rank-r intermediate, not on the (…, out) result: one pass over
+        // r columns instead of `out` (forward and backward).
+        let h = (matmul_t(&x, &self.a)? * self.scale)?;
+        matmul_t(&h, &self.b)
     }
 }
 
@@ -146,6 +148,14 @@ impl Linear {
 /// `x @ wᵀ` for x of any rank ≥ 2 (flattened to 2-D for a single GEMM). A `w` that is not a
 /// `Var` is frozen: its backward computes the input gradient only.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.rank() == 2 {
+        // Already 2-D: no reshape nodes (each would cost a gradient pass in the backward).
+        return if w.is_variable() {
+            x.matmul(&w.t()?)
+        } else {
+            super::train::frozen::frozen_matmul_t(x, w)
+        };
+    }
     let dims = x.dims().to_vec();
     let last = *dims.last().unwrap_or(&0);
     let rows = x.elem_count() / last.max(1);
@@ -161,8 +171,41 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out)
 }
 
+impl Linear {
+    /// The fused CPU path of a frozen weight with a LoRA adapter ([`fused::lora_linear`]), when
+    /// it applies: x, weight and adapter of one f32/f64 dtype on the CPU, a 2-D `x`, a frozen
+    /// weight. `None`: use the composed ops.
+    fn forward_fused_lora(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(Adapter::Lora(l)) = &self.adapter else {
+            return Ok(None);
+        };
+        let dt = x.dtype();
+        if !fused::supported(x)
+            || x.rank() != 2
+            || self.weight.is_variable()
+            || self.weight.dtype() != dt
+            || l.a.dtype() != dt
+            || l.b.dtype() != dt
+        {
+            return Ok(None);
+        }
+        let mask = match &l.dropout {
+            Some(d) => d.next_cpu_mask(x)?,
+            None => None,
+        };
+        let mut y = fused::lora_linear(x, &self.weight, &l.a, &l.b, l.scale, mask)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(Some(y))
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_fused_lora(x)? {
+            return Ok(y);
+        }
         // A trained projector keeps f32 weights under a bf16 model: compute in the weight's dtype.
         let mut y = if x.dtype() != self.weight.dtype() {
             matmul_t(&x.to_dtype(self.weight.dtype())?, &self.weight)?

@@ -1,13 +1,16 @@
 //! The LLaMA decoder: RMSNorm, RoPE (HF's rotate-half layout), grouped-query attention with a
 //! causal + padding mask, SwiGLU MLP, a KV cache for generation and `lm_head`.
 //!
-//! Every op on this path has a backward (no `softmax_last_dim`, fused `rms_norm` or fused
-//! `rope`): norms, softmax and RoPE are computed in f32 with plain tensor ops, as transformers
-//! does, so the same forward serves training.
+//! Every op on this path has a backward (no candle `softmax_last_dim`, `rms_norm` or `rope`,
+//! which have none): norms, softmax and RoPE are computed in f32, as transformers does, so the
+//! same forward serves training. On the CPU in f32/f64 RMSNorm, RoPE, the masked attention
+//! softmax and SwiGLU are [`super::fused`] kernels with an analytic backward; elsewhere (CUDA,
+//! bf16/f16) the same functions compose plain tensor ops (the `*_composed` references).
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::LlamaConfig;
+use super::fused;
 use super::linear::Linear;
 use super::load::Vb;
 use super::Result;
@@ -31,6 +34,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// A norm with this weight and ε.
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm { weight, eps }
+    }
+
     fn load(vb: &Vb, dim: usize, eps: f64) -> Result<Self> {
         Ok(RmsNorm {
             weight: vb.get(&[dim], "weight")?,
@@ -40,6 +48,15 @@ impl RmsNorm {
 
     /// Normalise the last dimension.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if fused::loop_kernels(x) && self.weight.dtype() == x.dtype() {
+            return fused::rms_norm(x, &self.weight, self.eps);
+        }
+        self.forward_composed(x)
+    }
+
+    /// [`RmsNorm::forward`] from plain tensor ops (any device and dtype; the fused op's
+    /// reference).
+    pub fn forward_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(compute_dtype(dtype))?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -135,7 +152,18 @@ fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
 }
 
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+/// HF's `apply_rotary_pos_emb` on `x` (b, h, s, head_dim), which may be a strided view; the
+/// result is contiguous. Fused on the CPU for f32/f64.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if fused::loop_kernels(x) {
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        return fused::rope(x, &cos, &sin);
+    }
+    apply_rope_composed(&x.contiguous()?, cos, sin)
+}
+
+/// [`apply_rope`] from plain tensor ops (any device and dtype; the fused op's reference).
+pub fn apply_rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(compute_dtype(dtype))?;
     let (cos, sin) = (cos.to_dtype(xf.dtype())?, sin.to_dtype(xf.dtype())?);
@@ -144,15 +172,17 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Ten
 }
 
 impl Attention {
+    /// `x` is the flattened (b·s, hidden) stream of `b` rows of `s` positions.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
+        (b, s): (usize, usize),
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
         let hd = self.head_dim;
         let q = self
             .q_proj
@@ -170,8 +200,8 @@ impl Attention {
             .reshape((b, s, self.kv_heads, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = apply_rope(&q.contiguous()?, cos, sin)?;
-        let k = apply_rope(&k.contiguous()?, cos, sin)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
         let (k, v) = match cache {
             Some(slot) => {
                 let kv = match slot.take() {
@@ -196,24 +226,54 @@ impl Attention {
             (k, v)
         };
         let dtype = q.dtype();
-        let scores = (q
+        let scores = q
             .to_dtype(compute_dtype(dtype))?
-            .matmul(&k.to_dtype(compute_dtype(dtype))?.t()?)?
-            / (hd as f64).sqrt())?;
-        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-        let p = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+            .matmul(&k.to_dtype(compute_dtype(dtype))?.t()?)?;
+        let p = attention_probs(&scores, mask, 1.0 / (hd as f64).sqrt())?.to_dtype(dtype)?;
         let o = p
             .matmul(&v.contiguous()?)?
             .transpose(1, 2)?
-            .reshape((b, s, self.heads * hd))?;
+            .reshape((b * s, self.heads * hd))?;
         self.o_proj.forward(&o)
     }
 }
 
+/// `softmax(scores · scale + mask)` over the keys; fused on the CPU for f32/f64.
+pub fn attention_probs(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let mask = mask.to_dtype(scores.dtype())?;
+    if fused::loop_kernels(scores) {
+        return fused::masked_softmax(scores, &mask, scale);
+    }
+    attention_probs_composed(scores, &mask, scale)
+}
+
+/// [`attention_probs`] from plain tensor ops (any device and dtype; the fused op's reference).
+pub fn attention_probs_composed(
+    scores: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let scores = (scores * scale)?.broadcast_add(mask)?;
+    candle_nn::ops::softmax(&scores, D::Minus1)
+}
+
+/// `silu(gate) · up`; fused on the CPU for f32/f64.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if fused::loop_kernels(gate) && gate.dtype() == up.dtype() {
+        return fused::swiglu(gate, up);
+    }
+    swiglu_composed(gate, up)
+}
+
+/// [`swiglu`] from plain tensor ops (any device and dtype; the fused op's reference).
+pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    gate.silu()? * up
+}
+
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+        let h = swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
     }
 }
 
@@ -301,7 +361,10 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let (cos, sin) = rope_tables(positions, self.config.head_dim, self.config.rope_theta)?;
-        let mut x = embeds.clone();
+        // The residual stream runs flattened to (b·s, hidden): the linears then need no reshape
+        // (each reshape is one more node, and in the backward one more gradient pass).
+        let (b, s, h) = embeds.dims3()?;
+        let mut x = embeds.reshape((b * s, h))?;
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {
                 c.layers = (0..self.layers.len()).map(|_| None).collect();
@@ -310,12 +373,14 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(&h, &cos, &sin, mask, slot)?;
+            let h = layer
+                .self_attn
+                .forward(&h, (b, s), &cos, &sin, mask, slot)?;
             x = (x + h)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = (&x + layer.mlp.forward(&h)?)?;
         }
-        self.norm.forward(&x)
+        self.norm.forward(&x)?.reshape((b, s, h))
     }
 
     /// Logits (…, vocab) of hidden states, in f32 (f64 for an f64 model).

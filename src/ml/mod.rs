@@ -11,6 +11,7 @@
 pub mod clip;
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod image;
 pub mod linear;
@@ -41,6 +42,22 @@ pub fn default_device() -> candle_core::Device {
         }
     }
     candle_core::Device::Cpu
+}
+
+/// Thread policy for CPU work, applied once at program start (before the first tensor op).
+///
+/// candle runs element-wise CPU ops on its own barrier pool (whose workers spin between ops) and
+/// GEMMs, like our [`fused`] kernels, on rayon's pool. With two cores or fewer the two pools'
+/// threads compete for the cores: on the 2-core build machine under load, LoRA training ran
+/// 1.5× (small benchmark model) to 2.6–3.0× (tiny) faster with the element-wise pool at one thread
+/// (docs/benchmarks.md). So with ≤ 2 threads and `CANDLE_NUM_THREADS` unset, this sets it to 1;
+/// GEMMs and the fused kernels keep every thread. Larger machines keep candle's default.
+pub fn configure_cpu_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none()
+        && candle_core::utils::get_num_threads() <= 2
+    {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
 }
 
 /// The weight dtype for a device: bf16 on a GPU, f32 on the CPU; `COIN_DTYPE=f32|bf16|f16`

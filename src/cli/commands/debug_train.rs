@@ -78,20 +78,38 @@ pub struct TrainBenchArgs {
 
 struct Timer {
     last: Instant,
+    last_cpu: f64,
     times: Vec<f64>,
+    cpu_times: Vec<f64>,
     losses: Vec<f64>,
 }
 
 impl TrainProgress for Timer {
     fn begin(&mut self, _total: usize, _start: usize) {
         self.last = Instant::now();
+        self.last_cpu = process_cpu_seconds().unwrap_or(0.0);
     }
     fn step(&mut self, info: &StepInfo) {
         let now = Instant::now();
+        let cpu = process_cpu_seconds().unwrap_or(0.0);
         self.times.push((now - self.last).as_secs_f64());
+        self.cpu_times.push(cpu - self.last_cpu);
         self.losses.push(info.loss);
         self.last = now;
+        self.last_cpu = cpu;
     }
+}
+
+/// CPU time (user + system, all threads) this process has used, from Linux `/proc/self/stat`
+/// (clock ticks of 1/100 s); on a shared machine it is steadier than the wall clock.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 fn user(e: impl std::fmt::Display) -> CommandError {
@@ -230,7 +248,9 @@ pub fn cmd_train_bench(
     let images: &ImageProcessor = &loaded.image;
     let mut timer = Timer {
         last: Instant::now(),
+        last_cpu: 0.0,
         times: Vec::new(),
+        cpu_times: Vec::new(),
         losses: Vec::new(),
     };
     let report = train(
@@ -249,6 +269,7 @@ pub fn cmd_train_bench(
         .take(a.batch)
         .map(|s| s.positions)
         .sum::<usize>() as f64;
+    let cpu_secs: f64 = timer.cpu_times.iter().skip(a.warmup).sum();
     let steps_per_s = timed.len() as f64 / secs.max(1e-12);
     ui.json(&serde_json::json!({
         "engine": "coin",
@@ -265,6 +286,8 @@ pub fn cmd_train_bench(
         "timed_steps": timed.len(),
         "steps_per_s": steps_per_s,
         "tokens_per_s": steps_per_s * per_step_positions,
+        "threads": candle_core::utils::get_num_threads(),
+        "cpu_seconds_per_step": cpu_secs / timed.len().max(1) as f64,
         "peak_rss_bytes": peak_rss_bytes(),
     }))?;
     Ok(())

@@ -69,6 +69,24 @@ impl Dropout {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The next mask for a CPU tensor like `x` (0 or `1/(1−p)` per element, `x`'s dtype), drawn
+    /// from the seeded stream as [`Dropout::forward`] would; `None` in eval mode or for p = 0.
+    pub fn next_cpu_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !self.is_training() || self.p <= 0.0 {
+            return Ok(None);
+        }
+        Ok(Some(self.cpu_mask(x)?))
+    }
+
+    fn cpu_mask(&self, x: &Tensor) -> Result<Tensor> {
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let mut mask = vec![0f32; x.elem_count()];
+        let p = self.p;
+        self.lock_rng()
+            .fill_uniform(&mut mask, |u| if u < p { 0.0 } else { keep });
+        Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
+    }
+
     /// Apply to `x` (a fresh mask per call in training).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if !self.is_training() || self.p <= 0.0 {
@@ -84,20 +102,11 @@ impl Dropout {
             let mask = (u.ge(self.p)?.to_dtype(x.dtype())? * keep)?;
             return x * mask;
         }
-        let n = x.elem_count();
-        let mask: Vec<f32> = {
-            let mut rng = self.lock_rng();
-            (0..n)
-                .map(|_| {
-                    if rng.uniform() < self.p {
-                        0.0
-                    } else {
-                        keep as f32
-                    }
-                })
-                .collect()
-        };
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        let mask = self.cpu_mask(x)?;
+        if crate::ml::fused::loop_kernels(x) {
+            // No gradient computed or kept for the constant mask.
+            return crate::ml::fused::mul_const(x, &mask);
+        }
         x * mask
     }
 }

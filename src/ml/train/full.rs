@@ -265,6 +265,18 @@ mod tests {
     /// differences in f64; every var reached with a non-zero gradient. Both scopes.
     #[test]
     fn full_mode_gradients_match_finite_differences_and_reach_every_var() {
+        full_mode_gradient_check();
+    }
+
+    /// The same with the fused CPU loop kernels (norm with a trainable weight, softmax, RoPE,
+    /// SwiGLU) forced on, as in release builds.
+    #[test]
+    fn full_mode_gradients_match_finite_differences_with_the_fused_loop_kernels() {
+        crate::ml::fused::set_loop_kernels_for_this_thread(Some(true));
+        full_mode_gradient_check();
+    }
+
+    fn full_mode_gradient_check() {
         let dir = tempfile::tempdir().expect("temp dir");
         let m = write_tiny(dir.path(), &TinyOptions::default()).expect("tiny model writes");
         let src = ModelSource::resolve(&m, None, None).expect("resolves");

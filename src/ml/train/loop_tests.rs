@@ -218,6 +218,9 @@ fn settings(kind: AdapterKind, seed: u64) -> AdapterSettings {
 
 #[test]
 fn accumulated_micro_batches_equal_one_large_batch() {
+    // The fused CPU loop kernels on, as in release builds (debug builds default to the
+    // composed ops): accumulation and bit-identical resume must hold for them.
+    crate::ml::fused::set_loop_kernels_for_this_thread(Some(true));
     let f = fixture(8, 1);
     let mut m = load(&f.model_dir, DType::F64);
     let t = task("mini-GQA");
@@ -297,6 +300,9 @@ fn var_values(p: &TrainableParams) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn an_interrupted_run_resumes_exactly() {
+    // The fused CPU loop kernels on, as in release builds (debug builds default to the
+    // composed ops): accumulation and bit-identical resume must hold for them.
+    crate::ml::fused::set_loop_kernels_for_this_thread(Some(true));
     let f = fixture(12, 1);
     let t = task("mini-VizWiz");
     let cfg = TrainConfig {

@@ -203,6 +203,15 @@ fn lora_and_projector_gradients_match_finite_differences() {
     );
 }
 
+/// The LoRA check with the fused CPU loop kernels forced on (release builds run them; debug
+/// builds default to the composed ops, see `fused::loop_kernels`).
+#[test]
+fn lora_gradients_match_finite_differences_with_the_fused_loop_kernels() {
+    crate::ml::fused::set_loop_kernels_for_this_thread(Some(true));
+    let worst = gradient_check(AdapterKind::Lora, 2);
+    assert_eq!(worst.len(), 4);
+}
+
 #[test]
 fn moelora_and_projector_gradients_match_finite_differences() {
     let worst = gradient_check(AdapterKind::MoeLora { experts: 4 }, 2);
@@ -315,7 +324,14 @@ fn frozen_linears_leave_no_weight_sized_gradient() {
             frozen_shapes.insert((i, o));
         }
     }
-    let (examples, pixels) = batch(model.config.text.vocab_size as u32);
+    let (mut examples, pixels) = batch(model.config.text.vocab_size as u32);
+    // The decoder runs on the flattened (b·s, hidden) stream: with this batch's b·s = 2 × 32 = 64
+    // = hidden, activation gradients would be (64, 64) like the q/k/v/o weights. One more
+    // supervised token makes b·s = 66, so a weight-shaped gradient can only be a weight's.
+    if let Some(Segment::Text(ids)) = examples[0].segments.last_mut() {
+        ids.push(7);
+    }
+    examples[0].text_labels.push(7);
     let loss = loss_of(&model, &examples, &pixels);
     let grads = loss.backward().expect("backward");
     let mut weight_sized = Vec::new();
