@@ -155,6 +155,26 @@ fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, layout: &Layout, op: &str) -> 
     }
 }
 
+/// Run a kernel that is generic over f32/f64 on two contiguous CPU storages of one dtype;
+/// `$a` and `$b` are bound to their slices.
+macro_rules! float_pair {
+    ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), |$a:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let $a = cpu_slice::<f32>($s1, $l1, $op)?;
+                let $b = cpu_slice::<f32>($s2, $l2, $op)?;
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let $a = cpu_slice::<f64>($s1, $l1, $op)?;
+                let $b = cpu_slice::<f64>($s2, $l2, $op)?;
+                CpuStorage::F64($body)
+            }
+            _ => bail!("{}: f32 or f64 inputs of one dtype", $op),
+        }
+    };
+}
+
 /// Run `f` on the contiguous values of a CPU tensor (copied first when strided).
 fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let t = if t.is_contiguous() {
@@ -261,19 +281,9 @@ impl CustomOp2 for RmsNorm {
         if l1.shape().dims().last() != Some(&h) {
             bail!("rms norm: weight of {h} for input {:?}", l1.shape());
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(rms_norm_fwd(
-                cpu_slice(s1, l1, self.name())?,
-                cpu_slice(s2, l2, self.name())?,
-                self.eps,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(rms_norm_fwd(
-                cpu_slice(s1, l1, self.name())?,
-                cpu_slice(s2, l2, self.name())?,
-                self.eps,
-            )),
-            _ => bail!("rms norm: f32 or f64 input and weight of one dtype"),
-        };
+        let out = float_pair!(self.name(), (s1, l1), (s2, l2), |x, w| rms_norm_fwd(
+            x, w, self.eps
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -735,17 +745,7 @@ impl CustomOp2 for SwiGlu {
                 l2.shape()
             );
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(swiglu_fwd(
-                cpu_slice(s1, l1, self.name())?,
-                cpu_slice(s2, l2, self.name())?,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(swiglu_fwd(
-                cpu_slice(s1, l1, self.name())?,
-                cpu_slice(s2, l2, self.name())?,
-            )),
-            _ => bail!("swiglu: f32 or f64 inputs of one dtype"),
-        };
+        let out = float_pair!(self.name(), (s1, l1), (s2, l2), |g, u| swiglu_fwd(g, u));
         Ok((out, l1.shape().clone()))
     }
 
@@ -832,17 +832,7 @@ impl CustomOp1 for MulConst {
             });
             y
         }
-        let out = match (s, m) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(mul(
-                cpu_slice(s, l, self.name())?,
-                cpu_slice(m, ml, self.name())?,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(mul(
-                cpu_slice(s, l, self.name())?,
-                cpu_slice(m, ml, self.name())?,
-            )),
-            _ => bail!("mul-const: f32 or f64 input and mask of one dtype"),
-        };
+        let out = float_pair!(self.name(), (s, l), (m, ml), |x, mask| mul(x, mask));
         Ok((out, l.shape().clone()))
     }
 
