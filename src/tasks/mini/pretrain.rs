@@ -505,5 +505,27 @@ mod tests {
             .filter(|r| r.conversations[0].value.contains(CHOICE_QUESTION))
             .count();
         assert!((15..=45).contains(&choice), "{choice} of 60");
+        // A share of short questions: about half of the items ask one of their questions.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let f = generate_captions(
+            dir.path(),
+            5,
+            60,
+            32,
+            CaptionMix {
+                choice: 0.0,
+                questions: 0.5,
+            },
+        )
+        .expect("generates");
+        let records = read_train_file(&f).expect("CoIN train format");
+        let asked = records
+            .iter()
+            .filter(|r| {
+                let p = r.conversations[0].value.trim_start_matches("<image>\n");
+                !PROMPTS.contains(&p)
+            })
+            .count();
+        assert!((15..=45).contains(&asked), "{asked} of 60");
     }
 }
