@@ -128,7 +128,7 @@ impl DemoSettings {
                 pretrain_steps: 250,
                 pretrain_batch: 16,
                 pretrain_lr: 3e-3,
-                config_toml: config_toml(8, 4.0, 3e-3, 24),
+                config_toml: config_toml(8, 8.0, 3e-3, 24),
             }
         }
     }

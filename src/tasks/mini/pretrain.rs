@@ -1,9 +1,9 @@
 //! Caption data for "pre-training" a tiny base model before CoIN-mini (`coin demo`).
 //!
 //! The images are drawn with the same primitives as the CoIN-mini tasks (big shapes, rendered
-//! words in an ink colour, two shapes left and right, 1–4 shapes in the cells of a 4×4 grid,
+//! words in an ink colour, two shapes left and right, 1–4 shapes in the quadrants,
 //! book covers, grey noise), but the text is a plain description ("a red circle", "the word
-//! cat written in blue", "2 shapes: a green square at row 1 column 3 and ..."), asked with
+//! cat written in blue", "2 shapes: a green square at row 1 column 2 and ..."), asked with
 //! prompts no task uses ("Describe the image."). So a model trained on it learns to ground
 //! colours, shapes, written words, positions and counts — the image/text format — but not
 //! the tasks' questions or answer conventions (lettered options, box strings, yes/no).
@@ -118,28 +118,30 @@ pub fn caption_item(rng: &mut SplitMix64, size: u32) -> Caption {
             )
         }
         "grid" => {
+            // 1–4 shapes in distinct quadrants (rows and columns 1–2), as VQAv2-mini and
+            // Grounding-mini draw them.
             let n = 1 + rng.below(4);
-            let mut cells = rng.distinct(16, n);
+            let mut cells = rng.distinct(4, n);
             cells.sort_unstable();
-            let cell = s / 4.0;
+            let half = s / 2.0;
             let mut parts = Vec::new();
             for &c in &cells {
                 let (co, sh) = (rng.below(COLORS.len()), rng.below(SHAPES.len()));
                 let (cx, cy) = (
-                    (c % 4) as f64 * cell + cell / 2.0,
-                    (c / 4) as f64 * cell + cell / 2.0,
+                    (c % 2) as f64 * half + half / 2.0,
+                    (c / 2) as f64 * half + half / 2.0,
                 );
-                canvas.shape(SHAPES[sh].1, cx, cy, cell * 0.42, COLORS[co].1);
+                canvas.shape(SHAPES[sh].1, cx, cy, s * 0.2, COLORS[co].1);
                 questions.push((
                     format!("Where is the {} {}?", COLORS[co].0, SHAPES[sh].0),
-                    format!("at row {} column {}", c / 4 + 1, c % 4 + 1),
+                    format!("at row {} column {}", c / 2 + 1, c % 2 + 1),
                 ));
                 parts.push(format!(
                     "a {} {} at row {} column {}",
                     COLORS[co].0,
                     SHAPES[sh].0,
-                    c / 4 + 1,
-                    c % 4 + 1
+                    c / 2 + 1,
+                    c % 2 + 1
                 ));
             }
             let noun = if n == 1 { "shape" } else { "shapes" };
@@ -184,8 +186,8 @@ pub fn caption_corpus() -> String {
             lines.push(format!("the word {w} written in {c}"));
         }
     }
-    for r in 1..=4 {
-        for c in 1..=4 {
+    for r in 1..=2 {
+        for c in 1..=2 {
             lines.push(format!("at row {r} column {c}"));
         }
     }

@@ -2,7 +2,7 @@ use super::*;
 use crate::tasks::formats::{check_images, read_test_file, read_train_file, AnswerRecord};
 use crate::tasks::scoring::{load_annotations, score, ScoreInput, ScoreMode};
 
-const PINNED_SQA_TRAIN: &str = "ff31f502fec1f850437b151673c4866083d8947f801640884e74c4c27cc0ae6c";
+const PINNED_SQA_TRAIN: &str = "6c4c8aae80b0425efe446bb5573512db8913de63e13839c27cc0c604be784d77";
 const PINNED_IMAGENET_PNG: &str =
     "1d449b3e6e1e5aa3da2cf20f3834b710f5cdfa8866dcbe93acfeb641ad72c882";
 const PINNED_GQA_PNG: &str = "35033bfa2d0b1c19ca2c70c1cf5dc5c1663d94ab77ee49e7ab0e83d32f2d695d";
@@ -117,7 +117,9 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
         .unwrap();
     // Pinned output: if this changes, the generator's output changed: bump GENERATOR_VERSION
     // and update the hashes (docs/coin-mini.md numbers were measured with version 1; version 2
-    // centres the big shapes and the words, which the ImageNet PNG pins, and GQA's pairs).
+    // centres the big shapes and the words, which the ImageNet PNG pins, and GQA's pairs;
+    // version 3 fixes ScienceQA's options and centres all text, which the ScienceQA train
+    // file pins).
     let centred = fa
         .iter()
         .find(|(p, _)| p.ends_with("imagenet-test-00000.png"))
@@ -214,7 +216,7 @@ fn corpus_covers_every_generated_word() {
         assert!(chance_level(t.name).is_some());
         assert!(chance_level(t.scorer.name()).is_some());
     }
-    assert_eq!(chance_level("mini-gqa"), Some(5.0 / 18.0));
+    assert_eq!(chance_level("mini-gqa"), Some(17.0 / 90.0));
     assert_eq!(chance_level("mnist"), None);
 }
 
@@ -246,4 +248,34 @@ fn registry_entries_point_at_the_generated_files() {
         |_| {}
     )
     .is_err());
+}
+
+#[test]
+fn science_qa_options_are_the_same_four_in_the_same_order() {
+    let d = tempfile::tempdir().unwrap();
+    generate(d.path(), &small(), |_| {}).unwrap();
+    let train =
+        read_train_file(&d.path().join("Instructions_Original/ScienceQA/train.json")).unwrap();
+    let colors: Vec<&str> = COLORS[..SQA_OPTIONS].iter().map(|c| c.0).collect();
+    let shapes: Vec<&str> = SHAPES[..SQA_OPTIONS].iter().map(|c| c.0).collect();
+    let (mut by_color, mut by_shape) = (0, 0);
+    let mut letters = std::collections::BTreeSet::new();
+    for r in &train {
+        let q = &r.conversations[0].value;
+        let opts: Vec<&str> = q
+            .lines()
+            .filter_map(|l| l.get(3..).filter(|_| l.get(1..3) == Some(". ")))
+            .collect();
+        if q.contains(SQA_QUESTIONS[0]) {
+            assert_eq!(opts, colors, "{q}");
+            by_color += 1;
+        } else {
+            assert!(q.contains(SQA_QUESTIONS[1]), "{q}");
+            assert_eq!(opts, shapes, "{q}");
+            by_shape += 1;
+        }
+        letters.insert(r.conversations[1].value.clone());
+    }
+    assert!(by_color > 0 && by_shape > 0);
+    assert_eq!(letters.len(), 4, "every letter is an answer: {letters:?}");
 }
