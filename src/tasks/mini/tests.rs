@@ -279,3 +279,151 @@ fn science_qa_options_are_the_same_four_in_the_same_order() {
     assert!(by_color > 0 && by_shape > 0);
     assert_eq!(letters.len(), 4, "every letter is an answer: {letters:?}");
 }
+
+/// Whether a pixel of a CoIN-mini picture belongs to a drawn shape (the background is a
+/// light grey with channels within 10 of each other; every shape colour is dark or vivid).
+fn is_ink(p: [u8; 3]) -> bool {
+    let (lo, hi) = (p.iter().min().unwrap(), p.iter().max().unwrap());
+    *hi < 200 || hi - lo > 30
+}
+
+/// The ink pixels of a test record's picture in each quadrant (top left, top right, bottom
+/// left, bottom right).
+fn ink_per_quadrant(root: &Path, image: &str) -> [usize; 4] {
+    let img = image::open(root.join(image)).unwrap().to_rgb8();
+    let half = img.width() / 2;
+    let mut out = [0; 4];
+    for (x, y, p) in img.enumerate_pixels() {
+        if is_ink(p.0) {
+            out[usize::from(y >= half) * 2 + usize::from(x >= half)] += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn grounding_boxes_are_the_quadrant_of_the_one_shape() {
+    let d = tempfile::tempdir().unwrap();
+    generate(
+        d.path(),
+        &MiniConfig {
+            test: 40,
+            ..small()
+        },
+        |_| {},
+    )
+    .unwrap();
+    let root = d.path().join("cl_dataset");
+    let test = read_test_file(&d.path().join("Instructions_Original/Grounding/test.json")).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &test {
+        let bbox = r.answer_bbox.clone().unwrap();
+        let quadrant = [
+            "[0.00, 0.00, 0.50, 0.50]",
+            "[0.50, 0.00, 1.00, 0.50]",
+            "[0.00, 0.50, 0.50, 1.00]",
+            "[0.50, 0.50, 1.00, 1.00]",
+        ]
+        .iter()
+        .position(|b| *b == bbox)
+        .unwrap_or_else(|| panic!("{bbox} is not a quadrant's box"));
+        let ink = ink_per_quadrant(&root, r.image.as_deref().unwrap());
+        for (q, n) in ink.iter().enumerate() {
+            assert_eq!(
+                *n > 0,
+                q == quadrant,
+                "{}: ink {ink:?}, box {bbox}",
+                r.question_id
+            );
+        }
+        seen.insert(quadrant);
+    }
+    assert_eq!(seen.len(), 4, "every quadrant is asked for");
+}
+
+#[test]
+fn vqa_counts_are_the_quadrants_with_a_shape() {
+    let d = tempfile::tempdir().unwrap();
+    generate(
+        d.path(),
+        &MiniConfig {
+            test: 40,
+            ..small()
+        },
+        |_| {},
+    )
+    .unwrap();
+    let root = d.path().join("cl_dataset");
+    let test = read_test_file(&d.path().join("Instructions_Original/VQAv2/val.json")).unwrap();
+    let (mut counts, mut more) = (0, 0);
+    for r in &test {
+        let ink = ink_per_quadrant(&root, r.image.as_deref().unwrap());
+        let n = ink.iter().filter(|&&k| k > 0).count();
+        let answer = r.answer.as_deref().unwrap();
+        if r.text.starts_with(VQA_COUNT) {
+            assert_eq!(answer, n.to_string(), "{}", r.question_id);
+            counts += 1;
+        } else {
+            assert!(r.text.starts_with(VQA_MORE_THAN_TWO), "{}", r.text);
+            assert_eq!(
+                answer,
+                if n > 2 { "yes" } else { "no" },
+                "{}",
+                r.question_id
+            );
+            more += 1;
+        }
+    }
+    assert!(counts > 0 && more > 0);
+}
+
+#[test]
+fn gqa_asks_for_the_colours_in_order_or_their_relation() {
+    let d = tempfile::tempdir().unwrap();
+    generate(
+        d.path(),
+        &MiniConfig {
+            test: 40,
+            ..small()
+        },
+        |_| {},
+    )
+    .unwrap();
+    let root = d.path().join("cl_dataset");
+    let test = read_test_file(&d.path().join("Instructions_Original/GQA/test.json")).unwrap();
+    let name = |p: [u8; 3]| COLORS.iter().find(|c| c.1 == p).map(|c| c.0);
+    let (mut ordered, mut relation) = (0, 0);
+    for r in &test {
+        // The colours of the left and the right half, read off the picture.
+        let img = image::open(root.join(r.image.as_deref().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        let half = img.width() / 2;
+        let side = |right: bool| {
+            img.enumerate_pixels()
+                .filter(|(x, _, _)| (*x >= half) == right)
+                .find_map(|(_, _, p)| name(p.0))
+                .unwrap()
+        };
+        let (left, right) = (side(false), side(true));
+        let answer = r.answer.as_deref().unwrap();
+        if r.text.starts_with(GQA_COLORS_QUESTION) {
+            assert_eq!(answer, format!("{left} and {right}"), "{}", r.question_id);
+            ordered += 1;
+        } else {
+            let q = r.text.lines().next().unwrap();
+            let expect = if q == format!("Is the {left} shape to the left of the {right} shape?") {
+                "yes"
+            } else {
+                assert_eq!(
+                    q,
+                    format!("Is the {right} shape to the left of the {left} shape?")
+                );
+                "no"
+            };
+            assert_eq!(answer, expect, "{}", r.question_id);
+            relation += 1;
+        }
+    }
+    assert!(ordered > relation && relation > 0, "{ordered} / {relation}");
+}
