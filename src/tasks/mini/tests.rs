@@ -301,8 +301,9 @@ fn ink_per_quadrant(root: &Path, image: &str) -> [usize; 4] {
     out
 }
 
-#[test]
-fn grounding_boxes_are_the_quadrant_of_the_one_shape() {
+/// 40 test records of one generated task (`dir/file` under `Instructions_Original/`), with
+/// the folder (kept alive by the returned guard) and the image root.
+fn forty_test_items(file: &str) -> (tempfile::TempDir, PathBuf, Vec<TestRecord>) {
     let d = tempfile::tempdir().unwrap();
     generate(
         d.path(),
@@ -313,8 +314,14 @@ fn grounding_boxes_are_the_quadrant_of_the_one_shape() {
         |_| {},
     )
     .unwrap();
+    let test = read_test_file(&d.path().join("Instructions_Original").join(file)).unwrap();
     let root = d.path().join("cl_dataset");
-    let test = read_test_file(&d.path().join("Instructions_Original/Grounding/test.json")).unwrap();
+    (d, root, test)
+}
+
+#[test]
+fn grounding_boxes_are_the_quadrant_of_the_one_shape() {
+    let (_dir, root, test) = forty_test_items("Grounding/test.json");
     let mut seen = std::collections::BTreeSet::new();
     for r in &test {
         let bbox = r.answer_bbox.clone().unwrap();
@@ -343,18 +350,7 @@ fn grounding_boxes_are_the_quadrant_of_the_one_shape() {
 
 #[test]
 fn vqa_counts_are_the_quadrants_with_a_shape() {
-    let d = tempfile::tempdir().unwrap();
-    generate(
-        d.path(),
-        &MiniConfig {
-            test: 40,
-            ..small()
-        },
-        |_| {},
-    )
-    .unwrap();
-    let root = d.path().join("cl_dataset");
-    let test = read_test_file(&d.path().join("Instructions_Original/VQAv2/val.json")).unwrap();
+    let (_dir, root, test) = forty_test_items("VQAv2/val.json");
     let (mut counts, mut more) = (0, 0);
     for r in &test {
         let ink = ink_per_quadrant(&root, r.image.as_deref().unwrap());
@@ -379,18 +375,7 @@ fn vqa_counts_are_the_quadrants_with_a_shape() {
 
 #[test]
 fn gqa_asks_for_the_colours_in_order_or_their_relation() {
-    let d = tempfile::tempdir().unwrap();
-    generate(
-        d.path(),
-        &MiniConfig {
-            test: 40,
-            ..small()
-        },
-        |_| {},
-    )
-    .unwrap();
-    let root = d.path().join("cl_dataset");
-    let test = read_test_file(&d.path().join("Instructions_Original/GQA/test.json")).unwrap();
+    let (_dir, root, test) = forty_test_items("GQA/test.json");
     let name = |p: [u8; 3]| COLORS.iter().find(|c| c.1 == p).map(|c| c.0);
     let (mut ordered, mut relation) = (0, 0);
     for r in &test {
