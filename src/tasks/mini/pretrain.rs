@@ -489,38 +489,21 @@ mod tests {
         for p in [CHOICE_QUESTION, CHOICE_RULE] {
             assert!(!task_lines.contains(p), "'{p}' is a task line");
         }
-        let dir = tempfile::tempdir().expect("temp dir");
-        let f = generate_captions(
-            dir.path(),
-            5,
-            60,
-            32,
-            CaptionMix {
-                choice: 0.5,
-                questions: 0.0,
-            },
-        )
-        .expect("generates");
-        let records = read_train_file(&f).expect("CoIN train format");
+        // 60 items of a mix, read back through the CoIN train reader.
+        let sixty = |choice: f64, questions: f64| {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let f = generate_captions(dir.path(), 5, 60, 32, CaptionMix { choice, questions })
+                .expect("generates");
+            read_train_file(&f).expect("CoIN train format")
+        };
+        let records = sixty(0.5, 0.0);
         let choice = records
             .iter()
             .filter(|r| r.conversations[0].value.contains(CHOICE_QUESTION))
             .count();
         assert!((15..=45).contains(&choice), "{choice} of 60");
         // A share of short questions: about half of the items ask one of their questions.
-        let dir = tempfile::tempdir().expect("temp dir");
-        let f = generate_captions(
-            dir.path(),
-            5,
-            60,
-            32,
-            CaptionMix {
-                choice: 0.0,
-                questions: 0.5,
-            },
-        )
-        .expect("generates");
-        let records = read_train_file(&f).expect("CoIN train format");
+        let records = sixty(0.0, 0.5);
         let asked = records
             .iter()
             .filter(|r| {
