@@ -64,6 +64,24 @@ pub fn set_loop_kernels_for_this_thread(on: Option<bool>) {
     LOOP_KERNELS_OVERRIDE.with(|o| o.set(on));
 }
 
+/// The calling thread's [`set_loop_kernels_for_this_thread`] setting.
+pub fn loop_kernels_override() -> Option<bool> {
+    LOOP_KERNELS_OVERRIDE.with(|o| o.get())
+}
+
+/// Run `f` with the thread's override set to `on` (work handed to another thread carries its
+/// caller's setting), restoring the previous one afterwards.
+pub fn with_loop_kernels_override<R>(on: Option<bool>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LOOP_KERNELS_OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(LOOP_KERNELS_OVERRIDE.with(|o| o.replace(on)));
+    f()
+}
+
 /// The float types the kernels are written for.
 trait Real:
     WithDType

@@ -14,6 +14,13 @@ fn to_unit(bits: u64) -> f64 {
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// A seed for the sub-stream `(a, b)` of `key` (e.g. dropout call `a`, sample row `b`):
+/// distinct inputs give unrelated streams, and the result depends on nothing else.
+pub fn sub_seed(key: u64, a: u64, b: u64) -> u64 {
+    mix(mix(key ^ mix(a.wrapping_add(GAMMA)))
+        .wrapping_add(mix(b.wrapping_mul(GAMMA) ^ 0xD6E8_FEB8_6659_FD93)))
+}
+
 /// SplitMix64: fast, seedable, good enough for initialising weights.
 #[derive(Clone, Debug)]
 pub struct Rng {

@@ -130,10 +130,18 @@ fn write_facts(out: &mut impl std::io::Write, r: &DemoReport) -> std::io::Result
 }
 
 pub fn cmd_demo(ui: &mut Ui, helper: &CommandHelper, args: &DemoArgs) -> Result<(), CommandError> {
-    // candle's CPU thread pool spins at a barrier between the tiny model's small ops; one
-    // thread is faster here (docs/demo.md). Set before any candle op, unless the user chose.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", "1");
+    // Thread policy for the tiny model (docs/demo.md), set before any candle op unless the user
+    // chose: two rayon threads and two data-parallel training shards (the same numbers on any
+    // machine: results depend on the shard split by float rounding), and candle's element-wise
+    // pool off (its workers spin at a barrier between the tiny model's small ops).
+    for (var, value) in [
+        ("RAYON_NUM_THREADS", "2"),
+        ("COIN_TRAIN_SHARDS", "2"),
+        ("CANDLE_NUM_THREADS", "1"),
+    ] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, value);
+        }
     }
     let dir = helper.cwd.join(
         args.dir

@@ -3,13 +3,65 @@
 //!
 //! One [`Dropout`] is shared (cloned) by every adapter of a model, so a single
 //! [`Dropout::set_training`] switches them all between training (masking) and eval (identity).
+//!
+//! Row-keyed masks (the trainer's data-parallel shards): inside [`with_rows`] a CPU mask is drawn
+//! row by row, row `g` of the `k`-th dropout call from the stream [`sub_seed`]`(key, k, g)`, so
+//! it depends on the step's key, the sample's place in the step and the layer, not on which
+//! shard (or thread, or micro-batch) the row runs in, nor on the padding after it. Outside
+//! [`with_rows`] masks continue the shared seeded stream.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Result, Tensor};
 
-use crate::ml::rng::Rng;
+use crate::ml::rng::{sub_seed, Rng};
+
+/// The row-keyed mask context of the current thread.
+#[derive(Clone, Copy, Debug)]
+struct RowKeys {
+    key: u64,
+    first_row: u64,
+    rows: usize,
+    calls: u64,
+}
+
+thread_local! {
+    static ROW_KEYS: RefCell<Option<RowKeys>> = const { RefCell::new(None) };
+}
+
+/// Run `f` (the forward of `rows` batch rows whose first is row `first_row` of the step) with
+/// row-keyed CPU masks drawn from `key`. Nested calls on the same thread (a rayon worker that
+/// runs another shard while it waits) restore the outer context when they return.
+pub fn with_rows<R>(key: u64, first_row: usize, rows: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<RowKeys>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            ROW_KEYS.with(|k| *k.borrow_mut() = prev);
+        }
+    }
+    let ctx = RowKeys {
+        key,
+        first_row: first_row as u64,
+        rows,
+        calls: 0,
+    };
+    let _restore = Restore(ROW_KEYS.with(|k| k.borrow_mut().replace(ctx)));
+    f()
+}
+
+/// The current row context, counting this call.
+fn next_row_call() -> Option<RowKeys> {
+    ROW_KEYS.with(|k| {
+        let mut k = k.borrow_mut();
+        let ctx = k.as_mut()?;
+        let now = *ctx;
+        ctx.calls += 1;
+        Some(now)
+    })
+}
 
 #[derive(Debug)]
 struct State {
@@ -78,12 +130,35 @@ impl Dropout {
         Ok(Some(self.cpu_mask(x)?))
     }
 
+    /// A key for one optimiser step's row-keyed masks ([`with_rows`]), advancing the shared
+    /// stream by one draw (so a saved [`Dropout::rng_state`] resumes the same keys).
+    pub fn next_key(&self) -> u64 {
+        self.lock_rng().next_u64()
+    }
+
     fn cpu_mask(&self, x: &Tensor) -> Result<Tensor> {
         let keep = (1.0 / (1.0 - self.p)) as f32;
         let mut mask = vec![0f32; x.elem_count()];
         let p = self.p;
-        self.lock_rng()
-            .fill_uniform(&mut mask, |u| if u < p { 0.0 } else { keep });
+        let draw = |u: f64| if u < p { 0.0 } else { keep };
+        match next_row_call() {
+            Some(ctx) => {
+                if ctx.rows == 0 || !mask.len().is_multiple_of(ctx.rows) {
+                    candle_core::bail!(
+                        "dropout on a tensor of shape {:?} that does not split into the \
+                         shard's {} rows",
+                        x.dims(),
+                        ctx.rows
+                    );
+                }
+                let per_row = mask.len() / ctx.rows;
+                for (j, row) in mask.chunks_mut(per_row.max(1)).enumerate() {
+                    let seed = sub_seed(ctx.key, ctx.calls, ctx.first_row + j as u64);
+                    Rng::new(seed).fill_uniform(row, draw);
+                }
+            }
+            None => self.lock_rng().fill_uniform(&mut mask, draw),
+        }
         Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
     }
 
@@ -135,6 +210,70 @@ mod tests {
         assert!(!clone.is_training());
         let e: Vec<f32> = clone.forward(&x)?.flatten_all()?.to_vec1()?;
         assert!(e.iter().all(|&v| v == 1.0));
+        Ok(())
+    }
+
+    #[test]
+    fn row_keyed_masks_depend_on_the_row_not_the_shard_or_padding() -> Result<()> {
+        let d = Dropout::new(0.5, 9);
+        let mask = |first: usize, rows: usize, seq: usize| -> Result<Vec<Vec<f32>>> {
+            // Two dropout calls (two layers) of a (rows·seq, 3) activation; the second's.
+            let x = Tensor::ones((rows * seq, 3), candle_core::DType::F32, &Device::Cpu)?;
+            let m = with_rows(77, first, rows, || -> Result<Tensor> {
+                d.forward(&x)?;
+                d.forward(&x)
+            })?;
+            m.reshape((rows, seq * 3))?.to_vec2()
+        };
+        let whole = mask(0, 4, 5)?;
+        // Rows 0–1 and 2–3 as two shards give the same rows.
+        let mut halves = mask(0, 2, 5)?;
+        halves.extend(mask(2, 2, 5)?);
+        assert_eq!(whole, halves);
+        // A shard padded to 7 positions: the first 5 of each row are unchanged.
+        let padded = mask(2, 2, 7)?;
+        for (j, row) in padded.iter().enumerate() {
+            assert_eq!(&row[..15], &whole[2 + j][..]);
+        }
+        // Rows differ from each other, layers from each other, keys from each other.
+        assert_ne!(whole[0], whole[1]);
+        let x = Tensor::ones((4 * 5, 3), candle_core::DType::F32, &Device::Cpu)?;
+        let first_call: Vec<Vec<f32>> = with_rows(77, 0, 4, || d.forward(&x))?
+            .reshape((4, 15))?
+            .to_vec2()?;
+        assert_ne!(first_call, whole);
+        let other_key: Vec<Vec<f32>> = with_rows(78, 0, 4, || {
+            d.forward(&x)?;
+            d.forward(&x)
+        })?
+        .reshape((4, 15))?
+        .to_vec2()?;
+        assert_ne!(other_key, whole);
+        // The shared stream is untouched by keyed masks; a shape that does not split into the
+        // shard's rows is an error, not a silent mask.
+        let state = d.rng_state();
+        assert_eq!(state, Dropout::new(0.5, 9).rng_state());
+        assert!(with_rows(1, 0, 7, || d.forward(&x)).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_nested_context_restores_the_outer_one() -> Result<()> {
+        let d = Dropout::new(0.5, 2);
+        let x = Tensor::ones((2, 8), candle_core::DType::F32, &Device::Cpu)?;
+        let plain: Vec<Vec<f32>> = with_rows(5, 0, 2, || -> Result<_> {
+            d.forward(&x)?;
+            d.forward(&x)
+        })?
+        .to_vec2()?;
+        let nested: Vec<Vec<f32>> = with_rows(5, 0, 2, || -> Result<_> {
+            d.forward(&x)?;
+            // Another shard runs on this thread in between (rayon work stealing).
+            with_rows(6, 4, 2, || d.forward(&x))?;
+            d.forward(&x)
+        })?
+        .to_vec2()?;
+        assert_eq!(plain, nested);
         Ok(())
     }
 }

@@ -4,13 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use super::data::{encode_record, prepare_samples, Sample};
 use super::loss::IGNORE_INDEX;
 use super::params::{AdapterKind, AdapterSettings, TrainableParams};
 use super::trainer::{
-    accumulate_step, train, CheckpointPolicy, NoProgress, StepInfo, TrainConfig, TrainProgress,
+    accumulate_step, train, CheckpointPolicy, NoProgress, StepInfo, StepOptions, TrainConfig,
+    TrainProgress,
 };
 use crate::ml::generate::{generate, GenerateRequest, GenerateSettings};
 use crate::ml::image::Rgb8;
@@ -216,10 +217,34 @@ fn settings(kind: AdapterKind, seed: u64) -> AdapterSettings {
     }
 }
 
+/// Largest difference between two gradient sets relative to each tensor's largest entry
+/// (every var present in both, none all-zero in `a`).
+fn worst_relative_difference(
+    a: &std::collections::BTreeMap<String, Tensor>,
+    b: &std::collections::BTreeMap<String, Tensor>,
+) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f64>())
+            .expect("max")
+    };
+    let mut worst = 0.0f64;
+    for (name, ga) in a {
+        let diff = max_abs(&(ga - &b[name]).expect("diff"));
+        let scale = max_abs(ga);
+        assert!(scale > 0.0, "{name} has a zero gradient");
+        worst = worst.max(diff / scale);
+    }
+    worst
+}
+
 #[test]
-fn accumulated_micro_batches_equal_one_large_batch() {
+fn accumulated_micro_batches_and_shards_equal_one_large_batch() {
     // The fused CPU loop kernels on, as in release builds (debug builds default to the
-    // composed ops): accumulation and bit-identical resume must hold for them.
+    // composed ops): accumulation, sharding and bit-identical resume must hold for them (and
+    // the shards, on rayon's threads, must inherit this thread's setting).
     crate::ml::fused::set_loop_kernels_for_this_thread(Some(true));
     let f = fixture(8, 1);
     let mut m = load(&f.model_dir, DType::F64);
@@ -227,7 +252,6 @@ fn accumulated_micro_batches_equal_one_large_batch() {
     let samples = samples_of(&f, &m, &t);
     for kind in [AdapterKind::Lora, AdapterKind::MoeLora { experts: 2 }] {
         let params = TrainableParams::attach(&mut m.model, &settings(kind, 3)).expect("attach");
-        params.set_training(false);
         // Non-zero B so every var has a gradient path.
         for (name, var) in &params.vars {
             if name.contains("lora_B") {
@@ -235,42 +259,114 @@ fn accumulated_micro_batches_equal_one_large_batch() {
                 var.set(&v.expect("scaled")).expect("set");
             }
         }
-        let step = |micro: Vec<Vec<usize>>| {
+        let rng0 = params.dropout.rng_state();
+        let keyed_step = |micro: Vec<Vec<usize>>, shards: usize, rng: u64| {
+            params.dropout.set_rng_state(rng);
             let (loss, mut acc, _, tokens) = accumulate_step(
                 &m.model,
                 &params,
                 &samples,
                 &m.image,
-                crate::ml::image::AspectMode::Pad,
                 &micro,
+                StepOptions {
+                    aspect: crate::ml::image::AspectMode::Pad,
+                    max_shards: shards,
+                },
                 &mut super::data::PixelCache::new(0),
             )
             .expect("step");
             (loss, acc.take(), tokens)
         };
-        let (l1, g1, n1) = step(vec![(0..6).collect()]);
-        let (l2, g2, n2) = step(vec![vec![0, 1], vec![2, 3, 4], vec![5]]);
-        assert_eq!(n1, n2);
-        assert!((l1 - l2).abs() < 1e-10, "loss {l1} vs {l2}");
-        assert_eq!(g1.len(), params.vars.len());
-        let mut worst = 0.0f64;
-        for (name, a) in &g1 {
-            let b = &g2[name];
-            let diff = (a - b)
-                .and_then(|d| d.abs())
-                .and_then(|d| d.max_all())
-                .and_then(|d| d.to_scalar::<f64>())
-                .expect("diff");
-            let scale = a
-                .abs()
-                .and_then(|d| d.max_all())
-                .and_then(|d| d.to_scalar::<f64>())
-                .expect("scale");
-            assert!(scale > 0.0, "{name} has a zero gradient");
-            worst = worst.max(diff / scale);
+        // Same dropout key for every variant.
+        let step = |micro, shards| keyed_step(micro, shards, rng0);
+        for training in [false, true] {
+            params.set_training(training);
+            let (l1, g1, n1) = step(vec![(0..6).collect()], 1);
+            assert_eq!(g1.len(), params.vars.len());
+            for (micro, shards) in [
+                (vec![vec![0, 1], vec![2, 3, 4], vec![5]], 1),
+                (vec![(0..6).collect()], 2),
+                (vec![(0..6).collect()], 4),
+                (vec![vec![0, 1, 2, 3], vec![4, 5]], 3),
+            ] {
+                let what = format!("{kind:?}, dropout {training}, {micro:?} in {shards} shards");
+                let (l2, g2, n2) = step(micro, shards);
+                assert_eq!(n1, n2, "{what}");
+                assert!((l1 - l2).abs() < 1e-10, "{what}: loss {l1} vs {l2}");
+                let worst = worst_relative_difference(&g1, &g2);
+                assert!(worst < 1e-9, "{what}: worst relative difference {worst}");
+            }
+            if training {
+                // Dropout is on: another key gives another loss.
+                let (l3, ..) = keyed_step(vec![(0..6).collect()], 2, rng0 ^ 1);
+                assert!(
+                    (l1 - l3).abs() > 1e-6,
+                    "dropout masks had no effect: {l1} {l3}"
+                );
+            }
         }
-        assert!(worst < 1e-9, "{kind:?}: worst relative difference {worst}");
     }
+}
+
+#[test]
+fn text_only_samples_give_the_projector_a_zero_gradient() {
+    let f = fixture(6, 1);
+    let mut m = load(&f.model_dir, DType::F64);
+    let t = task("mini-GQA");
+    let mut samples = samples_of(&f, &m, &t);
+    let n_img = m.model.config.image_seq_len();
+    // Samples 3.. lose their image (like ScienceQA's text-only questions).
+    for s in &mut samples[3..] {
+        s.image = None;
+        s.example
+            .segments
+            .retain(|seg| !matches!(seg, Segment::Image));
+        s.positions = super::data::positions(&s.example, n_img);
+    }
+    let params =
+        TrainableParams::attach(&mut m.model, &settings(AdapterKind::Lora, 4)).expect("attach");
+    params.set_training(false);
+    for (name, var) in &params.vars {
+        if name.contains("lora_B") {
+            let v = var.as_tensor().ones_like().expect("ones") * 0.05;
+            var.set(&v.expect("scaled")).expect("set");
+        }
+    }
+    let step = |micro: Vec<Vec<usize>>, shards: usize| {
+        let (_, mut acc, ..) = accumulate_step(
+            &m.model,
+            &params,
+            &samples,
+            &m.image,
+            &micro,
+            StepOptions {
+                aspect: crate::ml::image::AspectMode::Pad,
+                max_shards: shards,
+            },
+            &mut super::data::PixelCache::new(0),
+        )
+        .expect("a step with text-only samples trains");
+        acc.take()
+    };
+    let is_proj = |n: &str| n.starts_with("multi_modal_projector.");
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .and_then(|d| d.sum_all())
+            .and_then(|d| d.to_scalar::<f64>())
+            .expect("norm")
+    };
+    // Only text-only samples: every var has a gradient, the projector's is zero.
+    let g = step(vec![vec![3, 4, 5]], 2);
+    assert_eq!(g.len(), params.vars.len());
+    for (name, grad) in &g {
+        assert_eq!(norm(grad) == 0.0, is_proj(name), "{name}");
+    }
+    // Mixed: the image shard's projector gradient, whatever the split.
+    let mixed = step(vec![(0..6).collect()], 1);
+    assert!(mixed.iter().all(|(_, g)| norm(g) > 0.0));
+    let split = step(vec![(0..6).collect()], 2);
+    let worst = worst_relative_difference(&mixed, &split);
+    assert!(worst < 1e-9, "worst relative difference {worst}");
 }
 
 struct StopAfter(usize, usize);

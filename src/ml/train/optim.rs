@@ -184,22 +184,43 @@ pub struct GradAccumulator {
 }
 
 impl GradAccumulator {
-    /// Add this micro-batch's gradients; a var without a gradient is an error (candle's
-    /// backward silently stops at ops without a backward: better to fail than to not train).
-    pub fn add(&mut self, vars: &[(String, Var)], grads: &GradStore) -> Result<()> {
+    /// Add one micro-batch's (or shard's) gradients. A var without a gradient is an error
+    /// (candle's backward silently stops at ops without a backward: better to fail than to not
+    /// train) unless `may_miss(name)` (the projector of a part without images).
+    pub fn add(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        may_miss: impl Fn(&str) -> bool,
+    ) -> Result<()> {
         for (name, var) in vars {
-            let g = grads.get(var.as_tensor()).ok_or_else(|| {
-                MlError::Input(format!(
+            let Some(g) = grads.get(var.as_tensor()) else {
+                if may_miss(name) {
+                    continue;
+                }
+                return Err(MlError::Input(format!(
                     "no gradient reached the trainable tensor '{name}' (is the part of the \
                      model it belongs to used by this batch?)"
-                ))
-            })?;
+                )));
+            };
             let g = g.detach();
             let sum = match self.sums.remove(name) {
                 Some(prev) => (prev + g)?,
                 None => g,
             };
             self.sums.insert(name.clone(), sum);
+        }
+        Ok(())
+    }
+
+    /// Give every var that no part reached a zero gradient (AdamW then still decays its
+    /// moments, as torch does for LLaVA's projector on a text-only batch).
+    pub fn fill_missing(&mut self, vars: &[(String, Var)]) -> Result<()> {
+        for (name, var) in vars {
+            if !self.sums.contains_key(name) {
+                self.sums
+                    .insert(name.clone(), var.as_tensor().zeros_like()?);
+            }
         }
         Ok(())
     }

@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -398,37 +399,122 @@ fn load_checkpoint(
     Ok(state)
 }
 
+/// How many data-parallel shards a micro-batch runs as at most ([`accumulate_step`]): on the
+/// CPU one per thread of rayon's pool (`COIN_TRAIN_SHARDS=n` overrides); on a GPU one (the
+/// device is parallel already).
+///
+/// Why: a training step is GEMMs (parallel) between many small element-wise ops and graph
+/// bookkeeping (serial on the calling thread); with one shard the other cores idle through the
+/// serial part. Shards run forward and backward concurrently and their gradients are summed —
+/// the same loss and gradients as the whole micro-batch up to float rounding, and the same
+/// dropout masks ([`super::dropout::with_rows`]). docs/trainer.md has the measurements.
+pub fn default_shards(device: &candle_core::Device) -> usize {
+    if !device.is_cpu() {
+        return 1;
+    }
+    std::env::var("COIN_TRAIN_SHARDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(rayon::current_num_threads)
+}
+
+/// How [`accumulate_step`] batches: the images' aspect mode and the most shards per
+/// micro-batch ([`default_shards`]).
+#[derive(Clone, Copy, Debug)]
+pub struct StepOptions {
+    /// How images are fitted to the tower's square input.
+    pub aspect: AspectMode,
+    /// Concurrent shards per micro-batch, at most.
+    pub max_shards: usize,
+}
+
+/// Names of the projector's vars: they get no gradient from a shard without images (LLaVA gives
+/// them a zero gradient then, through an empty slice of image features).
+fn is_projector(name: &str) -> bool {
+    name.starts_with("multi_modal_projector.")
+}
+
 /// Forward and backward every micro-batch of one optimiser step; returns the step's mean loss
 /// over its supervised tokens, the summed (token-weighted) gradients, and the positions and
-/// supervised tokens it covered. Splitting the same samples into more micro-batches gives the
-/// same loss and gradients (up to rounding).
+/// supervised tokens it covered. Each micro-batch runs as up to `max_shards` concurrent
+/// shards of consecutive samples ([`default_shards`]). Splitting the same samples into more
+/// micro-batches or shards gives the same loss and gradients up to rounding: dropout masks are
+/// keyed by each sample's place in the step, and each part's loss is weighted by its share of
+/// the step's supervised tokens. A part without supervised tokens adds nothing and is skipped;
+/// the projector gets a zero gradient from a step without images.
 pub fn accumulate_step(
     model: &Llava,
     params: &TrainableParams,
     samples: &[Sample],
     images: &ImageProcessor,
-    aspect: AspectMode,
     micro: &[Vec<usize>],
+    opts: StepOptions,
     cache: &mut PixelCache,
 ) -> Result<(f64, GradAccumulator, usize, usize)> {
+    let StepOptions { aspect, max_shards } = opts;
+    use rayon::prelude::*;
     let step_tokens: usize = micro.iter().flatten().map(|&k| samples[k].supervised).sum();
     let step_positions: usize = micro.iter().flatten().map(|&k| samples[k].positions).sum();
+    if step_tokens == 0 {
+        return Err(MlError::Input(
+            "an optimiser step's samples have no supervised (assistant) token".into(),
+        ));
+    }
+    let key = params.dropout.next_key();
     let mut acc = GradAccumulator::default();
     let mut loss_sum = 0.0;
+    let mut first_row = 0;
     for mb in micro {
         let batch: Vec<&Sample> = mb.iter().map(|&k| &samples[k]).collect();
         let pixels = batch_pixels(&batch, images, aspect, &model.device, cache)?;
-        let examples: Vec<_> = batch.iter().map(|s| s.example.clone()).collect();
-        let (logits, labels) = forward_batch(model, &examples, &pixels)?;
-        let mb_tokens: usize = batch.iter().map(|s| s.supervised).sum();
-        let loss = masked_cross_entropy(&logits, &labels)?;
-        let weight = mb_tokens as f64 / step_tokens.max(1) as f64;
-        let grads = (&loss * weight)?.backward()?;
-        acc.add(&params.vars, &grads)?;
-        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * mb_tokens as f64;
+        // Sample i's images are pixels[img_at[i]..img_at[i + 1]].
+        let mut img_at = vec![0];
+        for s in &batch {
+            img_at.push(img_at[img_at.len() - 1] + usize::from(s.image.is_some()));
+        }
+        let per = batch
+            .len()
+            .div_ceil(max_shards.clamp(1, batch.len().max(1)));
+        let shards: Vec<(usize, usize)> = (0..batch.len())
+            .step_by(per.max(1))
+            .map(|a| (a, (a + per).min(batch.len())))
+            .filter(|&(a, b)| batch[a..b].iter().any(|s| s.supervised > 0))
+            .collect();
+        let kernels = crate::ml::fused::loop_kernels_override();
+        let run = |&(a, b): &(usize, usize)| -> Result<(f64, GradStore, bool)> {
+            let part = &batch[a..b];
+            let px = &pixels[img_at[a]..img_at[b]];
+            crate::ml::fused::with_loop_kernels_override(kernels, || {
+                super::dropout::with_rows(key, first_row + a, b - a, || {
+                    let examples: Vec<_> = part.iter().map(|s| s.example.clone()).collect();
+                    let (logits, labels) = forward_batch(model, &examples, px)?;
+                    let tokens: usize = part.iter().map(|s| s.supervised).sum();
+                    let loss = masked_cross_entropy(&logits, &labels)?;
+                    let weight = tokens as f64 / step_tokens as f64;
+                    let grads = (&loss * weight)?.backward()?;
+                    let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    Ok((loss * tokens as f64, grads, !px.is_empty()))
+                })
+            })
+        };
+        let done: Vec<Result<(f64, GradStore, bool)>> = if shards.len() > 1 {
+            shards.par_iter().map(run).collect()
+        } else {
+            shards.iter().map(run).collect()
+        };
+        for r in done {
+            let (loss, grads, has_images) = r?;
+            acc.add(&params.vars, &grads, |name| {
+                !has_images && is_projector(name)
+            })?;
+            loss_sum += loss;
+        }
+        first_row += batch.len();
     }
+    acc.fill_missing(&params.vars)?;
     Ok((
-        loss_sum / step_tokens.max(1) as f64,
+        loss_sum / step_tokens as f64,
         acc,
         step_positions,
         step_tokens,
@@ -486,6 +572,7 @@ pub fn train(
     params.set_training(true);
     progress.begin(total, start);
     let mut cache = PixelCache::new(PIXEL_CACHE_BYTES);
+    let shards = default_shards(&model.device);
     let t0 = Instant::now();
     let (mut positions, mut supervised) = (0u64, 0u64);
     let mut stopped = false;
@@ -502,8 +589,11 @@ pub fn train(
                 params,
                 samples,
                 images,
-                cfg.image_aspect,
                 micro,
+                StepOptions {
+                    aspect: cfg.image_aspect,
+                    max_shards: shards,
+                },
                 &mut cache,
             )?;
             if !loss.is_finite() {
