@@ -429,10 +429,11 @@ pub struct StepOptions {
     pub max_shards: usize,
 }
 
-/// Names of the projector's vars: they get no gradient from a shard without images (LLaVA gives
-/// them a zero gradient then, through an empty slice of image features).
-fn is_projector(name: &str) -> bool {
-    name.starts_with("multi_modal_projector.")
+/// Vars that only images reach (the projector; the vision tower in full training): a part
+/// without images gives them no gradient (LLaVA gives them a zero gradient then, through an
+/// empty slice of image features).
+fn image_only(name: &str) -> bool {
+    name.starts_with("multi_modal_projector.") || name.starts_with("vision_tower.")
 }
 
 /// Forward and backward every micro-batch of one optimiser step; returns the step's mean loss
@@ -442,7 +443,7 @@ fn is_projector(name: &str) -> bool {
 /// micro-batches or shards gives the same loss and gradients up to rounding: dropout masks are
 /// keyed by each sample's place in the step, and each part's loss is weighted by its share of
 /// the step's supervised tokens. A part without supervised tokens adds nothing and is skipped;
-/// the projector gets a zero gradient from a step without images.
+/// the projector (and a trained vision tower) gets a zero gradient from a step without images.
 pub fn accumulate_step(
     model: &Llava,
     params: &TrainableParams,
@@ -505,9 +506,7 @@ pub fn accumulate_step(
         };
         for r in done {
             let (loss, grads, has_images) = r?;
-            acc.add(&params.vars, &grads, |name| {
-                !has_images && is_projector(name)
-            })?;
+            acc.add(&params.vars, &grads, |name| !has_images && image_only(name))?;
             loss_sum += loss;
         }
         first_row += batch.len();
@@ -711,6 +710,16 @@ mod tests {
             },
         );
         assert_eq!(capped.len(), 3);
+    }
+
+    #[test]
+    fn only_projector_and_tower_vars_may_miss_a_gradient_without_images() {
+        assert!(image_only("multi_modal_projector.linear_1.weight"));
+        assert!(image_only("vision_tower.encoder.layers.0.mlp.fc1.weight"));
+        assert!(!image_only(
+            "language_model.layers.0.self_attn.q_proj.lora_A.weight"
+        ));
+        assert!(!image_only("language_model.embed_tokens.weight"));
     }
 
     #[test]
