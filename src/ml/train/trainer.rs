@@ -400,23 +400,43 @@ fn load_checkpoint(
 }
 
 /// How many data-parallel shards a micro-batch runs as at most ([`accumulate_step`]): on the
-/// CPU one per thread of rayon's pool (`COIN_TRAIN_SHARDS=n` overrides); on a GPU one (the
-/// device is parallel already).
+/// CPU, when candle's element-wise pool is off (`CANDLE_NUM_THREADS=1`, which coin sets on
+/// machines with ≤ 2 threads), one per thread of rayon's pool; otherwise one. On a GPU one (the
+/// device is parallel already). `COIN_TRAIN_SHARDS=n` overrides on the CPU.
 ///
 /// Why: a training step is GEMMs (parallel) between many small element-wise ops and graph
 /// bookkeeping (serial on the calling thread); with one shard the other cores idle through the
 /// serial part. Shards run forward and backward concurrently and their gradients are summed —
 /// the same loss and gradients as the whole micro-batch up to float rounding, and the same
-/// dropout masks ([`super::dropout::with_rows`]). docs/trainer.md has the measurements.
+/// dropout masks ([`super::dropout::with_rows`]). With candle's spinning element-wise pool on,
+/// shards contend with it (measured slower on 2 cores), hence the condition. docs/trainer.md
+/// has the measurements.
 pub fn default_shards(device: &candle_core::Device) -> usize {
-    if !device.is_cpu() {
+    shard_policy(
+        device.is_cpu(),
+        std::env::var("COIN_TRAIN_SHARDS").ok().as_deref(),
+        std::env::var("CANDLE_NUM_THREADS").ok().as_deref(),
+        rayon::current_num_threads(),
+    )
+}
+
+/// [`default_shards`] from its inputs: the device kind, `COIN_TRAIN_SHARDS`,
+/// `CANDLE_NUM_THREADS` and rayon's thread count.
+fn shard_policy(cpu: bool, shards: Option<&str>, candle: Option<&str>, threads: usize) -> usize {
+    if !cpu {
         return 1;
     }
-    std::env::var("COIN_TRAIN_SHARDS")
-        .ok()
+    if let Some(n) = shards
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or_else(rayon::current_num_threads)
+    {
+        return n;
+    }
+    if candle == Some("1") {
+        threads.max(1)
+    } else {
+        1
+    }
 }
 
 /// How [`accumulate_step`] batches: the images' aspect mode and the most shards per
@@ -710,6 +730,18 @@ mod tests {
             },
         );
         assert_eq!(capped.len(), 3);
+    }
+
+    #[test]
+    fn shards_follow_the_threads_only_with_candles_pool_off() {
+        assert_eq!(shard_policy(true, None, Some("1"), 2), 2);
+        assert_eq!(shard_policy(true, None, Some("1"), 16), 16);
+        assert_eq!(shard_policy(true, None, None, 16), 1);
+        assert_eq!(shard_policy(true, None, Some("2"), 2), 1);
+        assert_eq!(shard_policy(true, Some("3"), None, 2), 3);
+        assert_eq!(shard_policy(true, Some("0"), Some("1"), 2), 2);
+        assert_eq!(shard_policy(true, Some("x"), None, 2), 1);
+        assert_eq!(shard_policy(false, Some("4"), Some("1"), 8), 1);
     }
 
     #[test]
