@@ -240,6 +240,41 @@ fn worst_relative_difference(
     worst
 }
 
+/// Set every LoRA B to 0.05 (B starts at zero, which leaves A without a gradient path).
+fn nonzero_lora_b(params: &TrainableParams) {
+    for (name, var) in &params.vars {
+        if name.contains("lora_B") {
+            let v = var.as_tensor().ones_like().expect("ones") * 0.05;
+            var.set(&v.expect("scaled")).expect("set");
+        }
+    }
+}
+
+/// One [`accumulate_step`] over `micro` in at most `shards` shards: (loss, gradients by name,
+/// supervised tokens).
+fn step_grads(
+    m: &LoadedModel,
+    params: &TrainableParams,
+    samples: &[Sample],
+    micro: &[Vec<usize>],
+    shards: usize,
+) -> (f64, std::collections::BTreeMap<String, Tensor>, usize) {
+    let (loss, mut acc, _, tokens) = accumulate_step(
+        &m.model,
+        params,
+        samples,
+        &m.image,
+        micro,
+        StepOptions {
+            aspect: crate::ml::image::AspectMode::Pad,
+            max_shards: shards,
+        },
+        &mut super::data::PixelCache::new(0),
+    )
+    .expect("step");
+    (loss, acc.take(), tokens)
+}
+
 #[test]
 fn accumulated_micro_batches_and_shards_equal_one_large_batch() {
     // The fused CPU loop kernels on, as in release builds (debug builds default to the
@@ -252,30 +287,11 @@ fn accumulated_micro_batches_and_shards_equal_one_large_batch() {
     let samples = samples_of(&f, &m, &t);
     for kind in [AdapterKind::Lora, AdapterKind::MoeLora { experts: 2 }] {
         let params = TrainableParams::attach(&mut m.model, &settings(kind, 3)).expect("attach");
-        // Non-zero B so every var has a gradient path.
-        for (name, var) in &params.vars {
-            if name.contains("lora_B") {
-                let v = var.as_tensor().ones_like().expect("ones") * 0.05;
-                var.set(&v.expect("scaled")).expect("set");
-            }
-        }
+        nonzero_lora_b(&params);
         let rng0 = params.dropout.rng_state();
         let keyed_step = |micro: Vec<Vec<usize>>, shards: usize, rng: u64| {
             params.dropout.set_rng_state(rng);
-            let (loss, mut acc, _, tokens) = accumulate_step(
-                &m.model,
-                &params,
-                &samples,
-                &m.image,
-                &micro,
-                StepOptions {
-                    aspect: crate::ml::image::AspectMode::Pad,
-                    max_shards: shards,
-                },
-                &mut super::data::PixelCache::new(0),
-            )
-            .expect("step");
-            (loss, acc.take(), tokens)
+            step_grads(&m, &params, &samples, &micro, shards)
         };
         // Same dropout key for every variant.
         let step = |micro, shards| keyed_step(micro, shards, rng0);
@@ -326,28 +342,9 @@ fn text_only_samples_give_the_projector_a_zero_gradient() {
     let params =
         TrainableParams::attach(&mut m.model, &settings(AdapterKind::Lora, 4)).expect("attach");
     params.set_training(false);
-    for (name, var) in &params.vars {
-        if name.contains("lora_B") {
-            let v = var.as_tensor().ones_like().expect("ones") * 0.05;
-            var.set(&v.expect("scaled")).expect("set");
-        }
-    }
-    let step = |micro: Vec<Vec<usize>>, shards: usize| {
-        let (_, mut acc, ..) = accumulate_step(
-            &m.model,
-            &params,
-            &samples,
-            &m.image,
-            &micro,
-            StepOptions {
-                aspect: crate::ml::image::AspectMode::Pad,
-                max_shards: shards,
-            },
-            &mut super::data::PixelCache::new(0),
-        )
-        .expect("a step with text-only samples trains");
-        acc.take()
-    };
+    nonzero_lora_b(&params);
+    let step =
+        |micro: Vec<Vec<usize>>, shards: usize| step_grads(&m, &params, &samples, &micro, shards).1;
     let is_proj = |n: &str| n.starts_with("multi_modal_projector.");
     let norm = |t: &Tensor| {
         t.sqr()

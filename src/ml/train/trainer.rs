@@ -473,8 +473,8 @@ pub fn accumulate_step(
     opts: StepOptions,
     cache: &mut PixelCache,
 ) -> Result<(f64, GradAccumulator, usize, usize)> {
-    let StepOptions { aspect, max_shards } = opts;
     use rayon::prelude::*;
+    let StepOptions { aspect, max_shards } = opts;
     let step_tokens: usize = micro.iter().flatten().map(|&k| samples[k].supervised).sum();
     let step_positions: usize = micro.iter().flatten().map(|&k| samples[k].positions).sum();
     if step_tokens == 0 {
