@@ -5,6 +5,7 @@
 //! ML engine ([`ml`]) or the command line ([`cli`]) and never prints. See ARCHITECTURE.md.
 
 pub mod cli;
+mod git_durability;
 pub mod history;
 pub mod metrics;
 pub mod ml;

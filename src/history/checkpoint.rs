@@ -117,7 +117,8 @@ pub(crate) fn ser_opt_oid<S: serde::Serializer>(
 pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>, HistoryError> {
     let mut out: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut add = |rel: String, disk: PathBuf| -> Result<(), HistoryError> {
-        validate_rel_path(&rel).map_err(HistoryError::Input)?;
+        validate_rel_path(&rel)
+            .map_err(|e| HistoryError::Input(format!("cannot commit '{}': {e}", disk.display())))?;
         if let Some(prev) = out.insert(rel.clone(), disk.clone()) {
             return Err(HistoryError::Input(format!(
                 "two files would be committed as '{rel}': '{}' and '{}'",
@@ -146,7 +147,17 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>, HistoryError>
                     } else {
                         format!("{prefix}/{name}")
                     };
-                    let m = std::fs::metadata(&p).map_err(HistoryError::io("read", &p))?;
+                    // Links inside a folder are never followed: a link to /etc/passwd would
+                    // store that file's contents, and a link to a folder would walk it.
+                    let m = std::fs::symlink_metadata(&p).map_err(HistoryError::io("read", &p))?;
+                    if m.file_type().is_symlink() {
+                        return Err(HistoryError::Input(format!(
+                            "'{}' is a symbolic link; coin does not follow links inside a \
+                             committed folder (it could point at any file on this machine). \
+                             Replace it with the file it points to, or move it out",
+                            p.display()
+                        )));
+                    }
                     if m.is_dir() {
                         stack.push((p, rel));
                     } else if m.is_file() {
@@ -171,6 +182,8 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>, HistoryError>
             "nothing to commit: the given paths hold no files".to_string(),
         ));
     }
+    records::validate_manifest_paths(out.keys())
+        .map_err(|e| HistoryError::Input(format!("cannot commit these files: {e}")))?;
     Ok(out
         .into_iter()
         .map(|(rel, disk)| SourceFile { disk, rel })
@@ -211,8 +224,8 @@ impl CoinRepo {
     /// unreachable and gc removes them).
     pub fn commit(&self, req: &CommitRequest) -> Result<CommitOutcome, HistoryError> {
         validate_task_name(&req.task).map_err(HistoryError::Input)?;
-        for task in req.evals.keys() {
-            validate_task_name(task).map_err(HistoryError::Input)?;
+        for (task, rec) in &req.evals {
+            self.check_new_eval_record(task, rec)?;
         }
         let branch = self.current_branch()?;
         let expected = self.branch_target(&branch)?;
@@ -228,6 +241,8 @@ impl CoinRepo {
         super::pause("commit.before_lock");
         let _lock = self.lock()?;
         fault::point("commit.after_lock");
+        // Killed earlier commits leave temp objects; clear them before adding more.
+        self.store().remove_dead_temp_files()?;
 
         let mut manifest = Manifest::new();
         manifest.base_model = req.base_model.clone();
@@ -302,6 +317,7 @@ impl CoinRepo {
         let id = git
             .commit(None, &sig, &sig, &full_message, &tree, &parents)
             .map_err(HistoryError::git("write the commit"))?;
+        self.check_commit_stored(id)?;
         fault::point("commit.after_git_objects");
         let gate = if req.detached {
             None
@@ -403,6 +419,7 @@ impl CoinRepo {
         let tree = commit
             .tree()
             .map_err(HistoryError::git(format!("read the tree of {short}")))?;
+        check_tree_entries(&tree, &short)?;
         let read_blob = |name: &str| -> Result<Option<Vec<u8>>, HistoryError> {
             match tree.get_path(Path::new(name)) {
                 Ok(e) => {
@@ -432,11 +449,29 @@ impl CoinRepo {
                     .find_tree(entry.id())
                     .map_err(HistoryError::git(format!("read eval/ of {short}")))?;
                 for e in sub.iter() {
-                    let Ok(task) = e.name() else { continue };
+                    let task = e.name().map_err(|_| {
+                        HistoryError::Corrupt(format!(
+                            "checkpoint {short} has an eval record whose name is not UTF-8"
+                        ))
+                    })?;
+                    validate_task_name(task).map_err(|m| {
+                        HistoryError::Corrupt(format!("eval/ of checkpoint {short}: {m}"))
+                    })?;
+                    if e.filemode() != 0o100644 {
+                        return Err(HistoryError::Corrupt(format!(
+                            "eval/{} of checkpoint {short} is not a regular file (mode {:o})",
+                            task.escape_debug(),
+                            e.filemode()
+                        )));
+                    }
                     let obj = e
                         .to_object(git)
                         .map_err(HistoryError::git(format!("read eval/{task} of {short}")))?;
-                    let Some(blob) = obj.as_blob() else { continue };
+                    let Some(blob) = obj.as_blob() else {
+                        return Err(HistoryError::Corrupt(format!(
+                            "eval/{task} of checkpoint {short} is not a file"
+                        )));
+                    };
                     let rec = parse_eval_record(task, blob.content())
                         .map_err(|e| in_checkpoint(&short, e))?;
                     evals.insert(task.to_string(), (rec, EvalSource::Tree));
@@ -457,6 +492,23 @@ impl CoinRepo {
             train,
             evals,
         })
+    }
+
+    /// Check every file entry of a checkpoint against the store ([`crate::store::Store::check_entry`]:
+    /// objects present, of the right kind, sizes and headers adding up) without writing
+    /// anything. With [`CoinRepo::read_checkpoint`] (tree and manifest), this is the one
+    /// validation commit, fetch, fsck and checkout share.
+    pub fn check_checkpoint_files(&self, cp: &Checkpoint) -> Result<(), HistoryError> {
+        for (path, entry) in &cp.manifest.files {
+            self.store()
+                .check_entry(entry)
+                .map_err(|source| HistoryError::BadFile {
+                    checkpoint: short_id(cp.id),
+                    path: path.escape_debug().to_string(),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// The note attached to checkpoint `id`, if any.
@@ -490,7 +542,7 @@ impl CoinRepo {
             ..NoteRecord::default()
         });
         for (task, rec) in records {
-            validate_task_name(task).map_err(HistoryError::Input)?;
+            self.check_new_eval_record(task, rec)?;
             note.eval.insert(task.clone(), rec.clone());
         }
         let text = records::to_canonical_json(&note)?;
@@ -502,6 +554,26 @@ impl CoinRepo {
                 short_id(id)
             )))?;
         fault::point("note.after_write");
+        Ok(())
+    }
+
+    /// Check an eval record before it is written: its task name, its fields
+    /// ([`EvalRecord::validate_new`]) and every store object it names, which must be in this
+    /// repository's store (a record naming a missing object would make fsck and push fail).
+    pub fn check_new_eval_record(&self, task: &str, rec: &EvalRecord) -> Result<(), HistoryError> {
+        validate_task_name(task).map_err(HistoryError::Input)?;
+        rec.validate_new(task).map_err(HistoryError::Input)?;
+        for id in rec.object_ids() {
+            if !self.store().contains(&id) {
+                return Err(HistoryError::Input(format!(
+                    "the eval record of task '{}' names object {} (its predictions), which is \
+                     not in this repository's store; store the predictions first or leave \
+                     \"predictions\" out",
+                    task.escape_debug(),
+                    id.short()
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -529,6 +601,30 @@ impl CoinRepo {
         }
         Ok(out)
     }
+}
+
+/// The top level of a checkpoint's tree holds regular files (`manifest`, `train`, files later
+/// versions add) and the `eval` folder; a link, a submodule or an executable there is refused,
+/// so what fsck and fetch accept is exactly what checkout and `git checkout` can write safely.
+fn check_tree_entries(tree: &git2::Tree<'_>, short: &str) -> Result<(), HistoryError> {
+    for e in tree.iter() {
+        let name = String::from_utf8_lossy(e.name_bytes())
+            .escape_debug()
+            .to_string();
+        let ok = match e.filemode() {
+            0o100644 => e.kind() == Some(ObjectType::Blob),
+            0o040000 => name == "eval" && e.kind() == Some(ObjectType::Tree),
+            _ => false,
+        };
+        if !ok {
+            return Err(HistoryError::Corrupt(format!(
+                "entry '{name}' of checkpoint {short} has mode {:o}; a checkpoint's tree holds \
+                 only regular files and the eval/ folder (a link or submodule here is refused)",
+                e.filemode()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn in_checkpoint(what: &str, e: HistoryError) -> HistoryError {

@@ -19,7 +19,6 @@
 //!   `COIN_CHECKPOINT` can be read with `coin show`/`coin diff`) and before the branch moves,
 //!   while coin holds the repository lock: it must not run coin commands that write.
 
-use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -29,7 +28,7 @@ use git2::{Delta, DiffOptions, Oid};
 use include_dir::{include_dir, Dir};
 use serde::Serialize;
 
-use crate::store::{fsutil, ObjectId};
+use crate::store::fsutil;
 
 use super::remote::RemoteInfo;
 use super::repo::{short_id, CoinRepo};
@@ -509,11 +508,9 @@ impl CoinRepo {
         } else {
             self.checkpoints_between(&tips, &hide)?
         };
-        let mut ids: BTreeSet<ObjectId> = self.objects_of(&checkpoints)?.into_iter().collect();
-        if notes {
-            ids.extend(self.note_objects(super::NOTES_REF)?);
-        }
-        if ids.is_empty() {
+        // Pushing code only (no checkpoint in the pushed history): nothing of coin's to send,
+        // and no store is made on the remote.
+        if !notes && checkpoints.is_empty() && self.reachable_checkpoints(&tips)?.is_empty() {
             return Ok(report);
         }
         let info = match self.remote_info(remote) {
@@ -526,8 +523,11 @@ impl CoinRepo {
         };
         let transport = self.object_transport(&info, true)?;
         let _lock = transport.lock(Duration::from_secs(60))?;
-        let ids: Vec<ObjectId> = ids.into_iter().collect();
-        self.check_objects_available(&ids, transport.as_ref())?;
+        transport.clean()?;
+        let ids = self.objects_to_send(&checkpoints, &tips, notes, transport.as_ref())?;
+        if ids.is_empty() {
+            return Ok(report);
+        }
         let t = crate::store::transport::transfer(
             self.store(),
             transport.as_ref(),

@@ -50,6 +50,17 @@ pub struct FsckReport {
     pub problems: Vec<FsckProblem>,
 }
 
+/// A note (or some of its eval records) `coin fsck --drop-bad-notes` removed.
+#[derive(Clone, Debug, Serialize)]
+pub struct DroppedNote {
+    /// The checkpoint the note is attached to.
+    pub checkpoint: String,
+    /// The tasks whose records were removed; empty when the whole note was deleted.
+    pub tasks: Vec<String>,
+    /// Why.
+    pub reason: String,
+}
+
 /// The result of `coin gc`.
 #[derive(Clone, Debug, Serialize)]
 pub struct GcReport {
@@ -61,7 +72,7 @@ pub struct GcReport {
     pub removed: Vec<String>,
     /// Bytes freed (0 for a dry run).
     pub freed_bytes: u64,
-    /// Temp files of interrupted object writes (older than an hour) removed.
+    /// Temp files of interrupted object writes (whose writer is gone) removed.
     pub temp_files_removed: usize,
 }
 
@@ -83,6 +94,8 @@ struct Reach {
     checkpoints: Vec<Oid>,
     manifests: BTreeMap<Oid, Manifest>,
     objects: BTreeMap<ObjectId, String>,
+    /// Objects only older notes name: kept by gc, not required by fsck.
+    kept: BTreeMap<ObjectId, String>,
     problems: Vec<FsckProblem>,
 }
 
@@ -109,27 +122,49 @@ fn reflog_ids(git: &Repository, name: &str, from: &str, out: &mut Vec<Root>) {
     }
 }
 
-/// Collect note-target commits and predictions ids from every notes commit reachable from the
-/// notes ref and its reflog.
+/// The notes of one notes commit: (target commit, note blob) for every note in its tree.
+fn notes_in_commit(git: &Repository, commit: Oid) -> Result<Vec<(Oid, Oid)>, String> {
+    let tree = git
+        .find_commit(commit)
+        .and_then(|c| c.tree())
+        .map_err(|e| format!("notes commit unreadable: {e}"))?;
+    let mut out = Vec::new();
+    let _ = tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
+        if entry.kind() != Some(ObjectType::Blob) {
+            return git2::TreeWalkResult::Ok;
+        }
+        let hex = format!("{}{}", dir.replace('/', ""), entry.name().unwrap_or(""));
+        if let Ok(target) = Oid::from_str(&hex) {
+            out.push((target, entry.id()));
+        }
+        git2::TreeWalkResult::Ok
+    });
+    Ok(out)
+}
+
+/// Note-target commits and predictions ids of the notes. The current notes (the tip of
+/// `refs/notes/coin`) are checked: a note that does not parse is a problem and its objects
+/// must exist. Older notes commits (the notes' history and reflog) only keep what they name
+/// alive for gc (`kept`): a bad note that was replaced or dropped is history, not damage.
 fn note_targets(
     git: &Repository,
     roots: &mut Vec<Root>,
     objects: &mut BTreeMap<ObjectId, String>,
+    kept: &mut BTreeMap<ObjectId, String>,
     problems: &mut Vec<FsckProblem>,
 ) {
     let mut notes_commits = Vec::new();
-    if let Ok(r) = git.find_reference(NOTES_REF) {
-        if let Some(t) = r.target() {
-            notes_commits.push(Root {
-                id: t,
-                from: NOTES_REF.to_string(),
-            });
-        }
+    let tip = git.find_reference(NOTES_REF).ok().and_then(|r| r.target());
+    if let Some(t) = tip {
+        notes_commits.push(Root {
+            id: t,
+            from: NOTES_REF.to_string(),
+        });
     }
     reflog_ids(git, NOTES_REF, NOTES_REF, &mut notes_commits);
     let Ok(mut walk) = git.revwalk() else { return };
     for r in &notes_commits {
-        if walk.push(r.id).is_err() {
+        if walk.push(r.id).is_err() && Some(r.id) == tip {
             problems.push(problem(
                 r.id.to_string(),
                 "note",
@@ -150,47 +185,48 @@ fn note_targets(
                 break;
             }
         };
-        let Ok(tree) = git.find_commit(oid).and_then(|c| c.tree()) else {
-            problems.push(problem(oid.to_string(), "note", "notes commit unreadable"));
-            continue;
-        };
-        let _ = tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
-            if entry.kind() != Some(ObjectType::Blob) {
-                return git2::TreeWalkResult::Ok;
+        let current = Some(oid) == tip;
+        let notes = match notes_in_commit(git, oid) {
+            Ok(n) => n,
+            Err(e) => {
+                if current {
+                    problems.push(problem(oid.to_string(), "note", e));
+                }
+                continue;
             }
-            let hex = format!("{}{}", dir.replace('/', ""), entry.name().unwrap_or(""));
-            let Ok(target) = Oid::from_str(&hex) else {
-                return git2::TreeWalkResult::Ok;
-            };
+        };
+        for (target, blob) in notes {
             roots.push(Root {
                 id: target,
                 from: format!("note on {}", short_id(target)),
             });
-            if seen_blobs.insert(entry.id()) {
-                match git.find_blob(entry.id()) {
-                    Ok(b) => match parse_note(b.content()) {
-                        Ok(n) => {
-                            for r in n.eval.values() {
-                                for id in r.object_ids() {
-                                    objects.insert(id, format!("note on {}", short_id(target)));
-                                }
-                            }
-                        }
-                        Err(e) => problems.push(problem(
-                            short_id(target),
-                            "note",
-                            format!("note blob {}: {e}", entry.id()),
-                        )),
-                    },
-                    Err(e) => problems.push(problem(
-                        entry.id().to_string(),
-                        "note",
-                        format!("note blob unreadable: {e}"),
-                    )),
-                }
+            if !seen_blobs.insert((blob, current)) {
+                continue;
             }
-            git2::TreeWalkResult::Ok
-        });
+            let referrer = format!("note on {}", short_id(target));
+            let parsed = git
+                .find_blob(blob)
+                .map_err(|e| format!("note blob {blob} unreadable: {e}"))
+                .and_then(|b| {
+                    parse_note(b.content()).map_err(|e| format!("note blob {blob}: {e}"))
+                });
+            match parsed {
+                Ok(n) => {
+                    for r in n.eval.values() {
+                        for id in r.object_ids() {
+                            let into = if current { &mut *objects } else { &mut *kept };
+                            into.entry(id).or_insert_with(|| referrer.clone());
+                        }
+                    }
+                }
+                Err(e) if current => problems.push(problem(
+                    short_id(target),
+                    "note",
+                    format!("{e} (`coin fsck --drop-bad-notes` removes it)"),
+                )),
+                Err(_) => {}
+            }
+        }
     }
 }
 
@@ -241,8 +277,9 @@ impl CoinRepo {
         }
         reflog_ids(git, HEAD_REF, HEAD_REF, &mut roots);
         let mut objects = BTreeMap::new();
+        let mut kept = BTreeMap::new();
         let mut problems = Vec::new();
-        note_targets(git, &mut roots, &mut objects, &mut problems);
+        note_targets(git, &mut roots, &mut objects, &mut kept, &mut problems);
         Ok(roots)
     }
 
@@ -270,7 +307,13 @@ impl CoinRepo {
             }
             reflog_ids(git, &name, &name, &mut roots);
         }
-        note_targets(git, &mut roots, &mut reach.objects, &mut reach.problems);
+        note_targets(
+            git,
+            &mut roots,
+            &mut reach.objects,
+            &mut reach.kept,
+            &mut reach.problems,
+        );
 
         let mut walk = git
             .revwalk()
@@ -388,9 +431,18 @@ impl CoinRepo {
             problems.push(problem(HEAD_REF, "ref", e.to_string()));
         }
         for id in &reach.checkpoints {
-            if reach.manifests.contains_key(id) {
-                if let Err(e) = self.read_checkpoint(*id) {
-                    problems.push(problem(id.to_string(), "checkpoint", e.to_string()));
+            if let Some(m) = reach.manifests.get(id) {
+                let all_here = m.object_ids().iter().all(|o| self.store().contains(o));
+                let checked = self.read_checkpoint(*id).and_then(|cp| {
+                    // Missing objects are reported once, below, as missing-object.
+                    if all_here {
+                        self.check_checkpoint_files(&cp)
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = checked {
+                    problems.push(problem(id.to_string(), "checkpoint", error_chain(&e)));
                 }
             }
         }
@@ -417,6 +469,93 @@ impl CoinRepo {
         })
     }
 
+    /// Remove from the current notes what fsck calls damage, without touching any checkpoint:
+    /// a note that does not parse or sits on a commit this repository lacks is deleted; the
+    /// eval records of a note that name objects missing from the store are removed from it (the
+    /// note goes when nothing is left). The notes' history keeps the old notes, as git does.
+    /// Returns what was dropped.
+    pub fn drop_bad_notes(&self) -> Result<Vec<DroppedNote>, HistoryError> {
+        let _lock = self.lock()?;
+        let git = self.git();
+        let entries: Vec<(Oid, Oid)> = match git.notes(Some(NOTES_REF)) {
+            Ok(it) => it
+                .collect::<Result<_, _>>()
+                .map_err(HistoryError::git("read the notes"))?,
+            Err(e) if e.code() == git2::ErrorCode::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(HistoryError::git("read the notes")(e)),
+        };
+        let sig = self.signature()?;
+        let mut dropped = Vec::new();
+        for (blob, target) in entries {
+            let parsed = git
+                .find_blob(blob)
+                .map_err(|e| e.to_string())
+                .and_then(|b| parse_note(b.content()).map_err(|e| error_chain(&e)));
+            let whole = |reason: String| DroppedNote {
+                checkpoint: target.to_string(),
+                tasks: Vec::new(),
+                reason,
+            };
+            let outcome = if git.find_commit(target).is_err() {
+                Some((
+                    None,
+                    whole("it is attached to a commit this repository lacks".into()),
+                ))
+            } else {
+                match parsed {
+                    Err(e) => Some((None, whole(e))),
+                    Ok(mut note) => {
+                        let bad: Vec<String> = note
+                            .eval
+                            .iter()
+                            .filter(|(_, r)| {
+                                r.object_ids().iter().any(|o| !self.store().contains(o))
+                            })
+                            .map(|(t, _)| t.clone())
+                            .collect();
+                        if bad.is_empty() {
+                            None
+                        } else {
+                            for t in &bad {
+                                note.eval.remove(t);
+                            }
+                            let drop = DroppedNote {
+                                checkpoint: target.to_string(),
+                                tasks: bad,
+                                reason: "its records name objects missing from the store".into(),
+                            };
+                            let keep =
+                                (!note.eval.is_empty() || !note.extra.is_empty()).then_some(note);
+                            Some((keep, drop))
+                        }
+                    }
+                }
+            };
+            let Some((keep, drop)) = outcome else {
+                continue;
+            };
+            match keep {
+                Some(note) => {
+                    let text = super::records::to_canonical_json(&note)?;
+                    git.note(&sig, &sig, Some(NOTES_REF), target, &text, true)
+                        .map_err(HistoryError::git(format!(
+                            "rewrite the note of {}",
+                            short_id(target)
+                        )))?;
+                }
+                None => {
+                    git.note_delete(target, Some(NOTES_REF), &sig, &sig)
+                        .map_err(HistoryError::git(format!(
+                            "delete the note of {}",
+                            short_id(target)
+                        )))?;
+                }
+            }
+            dropped.push(drop);
+        }
+        Ok(dropped)
+    }
+
     /// Remove every store object no root reaches. Holds the repository lock for the whole
     /// run, so it never races a commit (which holds it from before its first object write to
     /// after its ref update). Refuses to run when reachability cannot be fully determined.
@@ -436,7 +575,7 @@ impl CoinRepo {
         let mut freed = 0;
         let mut kept = 0;
         for id in self.store().list()? {
-            if reach.objects.contains_key(&id) {
+            if reach.objects.contains_key(&id) || reach.kept.contains_key(&id) {
                 kept += 1;
                 continue;
             }
@@ -446,13 +585,12 @@ impl CoinRepo {
             }
             removed.push(id.to_hex());
         }
-        // Leftovers of killed writers. Writers under the repository lock cannot be running;
-        // the hour covers any writer that does not take it.
+        // Leftovers of killed writers: a live writer (with or without the repository lock)
+        // holds a lock on its temp file.
         let temp_files_removed = if dry_run {
             0
         } else {
-            self.store()
-                .remove_temp_files(std::time::Duration::from_secs(3600))?
+            self.store().remove_dead_temp_files()?
         };
         Ok(GcReport {
             dry_run,
@@ -476,9 +614,14 @@ impl CoinRepo {
     }
 
     /// Rebuild every file of checkpoint `id` under `out` (which must not exist or be empty),
-    /// byte-identical; every object is verified. Returns the files written.
+    /// byte-identical; every object is verified. The checkpoint is checked whole first, the
+    /// files are written into a temporary sibling folder that is renamed to `out` at the end,
+    /// so a failure leaves nothing at `out`. `out` may not be inside a `.git` directory.
+    /// Returns the files written.
     pub fn checkout(&self, id: Oid, out: &Path) -> Result<Vec<String>, HistoryError> {
+        crate::store::check_output_dir(out)?;
         let cp = self.read_checkpoint(id)?;
+        self.check_checkpoint_files(&cp)?;
         if out.exists() {
             let mut entries = std::fs::read_dir(out).map_err(HistoryError::io("read", out))?;
             if entries.next().is_some() {
@@ -488,17 +631,62 @@ impl CoinRepo {
                 )));
             }
         }
-        std::fs::create_dir_all(out).map_err(HistoryError::io("create directory", out))?;
+        let abs = std::path::absolute(out).map_err(HistoryError::io("resolve", out))?;
+        let parent = match abs.parent() {
+            Some(p) => p.to_path_buf(),
+            None => {
+                return Err(HistoryError::Input(format!(
+                    "'{}' has no parent folder to check out into",
+                    out.display()
+                )))
+            }
+        };
+        std::fs::create_dir_all(&parent).map_err(HistoryError::io("create directory", &parent))?;
+        let staging = tempfile::Builder::new()
+            .prefix(".coin-checkout-")
+            .tempdir_in(&parent)
+            .map_err(HistoryError::io("create a temporary folder in", &parent))?;
         let mut written = Vec::new();
         for (rel, entry) in &cp.manifest.files {
-            let dest = out.join(rel);
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(HistoryError::io("create directory", parent))?;
+            let dest = staging.path().join(rel);
+            if let Some(dir) = dest.parent() {
+                std::fs::create_dir_all(dir).map_err(HistoryError::io("create directory", dir))?;
             }
             self.store().materialize(entry, &dest)?;
             written.push(rel.clone());
         }
+        set_dir_mode(staging.path())?;
+        fault::point("checkout.before_rename");
+        // rename(2) replaces an empty directory; a non-empty one (a race) makes it fail.
+        let staged = staging.keep();
+        if let Err(e) = std::fs::rename(&staged, &abs) {
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(HistoryError::io("move the checked-out files into", out)(e));
+        }
+        crate::store::fsutil::sync_dir(&parent);
         Ok(written)
     }
+}
+
+/// The staging folder is created 0700; the checked-out folder gets the usual 0755.
+fn set_dir_mode(dir: &Path) -> Result<(), HistoryError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(HistoryError::io("set the mode of", dir))?;
+    }
+    Ok(())
+}
+
+/// An error with its causes, for a one-line report.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
 }

@@ -27,7 +27,7 @@ pub use diff::{diff_checkpoints, CheckpointDiff, EvalDelta, FileChange, TensorCh
 pub use forgetting::{
     forgetting_along_path, forgetting_from_scores, ForgettingReport, TaskForgetting, TaskScores,
 };
-pub use maintenance::{FsckProblem, FsckReport, GcReport, RepoStats};
+pub use maintenance::{DroppedNote, FsckProblem, FsckReport, GcReport, RepoStats};
 pub use records::{
     parse_eval_file, parse_manifest, AdapterInfo, BaseModel, EvalRecord, Manifest, TrainRecord,
 };
@@ -60,25 +60,51 @@ pub enum HistoryError {
     #[error("'{0}' is already a coin repository")]
     AlreadyInitialized(PathBuf),
     /// A git operation failed.
-    #[error("could not {op}: {source}")]
+    #[error("could not {op}")]
     Git {
         /// What coin was doing.
         op: String,
         /// The libgit2 error.
-        source: git2::Error,
+        #[source]
+        source: GitCause,
+    },
+    /// A git lock file is in the way: another process is changing that file, or one was
+    /// killed while doing so.
+    #[error(
+        "could not {op}: '{path}' exists; another git or coin process is changing it, or one \
+         was killed while doing so. If none is running, delete '{path}' and run the command again"
+    )]
+    GitLocked {
+        /// What coin was doing.
+        op: String,
+        /// The lock file.
+        path: String,
     },
     /// A store operation failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     /// A file operation failed.
-    #[error("could not {op} '{path}': {source}")]
+    #[error("could not {op} '{path}'")]
     Io {
         /// What coin was doing.
         op: String,
         /// The path involved.
         path: PathBuf,
         /// The I/O error.
+        #[source]
         source: std::io::Error,
+    },
+    /// A file of a checkpoint whose manifest entry disagrees with the store (a missing or
+    /// wrong object, a size or header that does not add up).
+    #[error("file '{path}' of checkpoint {checkpoint} cannot be rebuilt")]
+    BadFile {
+        /// The checkpoint (short id).
+        checkpoint: String,
+        /// The file's path in the checkpoint (escaped).
+        path: String,
+        /// What is wrong.
+        #[source]
+        source: crate::store::StoreError,
     },
     /// A revision that names nothing.
     #[error("unknown revision '{0}'")]
@@ -164,10 +190,40 @@ pub enum HistoryError {
     },
 }
 
+/// A libgit2 error as the cause of a [`HistoryError::Git`]: shown by its message alone
+/// (libgit2's own text repeats the class and code, which say nothing to a user).
+#[derive(Debug)]
+pub struct GitCause(pub git2::Error);
+
+impl std::fmt::Display for GitCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.message())
+    }
+}
+
+impl std::error::Error for GitCause {}
+
 impl HistoryError {
     pub(crate) fn git(op: impl Into<String>) -> impl FnOnce(git2::Error) -> HistoryError {
         let op = op.into();
-        move |source| HistoryError::Git { op, source }
+        move |source| {
+            if source.code() == git2::ErrorCode::Locked {
+                // libgit2: "failed to lock file '<path>.lock' for writing: ..."
+                let msg = source.message();
+                let path = msg
+                    .split('\'')
+                    .nth(1)
+                    .filter(|p| p.ends_with(".lock"))
+                    .map(str::to_string);
+                if let Some(path) = path {
+                    return HistoryError::GitLocked { op, path };
+                }
+            }
+            HistoryError::Git {
+                op,
+                source: GitCause(source),
+            }
+        }
     }
 
     pub(crate) fn io(

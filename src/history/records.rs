@@ -151,7 +151,9 @@ impl EvalRecord {
         ids
     }
 
+    /// What every stored record must satisfy (checked on every read).
     fn validate(&self, task: &str) -> Result<(), String> {
+        let task = task.escape_debug();
         if self.metric.trim().is_empty() {
             return Err(format!("task '{task}': \"metric\" is empty"));
         }
@@ -159,6 +161,29 @@ impl EvalRecord {
             return Err(format!(
                 "task '{task}': \"score\" must be between 0 and 100, got {}",
                 self.score
+            ));
+        }
+        if let Some(p) = self.extra.get("predictions") {
+            let ok = p.as_str().is_some_and(|s| s.parse::<ObjectId>().is_ok());
+            if !ok {
+                return Err(format!(
+                    "task '{task}': \"predictions\" must be a store object id (64 lowercase hex \
+                     digits), got {}",
+                    shown_value(p)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What a record must satisfy to be written: [`EvalRecord::validate`] plus a score over
+    /// at least one sample (a score over none is not a result).
+    pub fn validate_new(&self, task: &str) -> Result<(), String> {
+        self.validate(task)?;
+        if self.n == 0 {
+            return Err(format!(
+                "task '{}': \"n\" is 0; a score needs at least one scored sample",
+                task.escape_debug()
             ));
         }
         Ok(())
@@ -232,8 +257,11 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, HistoryError> {
             ),
         ));
     }
-    for path in m.files.keys() {
-        validate_rel_path(path).map_err(|e| bad("manifest", e))?;
+    validate_manifest_paths(m.files.keys()).map_err(|e| bad("manifest", e))?;
+    for (path, entry) in &m.files {
+        entry
+            .check()
+            .map_err(|e| bad("manifest", format!("'{}': {e}", path.escape_debug())))?;
     }
     Ok(m)
 }
@@ -263,10 +291,76 @@ pub fn parse_note(bytes: &[u8]) -> Result<NoteRecord, HistoryError> {
     Ok(n)
 }
 
+/// A JSON value for an error message: short, escaped.
+fn shown_value(v: &Value) -> String {
+    let s = v.to_string();
+    let short: String = s.chars().take(80).collect();
+    let more = if short.len() < s.len() { "…" } else { "" };
+    format!("{}{more}", short.escape_debug())
+}
+
+/// Refuse JSON text in which an object has the same key twice, at any depth (serde_json keeps
+/// the last one silently, so `{"A": {...}, "A": {...}}` would drop a result unseen).
+pub fn reject_duplicate_keys(text: &str) -> Result<(), String> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    struct Walk;
+    impl<'de> DeserializeSeed<'de> for Walk {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(Walk)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Walk)?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::BTreeSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if !seen.insert(key.clone()) {
+                    return Err(serde::de::Error::custom(format!(
+                        "the key \"{}\" appears twice in one object",
+                        key.escape_debug()
+                    )));
+                }
+                map.next_value_seed(Walk)?;
+            }
+            Ok(())
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    Walk.deserialize(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())
+}
+
 /// Parse an eval results file: `{"<task>": {"metric": "...", "score": 0-100, "n": N}, ...}`.
-/// Errors name the task and field that is wrong.
+/// Errors name the task and field that is wrong; a key given twice is refused.
 pub fn parse_eval_file(text: &str) -> Result<BTreeMap<String, EvalRecord>, String> {
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    reject_duplicate_keys(text)?;
     let Value::Object(map) = v else {
         return Err(
             "expected a JSON object {\"<task>\": {\"metric\": ..., \"score\": ..., \"n\": ...}}"
@@ -289,7 +383,7 @@ pub fn parse_eval_file(text: &str) -> Result<BTreeMap<String, EvalRecord>, Strin
         }
         let r: EvalRecord =
             serde_json::from_value(rec).map_err(|e| format!("task '{task}': {e}"))?;
-        r.validate(&task)?;
+        r.validate_new(&task)?;
         out.insert(task, r);
     }
     Ok(out)
@@ -318,21 +412,53 @@ pub fn validate_task_name(task: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Check a file path recorded in a manifest: relative, `/`-separated, no `.`/`..`/empty parts.
+/// Check a file path recorded in a manifest with the store's one path validator
+/// ([`crate::store::check_relative_path`]): relative, `/`-separated, no `.`/`..`/empty parts,
+/// no `.git` component in any spelling, no control characters.
 pub fn validate_rel_path(path: &str) -> Result<(), String> {
-    if path.is_empty() {
-        return Err("empty file path".to_string());
-    }
-    if path.contains('\\') || path.chars().any(|c| c.is_control()) {
-        return Err(format!(
-            "file path '{}' is not allowed",
-            path.escape_debug()
-        ));
-    }
-    for part in path.split('/') {
-        if part.is_empty() || part == "." || part == ".." {
+    crate::store::check_relative_path(path).map_err(|e| e.to_string())
+}
+
+/// Most files one manifest may list.
+pub const MAX_MANIFEST_FILES: usize = 1_000_000;
+
+/// Check a manifest's set of paths as a whole: every path valid, and no two paths that cannot
+/// both exist in one folder (`a` and `a/b`; names equal but for letter case, which clash on
+/// macOS and Windows).
+pub fn validate_manifest_paths<'a>(
+    paths: impl IntoIterator<Item = &'a String>,
+) -> Result<(), String> {
+    let mut files: BTreeMap<String, &str> = BTreeMap::new();
+    let mut dirs: BTreeMap<String, &str> = BTreeMap::new();
+    let mut count = 0usize;
+    for path in paths {
+        count += 1;
+        if count > MAX_MANIFEST_FILES {
+            return Err(format!("more than {MAX_MANIFEST_FILES} files"));
+        }
+        validate_rel_path(path)?;
+        let folded = path.to_lowercase();
+        if let Some(other) = files.insert(folded.clone(), path) {
             return Err(format!(
-                "file path '{path}' must be relative without '.', '..' or empty parts"
+                "file paths '{}' and '{}' differ only in letter case",
+                other.escape_debug(),
+                path.escape_debug()
+            ));
+        }
+        // Every folder the path needs: "a/b/c" needs "a" and "a/b".
+        let mut end = 0;
+        while let Some(i) = folded[end..].find('/') {
+            end += i;
+            dirs.entry(folded[..end].to_string()).or_insert(path);
+            end += 1;
+        }
+    }
+    for (dir, under) in &dirs {
+        if let Some(file) = files.get(dir) {
+            return Err(format!(
+                "'{}' is a file, but '{}' needs it to be a folder",
+                file.escape_debug(),
+                under.escape_debug()
             ));
         }
     }
@@ -426,6 +552,43 @@ mod tests {
             let err = parse_eval_file(text).unwrap_err();
             assert!(err.contains(expect), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn hostile_eval_files_are_refused() {
+        let id = "ab".repeat(32);
+        let cases = [
+            (
+                r#"{"A": {"metric": "acc", "score": 1, "n": 1}, "A": {"metric": "acc", "score": 99, "n": 1}}"#.to_string(),
+                "appears twice",
+            ),
+            (
+                r#"{"A": {"metric": "acc", "score": 1, "score": 2, "n": 1}}"#.to_string(),
+                "appears twice",
+            ),
+            (
+                r#"{"A": {"metric": "acc", "score": 100, "n": 0}}"#.to_string(),
+                "at least one",
+            ),
+            (
+                r#"{"A": {"metric": "acc", "score": 1, "n": 1, "predictions": "zz"}}"#.to_string(),
+                "store object id",
+            ),
+            (
+                r#"{"A": {"metric": "acc", "score": 1, "n": 1, "predictions": 7}}"#.to_string(),
+                "store object id",
+            ),
+        ];
+        for (text, expect) in cases {
+            let err = parse_eval_file(&text).unwrap_err();
+            assert!(err.contains(expect), "{text}: {err}");
+        }
+        let ok = format!(
+            r#"{{"A": {{"metric": "acc", "score": 1, "n": 1, "predictions": "{id}", "x": [{{"a": 1}}, {{"a": 2}}]}}}}"#
+        );
+        parse_eval_file(&ok).unwrap();
+        assert!(reject_duplicate_keys(r#"[{"a": 1, "b": {"c": 1, "c": 2}}]"#).is_err());
+        assert!(reject_duplicate_keys(r#"{"a": 1} x"#).is_err());
     }
 
     proptest::proptest! {

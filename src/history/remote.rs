@@ -107,6 +107,12 @@ pub struct FetchReport {
     pub tag_conflicts: Vec<String>,
     /// What happened to the notes.
     pub notes: NotesUpdate,
+    /// Objects of checkpoints this repository holds that are still missing after the fetch
+    /// (neither here nor on the remote), sorted; `coin fsck` lists what needs them.
+    pub missing: Vec<String>,
+    /// Remote branches and tags not taken, with the reason (a name that would shadow a
+    /// checkpoint id or a ref namespace).
+    pub refused: Vec<String>,
 }
 
 /// What `pull` did to the local branch.
@@ -425,6 +431,32 @@ impl CoinRepo {
         Ok(fetched)
     }
 
+    /// The objects a push of `new` checkpoints (and the notes, with `notes`) must send to
+    /// `other`: every object of the new checkpoints and of the notes, which must be here or
+    /// there already (else an error, nothing sent); plus every object of the rest of the
+    /// history reachable from `tips` that `other` lacks and this store has — a remote whose
+    /// refs were moved by plain git may list checkpoints without their objects.
+    pub fn objects_to_send(
+        &self,
+        new: &[Oid],
+        tips: &[Oid],
+        notes: bool,
+        other: &dyn ObjectTransport,
+    ) -> Result<Vec<ObjectId>, HistoryError> {
+        let mut ids: BTreeSet<ObjectId> = self.objects_of(new)?.into_iter().collect();
+        if notes {
+            ids.extend(self.note_objects(NOTES_REF)?);
+        }
+        let strict: Vec<ObjectId> = ids.iter().copied().collect();
+        self.check_objects_available(&strict, other)?;
+        for id in self.objects_of(&self.reachable_checkpoints(tips)?)? {
+            if !ids.contains(&id) && self.store().contains(&id) && !other.has(&id)? {
+                ids.insert(id);
+            }
+        }
+        Ok(ids.into_iter().collect())
+    }
+
     /// Check that every object in `ids` is either here or on the other side; the error lists
     /// the first missing ones.
     pub fn check_objects_available(
@@ -467,6 +499,7 @@ impl CoinRepo {
         let transport = self.object_transport(&info, true)?;
         // The remote's gc shares this lock: it must not see our objects before our refs.
         let _remote_lock = transport.lock(lock_wait())?;
+        transport.clean()?;
         let rgit = self.open_remote_git(&info)?;
         let (remote_refs, _) = list_refs_of(&rgit)?;
         let full = format!("{BRANCH_PREFIX}{branch}");
@@ -493,13 +526,13 @@ impl CoinRepo {
             .map(|(_, id)| *id)
             .collect();
         let checkpoints = self.checkpoints_between(&[head], &hide)?;
-        let mut ids: BTreeSet<ObjectId> = self.objects_of(&checkpoints)?.into_iter().collect();
         let local_notes = self.ref_target(NOTES_REF)?;
-        if local_notes.is_some() {
-            ids.extend(self.note_objects(NOTES_REF)?);
-        }
-        let ids: Vec<ObjectId> = ids.into_iter().collect();
-        self.check_objects_available(&ids, transport.as_ref())?;
+        let ids = self.objects_to_send(
+            &checkpoints,
+            &[head],
+            local_notes.is_some(),
+            transport.as_ref(),
+        )?;
         let objects = transfer(
             self.store(),
             transport.as_ref(),
@@ -691,6 +724,7 @@ impl CoinRepo {
             .collect();
         let staging = format!("{STAGING_PREFIX}{key}/");
         let _lock = self.lock()?;
+        self.store().remove_dead_temp_files()?;
         // Leftovers of an interrupted fetch are replaced.
         for (name, _) in self.refs_under(&staging)? {
             self.delete_ref(&name)?;
@@ -699,13 +733,21 @@ impl CoinRepo {
         let (remote_refs, remote_head) = list_refs_of(&rgit)?;
         let has_notes = remote_refs.contains_key(NOTES_REF);
         let mut wanted: Vec<(String, Oid)> = Vec::new();
+        let mut refused = Vec::new();
         for (name, id) in &remote_refs {
-            if let Some(b) = name.strip_prefix(BRANCH_PREFIX) {
-                wanted.push((format!("{staging}heads/{b}"), *id));
+            let (kind, short, staged_as) = if let Some(b) = name.strip_prefix(BRANCH_PREFIX) {
+                ("branch", b, format!("{staging}heads/{b}"))
             } else if let Some(t) = name.strip_prefix(TAG_PREFIX) {
-                wanted.push((format!("{staging}tags/{t}"), *id));
-            } else if name == NOTES_REF {
-                wanted.push((format!("{staging}notes"), *id));
+                ("tag", t, format!("{staging}tags/{t}"))
+            } else {
+                if name == NOTES_REF {
+                    wanted.push((format!("{staging}notes"), *id));
+                }
+                continue;
+            };
+            match CoinRepo::validate_name(kind, short) {
+                Ok(()) => wanted.push((staged_as, *id)),
+                Err(e) => refused.push(format!("{kind} '{}': {e}", short.escape_debug())),
             }
         }
         let have: Vec<Oid> = self
@@ -729,12 +771,39 @@ impl CoinRepo {
             .collect();
         let local_roots: Vec<Oid> = self.coin_roots()?.into_iter().map(|r| r.id).collect();
         let checkpoints = self.checkpoints_between(&tips, &local_roots)?;
-        let mut ids: BTreeSet<ObjectId> = self.objects_of(&checkpoints)?.into_iter().collect();
+        // The new checkpoints' objects must all come (the remote's refs promise them).
+        let mut needed: BTreeSet<ObjectId> = self.objects_of(&checkpoints)?.into_iter().collect();
         let notes_staging = format!("{staging}notes");
         if has_notes {
-            ids.extend(self.note_objects(&notes_staging)?);
+            needed.extend(self.note_objects(&notes_staging)?);
         }
-        let ids: Vec<ObjectId> = ids.into_iter().collect();
+        // Every other checkpoint this repository holds, whoever moved its refs (plain
+        // `git fetch` brings commits without objects): what is missing here is fetched when
+        // the remote has it, and reported when not.
+        let all_tips: Vec<Oid> = tips.iter().chain(&local_roots).copied().collect();
+        let held = self.reachable_checkpoints(&all_tips)?;
+        let mut wanted_too = BTreeSet::new();
+        for id in self.objects_of(&held)? {
+            if !needed.contains(&id) && !self.store().contains(&id) {
+                wanted_too.insert(id);
+            }
+        }
+        if self.ref_target(NOTES_REF)?.is_some() {
+            for id in self.note_objects(NOTES_REF)? {
+                if !needed.contains(&id) && !self.store().contains(&id) {
+                    wanted_too.insert(id);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        for id in wanted_too {
+            if transport.has(&id)? {
+                needed.insert(id);
+            } else {
+                missing.push(id.to_hex());
+            }
+        }
+        let ids: Vec<ObjectId> = needed.into_iter().collect();
         let objects = transfer(
             self.store(),
             transport.as_ref(),
@@ -742,6 +811,11 @@ impl CoinRepo {
             Direction::Fetch,
             &mut |d, t| progress(d, t),
         )?;
+        // The same checks checkout makes, before any ref names the new checkpoints.
+        for id in &checkpoints {
+            let cp = self.read_checkpoint(*id)?;
+            self.check_checkpoint_files(&cp)?;
+        }
 
         // Everything is here: publish.
         let mut branches = BTreeMap::new();
@@ -790,7 +864,23 @@ impl CoinRepo {
             tags,
             tag_conflicts,
             notes,
+            missing,
+            refused,
         })
+    }
+
+    /// Every coin checkpoint reachable from `tips` (tips this repository does not have are
+    /// skipped: fsck reports them), newest first.
+    pub fn reachable_checkpoints(&self, tips: &[Oid]) -> Result<Vec<Oid>, HistoryError> {
+        let present: Vec<Oid> = tips
+            .iter()
+            .copied()
+            .filter(|t| self.git().find_commit(*t).is_ok())
+            .collect();
+        if present.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.checkpoints_between(&present, &[])
     }
 
     /// Refs whose names start with `prefix`, with their targets.
@@ -916,24 +1006,34 @@ impl CoinRepo {
         }
         super::repo::CoinRepo::init(dir)?;
         let repo = CoinRepo::discover(dir)?;
-        let fetch = repo.fetch("origin", progress)?;
+        let mut fetch = repo.fetch("origin", progress)?;
+        let mut created = BTreeSet::new();
         for (b, id) in &fetch.branches {
             let id = Oid::from_str(id).map_err(git_err("read a fetched id"))?;
             if repo.branch_target(b)?.is_none() {
-                repo.create_branch(b, id)?;
+                match repo.create_branch(b, id) {
+                    Ok(()) => {
+                        created.insert(b.clone());
+                    }
+                    Err(e @ HistoryError::InvalidName { .. }) => {
+                        fetch
+                            .refused
+                            .push(format!("branch '{}': {e}", b.escape_debug()));
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         let current = fetch
             .remote_head
             .clone()
-            .filter(|h| fetch.branches.contains_key(h))
+            .filter(|h| created.contains(h))
             .or_else(|| {
-                fetch
-                    .branches
-                    .contains_key(super::DEFAULT_BRANCH)
+                created
+                    .contains(super::DEFAULT_BRANCH)
                     .then(|| super::DEFAULT_BRANCH.to_string())
             })
-            .or_else(|| fetch.branches.keys().next().cloned());
+            .or_else(|| created.iter().next().cloned());
         if let Some(b) = current {
             repo.switch(&b, false)?;
         }

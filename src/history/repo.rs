@@ -122,6 +122,7 @@ impl CoinRepo {
 
     /// [`CoinRepo::init`] with options: another template folder, git hooks.
     pub fn init_with(path: &Path, opts: &InitOptions) -> Result<InitOutcome, HistoryError> {
+        crate::git_durability::enable();
         let template_files = match &opts.template {
             Some(dir) => {
                 if !dir.is_dir() {
@@ -162,10 +163,9 @@ impl CoinRepo {
         // Reflogs for refs/coin/* (not logged by default) so gc can keep what they reach.
         cfg.set_str("core.logAllRefUpdates", "always")
             .map_err(HistoryError::git("set core.logAllRefUpdates"))?;
-        // libgit2 fsyncs loose objects and refs only when asked: a checkpoint must survive a
-        // power cut, not just a killed process.
-        cfg.set_bool("core.fsyncObjectFiles", true)
-            .map_err(HistoryError::git("set core.fsyncObjectFiles"))?;
+        // A checkpoint must survive a power cut, not just a killed process: git's own key for
+        // plain git (libgit2 is told by crate::git_durability, in every coin process).
+        set_fsync_key(&mut cfg)?;
         exclude_coin_dir(&git, &root)?;
 
         std::fs::create_dir_all(&coin_dir)
@@ -239,11 +239,13 @@ impl CoinRepo {
 
     /// Open the coin repository whose `.coin/` is directly in `root`.
     pub fn open(root: &Path) -> Result<CoinRepo, HistoryError> {
+        crate::git_durability::enable();
         let store = Store::open(&root.join(".coin"))?;
         let git = Repository::discover(root).map_err(HistoryError::git(format!(
             "open the git repository of '{}'",
             root.display()
         )))?;
+        migrate_fsync_key(&git)?;
         Ok(CoinRepo {
             root: root.to_path_buf(),
             git,
@@ -411,6 +413,20 @@ impl CoinRepo {
         if name.contains(['~', '^', ':', '?', '*', '[', '\\', ' ']) {
             return Err(invalid("it contains one of ~ ^ : ? * [ \\ or a space"));
         }
+        if looks_like_id(name) {
+            return Err(invalid(
+                "it looks like a checkpoint id (only hex digits), so it would shadow one",
+            ));
+        }
+        let first = name.split('/').next().unwrap_or(name);
+        if RESERVED_FIRST.iter().any(|r| r.eq_ignore_ascii_case(first)) {
+            return Err(invalid(
+                "it starts with a ref namespace (refs/, heads/, tags/, remotes/, notes/, HEAD/)",
+            ));
+        }
+        if name.len() > 200 {
+            return Err(invalid("it is longer than 200 bytes"));
+        }
         let full = format!("{BRANCH_PREFIX}{name}");
         if !git2::Reference::is_valid_name(&full) {
             return Err(invalid("git does not accept it as a ref name"));
@@ -418,15 +434,38 @@ impl CoinRepo {
         Ok(())
     }
 
+    /// [`CoinRepo::validate_name`] plus the checks that need this repository: a name whose
+    /// first part is a remote's name (`origin/main`) would shadow that remote-tracking branch.
+    pub fn check_new_name(&self, kind: &'static str, name: &str) -> Result<(), HistoryError> {
+        Self::validate_name(kind, name)?;
+        if let Some((first, _)) = name.split_once('/') {
+            let remotes = self
+                .git
+                .remotes()
+                .map_err(HistoryError::git("list remotes"))?;
+            if remotes.iter().any(|r| r.ok().flatten() == Some(first)) {
+                return Err(HistoryError::InvalidName {
+                    kind,
+                    name: name.to_string(),
+                    reason: format!(
+                        "'{first}' is a remote, so '{name}' would shadow the remote-tracking \
+                         branch of that name"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Create branch `name` at `target`; fails if it exists.
     pub fn create_branch(&self, name: &str, target: Oid) -> Result<(), HistoryError> {
-        Self::validate_name("branch", name)?;
+        self.check_new_name("branch", name)?;
         self.create_ref("branch", &format!("{BRANCH_PREFIX}{name}"), name, target)
     }
 
     /// Create tag `name` at `target`; fails if it exists.
     pub fn create_tag(&self, name: &str, target: Oid) -> Result<(), HistoryError> {
-        Self::validate_name("tag", name)?;
+        self.check_new_name("tag", name)?;
         self.create_ref("tag", &format!("{TAG_PREFIX}{name}"), name, target)
     }
 
@@ -487,6 +526,9 @@ impl CoinRepo {
                 .map(|_| ()),
             None => self.git.reference(&full, new, false, message).map(|_| ()),
         };
+        if result.is_err() {
+            self.drop_ghost_reflog_entry(&full, new);
+        }
         match result {
             Ok(()) => Ok(()),
             Err(e)
@@ -507,10 +549,104 @@ impl CoinRepo {
     }
 }
 
+impl CoinRepo {
+    /// libgit2 appends the reflog entry before it moves the ref; when the move then fails
+    /// (a full disk) the log names a move that never happened. Remove that entry (best
+    /// effort: on a full disk the rewrite may fail too, and the entry only keeps an unused
+    /// commit alive).
+    fn drop_ghost_reflog_entry(&self, full: &str, new: Oid) {
+        let target = self.git.find_reference(full).ok().and_then(|r| r.target());
+        if target == Some(new) {
+            return;
+        }
+        if let Ok(mut log) = self.git.reflog(full) {
+            if log.get(0).is_some_and(|e| e.id_new() == new) && log.remove(0, true).is_ok() {
+                let _ = log.write();
+            }
+        }
+    }
+
+    /// Check, through a fresh handle with no object cache, that the objects of commit `id`
+    /// (the commit, its trees and blobs) are in the object database. libgit2 can report a
+    /// write as done that a full disk cut short; a ref must never be moved to such a commit.
+    pub(crate) fn check_commit_stored(&self, id: Oid) -> Result<(), HistoryError> {
+        let fresh = Repository::open(self.git.path())
+            .map_err(HistoryError::git("reopen the git repository"))?;
+        let lost = |what: String| {
+            HistoryError::Corrupt(format!(
+                "git did not store {what} of the new checkpoint {} although it reported the \
+                 write as done; the disk holding '{}' is probably full. Nothing was changed: \
+                 free some space and run the command again",
+                short_id(id),
+                self.git.path().display()
+            ))
+        };
+        let odb = fresh
+            .odb()
+            .map_err(HistoryError::git("open the object database"))?;
+        let commit = fresh
+            .find_commit(id)
+            .map_err(|_| lost("the commit object".to_string()))?;
+        let mut trees = vec![commit.tree_id()];
+        while let Some(t) = trees.pop() {
+            let tree = fresh
+                .find_tree(t)
+                .map_err(|_| lost(format!("tree {}", short_id(t))))?;
+            for e in tree.iter() {
+                match e.kind() {
+                    Some(git2::ObjectType::Tree) => trees.push(e.id()),
+                    _ => {
+                        odb.read(e.id())
+                            .map_err(|_| lost(format!("object {}", short_id(e.id()))))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// First parts of a name that would read as a ref namespace.
+const RESERVED_FIRST: &[&str] = &["refs", "heads", "tags", "remotes", "notes", "HEAD"];
+
+/// Whether a name could be read as a checkpoint id or a prefix of one: 4 to 64 hex digits.
+pub fn looks_like_id(name: &str) -> bool {
+    (4..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_hexdigit())
+}
+
 /// The 12-hex-digit short form of a checkpoint id.
 pub fn short_id(oid: Oid) -> String {
     let s = oid.to_string();
     s[..12.min(s.len())].to_string()
+}
+
+/// Git's current durability key: fsync objects and refs ("committed").
+fn set_fsync_key(cfg: &mut git2::Config) -> Result<(), HistoryError> {
+    cfg.set_str("core.fsync", "committed")
+        .map_err(HistoryError::git("set core.fsync"))
+}
+
+/// Repositories made by earlier coin versions carry `core.fsyncObjectFiles` in their own
+/// config, which plain git now warns about on every command: replace it with `core.fsync`.
+fn migrate_fsync_key(git: &Repository) -> Result<(), HistoryError> {
+    let Ok(cfg) = git.config() else {
+        return Ok(());
+    };
+    let Ok(mut local) = cfg.open_level(git2::ConfigLevel::Local) else {
+        return Ok(());
+    };
+    if local.get_entry("core.fsyncObjectFiles").is_err() {
+        return Ok(());
+    }
+    local
+        .remove("core.fsyncObjectFiles")
+        .map_err(HistoryError::git(
+            "remove the deprecated core.fsyncObjectFiles",
+        ))?;
+    if local.get_entry("core.fsync").is_err() {
+        set_fsync_key(&mut local)?;
+    }
+    Ok(())
 }
 
 fn init_git(root: &Path) -> Result<Repository, HistoryError> {
@@ -625,6 +761,27 @@ mod tests {
         assert!(CoinRepo::validate_name("branch", "a/b").is_ok());
         for bad in ["", "HEAD", "a~1", "a^", "-x", "a..b", "a b", "x.lock", "/a"] {
             assert!(CoinRepo::validate_name("branch", bad).is_err(), "{bad}");
+        }
+        // Names that read as ids or ref namespaces would shadow what they look like.
+        let full = "0123456789abcdef0123456789abcdef01234567";
+        for bad in [
+            full,
+            "0123456789ab",
+            "ABCDEF",
+            "cafe",
+            "refs/coin/heads/x",
+            "refs/x",
+            "heads/main",
+            "tags/v1",
+            "remotes/origin/main",
+            "HEAD/x",
+            "notes/x",
+        ] {
+            let err = CoinRepo::validate_name("branch", bad).unwrap_err();
+            assert!(matches!(err, HistoryError::InvalidName { .. }), "{bad}");
+        }
+        for ok in ["abc", "cafe-2", "order-b", "v1.0", "feature/x", "deadbeefx"] {
+            assert!(CoinRepo::validate_name("branch", ok).is_ok(), "{ok}");
         }
     }
 }

@@ -97,6 +97,11 @@ impl CoinRepo {
         Ok(id)
     }
 
+    /// Resolve a name: `HEAD`/`@`, a branch, a tag, a remote-tracking branch
+    /// (`<remote>/<branch>`), a full id or a unique hex prefix of a known checkpoint. A name
+    /// that means two different checkpoints (a branch called like an id another checkpoint
+    /// has, a branch and a tag of one name) is an error listing the candidates, never a
+    /// silent choice.
     fn resolve_base(&self, base: &str) -> Result<Oid, HistoryError> {
         if base == "HEAD" || base == "@" {
             let branch = self.current_branch()?;
@@ -104,47 +109,56 @@ impl CoinRepo {
                 .branch_target(&branch)?
                 .ok_or(HistoryError::EmptyBranch(branch));
         }
+        let mut candidates: Vec<(String, Oid)> = Vec::new();
         if git2::Reference::is_valid_name(&format!("{BRANCH_PREFIX}{base}")) {
             if let Some(id) = self.ref_target(&format!("{BRANCH_PREFIX}{base}"))? {
-                return Ok(id);
+                candidates.push((format!("branch '{base}'"), id));
             }
             if let Some(id) = self.ref_target(&format!("{TAG_PREFIX}{base}"))? {
-                return Ok(id);
+                candidates.push((format!("tag '{base}'"), id));
             }
             // `<remote>/<branch>`: a remote-tracking ref written by `coin fetch`.
-            let tracking = format!("{}{base}", super::remote::REMOTE_PREFIX);
             if base.contains('/') {
+                let tracking = format!("{}{base}", super::remote::REMOTE_PREFIX);
                 if let Some(id) = self.ref_target(&tracking)? {
-                    return Ok(id);
+                    candidates.push((format!("remote-tracking branch '{base}'"), id));
                 }
             }
         }
         let lower = base.to_ascii_lowercase();
         if lower.len() >= 4 && lower.len() <= 40 && lower.chars().all(|c| c.is_ascii_hexdigit()) {
+            let mut exact = None;
             if lower.len() == 40 {
                 if let Ok(oid) = Oid::from_str(&lower) {
                     if self.git().find_commit(oid).is_ok() {
-                        return Ok(oid);
+                        exact = Some(oid);
                     }
                 }
             }
-            let matches: Vec<Oid> = self
-                .known_checkpoints()?
-                .into_iter()
-                .filter(|o| o.to_string().starts_with(&lower))
-                .collect();
-            match matches.len() {
-                0 => {}
-                1 => return Ok(matches[0]),
-                _ => {
-                    return Err(HistoryError::AmbiguousRevision {
-                        rev: base.to_string(),
-                        candidates: matches.iter().map(|o| o.to_string()).collect(),
-                    })
-                }
+            let matches: Vec<Oid> = match exact {
+                Some(oid) => vec![oid],
+                None => self
+                    .known_checkpoints()?
+                    .into_iter()
+                    .filter(|o| o.to_string().starts_with(&lower))
+                    .collect(),
+            };
+            for m in matches {
+                candidates.push((format!("checkpoint {}", short_id(m)), m));
             }
         }
-        Err(HistoryError::UnknownRevision(base.to_string()))
+        let distinct: BTreeSet<Oid> = candidates.iter().map(|c| c.1).collect();
+        match distinct.len() {
+            0 => Err(HistoryError::UnknownRevision(base.to_string())),
+            1 => Ok(candidates[0].1),
+            _ => Err(HistoryError::AmbiguousRevision {
+                rev: base.to_string(),
+                candidates: candidates
+                    .iter()
+                    .map(|(what, id)| format!("{what} ({})", short_id(*id)))
+                    .collect(),
+            }),
+        }
     }
 
     /// Every commit reachable from coin branches and tags, their reflogs and the notes.

@@ -38,6 +38,44 @@ impl FileEntry {
         }
     }
 
+    /// Check what an entry says about itself, without the store: every tensor's byte count is
+    /// its dtype's size times its element count (no overflow), tensor names are unique, and
+    /// the tensors do not add up to more than the file. Used on every manifest read, so a
+    /// manifest from a remote is checked before anything trusts it.
+    pub fn check(&self) -> Result<(), String> {
+        let FileEntry::Safetensors { size, tensors, .. } = self else {
+            return Ok(());
+        };
+        let mut names = std::collections::BTreeSet::new();
+        let mut total: u64 = 0;
+        for t in tensors {
+            let shown = t.name.escape_debug();
+            if !names.insert(t.name.as_str()) {
+                return Err(format!("tensor '{shown}' is listed twice"));
+            }
+            let elements = t
+                .shape
+                .iter()
+                .try_fold(1u64, |n, d| n.checked_mul(*d))
+                .ok_or_else(|| format!("tensor '{shown}': the shape's element count overflows"))?;
+            if t.dtype.byte_len(elements) != Some(t.bytes) {
+                return Err(format!(
+                    "tensor '{shown}': {} bytes do not hold {} {:?}",
+                    t.bytes, t.dtype, t.shape
+                ));
+            }
+            total = total
+                .checked_add(t.bytes)
+                .ok_or_else(|| "the tensor sizes overflow".to_string())?;
+        }
+        if total > *size {
+            return Err(format!(
+                "its tensors hold {total} bytes, more than the file's {size}"
+            ));
+        }
+        Ok(())
+    }
+
     /// Every object this entry refers to (for reachability in gc and fsck), header first.
     pub fn object_ids(&self) -> Vec<ObjectId> {
         match self {

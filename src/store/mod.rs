@@ -26,8 +26,8 @@ pub use entry::{FileEntry, StoreStats, TensorData, TensorEntry};
 pub use id::ObjectId;
 pub use lock::Lock;
 pub use object::ObjectKind;
-pub use paths::check_relative_path;
-pub use repo::{Store, FORMAT_VERSION, STORE_TYPE};
+pub use paths::{check_output_dir, check_relative_path, is_git_component};
+pub use repo::{Store, DEAD_TEMP_AGE, FORMAT_VERSION, STORE_TYPE};
 pub use safetensors::HeaderError;
 
 /// Errors of the object store. Messages name the path or object and the operation.
@@ -97,6 +97,12 @@ pub enum StoreError {
     EntryMismatch {
         /// The output file.
         path: PathBuf,
+        /// What disagrees.
+        reason: String,
+    },
+    /// A manifest entry that contradicts itself or the objects it names.
+    #[error("the manifest entry is inconsistent: {reason}")]
+    BadEntry {
         /// What disagrees.
         reason: String,
     },

@@ -20,6 +20,8 @@ pub const STORE_TYPE: &str = "loose";
 /// hashed, and written from memory; a larger one is hashed in chunks, then (only when the
 /// object is new) read again and written, re-hashed to catch a file changing underneath.
 const MAX_BUFFER: u64 = 64 * 1024 * 1024;
+/// A temp file nobody holds is a dead writer's once it is this old.
+pub const DEAD_TEMP_AGE: Duration = Duration::from_secs(10);
 /// Chunk size for reading objects back.
 const READ_CHUNK: usize = 8 * 1024 * 1024;
 /// Below this, one-thread hashing beats spreading work over rayon.
@@ -337,6 +339,9 @@ impl Store {
             .map_err(|e| StoreError::io("create a temporary file in", &tmp_dir, e))?;
         let tmp_path = tmp.path().to_path_buf();
         let write_err = |e| StoreError::io("write", &tmp_path, e);
+        // The lock tells cleaners this temp file has a live writer (released when the file is
+        // closed, also when the process is killed): see `remove_dead_temp_files`.
+        tmp.as_file().lock().map_err(write_err)?;
         tmp.write_all(&header.encode()).map_err(write_err)?;
         fill(tmp.as_file_mut()).map_err(write_err)?;
         fault::point("store.object.after_write");
@@ -514,21 +519,31 @@ impl Store {
             .map(|_| ())
     }
 
-    /// Rebuild the file `entry` describes at `out`, byte-identical to what was ingested.
-    /// Every object is verified as it is read; the file appears atomically, and on any error
-    /// nothing is left at `out`. Parent directories are created.
-    pub fn materialize(&self, entry: &FileEntry, out: &Path) -> Result<(), StoreError> {
-        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            create_dir(parent)?;
-        }
-        let mut file = AtomicFile::create(out).map_err(|e| StoreError::io("create", out, e))?;
-        let mismatch = |reason: String| StoreError::EntryMismatch {
-            path: out.to_path_buf(),
-            reason,
+    /// Check that the objects an entry names are here and agree with it, reading only object
+    /// headers and the safetensors header blob (hashes are [`Store::verify`]'s job): a blob of
+    /// the entry's size; a header blob whose length prefix, JSON and tensor list match the
+    /// manifest exactly and add up to its size; tensor objects of the listed dtype and shape.
+    /// The one check behind commit, fetch, fsck and checkout, so none of them accepts what
+    /// another would refuse.
+    pub fn check_entry(&self, entry: &FileEntry) -> Result<(), StoreError> {
+        entry
+            .check()
+            .map_err(|reason| StoreError::BadEntry { reason })?;
+        let mismatch = |reason: String| StoreError::BadEntry { reason };
+        let kind_of = |id: &ObjectId, expected: ObjectKind| -> Result<ObjectHeader, StoreError> {
+            let (_, header) = self.open_object(id)?;
+            if header.kind != expected {
+                return Err(StoreError::WrongKind {
+                    id: *id,
+                    found: header.kind.as_str(),
+                    expected: expected.as_str(),
+                });
+            }
+            Ok(header)
         };
         match entry {
             FileEntry::Blob { id, size } => {
-                let h = self.copy_object(id, Some(ObjectKind::Blob), file.file(), out)?;
+                let h = kind_of(id, ObjectKind::Blob)?;
                 if h.payload_len != *size {
                     return Err(mismatch(format!(
                         "blob {} has {} bytes, the manifest says {size}",
@@ -542,21 +557,59 @@ impl Store {
                 size,
                 tensors,
             } => {
+                let h = kind_of(header, ObjectKind::Blob)?;
+                if h.payload_len > safetensors::MAX_HEADER_LEN + 8 {
+                    return Err(mismatch(format!(
+                        "header blob {} is {} bytes, more than a safetensors header may be",
+                        header.short(),
+                        h.payload_len
+                    )));
+                }
                 let header_bytes = self.read_blob(header)?;
                 check_header_matches(&header_bytes, *size, tensors).map_err(mismatch)?;
-                file.write_all(&header_bytes)
-                    .map_err(|e| StoreError::io("write", out, e))?;
                 for t in tensors {
-                    let h = self.copy_object(&t.id, Some(ObjectKind::Tensor), file.file(), out)?;
+                    let h = kind_of(&t.id, ObjectKind::Tensor)?;
                     if h.tensor.as_ref() != Some(&(t.dtype, t.shape.clone())) {
                         return Err(mismatch(format!(
                             "tensor '{}': object {} is not {} {:?}",
-                            t.name,
+                            t.name.escape_debug(),
                             t.id.short(),
                             t.dtype,
                             t.shape
                         )));
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuild the file `entry` describes at `out`, byte-identical to what was ingested.
+    /// The entry is checked first ([`Store::check_entry`]) and every object is verified as it
+    /// is read; the file appears atomically, and on any error nothing is left at `out`.
+    /// Parent directories are created.
+    pub fn materialize(&self, entry: &FileEntry, out: &Path) -> Result<(), StoreError> {
+        self.check_entry(entry).map_err(|e| match e {
+            StoreError::BadEntry { reason } => StoreError::EntryMismatch {
+                path: out.to_path_buf(),
+                reason,
+            },
+            other => other,
+        })?;
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            create_dir(parent)?;
+        }
+        let mut file = AtomicFile::create(out).map_err(|e| StoreError::io("create", out, e))?;
+        match entry {
+            FileEntry::Blob { id, .. } => {
+                self.copy_object(id, Some(ObjectKind::Blob), file.file(), out)?;
+            }
+            FileEntry::Safetensors {
+                header, tensors, ..
+            } => {
+                self.copy_object(header, Some(ObjectKind::Blob), file.file(), out)?;
+                for t in tensors {
+                    self.copy_object(&t.id, Some(ObjectKind::Tensor), file.file(), out)?;
                 }
             }
         }
@@ -644,8 +697,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Delete temp files older than `older_than` (a crashed writer's leftovers; a live
-    /// writer's file is younger). Returns how many were removed.
+    /// Delete temp files older than `older_than` whatever their state (gc's rule for a store
+    /// it holds locked). Returns how many were removed.
     pub fn remove_temp_files(&self, older_than: Duration) -> Result<usize, StoreError> {
         let mut n = 0;
         for (path, age) in self.temp_files()? {
@@ -655,6 +708,38 @@ impl Store {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(StoreError::io("remove", &path, e)),
                 }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Delete the temp files of writers that are gone (killed or crashed): a writer holds a
+    /// lock on its temp file from its first byte until it closes it, so a temp file nobody
+    /// holds, and older than [`DEAD_TEMP_AGE`] (a writer locks it within microseconds of
+    /// creating it), is a leftover. Safe to run beside live writers, here or in another
+    /// process. Commit, fetch, push (on the remote's store) and gc call it. Returns how many
+    /// files were removed.
+    pub fn remove_dead_temp_files(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for (path, age) in self.temp_files()? {
+            if age < DEAD_TEMP_AGE {
+                continue;
+            }
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // Unreadable (a foreign file, a directory): not ours to judge.
+                Err(_) => continue,
+            };
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => continue,
+                Err(std::fs::TryLockError::Error(_)) => continue,
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => n += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove", &path, e)),
             }
         }
         Ok(n)

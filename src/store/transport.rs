@@ -38,6 +38,11 @@ pub trait ObjectTransport {
     fn lock(&self, _wait: Duration) -> Result<Option<Lock>, StoreError> {
         Ok(None)
     }
+    /// Remove what interrupted transfers to the other side left behind (temp files of dead
+    /// writers), where it keeps such things. Returns how many were removed.
+    fn clean(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
 }
 
 /// A store reachable through the filesystem.
@@ -104,6 +109,10 @@ impl ObjectTransport for FsTransport {
     /// The store's `lock` file, which coin's commit and gc on that side share.
     fn lock(&self, wait: Duration) -> Result<Option<Lock>, StoreError> {
         Lock::acquire(&self.remote.root().join("lock"), wait).map(Some)
+    }
+
+    fn clean(&self) -> Result<usize, StoreError> {
+        self.remote.remove_dead_temp_files()
     }
 }
 

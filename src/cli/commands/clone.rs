@@ -37,6 +37,7 @@ pub fn cmd_clone(
     let mut progress = TransferProgress::new(ui, "Receiving objects");
     let (repo, report) = CoinRepo::clone_from(&url, &dir, &mut |d, t| progress.update(d, t))?;
     drop(progress);
+    super::fetch::warn_fetch_problems(ui, &report);
     if args.json {
         return ui.json(&report);
     }

@@ -39,6 +39,31 @@ pub fn fetch_summary(r: &FetchReport) -> String {
     s
 }
 
+/// Warnings about what a fetch did not take or could not find (stderr, before any JSON).
+pub fn warn_fetch_problems(ui: &Ui, r: &FetchReport) {
+    for t in &r.tag_conflicts {
+        ui.warn(&format!(
+            "tag '{t}' exists here with another target; kept the local one"
+        ));
+    }
+    for refused in &r.refused {
+        ui.warn(&format!("not taken from '{}': {refused}", r.remote));
+    }
+    if !r.missing.is_empty() {
+        let mut shown: Vec<&str> = r.missing.iter().take(3).map(|s| &s[..12]).collect();
+        if r.missing.len() > 3 {
+            shown.push("…");
+        }
+        ui.warn(&format!(
+            "{} object(s) of checkpoints in this repository are neither here nor on '{}' ({}); \
+             `coin fsck` lists the checkpoints that need them — fetch from where they were made",
+            r.missing.len(),
+            r.remote,
+            shown.join(", ")
+        ));
+    }
+}
+
 pub fn cmd_fetch(
     ui: &mut Ui,
     helper: &CommandHelper,
@@ -52,11 +77,7 @@ pub fn cmd_fetch(
     let mut progress = TransferProgress::new(ui, "Receiving objects");
     let report = repo.fetch(&remote, &mut |d, t| progress.update(d, t))?;
     drop(progress);
-    for t in &report.tag_conflicts {
-        ui.warn(&format!(
-            "tag '{t}' exists here with another target; kept the local one"
-        ));
-    }
+    warn_fetch_problems(ui, &report);
     if args.json {
         return ui.json(&report);
     }

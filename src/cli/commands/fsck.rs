@@ -12,6 +12,10 @@ use super::history_util::open_repo;
 /// notes and their reflogs must parse and reference objects that exist.
 #[derive(clap::Args, Debug)]
 pub struct FsckArgs {
+    /// First remove notes fsck calls bad (unparsable, on a missing commit, or naming missing
+    /// objects) from refs/notes/coin; checkpoints are never rewritten
+    #[arg(long)]
+    pub drop_bad_notes: bool,
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
@@ -19,6 +23,20 @@ pub struct FsckArgs {
 
 pub fn cmd_fsck(ui: &mut Ui, helper: &CommandHelper, args: &FsckArgs) -> Result<(), CommandError> {
     let repo = open_repo(helper)?;
+    if args.drop_bad_notes {
+        for d in repo.drop_bad_notes()? {
+            let what = if d.tasks.is_empty() {
+                "the note".to_string()
+            } else {
+                format!("the records of {}", d.tasks.join(", "))
+            };
+            ui.status(&format!(
+                "Dropped {what} on {}: {}.",
+                &d.checkpoint[..12.min(d.checkpoint.len())],
+                d.reason
+            ));
+        }
+    }
     let report = repo.fsck()?;
     if args.json {
         ui.json(&report)?;

@@ -22,6 +22,7 @@ pub fn cmd_pull(ui: &mut Ui, helper: &CommandHelper, args: &PullArgs) -> Result<
     let mut progress = TransferProgress::new(ui, "Receiving objects");
     let report = repo.pull(&remote, &branch, &mut |d, t| progress.update(d, t))?;
     drop(progress);
+    super::fetch::warn_fetch_problems(ui, &report.fetch);
     if args.target.json {
         return ui.json(&report);
     }
