@@ -505,7 +505,7 @@ impl CoinRepo {
                 .map_err(|source| HistoryError::BadFile {
                     checkpoint: short_id(cp.id),
                     path: path.escape_debug().to_string(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         Ok(())

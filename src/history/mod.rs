@@ -104,7 +104,7 @@ pub enum HistoryError {
         path: String,
         /// What is wrong.
         #[source]
-        source: crate::store::StoreError,
+        source: Box<crate::store::StoreError>,
     },
     /// A revision that names nothing.
     #[error("unknown revision '{0}'")]
@@ -233,6 +233,21 @@ impl HistoryError {
         let op = op.into();
         let path = path.into();
         move |source| HistoryError::Io { op, path, source }
+    }
+}
+
+/// Fuzz body of the manifest parser (`fuzz/fuzz_targets/manifest.rs`, also run by the unit
+/// tests on hostile input): never panics; an accepted manifest passes the path checks as a
+/// whole and round-trips through its canonical text.
+pub fn fuzz_manifest(data: &[u8]) {
+    if let Ok(m) = parse_manifest(data) {
+        records::validate_manifest_paths(m.files.keys()).expect("accepted paths are valid");
+        for p in m.files.keys() {
+            crate::store::fuzz::relative_path(p.as_bytes());
+        }
+        let text = records::to_canonical_json(&m).expect("a manifest serialises");
+        let back = parse_manifest(text.as_bytes()).expect("its canonical text parses");
+        assert_eq!(back, m);
     }
 }
 

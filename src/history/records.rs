@@ -601,6 +601,59 @@ mod tests {
         fn parse_eval_file_never_panics(text in ".{0,200}") {
             let _ = parse_eval_file(&text);
         }
+
+        #[test]
+        fn manifest_fuzz_body_holds(paths in proptest::collection::vec("[a-zA-Z./~ \u{200c}:]{1,12}", 1..5)) {
+            let files: serde_json::Map<String, Value> = paths
+                .iter()
+                .map(|p| (p.clone(), serde_json::json!({"kind": "blob", "id": "ab".repeat(32), "size": 1})))
+                .collect();
+            let text = serde_json::json!({"format": MANIFEST_FORMAT, "schema": 1, "files": files}).to_string();
+            crate::history::fuzz_manifest(text.as_bytes());
+        }
+
+        #[test]
+        fn path_fuzz_body_holds(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            crate::store::fuzz::relative_path(&bytes);
+        }
+    }
+
+    #[test]
+    fn hostile_manifests_are_refused() {
+        let entry = format!(
+            r#"{{"kind": "blob", "id": "{}", "size": 1}}"#,
+            "ab".repeat(32)
+        );
+        let tensor = |name: &str, bytes: u64| {
+            format!(
+                r#"{{"kind": "safetensors", "header": "{}", "size": 100, "tensors": [{{"name": "{name}", "dtype": "F32", "shape": [2], "id": "{}", "bytes": {bytes}}}]}}"#,
+                "cd".repeat(32),
+                "ef".repeat(32)
+            )
+        };
+        let manifest = |files: &str| {
+            format!(r#"{{"format": "coin.manifest", "schema": 1, "files": {{{files}}}}}"#)
+        };
+        for (files, why) in [
+            (format!(r#"".git/config": {entry}"#), ".git"),
+            (format!(r#""a/.Git/hooks/x": {entry}"#), ".git"),
+            (
+                format!(r#""a": {entry}, "a/b": {entry}"#),
+                "needs it to be a folder",
+            ),
+            (
+                format!(r#""A.json": {entry}, "a.JSON": {entry}"#),
+                "letter case",
+            ),
+            (format!(r#""w": {}"#, tensor("x", 9)), "do not hold"),
+        ] {
+            let err = parse_manifest(manifest(&files).as_bytes()).unwrap_err();
+            assert!(err.to_string().contains(why), "{files}: {err}");
+        }
+        parse_manifest(manifest(&format!(r#""w": {}"#, tensor("x", 8))).as_bytes()).unwrap();
+        crate::history::fuzz_manifest(
+            manifest(&format!(r#""a/b": {entry}, "a/c": {entry}"#)).as_bytes(),
+        );
     }
 
     #[test]

@@ -225,6 +225,14 @@ impl CoinRepo {
     /// The remote called `name`; a path or URL that is no remote's name is taken as an
     /// anonymous remote.
     pub fn remote_info(&self, name: &str) -> Result<RemoteInfo, HistoryError> {
+        let path_like = name.contains('/') || name.starts_with("file:");
+        if path_like && !git2::Remote::is_valid_name(name) {
+            return Ok(RemoteInfo {
+                name: name.to_string(),
+                url: name.to_string(),
+                objects: None,
+            });
+        }
         match self.git().find_remote(name) {
             Ok(r) => {
                 let url = r
@@ -763,36 +771,138 @@ impl CoinRepo {
                 .reference(name, *id, true, "coin fetch: staged")
                 .map_err(git_err("stage a fetched ref"))?;
         }
-        let staged = self.refs_under(&staging)?;
-        let tips: Vec<Oid> = staged
-            .iter()
-            .filter(|(n, _)| !n.ends_with("/notes"))
-            .map(|(_, id)| *id)
-            .collect();
         let local_roots: Vec<Oid> = self.coin_roots()?.into_iter().map(|r| r.id).collect();
-        let checkpoints = self.checkpoints_between(&tips, &local_roots)?;
-        // The new checkpoints' objects must all come (the remote's refs promise them).
-        let mut needed: BTreeSet<ObjectId> = self.objects_of(&checkpoints)?.into_iter().collect();
         let notes_staging = format!("{staging}notes");
+        // Each staged branch or tag is taken only when every checkpoint it adds passes the
+        // checks checkout makes and its objects can be had; a bad one is refused alone, so one
+        // hostile or broken ref never blocks the others.
+        let mut verdicts: BTreeMap<Oid, Result<Vec<ObjectId>, String>> = BTreeMap::new();
+        let mut refs_new: Vec<(String, Oid, Vec<Oid>)> = Vec::new();
+        for (name, tip) in self.refs_under(&staging)? {
+            if name == notes_staging {
+                continue;
+            }
+            let new = self.checkpoints_between(&[tip], &local_roots)?;
+            for cp in &new {
+                if !verdicts.contains_key(cp) {
+                    let v = self
+                        .read_checkpoint(*cp)
+                        .map(|c| c.manifest.object_ids())
+                        .map_err(|e| super::maintenance::error_chain(&e));
+                    verdicts.insert(*cp, v);
+                }
+            }
+            refs_new.push((name, tip, new));
+        }
+        let mut has_remote = BTreeMap::new();
+        for v in verdicts.values_mut() {
+            let Ok(ids) = v else { continue };
+            let mut absent = Vec::new();
+            for id in ids.iter() {
+                if self.store().contains(id) {
+                    continue;
+                }
+                let there = match has_remote.get(id) {
+                    Some(h) => *h,
+                    None => {
+                        let h = transport.has(id)?;
+                        has_remote.insert(*id, h);
+                        h
+                    }
+                };
+                if !there {
+                    absent.push(id.short());
+                }
+            }
+            if !absent.is_empty() {
+                *v = Err(format!(
+                    "{} of its objects are on neither side ({})",
+                    absent.len(),
+                    absent.join(", ")
+                ));
+            }
+        }
+        let refuse_bad = |refs_new: &mut Vec<(String, Oid, Vec<Oid>)>,
+                          verdicts: &BTreeMap<Oid, Result<Vec<ObjectId>, String>>,
+                          refused: &mut Vec<String>|
+         -> Result<(), HistoryError> {
+            let mut keep = Vec::new();
+            for (name, tip, new) in refs_new.drain(..) {
+                let bad = new.iter().find_map(|cp| match verdicts.get(cp) {
+                    Some(Err(e)) => Some((*cp, e.clone())),
+                    _ => None,
+                });
+                match bad {
+                    None => keep.push((name, tip, new)),
+                    Some((cp, why)) => {
+                        let shown = name[staging.len()..]
+                            .replacen("heads/", "branch '", 1)
+                            .replacen("tags/", "tag '", 1);
+                        refused.push(format!(
+                            "{shown}': checkpoint {} is refused: {why}",
+                            short_id(cp)
+                        ));
+                        self.delete_ref(&name)?;
+                    }
+                }
+            }
+            *refs_new = keep;
+            Ok(())
+        };
+        refuse_bad(&mut refs_new, &verdicts, &mut refused)?;
+        let checkpoints: Vec<Oid> = {
+            let mut seen = BTreeSet::new();
+            refs_new
+                .iter()
+                .flat_map(|r| r.2.iter().copied())
+                .filter(|c| seen.insert(*c))
+                .collect()
+        };
+        let mut needed: BTreeSet<ObjectId> = BTreeSet::new();
+        for cp in &checkpoints {
+            if let Some(Ok(ids)) = verdicts.get(cp) {
+                needed.extend(ids.iter().copied());
+            }
+            if let Ok(c) = self.read_checkpoint(*cp) {
+                for (rec, _) in c.evals.values() {
+                    needed.extend(rec.object_ids());
+                }
+            }
+        }
         if has_notes {
-            needed.extend(self.note_objects(&notes_staging)?);
+            match self.note_objects(&notes_staging) {
+                Ok(ids) => needed.extend(ids),
+                Err(e) => {
+                    refused.push(format!(
+                        "the notes: {}",
+                        super::maintenance::error_chain(&e)
+                    ));
+                    self.delete_ref(&notes_staging)?;
+                }
+            }
         }
         // Every other checkpoint this repository holds, whoever moved its refs (plain
         // `git fetch` brings commits without objects): what is missing here is fetched when
-        // the remote has it, and reported when not.
+        // the remote has it, and reported when not. A local checkpoint that cannot be read is
+        // fsck's to report, not a reason to stop the fetch.
+        let tips: Vec<Oid> = refs_new.iter().map(|r| r.1).collect();
         let all_tips: Vec<Oid> = tips.iter().chain(&local_roots).copied().collect();
-        let held = self.reachable_checkpoints(&all_tips)?;
         let mut wanted_too = BTreeSet::new();
-        for id in self.objects_of(&held)? {
-            if !needed.contains(&id) && !self.store().contains(&id) {
-                wanted_too.insert(id);
-            }
+        for cp in self.reachable_checkpoints(&all_tips)? {
+            let Ok(ids) = self.objects_of(&[cp]) else {
+                continue;
+            };
+            wanted_too.extend(
+                ids.into_iter()
+                    .filter(|id| !needed.contains(id) && !self.store().contains(id)),
+            );
         }
         if self.ref_target(NOTES_REF)?.is_some() {
-            for id in self.note_objects(NOTES_REF)? {
-                if !needed.contains(&id) && !self.store().contains(&id) {
-                    wanted_too.insert(id);
-                }
+            if let Ok(ids) = self.note_objects(NOTES_REF) {
+                wanted_too.extend(
+                    ids.into_iter()
+                        .filter(|id| !needed.contains(id) && !self.store().contains(id)),
+                );
             }
         }
         let mut missing = Vec::new();
@@ -811,11 +921,22 @@ impl CoinRepo {
             Direction::Fetch,
             &mut |d, t| progress(d, t),
         )?;
-        // The same checks checkout makes, before any ref names the new checkpoints.
-        for id in &checkpoints {
-            let cp = self.read_checkpoint(*id)?;
-            self.check_checkpoint_files(&cp)?;
+        // The same checks checkout makes, now that the objects are here, before any ref names
+        // the new checkpoints.
+        for cp in &checkpoints {
+            let checked = self
+                .read_checkpoint(*cp)
+                .and_then(|c| self.check_checkpoint_files(&c));
+            if let Err(e) = checked {
+                verdicts.insert(*cp, Err(super::maintenance::error_chain(&e)));
+            }
         }
+        refuse_bad(&mut refs_new, &verdicts, &mut refused)?;
+        let checkpoints: Vec<Oid> = checkpoints
+            .into_iter()
+            .filter(|c| refs_new.iter().any(|r| r.2.contains(c)))
+            .collect();
+        let staged = self.refs_under(&staging)?;
 
         // Everything is here: publish.
         let mut branches = BTreeMap::new();

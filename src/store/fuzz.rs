@@ -28,3 +28,26 @@ pub fn manifest_entry(data: &[u8]) {
         assert_eq!(back, entry);
     }
 }
+
+/// Check arbitrary bytes (as UTF-8, lossily) with the one path validator; when a path is
+/// accepted it must be safe to join to a folder: only normal components, none naming git's
+/// directory, no control character, and the join stays under the folder.
+pub fn relative_path(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if super::check_relative_path(&text).is_ok() {
+        let root = std::path::Path::new("/root-of-checkout");
+        let joined = root.join(&*text);
+        assert!(joined.starts_with(root), "{text:?} leaves its folder");
+        for c in std::path::Path::new(&*text).components() {
+            match c {
+                std::path::Component::Normal(part) => {
+                    let part = part.to_string_lossy();
+                    assert!(!super::is_git_component(&part), "{text:?} names .git");
+                }
+                other => panic!("{text:?} has a {other:?} component"),
+            }
+        }
+        assert!(!text.chars().any(char::is_control), "{text:?}");
+        assert!(!text.contains('\\'), "{text:?}");
+    }
+}

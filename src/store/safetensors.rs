@@ -87,10 +87,10 @@ pub enum HeaderError {
     #[error("header is not valid JSON: {0}")]
     Json(String),
     /// The same key twice.
-    #[error("tensor '{0}' appears twice in the header")]
+    #[error("tensor '{}' appears twice in the header", .0.escape_debug())]
     Duplicate(String),
     /// A problem with one tensor.
-    #[error("tensor '{name}': {reason}")]
+    #[error("tensor '{}': {reason}", name.escape_debug())]
     Tensor {
         /// The tensor name.
         name: String,
@@ -101,7 +101,7 @@ pub enum HeaderError {
     #[error("__metadata__ must map strings to strings: {0}")]
     Metadata(String),
     /// Two tensors share bytes.
-    #[error("tensors '{0}' and '{1}' overlap")]
+    #[error("tensors '{}' and '{}' overlap", .0.escape_debug(), .1.escape_debug())]
     Overlap(String, String),
     /// Bytes not covered by any tensor.
     #[error("{what} bytes {begin}..{end} of the data belong to no tensor (coin refuses files with gaps or trailing bytes)")]
@@ -165,7 +165,12 @@ pub fn parse_json(json: &[u8], data_len: u64) -> Result<Header, HeaderError> {
             for (k, v) in map {
                 match v {
                     serde_json::Value::String(s) => metadata.push((k, s)),
-                    _ => return Err(HeaderError::Metadata(format!("value of '{k}'"))),
+                    _ => {
+                        return Err(HeaderError::Metadata(format!(
+                            "value of '{}'",
+                            k.escape_debug()
+                        )))
+                    }
                 }
             }
             continue;
@@ -362,6 +367,21 @@ mod tests {
 
     fn err(bytes: &[u8]) -> String {
         parse_bytes(bytes).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn names_with_control_characters_are_shown_escaped() {
+        let name = "w\\u001b[31m\\u0007";
+        let dup = format!(
+            r#"{{"{name}":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}},"{name}":{{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}}}"#
+        );
+        let bad_shape =
+            format!(r#"{{"{name}":{{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}}}"#);
+        for json in [dup, bad_shape] {
+            let e = err(&file_with_header(&json, &[0; 8]));
+            assert!(e.contains("w\\u{1b}[31m"), "{e}");
+            assert!(!e.chars().any(|c| c.is_control()), "{e:?}");
+        }
     }
 
     #[test]

@@ -573,6 +573,20 @@ fn fuzz_bodies_survive_a_hostile_corpus() {
     for m in manifests {
         fuzz::manifest_entry(m);
     }
+    for p in [
+        &b"../x"[..],
+        b".git/config",
+        b"a/.GIT./b",
+        b"git~1/x",
+        b"a\\b",
+        b"/abs",
+        b"ok/path.json",
+        b".g\xe2\x80\x8cit/config",
+        b"\xff\xfe/x",
+        b"a:b",
+    ] {
+        fuzz::relative_path(p);
+    }
     // The last one is valid and must parse.
     assert!(serde_json::from_slice::<FileEntry>(manifests[7]).is_ok());
 }
