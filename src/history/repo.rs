@@ -736,8 +736,77 @@ pub(crate) fn parse_date(s: &str) -> Option<(i64, i32)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::disallowed_methods)]
 mod tests {
     use super::*;
+
+    fn repo_with_commit() -> (tempfile::TempDir, CoinRepo, Oid) {
+        let tmp = tempfile::tempdir().unwrap();
+        CoinRepo::init(tmp.path()).unwrap();
+        let repo = CoinRepo::open(&tmp.path().canonicalize().unwrap()).unwrap();
+        let dir = tmp.path().join("ad");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("a.json"), b"{}").unwrap();
+        let out = repo
+            .commit(&crate::history::CommitRequest {
+                paths: vec![dir],
+                task: "T".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        (tmp, repo, out.id)
+    }
+
+    #[test]
+    fn a_commit_object_lost_after_a_reported_write_is_detected() {
+        let (_tmp, repo, id) = repo_with_commit();
+        repo.check_commit_stored(id).unwrap();
+        // What a full disk does: the write "succeeded", the file is not there.
+        let hex = id.to_string();
+        let loose = repo.git().path().join("objects").join(&hex[..2]).join(&hex[2..]);
+        std::fs::remove_file(loose).unwrap();
+        let err = repo.check_commit_stored(id).unwrap_err().to_string();
+        assert!(err.contains("probably full"), "{err}");
+        // A lost blob of the tree is found too.
+        let (_tmp, repo, id) = repo_with_commit();
+        let manifest = repo
+            .git()
+            .find_commit(id)
+            .unwrap()
+            .tree()
+            .unwrap()
+            .get_name("manifest")
+            .unwrap()
+            .id()
+            .to_string();
+        let loose = repo
+            .git()
+            .path()
+            .join("objects")
+            .join(&manifest[..2])
+            .join(&manifest[2..]);
+        std::fs::remove_file(loose).unwrap();
+        assert!(repo.check_commit_stored(id).is_err());
+    }
+
+    #[test]
+    fn a_reflog_entry_for_a_move_that_failed_is_removed() {
+        let (_tmp, repo, id) = repo_with_commit();
+        let full = format!("{BRANCH_PREFIX}main");
+        let ghost = Oid::from_str("0123456789abcdef0123456789abcdef01234567").unwrap();
+        let sig = repo.signature().unwrap();
+        let mut log = repo.git().reflog(&full).unwrap();
+        log.append(ghost, &sig, Some("coin commit: ghost")).unwrap();
+        log.write().unwrap();
+        assert_eq!(repo.git().reflog(&full).unwrap().len(), 2);
+        repo.drop_ghost_reflog_entry(&full, ghost);
+        let log = repo.git().reflog(&full).unwrap();
+        assert_eq!(log.len(), 1);
+        assert_eq!(log.get(0).unwrap().id_new(), id);
+        // The entry of the real head is never removed.
+        repo.drop_ghost_reflog_entry(&full, id);
+        assert_eq!(repo.git().reflog(&full).unwrap().len(), 1);
+    }
 
     #[test]
     fn dates() {
