@@ -78,7 +78,6 @@ impl CommandHelper {
 
 /// Parse the arguments, run the command and map the outcome to an exit code.
 pub fn main() -> ExitCode {
-    crate::ml::configure_cpu_threads();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -99,6 +98,10 @@ pub fn main() -> ExitCode {
         global: cli.global,
         cwd,
     };
+    if let Err(err) = apply_runtime(&helper, &cli.command) {
+        ui.report(&err);
+        return ExitCode::from(err.kind.exit_code());
+    }
     match commands::run(&mut ui, &helper, cli.command).and_then(|()| ui.flush()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -108,4 +111,29 @@ pub fn main() -> ExitCode {
             ExitCode::from(err.kind.exit_code())
         }
     }
+}
+
+/// Apply the resolved `[runtime]` thread counts of a command that runs the model to this
+/// process, once, before any thread exists. candle 0.11 takes them only from its own
+/// environment variables (`RAYON_NUM_THREADS`: GEMM parallelism and rayon's global pool;
+/// `CANDLE_NUM_THREADS`: its element-wise pool, sized at the first element-wise op), so this is
+/// the one place coin sets environment variables: values found there are replaced (they are
+/// not coin settings; `COIN_THREADS` and `COIN_ELEMENTWISE_THREADS` are, docs/config.md). The
+/// library gets every other runtime value passed in.
+fn apply_runtime(helper: &CommandHelper, command: &commands::Command) -> Result<(), CommandError> {
+    let Some(cfg) = command.model_config(helper)? else {
+        return Ok(());
+    };
+    // `auto` threads = candle's own default (one per physical core), not an inherited value
+    // (e.g. the RAYON_NUM_THREADS=1 that .cargo/config.toml gives every process cargo starts).
+    std::env::remove_var("RAYON_NUM_THREADS");
+    std::env::remove_var("CANDLE_NUM_THREADS");
+    let rt = cfg.resolved_runtime()?;
+    std::env::set_var("RAYON_NUM_THREADS", rt.threads.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", rt.elementwise_threads.to_string());
+    // rayon reads the same variable; building its global pool here makes the size explicit.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(rt.threads)
+        .build_global();
+    Ok(())
 }

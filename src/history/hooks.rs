@@ -100,11 +100,37 @@ pub struct HookContext {
     pub extra_args: Vec<String>,
 }
 
-/// The `[gates]` table of `.coin/config.toml`.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// The `[gates]` table of `.coin/config.toml`: the one parser of that table, used by
+/// [`CoinRepo::gates_config`] and by the run configuration (which refuses a broken table the
+/// same way before any work).
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GatesConfig {
     /// `max_forgetting`: the largest drop (points) the sample gate lets through.
+    #[serde(default)]
     pub max_forgetting: Option<f64>,
+}
+
+impl GatesConfig {
+    /// Parse and check the value of the `[gates]` table; the error says what is wrong, in
+    /// words (the caller names the file).
+    pub fn from_value(value: toml::Value) -> Result<GatesConfig, String> {
+        if !value.is_table() {
+            return Err("it is not a table".into());
+        }
+        let gates: GatesConfig = value.try_into().map_err(|e: toml::de::Error| {
+            format!(
+                "{} (the key is max_forgetting, a number of points >= 0)",
+                e.message()
+            )
+        })?;
+        match gates.max_forgetting {
+            Some(x) if !(x.is_finite() && x >= 0.0) => {
+                Err("max_forgetting must be a number of points >= 0".into())
+            }
+            _ => Ok(gates),
+        }
+    }
 }
 
 /// What `install_git_hooks` did.
@@ -222,18 +248,10 @@ impl CoinRepo {
         let Some(gates) = table.get("gates") else {
             return Ok(GatesConfig::default());
         };
-        let bad = |m: &str| HistoryError::Record {
+        GatesConfig::from_value(gates.clone()).map_err(|message| HistoryError::Record {
             what: format!("[gates] in '{}'", path.display()),
-            message: m.to_string(),
-        };
-        let gates = gates.as_table().ok_or_else(|| bad("it is not a table"))?;
-        let max_forgetting = match gates.get("max_forgetting") {
-            None => None,
-            Some(toml::Value::Float(f)) if f.is_finite() && *f >= 0.0 => Some(*f),
-            Some(toml::Value::Integer(i)) if *i >= 0 => Some(*i as f64),
-            Some(_) => return Err(bad("max_forgetting must be a number of points >= 0")),
-        };
-        Ok(GatesConfig { max_forgetting })
+            message,
+        })
     }
 
     /// Run coin event hook `event` (see the module docs for the contract). `Ok(None)` when no
@@ -799,15 +817,24 @@ mod tests {
         assert_eq!(repo.gates_config().unwrap().max_forgetting, Some(3.0));
         std::fs::write(&cfg, "[gates]\nmax_forgetting = 2.5\n").unwrap();
         assert_eq!(repo.gates_config().unwrap().max_forgetting, Some(2.5));
+        std::fs::write(&cfg, "[gates]\n").unwrap();
+        assert_eq!(repo.gates_config().unwrap(), GatesConfig::default());
         for bad in [
             "[gates]\nmax_forgetting = -1\n",
             "[gates]\nmax_forgetting = \"5\"\n",
+            "[gates]\nmax_forgeting = 5\n",
             "gates = 1\n",
             "[gates\n",
         ] {
             std::fs::write(&cfg, bad).unwrap();
             assert!(repo.gates_config().is_err(), "{bad}");
         }
+        std::fs::write(&cfg, "[gates]\nmax_forgeting = 5\n").unwrap();
+        let msg = repo.gates_config().unwrap_err().to_string();
+        assert!(
+            msg.contains("max_forgeting") && msg.contains("config.toml"),
+            "{msg}"
+        );
     }
 
     #[test]

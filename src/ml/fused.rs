@@ -13,8 +13,9 @@
 //!   (transposed) `x` directly;
 //! - [`swiglu`]: `silu(g) · u`.
 //!
-//! They run for f32 and f64 tensors on the CPU ([`supported`]); callers keep the composed ops for
-//! every other device or dtype (CUDA, bf16/f16), which also serve as the tests' reference. The
+//! They run for f32 and f64 tensors on the CPU ([`supported`]), as the run's `runtime.kernels`
+//! setting says ([`kernels`], [`with_kernels`]); callers keep the composed ops for every other
+//! device or dtype (CUDA, bf16/f16), which also serve as the tests' reference. The
 //! backward kernels return a gradient only for arguments that need one (`track_op`), so a frozen
 //! norm weight gets none. Gradients are checked against central finite differences in f64 and
 //! against the composed ops' gradients in the tests below.
@@ -25,61 +26,59 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-/// Whether the fused ops handle `t` (f32 or f64 on the CPU). `COIN_FUSED=0` in the
-/// environment turns them all off (the composed ops everywhere), to measure what they buy.
-/// [`lora_linear`] is gated by this alone (it is built from candle's own kernels).
-pub fn supported(t: &Tensor) -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("COIN_FUSED").as_deref() != Ok("0"))
-        && t.device().is_cpu()
-        && matches!(t.dtype(), DType::F32 | DType::F64)
-}
+pub use super::runtime::Kernels;
 
 thread_local! {
-    static LOOP_KERNELS_OVERRIDE: std::cell::Cell<Option<bool>> =
-        const { std::cell::Cell::new(None) };
+    static KERNELS: std::cell::Cell<Option<Kernels>> = const { std::cell::Cell::new(None) };
+}
+
+/// The kernels the calling thread runs: what [`with_kernels`] set for it, else `auto`
+/// ([`Kernels::build_default`]: all of them in optimised builds, only [`lora_linear`] in debug
+/// builds, where the `coin` crate is compiled at opt-level 0 and the element loops ran ~1.9×
+/// slower per training step than candle's optimised kernels). The setting comes from the run's
+/// `runtime.kernels` (docs/config.md); nothing here reads the environment.
+pub fn kernels() -> Kernels {
+    KERNELS
+        .with(|k| k.get())
+        .unwrap_or_else(Kernels::build_default)
+}
+
+/// Whether the fused ops may handle `t`: the kernels are not [`Kernels::Off`], and `t` is f32
+/// or f64 on the CPU. [`lora_linear`] is gated by this alone.
+pub fn supported(t: &Tensor) -> bool {
+    kernels() != Kernels::Off && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
 /// Whether the hand-written element loops ([`rms_norm`], [`masked_softmax`], [`rope`],
-/// [`swiglu`], [`mul_const`]) run for `t`: [`supported`], and by default only in optimised
-/// builds. The `coin` crate is built at opt-level 0 in the dev profile (its dependencies at 3),
-/// where these loops ran ~1.9× slower per training step than candle's optimised kernels, so
-/// debug builds (tests, `coin demo` from `cargo run`) keep the composed ops unless
-/// `COIN_FUSED=1`, or a test turns them on with [`set_loop_kernels_for_this_thread`].
+/// [`swiglu`], [`mul_const`]) run for `t`: [`Kernels::On`] and [`supported`].
 pub fn loop_kernels(t: &Tensor) -> bool {
-    static DEFAULT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = LOOP_KERNELS_OVERRIDE.with(|o| o.get()).unwrap_or_else(|| {
-        *DEFAULT.get_or_init(|| match std::env::var("COIN_FUSED").as_deref() {
-            Ok("1") => true,
-            Ok("0") => false,
-            _ => !cfg!(debug_assertions),
-        })
-    });
-    on && supported(t)
+    kernels() == Kernels::On && supported(t)
 }
 
-/// Force [`loop_kernels`] on or off for the calling thread (`None`: back to the default); the
-/// whole-model tests use it to run the fused loops in debug builds too.
-pub fn set_loop_kernels_for_this_thread(on: Option<bool>) {
-    LOOP_KERNELS_OVERRIDE.with(|o| o.set(on));
+/// The calling thread's setting (`None`: `auto`); work handed to another thread passes it on
+/// with [`with_kernels`].
+pub fn kernels_override() -> Option<Kernels> {
+    KERNELS.with(|k| k.get())
 }
 
-/// The calling thread's [`set_loop_kernels_for_this_thread`] setting.
-pub fn loop_kernels_override() -> Option<bool> {
-    LOOP_KERNELS_OVERRIDE.with(|o| o.get())
-}
-
-/// Run `f` with the thread's override set to `on` (work handed to another thread carries its
-/// caller's setting), restoring the previous one afterwards.
-pub fn with_loop_kernels_override<R>(on: Option<bool>, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<bool>);
+/// Run `f` with the calling thread's kernels set to `kernels` (`None`: `auto`), restoring the
+/// previous setting afterwards (also when `f` panics).
+pub fn with_kernels<R>(kernels: Option<Kernels>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Kernels>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            LOOP_KERNELS_OVERRIDE.with(|o| o.set(self.0));
+            KERNELS.with(|k| k.set(self.0));
         }
     }
-    let _restore = Restore(LOOP_KERNELS_OVERRIDE.with(|o| o.replace(on)));
+    let _restore = Restore(KERNELS.with(|k| k.replace(kernels)));
     f()
+}
+
+/// Set the calling thread's kernels for the rest of its life: `Some(true)` all of them
+/// ([`Kernels::On`]), `Some(false)` only [`lora_linear`] ([`Kernels::Lora`]), `None` back to
+/// `auto`. The whole-model tests use it to run the fused loops in debug builds too.
+pub fn set_loop_kernels_for_this_thread(on: Option<bool>) {
+    KERNELS.with(|k| k.set(on.map(|on| if on { Kernels::On } else { Kernels::Lora })));
 }
 
 /// The float types the kernels are written for.
@@ -1232,5 +1231,28 @@ mod tests {
         let (g, u) = (f32t(&mut rng, &[280, 160])?, f32t(&mut rng, &[280, 160])?);
         assert!(max_diff(&swiglu(&g, &u)?, &swiglu_composed(&g, &u)?) < 1e-5);
         Ok(())
+    }
+
+    #[test]
+    fn the_kernels_setting_gates_the_ops_and_is_restored() {
+        let cpu = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).expect("tensor");
+        let ints = Tensor::zeros((2, 2), DType::U32, &Device::Cpu).expect("tensor");
+        with_kernels(Some(Kernels::On), || {
+            assert!(supported(&cpu) && loop_kernels(&cpu));
+            assert!(!supported(&ints));
+            with_kernels(Some(Kernels::Lora), || {
+                assert!(supported(&cpu) && !loop_kernels(&cpu));
+            });
+            assert_eq!(kernels_override(), Some(Kernels::On), "restored");
+            with_kernels(Some(Kernels::Off), || {
+                assert!(!supported(&cpu) && !loop_kernels(&cpu));
+            });
+        });
+        assert_eq!(kernels_override(), None);
+        assert_eq!(kernels(), Kernels::build_default());
+        let other = with_kernels(Some(Kernels::Off), || {
+            std::thread::spawn(kernels_override).join().expect("thread")
+        });
+        assert_eq!(other, None, "the setting is the calling thread's");
     }
 }

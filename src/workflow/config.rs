@@ -1,18 +1,29 @@
 //! The resolved run configuration ([`RunConfig`]): CoIN's hyperparameters as per-model presets,
-//! overridden in order by `.coin/config.toml`, `--config FILE.toml` and `--set key=value`.
+//! overridden in order by `.coin/config.toml`, the environment ([`ENV_VARS`]), `--config
+//! FILE.toml` and `--set key=value`.
 //!
 //! Every layer is merged as a TOML table onto the preset, key by key; a key that is not part of
 //! the configuration is refused with the list of valid keys (a typo never silently drops a
-//! setting). The resolved configuration is stored canonically in the train record
-//! ([`RunConfig::to_record_value`]). Format and presets: docs/config.md.
+//! setting), and a value that is not one of its key's spellings is refused naming the key.
+//! Then serde parses the merged table once into typed values. The `[runtime]` section
+//! ([`RuntimeConfig`]) holds the settings that change how (and, by float rounding, what) the
+//! engine computes; [`RuntimeConfig::resolve`] turns its `auto` values into a concrete
+//! [`Runtime`]. The `[gates]` table of the same file is parsed by
+//! [`crate::history::hooks::GatesConfig`], here only to refuse a broken one early. The resolved
+//! configuration is stored canonically in the train record ([`RunConfig::to_record_value`]).
+//! Format and presets: docs/config.md.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::WorkflowError;
+use crate::history::hooks::GatesConfig;
+use crate::ml::image::AspectMode;
+use crate::ml::runtime::{self, DeviceKind, Dtype, Kernels, Machine, Runtime};
+use crate::ml::train::optim::Schedule;
 
 /// The preset used when no layer names one.
 pub const DEFAULT_PRESET: &str = "llava-7b";
@@ -20,12 +31,35 @@ pub const DEFAULT_PRESET: &str = "llava-7b";
 /// The names of the built-in presets.
 pub const PRESETS: &[&str] = &["tiny", "llava-7b"];
 
-/// Top-level tables of `.coin/config.toml` that are not run settings (read elsewhere:
-/// `[gates]` by the hooks, docs/hooks.md).
-pub const OTHER_TABLES: &[&str] = &["gates"];
+/// The top-level table of `.coin/config.toml` that is not a run setting: the hooks' gates
+/// (docs/hooks.md), parsed by [`GatesConfig`].
+pub const GATES_TABLE: &str = "gates";
 
 /// Dotted keys whose value is a table with free keys (task names).
 const MAP_KEYS: &[&str] = &["train.batch_size_per_task", "eval.image_aspect_per_task"];
+
+/// Keys that were renamed: (old, new, what to write). An old key is refused with this advice.
+const RENAMED_KEYS: &[(&str, &str, &str)] = &[(
+    "model.dtype",
+    "runtime.dtype",
+    "auto | f32 | bf16 | f16; auto = bf16 on a GPU, f32 on the CPU",
+)];
+
+/// Environment variables that feed the configuration (a layer above `.coin/config.toml` and
+/// below `--config`/`--set`), and the key each sets. The caller passes the environment in
+/// ([`ConfigSources::env`]); the library reads none. `COIN_FUSED=0|1` is also accepted, as
+/// `runtime.kernels` off/on, below `COIN_KERNELS`.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("COIN_THREADS", "runtime.threads"),
+    ("COIN_ELEMENTWISE_THREADS", "runtime.elementwise_threads"),
+    ("COIN_TRAIN_SHARDS", "runtime.shards"),
+    ("COIN_KERNELS", "runtime.kernels"),
+    ("COIN_DEVICE", "runtime.device"),
+    ("COIN_DTYPE", "runtime.dtype"),
+];
+
+/// The older name of `COIN_KERNELS` (`0`: off, `1`: on).
+const LEGACY_FUSED_VAR: &str = "COIN_FUSED";
 
 /// The whole configuration of a training or eval run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -37,6 +71,8 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// Generation and scoring settings of evals.
     pub eval: EvalConfig,
+    /// How the engine runs: threads, shards, kernels, device, dtype.
+    pub runtime: RuntimeConfig,
 }
 
 /// The base model.
@@ -50,13 +86,11 @@ pub struct ModelConfig {
     pub name: String,
     /// The base model directory (llava-hf layout, or the LLaMA/Vicuna dir of the CoIN split
     /// setup); relative paths are resolved against the repository root. Empty = not set.
-    pub base: String,
+    pub base: PathBuf,
     /// CoIN split setup: the CLIP vision tower directory (empty = not used).
-    pub vision_tower: String,
+    pub vision_tower: PathBuf,
     /// CoIN split setup: the stage-1 projector file (`mm_projector.bin`; empty = not used).
-    pub projector: String,
-    /// Weight dtype on the GPU: `bf16` (CoIN) or `f32`. The CPU always runs f32.
-    pub dtype: String,
+    pub projector: PathBuf,
 }
 
 /// Training hyperparameters, named as in CoIN's scripts (LLaVA's `train.py` flags).
@@ -64,7 +98,7 @@ pub struct ModelConfig {
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     /// Adapter kind: `lora` or `moelora`.
-    pub method: String,
+    pub method: Method,
     /// LoRA rank (MoELoRA: the total rank, split over the experts).
     pub lora_r: usize,
     /// LoRA alpha (scale = alpha / r).
@@ -82,7 +116,7 @@ pub struct TrainConfig {
     /// Linear warm-up as a fraction of the optimiser steps.
     pub warmup_ratio: f64,
     /// Learning-rate schedule after warm-up: `cosine`, `linear` or `constant`.
-    pub lr_scheduler: String,
+    pub lr_scheduler: Schedule,
     /// Epochs over each task's training set.
     pub num_train_epochs: f64,
     /// Samples per forward pass (CoIN: per GPU).
@@ -96,7 +130,7 @@ pub struct TrainConfig {
     /// Longest tokenized sample; longer samples are truncated.
     pub model_max_length: usize,
     /// Image preprocessing for training: `pad`, `crop` or `resize`.
-    pub image_aspect_ratio: String,
+    pub image_aspect_ratio: AspectMode,
     /// Seed of initialisation, dropout and data order.
     pub seed: u64,
     /// The linear layers that get adapters (module name suffixes).
@@ -113,12 +147,285 @@ pub struct EvalConfig {
     pub batch_size: usize,
     /// Scoring mode: `auto` (the task's default: compat for CoIN's eight, strict otherwise),
     /// `compat` or `strict`.
-    pub mode: String,
+    pub mode: EvalMode,
     /// Image preprocessing when a task has no entry in `image_aspect_per_task`.
-    pub image_aspect: String,
+    pub image_aspect: AspectMode,
     /// Image preprocessing per task (CoIN's eval scripts pad for some tasks and center-crop
     /// for others). Keys match task names ignoring case, `-`, `_` and spaces.
-    pub image_aspect_per_task: BTreeMap<String, String>,
+    pub image_aspect_per_task: BTreeMap<String, AspectMode>,
+}
+
+/// The adapter kind (`train.method`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Plain LoRA.
+    Lora,
+    /// CoIN's MoELoRA (`train.expert_num` experts).
+    Moelora,
+}
+
+/// The scoring mode of evals (`eval.mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalMode {
+    /// The task's default: compat for CoIN's eight tasks, strict otherwise.
+    Auto,
+    /// CoIN's scorers, quirks included.
+    Compat,
+    /// The same metrics with the quirks fixed.
+    Strict,
+}
+
+/// A runtime setting: `auto` (resolved once per run, [`RuntimeConfig::resolve`]) or a value.
+/// Written as the word `auto` or as the value itself (`threads = 2`, `kernels = "on"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting<T> {
+    /// Chosen for this machine and build.
+    Auto,
+    /// This value.
+    Is(T),
+}
+
+impl<T: Copy> Setting<T> {
+    /// The value, or `auto()` for [`Setting::Auto`].
+    pub fn or_auto(self, auto: impl FnOnce() -> T) -> T {
+        match self {
+            Setting::Auto => auto(),
+            Setting::Is(v) => v,
+        }
+    }
+}
+
+impl<T: Serialize> Serialize for Setting<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Setting::Auto => s.serialize_str("auto"),
+            Setting::Is(v) => v.serialize(s),
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Setting<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        enum Word {
+            Auto,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw<T> {
+            Word(Word),
+            Value(T),
+        }
+        Ok(match Raw::<T>::deserialize(d)? {
+            Raw::Word(Word::Auto) => Setting::Auto,
+            Raw::Value(v) => Setting::Is(v),
+        })
+    }
+}
+
+/// The `[runtime]` section: how the engine runs. Every value may be `auto`; the resolved values
+/// ([`Runtime`]) are recorded in train and eval records, and those that change the numbers
+/// ([`Runtime::keyed`]) are part of the training key. docs/config.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads of rayon's pool: GEMMs, fused kernels, training shards (auto: candle's default,
+    /// one per physical core). Process-wide: the `coin` binary applies it at start.
+    pub threads: Setting<usize>,
+    /// Threads of candle's element-wise pool (auto: 1 with ≤ 2 threads, else `threads`).
+    /// Process-wide like `threads`.
+    pub elementwise_threads: Setting<usize>,
+    /// Data-parallel shards per training micro-batch on the CPU (auto: `threads` when the
+    /// element-wise pool has one thread, else 1; always 1 on a GPU).
+    pub shards: Setting<usize>,
+    /// Fused CPU kernels: `on`, `off`, `lora` (only the fused LoRA linear) or auto (`on` in
+    /// optimised builds, `lora` in debug builds; `off` on a GPU, where none runs).
+    pub kernels: Setting<Kernels>,
+    /// `cpu` or `cuda` (auto: the first CUDA GPU when coin is built with it and one is present).
+    pub device: Setting<DeviceKind>,
+    /// Weight dtype: `f32`, `bf16` or `f16` (auto: bf16 on a GPU, f32 on the CPU).
+    pub dtype: Setting<Dtype>,
+}
+
+impl RuntimeConfig {
+    /// Every setting `auto`.
+    pub const AUTO: RuntimeConfig = RuntimeConfig {
+        threads: Setting::Auto,
+        elementwise_threads: Setting::Auto,
+        shards: Setting::Auto,
+        kernels: Setting::Auto,
+        device: Setting::Auto,
+        dtype: Setting::Auto,
+    };
+
+    /// Resolve `auto` against `machine` (the policies of [`crate::ml::runtime`]) and check
+    /// what the machine cannot do (a CUDA device without one, shards on a GPU).
+    pub fn resolve(&self, machine: &Machine) -> Result<Runtime, WorkflowError> {
+        let device = self.device.or_auto(|| runtime::auto_device(machine));
+        if device == DeviceKind::Cuda && !machine.cuda {
+            return Err(WorkflowError::Config(format!(
+                "runtime.device: cuda, but {}; set it to cpu or auto",
+                if cfg!(feature = "cuda") {
+                    "no CUDA device could be opened"
+                } else {
+                    "this coin was built without the cuda feature (docs/cuda.md)"
+                }
+            )));
+        }
+        let threads = self.threads.or_auto(|| machine.threads);
+        let elementwise_threads = self
+            .elementwise_threads
+            .or_auto(|| runtime::auto_elementwise_threads(threads));
+        let shards = match (self.shards, device) {
+            (Setting::Is(n), DeviceKind::Cuda) if n > 1 => {
+                return Err(WorkflowError::Config(format!(
+                    "runtime.shards: {n} shards, but the shards are a CPU setting and                      runtime.device is cuda; set it to auto or 1"
+                )))
+            }
+            (s, _) => s.or_auto(|| runtime::auto_shards(device, threads, elementwise_threads)),
+        };
+        let kernels = match device {
+            DeviceKind::Cuda => Kernels::Off,
+            DeviceKind::Cpu => self.kernels.or_auto(Kernels::build_default),
+        };
+        let dtype = self.dtype.or_auto(|| runtime::auto_dtype(device));
+        let rt = Runtime {
+            threads,
+            elementwise_threads,
+            shards,
+            kernels,
+            device,
+            dtype,
+        };
+        check_counts(&RuntimeConfig::from(rt))?;
+        Ok(rt)
+    }
+}
+
+impl From<Runtime> for RuntimeConfig {
+    /// The settings that resolve to `rt` on any machine (no `auto`).
+    fn from(rt: Runtime) -> RuntimeConfig {
+        RuntimeConfig {
+            threads: Setting::Is(rt.threads),
+            elementwise_threads: Setting::Is(rt.elementwise_threads),
+            shards: Setting::Is(rt.shards),
+            kernels: Setting::Is(rt.kernels),
+            device: Setting::Is(rt.device),
+            dtype: Setting::Is(rt.dtype),
+        }
+    }
+}
+
+fn check_counts(r: &RuntimeConfig) -> Result<(), WorkflowError> {
+    for (key, v) in [
+        ("runtime.threads", r.threads),
+        ("runtime.elementwise_threads", r.elementwise_threads),
+        ("runtime.shards", r.shards),
+    ] {
+        if v == Setting::Is(0) {
+            return Err(WorkflowError::Config(format!(
+                "{key}: must be auto or at least 1"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Typed settings with a closed set of spellings: every value, to list the spellings.
+trait Choices: Serialize + Sized + 'static {
+    const ALL: &'static [Self];
+}
+
+impl Choices for Method {
+    const ALL: &'static [Self] = &[Method::Lora, Method::Moelora];
+}
+impl Choices for EvalMode {
+    const ALL: &'static [Self] = &[EvalMode::Auto, EvalMode::Compat, EvalMode::Strict];
+}
+impl Choices for Schedule {
+    const ALL: &'static [Self] = &[Schedule::Cosine, Schedule::Linear, Schedule::Constant];
+}
+impl Choices for AspectMode {
+    const ALL: &'static [Self] = &[AspectMode::Pad, AspectMode::Crop, AspectMode::Resize];
+}
+impl Choices for Kernels {
+    const ALL: &'static [Self] = &[Kernels::On, Kernels::Off, Kernels::Lora];
+}
+impl Choices for DeviceKind {
+    const ALL: &'static [Self] = &[DeviceKind::Cpu, DeviceKind::Cuda];
+}
+impl Choices for Dtype {
+    const ALL: &'static [Self] = &[Dtype::F32, Dtype::Bf16, Dtype::F16];
+}
+
+/// The spellings of `T` (its serde names).
+fn names<T: Choices>() -> Vec<String> {
+    T::ALL
+        .iter()
+        .filter_map(|v| match serde_json::to_value(v) {
+            Ok(serde_json::Value::String(s)) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What a key with a closed set of values accepts.
+enum Rule {
+    /// One of these words.
+    OneOf(Vec<String>),
+    /// `auto` or one of these words.
+    AutoOr(Vec<String>),
+    /// `auto` or a whole number ≥ 1.
+    AutoOrCount,
+}
+
+fn rule(key: &str) -> Option<Rule> {
+    Some(match key {
+        "train.method" => Rule::OneOf(names::<Method>()),
+        "train.lr_scheduler" => Rule::OneOf(names::<Schedule>()),
+        "train.image_aspect_ratio" | "eval.image_aspect" => Rule::OneOf(names::<AspectMode>()),
+        k if k.starts_with("eval.image_aspect_per_task.") => Rule::OneOf(names::<AspectMode>()),
+        "eval.mode" => Rule::OneOf(names::<EvalMode>()),
+        "runtime.kernels" => Rule::AutoOr(names::<Kernels>()),
+        "runtime.device" => Rule::AutoOr(names::<DeviceKind>()),
+        "runtime.dtype" => Rule::AutoOr(names::<Dtype>()),
+        "runtime.threads" | "runtime.elementwise_threads" | "runtime.shards" => Rule::AutoOrCount,
+        _ => return None,
+    })
+}
+
+/// Check `v` against the rule of `key` (named in the error with its layer).
+fn check_rule(
+    rule: &Rule,
+    key: &str,
+    v: &toml::Value,
+    source: &LayerSource,
+) -> Result<(), WorkflowError> {
+    let word = v.as_str();
+    let (ok, expected) = match rule {
+        Rule::OneOf(names) => (
+            word.is_some_and(|w| names.iter().any(|n| n == w)),
+            format!("one of {}", names.join(", ")),
+        ),
+        Rule::AutoOr(names) => (
+            word.is_some_and(|w| w == "auto" || names.iter().any(|n| n == w)),
+            format!("one of auto, {}", names.join(", ")),
+        ),
+        Rule::AutoOrCount => (
+            word == Some("auto") || v.as_integer().is_some_and(|i| i >= 1),
+            "auto or a whole number ≥ 1".to_string(),
+        ),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(WorkflowError::Config(format!(
+            "{source}: '{key}' must be {expected}, got {v}"
+        )))
+    }
 }
 
 /// The seven linear layers of a LLaMA block (CoIN's `find_all_linear_names`).
@@ -161,30 +468,29 @@ impl RunConfig {
         .collect();
         // CoIN's generators: model_vqa_science / model_vqa (ImageNet, Grounding, VQAv2) use the
         // CLIP center crop; the loader-based ones (TextVQA, GQA, VizWiz, OCR-VQA) pad.
-        let aspect: BTreeMap<String, String> = [
-            ("ScienceQA", "crop"),
-            ("TextVQA", "pad"),
-            ("ImageNet", "crop"),
-            ("GQA", "pad"),
-            ("VizWiz", "pad"),
-            ("Grounding", "crop"),
-            ("VQAv2", "crop"),
-            ("OCR-VQA", "pad"),
+        let aspect: BTreeMap<String, AspectMode> = [
+            ("ScienceQA", AspectMode::Crop),
+            ("TextVQA", AspectMode::Pad),
+            ("ImageNet", AspectMode::Crop),
+            ("GQA", AspectMode::Pad),
+            ("VizWiz", AspectMode::Pad),
+            ("Grounding", AspectMode::Crop),
+            ("VQAv2", AspectMode::Crop),
+            ("OCR-VQA", AspectMode::Pad),
         ]
         .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (k.to_string(), v))
         .collect();
         RunConfig {
             model: ModelConfig {
                 preset: "llava-7b".into(),
                 name: "llava-v1.5-7b".into(),
-                base: String::new(),
-                vision_tower: String::new(),
-                projector: String::new(),
-                dtype: "bf16".into(),
+                base: PathBuf::new(),
+                vision_tower: PathBuf::new(),
+                projector: PathBuf::new(),
             },
             train: TrainConfig {
-                method: "lora".into(),
+                method: Method::Lora,
                 lora_r: 128,
                 lora_alpha: 256.0,
                 lora_dropout: 0.05,
@@ -193,24 +499,26 @@ impl RunConfig {
                 mm_projector_lr: 2e-5,
                 weight_decay: 0.0,
                 warmup_ratio: 0.03,
-                lr_scheduler: "cosine".into(),
+                lr_scheduler: Schedule::Cosine,
                 num_train_epochs: 1.0,
                 per_device_batch_size: 8,
                 batch_size_per_task: batch,
                 gradient_accumulation_steps: 8,
                 max_grad_norm: 1.0,
                 model_max_length: 2048,
-                image_aspect_ratio: "pad".into(),
+                image_aspect_ratio: AspectMode::Pad,
                 seed: 42,
                 targets: ALL_LLM_LINEARS.iter().map(|s| s.to_string()).collect(),
             },
             eval: EvalConfig {
                 max_new_tokens: 128,
                 batch_size: 16,
-                mode: "auto".into(),
-                image_aspect: "pad".into(),
+                mode: EvalMode::Auto,
+                image_aspect: AspectMode::Pad,
                 image_aspect_per_task: aspect,
             },
+            // CoIN trains in bf16 on GPUs; the CPU runs f32 (auto).
+            runtime: RuntimeConfig::AUTO,
         }
     }
 
@@ -221,13 +529,12 @@ impl RunConfig {
             model: ModelConfig {
                 preset: "tiny".into(),
                 name: "coin-tiny".into(),
-                base: String::new(),
-                vision_tower: String::new(),
-                projector: String::new(),
-                dtype: "f32".into(),
+                base: PathBuf::new(),
+                vision_tower: PathBuf::new(),
+                projector: PathBuf::new(),
             },
             train: TrainConfig {
-                method: "lora".into(),
+                method: Method::Lora,
                 lora_r: 8,
                 lora_alpha: 16.0,
                 lora_dropout: 0.05,
@@ -236,14 +543,14 @@ impl RunConfig {
                 mm_projector_lr: 2e-3,
                 weight_decay: 0.0,
                 warmup_ratio: 0.03,
-                lr_scheduler: "cosine".into(),
+                lr_scheduler: Schedule::Cosine,
                 num_train_epochs: 3.0,
                 per_device_batch_size: 16,
                 batch_size_per_task: BTreeMap::new(),
                 gradient_accumulation_steps: 1,
                 max_grad_norm: 1.0,
                 model_max_length: 256,
-                image_aspect_ratio: "pad".into(),
+                image_aspect_ratio: AspectMode::Pad,
                 seed: 0,
                 targets: ALL_LLM_LINEARS.iter().map(|s| s.to_string()).collect(),
             },
@@ -251,38 +558,38 @@ impl RunConfig {
                 // Grounding answers ("[0.25, 0.50, 0.50, 0.75]") are the longest in CoIN-mini.
                 max_new_tokens: 32,
                 batch_size: 16,
-                mode: "auto".into(),
-                image_aspect: "pad".into(),
+                mode: EvalMode::Auto,
+                image_aspect: AspectMode::Pad,
                 image_aspect_per_task: BTreeMap::new(),
+            },
+            // The tiny model runs in f32 on any device.
+            runtime: RuntimeConfig {
+                dtype: Setting::Is(Dtype::F32),
+                ..RuntimeConfig::AUTO
             },
         }
     }
 
-    /// Check the values that have a closed set of spellings or a range.
+    /// Check the ranges (the spellings are checked when the layers merge, and typed here).
     pub fn validate(&self) -> Result<(), WorkflowError> {
         let bad = |key: &str, msg: String| Err(WorkflowError::Config(format!("{key}: {msg}")));
-        let one_of = |key: &str, v: &str, allowed: &[&str]| {
-            if allowed.contains(&v) {
-                Ok(())
-            } else {
-                bad(key, format!("'{v}' is not one of {}", allowed.join(", ")))
-            }
-        };
-        one_of("model.preset", &self.model.preset, PRESETS)?;
-        one_of("model.dtype", &self.model.dtype, &["bf16", "f32"])?;
+        if !PRESETS.contains(&self.model.preset.as_str()) {
+            return bad(
+                "model.preset",
+                format!(
+                    "'{}' is not one of {}",
+                    self.model.preset,
+                    PRESETS.join(", ")
+                ),
+            );
+        }
         let t = &self.train;
-        one_of("train.method", &t.method, &["lora", "moelora"])?;
-        one_of(
-            "train.lr_scheduler",
-            &t.lr_scheduler,
-            &["cosine", "linear", "constant"],
-        )?;
-        const ASPECTS: &[&str] = &["pad", "crop", "resize"];
-        one_of("train.image_aspect_ratio", &t.image_aspect_ratio, ASPECTS)?;
         if t.lora_r == 0 {
             return bad("train.lora_r", "must be at least 1".into());
         }
-        if t.method == "moelora" && (t.expert_num == 0 || !t.lora_r.is_multiple_of(t.expert_num)) {
+        if t.method == Method::Moelora
+            && (t.expert_num == 0 || !t.lora_r.is_multiple_of(t.expert_num))
+        {
             return bad(
                 "train.expert_num",
                 format!(
@@ -339,12 +646,22 @@ impl RunConfig {
         if t.targets.is_empty() {
             return bad("train.targets", "name at least one linear layer".into());
         }
-        one_of("eval.mode", &self.eval.mode, &["auto", "compat", "strict"])?;
-        one_of("eval.image_aspect", &self.eval.image_aspect, ASPECTS)?;
-        for (task, v) in &self.eval.image_aspect_per_task {
-            one_of(&format!("eval.image_aspect_per_task.{task}"), v, ASPECTS)?;
+        check_counts(&self.runtime)
+    }
+
+    /// The runtime of this configuration, resolved against this machine ([`Machine::detect`],
+    /// probed once per process, so every call gives the same answer).
+    pub fn resolved_runtime(&self) -> Result<Runtime, WorkflowError> {
+        self.runtime.resolve(&Machine::detect())
+    }
+
+    /// This configuration with `[runtime]` replaced by the resolved `rt` (what records store:
+    /// fed back as a layer it asks for the same runtime on any machine).
+    pub fn with_runtime(&self, rt: Runtime) -> RunConfig {
+        RunConfig {
+            runtime: RuntimeConfig::from(rt),
+            ..self.clone()
         }
-        Ok(())
     }
 
     /// The per-device batch size for `task` (its `batch_size_per_task` entry, or the default).
@@ -365,9 +682,25 @@ impl RunConfig {
         serde_json::from_str(&text).expect("canonical JSON parses back")
     }
 
-    /// Read a configuration back from a train record's `config` value.
+    /// Read a configuration back from a train record's `config` value. Records written before
+    /// the `[runtime]` section existed read back with `model.dtype` dropped and every runtime
+    /// setting `auto` (what ran then was not recorded).
     pub fn from_record_value(v: &serde_json::Value) -> Result<RunConfig, WorkflowError> {
-        serde_json::from_value(v.clone()).map_err(|e| {
+        let mut v = v.clone();
+        if let Some(o) = v.as_object_mut() {
+            if let Some(m) = o
+                .get_mut("model")
+                .and_then(serde_json::Value::as_object_mut)
+            {
+                m.remove("dtype");
+            }
+            if !o.contains_key("runtime") {
+                let auto = serde_json::to_value(RuntimeConfig::AUTO)
+                    .expect("RuntimeConfig always serialises to JSON");
+                o.insert("runtime".into(), auto);
+            }
+        }
+        serde_json::from_value(v).map_err(|e| {
             WorkflowError::Config(format!("the stored configuration does not parse: {e}"))
         })
     }
@@ -402,28 +735,25 @@ impl RunConfig {
     }
 }
 
-fn resolve_opt(root: &Path, p: &str) -> Option<PathBuf> {
-    if p.trim().is_empty() {
+fn resolve_opt(root: &Path, p: &Path) -> Option<PathBuf> {
+    if p.as_os_str().is_empty() {
         None
+    } else if p.is_absolute() {
+        Some(p.to_path_buf())
     } else {
-        let p = Path::new(p);
-        Some(if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            root.join(p)
-        })
+        Some(root.join(p))
     }
 }
 
 impl EvalConfig {
     /// The image preprocessing for `task`: its `image_aspect_per_task` entry (names compared
     /// ignoring case, `-`, `_`, spaces), else `image_aspect`.
-    pub fn aspect_for(&self, task: &str) -> &str {
+    pub fn aspect_for(&self, task: &str) -> AspectMode {
         let key = task_key(task);
         self.image_aspect_per_task
             .iter()
             .find(|(k, _)| task_key(k) == key)
-            .map_or(self.image_aspect.as_str(), |(_, v)| v.as_str())
+            .map_or(self.image_aspect, |(_, v)| *v)
     }
 }
 
@@ -459,8 +789,20 @@ pub enum LayerSource {
     File(PathBuf),
     /// A `--set key=value`.
     Set(String),
+    /// An environment variable ([`ENV_VARS`]): `NAME=value`.
+    Env(String),
     /// Set by a command (e.g. `coin demo` choosing the tiny preset).
     Command(String),
+}
+
+impl LayerSource {
+    /// The value as typed, for a `--set` or an environment variable.
+    fn raw_value(&self) -> Option<&str> {
+        match self {
+            LayerSource::Set(s) | LayerSource::Env(s) => s.split_once('=').map(|(_, v)| v.trim()),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for LayerSource {
@@ -468,6 +810,7 @@ impl fmt::Display for LayerSource {
         match self {
             LayerSource::RepoFile(p) | LayerSource::File(p) => write!(f, "'{}'", p.display()),
             LayerSource::Set(s) => write!(f, "--set {s}"),
+            LayerSource::Env(s) => write!(f, "the environment variable {s}"),
             LayerSource::Command(s) => write!(f, "{s}"),
         }
     }
@@ -499,14 +842,16 @@ impl Layer {
         Self::from_toml(&text, source)
     }
 
-    /// Parse TOML text as a layer.
+    /// Parse TOML text as a layer. A `[gates]` table (the hooks' settings, read by
+    /// [`GatesConfig`]) is checked by the same parser as the hooks use and left out.
     pub fn from_toml(text: &str, source: LayerSource) -> Result<Layer, WorkflowError> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| {
             WorkflowError::Config(format!("{source} is not valid TOML: {}", e.message()))
         })?;
-        // Tables that other parts of coin read from the same file (the gates of the hooks).
-        for other in OTHER_TABLES {
-            table.remove(*other);
+        if let Some(gates) = table.remove(GATES_TABLE) {
+            GatesConfig::from_value(gates).map_err(|message| {
+                WorkflowError::Config(format!("{source}: [{GATES_TABLE}]: {message}"))
+            })?;
         }
         Ok(Layer { source, table })
     }
@@ -521,30 +866,56 @@ impl Layer {
             ))
         })?;
         let key = key.trim();
-        let value = value.trim();
         let parts: Vec<&str> = key.split('.').collect();
         if key.is_empty() || parts.iter().any(|p| p.is_empty()) {
             return Err(WorkflowError::Config(format!(
                 "--set {assignment}: '{key}' is not a dotted key such as train.lora_r"
             )));
         }
-        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(value.to_string()));
-        let mut leaf = parsed;
-        for p in parts.iter().rev() {
-            let mut t = toml::Table::new();
-            t.insert((*p).to_string(), leaf);
-            leaf = toml::Value::Table(t);
-        }
-        let toml::Value::Table(table) = leaf else {
-            unreachable!("the loop wraps the value in at least one table")
-        };
         Ok(Layer {
             source: LayerSource::Set(assignment.to_string()),
-            table,
+            table: leaf_table(&parts, value.trim()),
         })
+    }
+
+    /// The layers of the environment variables in `vars` that feed the configuration
+    /// ([`ENV_VARS`], and `COIN_FUSED`), one per variable, lowest precedence first. The value
+    /// is read as in [`Layer::from_set`]; an empty variable counts as unset.
+    pub fn from_env(vars: &[(String, String)]) -> Result<Vec<Layer>, WorkflowError> {
+        let get = |name: &str| {
+            vars.iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.trim())
+                .filter(|v| !v.is_empty())
+        };
+        let mut layers = Vec::new();
+        if let Some(v) = get(LEGACY_FUSED_VAR) {
+            let kernels = match v {
+                "0" => "off",
+                "1" => "on",
+                _ => {
+                    return Err(WorkflowError::Config(format!(
+                        "the environment variable {LEGACY_FUSED_VAR}={v}: it must be 0 or 1 \
+                         (or use COIN_KERNELS=auto|on|off|lora)"
+                    )))
+                }
+            };
+            layers.push(Layer {
+                source: LayerSource::Env(format!("{LEGACY_FUSED_VAR}={v}")),
+                table: leaf_table(&["runtime", "kernels"], kernels),
+            });
+        }
+        for (name, key) in ENV_VARS {
+            if let Some(v) = get(name) {
+                let parts: Vec<&str> = key.split('.').collect();
+                layers.push(Layer {
+                    source: LayerSource::Env(format!("{name}={v}")),
+                    table: leaf_table(&parts, v),
+                });
+            }
+        }
+        Ok(layers)
     }
 
     /// The preset this layer selects (`model.preset`), if any.
@@ -553,6 +924,24 @@ impl Layer {
             .get("model")
             .and_then(|m| m.get("preset"))
             .and_then(toml::Value::as_str)
+    }
+}
+
+/// The table `{parts[0]: {parts[1]: … value}}`, the value read as a TOML value when it parses
+/// as one (numbers, booleans, arrays, quoted strings), otherwise as a bare string.
+fn leaf_table(parts: &[&str], value: &str) -> toml::Table {
+    let mut leaf = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    for p in parts.iter().rev() {
+        let mut t = toml::Table::new();
+        t.insert((*p).to_string(), leaf);
+        leaf = toml::Value::Table(t);
+    }
+    match leaf {
+        toml::Value::Table(t) => t,
+        _ => toml::Table::new(),
     }
 }
 
@@ -572,16 +961,31 @@ fn merge(
             format!("{prefix}.{k}")
         };
         let is_map = MAP_KEYS.contains(&prefix);
+        if let Some(r) = rule(&key) {
+            check_rule(&r, &key, v, source)?;
+            if is_map || base.contains_key(k) {
+                base.insert(k.clone(), v.clone());
+                continue;
+            }
+        }
         match base.get_mut(k) {
             None if is_map => {
                 base.insert(k.clone(), v.clone());
             }
             None => {
+                if let Some((_, new, values)) = RENAMED_KEYS.iter().find(|(old, ..)| *old == key) {
+                    return Err(WorkflowError::Config(format!(
+                        "{source} sets '{key}', which is now '{new}' ({values}); rename it \
+                         (in a file: move it to the [{}] table as '{}')",
+                        new.split('.').next().unwrap_or_default(),
+                        new.split('.').nth(1).unwrap_or_default(),
+                    )));
+                }
                 return Err(WorkflowError::UnknownKey {
                     key,
                     layer: source.to_string(),
                     valid: RunConfig::valid_keys(),
-                })
+                });
             }
             Some(toml::Value::Table(sub)) => match v {
                 toml::Value::Table(vt) => merge(sub, vt, &key, source)?,
@@ -600,19 +1004,12 @@ fn merge(
                     (toml::Value::String(_), toml::Value::Integer(_))
                     | (toml::Value::String(_), toml::Value::Float(_))
                     | (toml::Value::String(_), toml::Value::Boolean(_))
-                        if matches!(source, LayerSource::Set(_)) =>
+                        if source.raw_value().is_some() =>
                     {
-                        let raw = match source {
-                            LayerSource::Set(s) => s
-                                .split_once('=')
-                                .map(|(_, v)| v.trim().to_string())
-                                .unwrap_or_default(),
-                            _ => unreachable!("guarded by the match"),
-                        };
-                        toml::Value::String(raw)
+                        toml::Value::String(source.raw_value().unwrap_or_default().to_string())
                     }
                     (toml::Value::Array(_), toml::Value::String(s))
-                        if matches!(source, LayerSource::Set(_)) =>
+                        if source.raw_value().is_some() =>
                     {
                         // `--set train.targets=q_proj,v_proj`
                         toml::Value::Array(
@@ -666,7 +1063,9 @@ pub fn resolve(layers: &[Layer], default_preset: Option<&str>) -> Result<RunConf
     }
     let cfg: RunConfig = toml::Value::Table(table)
         .try_into()
-        .map_err(|e: toml::de::Error| WorkflowError::Config(e.message().to_string()))?;
+        .map_err(|e: toml::de::Error| {
+            WorkflowError::Config(format!("the merged settings do not parse: {}", e.message()))
+        })?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -680,6 +1079,10 @@ pub struct ConfigSources {
     pub files: Vec<PathBuf>,
     /// `--set key=value`, in the order given.
     pub sets: Vec<String>,
+    /// The process environment as (name, value) pairs; the variables of [`ENV_VARS`] make a
+    /// layer between the repository file and `--config`. Empty: none (the library reads no
+    /// environment itself; the command line passes its own).
+    pub env: Vec<(String, String)>,
     /// The preset when no layer names one (e.g. `coin demo` asks for `tiny`).
     pub default_preset: Option<String>,
 }
@@ -691,11 +1094,12 @@ impl ConfigSources {
             repo_file: Some(coin_dir.join("config.toml")),
             files,
             sets,
+            env: Vec::new(),
             default_preset: None,
         }
     }
 
-    /// Read every layer and resolve.
+    /// Read every layer and resolve: repository file, environment, `--config`, `--set`.
     pub fn resolve(&self) -> Result<RunConfig, WorkflowError> {
         let mut layers = Vec::new();
         if let Some(p) = &self.repo_file {
@@ -703,6 +1107,7 @@ impl ConfigSources {
                 layers.push(Layer::from_file(p, true)?);
             }
         }
+        layers.extend(Layer::from_env(&self.env)?);
         for f in &self.files {
             layers.push(Layer::from_file(f, false)?);
         }
@@ -760,18 +1165,22 @@ mod tests {
         assert_eq!((t.lora_r, t.lora_alpha, t.lora_dropout), (128, 256.0, 0.05));
         assert_eq!((t.learning_rate, t.mm_projector_lr), (2e-4, 2e-5));
         assert_eq!((t.weight_decay, t.warmup_ratio), (0.0, 0.03));
-        assert_eq!(t.lr_scheduler, "cosine");
+        assert_eq!(t.lr_scheduler, Schedule::Cosine);
         assert_eq!(t.num_train_epochs, 1.0);
         assert_eq!(t.gradient_accumulation_steps, 8);
         assert_eq!(t.model_max_length, 2048);
         assert_eq!(t.expert_num, 8);
-        assert_eq!(c.model.dtype, "bf16");
+        assert_eq!(
+            c.runtime,
+            RuntimeConfig::AUTO,
+            "bf16 on a GPU, f32 on the CPU"
+        );
         assert_eq!(c.train_batch_size("gqa"), 6);
         assert_eq!(c.train_batch_size("OCRVQA"), 10);
         assert_eq!(c.train_batch_size("mini-GQA"), 8);
-        assert_eq!(c.eval.aspect_for("imagenet"), "crop");
-        assert_eq!(c.eval.aspect_for("TextVQA"), "pad");
-        assert_eq!(c.eval.aspect_for("mini-ImageNet"), "pad");
+        assert_eq!(c.eval.aspect_for("imagenet"), AspectMode::Crop);
+        assert_eq!(c.eval.aspect_for("TextVQA"), AspectMode::Pad);
+        assert_eq!(c.eval.aspect_for("mini-ImageNet"), AspectMode::Pad);
     }
 
     #[test]
@@ -801,14 +1210,14 @@ mod tests {
             None,
         )
         .expect("resolve");
-        assert_eq!(c.model.base, "models/tiny");
+        assert_eq!(c.model.base, Path::new("models/tiny"));
         assert_eq!(c.train.lora_r, 64);
         assert_eq!(
             c.train.learning_rate, 1.0,
             "an integer is accepted as a float"
         );
         assert_eq!(c.train.seed, 7);
-        assert_eq!(c.eval.mode, "strict");
+        assert_eq!(c.eval.mode, EvalMode::Strict);
         assert_eq!(c.train.lora_alpha, 256.0, "untouched keys keep the preset");
     }
 
@@ -826,8 +1235,8 @@ mod tests {
         )
         .expect("resolve");
         assert_eq!(c.train.targets, vec!["q_proj", "v_proj"]);
-        assert_eq!(c.eval.aspect_for("mini_gqa"), "crop");
-        assert_eq!(c.model.base, "123");
+        assert_eq!(c.eval.aspect_for("mini_gqa"), AspectMode::Crop);
+        assert_eq!(c.model.base, Path::new("123"));
         assert_eq!(c.train.lora_dropout, 0.1);
         assert_eq!(c.train_batch_size("GQA"), 3);
         let c = resolve(&[set(r#"train.targets=["o_proj"]"#)], None).expect("array");
@@ -887,7 +1296,7 @@ mod tests {
         let c = resolve(&[set("model.preset=tiny")], None).expect("tiny");
         let v = c.to_record_value();
         let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
-        assert_eq!(keys, ["eval", "model", "train"]);
+        assert_eq!(keys, ["eval", "model", "runtime", "train"]);
         assert_eq!(RunConfig::from_record_value(&v).expect("back"), c);
         // The TOML form reads back as a layer too.
         let layer =
@@ -946,7 +1355,7 @@ mod tests {
         assert!(n > 25, "only {n} settings found");
         let layer = Layer::from_toml(&text, LayerSource::File("template".into())).expect("toml");
         let c = resolve(&[layer], None).expect("the template's settings resolve");
-        assert_eq!(c.model.base, "models/llava-v1.5-7b");
+        assert_eq!(c.model.base, Path::new("models/llava-v1.5-7b"));
         assert_eq!(
             c,
             {
@@ -992,5 +1401,375 @@ mod tests {
             "{msg}"
         );
         check_parent_base(&parent, &other).expect("same base passes");
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn typed_values_keep_their_record_text() {
+        // The strings stored in train records (and hashed into training keys) before the
+        // settings were typed: the same settings must give the same text.
+        let c = resolve(&[], None).expect("default");
+        assert_eq!(
+            serde_json::to_value(&c.train).expect("json"),
+            serde_json::json!({
+                "method": "lora", "lora_r": 128, "lora_alpha": 256.0, "lora_dropout": 0.05,
+                "expert_num": 8, "learning_rate": 2e-4, "mm_projector_lr": 2e-5,
+                "weight_decay": 0.0, "warmup_ratio": 0.03, "lr_scheduler": "cosine",
+                "num_train_epochs": 1.0, "per_device_batch_size": 8,
+                "batch_size_per_task": {"ScienceQA": 14, "TextVQA": 14, "ImageNet": 16,
+                    "GQA": 6, "VizWiz": 14, "Grounding": 6, "VQAv2": 8, "OCR-VQA": 10},
+                "gradient_accumulation_steps": 8, "max_grad_norm": 1.0,
+                "model_max_length": 2048, "image_aspect_ratio": "pad", "seed": 42,
+                "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                    "down_proj"],
+            })
+        );
+        assert_eq!(
+            serde_json::to_value(&c.eval).expect("json"),
+            serde_json::json!({
+                "max_new_tokens": 128, "batch_size": 16, "mode": "auto", "image_aspect": "pad",
+                "image_aspect_per_task": {"ScienceQA": "crop", "TextVQA": "pad",
+                    "ImageNet": "crop", "GQA": "pad", "VizWiz": "pad", "Grounding": "crop",
+                    "VQAv2": "crop", "OCR-VQA": "pad"},
+            })
+        );
+        let c = resolve(
+            &[
+                set("model.base=models/x"),
+                set("train.method=moelora"),
+                set("train.lr_scheduler=linear"),
+                set("train.image_aspect_ratio=resize"),
+                set("eval.mode=compat"),
+            ],
+            Some("tiny"),
+        )
+        .expect("tiny");
+        let v = c.to_record_value();
+        assert_eq!(
+            v["model"],
+            serde_json::json!({"preset": "tiny", "name": "coin-tiny", "base": "models/x",
+                "vision_tower": "", "projector": ""})
+        );
+        assert_eq!(
+            (
+                &v["train"]["method"],
+                &v["train"]["lr_scheduler"],
+                &v["train"]["image_aspect_ratio"],
+                &v["eval"]["mode"]
+            ),
+            (
+                &serde_json::json!("moelora"),
+                &serde_json::json!("linear"),
+                &serde_json::json!("resize"),
+                &serde_json::json!("compat")
+            )
+        );
+    }
+
+    #[test]
+    fn an_old_record_reads_back() {
+        let c = resolve(&[], Some("tiny")).expect("tiny");
+        let mut v = c.to_record_value();
+        let o = v.as_object_mut().expect("object");
+        o.remove("runtime");
+        o["model"]
+            .as_object_mut()
+            .expect("model")
+            .insert("dtype".into(), serde_json::json!("f32"));
+        let back = RunConfig::from_record_value(&v).expect("old record");
+        assert_eq!(back.runtime, RuntimeConfig::AUTO);
+        assert_eq!((back.model, back.train), (c.model, c.train));
+    }
+
+    #[test]
+    fn runtime_layers_apply_in_order() {
+        let c = resolve(&[], None).expect("default");
+        assert_eq!(c.runtime, RuntimeConfig::AUTO);
+        let tiny = resolve(&[], Some("tiny")).expect("tiny");
+        assert_eq!(
+            tiny.runtime.dtype,
+            Setting::Is(Dtype::F32),
+            "tiny runs f32 anywhere"
+        );
+
+        let repo = Layer::from_toml(
+            "[runtime]\nthreads = 2\nshards = 2\nkernels = \"on\"\ndevice = \"cpu\"\n",
+            LayerSource::RepoFile("config.toml".into()),
+        )
+        .expect("toml");
+        let c = resolve(std::slice::from_ref(&repo), None).expect("file");
+        assert_eq!(c.runtime.threads, Setting::Is(2));
+        assert_eq!(c.runtime.shards, Setting::Is(2));
+        assert_eq!(c.runtime.kernels, Setting::Is(Kernels::On));
+        assert_eq!(c.runtime.device, Setting::Is(DeviceKind::Cpu));
+        assert_eq!(c.runtime.dtype, Setting::Auto);
+
+        // The environment beats the repository file …
+        let vars = env(&[
+            ("COIN_THREADS", "3"),
+            ("COIN_TRAIN_SHARDS", "auto"),
+            ("COIN_FUSED", "0"),
+            ("COIN_DTYPE", "bf16"),
+            ("RAYON_NUM_THREADS", "1"),
+            ("COIN_DEVICE", ""),
+        ]);
+        let mut layers = vec![repo.clone()];
+        layers.extend(Layer::from_env(&vars).expect("env"));
+        let c = resolve(&layers, None).expect("env");
+        assert_eq!(c.runtime.threads, Setting::Is(3));
+        assert_eq!(c.runtime.shards, Setting::Auto);
+        assert_eq!(c.runtime.kernels, Setting::Is(Kernels::Off), "COIN_FUSED=0");
+        assert_eq!(c.runtime.dtype, Setting::Is(Dtype::Bf16));
+        assert_eq!(
+            c.runtime.device,
+            Setting::Is(DeviceKind::Cpu),
+            "an empty variable is unset"
+        );
+        // … COIN_KERNELS beats COIN_FUSED …
+        let vars = env(&[("COIN_KERNELS", "lora"), ("COIN_FUSED", "1")]);
+        let c = resolve(&Layer::from_env(&vars).expect("env"), None).expect("env");
+        assert_eq!(c.runtime.kernels, Setting::Is(Kernels::Lora));
+        // … and the command line beats the environment.
+        let file = Layer::from_toml(
+            "[runtime]\nthreads = \"auto\"\nelementwise_threads = 4\n",
+            LayerSource::File("run.toml".into()),
+        )
+        .expect("toml");
+        layers.push(file);
+        layers.push(set("runtime.shards=5"));
+        layers.push(set("runtime.kernels=lora"));
+        let c = resolve(&layers, None).expect("cli");
+        assert_eq!(c.runtime.threads, Setting::Auto);
+        assert_eq!(c.runtime.elementwise_threads, Setting::Is(4));
+        assert_eq!(c.runtime.shards, Setting::Is(5));
+        assert_eq!(c.runtime.kernels, Setting::Is(Kernels::Lora));
+
+        // The sources put the environment between the repository file and the flags.
+        let dir = tempfile::tempdir().expect("tempdir");
+        #[allow(clippy::disallowed_methods)]
+        std::fs::write(dir.path().join("config.toml"), "[runtime]\nshards = 2\n").expect("write");
+        let mut src = ConfigSources::for_repo(dir.path(), vec![], vec![]);
+        src.env = env(&[("COIN_TRAIN_SHARDS", "3")]);
+        assert_eq!(src.resolve().expect("env").runtime.shards, Setting::Is(3));
+        src.sets = vec!["runtime.shards=4".into()];
+        assert_eq!(src.resolve().expect("set").runtime.shards, Setting::Is(4));
+        src.env.clear();
+        src.sets.clear();
+        assert_eq!(src.resolve().expect("file").runtime.shards, Setting::Is(2));
+    }
+
+    #[test]
+    fn runtime_type_errors_name_the_key() {
+        let err = |layers: &[Layer]| resolve(layers, None).expect_err("refused").to_string();
+        let msg = err(&[set("runtime.shards=0")]);
+        assert!(
+            msg.contains("runtime.shards") && msg.contains("auto"),
+            "{msg}"
+        );
+        let msg = err(&[set("runtime.threads=many")]);
+        assert!(
+            msg.contains("runtime.threads") && msg.contains("many"),
+            "{msg}"
+        );
+        let msg = err(&[set("runtime.kernels=fast")]);
+        assert!(
+            msg.contains("runtime.kernels") && msg.contains("on, off, lora"),
+            "{msg}"
+        );
+        let msg = err(&[set("runtime.device=tpu")]);
+        assert!(
+            msg.contains("runtime.device") && msg.contains("cuda"),
+            "{msg}"
+        );
+        let msg = err(&[set("runtime.dtype=f64")]);
+        assert!(
+            msg.contains("runtime.dtype") && msg.contains("bf16"),
+            "{msg}"
+        );
+        let file = Layer::from_toml(
+            "[runtime]\nthreads = 1.5\n",
+            LayerSource::File("run.toml".into()),
+        )
+        .expect("toml");
+        let msg = err(&[file]);
+        assert!(
+            msg.contains("'run.toml'") && msg.contains("runtime.threads"),
+            "{msg}"
+        );
+        let msg = err(&Layer::from_env(&env(&[("COIN_TRAIN_SHARDS", "x")])).expect("env"));
+        assert!(
+            msg.contains("COIN_TRAIN_SHARDS=x") && msg.contains("runtime.shards"),
+            "{msg}"
+        );
+        let msg = Layer::from_env(&env(&[("COIN_FUSED", "yes")]))
+            .expect_err("0 or 1")
+            .to_string();
+        assert!(
+            msg.contains("COIN_FUSED") && msg.contains("COIN_KERNELS"),
+            "{msg}"
+        );
+        let msg = err(&[set("runtime.fast=1")]);
+        assert!(
+            msg.contains("runtime.fast") && msg.contains("runtime.shards"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn every_word_setting_refuses_a_typo_by_its_key() {
+        // A key whose value is one of a few words must be checked when the layers merge;
+        // otherwise serde would refuse it without saying which key.
+        let c = RunConfig::preset("llava-7b").expect("preset");
+        let table = to_table(&c);
+        for key in RunConfig::valid_keys() {
+            let mut v = &toml::Value::Table(table.clone());
+            for part in key.split('.') {
+                v = &v[part];
+            }
+            if !v.is_str() {
+                continue;
+            }
+            match resolve(&[set(&format!("{key}=no-such-word"))], None) {
+                Ok(c) => assert!(
+                    [
+                        "model.name",
+                        "model.base",
+                        "model.vision_tower",
+                        "model.projector"
+                    ]
+                    .contains(&key.as_str()),
+                    "{key} accepted a typo: {c:?}"
+                ),
+                Err(e) => {
+                    let msg = e.to_string();
+                    let names_it = msg.contains(&key)
+                        || (key == "model.preset" && msg.contains("unknown preset"));
+                    assert!(names_it, "{key}: {msg}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_old_dtype_key_says_what_to_rename() {
+        let file = Layer::from_toml(
+            "[model]\ndtype = \"bf16\"\n",
+            LayerSource::RepoFile(".coin/config.toml".into()),
+        )
+        .expect("toml");
+        let msg = resolve(&[file], None).expect_err("moved").to_string();
+        assert!(
+            msg.contains("'.coin/config.toml'")
+                && msg.contains("model.dtype")
+                && msg.contains("runtime.dtype")
+                && msg.contains("[runtime]"),
+            "{msg}"
+        );
+        let msg = resolve(&[set("model.dtype=f32")], None)
+            .expect_err("moved")
+            .to_string();
+        assert!(msg.contains("runtime.dtype"), "{msg}");
+    }
+
+    #[test]
+    fn runtime_resolves_auto_against_the_machine() {
+        let two = Machine {
+            threads: 2,
+            cuda: false,
+        };
+        let rt = RuntimeConfig::AUTO.resolve(&two).expect("auto");
+        assert_eq!(
+            rt,
+            Runtime {
+                threads: 2,
+                elementwise_threads: 1,
+                shards: 2,
+                kernels: Kernels::build_default(),
+                device: DeviceKind::Cpu,
+                dtype: Dtype::F32,
+            }
+        );
+        let big = Machine {
+            threads: 16,
+            cuda: false,
+        };
+        let rt = RuntimeConfig::AUTO.resolve(&big).expect("auto");
+        assert_eq!((rt.elementwise_threads, rt.shards), (16, 1));
+        let rt = RuntimeConfig {
+            elementwise_threads: Setting::Is(1),
+            ..RuntimeConfig::AUTO
+        }
+        .resolve(&big)
+        .expect("pool off");
+        assert_eq!(rt.shards, 16, "one shard per thread with the pool off");
+        let gpu = Machine {
+            threads: 8,
+            cuda: true,
+        };
+        let rt = RuntimeConfig::AUTO.resolve(&gpu).expect("gpu");
+        assert_eq!(
+            (rt.device, rt.dtype, rt.shards, rt.kernels),
+            (DeviceKind::Cuda, Dtype::Bf16, 1, Kernels::Off)
+        );
+        let tiny = RunConfig::preset("tiny").expect("tiny");
+        assert_eq!(tiny.runtime.resolve(&gpu).expect("gpu").dtype, Dtype::F32);
+        let cpu = RuntimeConfig {
+            device: Setting::Is(DeviceKind::Cpu),
+            ..RuntimeConfig::AUTO
+        };
+        assert_eq!(cpu.resolve(&gpu).expect("cpu").device, DeviceKind::Cpu);
+        let msg = RuntimeConfig {
+            device: Setting::Is(DeviceKind::Cuda),
+            ..RuntimeConfig::AUTO
+        }
+        .resolve(&two)
+        .expect_err("no gpu")
+        .to_string();
+        assert!(msg.contains("runtime.device"), "{msg}");
+        let msg = RuntimeConfig {
+            shards: Setting::Is(2),
+            ..RuntimeConfig::AUTO
+        }
+        .resolve(&gpu)
+        .expect_err("shards on a gpu")
+        .to_string();
+        assert!(msg.contains("runtime.shards"), "{msg}");
+        // Resolved values fed back as settings resolve to themselves on any machine.
+        let rt = RuntimeConfig::AUTO.resolve(&two).expect("auto");
+        assert_eq!(RuntimeConfig::from(rt).resolve(&big).expect("fixed"), rt);
+        let c = RunConfig::preset("tiny").expect("tiny").with_runtime(rt);
+        let layer =
+            Layer::from_toml(&c.to_toml(), LayerSource::Command("record".into())).expect("toml");
+        assert_eq!(resolve(&[layer], None).expect("again"), c);
+    }
+
+    #[test]
+    fn the_gates_table_is_checked_by_the_hooks_parser() {
+        let ok = Layer::from_toml(
+            "[gates]\nmax_forgetting = 5\n[train]\nlora_r = 4\n",
+            LayerSource::RepoFile("config.toml".into()),
+        )
+        .expect("valid gates");
+        assert!(!ok.table.contains_key(GATES_TABLE));
+        assert_eq!(resolve(&[ok], None).expect("resolve").train.lora_r, 4);
+        for (bad, says) in [
+            ("[gates]\nmax_forgeting = 5\n", "max_forgeting"),
+            ("[gates]\nmax_forgetting = -1\n", ">= 0"),
+            ("gates = 1\n", "not a table"),
+        ] {
+            let msg = Layer::from_toml(bad, LayerSource::RepoFile("config.toml".into()))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                msg.contains("'config.toml'") && msg.contains("[gates]") && msg.contains(says),
+                "{msg}"
+            );
+        }
     }
 }

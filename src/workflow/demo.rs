@@ -16,11 +16,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::config::ConfigSources;
+use super::config::{resolve, Layer, LayerSource, RunConfig};
 use super::eval::trained_tasks;
 use super::matrix::{build_matrix, BranchMatrix};
 use super::train::{commit_zero_shot, train_task, EvalTasks, TrainRequest, TrainWorkflowProgress};
@@ -29,6 +28,7 @@ use crate::history::{CoinRepo, InitOptions};
 use crate::metrics::{ForgettingMode, Metrics};
 use crate::ml::image::AspectMode;
 use crate::ml::llava::{load_model, ModelSource};
+use crate::ml::runtime::Runtime;
 use crate::ml::tiny::{write_tiny, TinyOptions};
 use crate::ml::train::data::prepare_samples;
 use crate::ml::train::full::{save_full_model, FullScope};
@@ -136,7 +136,11 @@ impl DemoSettings {
 
 /// The demo repository's configuration: the `tiny` preset on the pre-trained base, LoRA r
 /// `r` (α = 2r), `epochs` over each task's data in batches of 8 at `lr` (projector too),
-/// `max_new_tokens` for the answers.
+/// `max_new_tokens` for the answers, and a fixed runtime so that the demo computes the same
+/// numbers on any machine and in any build: the CPU in f32 with every fused kernel, two
+/// threads, candle's element-wise pool off (its workers spin at a barrier between the tiny
+/// model's small ops) and two training shards (the shard count fixes the gradients' summation
+/// order; two threads on a 1-core machine only cost time). docs/demo.md.
 fn config_toml(r: usize, epochs: f64, lr: f64, max_new_tokens: usize) -> String {
     format!(
         "# Written by `coin demo`: the tiny pre-trained base and the demo's training settings.\n\
@@ -159,7 +163,15 @@ fn config_toml(r: usize, epochs: f64, lr: f64, max_new_tokens: usize) -> String 
          \n\
          [eval]\n\
          max_new_tokens = {max_new_tokens}\n\
-         mode = \"strict\"\n",
+         mode = \"strict\"\n\
+         \n\
+         [runtime]\n\
+         device = \"cpu\"\n\
+         dtype = \"f32\"\n\
+         kernels = \"on\"\n\
+         threads = 2\n\
+         elementwise_threads = 1\n\
+         shards = 2\n",
         alpha = 2.0 * r as f64,
     )
 }
@@ -349,13 +361,51 @@ pub fn demo_order() -> Vec<String> {
     mini::TASKS.iter().map(|t| t.name.to_string()).collect()
 }
 
+/// The configuration layers of a demo in `dir`: its `.coin/config.toml` (the text of
+/// `settings`, which the demo writes there), the environment variables in `env` that feed the
+/// configuration, `train.method`, then `sets`.
+pub fn demo_layers(
+    dir: &Path,
+    method: &str,
+    settings: &DemoSettings,
+    sets: &[String],
+    env: &[(String, String)],
+) -> Result<Vec<Layer>, WorkflowError> {
+    let mut layers = vec![Layer::from_toml(
+        &settings.config_toml,
+        LayerSource::RepoFile(dir.join(".coin").join("config.toml")),
+    )?];
+    layers.extend(Layer::from_env(env)?);
+    layers.push(Layer::from_set(&format!("train.method={method}"))?);
+    for s in sets {
+        layers.push(Layer::from_set(s)?);
+    }
+    Ok(layers)
+}
+
+/// The resolved configuration of a demo (see [`demo_layers`]).
+pub fn demo_config(
+    dir: &Path,
+    method: &str,
+    settings: &DemoSettings,
+    sets: &[String],
+    env: &[(String, String)],
+) -> Result<RunConfig, WorkflowError> {
+    resolve(
+        &demo_layers(dir, method, settings, sets, env)?,
+        Some("tiny"),
+    )
+}
+
 /// Run (or resume) the demo in `dir` with adapter `method` (`lora` or `moelora`); `sets` are
-/// extra `key=value` settings over the demo's `.coin/config.toml` (tuning).
+/// extra `key=value` settings over the demo's `.coin/config.toml` (tuning), `env` the
+/// environment variables that feed the configuration ([`super::config::ENV_VARS`]).
 pub fn run_demo(
     dir: &Path,
     method: &str,
     settings: &DemoSettings,
     sets: &[String],
+    env: &[(String, String)],
     progress: &mut dyn DemoProgress,
 ) -> Result<DemoReport, WorkflowError> {
     let t0 = Instant::now();
@@ -372,6 +422,9 @@ pub fn run_demo(
             "--method '{method}' is not lora or moelora"
         )));
     }
+    // Every setting is checked before anything is written.
+    let cfg = demo_config(dir, method, settings, sets, env)?;
+    let rt = cfg.resolved_runtime()?;
     let resumed = check_dir(dir, settings)?;
     std::fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
     let dir = dir.canonicalize().map_err(|e| io_err("resolve", dir, e))?;
@@ -484,7 +537,7 @@ pub fn run_demo(
             )?;
         }
         lap("model+captions", &mut stages);
-        let record = pretrain_base(&dir, &random, &captions, &base, settings, progress)?;
+        let record = pretrain_base(&dir, &random, &captions, &base, settings, &rt, progress)?;
         write_file(
             &record_path,
             &(serde_json::to_string_pretty(&record)
@@ -500,13 +553,8 @@ pub fn run_demo(
     let pre: PretrainRecord = serde_json::from_str(&pre_text)
         .map_err(|e| WorkflowError::Input(format!("'{}': {e}", record_path.display())))?;
 
-    // 5. The configuration, the branch, the zero-shot row.
+    // 5. The configuration (resolved above), the branch, the zero-shot row.
     write_file(&repo.coin_dir().join("config.toml"), &settings.config_toml)?;
-    let mut all_sets = vec![format!("train.method={method}")];
-    all_sets.extend(sets.iter().cloned());
-    let mut sources = ConfigSources::for_repo(&repo.coin_dir(), Vec::new(), all_sets);
-    sources.default_preset = Some("tiny".into());
-    let cfg = sources.resolve()?;
     let branch = method.to_string();
     if repo.current_branch()? != branch {
         let exists = repo.branch_target(&branch)?.is_some();
@@ -595,10 +643,11 @@ fn pretrain_base(
     captions: &Path,
     out: &Path,
     settings: &DemoSettings,
+    rt: &Runtime,
     progress: &mut dyn DemoProgress,
 ) -> Result<PretrainRecord, WorkflowError> {
     let src = ModelSource::resolve(random, None, None)?;
-    let mut loaded = load_model(&src, &Device::Cpu, DType::F32)?;
+    let mut loaded = load_model(&src, &rt.device()?, rt.dtype())?;
     let records = read_train_file(&captions.join("train.json"))?;
     let (samples, _) = prepare_samples(
         &records,
@@ -628,6 +677,8 @@ fn pretrain_base(
         seed: settings.captions_seed,
         image_aspect: AspectMode::Pad,
         max_steps: Some(settings.pretrain_steps),
+        shards: rt.shards,
+        kernels: Some(rt.kernels),
     };
     progress.note(&format!(
         "Pre-training the tiny base on {} captions: {} full-parameter steps ({} parameters; the \

@@ -3,9 +3,11 @@
 //! store blob and attach the records to the checkpoint as a git note (its id never changes).
 //!
 //! Work is cached: a record whose `cache_key` equals the one computed now is kept as it is; a
-//! record whose `generation_key` matches (same adapter, base model, eval set and decoding) but
-//! was scored in another mode is re-scored from its stored predictions without generating.
-//! Key definitions: docs/workflow.md.
+//! record whose `generation_key` matches (same adapter, base model and dtype, eval set and
+//! decoding) but was scored in another mode is re-scored from its stored predictions without
+//! generating. A generated record carries the resolved runtime it ran with (`runtime`); the
+//! device, kernels and thread counts are recorded but not keyed (use `--force` to regenerate
+//! after changing them). Key definitions: docs/workflow.md.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,12 +22,13 @@ use crate::ml::generate::{generate, GenerateRequest, GenerateSettings};
 use crate::ml::image::{AspectMode, Rgb8};
 use crate::ml::llava::{load_model, LoadedModel, ModelSource};
 use crate::ml::peft::PeftAdapter;
+use crate::ml::runtime::Runtime;
 use crate::store::ObjectId;
 use crate::tasks::formats::{self, AnswerRecord, TestRecord};
 use crate::tasks::registry::{self, Registry, TaskDef};
 use crate::tasks::{ScoreMode, ScoreReport};
 
-use super::config::RunConfig;
+use super::config::{EvalMode, RunConfig};
 use super::{short, WorkflowError};
 
 /// Version of the generation procedure; part of every generation key, so a change of the
@@ -196,14 +199,6 @@ fn cache_key(generation_key: &str, scoring: &Value) -> Result<String, WorkflowEr
     blake3_json(&json!({ "generation": generation_key, "scoring": scoring }))
 }
 
-fn aspect_mode(s: &str) -> AspectMode {
-    match s {
-        "crop" => AspectMode::Crop,
-        "resize" => AspectMode::Resize,
-        _ => AspectMode::Pad,
-    }
-}
-
 /// The registry of the repository, with a clear error when a task is unknown.
 pub fn find_task<'a>(reg: &'a Registry, name: &str) -> Result<&'a TaskDef, WorkflowError> {
     reg.get(name).ok_or_else(|| {
@@ -240,14 +235,15 @@ pub fn trained_tasks(repo: &CoinRepo, id: Oid) -> Result<Vec<String>, WorkflowEr
 }
 
 /// The identity of the base model that goes into generation keys: the configured name and
-/// directory (content is not hashed: 13 GB per eval would cost more than the eval).
-fn base_identity(cfg: &RunConfig) -> Value {
+/// directory (content is not hashed: 13 GB per eval would cost more than the eval) and the
+/// resolved dtype it runs in.
+fn base_identity(cfg: &RunConfig, rt: &Runtime) -> Value {
     json!({
         "name": cfg.model.name,
         "base": cfg.model.base,
         "vision_tower": cfg.model.vision_tower,
         "projector": cfg.model.projector,
-        "dtype": cfg.model.dtype,
+        "dtype": rt.dtype,
     })
 }
 
@@ -264,10 +260,10 @@ pub fn adapter_identity(cp: &Checkpoint) -> Result<String, WorkflowError> {
 }
 
 fn resolve_mode(opts: &EvalOptions, cfg: &RunConfig, def: &TaskDef) -> ScoreMode {
-    opts.mode.unwrap_or_else(|| match cfg.eval.mode.as_str() {
-        "compat" => ScoreMode::Compat,
-        "strict" => ScoreMode::Strict,
-        _ => def.default_mode(),
+    opts.mode.unwrap_or_else(|| match cfg.eval.mode {
+        EvalMode::Compat => ScoreMode::Compat,
+        EvalMode::Strict => ScoreMode::Strict,
+        EvalMode::Auto => def.default_mode(),
     })
 }
 
@@ -285,6 +281,7 @@ fn plan(
     let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
     let root = repo.root().to_path_buf();
     let adapter = adapter_identity(cp)?;
+    let rt = cfg.resolved_runtime()?;
     let mut plans: Vec<TaskPlan> = Vec::new();
     for name in tasks {
         let def = find_task(&reg, name)?.clone();
@@ -343,17 +340,17 @@ fn plan(
             "blake3": identity.blake3,
             "items": identity.items,
         });
-        let aspect_name = cfg.eval.aspect_for(&def.name).to_string();
+        let aspect = cfg.eval.aspect_for(&def.name);
         let decoding = json!({
             "max_new_tokens": cfg.eval.max_new_tokens,
-            "image_aspect": aspect_name,
+            "image_aspect": aspect,
             "template": "vicuna_v1",
             "greedy": true,
             "version": GENERATION_VERSION,
         });
         let generation_key = blake3_json(&json!({
             "adapter": adapter,
-            "base": base_identity(cfg),
+            "base": base_identity(cfg, &rt),
             "eval_set": eval_set["blake3"],
             "decoding": decoding,
         }))?;
@@ -394,7 +391,7 @@ fn plan(
             def,
             questions,
             mode,
-            aspect: aspect_mode(&aspect_name),
+            aspect,
             eval_set,
             decoding,
             generation_key,
@@ -432,6 +429,7 @@ fn make_record(
     predictions: ObjectId,
     cfg: &RunConfig,
     generation_key: Option<&str>,
+    runtime: Option<&Value>,
 ) -> EvalRecord {
     let mut extra = BTreeMap::new();
     extra.insert("mode".into(), json!(report.mode.to_string()));
@@ -445,6 +443,9 @@ fn make_record(
             extra.insert("base_model".into(), json!(cfg.model.name));
             extra.insert("generation_key".into(), json!(g));
             extra.insert("cache_key".into(), json!(plan.cache_key));
+            if let Some(rt) = runtime {
+                extra.insert("runtime".into(), rt.clone());
+            }
         }
         None => {
             extra.insert("source".into(), json!("answers-file"));
@@ -531,7 +532,8 @@ enum ModelSlot<'m> {
     Given(&'m mut LoadedModel, Option<&'m CheckpointAdapter>),
 }
 
-/// Load the base model `cfg.model` names (CPU f32, or the first GPU in `model.dtype`).
+/// Load the base model `cfg.model` names, on the device and in the dtype of the resolved
+/// `[runtime]`.
 pub fn load_base_model(repo_root: &Path, cfg: &RunConfig) -> Result<LoadedModel, WorkflowError> {
     let base = cfg.base_dir(repo_root).ok_or_else(|| {
         WorkflowError::Input(
@@ -547,13 +549,8 @@ pub fn load_base_model(repo_root: &Path, cfg: &RunConfig) -> Result<LoadedModel,
     let vision = cfg.vision_tower_dir(repo_root);
     let projector = cfg.projector_file(repo_root);
     let source = ModelSource::resolve(&base, vision.as_deref(), projector.as_deref())?;
-    let device = crate::ml::default_device();
-    let dtype = if device.is_cpu() || cfg.model.dtype == "f32" {
-        candle_core::DType::F32
-    } else {
-        candle_core::DType::BF16
-    };
-    Ok(load_model(&source, &device, dtype)?)
+    let rt = cfg.resolved_runtime()?;
+    Ok(load_model(&source, &rt.device()?, rt.dtype())?)
 }
 
 fn run(
@@ -579,6 +576,8 @@ fn run(
         tasks.to_vec()
     };
     super::config::check_parent_base(&cp, cfg)?;
+    let rt = cfg.resolved_runtime()?;
+    let rt_json = json!(rt);
     let plans = plan(repo, &cp, &tasks, cfg, opts, true)?;
     let names: Vec<String> = plans.iter().map(|p| p.def.name.clone()).collect();
     let to_generate = plans
@@ -631,18 +630,30 @@ fn run(
                 Action::Rescore(id) => {
                     let answers = parse_predictions(&repo.store().read_blob(id)?, id)?;
                     let report = score_answers(repo, plan, &answers)?;
-                    let rec = make_record(plan, &report, *id, cfg, Some(&plan.generation_key));
+                    // The answers were generated earlier: their record says with what.
+                    let ran = cp
+                        .evals
+                        .get(&plan.def.name)
+                        .and_then(|(r, _)| r.extra.get("runtime"));
+                    let rec = make_record(plan, &report, *id, cfg, Some(&plan.generation_key), ran);
                     (rec, TaskStatus::Rescored)
                 }
                 Action::Generate => {
                     let m = model
                         .as_deref_mut()
                         .expect("a model is loaded whenever a task needs generation");
-                    let answers = generate_answers(repo.root(), m, plan, cfg, progress)?;
+                    let answers = generate_answers(repo.root(), m, plan, cfg, &rt, progress)?;
                     let jsonl = formats::answers_to_jsonl(&answers);
                     let id = repo.store().put_blob_bytes(jsonl.as_bytes())?;
                     let report = score_answers(repo, plan, &answers)?;
-                    let rec = make_record(plan, &report, id, cfg, Some(&plan.generation_key));
+                    let rec = make_record(
+                        plan,
+                        &report,
+                        id,
+                        cfg,
+                        Some(&plan.generation_key),
+                        Some(&rt_json),
+                    );
                     (rec, TaskStatus::Generated)
                 }
             };
@@ -680,6 +691,7 @@ fn generate_answers(
     model: &mut LoadedModel,
     plan: &TaskPlan,
     cfg: &RunConfig,
+    rt: &Runtime,
     progress: &mut dyn EvalProgress,
 ) -> Result<Vec<AnswerRecord>, WorkflowError> {
     let image_root: PathBuf = plan.def.resolve(repo_root, &plan.def.image_root);
@@ -710,7 +722,9 @@ fn generate_answers(
             };
             batch.push(req);
         }
-        let outs = generate(model, None, &batch, &settings)?;
+        let outs = crate::ml::fused::with_kernels(Some(rt.kernels), || {
+            generate(model, None, &batch, &settings)
+        })?;
         for (q, o) in chunk.iter().zip(outs) {
             answers.push(AnswerRecord {
                 question_id: q.question_id.clone(),
@@ -767,7 +781,7 @@ pub fn score_answer_file(
         .expect("plan returns one entry per distinct task");
     let report = score_answers(repo, &plan, &answers)?;
     let id = repo.store().put_blob_bytes(&bytes)?;
-    let record = make_record(&plan, &report, id, cfg, None);
+    let record = make_record(&plan, &report, id, cfg, None, None);
     let mut one = BTreeMap::new();
     one.insert(def.name.clone(), record.clone());
     repo.add_eval_records(checkpoint, &one)?;

@@ -1,5 +1,6 @@
 //! The continual-instruction-tuning workflow on top of the core modules: the resolved run
-//! configuration ([`config`]), evaluating checkpoints and attaching the records ([`eval`]),
+//! configuration ([`config`], its `[runtime]` resolved once per run and recorded with every
+//! train and eval record), evaluating checkpoints and attaching the records ([`eval`]),
 //! the accuracy matrix of a branch ([`matrix`]), comparing task orders ([`compare`]) and
 //! plotting ([`plot`]).
 //!

@@ -7,9 +7,11 @@
 //!
 //! The training key is the blake3 of the canonical JSON of everything that determines the
 //! trained weights: parent checkpoint, task name, training-data blake3 and size, instruction
-//! template, the resolved `train` settings and the base model's name, and coin's version. A
-//! checkpoint anywhere in the repository with the same key is reused instead of training again:
-//! a second task order that shares a prefix with the first retrains nothing.
+//! template, the resolved `train` settings, the base model's name, the resolved runtime values
+//! that change the numbers (shards, kernels, device, dtype: [`Runtime::keyed`]), and coin's
+//! version. A checkpoint anywhere in the repository with the same key is reused instead of
+//! training again: a second task order that shares a prefix with the first retrains nothing.
+//! The train record stores the configuration with its `[runtime]` resolved.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +19,7 @@ use std::path::{Path, PathBuf};
 use git2::Oid;
 use serde_json::{json, Value};
 
-use super::config::{check_parent_base, RunConfig};
+use super::config::{check_parent_base, Method, RunConfig};
 use super::eval::{
     evaluate_loaded, find_task, load_base_model, trained_tasks, EvalOptions, EvalProgress,
     InMemoryModel, TaskEval,
@@ -26,9 +28,8 @@ use super::{short, WorkflowError};
 use crate::history::hooks::HookContext;
 use crate::history::records::to_canonical_json;
 use crate::history::{BaseModel, CoinRepo, CommitRequest};
-use crate::ml::image::AspectMode;
+use crate::ml::runtime::Runtime;
 use crate::ml::train::data::{prepare_samples, PrepareStats};
-use crate::ml::train::optim::Schedule;
 use crate::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
 use crate::ml::train::save::save_adapter;
 use crate::ml::train::trainer::{
@@ -39,6 +40,9 @@ use crate::tasks::registry::Registry;
 
 /// The train-record field holding the training key.
 pub const TRAINING_KEY_FIELD: &str = "training_key";
+
+/// The version tag of the training key's JSON (v2: with the runtime).
+pub const TRAINING_KEY_FORMAT: &str = "coin.training-key.v2";
 
 /// Which tasks to evaluate after training.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,16 +107,11 @@ pub trait TrainWorkflowProgress {
 /// Map the resolved configuration to the adapter settings.
 pub fn adapter_settings(cfg: &RunConfig) -> Result<AdapterSettings, WorkflowError> {
     let t = &cfg.train;
-    let kind = match t.method.as_str() {
-        "lora" => AdapterKind::Lora,
-        "moelora" => AdapterKind::MoeLora {
+    let kind = match t.method {
+        Method::Lora => AdapterKind::Lora,
+        Method::Moelora => AdapterKind::MoeLora {
             experts: t.expert_num,
         },
-        other => {
-            return Err(WorkflowError::Config(format!(
-                "train.method '{other}' is not lora or moelora"
-            )))
-        }
     };
     Ok(AdapterSettings {
         kind,
@@ -125,29 +124,15 @@ pub fn adapter_settings(cfg: &RunConfig) -> Result<AdapterSettings, WorkflowErro
     })
 }
 
-/// Map the resolved configuration to the training loop's settings for `n` samples of `task`.
-pub fn loop_config(cfg: &RunConfig, task: &str, n: usize) -> Result<LoopConfig, WorkflowError> {
+/// Map the resolved configuration and runtime to the training loop's settings for `n`
+/// samples of `task`.
+pub fn loop_config(
+    cfg: &RunConfig,
+    rt: &Runtime,
+    task: &str,
+    n: usize,
+) -> Result<LoopConfig, WorkflowError> {
     let t = &cfg.train;
-    let schedule = match t.lr_scheduler.as_str() {
-        "cosine" => Schedule::Cosine,
-        "linear" => Schedule::Linear,
-        "constant" => Schedule::Constant,
-        other => {
-            return Err(WorkflowError::Config(format!(
-                "train.lr_scheduler '{other}' is not cosine, linear or constant"
-            )))
-        }
-    };
-    let image_aspect = match t.image_aspect_ratio.as_str() {
-        "pad" => AspectMode::Pad,
-        "crop" => AspectMode::Crop,
-        "resize" => AspectMode::Resize,
-        other => {
-            return Err(WorkflowError::Config(format!(
-                "train.image_aspect_ratio '{other}' is not pad, crop or resize"
-            )))
-        }
-    };
     if !(t.num_train_epochs > 0.0 && t.num_train_epochs.is_finite()) {
         return Err(WorkflowError::Config(format!(
             "train.num_train_epochs must be positive, got {}",
@@ -163,11 +148,13 @@ pub fn loop_config(cfg: &RunConfig, task: &str, n: usize) -> Result<LoopConfig, 
         projector_lr: Some(t.mm_projector_lr).filter(|&p| p > 0.0),
         weight_decay: t.weight_decay,
         warmup_ratio: t.warmup_ratio,
-        schedule,
+        schedule: t.lr_scheduler,
         max_grad_norm: Some(t.max_grad_norm).filter(|&m| m > 0.0),
         seed: t.seed,
-        image_aspect,
+        image_aspect: t.image_aspect_ratio,
         max_steps: None,
+        shards: rt.shards,
+        kernels: Some(rt.kernels),
     };
     // A fractional epoch count (HF allows 0.5): stop after that share of the steps.
     if t.num_train_epochs.fract() != 0.0 {
@@ -182,6 +169,36 @@ pub fn loop_config(cfg: &RunConfig, task: &str, n: usize) -> Result<LoopConfig, 
         lc.max_steps = Some(((per_epoch as f64) * t.num_train_epochs).round().max(1.0) as usize);
     }
     Ok(lc)
+}
+
+/// What the training key is made of (see the module docs).
+struct KeyInputs<'a> {
+    parent: Option<Oid>,
+    task: &'a str,
+    data_blake3: &'a str,
+    data_items: usize,
+    template: Option<&'a str>,
+    cfg: &'a RunConfig,
+    rt: &'a Runtime,
+}
+
+/// The training key: blake3 of the canonical JSON of [`KeyInputs`] and coin's version.
+fn training_key(k: &KeyInputs<'_>) -> Result<String, WorkflowError> {
+    let key_json = json!({
+        "format": TRAINING_KEY_FORMAT,
+        "parent": k.parent.map(|p| p.to_string()),
+        "task": k.task,
+        "data": { "blake3": k.data_blake3, "items": k.data_items },
+        "template": k.template,
+        "train": serde_json::to_value(&k.cfg.train)
+            .map_err(|e| WorkflowError::Config(e.to_string()))?,
+        "base_model": k.cfg.model.name,
+        "runtime": k.rt.keyed(),
+        "coin_version": env!("CARGO_PKG_VERSION"),
+    });
+    Ok(blake3::hash(to_canonical_json(&key_json)?.as_bytes())
+        .to_hex()
+        .to_string())
 }
 
 fn find_by_key(repo: &CoinRepo, key: &str) -> Result<Option<Oid>, WorkflowError> {
@@ -215,6 +232,8 @@ pub fn train_task(
     progress: &mut dyn TrainWorkflowProgress,
 ) -> Result<TrainOutcome, WorkflowError> {
     cfg.validate()?;
+    let rt = cfg.resolved_runtime()?;
+    let cfg = &cfg.with_runtime(rt);
     let settings = adapter_settings(cfg)?;
     let root = repo.root().to_path_buf();
     let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
@@ -236,19 +255,15 @@ pub fn train_task(
         check_parent_base(cp, cfg)?;
     }
     let data = dataset_identity(&train_file)?;
-    let key_json = json!({
-        "format": "coin.training-key.v1",
-        "parent": parent.map(|p| p.to_string()),
-        "task": def.name,
-        "data": { "blake3": data.blake3, "items": data.items },
-        "template": def.template,
-        "train": serde_json::to_value(&cfg.train).map_err(|e| WorkflowError::Config(e.to_string()))?,
-        "base_model": cfg.model.name,
-        "coin_version": env!("CARGO_PKG_VERSION"),
-    });
-    let key = blake3::hash(to_canonical_json(&key_json)?.as_bytes())
-        .to_hex()
-        .to_string();
+    let key = training_key(&KeyInputs {
+        parent,
+        task: &def.name,
+        data_blake3: &data.blake3,
+        data_items: data.items,
+        template: def.template.as_deref(),
+        cfg,
+        rt: &rt,
+    })?;
 
     if !req.retrain {
         if let Some(found) = find_by_key(repo, &key)? {
@@ -312,7 +327,7 @@ pub fn train_task(
             def.name, cfg.train.model_max_length
         )));
     }
-    let lc = loop_config(cfg, &def.name, samples.len())?;
+    let lc = loop_config(cfg, &rt, &def.name, samples.len())?;
     let total = plan_steps(samples.len(), &lc).len();
     progress.note(&format!(
         "Training {} on {} samples: {total} steps ({} trainable parameters).",
@@ -526,6 +541,7 @@ pub fn commit_zero_shot(
     progress: &mut dyn EvalProgress,
 ) -> Result<Oid, WorkflowError> {
     use super::matrix::{KIND_BASE, KIND_FIELD};
+    let cfg = &cfg.with_runtime(cfg.resolved_runtime()?);
     let mut extra = BTreeMap::new();
     extra.insert(KIND_FIELD.to_string(), json!(KIND_BASE));
     extra.insert("config".to_string(), cfg.to_record_value());
@@ -558,4 +574,141 @@ pub fn commit_zero_shot(
     })?;
     super::eval::evaluate(repo, out.id, tasks, cfg, &EvalOptions::default(), progress)?;
     Ok(out.id)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::disallowed_methods)]
+
+    use super::*;
+    use crate::ml::runtime::{DeviceKind, Dtype, Kernels};
+    use crate::tasks::mini;
+    use crate::workflow::config::{resolve, Layer};
+    use crate::workflow::matrix::tests::Fixture;
+
+    struct Quiet {
+        trainer: crate::ml::train::trainer::NoProgress,
+        evals: super::super::eval::NoProgress,
+    }
+
+    impl TrainWorkflowProgress for Quiet {
+        fn note(&mut self, _message: &str) {}
+        fn trainer(&mut self) -> &mut dyn TrainProgress {
+            &mut self.trainer
+        }
+        fn evals(&mut self) -> &mut dyn EvalProgress {
+            &mut self.evals
+        }
+    }
+
+    /// A repository with the tiny model and CoIN-mini (8 train / 2 test items per task).
+    fn setup() -> Fixture {
+        let f = Fixture::new();
+        let root = f.dir.path().to_path_buf();
+        crate::ml::tiny::write_tiny(&root.join("model"), &Default::default()).expect("tiny");
+        let data = mini::MiniConfig {
+            seed: 0,
+            train: 8,
+            test: 2,
+            image_size: 32,
+        };
+        mini::generate(&root.join("mini"), &data, |_| {}).expect("mini");
+        let mut reg = Registry::load(&f.repo.coin_dir().join("tasks")).expect("registry");
+        for def in mini::task_defs("mini") {
+            reg.add(def, true).expect("add");
+        }
+        f
+    }
+
+    fn config(sets: &[&str]) -> RunConfig {
+        let layers: Vec<Layer> = [
+            "model.base=model",
+            "train.num_train_epochs=1",
+            "train.per_device_batch_size=4",
+            "eval.max_new_tokens=2",
+            "runtime.device=cpu",
+            "runtime.threads=2",
+        ]
+        .iter()
+        .chain(sets)
+        .map(|s| Layer::from_set(s).expect("set"))
+        .collect();
+        resolve(&layers, Some("tiny")).expect("config")
+    }
+
+    fn train(f: &Fixture, cfg: &RunConfig, from: Option<Oid>, eval: EvalTasks) -> TrainOutcome {
+        let req = TrainRequest {
+            task: "mini-VizWiz".into(),
+            from,
+            eval_tasks: eval,
+            message: None,
+            retrain: false,
+            skip_hooks: true,
+        };
+        let mut quiet = Quiet {
+            trainer: crate::ml::train::trainer::NoProgress,
+            evals: super::super::eval::NoProgress,
+        };
+        train_task(&f.repo, cfg, &req, &mut quiet).expect("train")
+    }
+
+    #[test]
+    fn the_runtime_is_keyed_and_recorded() {
+        let mut f = setup();
+        // Every run starts from the same parent (the branch head moves with each new one).
+        let base = Some(f.commit("zero-shot", true, &[]));
+        let two = config(&["runtime.shards=2", "runtime.kernels=on"]);
+        let first = train(&f, &two, base, EvalTasks::Seen);
+        assert!(!first.reused);
+
+        // The resolved runtime is in the train record (as the configuration's [runtime]) and
+        // in the eval record.
+        let cp = f.repo.read_checkpoint(first.checkpoint).expect("read");
+        let record = cp.train.as_ref().expect("train record");
+        let stored = RunConfig::from_record_value(&record.extra["config"]).expect("config");
+        let want = Runtime {
+            threads: 2,
+            elementwise_threads: 1,
+            shards: 2,
+            kernels: Kernels::On,
+            device: DeviceKind::Cpu,
+            dtype: Dtype::F32,
+        };
+        assert_eq!(stored.runtime, want.into(), "every value resolved");
+        let eval = &first.evals[0].record;
+        assert_eq!(eval.extra["runtime"], serde_json::json!(want));
+
+        // The same settings (threads are not keyed) reuse the checkpoint …
+        let same = config(&[
+            "runtime.shards=2",
+            "runtime.kernels=on",
+            "runtime.threads=1",
+        ]);
+        let again = train(&f, &same, base, EvalTasks::None);
+        assert!(again.reused);
+        assert_eq!(again.checkpoint, first.checkpoint);
+        assert_eq!(again.key, first.key);
+
+        // … other shards or other kernels do not.
+        let one = train(
+            &f,
+            &config(&["runtime.shards=1", "runtime.kernels=on"]),
+            base,
+            EvalTasks::None,
+        );
+        assert!(!one.reused);
+        assert_ne!(one.key, first.key);
+        let off = train(
+            &f,
+            &config(&["runtime.shards=2", "runtime.kernels=off"]),
+            base,
+            EvalTasks::None,
+        );
+        assert!(!off.reused);
+        assert_ne!(off.key, first.key);
+        assert_ne!(off.key, one.key);
+        // Shards change the trained numbers by rounding: the losses show it.
+        let loss = |o: &TrainOutcome| o.report.as_ref().expect("trained").losses.clone();
+        assert_ne!(loss(&one), loss(&first));
+    }
 }

@@ -65,6 +65,16 @@ struct Blake3Args {
     file: PathBuf,
 }
 
+impl DebugArgs {
+    /// The configuration of a subcommand that runs the model (`train-bench`); `None` else.
+    pub fn run_config(&self) -> Result<Option<crate::workflow::config::RunConfig>, CommandError> {
+        match &self.command {
+            DebugCommand::TrainBench(a) => a.run_config().map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
 fn user(e: StoreError) -> CommandError {
     CommandError::user(e.to_string())
 }

@@ -8,8 +8,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
-
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::ml::image::{AspectMode, ImageProcessor};
 use crate::ml::llava::{load_model, ModelSource, Segment};
@@ -22,6 +20,9 @@ use crate::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
 use crate::ml::train::trainer::{train, StepInfo, TrainConfig, TrainProgress};
 use crate::store::fsutil::write_atomic;
 use crate::tasks::formats::read_train_file;
+use crate::workflow::config::RunConfig;
+
+use super::workflow_util::standalone_config;
 
 /// Time training steps of the built-in trainer (benchmarks, GPU checks)
 #[derive(clap::Args, Debug)]
@@ -59,12 +60,18 @@ pub struct TrainBenchArgs {
     /// Learning rate (constant)
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
-    /// cpu or cuda (default: cuda when built with it and present)
-    #[arg(long)]
+    /// cpu or cuda (shorthand for --set runtime.device=...; default: cuda when built with it
+    /// and present)
+    #[arg(long, value_parser = ["cpu", "cuda"])]
     device: Option<String>,
-    /// Weight dtype: f32, bf16 or f16 (default: bf16 on a GPU, f32 on the CPU)
-    #[arg(long)]
+    /// Weight dtype: f32, bf16 or f16 (shorthand for --set runtime.dtype=...; default: bf16 on
+    /// a GPU, f32 on the CPU)
+    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
     dtype: Option<String>,
+    /// Override a [runtime] setting, e.g. --set runtime.shards=1 (the environment variables of
+    /// docs/config.md apply too); repeatable
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// A CoIN-format data folder instead of synthetic rows (with --task-dir)
     #[arg(long)]
     data: Option<PathBuf>,
@@ -124,27 +131,30 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+impl TrainBenchArgs {
+    /// The configuration of the run: the presets' runtime, the environment, `--device`,
+    /// `--dtype`, then `--set`.
+    pub fn run_config(&self) -> Result<RunConfig, CommandError> {
+        let mut sets: Vec<String> = Vec::new();
+        if let Some(d) = &self.device {
+            sets.push(format!("runtime.device={d}"));
+        }
+        if let Some(d) = &self.dtype {
+            sets.push(format!("runtime.dtype={d}"));
+        }
+        sets.extend(self.set.iter().cloned());
+        standalone_config(&sets)
+    }
+}
+
 pub fn cmd_train_bench(
     ui: &mut Ui,
     helper: &CommandHelper,
     a: &TrainBenchArgs,
 ) -> Result<(), CommandError> {
-    let device = match a.device.as_deref() {
-        None => crate::ml::default_device(),
-        Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::new_cuda(0).map_err(|e| {
-            CommandError::user(format!("no CUDA device: {e}"))
-                .hint("build with `--features cuda` and run on a machine with an NVIDIA GPU")
-        })?,
-        Some(other) => return Err(CommandError::usage(format!("unknown device '{other}'"))),
-    };
-    let dtype = match a.dtype.as_deref() {
-        None => crate::ml::default_dtype(&device),
-        Some("f32") => DType::F32,
-        Some("bf16") => DType::BF16,
-        Some("f16") => DType::F16,
-        Some(other) => return Err(CommandError::usage(format!("unknown dtype '{other}'"))),
-    };
+    let rt = a.run_config()?.resolved_runtime()?;
+    let device = rt.device()?;
+    let dtype = rt.dtype();
     let kind = match a.method.as_str() {
         "lora" => AdapterKind::Lora,
         "moelora" => AdapterKind::MoeLora { experts: a.experts },
@@ -243,6 +253,8 @@ pub fn cmd_train_bench(
         seed: a.seed,
         image_aspect: AspectMode::Pad,
         max_steps: Some(a.steps + a.warmup),
+        shards: rt.shards,
+        kernels: Some(rt.kernels),
         ..TrainConfig::default()
     };
     let images: &ImageProcessor = &loaded.image;
@@ -286,7 +298,8 @@ pub fn cmd_train_bench(
         "timed_steps": timed.len(),
         "steps_per_s": steps_per_s,
         "tokens_per_s": steps_per_s * per_step_positions,
-        "threads": candle_core::utils::get_num_threads(),
+        "threads": rt.threads,
+        "runtime": rt,
         "cpu_seconds_per_step": cpu_secs / timed.len().max(1) as f64,
         "peak_rss_bytes": peak_rss_bytes(),
     }))?;

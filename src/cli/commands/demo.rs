@@ -6,15 +6,16 @@ use std::path::PathBuf;
 
 use crate::cli::train_progress::TrainBar;
 use crate::cli::{CommandError, CommandHelper, Ui};
+use crate::workflow::config::RunConfig;
 use crate::workflow::demo::{
-    run_demo, DemoProgress, DemoReport, DemoSettings, FORGET_BWT, LEARN_MARGIN,
+    demo_config, run_demo, DemoProgress, DemoReport, DemoSettings, FORGET_BWT, LEARN_MARGIN,
 };
 use crate::workflow::matrix::metrics_json;
 use crate::workflow::train::TrainWorkflowProgress;
 
 use super::metrics::write_metrics_table;
 use super::train::CliTrainProgress;
-use super::workflow_util::StatusProgress;
+use super::workflow_util::{process_env, StatusProgress};
 
 /// Run the whole continual instruction-tuning loop on CoIN-mini with a tiny model
 ///
@@ -129,32 +130,45 @@ fn write_facts(out: &mut impl std::io::Write, r: &DemoReport) -> std::io::Result
     Ok(())
 }
 
-pub fn cmd_demo(ui: &mut Ui, helper: &CommandHelper, args: &DemoArgs) -> Result<(), CommandError> {
-    // Thread policy for the tiny model (docs/demo.md), set before any candle op unless the user
-    // chose: two rayon threads and two data-parallel training shards (the same numbers on any
-    // machine: results depend on the shard split by float rounding), and candle's element-wise
-    // pool off (its workers spin at a barrier between the tiny model's small ops).
-    for (var, value) in [
-        ("RAYON_NUM_THREADS", "2"),
-        ("COIN_TRAIN_SHARDS", "2"),
-        ("CANDLE_NUM_THREADS", "1"),
-    ] {
-        if std::env::var_os(var).is_none() {
-            std::env::set_var(var, value);
-        }
+impl DemoArgs {
+    /// The demo folder.
+    fn dir(&self, helper: &CommandHelper) -> PathBuf {
+        helper.cwd.join(
+            self.dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("coin-demo")),
+        )
     }
-    let dir = helper.cwd.join(
-        args.dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("coin-demo")),
-    );
+
+    /// The demo's configuration (its own `[runtime]` included, docs/demo.md), for the process
+    /// settings applied at start (`cli::main`).
+    pub fn run_config(&self, helper: &CommandHelper) -> Result<RunConfig, CommandError> {
+        Ok(demo_config(
+            &self.dir(helper),
+            &self.method,
+            &DemoSettings::new(self.quick),
+            &self.set,
+            &process_env(),
+        )?)
+    }
+}
+
+pub fn cmd_demo(ui: &mut Ui, helper: &CommandHelper, args: &DemoArgs) -> Result<(), CommandError> {
+    let dir = args.dir(helper);
     let settings = DemoSettings::new(args.quick);
     let report = {
         let mut progress = CliDemoProgress {
             ui: &*ui,
             current: None,
         };
-        let r = run_demo(&dir, &args.method, &settings, &args.set, &mut progress);
+        let r = run_demo(
+            &dir,
+            &args.method,
+            &settings,
+            &args.set,
+            &process_env(),
+            &mut progress,
+        );
         if let Some(c) = &progress.current {
             c.bar.finish();
         }

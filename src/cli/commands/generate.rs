@@ -1,10 +1,13 @@
 use std::path::PathBuf;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
+
+use super::workflow_util::standalone_config;
 use crate::ml::generate::{generate, GenerateRequest, GenerateSettings};
 use crate::ml::image::{AspectMode, Rgb8};
 use crate::ml::llava::{load_model, ModelSource};
 use crate::ml::peft::PeftAdapter;
+use crate::ml::runtime::Runtime;
 use crate::ml::template::image_question_prompt;
 
 /// Answer a question about an image with a model (greedy decoding)
@@ -64,14 +67,25 @@ pub fn cmd_generate(
     if args.logits && !args.json {
         return Err(CommandError::usage("--logits needs --json"));
     }
+    // The runtime (device, dtype, kernels): the presets' defaults and the environment.
+    let rt = standalone_config(&[])?.resolved_runtime()?;
+    crate::ml::fused::with_kernels(Some(rt.kernels), || generate_with(ui, helper, args, &rt))
+}
+
+fn generate_with(
+    ui: &mut Ui,
+    helper: &CommandHelper,
+    args: &GenerateArgs,
+    rt: &Runtime,
+) -> Result<(), CommandError> {
     let cwd = &helper.cwd;
     let source = ModelSource::resolve(
         &cwd.join(&args.model),
         args.vision_tower.as_ref().map(|p| cwd.join(p)).as_deref(),
         args.projector.as_ref().map(|p| cwd.join(p)).as_deref(),
     )?;
-    let device = crate::ml::default_device();
-    let dtype = crate::ml::default_dtype(&device);
+    let device = rt.device()?;
+    let dtype = rt.dtype();
     let mut loaded = load_model(&source, &device, dtype)?;
     let adapter = match &args.adapter {
         Some(a) => Some(PeftAdapter::load(&cwd.join(a), &device, dtype)?),

@@ -82,6 +82,28 @@ pub enum Command {
     Hooks(hooks::HooksCommand),
 }
 
+impl Command {
+    /// The configuration of a command that runs the model, whose `[runtime]` the process
+    /// applies once at start (`cli::main`); `None` for the commands that run no model.
+    pub fn model_config(
+        &self,
+        helper: &CommandHelper,
+    ) -> Result<Option<crate::workflow::config::RunConfig>, CommandError> {
+        let method = |m: &Option<String>| -> Vec<String> {
+            m.iter().map(|m| format!("train.method={m}")).collect()
+        };
+        match self {
+            Command::Train(a) => a.config.resolve_here(helper, &method(&a.method)).map(Some),
+            Command::Run(a) => a.config.resolve_here(helper, &method(&a.method)).map(Some),
+            Command::Eval(a) if a.record.is_none() => a.config.resolve_here(helper, &[]).map(Some),
+            Command::Demo(a) => a.run_config(helper).map(Some),
+            Command::Generate(_) => workflow_util::standalone_config(&[]).map(Some),
+            Command::Debug(a) => a.run_config(),
+            _ => Ok(None),
+        }
+    }
+}
+
 /// Run one parsed command.
 pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), CommandError> {
     match command {
@@ -160,6 +182,46 @@ mod tests {
     fn clap_definition_is_consistent() {
         use clap::CommandFactory;
         super::super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_commands_that_run_the_model_resolve_their_runtime_at_start() {
+        use crate::ml::runtime::{DeviceKind, Kernels};
+        use crate::workflow::config::Setting;
+        use clap::Parser;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let helper = crate::cli::CommandHelper {
+            global: crate::cli::GlobalArgs::default(),
+            cwd: dir.path().to_path_buf(),
+        };
+        let config = |args: &[&str]| {
+            let cli = super::super::Cli::try_parse_from(args).expect("parse");
+            cli.command.model_config(&helper).expect("config")
+        };
+        // The demo's own [runtime], with its --set on top.
+        let demo = config(&["coin", "demo", "--quick", "--set", "runtime.threads=3"])
+            .expect("the demo runs the model");
+        assert_eq!(demo.runtime.kernels, Setting::Is(Kernels::On));
+        assert_eq!(demo.runtime.device, Setting::Is(DeviceKind::Cpu));
+        assert_eq!(demo.runtime.threads, Setting::Is(3));
+        let bench = config(&[
+            "coin",
+            "debug",
+            "train-bench",
+            "--model",
+            "m",
+            "--device",
+            "cpu",
+            "--set",
+            "runtime.shards=3",
+        ])
+        .expect("train-bench runs the model");
+        assert_eq!(bench.runtime.device, Setting::Is(DeviceKind::Cpu));
+        assert_eq!(bench.runtime.shards, Setting::Is(3));
+        assert!(config(&["coin", "log"]).is_none());
+        // Outside a repository `coin train` fails as the command itself would.
+        let cli = super::super::Cli::try_parse_from(["coin", "train", "T"]).expect("parse");
+        assert!(cli.command.model_config(&helper).is_err());
     }
 
     #[test]

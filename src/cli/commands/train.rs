@@ -17,10 +17,11 @@ use super::workflow_util::{ConfigArgs, StatusProgress};
 ///
 /// Starts from the adapter (and projector) of REV (default: the current branch's head; a fresh
 /// adapter on the base model when the branch is empty), trains on TASK's training data with
-/// the resolved configuration (preset → .coin/config.toml → --config → --set; docs/config.md),
-/// evaluates the new checkpoint, and makes it the branch head after the pre-checkpoint gate.
-/// A checkpoint with the same training key (parent, data, template, settings, coin version)
-/// anywhere in the repository is reused instead of training again. An interrupted run resumes
+/// the resolved configuration (preset → .coin/config.toml → environment → --config → --set;
+/// docs/config.md), evaluates the new checkpoint, and makes it the branch head after the
+/// pre-checkpoint gate. A checkpoint with the same training key (parent, data, template,
+/// settings, the runtime's shards, kernels, device and dtype, coin version) anywhere in the
+/// repository is reused instead of training again. An interrupted run resumes
 /// from its last saved step when the same command is run again.
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {

@@ -25,11 +25,20 @@ impl From<WorkflowError> for CommandError {
     }
 }
 
+/// The process environment, as the configuration's environment layer takes it
+/// ([`crate::workflow::config::ENV_VARS`]: `COIN_THREADS`, `COIN_TRAIN_SHARDS`, …).
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
 /// `--config FILE.toml` and `--set key=value`, for every command that resolves a
 /// [`RunConfig`].
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ConfigArgs {
-    /// A TOML file of settings ([model], [train], [eval]) over .coin/config.toml; repeatable
+    /// A TOML file of settings ([model], [train], [eval], [runtime]) over .coin/config.toml and
+    /// the environment; repeatable
     #[arg(long = "config", value_name = "FILE.toml")]
     pub config: Vec<PathBuf>,
     /// Override one setting, e.g. --set train.lora_r=64 --set eval.mode=strict; repeatable
@@ -38,7 +47,8 @@ pub struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    /// Resolve the configuration of `repo`: preset → .coin/config.toml → --config → --set.
+    /// Resolve the configuration of `repo`: preset → .coin/config.toml → environment →
+    /// --config → --set.
     pub fn resolve(
         &self,
         helper: &CommandHelper,
@@ -50,9 +60,34 @@ impl ConfigArgs {
             self.config.iter().map(|p| helper.cwd.join(p)).collect(),
             self.set.clone(),
         );
+        sources.env = process_env();
         sources.default_preset = default_preset.map(str::to_string);
         Ok(sources.resolve()?)
     }
+
+    /// [`ConfigArgs::resolve`] in the repository found from the command's directory, with
+    /// `extra` sets after the user's (e.g. `train.method` from `--method`).
+    pub fn resolve_here(
+        &self,
+        helper: &CommandHelper,
+        extra: &[String],
+    ) -> Result<RunConfig, CommandError> {
+        let repo = super::history_util::open_repo(helper)?;
+        let mut args = self.clone();
+        args.set.extend(extra.iter().cloned());
+        args.resolve(helper, &repo, None)
+    }
+}
+
+/// The configuration of a command that runs the model without a repository (`coin generate`,
+/// `coin debug train-bench`): the presets' runtime, the environment, then `sets`.
+pub fn standalone_config(sets: &[String]) -> Result<RunConfig, CommandError> {
+    let sources = ConfigSources {
+        sets: sets.to_vec(),
+        env: process_env(),
+        ..ConfigSources::default()
+    };
+    Ok(sources.resolve()?)
 }
 
 /// Shows eval progress as status lines on stderr.

@@ -37,6 +37,7 @@ use crate::ml::image::{AspectMode, ImageProcessor};
 use crate::ml::llava::Llava;
 use crate::ml::load::{read_tensor_file, write_safetensors};
 use crate::ml::rng::Rng;
+use crate::ml::runtime::Kernels;
 use crate::ml::{MlError, Result};
 use crate::store::fsutil::write_atomic;
 
@@ -69,6 +70,19 @@ pub struct TrainConfig {
     pub image_aspect: AspectMode,
     /// Stop after this many optimiser steps in all (for quick runs).
     pub max_steps: Option<usize>,
+    /// Data-parallel shards per micro-batch on the CPU, at most ([`accumulate_step`]; a GPU
+    /// runs one). Results depend on it by float rounding (the gradients' summation order).
+    /// The run configuration's `runtime.shards` (`ml::runtime::auto_shards`).
+    #[serde(default = "one")]
+    pub shards: usize,
+    /// The fused CPU kernels of the run (`runtime.kernels`); `None`: the calling thread's
+    /// setting ([`crate::ml::fused::kernels`]). Results depend on it by float rounding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernels: Option<Kernels>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for TrainConfig {
@@ -86,6 +100,8 @@ impl Default for TrainConfig {
             seed: 42,
             image_aspect: AspectMode::Pad,
             max_steps: None,
+            shards: 1,
+            kernels: None,
         }
     }
 }
@@ -399,48 +415,8 @@ fn load_checkpoint(
     Ok(state)
 }
 
-/// How many data-parallel shards a micro-batch runs as at most ([`accumulate_step`]): on the
-/// CPU, when candle's element-wise pool is off (`CANDLE_NUM_THREADS=1`, which coin sets on
-/// machines with ≤ 2 threads), one per thread of rayon's pool; otherwise one. On a GPU one (the
-/// device is parallel already). `COIN_TRAIN_SHARDS=n` overrides on the CPU.
-///
-/// Why: a training step is GEMMs (parallel) between many small element-wise ops and graph
-/// bookkeeping (serial on the calling thread); with one shard the other cores idle through the
-/// serial part. Shards run forward and backward concurrently and their gradients are summed —
-/// the same loss and gradients as the whole micro-batch up to float rounding, and the same
-/// dropout masks ([`super::dropout::with_rows`]). With candle's spinning element-wise pool on,
-/// shards contend with it (measured slower on 2 cores), hence the condition. docs/trainer.md
-/// has the measurements.
-pub fn default_shards(device: &candle_core::Device) -> usize {
-    shard_policy(
-        device.is_cpu(),
-        std::env::var("COIN_TRAIN_SHARDS").ok().as_deref(),
-        std::env::var("CANDLE_NUM_THREADS").ok().as_deref(),
-        rayon::current_num_threads(),
-    )
-}
-
-/// [`default_shards`] from its inputs: the device kind, `COIN_TRAIN_SHARDS`,
-/// `CANDLE_NUM_THREADS` and rayon's thread count.
-fn shard_policy(cpu: bool, shards: Option<&str>, candle: Option<&str>, threads: usize) -> usize {
-    if !cpu {
-        return 1;
-    }
-    if let Some(n) = shards
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-    {
-        return n;
-    }
-    if candle == Some("1") {
-        threads.max(1)
-    } else {
-        1
-    }
-}
-
 /// How [`accumulate_step`] batches: the images' aspect mode and the most shards per
-/// micro-batch ([`default_shards`]).
+/// micro-batch ([`TrainConfig::shards`]).
 #[derive(Clone, Copy, Debug)]
 pub struct StepOptions {
     /// How images are fitted to the tower's square input.
@@ -459,7 +435,8 @@ fn image_only(name: &str) -> bool {
 /// Forward and backward every micro-batch of one optimiser step; returns the step's mean loss
 /// over its supervised tokens, the summed (token-weighted) gradients, and the positions and
 /// supervised tokens it covered. Each micro-batch runs as up to `max_shards` concurrent
-/// shards of consecutive samples ([`default_shards`]). Splitting the same samples into more
+/// shards of consecutive samples on rayon's pool, each with the calling thread's kernels
+/// setting. Splitting the same samples into more
 /// micro-batches or shards gives the same loss and gradients up to rounding: dropout masks are
 /// keyed by each sample's place in the step, and each part's loss is weighted by its share of
 /// the step's supervised tokens. A part without supervised tokens adds nothing and is skipped;
@@ -502,11 +479,11 @@ pub fn accumulate_step(
             .map(|a| (a, (a + per).min(batch.len())))
             .filter(|&(a, b)| batch[a..b].iter().any(|s| s.supervised > 0))
             .collect();
-        let kernels = crate::ml::fused::loop_kernels_override();
+        let kernels = crate::ml::fused::kernels_override();
         let run = |&(a, b): &(usize, usize)| -> Result<(f64, GradStore, bool)> {
             let part = &batch[a..b];
             let px = &pixels[img_at[a]..img_at[b]];
-            crate::ml::fused::with_loop_kernels_override(kernels, || {
+            crate::ml::fused::with_kernels(kernels, || {
                 super::dropout::with_rows(key, first_row + a, b - a, || {
                     let examples: Vec<_> = part.iter().map(|s| s.example.clone()).collect();
                     let (logits, labels) = forward_batch(model, &examples, px)?;
@@ -591,11 +568,19 @@ pub fn train(
     params.set_training(true);
     progress.begin(total, start);
     let mut cache = PixelCache::new(PIXEL_CACHE_BYTES);
-    let shards = default_shards(&model.device);
+    // Why shards: a training step is GEMMs (parallel) between many small element-wise ops and
+    // graph bookkeeping (serial on the calling thread); with one shard the other cores idle
+    // through the serial part. On a GPU the device is parallel already.
+    let shards = if model.device.is_cpu() {
+        cfg.shards.max(1)
+    } else {
+        1
+    };
     let t0 = Instant::now();
     let (mut positions, mut supervised) = (0u64, 0u64);
     let mut stopped = false;
-    let result = (|| -> Result<()> {
+    let kernels = cfg.kernels.or_else(crate::ml::fused::kernels_override);
+    let result = crate::ml::fused::with_kernels(kernels, || -> Result<()> {
         for (i, (epoch, micro)) in plan.iter().enumerate().skip(start) {
             if !model.device.is_cpu() {
                 // Device-side dropout masks: a function of the seed and the step (resumable).
@@ -667,7 +652,7 @@ pub fn train(
             }
         }
         Ok(())
-    })();
+    });
     params.set_training(false);
     result?;
     let seconds = t0.elapsed().as_secs_f64();
@@ -733,18 +718,6 @@ mod tests {
     }
 
     #[test]
-    fn shards_follow_the_threads_only_with_candles_pool_off() {
-        assert_eq!(shard_policy(true, None, Some("1"), 2), 2);
-        assert_eq!(shard_policy(true, None, Some("1"), 16), 16);
-        assert_eq!(shard_policy(true, None, None, 16), 1);
-        assert_eq!(shard_policy(true, None, Some("2"), 2), 1);
-        assert_eq!(shard_policy(true, Some("3"), None, 2), 3);
-        assert_eq!(shard_policy(true, Some("0"), Some("1"), 2), 2);
-        assert_eq!(shard_policy(true, Some("x"), None, 2), 1);
-        assert_eq!(shard_policy(false, Some("4"), Some("1"), 8), 1);
-    }
-
-    #[test]
     fn only_projector_and_tower_vars_may_miss_a_gradient_without_images() {
         assert!(image_only("multi_modal_projector.linear_1.weight"));
         assert!(image_only("vision_tower.encoder.layers.0.mlp.fc1.weight"));
@@ -759,7 +732,31 @@ mod tests {
         let cfg = TrainConfig::default();
         let text = serde_json::to_string(&cfg).expect("serialize");
         assert!(text.contains("\"image_aspect\":\"pad\""), "{text}");
+        assert!(
+            !text.contains("kernels"),
+            "no kernels: the caller's: {text}"
+        );
         let back: TrainConfig = serde_json::from_str(&text).expect("parse");
         assert_eq!(back, cfg);
+        let set = TrainConfig {
+            shards: 3,
+            kernels: Some(Kernels::Off),
+            ..cfg.clone()
+        };
+        let text = serde_json::to_string(&set).expect("serialize");
+        assert!(text.contains("\"kernels\":\"off\""), "{text}");
+        assert_eq!(
+            serde_json::from_str::<TrainConfig>(&text).expect("parse"),
+            set
+        );
+        // A record written before shards and kernels were settings reads as one shard.
+        let mut old: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let o = old.as_object_mut().expect("object");
+        o.remove("shards");
+        o.remove("kernels");
+        assert_eq!(
+            serde_json::from_value::<TrainConfig>(old).expect("old"),
+            cfg
+        );
     }
 }
