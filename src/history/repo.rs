@@ -763,7 +763,12 @@ mod tests {
         repo.check_commit_stored(id).unwrap();
         // What a full disk does: the write "succeeded", the file is not there.
         let hex = id.to_string();
-        let loose = repo.git().path().join("objects").join(&hex[..2]).join(&hex[2..]);
+        let loose = repo
+            .git()
+            .path()
+            .join("objects")
+            .join(&hex[..2])
+            .join(&hex[2..]);
         std::fs::remove_file(loose).unwrap();
         let err = repo.check_commit_stored(id).unwrap_err().to_string();
         assert!(err.contains("probably full"), "{err}");
