@@ -10,6 +10,7 @@ mod test_metrics_command;
 mod test_model_command;
 mod test_parity;
 mod test_score_command;
+mod test_score_limits;
 mod test_sharing;
 mod test_store_crash;
 mod test_task_command;
