@@ -8,7 +8,6 @@ mod clone;
 mod commit;
 mod compare;
 mod debug;
-mod debug_train;
 mod demo;
 mod diff;
 mod eval;
