@@ -6,6 +6,7 @@ mod test_bench_data_command;
 mod test_demo;
 mod test_history;
 mod test_judge_command;
+mod test_layering;
 mod test_metrics_command;
 mod test_model_command;
 mod test_parity;
