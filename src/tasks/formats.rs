@@ -26,9 +26,10 @@ use serde::{Deserialize, Serialize};
 use super::TaskError;
 
 /// The longest JSONL line (answer files, judge replies, judge progress) and the largest element
-/// of a JSON list (`train.json`, `test.json`) coin reads: 4 MiB. A CoIN answer line or test
-/// record is well under 10 KiB; a longer one is a broken or hostile file, refused before it is
-/// held in memory.
+/// of a JSON list (`train.json`, `test.json`; counted with the `,` before it) coin reads: 4 MiB.
+/// A CoIN answer line or test record is well under 10 KiB; a longer one is a broken or hostile
+/// file, refused before it is held in memory (a list element once it needs more than 4 MiB;
+/// the list reader's 64 KiB buffer may read that much further first).
 pub const MAX_RECORD_BYTES: usize = 4 << 20;
 
 /// The most records coin reads from one file: 10 million (CoIN's largest instruction file has
@@ -44,11 +45,15 @@ pub const MAX_FIELD_VALUES: usize = 4096;
 struct Limits {
     record_bytes: usize,
     records: usize,
+    /// The read buffer in front of a JSON list's meter: an element is refused once it needs
+    /// more than `record_bytes`, and at most `read_ahead` bytes past that are ever read.
+    read_ahead: usize,
 }
 
 const LIMITS: Limits = Limits {
     record_bytes: MAX_RECORD_BYTES,
     records: MAX_RECORDS,
+    read_ahead: 64 << 10,
 };
 
 /// The longest parser message kept in an error (characters); the rest is cut off.
@@ -403,7 +408,7 @@ fn open(path: &Path) -> Result<BufReader<std::fs::File>, TaskError> {
 struct Meter {
     /// The most bytes one element may take.
     record_bytes: u64,
-    /// Bytes handed to the parser so far.
+    /// Bytes handed to the parser's read buffer so far.
     pos: Cell<u64>,
     /// The parser may not read past this offset.
     limit: Cell<u64>,
@@ -430,6 +435,13 @@ impl Meter {
 
 /// A reader that refuses to read past the meter's limit, so one element of a JSON list never
 /// takes more than [`MAX_RECORD_BYTES`] of input (and so of memory) before it is refused.
+///
+/// It sits behind the parser's `BufReader` (serde_json reads byte by byte, and only a
+/// `BufReader` makes that fast), so it counts the bytes handed to that buffer: an element's
+/// start is known to within one buffer, which can only make the meter later, never earlier.
+/// When the meter refuses a refill, the parser has consumed everything read so far, at least
+/// `record_bytes` past the element's true start, and still wants more: the element is longer
+/// than the limit. An element within the limit is never refused.
 struct Metered<'m, R> {
     inner: R,
     meter: &'m Meter,
@@ -553,10 +565,13 @@ where
     F: FnMut(usize, T) -> Result<(), TaskError>,
 {
     let meter = Meter::new(limits.record_bytes);
-    let mut de = serde_json::Deserializer::from_reader(Metered {
-        inner: reader,
-        meter: &meter,
-    });
+    let mut de = serde_json::Deserializer::from_reader(BufReader::with_capacity(
+        limits.read_ahead,
+        Metered {
+            inner: reader,
+            meter: &meter,
+        },
+    ));
     let mut seed = EachSeed {
         f: &mut f,
         count: 0,
@@ -594,7 +609,9 @@ where
     T: DeserializeOwned,
     F: FnMut(usize, T) -> Result<(), TaskError>,
 {
-    for_each_in_json_list(open(path)?, path, f)
+    // Unbuffered: the list reader has its own buffer.
+    let file = std::fs::File::open(path).map_err(|e| TaskError::io("open", path, e))?;
+    for_each_in_json_list(file, path, f)
 }
 
 /// Read a whole CoIN `test.json`/`val.json`.
@@ -988,6 +1005,7 @@ mod tests {
         let limits = Limits {
             record_bytes: 64,
             records: 2,
+            read_ahead: 8,
         };
         let path = Path::new("x.jsonl");
         let read = |text: &str| {
@@ -1030,6 +1048,7 @@ mod tests {
         let limits = Limits {
             record_bytes: 64,
             records: 3,
+            read_ahead: 1,
         };
         let path = Path::new("test.json");
         let rec = |text: &str| format!("{{\"question_id\": 1, \"text\": \"{text}\"}}");
@@ -1063,16 +1082,55 @@ mod tests {
     }
 
     #[test]
+    fn a_json_list_element_within_the_limit_is_never_refused_whatever_the_buffer() {
+        // The meter counts from where the previous element ended, so an element's cost is its
+        // text plus the ", " before it. Within the limit: always read. Over the limit plus the
+        // read-ahead buffer: always refused.
+        let path = Path::new("t.json");
+        let rec = |n: usize| format!("{{\"question_id\": 1, \"text\": \"{}\"}}", "e".repeat(n));
+        let base = rec(0).len();
+        for read_ahead in [1, 2, 7, 16, 50, 200] {
+            let limits = Limits {
+                record_bytes: 60,
+                records: 10,
+                read_ahead,
+            };
+            for n in 0..70 {
+                let cost = 2 + base + n;
+                let text = format!("[{}, {}, {}]", rec(1), rec(n), rec(2));
+                let got =
+                    json_list_limited(text.as_bytes(), path, limits, |_, _: TestRecord| Ok(()));
+                if cost <= limits.record_bytes {
+                    assert_eq!(got.unwrap(), 3, "cost {cost}, buffer {read_ahead}");
+                } else if cost > limits.record_bytes + read_ahead {
+                    let err = got.unwrap_err().to_string();
+                    assert!(err.starts_with("record 1 of"), "cost {cost}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_real_test_file_element_over_4_mib_is_refused() {
         let d = tempfile::tempdir().unwrap();
-        let big = "w".repeat(MAX_RECORD_BYTES);
-        let text = format!(
-            "[{{\"question_id\": 1, \"text\": \"a\\nb\"}}, {{\"question_id\": 2, \"text\": \"{big}\"}}]"
+        let rec = |id: usize, n: usize| {
+            format!("{{\"question_id\": {id}, \"text\": \"{}\"}}", "w".repeat(n))
+        };
+        // Within the limit (with its ", "): read.
+        let at = MAX_RECORD_BYTES - rec(2, 0).len() - 2;
+        let p = tmpfile(&d, "at.json", &format!("[{}, {}]", rec(1, 1), rec(2, at)));
+        let read = read_test_file(&p).map(|r| r.iter().map(|q| q.text.len()).collect::<Vec<_>>());
+        assert_eq!(read.ok(), Some(vec![1, at]));
+        // Past the limit and the read-ahead buffer: refused, naming the file and the record.
+        let over = MAX_RECORD_BYTES + LIMITS.read_ahead;
+        let p = tmpfile(
+            &d,
+            "test.json",
+            &format!("[{}, {}]", rec(1, 1), rec(2, over)),
         );
-        let p = tmpfile(&d, "test.json", &text);
-        let err = read_test_file(&p).unwrap_err().to_string();
+        let err = read_test_file(&p).map(|r| r.len()).unwrap_err().to_string();
         assert!(
-            err.starts_with("record 1 of '") && err.contains("4 MiB"),
+            err.starts_with("record 1 of '") && err.contains("test.json") && err.contains("4 MiB"),
             "{err}"
         );
     }
