@@ -15,11 +15,13 @@ cd "$(dirname "$0")/.."
 
 PROFILE=${PROFILE:-release}
 if [ "$PROFILE" = release ]; then
-  cargo build --release --bin coin
+  cargo build --release --bin coin --example blake3_bench
   COIN=$PWD/target/release/coin
+  BLAKE3_BENCH=$PWD/target/release/examples/blake3_bench
 else
-  cargo build --bin coin
+  cargo build --bin coin --example blake3_bench
   COIN=$PWD/target/debug/coin
+  BLAKE3_BENCH=$PWD/target/debug/examples/blake3_bench
 fi
 
 if [ "${BENCH_NO_INSTALL:-0}" != 1 ]; then
@@ -30,4 +32,4 @@ fi
 
 WORK=${BENCH_DIR:-$(mktemp -d /tmp/coin-bench.XXXXXX)}
 echo "working in $WORK" >&2
-COIN="$COIN" exec python3 bench/store_bench.py "$WORK"
+COIN="$COIN" BLAKE3_BENCH="$BLAKE3_BENCH" exec python3 bench/store_bench.py "$WORK"

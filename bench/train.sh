@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LoRA training speed and peak memory on the CPU: coin (`coin debug train-bench`, the library
+# LoRA training speed and peak memory on the CPU: coin (examples/train_bench.rs, the library
 # trainer) vs PyTorch+PEFT (scripts/bench_train_hf.py) on the same random llava-hf model, the
 # same shapes (batch × (text + image patches)), LoRA on q,k,v,o,gate,up,down + full projector,
 # AdamW, clipping; warm-up steps excluded. Each engine runs in its own process (peak RSS = the
@@ -7,12 +7,20 @@
 # than the wall clock on a shared machine). Then coin's peak memory across adapter ranks on one model, to show
 # it grows with the adapter, not with the frozen weights.
 #   PYTHON=venv/bin/python bench/train.sh [steps]
+# BIN (a coin binary) and TRAIN_BENCH (a train_bench example binary) skip the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=${1:-10}
 PROFILE=${PROFILE:-release}
-if [ -n "${BIN:-}" ]; then :; elif [ "$PROFILE" = release ]; then cargo build --release --quiet; BIN=target/release/coin; else cargo build --quiet; BIN=target/debug/coin; fi
+if [ -n "${BIN:-}" ] && [ -n "${TRAIN_BENCH:-}" ]; then :
+elif [ "$PROFILE" = release ]; then
+  cargo build --release --quiet --bin coin --example train_bench
+  BIN=${BIN:-target/release/coin}; TRAIN_BENCH=${TRAIN_BENCH:-target/release/examples/train_bench}
+else
+  cargo build --quiet --bin coin --example train_bench
+  BIN=${BIN:-target/debug/coin}; TRAIN_BENCH=${TRAIN_BENCH:-target/debug/examples/train_bench}
+fi
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 "$BIN" -q model init --tiny "$W/tiny" --size tiny
@@ -21,7 +29,7 @@ field() { "$PY" -c "import json,sys; d=json.load(sys.stdin); print(d['$1'])"; }
 printf '%-6s %-5s %-4s %-12s %-12s %-7s %-14s %-15s %-16s %s\n' model batch seq coin_tok/s torch_tok/s ratio coin_peak_MiB torch_peak_MiB coin_cpu_s/step torch_cpu_s/step
 for cfg in "tiny 8 64" "small 8 128"; do
   set -- $cfg
-  C=$("$BIN" debug train-bench --model "$W/$1" --batch "$2" --seq-len "$3" --steps "$STEPS" --warmup 2 --device cpu)
+  C=$("$TRAIN_BENCH" --model "$W/$1" --batch "$2" --seq-len "$3" --steps "$STEPS" --warmup 2 --device cpu)
   T=$("$PY" scripts/bench_train_hf.py --model "$W/$1" --batch "$2" --seq-len "$3" --steps "$STEPS" --warmup 2 2>/dev/null)
   ct=$(echo "$C" | field tokens_per_s); tt=$(echo "$T" | field tokens_per_s)
   cm=$(echo "$C" | field peak_rss_bytes); tm=$(echo "$T" | field peak_rss_bytes)
@@ -32,7 +40,7 @@ echo
 echo "coin peak memory vs adapter rank (small model, batch 8, seq 128):"
 printf '%-5s %-12s %-14s\n' r trainable peak_MiB
 for r in 8 64 256; do
-  C=$("$BIN" debug train-bench --model "$W/small" --batch 8 --seq-len 128 --steps 3 --warmup 1 --r "$r" --alpha $((2 * r)) --device cpu)
+  C=$("$TRAIN_BENCH" --model "$W/small" --batch 8 --seq-len 128 --steps 3 --warmup 1 --r "$r" --alpha $((2 * r)) --device cpu)
   "$PY" -c "import json; d=json.loads('''$C'''); print(f\"{$r:<5} {d['trainable_parameters']:<12} {d['peak_rss_bytes']/2**20:.0f}\")"
 done
 echo "model weights on disk: tiny $(du -m "$W/tiny/model.safetensors" | cut -f1) MiB, small $(du -m "$W/small/model.safetensors" | cut -f1) MiB"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch + PEFT reference for bench/train.sh and scripts/gpu-check.sh: LoRA training steps
-on a llava-hf model directory with the same shapes `coin debug train-bench` uses (synthetic
+on a llava-hf model directory with the same shapes as examples/train_bench.rs (synthetic
 rows: BOS + prompt tokens, the image's patch tokens, supervised answer tokens; LoRA on
 q,k,v,o,gate,up,down of the language model, projector trained in full, AdamW, dropout 0.05),
 printed as one JSON line: steps/s, tokens/s (sequence positions), peak memory."""

@@ -3,7 +3,9 @@
 # nvcc 13.0 from PyPI wheels, stub libraries for the link, sm_90 (H100/H200) kernels.
 #   scripts/build-cuda.sh [TOOLCHAIN_DIR] [TARGET_DIR]
 # Result: TARGET_DIR/release/coin (needs libcuda, cuBLAS 13, cuRAND 10, cudart 13 at run time),
-# plus a stripped, xz-compressed copy TARGET_DIR/coin-cuda.xz small enough to carry.
+# plus a stripped, xz-compressed copy TARGET_DIR/coin-cuda.xz small enough to carry; the same for
+# the training benchmark example (TARGET_DIR/release/examples/train_bench, train_bench-cuda.xz)
+# that scripts/gpu-check.sh runs beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TC=${1:-$HOME/.cache/coin-cuda}
@@ -44,7 +46,9 @@ if [ ! -f "$STUBS/libcuda.so" ]; then
   stub '^curand' libcurand.so.10 libcurand.so
   stub '^nvrtc' libnvrtc.so.13 libnvrtc.so
 fi
-cargo build --release --locked --features cuda --target-dir "$TARGET"
+cargo build --release --locked --features cuda --target-dir "$TARGET" --bin coin --example train_bench
 strip -o "$TARGET/coin-cuda" "$TARGET/release/coin"
 xz -T0 -9 -c "$TARGET/coin-cuda" > "$TARGET/coin-cuda.xz"
-ls -la "$TARGET/release/coin" "$TARGET/coin-cuda" "$TARGET/coin-cuda.xz"
+strip -o "$TARGET/train_bench-cuda" "$TARGET/release/examples/train_bench"
+xz -T0 -9 -c "$TARGET/train_bench-cuda" > "$TARGET/train_bench-cuda.xz"
+ls -la "$TARGET/release/coin" "$TARGET/coin-cuda" "$TARGET/coin-cuda.xz" "$TARGET/train_bench-cuda.xz"

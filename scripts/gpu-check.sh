@@ -2,7 +2,10 @@
 # The GPU check of issues 3 and 4, run on a machine with an NVIDIA GPU from the repository root:
 #   scripts/gpu-check.sh BIN [quick]
 # BIN is a `cargo build --release --features cuda` coin binary (see docs/cuda.md); a file ending
-# in .xz is unpacked first. Needs python3 with torch, transformers and peft for the PyTorch side.
+# in .xz is unpacked first. The training steps run the train_bench example of the same build:
+# TRAIN_BENCH, by default BIN's examples/train_bench (cargo's layout) or, for BIN = DIR/*.xz,
+# DIR/train_bench-cuda.xz (what scripts/build-cuda.sh writes). Needs python3 with torch,
+# transformers and peft for the PyTorch side.
 # Writes everything it prints to $OUT/gpu-check.log (OUT defaults to /tmp/gpu-check).
 #  1. devices and driver;
 #  2. generation: the HF parity model (tests/fixtures/parity) on CPU f32, CUDA f32, CUDA bf16 —
@@ -20,6 +23,15 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu-check.log") 2>&1
 W=$(mktemp -d)
 step() { echo; echo "=== $* ($(date +%T))"; }
+if [[ "$BIN" == *.xz ]]; then TRAIN_BENCH=${TRAIN_BENCH:-$(dirname "$BIN")/train_bench-cuda.xz}
+else TRAIN_BENCH=${TRAIN_BENCH:-$(dirname "$BIN")/examples/train_bench}; fi
+# Unpack an .xz binary into $W; prints the path to run.
+unpack() {
+  if [[ "$1" == *.xz ]]; then
+    python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$1" "$W/$2"
+    chmod +x "$W/$2"; echo "$W/$2"
+  else chmod +x "$1"; echo "$1"; fi
+}
 
 [ "$MODE" = bench ] || {
 step "1. device"
@@ -34,11 +46,7 @@ for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu
 done
 export LD_LIBRARY_PATH
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-if [[ "$BIN" == *.xz ]]; then
-  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$BIN" "$W/coin"
-  BIN=$W/coin
-fi
-chmod +x "$BIN"
+BIN=$(unpack "$BIN" coin); TRAIN_BENCH=$(unpack "$TRAIN_BENCH" train_bench)
 "$BIN" --version || { echo "FAIL: the binary does not start"; ldd "$BIN"; exit 1; }
 ldd "$BIN" | grep -E "cuda|cublas|curand|not found"
 
@@ -75,7 +83,7 @@ python3 -c "import sys" # keep going even without python extras
 for method in lora moelora; do
   for run in cpu:f32 cuda:f32 cuda:bf16; do
     dev=${run%%:*}; dt=${run##*:}
-    timeout 180 "$BIN" debug train-bench --model "$W/tiny" --data "$W/mini" --task-dir VizWiz --method $method \
+    timeout 180 "$TRAIN_BENCH" --model "$W/tiny" --data "$W/mini" --task-dir VizWiz --method $method \
       --experts 2 --device $dev --dtype $dt --batch 8 --steps 6 --warmup 0 --lr 2e-3 --dropout 0 > "$W/train-$method-$dev-$dt.json" \
       || echo "FAIL: train $method $run"
   done
@@ -102,10 +110,7 @@ for lib in libcublas.so.13 libcurand.so.10 libcudart.so.13; do
   d=$(find "$NV" -name "$lib" 2>/dev/null | head -1); [ -n "$d" ] && LD_LIBRARY_PATH="$(dirname "$d"):${LD_LIBRARY_PATH:-}"
 done
 export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/usr/local/nvidia/lib64"
-if [[ "$BIN" == *.xz ]]; then
-  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$BIN" "$W/coin"; BIN=$W/coin
-fi
-chmod +x "$BIN"
+BIN=$(unpack "$BIN" coin); TRAIN_BENCH=$(unpack "$TRAIN_BENCH" train_bench)
 }
 
 BATCHES=${BATCHES:-8}
@@ -115,7 +120,7 @@ for B in $BATCHES; do
 echo "--- batch $B"
 mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$1" & echo $!; }
 P=$(mem "$W/mem-coin.txt")
-timeout 300 "$BIN" debug train-bench --model "$W/m1b" --device cuda --dtype bf16 --r 128 --alpha 256 \
+timeout 300 "$TRAIN_BENCH" --model "$W/m1b" --device cuda --dtype bf16 --r 128 --alpha 256 \
   --batch $B --seq-len 512 --steps 10 --warmup 3 > "$W/bench-coin.json" 2>"$W/coin.err" || { echo "FAIL: coin bench"; head -3 "$W/coin.err"; }
 kill $P
 P=$(mem "$W/mem-torch.txt")

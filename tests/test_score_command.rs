@@ -117,7 +117,7 @@ fn score_errors_are_clear() {
         ])
         .code(1);
     assert!(
-        out.stderr.contains("record 2 of") && out.stderr.contains("bad.jsonl"),
+        out.stderr.contains("line 2 of") && out.stderr.contains("bad.jsonl"),
         "{}",
         out.stderr
     );

@@ -129,11 +129,18 @@ fn apply_runtime(helper: &CommandHelper, command: &commands::Command) -> Result<
     std::env::remove_var("RAYON_NUM_THREADS");
     std::env::remove_var("CANDLE_NUM_THREADS");
     let rt = cfg.resolved_runtime()?;
+    set_engine_threads(&rt);
+    Ok(())
+}
+
+/// Give candle and rayon the resolved thread counts: candle 0.11 reads them only from its own
+/// environment variables, so they are set here, at process start, before any thread exists
+/// (also used by the benchmark harnesses in `examples/`).
+pub fn set_engine_threads(rt: &crate::ml::runtime::Runtime) {
     std::env::set_var("RAYON_NUM_THREADS", rt.threads.to_string());
     std::env::set_var("CANDLE_NUM_THREADS", rt.elementwise_threads.to_string());
     // rayon reads the same variable; building its global pool here makes the size explicit.
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(rt.threads)
         .build_global();
-    Ok(())
 }

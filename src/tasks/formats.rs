@@ -7,15 +7,96 @@
 //!
 //! JSON lists are read element by element (a 400 MB `train.json` never sits in memory as one
 //! `Value`), and a broken element is reported with its file and index.
+//!
+//! These files come from outside, so every reader is bounded: one JSONL line or one element of
+//! a JSON list holds at most [`MAX_RECORD_BYTES`], a file at most [`MAX_RECORDS`] records, and
+//! the free-form fields of an answer line at most [`MAX_FIELD_VALUES`] JSON values. Records are
+//! parsed into typed structs (no `serde_json::Value` tree for the fields coin reads), and text
+//! from a file that reaches an error message is shown through [`Escaped`] (`TaskError`'s
+//! messages do it).
 
+use std::cell::Cell;
 use std::fmt;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Component, Path, PathBuf};
 
-use serde::de::{DeserializeOwned, DeserializeSeed, SeqAccess, Visitor};
+use serde::de::{DeserializeOwned, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::TaskError;
+
+/// The longest JSONL line (answer files, judge replies, judge progress) and the largest element
+/// of a JSON list (`train.json`, `test.json`; counted with the `,` before it) coin reads: 4 MiB.
+/// A CoIN answer line or test record is well under 10 KiB; a longer one is a broken or hostile
+/// file, refused before it is held in memory (a list element once it needs more than 4 MiB;
+/// the list reader's 64 KiB buffer may read that much further first).
+pub const MAX_RECORD_BYTES: usize = 4 << 20;
+
+/// The most records coin reads from one file: 10 million (CoIN's largest instruction file has
+/// well under one million).
+pub const MAX_RECORDS: usize = 10_000_000;
+
+/// The most JSON values kept in one free-form field of an answer line (`answer_id`, `model_id`,
+/// `metadata`; CoIN writes a string, a string and `{}`).
+pub const MAX_FIELD_VALUES: usize = 4096;
+
+/// The bounds of a reader (the constants above; tests shrink them).
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    record_bytes: usize,
+    records: usize,
+    /// The read buffer in front of a JSON list's meter: an element is refused once it needs
+    /// more than `record_bytes`, and at most `read_ahead` bytes past that are ever read.
+    read_ahead: usize,
+}
+
+const LIMITS: Limits = Limits {
+    record_bytes: MAX_RECORD_BYTES,
+    records: MAX_RECORDS,
+    read_ahead: 64 << 10,
+};
+
+/// The longest parser message kept in an error (characters); the rest is cut off.
+const MAX_MESSAGE_CHARS: usize = 300;
+
+/// Text from a data file shown in a message: every character that `str::escape_debug` would
+/// escape is escaped (control characters, line breaks, backslashes, invisible and combining
+/// characters) except quotes, so a hostile file cannot write to the terminal through an error.
+#[derive(Clone, Copy, Debug)]
+pub struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
+        for c in self.0.chars() {
+            if matches!(c, '"' | '\'') {
+                f.write_char(c)?;
+            } else {
+                write!(f, "{}", c.escape_debug())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A byte count for a message: whole MiB when it is one, else bytes.
+pub(crate) fn size_text(bytes: usize) -> String {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// A parser's message, cut to [`MAX_MESSAGE_CHARS`] (serde quotes the offending value, which
+/// may be megabytes long).
+fn brief(message: impl fmt::Display) -> String {
+    let m = message.to_string();
+    match m.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((i, _)) => format!("{}…", &m[..i]),
+        None => m,
+    }
+}
 
 /// A question id as written in a CoIN file: a string or an integer. Compared by its text, so
 /// `5` and `"5"` are the same question.
@@ -29,28 +110,172 @@ impl fmt::Display for Qid {
     }
 }
 
+/// serde_json's text of a float (`5.0`, `1e20`), so a number reads as it did through `Value`.
+fn float_text(v: f64) -> String {
+    serde_json::Number::from_f64(v).map_or_else(|| v.to_string(), |n| n.to_string())
+}
+
 impl<'de> Deserialize<'de> for Qid {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match serde_json::Value::deserialize(d)? {
-            serde_json::Value::String(s) => Ok(Qid(s)),
-            serde_json::Value::Number(n) => Ok(Qid(n.to_string())),
-            other => Err(serde::de::Error::custom(format!(
-                "question_id must be a string or a number, not {other}"
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Qid;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a question id (a string or a number)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Qid, E> {
+                Ok(Qid(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Qid, E> {
+                Ok(Qid(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Qid, E> {
+                Ok(Qid(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Qid, E> {
+                Ok(Qid(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Qid, E> {
+                Ok(Qid(float_text(v)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A value that CoIN writes as a string but that sometimes is a number (answers like `2`) or a
+/// boolean; `null` is no value. Read without building a `Value`, so a list or an object here is
+/// refused before its elements are parsed.
+fn de_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string, a number or a boolean")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(V)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(Some(float_text(v)))
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// A free-form JSON field of an answer line, kept as a `Value` of at most [`MAX_FIELD_VALUES`]
+/// values (a larger one is refused while it is parsed, before it is built).
+fn de_small_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<serde_json::Value, D::Error> {
+    let mut left = MAX_FIELD_VALUES;
+    SmallValue { left: &mut left }.deserialize(d)
+}
+
+struct SmallValue<'a> {
+    left: &'a mut usize,
+}
+
+impl SmallValue<'_> {
+    fn take<E: serde::de::Error>(&mut self) -> Result<(), E> {
+        match self.left.checked_sub(1) {
+            Some(l) => {
+                *self.left = l;
+                Ok(())
+            }
+            None => Err(E::custom(format_args!(
+                "a free-form field (answer_id, model_id, metadata) holds more than {MAX_FIELD_VALUES} JSON values"
             ))),
         }
     }
 }
 
-/// A value that CoIN writes as a string but that sometimes is a number (answers like `2`).
-fn de_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    match Option::<serde_json::Value>::deserialize(d)? {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(s)) => Ok(Some(s)),
-        Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(serde_json::Value::Bool(b)) => Ok(Some(b.to_string())),
-        Some(other) => Err(serde::de::Error::custom(format!(
-            "expected a string, found {other}"
-        ))),
+impl<'de> DeserializeSeed<'de> for SmallValue<'_> {
+    type Value = serde_json::Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SmallValue<'_> {
+    type Value = serde_json::Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E: serde::de::Error>(mut self) -> Result<Self::Value, E> {
+        self.take()?;
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        self.visit_unit()
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_bool<E: serde::de::Error>(mut self, v: bool) -> Result<Self::Value, E> {
+        self.take()?;
+        Ok(v.into())
+    }
+    fn visit_u64<E: serde::de::Error>(mut self, v: u64) -> Result<Self::Value, E> {
+        self.take()?;
+        Ok(v.into())
+    }
+    fn visit_i64<E: serde::de::Error>(mut self, v: i64) -> Result<Self::Value, E> {
+        self.take()?;
+        Ok(v.into())
+    }
+    fn visit_f64<E: serde::de::Error>(mut self, v: f64) -> Result<Self::Value, E> {
+        self.take()?;
+        Ok(v.into())
+    }
+    fn visit_str<E: serde::de::Error>(mut self, v: &str) -> Result<Self::Value, E> {
+        self.take()?;
+        Ok(v.into())
+    }
+    fn visit_string<E: serde::de::Error>(mut self, v: String) -> Result<Self::Value, E> {
+        self.take()?;
+        Ok(v.into())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Self::Value, A::Error> {
+        self.take()?;
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(SmallValue {
+            left: &mut *self.left,
+        })? {
+            out.push(v);
+        }
+        Ok(serde_json::Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Self::Value, A::Error> {
+        self.take()?;
+        let mut out = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            self.take()?;
+            let v = map.next_value_seed(SmallValue {
+                left: &mut *self.left,
+            })?;
+            out.insert(k, v);
+        }
+        Ok(serde_json::Value::Object(out))
     }
 }
 
@@ -156,13 +381,13 @@ pub struct AnswerRecord {
     #[serde(default, deserialize_with = "de_text")]
     pub text: Option<String>,
     /// A random id (shortuuid in CoIN).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_small_value")]
     pub answer_id: serde_json::Value,
     /// The model name.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_small_value")]
     pub model_id: serde_json::Value,
-    /// Anything else.
-    #[serde(default)]
+    /// Anything else (at most [`MAX_FIELD_VALUES`] values per field).
+    #[serde(default, deserialize_with = "de_small_value")]
     pub metadata: serde_json::Value,
 }
 
@@ -179,11 +404,71 @@ fn open(path: &Path) -> Result<BufReader<std::fs::File>, TaskError> {
         .map_err(|e| TaskError::io("open", path, e))
 }
 
+/// How far a JSON-list reader has read and where the current element must end.
+struct Meter {
+    /// The most bytes one element may take.
+    record_bytes: u64,
+    /// Bytes handed to the parser's read buffer so far.
+    pos: Cell<u64>,
+    /// The parser may not read past this offset.
+    limit: Cell<u64>,
+    /// The limit was reached (so a parser error is really "element too large").
+    hit: Cell<bool>,
+}
+
+impl Meter {
+    fn new(record_bytes: usize) -> Self {
+        let record_bytes = record_bytes as u64;
+        Meter {
+            record_bytes,
+            pos: Cell::new(0),
+            limit: Cell::new(record_bytes),
+            hit: Cell::new(false),
+        }
+    }
+
+    /// The next element starts here: it may take `record_bytes` from now on.
+    fn start_element(&self) {
+        self.limit.set(self.pos.get() + self.record_bytes);
+    }
+}
+
+/// A reader that refuses to read past the meter's limit, so one element of a JSON list never
+/// takes more than [`MAX_RECORD_BYTES`] of input (and so of memory) before it is refused.
+///
+/// It sits behind the parser's `BufReader` (serde_json reads byte by byte, and only a
+/// `BufReader` makes that fast), so it counts the bytes handed to that buffer: an element's
+/// start is known to within one buffer, which can only make the meter later, never earlier.
+/// When the meter refuses a refill, the parser has consumed everything read so far, at least
+/// `record_bytes` past the element's true start, and still wants more: the element is longer
+/// than the limit. An element within the limit is never refused.
+struct Metered<'m, R> {
+    inner: R,
+    meter: &'m Meter,
+}
+
+impl<R: Read> Read for Metered<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let pos = self.meter.pos.get();
+        let room = self.meter.limit.get().saturating_sub(pos);
+        if room == 0 && !buf.is_empty() {
+            self.meter.hit.set(true);
+            return Err(std::io::Error::other("a record is too large"));
+        }
+        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.meter.pos.set(pos + n as u64);
+        Ok(n)
+    }
+}
+
 struct EachSeed<'a, T, F> {
     f: &'a mut F,
     count: usize,
     failure: Option<TaskError>,
     path: &'a Path,
+    meter: &'a Meter,
+    limits: Limits,
     _t: std::marker::PhantomData<T>,
 }
 
@@ -199,8 +484,13 @@ where
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         loop {
             let index = self.count;
+            self.meter.start_element();
             match seq.next_element::<T>() {
                 Ok(Some(item)) => {
+                    if index >= self.limits.records {
+                        self.failure = Some(too_many_records(self.path, self.limits));
+                        return Err(serde::de::Error::custom("stopped"));
+                    }
                     self.count += 1;
                     if let Err(e) = (self.f)(index, item) {
                         self.failure = Some(e);
@@ -209,10 +499,18 @@ where
                 }
                 Ok(None) => return Ok(()),
                 Err(e) => {
-                    self.failure = Some(TaskError::Record {
-                        path: self.path.to_path_buf(),
-                        index,
-                        message: e.to_string(),
+                    self.failure = Some(if self.meter.hit.get() {
+                        TaskError::TooLong {
+                            path: self.path.to_path_buf(),
+                            place: format!("record {index}"),
+                            limit: self.limits.record_bytes,
+                        }
+                    } else {
+                        TaskError::Record {
+                            path: self.path.to_path_buf(),
+                            index,
+                            message: brief(e.to_string()),
+                        }
                     });
                     return Err(e);
                 }
@@ -232,30 +530,75 @@ where
     }
 }
 
+fn too_many_records(path: &Path, limits: Limits) -> TaskError {
+    TaskError::Format {
+        path: path.to_path_buf(),
+        what: "data file",
+        message: format!(
+            "it has more than {} records, the most coin reads from one file",
+            limits.records
+        ),
+    }
+}
+
 /// Stream the elements of a JSON list from `reader`, calling `f(index, item)` for each.
-/// Returns the number of elements. `path` names the source in errors.
-pub fn for_each_in_json_list<T, R, F>(reader: R, path: &Path, mut f: F) -> Result<usize, TaskError>
+/// Returns the number of elements. `path` names the source in errors. An element longer than
+/// [`MAX_RECORD_BYTES`] or a list of more than [`MAX_RECORDS`] elements is an error.
+pub fn for_each_in_json_list<T, R, F>(reader: R, path: &Path, f: F) -> Result<usize, TaskError>
 where
     T: DeserializeOwned,
     R: Read,
     F: FnMut(usize, T) -> Result<(), TaskError>,
 {
-    let mut de = serde_json::Deserializer::from_reader(reader);
+    json_list_limited(reader, path, LIMITS, f)
+}
+
+fn json_list_limited<T, R, F>(
+    reader: R,
+    path: &Path,
+    limits: Limits,
+    mut f: F,
+) -> Result<usize, TaskError>
+where
+    T: DeserializeOwned,
+    R: Read,
+    F: FnMut(usize, T) -> Result<(), TaskError>,
+{
+    let meter = Meter::new(limits.record_bytes);
+    let mut de = serde_json::Deserializer::from_reader(BufReader::with_capacity(
+        limits.read_ahead,
+        Metered {
+            inner: reader,
+            meter: &meter,
+        },
+    ));
     let mut seed = EachSeed {
         f: &mut f,
         count: 0,
         failure: None,
         path,
+        meter: &meter,
+        limits,
         _t: std::marker::PhantomData,
     };
     let res = (&mut seed).deserialize(&mut de);
     if let Some(failure) = seed.failure.take() {
         return Err(failure);
     }
+    if meter.hit.get() {
+        // Refused before the first element (a huge value that is not a list).
+        return Err(TaskError::TooLong {
+            path: path.to_path_buf(),
+            place: "the start".into(),
+            limit: limits.record_bytes,
+        });
+    }
+    // Trailing whitespace costs no memory: no limit for the end check.
+    meter.limit.set(u64::MAX);
     res.and_then(|()| de.end()).map_err(|e| TaskError::Format {
         path: path.to_path_buf(),
         what: "JSON list",
-        message: e.to_string(),
+        message: brief(e),
     })?;
     Ok(seed.count)
 }
@@ -266,7 +609,9 @@ where
     T: DeserializeOwned,
     F: FnMut(usize, T) -> Result<(), TaskError>,
 {
-    for_each_in_json_list(open(path)?, path, f)
+    // Unbuffered: the list reader has its own buffer.
+    let file = std::fs::File::open(path).map_err(|e| TaskError::io("open", path, e))?;
+    for_each_in_json_list(file, path, f)
 }
 
 /// Read a whole CoIN `test.json`/`val.json`.
@@ -294,36 +639,123 @@ pub fn read_train_file(path: &Path) -> Result<Vec<TrainRecord>, TaskError> {
     Ok(out)
 }
 
-/// Stream a JSONL answer file; `f(line_number, record)` (1-based). Blank lines are skipped.
-pub fn for_each_answer<F>(path: &Path, mut f: F) -> Result<usize, TaskError>
+/// Read one line into `buf` (without its `\n`), reading at most `max` bytes of it: `Ok(false)`
+/// at the end of the input, `Err(None)` when the line is longer than `max`.
+fn read_line_bounded(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<bool, Option<std::io::Error>> {
+    buf.clear();
+    let mut any = false;
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Some(e)),
+        };
+        if chunk.is_empty() {
+            return Ok(any);
+        }
+        any = true;
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (chunk.len(), false),
+        };
+        if buf.len() + take > max {
+            return Err(None);
+        }
+        buf.extend_from_slice(&chunk[..take]);
+        reader.consume(take + usize::from(done));
+        if done {
+            return Ok(true);
+        }
+    }
+}
+
+/// Stream a JSONL input: `f(line_number, record)` (1-based) for each non-blank line, each read
+/// into a `T`. A line longer than [`MAX_RECORD_BYTES`], more than [`MAX_RECORDS`] records, a
+/// line that is not UTF-8 or not a `T` is an error naming `path` and the line. Returns the
+/// number of records.
+pub fn for_each_jsonl<T, F>(reader: impl BufRead, path: &Path, f: F) -> Result<usize, TaskError>
 where
-    F: FnMut(usize, AnswerRecord) -> Result<(), TaskError>,
+    T: DeserializeOwned,
+    F: FnMut(usize, T) -> Result<(), TaskError>,
 {
-    let reader = open(path)?;
+    jsonl_limited(reader, path, LIMITS, f)
+}
+
+fn jsonl_limited<T, F>(
+    mut reader: impl BufRead,
+    path: &Path,
+    limits: Limits,
+    mut f: F,
+) -> Result<usize, TaskError>
+where
+    T: DeserializeOwned,
+    F: FnMut(usize, T) -> Result<(), TaskError>,
+{
+    let mut buf = Vec::new();
     let mut n = 0;
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| TaskError::io("read", path, e))?;
+    let mut line_no = 0;
+    loop {
+        line_no += 1;
+        match read_line_bounded(&mut reader, &mut buf, limits.record_bytes) {
+            Ok(false) => return Ok(n),
+            Ok(true) => {}
+            Err(Some(e)) => return Err(TaskError::io("read", path, e)),
+            Err(None) => {
+                return Err(TaskError::TooLong {
+                    path: path.to_path_buf(),
+                    place: format!("line {line_no}"),
+                    limit: limits.record_bytes,
+                })
+            }
+        }
+        let line = std::str::from_utf8(&buf).map_err(|_| TaskError::Line {
+            path: path.to_path_buf(),
+            line: line_no,
+            message: "it is not UTF-8 text".into(),
+        })?;
         if line.trim().is_empty() {
             continue;
         }
-        let rec: AnswerRecord = serde_json::from_str(&line).map_err(|e| TaskError::Record {
+        if n >= limits.records {
+            return Err(too_many_records(path, limits));
+        }
+        let rec: T = serde_json::from_str(line).map_err(|e| TaskError::Line {
             path: path.to_path_buf(),
-            index: i + 1,
-            message: e.to_string(),
+            line: line_no,
+            message: brief(e),
         })?;
-        f(i + 1, rec)?;
+        f(line_no, rec)?;
         n += 1;
     }
-    Ok(n)
 }
 
-/// Read a whole answer file.
+/// Stream a JSONL answer file; `f(line_number, record)` (1-based). Blank lines are skipped.
+pub fn for_each_answer<F>(path: &Path, f: F) -> Result<usize, TaskError>
+where
+    F: FnMut(usize, AnswerRecord) -> Result<(), TaskError>,
+{
+    for_each_jsonl(open(path)?, path, f)
+}
+
+/// Read a whole answer file to score it. A file without a single answer is an error naming the
+/// file: an empty answer file is a mistake (a crashed run, a wrong path), not a score of 0.
 pub fn read_answer_file(path: &Path) -> Result<Vec<AnswerRecord>, TaskError> {
     let mut out = Vec::new();
     for_each_answer(path, |_, r| {
         out.push(r);
         Ok(())
     })?;
+    if out.is_empty() {
+        return Err(TaskError::Format {
+            path: path.to_path_buf(),
+            what: "answer file",
+            message: "it holds no answers (an empty answer file is not a score of 0)".into(),
+        });
+    }
     Ok(out)
 }
 
@@ -521,7 +953,274 @@ mod tests {
         assert_eq!(read_answer_file(&p2).unwrap(), a);
         let p3 = tmpfile(&d, "bad.jsonl", "{\"question_id\": 1}\nnot json\n");
         let err = read_answer_file(&p3).unwrap_err().to_string();
-        assert!(err.contains("record 2"), "{err}");
+        assert!(err.starts_with("line 2 of '"), "{err}");
+        assert!(err.contains("bad.jsonl"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_answer_file_is_an_error_naming_it() {
+        let d = tempfile::tempdir().unwrap();
+        for (name, text) in [("empty.jsonl", ""), ("blank.jsonl", "\n  \n\r\n")] {
+            let p = tmpfile(&d, name, text);
+            let err = read_answer_file(&p).unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+            assert!(err.contains("holds no answers"), "{err}");
+            // The streaming reader itself just counts: zero records is not its business.
+            assert_eq!(for_each_answer(&p, |_, _| Ok(())).unwrap(), 0);
+        }
+    }
+
+    fn line_of(len: usize) -> String {
+        let head = "{\"question_id\": 1, \"text\": \"";
+        let tail = "\"}";
+        format!("{head}{}{tail}", "y".repeat(len - head.len() - tail.len()))
+    }
+
+    #[test]
+    fn an_answer_line_over_the_limit_is_refused_with_its_line_number() {
+        let d = tempfile::tempdir().unwrap();
+        // Exactly the limit is read; one byte more is refused, naming the file and the line.
+        let at = line_of(MAX_RECORD_BYTES);
+        let p = tmpfile(&d, "at.jsonl", &format!("{at}\n"));
+        assert_eq!(
+            read_answer_file(&p).unwrap()[0].answer().len(),
+            MAX_RECORD_BYTES - 30
+        );
+        let over = line_of(MAX_RECORD_BYTES + 1);
+        let text = format!("{}\n\n{over}\n", line_of(40));
+        let p = tmpfile(&d, "over.jsonl", &text);
+        let err = read_answer_file(&p).unwrap_err();
+        assert!(matches!(err, TaskError::TooLong { .. }), "{err:?}");
+        let err = err.to_string();
+        assert!(err.starts_with("line 3 of '"), "{err}");
+        assert!(err.contains("over.jsonl") && err.contains("4 MiB"), "{err}");
+        // The same without a final newline.
+        let p = tmpfile(&d, "last.jsonl", &over);
+        let err = read_answer_file(&p).unwrap_err().to_string();
+        assert!(err.starts_with("line 1 of '"), "{err}");
+    }
+
+    #[test]
+    fn jsonl_limits_count_lines_and_records() {
+        let limits = Limits {
+            record_bytes: 64,
+            records: 2,
+            read_ahead: 8,
+        };
+        let path = Path::new("x.jsonl");
+        let read = |text: &str| {
+            let mut ids = Vec::new();
+            jsonl_limited(text.as_bytes(), path, limits, |line, r: AnswerRecord| {
+                ids.push((line, r.question_id.0));
+                Ok(())
+            })
+            .map(|n| (n, ids))
+        };
+        let (n, ids) = read("{\"question_id\": 1}\r\n\n{\"question_id\": \"b\"}").unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(ids, vec![(1, "1".to_string()), (3, "b".to_string())]);
+        // Blank lines do not count as records; a third record does.
+        let err = read("{\"question_id\": 1}\n{\"question_id\": 2}\n\n{\"question_id\": 3}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than 2 records"), "{err}");
+        let long = format!("{{\"question_id\": 1, \"text\": \"{}\"}}", "z".repeat(64));
+        let err = read(&format!("{{\"question_id\": 1}}\n{long}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("line 2 of 'x.jsonl' is longer than 64 bytes"),
+            "{err}"
+        );
+        let err = jsonl_limited(
+            &b"{\"question_id\": 1}\n{\"text\": \"\xff\"}\n"[..],
+            path,
+            limits,
+            |_, _: AnswerRecord| Ok(()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("line 2") && err.contains("not UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn a_json_list_element_over_the_limit_is_refused_with_its_index() {
+        let limits = Limits {
+            record_bytes: 64,
+            records: 3,
+            read_ahead: 1,
+        };
+        let path = Path::new("test.json");
+        let rec = |text: &str| format!("{{\"question_id\": 1, \"text\": \"{text}\"}}");
+        let read = |text: String| {
+            json_list_limited(text.as_bytes(), path, limits, |_, _: TestRecord| Ok(()))
+        };
+        // Many elements, each under the limit, make a list longer than the limit: fine.
+        let ok = format!("[{}, {}, {}]", rec("a"), rec("b"), rec(&"c".repeat(30)));
+        assert!(ok.len() > 64);
+        assert_eq!(read(ok).unwrap(), 3);
+        let err = read(format!("[{}, {}]", rec("a"), rec(&"d".repeat(80)))).unwrap_err();
+        assert!(matches!(err, TaskError::TooLong { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("record 1 of 'test.json' is longer than 64 bytes"),
+            "{err}"
+        );
+        let four = format!("[{}, {}, {}, {}]", rec("a"), rec("b"), rec("c"), rec("d"));
+        let err = read(four).unwrap_err().to_string();
+        assert!(err.contains("more than 3 records"), "{err}");
+        // A huge value that is not a list is refused at its start.
+        let err = read(format!("\"{}\"", "x".repeat(100)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("the start of 'test.json' is longer"),
+            "{err}"
+        );
+        // Whitespace after the list costs nothing and is not limited.
+        assert_eq!(read(format!("[]{}", " ".repeat(100))).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_json_list_element_within_the_limit_is_never_refused_whatever_the_buffer() {
+        // The meter counts from where the previous element ended, so an element's cost is its
+        // text plus the ", " before it. Within the limit: always read. Over the limit plus the
+        // read-ahead buffer: always refused.
+        let path = Path::new("t.json");
+        let rec = |n: usize| format!("{{\"question_id\": 1, \"text\": \"{}\"}}", "e".repeat(n));
+        let base = rec(0).len();
+        for read_ahead in [1, 2, 7, 16, 50, 200] {
+            let limits = Limits {
+                record_bytes: 60,
+                records: 10,
+                read_ahead,
+            };
+            for n in 0..70 {
+                let cost = 2 + base + n;
+                let text = format!("[{}, {}, {}]", rec(1), rec(n), rec(2));
+                let got =
+                    json_list_limited(text.as_bytes(), path, limits, |_, _: TestRecord| Ok(()));
+                if cost <= limits.record_bytes {
+                    assert_eq!(got.unwrap(), 3, "cost {cost}, buffer {read_ahead}");
+                } else if cost > limits.record_bytes + read_ahead {
+                    let err = got.unwrap_err().to_string();
+                    assert!(err.starts_with("record 1 of"), "cost {cost}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_real_test_file_element_over_4_mib_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let rec = |id: usize, n: usize| {
+            format!("{{\"question_id\": {id}, \"text\": \"{}\"}}", "w".repeat(n))
+        };
+        // Within the limit (with its ", "): read.
+        let at = MAX_RECORD_BYTES - rec(2, 0).len() - 2;
+        let p = tmpfile(&d, "at.json", &format!("[{}, {}]", rec(1, 1), rec(2, at)));
+        let read = read_test_file(&p).map(|r| r.iter().map(|q| q.text.len()).collect::<Vec<_>>());
+        assert_eq!(read.ok(), Some(vec![1, at]));
+        // Past the limit and the read-ahead buffer: refused, naming the file and the record.
+        let over = MAX_RECORD_BYTES + LIMITS.read_ahead;
+        let p = tmpfile(
+            &d,
+            "test.json",
+            &format!("[{}, {}]", rec(1, 1), rec(2, over)),
+        );
+        let err = read_test_file(&p).map(|r| r.len()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("record 1 of '") && err.contains("test.json") && err.contains("4 MiB"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ids_and_texts_are_typed_and_never_build_a_tree() {
+        let q: TestRecord = serde_json::from_str(
+            r#"{"question_id": 5.0, "text": "t", "answer": 1e20, "answer_bbox": null}"#,
+        )
+        .unwrap();
+        // Numbers read as they did through serde_json's Value.
+        assert_eq!(q.question_id, Qid("5.0".into()));
+        assert_eq!(q.answer.as_deref(), Some("1e+20"));
+        assert_eq!(q.answer_bbox, None);
+        let a: AnswerRecord = serde_json::from_str(r#"{"question_id": -3, "text": true}"#).unwrap();
+        assert_eq!((a.question_id.0.as_str(), a.answer()), ("-3", "true"));
+        // A list where a string belongs is refused by its type, not printed back whole.
+        let list = format!("[{}]", vec!["0"; 10_000].join(","));
+        for line in [
+            format!(r#"{{"question_id": {list}}}"#),
+            format!(r#"{{"question_id": 1, "text": {list}}}"#),
+        ] {
+            let err = serde_json::from_str::<AnswerRecord>(&line)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("invalid type: sequence"), "{err}");
+            assert!(err.len() < 200, "{err}");
+        }
+    }
+
+    #[test]
+    fn free_form_answer_fields_keep_at_most_max_field_values() {
+        let list = |n: usize| format!("[{}]", vec!["0"; n].join(","));
+        // The list itself is one value.
+        let ok = format!(
+            r#"{{"question_id": 1, "answer_id": "x", "metadata": {{"a": {}}}}}"#,
+            list(MAX_FIELD_VALUES - 3)
+        );
+        let a: AnswerRecord = serde_json::from_str(&ok).unwrap();
+        assert_eq!(a.answer_id, serde_json::json!("x"));
+        assert_eq!(
+            a.metadata["a"].as_array().unwrap().len(),
+            MAX_FIELD_VALUES - 3
+        );
+        let over = format!(
+            r#"{{"question_id": 1, "metadata": {{"a": {}}}}}"#,
+            list(MAX_FIELD_VALUES - 2)
+        );
+        let err = serde_json::from_str::<AnswerRecord>(&over)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than 4096 JSON values"), "{err}");
+        // Each field has its own budget, and the usual CoIN line round-trips.
+        let line = r#"{"question_id":"q","prompt":"p","text":"t","answer_id":"id","model_id":"m","metadata":{"k":[1,2.5,null,true]}}"#;
+        let a: AnswerRecord = serde_json::from_str(line).unwrap();
+        assert_eq!(serde_json::to_string(&a).unwrap(), line);
+    }
+
+    #[test]
+    fn file_text_in_messages_is_escaped() {
+        assert_eq!(
+            Escaped("a\u{1b}[31m\n\u{202e}\"'\\").to_string(),
+            "a\\u{1b}[31m\\n\\u{202e}\"'\\\\"
+        );
+        let e = TaskError::Record {
+            path: "t.json".into(),
+            index: 0,
+            message: "id \u{7}\r".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "record 0 of 't.json' is broken: id \\u{7}\\r"
+        );
+        let e = TaskError::ImagePathEscapes {
+            image: "../\u{1b}]0;x\u{7}".into(),
+            root: "r".into(),
+        };
+        assert!(!e.to_string().contains('\u{1b}'), "{e}");
+        let e = TaskError::UnknownTask("a\u{1b}b".into());
+        assert_eq!(e.to_string(), "unknown task 'a\\u{1b}b'");
+    }
+
+    #[test]
+    fn long_parser_messages_are_cut() {
+        let m = brief("x".repeat(1000));
+        assert_eq!(m.chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert!(m.ends_with('…'));
+        assert_eq!(brief("short"), "short");
+        assert_eq!(size_text(4 << 20), "4 MiB");
+        assert_eq!(size_text(64), "64 bytes");
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub enum TaskError {
         source: std::io::Error,
     },
     /// A file is not what its reader expects as a whole (not a JSON list, bad TOML, …).
-    #[error("'{path}' is not a valid {what}: {message}")]
+    #[error("'{path}' is not a valid {what}: {}", formats::Escaped(message))]
     Format {
         /// The file.
         path: PathBuf,
@@ -48,17 +48,43 @@ pub enum TaskError {
         message: String,
     },
     /// One record of a file is broken.
-    #[error("record {index} of '{path}' is broken: {message}")]
+    #[error("record {index} of '{path}' is broken: {}", formats::Escaped(message))]
     Record {
         /// The file.
         path: PathBuf,
-        /// 0-based index of the record in the list (or line number, 1-based, for JSONL).
+        /// 0-based index of the record in the list.
         index: usize,
         /// What is wrong.
         message: String,
     },
+    /// One line of a JSONL file (answers, judge replies, judge progress) is broken.
+    #[error("line {line} of '{path}' is broken: {}", formats::Escaped(message))]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A line or a record is longer than the readers' limit ([`formats::MAX_RECORD_BYTES`]).
+    #[error(
+        "{place} of '{path}' is longer than {}, the most coin reads as one record",
+        formats::size_text(*limit)
+    )]
+    TooLong {
+        /// The file.
+        path: PathBuf,
+        /// Where: "line 7" (JSONL) or "record 3" (0-based, JSON list).
+        place: String,
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// An image path points outside the image root.
-    #[error("image path '{image}' escapes the image root '{root}'")]
+    #[error(
+        "image path '{}' escapes the image root '{root}'",
+        formats::Escaped(image)
+    )]
     ImagePathEscapes {
         /// The path as written in the record.
         image: String,
@@ -66,7 +92,7 @@ pub enum TaskError {
         root: PathBuf,
     },
     /// Images named by a data file do not exist.
-    #[error("{count} image(s) missing under '{root}', e.g. {}", first.join(", "))]
+    #[error("{count} image(s) missing under '{root}', e.g. {}", formats::Escaped(&first.join(", ")))]
     MissingImages {
         /// How many are missing.
         count: usize,
@@ -76,21 +102,36 @@ pub enum TaskError {
         root: PathBuf,
     },
     /// A task name that is neither a CoIN task nor a registered one.
-    #[error("unknown task '{0}'")]
+    #[error("unknown task '{}'", formats::Escaped(.0))]
     UnknownTask(String),
     /// Scoring is impossible with the inputs given.
-    #[error("cannot score {task}: {message}")]
+    #[error(
+        "cannot score {}: {}",
+        formats::Escaped(task),
+        formats::Escaped(message)
+    )]
     Scoring {
         /// The task.
         task: String,
         /// Why.
         message: String,
     },
+    /// A scorer visited no question: a score over nothing would read as 0 (or as anything).
+    #[error(
+        "cannot score {}: no question was scored, {reason}",
+        formats::Escaped(task)
+    )]
+    NothingScored {
+        /// The task.
+        task: String,
+        /// Why nothing was scored.
+        reason: &'static str,
+    },
     /// The task registry or a template is inconsistent.
     #[error("{0}")]
     Registry(String),
     /// The judge endpoint failed.
-    #[error("judge endpoint '{endpoint}': {message}")]
+    #[error("judge endpoint '{endpoint}': {}", formats::Escaped(message))]
     Judge {
         /// The endpoint URL.
         endpoint: String,

@@ -142,10 +142,16 @@ impl ScorerKind {
 /// One ScienceQA problem from `problems.json`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct SqaProblem {
-    /// The choices.
-    pub choices: Vec<serde_json::Value>,
+    /// The number of choices (only the count is used; the choices are not kept).
+    #[serde(rename = "choices", deserialize_with = "count_list")]
+    pub n_choices: usize,
     /// Index of the correct choice.
     pub answer: usize,
+}
+
+/// The length of a JSON list, its elements skipped without being built.
+fn count_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    Ok(Vec::<serde::de::IgnoredAny>::deserialize(d)?.len())
 }
 
 /// One question of GQA's `testdev_balanced_questions.json`.
@@ -201,20 +207,19 @@ pub fn load_annotations(kind: ScorerKind, path: &Path) -> Result<Annotations, Ta
             };
             let problems: HashMap<String, SqaProblem> =
                 read_json(&dir.join("problems.json"), "ScienceQA problems.json")?;
-            let mut splits: HashMap<String, Vec<serde_json::Value>> =
+            // Only the test split is read; the others are skipped without being built.
+            #[derive(Deserialize)]
+            struct Splits {
+                test: Option<Vec<Qid>>,
+            }
+            let splits: Splits =
                 read_json(&dir.join("pid_splits.json"), "ScienceQA pid_splits.json")?;
-            let test = splits.remove("test").ok_or_else(|| TaskError::Format {
+            let test = splits.test.ok_or_else(|| TaskError::Format {
                 path: dir.join("pid_splits.json"),
                 what: "ScienceQA pid_splits.json",
                 message: "it has no \"test\" split".into(),
             })?;
-            let test_ids = test
-                .into_iter()
-                .map(|v| match v {
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                })
-                .collect();
+            let test_ids = test.into_iter().map(|q| q.0).collect();
             Ok(Annotations::ScienceQA { problems, test_ids })
         }
         ScorerKind::TextVQA => {
@@ -282,12 +287,21 @@ pub struct ScoreInput<'a> {
     pub annotations: Option<&'a Annotations>,
 }
 
-/// Score an answer file.
+/// Score an answer file. No answer at all, or no question scored, is
+/// [`TaskError::NothingScored`]: a score over nothing is not a score.
 pub fn score(
     kind: ScorerKind,
     mode: ScoreMode,
     input: ScoreInput,
 ) -> Result<ScoreReport, TaskError> {
+    if input.answers.is_empty() {
+        // Strict mode would score every question 0 and compat ScienceQA every problem FAILED:
+        // no answer at all is a mistake (a crashed run, a wrong file), not a score.
+        return Err(TaskError::NothingScored {
+            task: kind.name().to_string(),
+            reason: "the answer file holds no answers",
+        });
+    }
     let items = match (kind, mode) {
         (ScorerKind::ScienceQA, ScoreMode::Compat) => scienceqa_compat(input)?,
         (ScorerKind::ScienceQA, ScoreMode::Strict) => scienceqa_strict(input)?,
@@ -317,19 +331,33 @@ pub fn score(
         }
     };
     let n = items.len();
+    if n == 0 {
+        return Err(TaskError::NothingScored {
+            task: kind.name().to_string(),
+            reason: nothing_scored(kind, mode, &input),
+        });
+    }
     let total: f64 = items.iter().map(|i| i.score).sum();
     Ok(ScoreReport {
         task: kind.name().to_string(),
         metric: kind.metric().to_string(),
         mode,
-        score: if n == 0 {
-            0.0
-        } else {
-            100.0 * total / n as f64
-        },
+        score: 100.0 * total / n as f64,
         n,
         items,
     })
+}
+
+/// Why a scorer visited no question.
+fn nothing_scored(kind: ScorerKind, mode: ScoreMode, input: &ScoreInput) -> &'static str {
+    match (kind, mode) {
+        // Compat ScienceQA scores the test split, answered or not.
+        (ScorerKind::ScienceQA, ScoreMode::Compat) => "the test split of pid_splits.json is empty",
+        (ScorerKind::GQA, ScoreMode::Compat) if !input.answers.is_empty() => {
+            "no answered question is a balanced question of the annotation file"
+        }
+        _ => "the questions file holds no questions",
+    }
 }
 
 fn err(kind: ScorerKind, message: impl Into<String>) -> TaskError {
@@ -542,7 +570,7 @@ fn scienceqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
         let qid = Qid(pid.clone());
         let text = preds.get(&qid).map_or("FAILED", |a| a.answer());
         let idx = sqa_parse_compat(text).and_then(|c| {
-            OPTIONS[..prob.choices.len().min(5)]
+            OPTIONS[..prob.n_choices.min(5)]
                 .iter()
                 .position(|o| *o == c)
         });
@@ -572,7 +600,7 @@ fn scienceqa_strict(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
     };
     per_question(kind, input, |q, pred| {
         let (answer_idx, n_choices) = match problems.and_then(|p| p.get(&q.question_id.0)) {
-            Some(p) => (p.answer, p.choices.len()),
+            Some(p) => (p.answer, p.n_choices),
             None => {
                 let gt = gt_answer(kind, q)?.trim();
                 let idx = match (gt.parse::<usize>(), sqa_parse_strict(gt)) {

@@ -758,13 +758,15 @@ pub fn score_answer_file(
     let cp = repo.read_checkpoint(checkpoint)?;
     let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
     let def = find_task(&reg, task)?.clone();
+    // Parse first: the bounded reader refuses an empty, oversized or broken file before the
+    // whole file is read into memory to be stored.
+    let answers = formats::read_answer_file(answers_path)?;
     let bytes = std::fs::read(answers_path).map_err(|e| {
         WorkflowError::Input(format!(
             "could not read the answer file '{}': {e}",
             answers_path.display()
         ))
     })?;
-    let answers = formats::read_answer_file(answers_path)?;
     let opts = EvalOptions { mode, force: true };
     // The plan checks the task's data; its keys are not used for an answer file.
     let plans = plan(

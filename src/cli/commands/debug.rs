@@ -1,15 +1,16 @@
-//! `coin debug …`: hidden commands that expose the object store directly, for crash tests
-//! and the store benchmark (bench/store.sh). Not part of the user interface.
+//! `coin debug …`: hidden commands that expose the object store directly, for the crash tests
+//! (tests/test_store_crash.rs, whose `COIN_FAULT` points live in the binary) and for checking
+//! a store by hand. Not part of the user interface. The benchmark harnesses are examples, not
+//! commands: `examples/train_bench.rs`, `examples/blake3_bench.rs`.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::store::{FileEntry, Store, StoreError};
 
-/// Debugging and benchmarking commands for the object store
+/// Debugging commands for the object store
 #[derive(clap::Args, Debug)]
 pub struct DebugArgs {
     #[command(subcommand)]
@@ -18,11 +19,12 @@ pub struct DebugArgs {
 
 #[derive(clap::Subcommand, Debug)]
 enum DebugCommand {
-    StoreIngest(StoreIngestArgs),
-    StoreMaterialize(StoreMaterializeArgs),
-    StoreVerify(StoreVerifyArgs),
-    Blake3(Blake3Args),
-    TrainBench(super::debug_train::TrainBenchArgs),
+    #[command(name = "store-ingest")]
+    Ingest(StoreIngestArgs),
+    #[command(name = "store-materialize")]
+    Materialize(StoreMaterializeArgs),
+    #[command(name = "store-verify")]
+    Verify(StoreVerifyArgs),
 }
 
 /// Store files in an object store (created if missing) and print their entries as JSON
@@ -58,23 +60,6 @@ struct StoreVerifyArgs {
     store: PathBuf,
 }
 
-/// Time blake3 (rayon, all threads) over a file read in 64 MiB chunks, without storing it
-#[derive(clap::Args, Debug)]
-struct Blake3Args {
-    /// The file
-    file: PathBuf,
-}
-
-impl DebugArgs {
-    /// The configuration of a subcommand that runs the model (`train-bench`); `None` else.
-    pub fn run_config(&self) -> Result<Option<crate::workflow::config::RunConfig>, CommandError> {
-        match &self.command {
-            DebugCommand::TrainBench(a) => a.run_config().map(Some),
-            _ => Ok(None),
-        }
-    }
-}
-
 fn user(e: StoreError) -> CommandError {
     CommandError::user(e.to_string())
 }
@@ -86,8 +71,7 @@ pub fn cmd_debug(
 ) -> Result<(), CommandError> {
     let abs = |p: &PathBuf| helper.cwd.join(p);
     match &args.command {
-        DebugCommand::TrainBench(a) => super::debug_train::cmd_train_bench(ui, helper, a),
-        DebugCommand::StoreIngest(a) => {
+        DebugCommand::Ingest(a) => {
             let store = Store::init(&abs(&a.store)).map_err(user)?;
             let start = Instant::now();
             let mut entries = BTreeMap::new();
@@ -103,7 +87,7 @@ pub fn cmd_debug(
             let seconds = start.elapsed().as_secs_f64();
             ui.json(&serde_json::json!({ "entries": entries, "seconds": seconds }))
         }
-        DebugCommand::StoreMaterialize(a) => {
+        DebugCommand::Materialize(a) => {
             let store = Store::open(&abs(&a.store)).map_err(user)?;
             let text = std::fs::read(abs(&a.entries))?;
             let v: serde_json::Value = serde_json::from_slice(&text)
@@ -120,7 +104,7 @@ pub fn cmd_debug(
             let seconds = start.elapsed().as_secs_f64();
             ui.json(&serde_json::json!({ "files": entries.len(), "seconds": seconds }))
         }
-        DebugCommand::StoreVerify(a) => {
+        DebugCommand::Verify(a) => {
             let store = Store::open(&abs(&a.store)).map_err(user)?;
             let ids = store.list().map_err(user)?;
             let mut bad = Vec::new();
@@ -141,33 +125,19 @@ pub fn cmd_debug(
                 Err(CommandError::user(format!("{} corrupt objects", bad.len())))
             }
         }
-        DebugCommand::Blake3(a) => {
-            let path = abs(&a.file);
-            let mut f = std::fs::File::open(&path)?;
-            let len = f.metadata()?.len();
-            let mut buf = vec![0u8; len.clamp(1, 64 * 1024 * 1024) as usize];
-            let mut h = blake3::Hasher::new();
-            let start = Instant::now();
-            let mut total = 0u64;
-            loop {
-                let mut n = 0;
-                while n < buf.len() {
-                    let k = f.read(&mut buf[n..])?;
-                    if k == 0 {
-                        break;
-                    }
-                    n += k;
-                }
-                if n == 0 {
-                    break;
-                }
-                h.update_rayon(&buf[..n]);
-                total += n as u64;
-            }
-            let seconds = start.elapsed().as_secs_f64();
-            ui.json(&serde_json::json!({
-                "bytes": total, "seconds": seconds, "hash": h.finalize().to_hex().as_str(),
-            }))
-        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[test]
+    fn benchmark_harnesses_are_not_commands() {
+        let parse = |args: &[&str]| crate::cli::Cli::try_parse_from(args);
+        assert!(parse(&["coin", "debug", "store-verify", "--store", "s"]).is_ok());
+        // examples/train_bench.rs and examples/blake3_bench.rs replace these.
+        assert!(parse(&["coin", "debug", "train-bench", "--model", "m"]).is_err());
+        assert!(parse(&["coin", "debug", "blake3", "f"]).is_err());
     }
 }

@@ -8,7 +8,6 @@ mod clone;
 mod commit;
 mod compare;
 mod debug;
-mod debug_train;
 mod demo;
 mod diff;
 mod eval;
@@ -98,7 +97,6 @@ impl Command {
             Command::Eval(a) if a.record.is_none() => a.config.resolve_here(helper, &[]).map(Some),
             Command::Demo(a) => a.run_config(helper).map(Some),
             Command::Generate(_) => workflow_util::standalone_config(&[]).map(Some),
-            Command::Debug(a) => a.run_config(),
             _ => Ok(None),
         }
     }
@@ -204,20 +202,11 @@ mod tests {
         assert_eq!(demo.runtime.kernels, Setting::Is(Kernels::On));
         assert_eq!(demo.runtime.device, Setting::Is(DeviceKind::Cpu));
         assert_eq!(demo.runtime.threads, Setting::Is(3));
-        let bench = config(&[
-            "coin",
-            "debug",
-            "train-bench",
-            "--model",
-            "m",
-            "--device",
-            "cpu",
-            "--set",
-            "runtime.shards=3",
-        ])
-        .expect("train-bench runs the model");
-        assert_eq!(bench.runtime.device, Setting::Is(DeviceKind::Cpu));
-        assert_eq!(bench.runtime.shards, Setting::Is(3));
+        // generate runs the model too (no repository: the presets' runtime and the environment).
+        assert!(
+            config(&["coin", "generate", "--model", "m", "--image", "i", "--prompt", "p"])
+                .is_some()
+        );
         assert!(config(&["coin", "log"]).is_none());
         // Outside a repository `coin train` fails as the command itself would.
         let cli = super::super::Cli::try_parse_from(["coin", "train", "T"]).expect("parse");

@@ -62,6 +62,10 @@ impl From<TaskError> for CommandError {
             TaskError::MissingImages { .. } => {
                 Some("Check the image root of the task (`coin task show TASK`).".to_string())
             }
+            TaskError::TooLong { .. } => Some(
+                "Is this the right file? Answer lines and data records are a few KiB at most."
+                    .to_string(),
+            ),
             _ => None,
         };
         let err = CommandError::user(e.to_string());
@@ -111,11 +115,17 @@ pub fn cmd_score(
         },
     )
     .map_err(|e| {
+        let nothing_scored = matches!(e, TaskError::NothingScored { .. });
         let hint = kind
             .annotations_hint()
             .map(|h| format!("--annotations for {} is {h}.", kind.name()));
         let err = CommandError::from(e);
         match hint {
+            _ if nothing_scored => err.hint(format!(
+                "Check the files: --questions '{}', --answers '{}'.",
+                args.questions.display(),
+                args.answers.display()
+            )),
             Some(h) if args.annotations.is_none() => err.hint(h),
             _ => err,
         }

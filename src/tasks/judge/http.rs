@@ -4,6 +4,10 @@
 
 use std::time::Duration;
 
+/// The largest reply body read from the judge: 1 MiB (a reply of 20 tokens is a few hundred
+/// bytes; a larger body is refused while it is read).
+pub const MAX_REPLY_BYTES: u64 = 1 << 20;
+
 /// Check that `url` is an `http://` or `https://` URL with a host.
 pub fn check_url(url: &str) -> Result<(), String> {
     let rest = url
@@ -47,7 +51,15 @@ pub fn post_json(
     let status = reply.status().as_u16();
     let bytes = reply
         .body_mut()
+        .with_config()
+        .limit(MAX_REPLY_BYTES)
         .read_to_vec()
-        .map_err(|e| format!("cannot read the reply: {e}"))?;
+        .map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(_) => format!(
+                "the reply is larger than {} KiB, more than a judge's score needs",
+                MAX_REPLY_BYTES >> 10
+            ),
+            other => format!("cannot read the reply: {other}"),
+        })?;
     Ok((status, bytes))
 }

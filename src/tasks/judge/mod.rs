@@ -7,12 +7,13 @@
 
 pub mod http;
 
+use std::io::BufReader;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::formats::{AnswerRecord, Qid, TestRecord};
+use super::formats::{for_each_jsonl, AnswerRecord, Qid, TestRecord};
 use super::TaskError;
 use crate::store::fsutil::write_atomic;
 
@@ -143,28 +144,35 @@ pub fn parse_score(reply: &str) -> f64 {
 }
 
 /// Per-item scores of a CoIN judge output file (`prompt_eval_merge.jsonl`: one JSON object per
-/// line with the reply in `text`).
+/// line with the reply in `text`). Read with the bounded JSONL reader
+/// ([`formats::for_each_jsonl`](super::formats::for_each_jsonl)); a file without a reply is an
+/// error (a score over no reply is no score).
 pub fn read_reply_scores(path: &Path) -> Result<Vec<f64>, TaskError> {
-    let text = std::fs::read_to_string(path).map_err(|e| TaskError::io("read", path, e))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            let v: serde_json::Value = serde_json::from_str(l).map_err(|e| TaskError::Record {
-                path: path.to_path_buf(),
-                index: i + 1,
-                message: e.to_string(),
-            })?;
-            v["text"]
-                .as_str()
-                .map(parse_score)
-                .ok_or_else(|| TaskError::Record {
-                    path: path.to_path_buf(),
-                    index: i + 1,
-                    message: "no \"text\" string".into(),
-                })
-        })
-        .collect()
+    /// One line of a judge output file: only the reply is read, other fields are skipped.
+    #[derive(Deserialize)]
+    struct Reply {
+        #[serde(default)]
+        text: Option<String>,
+    }
+    let file = std::fs::File::open(path).map_err(|e| TaskError::io("open", path, e))?;
+    let mut scores = Vec::new();
+    for_each_jsonl(BufReader::new(file), path, |line, r: Reply| {
+        let text = r.text.ok_or_else(|| TaskError::Line {
+            path: path.to_path_buf(),
+            line,
+            message: "no \"text\" string".into(),
+        })?;
+        scores.push(parse_score(&text));
+        Ok(())
+    })?;
+    if scores.is_empty() {
+        return Err(TaskError::Format {
+            path: path.to_path_buf(),
+            what: "judge output file",
+            message: "it holds no replies (a score over no reply is not a score of 0)".into(),
+        });
+    }
+    Ok(scores)
 }
 
 /// The judge's summary.
@@ -256,14 +264,7 @@ impl JudgeClient {
             }
             match http::post_json(&self.url(), &body, self.timeout, self.api_key.as_deref()) {
                 Ok((200, reply)) => {
-                    let v: serde_json::Value = serde_json::from_slice(&reply)
-                        .map_err(|e| self.fail(format!("the reply is not JSON: {e}")))?;
-                    return v["choices"][0]["message"]["content"]
-                        .as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| {
-                            self.fail("the reply has no choices[0].message.content".into())
-                        });
+                    return reply_content(&reply).map_err(|m| self.fail(m));
                 }
                 Ok((status, reply)) => {
                     last = format!(
@@ -284,6 +285,59 @@ impl JudgeClient {
     }
 }
 
+/// `choices[0].message.content` of an OpenAI chat reply, read into typed structs: the other
+/// choices and fields are skipped without being built.
+fn reply_content(reply: &[u8]) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Chat {
+        #[serde(default, deserialize_with = "first_only")]
+        choices: Option<Choice>,
+    }
+    #[derive(Deserialize)]
+    struct Choice {
+        message: Option<Message>,
+    }
+    #[derive(Deserialize)]
+    struct Message {
+        content: Option<String>,
+    }
+    let chat: Chat = serde_json::from_slice(reply).map_err(|e| {
+        let e = e.to_string();
+        format!(
+            "the reply is not a chat completion: {}",
+            e.chars().take(200).collect::<String>()
+        )
+    })?;
+    chat.choices
+        .and_then(|c| c.message)
+        .and_then(|m| m.content)
+        .ok_or_else(|| "the reply has no choices[0].message.content".to_string())
+}
+
+/// The first element of a JSON list; the rest are skipped.
+fn first_only<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let first = seq.next_element()?;
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(first)
+        }
+    }
+    d.deserialize_seq(V(std::marker::PhantomData))
+}
+
 /// One judged item, as saved in the progress file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Judged {
@@ -297,24 +351,20 @@ pub struct Judged {
     pub score: f64,
 }
 
-/// Read a progress file (JSONL of [`Judged`]); missing file = nothing done.
+/// Read a progress file (JSONL of [`Judged`], bounded like every JSONL reader); missing file =
+/// nothing done.
 pub fn read_progress(path: &Path) -> Result<Vec<Judged>, TaskError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(TaskError::io("read", path, e)),
+        Err(e) => return Err(TaskError::io("open", path, e)),
     };
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| TaskError::Record {
-                path: path.to_path_buf(),
-                index: i + 1,
-                message: e.to_string(),
-            })
-        })
-        .collect()
+    let mut done = Vec::new();
+    for_each_jsonl(BufReader::new(file), path, |_, j: Judged| {
+        done.push(j);
+        Ok(())
+    })?;
+    Ok(done)
 }
 
 fn save_progress(path: &Path, done: &[Judged]) -> Result<(), TaskError> {

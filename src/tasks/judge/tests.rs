@@ -56,8 +56,115 @@ fn coin_judge_output_files_are_scored() {
     )
     .unwrap();
     assert_eq!(read_reply_scores(&p).unwrap(), vec![8.0, 3.0, 0.0]);
-    std::fs::write(&p, "{\"x\": 1}\n").unwrap();
-    assert!(read_reply_scores(&p).is_err());
+    std::fs::write(&p, "{\"text\": \"1\"}\n{\"x\": 1}\n").unwrap();
+    let err = read_reply_scores(&p).unwrap_err().to_string();
+    assert!(
+        err.starts_with("line 2 of '") && err.contains("no \"text\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn judge_files_are_read_with_bounds() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("replies.jsonl");
+    // No reply at all is not a score of 0.
+    std::fs::write(&p, "\n\n").unwrap();
+    let err = read_reply_scores(&p).unwrap_err().to_string();
+    assert!(
+        err.contains("replies.jsonl") && err.contains("holds no replies"),
+        "{err}"
+    );
+    // A reply line over the limit is refused with its line number, as is a progress line.
+    let long = format!(
+        "{{\"text\": \"8\"}}\n{{\"text\": \"{}\"}}\n",
+        "9".repeat(crate::tasks::formats::MAX_RECORD_BYTES)
+    );
+    std::fs::write(&p, &long).unwrap();
+    let err = read_reply_scores(&p).unwrap_err();
+    assert!(matches!(err, TaskError::TooLong { .. }), "{err:?}");
+    assert!(err.to_string().starts_with("line 2 of '"), "{err}");
+    let progress = d.path().join("judge_progress.jsonl");
+    let judged = r#"{"index": 0, "question_id": "a", "reply": "8", "score": 8.0}"#;
+    std::fs::write(&progress, format!("{judged}\n{judged}\n")).unwrap();
+    assert_eq!(read_progress(&progress).unwrap().len(), 2);
+    let long_reply = format!(
+        "{{\"reply\": \"{}\"}}",
+        "9".repeat(crate::tasks::formats::MAX_RECORD_BYTES)
+    );
+    std::fs::write(&progress, format!("{judged}\n{long_reply}\n")).unwrap();
+    let err = read_progress(&progress).unwrap_err();
+    assert!(matches!(err, TaskError::TooLong { .. }), "{err:?}");
+    assert!(err.to_string().starts_with("line 2 of '"), "{err}");
+    // Other fields of a judge output line are skipped, whatever their size.
+    let big_other = format!(
+        "{{\"question_id\": 1, \"prompt\": [{}], \"text\": \"7\"}}\n",
+        vec!["{}"; 10_000].join(",")
+    );
+    std::fs::write(&p, big_other).unwrap();
+    assert_eq!(read_reply_scores(&p).unwrap(), vec![7.0]);
+}
+
+#[test]
+fn chat_replies_are_read_into_typed_structs() {
+    let many = format!(
+        r#"{{"id": "x", "choices": [{{"message": {{"role": "assistant", "content": "8"}}}}, {}]}}"#,
+        vec![r#"{"message": {"content": "1"}}"#; 1000].join(",")
+    );
+    assert_eq!(reply_content(many.as_bytes()).unwrap(), "8");
+    for bad in [
+        r#"{"choices": []}"#,
+        r#"{"choices": [{"message": {"role": "assistant"}}]}"#,
+        r#"{"error": "x"}"#,
+    ] {
+        let e = reply_content(bad.as_bytes()).unwrap_err();
+        assert!(e.contains("no choices[0].message.content"), "{bad}: {e}");
+    }
+    let e = reply_content(b"<html>").unwrap_err();
+    assert!(e.starts_with("the reply is not a chat completion"), "{e}");
+}
+
+#[test]
+fn an_oversized_reply_body_is_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 4096];
+        // Read the whole request (closing a socket with unread input resets it).
+        let end = loop {
+            let n = stream.read(&mut tmp).unwrap();
+            buf.extend_from_slice(&tmp[..n]);
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        while buf.len() < end + 4 + len {
+            let n = stream.read(&mut tmp).unwrap();
+            buf.extend_from_slice(&tmp[..n]);
+        }
+        let content = "7".repeat(http::MAX_REPLY_BYTES as usize);
+        let body = format!(r#"{{"choices": [{{"message": {{"content": "{content}"}}}}]}}"#);
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    let mut c = client(&format!("http://{addr}/v1"));
+    c.retries = 0;
+    let err = c.ask("hi").unwrap_err().to_string();
+    assert!(err.contains("the reply is larger than 1024 KiB"), "{err}");
+    h.join().unwrap();
 }
 
 #[test]

@@ -264,7 +264,7 @@ fn sqa_annotations() -> Annotations {
         problems.insert(
             id.to_string(),
             SqaProblem {
-                choices: vec![serde_json::Value::Null; n],
+                n_choices: n,
                 answer: ans,
             },
         );
@@ -272,7 +272,7 @@ fn sqa_annotations() -> Annotations {
     problems.insert(
         "99".into(),
         SqaProblem {
-            choices: vec![serde_json::Value::Null; 2],
+            n_choices: 2,
             answer: 0,
         },
     );
@@ -518,7 +518,7 @@ fn annotations_load_from_files() {
         .unwrap();
         std::fs::write(
             d.path().join("pid_splits.json"),
-            r#"{"train": [], "test": ["10"]}"#,
+            r#"{"train": [1, 2, {"x": [3]}], "test": ["10", 11]}"#,
         )
         .unwrap();
         std::fs::write(
@@ -538,8 +538,8 @@ fn annotations_load_from_files() {
         panic!()
     };
     assert_eq!(
-        (problems["10"].answer, test_ids),
-        (1, vec!["10".to_string()])
+        (problems["10"].answer, problems["10"].n_choices, test_ids),
+        (1, 2, vec!["10".to_string(), "11".to_string()])
     );
     let Annotations::TextVQA(t) =
         load_annotations(ScorerKind::TextVQA, &d.path().join("tv.json")).unwrap()
@@ -554,4 +554,111 @@ fn annotations_load_from_files() {
     };
     assert_eq!(g["q1"].answer, "no");
     assert!(load_annotations(ScorerKind::GQA, &d.path().join("missing.json")).is_err());
+}
+
+#[test]
+fn scoring_no_question_is_an_error_for_every_scorer_and_mode() {
+    let empty_sqa = Annotations::ScienceQA {
+        problems: HashMap::new(),
+        test_ids: Vec::new(),
+    };
+    let tv = Annotations::TextVQA(HashMap::new());
+    let unbalanced = Annotations::GQA(HashMap::from([(
+        "1".to_string(),
+        GqaQuestion {
+            answer: "yes".into(),
+            is_balanced: false,
+        },
+    )]));
+    let qs = [q("1", "Q\nI", "[0.1, 0.1, 0.5, 0.5]")];
+    for kind in ScorerKind::ALL {
+        for mode in [ScoreMode::Compat, ScoreMode::Strict] {
+            let ann = match (kind, mode) {
+                (ScorerKind::ScienceQA, ScoreMode::Compat) => Some(&empty_sqa),
+                (ScorerKind::TextVQA, ScoreMode::Compat) => Some(&tv),
+                (ScorerKind::GQA, ScoreMode::Compat) => Some(&unbalanced),
+                _ => None,
+            };
+            // No answers at all (with and without questions); answers but nothing scored,
+            // where a scorer can get there (elsewhere an answer to an unknown question is its
+            // own error).
+            let answer = [a("1", "yes")];
+            let no_answers: &[AnswerRecord] = &[];
+            let mut cases: Vec<(&[TestRecord], &[AnswerRecord])> =
+                vec![(&qs, no_answers), (&[], no_answers)];
+            if mode == ScoreMode::Compat && matches!(kind, ScorerKind::ScienceQA | ScorerKind::GQA)
+            {
+                cases.push((&[], &answer));
+            }
+            for (questions, answers) in cases {
+                let e = score(
+                    kind,
+                    mode,
+                    ScoreInput {
+                        questions,
+                        answers,
+                        annotations: ann,
+                    },
+                )
+                .unwrap_err();
+                assert!(
+                    matches!(e, TaskError::NothingScored { .. }),
+                    "{kind:?} {mode:?}: {e}"
+                );
+                assert!(e.to_string().contains("no question was scored"), "{e}");
+            }
+        }
+    }
+    // Compat GQA: answers exist but none is a balanced question.
+    let e = score(
+        ScorerKind::GQA,
+        ScoreMode::Compat,
+        ScoreInput {
+            questions: &qs,
+            answers: &[a("1", "yes")],
+            annotations: Some(&unbalanced),
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.ends_with("no answered question is a balanced question of the annotation file"),
+        "{e}"
+    );
+    let e = score(
+        ScorerKind::OCRVQA,
+        ScoreMode::Strict,
+        ScoreInput {
+            questions: &[],
+            answers: &[],
+            annotations: None,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "cannot score OCR-VQA: no question was scored, the answer file holds no answers"
+    );
+}
+
+#[test]
+fn ids_from_files_are_escaped_in_scoring_errors() {
+    let qs = [q("1", "Q\nI", "yes")];
+    let e = score(
+        ScorerKind::VQAv2,
+        ScoreMode::Compat,
+        ScoreInput {
+            questions: &qs,
+            answers: &[a("\u{1b}]0;pwned\u{7}", "yes")],
+            annotations: None,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!e.contains('\u{1b}') && !e.contains('\u{7}'), "{e:?}");
+    assert!(
+        e.contains("question \\u{1b}]0;pwned\\u{7} of the answer file"),
+        "{e}"
+    );
 }

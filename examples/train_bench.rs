@@ -1,37 +1,51 @@
-//! `coin debug train-bench`: timed training steps of the library trainer on a model directory
-//! (bench/train.sh and the GPU check script compare it with PyTorch+PEFT and with the CPU).
+//! Time training steps of coin's library trainer on a model directory: the benchmark harness
+//! behind `bench/train.sh` (beside PyTorch+PEFT, `scripts/bench_train_hf.py`) and the training
+//! steps of `scripts/gpu-check.sh`. Not part of the `coin` binary.
+//!
+//! ```text
+//! cargo run --release --example train_bench -- --model DIR [--batch 8] [--seq-len 64] …
+//! cargo build --release --features cuda --example train_bench   # the GPU build
+//! ```
 //!
 //! Two data sources: synthetic rows (`--seq-len` text tokens around one image, the second half
 //! supervised, token ids from the seed — the shape bench/train.sh gives PyTorch too), or a
 //! CoIN task folder (`--data DIR --task-dir NAME`, e.g. CoIN-mini) for loss comparisons.
+//! Prints one JSON object on stdout (pretty-printed): engine, device, dtype, losses, step times,
+//! steps/s, tokens/s, CPU seconds per step and peak RSS.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
-use crate::cli::{CommandError, CommandHelper, Ui};
-use crate::ml::image::{AspectMode, ImageProcessor};
-use crate::ml::llava::{load_model, ModelSource, Segment};
-use crate::ml::rng::Rng;
-use crate::ml::train::batch::TrainExample;
-use crate::ml::train::data::{positions, prepare_samples, Sample};
-use crate::ml::train::loss::IGNORE_INDEX;
-use crate::ml::train::optim::Schedule;
-use crate::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
-use crate::ml::train::trainer::{train, StepInfo, TrainConfig, TrainProgress};
-use crate::store::fsutil::write_atomic;
-use crate::tasks::formats::read_train_file;
-use crate::workflow::config::RunConfig;
+use clap::Parser;
 
-use super::workflow_util::standalone_config;
+use coin::ml::image::{AspectMode, ImageProcessor};
+use coin::ml::llava::{load_model, ModelSource, Segment};
+use coin::ml::rng::Rng;
+use coin::ml::runtime::Runtime;
+use coin::ml::train::batch::TrainExample;
+use coin::ml::train::data::{positions, prepare_samples, Sample};
+use coin::ml::train::loss::IGNORE_INDEX;
+use coin::ml::train::optim::Schedule;
+use coin::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
+use coin::ml::train::trainer::{train, StepInfo, TrainConfig, TrainProgress};
+use coin::store::fsutil::write_atomic;
+use coin::tasks::formats::read_train_file;
+use coin::workflow::config::{ConfigSources, RunConfig};
+
+/// The allocator of the `coin` binary, so the numbers are those of coin's own commands.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Time training steps of the built-in trainer (benchmarks, GPU checks)
-#[derive(clap::Args, Debug)]
-pub struct TrainBenchArgs {
+#[derive(Parser, Debug)]
+#[command(name = "train_bench")]
+struct Args {
     /// The model directory (llava-hf layout)
     #[arg(long)]
     model: PathBuf,
     /// lora or moelora
-    #[arg(long, default_value = "lora")]
+    #[arg(long, default_value = "lora", value_parser = ["lora", "moelora"])]
     method: String,
     /// Total rank r
     #[arg(long, default_value_t = 8)]
@@ -73,15 +87,17 @@ pub struct TrainBenchArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// A CoIN-format data folder instead of synthetic rows (with --task-dir)
-    #[arg(long)]
+    #[arg(long, requires = "task_dir")]
     data: Option<PathBuf>,
     /// The task folder under DATA/Instructions_Original (e.g. VizWiz)
-    #[arg(long)]
+    #[arg(long, requires = "data")]
     task_dir: Option<String>,
     /// Seed of data, adapter init and dropout
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
+
+type Error = Box<dyn std::error::Error>;
 
 struct Timer {
     last: Instant,
@@ -109,7 +125,7 @@ impl TrainProgress for Timer {
 
 /// CPU time (user + system, all threads) this process has used, from Linux `/proc/self/stat`
 /// (clock ticks of 1/100 s); on a shared machine it is steadier than the wall clock.
-pub fn process_cpu_seconds() -> Option<f64> {
+fn process_cpu_seconds() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = s.rsplit_once(')')?.1;
@@ -119,117 +135,110 @@ pub fn process_cpu_seconds() -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
-fn user(e: impl std::fmt::Display) -> CommandError {
-    CommandError::user(e.to_string())
-}
-
 /// Peak resident memory of this process (Linux `VmHWM`), in bytes.
-pub fn peak_rss_bytes() -> Option<u64> {
+fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
 
-impl TrainBenchArgs {
-    /// The configuration of the run: the presets' runtime, the environment, `--device`,
-    /// `--dtype`, then `--set`.
-    pub fn run_config(&self) -> Result<RunConfig, CommandError> {
-        let mut sets: Vec<String> = Vec::new();
-        if let Some(d) = &self.device {
-            sets.push(format!("runtime.device={d}"));
-        }
-        if let Some(d) = &self.dtype {
-            sets.push(format!("runtime.dtype={d}"));
-        }
-        sets.extend(self.set.iter().cloned());
-        standalone_config(&sets)
-    }
+/// Synthetic rows: BOS + half the text, the image, the other (supervised) half.
+fn synthetic_samples(a: &Args, image: PathBuf, vocab: u64, bos: u32, n_img: usize) -> Vec<Sample> {
+    let mut rng = Rng::new(a.seed);
+    let n_rows = a.batch * (a.steps + a.warmup);
+    let half = a.seq_len / 2;
+    (0..n_rows)
+        .map(|i| {
+            let mut ids = |n: usize| -> Vec<u32> {
+                (0..n)
+                    .map(|_| 4 + (rng.next_u64() % (vocab - 4)) as u32)
+                    .collect()
+            };
+            let mut head = vec![bos];
+            head.extend(ids(half.saturating_sub(1)));
+            let tail = ids(a.seq_len - half);
+            let mut labels = vec![IGNORE_INDEX; head.len()];
+            labels.extend(tail.iter().map(|&t| i64::from(t)));
+            let example = TrainExample {
+                segments: vec![Segment::Text(head), Segment::Image, Segment::Text(tail)],
+                text_labels: labels,
+            };
+            Sample {
+                id: i.to_string(),
+                positions: positions(&example, n_img),
+                supervised: a.seq_len - half,
+                example,
+                image: Some(image.clone()),
+            }
+        })
+        .collect()
 }
 
-pub fn cmd_train_bench(
-    ui: &mut Ui,
-    helper: &CommandHelper,
-    a: &TrainBenchArgs,
-) -> Result<(), CommandError> {
-    let rt = a.run_config()?.resolved_runtime()?;
+/// The configuration of the run, as `coin` resolves it for a command without a repository:
+/// the presets' runtime, the environment, `--device`, `--dtype`, then `--set`.
+fn run_config(a: &Args) -> Result<RunConfig, Error> {
+    let mut sets: Vec<String> = Vec::new();
+    if let Some(d) = &a.device {
+        sets.push(format!("runtime.device={d}"));
+    }
+    if let Some(d) = &a.dtype {
+        sets.push(format!("runtime.dtype={d}"));
+    }
+    sets.extend(a.set.iter().cloned());
+    let sources = ConfigSources {
+        sets,
+        env: std::env::vars().collect(),
+        ..ConfigSources::default()
+    };
+    Ok(sources.resolve()?)
+}
+
+fn run(a: &Args, rt: &Runtime) -> Result<serde_json::Value, Error> {
     let device = rt.device()?;
     let dtype = rt.dtype();
     let kind = match a.method.as_str() {
-        "lora" => AdapterKind::Lora,
         "moelora" => AdapterKind::MoeLora { experts: a.experts },
-        other => return Err(CommandError::usage(format!("unknown method '{other}'"))),
+        _ => AdapterKind::Lora,
     };
     let t_load = Instant::now();
-    let source = ModelSource::resolve(&helper.cwd.join(&a.model), None, None)?;
+    let source = ModelSource::resolve(&a.model, None, None)?;
     let mut loaded = load_model(&source, &device, dtype)?;
     let load_s = t_load.elapsed().as_secs_f64();
-    let tmp = tempfile::tempdir().map_err(user)?;
+    let tmp = tempfile::tempdir()?;
     let samples: Vec<Sample> = match (&a.data, &a.task_dir) {
         (Some(data), Some(task)) => {
-            let data = helper.cwd.join(data);
             let records = read_train_file(
                 &data
                     .join("Instructions_Original")
                     .join(task)
                     .join("train.json"),
-            )
-            .map_err(user)?;
-            let root = data.join("cl_dataset");
+            )?;
             let (s, _) = prepare_samples(
                 &records,
-                &root,
+                &data.join("cl_dataset"),
                 &loaded.tokenizer,
                 loaded.model.config.image_seq_len(),
                 2048,
             )?;
             s
         }
-        (None, None) => {
-            let n_img = loaded.model.config.image_seq_len();
+        _ => {
             let img = tmp.path().join("image.png");
             let mut png = Vec::new();
             image::RgbImage::from_fn(64, 48, |x, y| {
                 image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x + y) * 2) as u8])
             })
-            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .map_err(user)?;
-            write_atomic(&img, png).map_err(user)?;
-            let vocab = loaded.model.config.text.vocab_size as u64;
-            let mut rng = Rng::new(a.seed);
-            let n_rows = a.batch * (a.steps + a.warmup);
-            let half = a.seq_len / 2;
-            let samples = (0..n_rows)
-                .map(|i| {
-                    let mut ids = |n: usize| -> Vec<u32> {
-                        (0..n)
-                            .map(|_| 4 + (rng.next_u64() % (vocab - 4)) as u32)
-                            .collect()
-                    };
-                    let mut head = vec![loaded.model.config.text.bos_token_id];
-                    head.extend(ids(half.saturating_sub(1)));
-                    let tail = ids(a.seq_len - half);
-                    let mut labels = vec![IGNORE_INDEX; head.len()];
-                    labels.extend(tail.iter().map(|&t| i64::from(t)));
-                    let example = TrainExample {
-                        segments: vec![Segment::Text(head), Segment::Image, Segment::Text(tail)],
-                        text_labels: labels,
-                    };
-                    Sample {
-                        id: i.to_string(),
-                        positions: positions(&example, n_img),
-                        supervised: a.seq_len - half,
-                        example,
-                        image: Some(img.clone()),
-                    }
-                })
-                .collect();
-            samples
-        }
-        _ => {
-            return Err(CommandError::usage(
-                "--data and --task-dir go together".to_string(),
-            ))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+            write_atomic(&img, png)?;
+            let config = &loaded.model.config;
+            synthetic_samples(
+                a,
+                img,
+                config.text.vocab_size as u64,
+                config.text.bos_token_id,
+                config.image_seq_len(),
+            )
         }
     };
     let params = TrainableParams::attach(
@@ -283,7 +292,7 @@ pub fn cmd_train_bench(
         .sum::<usize>() as f64;
     let cpu_secs: f64 = timer.cpu_times.iter().skip(a.warmup).sum();
     let steps_per_s = timed.len() as f64 / secs.max(1e-12);
-    ui.json(&serde_json::json!({
+    Ok(serde_json::json!({
         "engine": "coin",
         "device": format!("{:?}", device.location()),
         "dtype": format!("{dtype:?}").to_lowercase(),
@@ -302,6 +311,28 @@ pub fn cmd_train_bench(
         "runtime": rt,
         "cpu_seconds_per_step": cpu_secs / timed.len().max(1) as f64,
         "peak_rss_bytes": peak_rss_bytes(),
-    }))?;
-    Ok(())
+    }))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // The runtime as `coin` resolves and applies it, before the first tensor op.
+    let rt = match run_config(&args).and_then(|c| Ok(c.resolved_runtime()?)) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    coin::cli::set_engine_threads(&rt);
+    match run(&args, &rt).and_then(|v| Ok(serde_json::to_string_pretty(&v)?)) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("Error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
