@@ -5,6 +5,7 @@ mod common;
 mod test_bench_data_command;
 mod test_demo;
 mod test_history;
+mod test_hostile_models;
 mod test_judge_command;
 mod test_metrics_command;
 mod test_model_command;
