@@ -93,19 +93,25 @@ pub struct TorchTensor {
 }
 
 impl TorchTensor {
-    /// Number of elements (checked not to overflow when the file was opened).
+    /// Number of elements (checked not to overflow when the file was opened; saturates for a
+    /// tensor built by hand).
     pub fn numel(&self) -> u64 {
-        self.shape.iter().map(|&d| d as u64).product()
+        self.shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .unwrap_or(u64::MAX)
     }
 
     /// Bytes of the tensor read contiguously.
     pub fn byte_len(&self) -> u64 {
-        self.numel() * self.dtype.size_in_bytes() as u64
+        self.numel()
+            .saturating_mul(self.dtype.size_in_bytes() as u64)
     }
 
     /// Offset of the first element inside the storage, in bytes.
     pub fn byte_offset(&self) -> u64 {
-        self.offset * self.dtype.size_in_bytes() as u64
+        self.offset
+            .saturating_mul(self.dtype.size_in_bytes() as u64)
     }
 
     /// Whether the elements are laid out row-major without gaps (dimensions of size 1 may have
@@ -240,8 +246,13 @@ pub enum Problem {
         what: &'static str,
         /// Its value.
         limit: u64,
-        /// Where (0 when not inside data.pkl).
-        pos: usize,
+        /// Where in data.pkl, when it is inside data.pkl.
+        pos: Option<usize>,
+    },
+    /// The tensors hold more bytes than [`Limits::max_expansion`] times their storages.
+    Expansion {
+        /// The factor.
+        limit: u64,
     },
     /// The pickle is well-formed bytes but not what torch writes.
     Malformed {
@@ -419,9 +430,23 @@ impl fmt::Display for Problem {
                 f,
                 "data.pkl refers to '{name}' at byte {pos}, which is not a tensor type or function coin knows (it was not imported or called)"
             ),
-            Problem::Limit { what, limit, pos } => write!(
+            Problem::Limit {
+                what,
+                limit,
+                pos: Some(pos),
+            } => write!(
                 f,
                 "data.pkl exceeds the limit of {limit} {what} (at byte {pos})"
+            ),
+            Problem::Limit {
+                what,
+                limit,
+                pos: None,
+            } => write!(f, "it exceeds the limit of {limit} {what}"),
+            Problem::Expansion { limit } => write!(
+                f,
+                "its tensors hold more than {limit} times the bytes of its storages (too many \
+                 tensors share storages)"
             ),
             Problem::Malformed { what, pos } => write!(f, "data.pkl is malformed at byte {pos}: {what}"),
             Problem::NotADict => write!(f, "data.pkl does not hold a dict"),
@@ -614,7 +639,7 @@ impl<'a> Machine<'a> {
         Problem::Limit {
             what,
             limit,
-            pos: self.op_pos,
+            pos: Some(self.op_pos),
         }
     }
 
@@ -1182,7 +1207,7 @@ impl<'a> Machine<'a> {
             return Err(Problem::Limit {
                 what: "tensors",
                 limit: self.limits.max_tensors as u64,
-                pos: self.data.len(),
+                pos: None,
             });
         }
         let mut out = StateDict::default();
@@ -1250,10 +1275,8 @@ impl<'a> Machine<'a> {
                 .max(1)
                 .saturating_mul(self.limits.max_expansion);
             if tensor_bytes > budget {
-                return Err(Problem::Limit {
-                    what: "× the storage bytes in tensor bytes (tensors sharing storages)",
+                return Err(Problem::Expansion {
                     limit: self.limits.max_expansion,
-                    pos: self.data.len(),
                 });
             }
             out.tensors.push(TorchTensor {
@@ -1367,7 +1390,7 @@ impl<R: Read + Seek> TorchZip<R> {
             return Err(invalid(Problem::Limit {
                 what: "zip entries",
                 limit: limits.max_entries as u64,
-                pos: 0,
+                pos: None,
             }));
         }
         if archive.has_duplicate_names() {
@@ -1401,7 +1424,8 @@ impl<R: Read + Seek> TorchZip<R> {
         // their CRC; `limit` bounds what is read.
         let read_small = |archive: &mut zip::ZipArchive<&mut R>,
                           entry: &str,
-                          limit: u64|
+                          limit: u64,
+                          what: &'static str|
          -> Result<Option<Vec<u8>>, PickleError> {
             let Some(&i) = names.get(entry) else {
                 return Ok(None);
@@ -1412,9 +1436,9 @@ impl<R: Read + Seek> TorchZip<R> {
             })?;
             if f.size() > limit {
                 return Err(invalid(Problem::Limit {
-                    what: "bytes in data.pkl",
+                    what,
                     limit,
-                    pos: 0,
+                    pos: None,
                 }));
             }
             let mut buf = Vec::with_capacity(f.size() as usize);
@@ -1426,14 +1450,19 @@ impl<R: Read + Seek> TorchZip<R> {
                 })?;
             if buf.len() as u64 > limit {
                 return Err(invalid(Problem::Limit {
-                    what: "bytes in data.pkl",
+                    what,
                     limit,
-                    pos: 0,
+                    pos: None,
                 }));
             }
             Ok(Some(buf))
         };
-        if let Some(order) = read_small(&mut archive, &format!("{prefix}/byteorder"), 64)? {
+        if let Some(order) = read_small(
+            &mut archive,
+            &format!("{prefix}/byteorder"),
+            64,
+            "bytes in byteorder",
+        )? {
             let text = String::from_utf8_lossy(&order);
             if text.trim() != "little" {
                 return Err(invalid(Problem::ByteOrder {
@@ -1445,6 +1474,7 @@ impl<R: Read + Seek> TorchZip<R> {
             &mut archive,
             &format!("{prefix}/data.pkl"),
             limits.max_pickle_bytes,
+            "bytes in data.pkl",
         )?
         .ok_or_else(|| invalid(Problem::NoPickle))?;
         let state = parse_state_dict(&pkl, limits).map_err(invalid)?;
@@ -1940,7 +1970,7 @@ mod tests {
             Problem::Limit {
                 what: "nested MARKs",
                 limit: 1024,
-                pos: 2 + 1024
+                pos: Some(2 + 1024)
             }
         );
         // Deep nesting of containers instead (TUPLE1 200,000 times): built in the arena, no
@@ -2140,7 +2170,7 @@ mod tests {
         let names = ["a", "b", "c", "d", "e"];
         let many: Vec<T> = names.iter().map(|n| t(n, "0", 6, &[6], &[1])).collect();
         let p = bad(&many, &[("0", bytes)]);
-        assert!(matches!(p, Problem::Limit { limit: 4, .. }), "{p}");
+        assert_eq!(p, Problem::Expansion { limit: 4 });
     }
 
     #[test]
