@@ -5,6 +5,7 @@ mod common;
 mod test_bench_data_command;
 mod test_demo;
 mod test_history;
+mod test_hostile_models;
 mod test_hostile_remotes;
 mod test_judge_command;
 mod test_layering;

@@ -226,8 +226,8 @@ fn split_setup_with_pickled_projector_matches_hf() {
     let src = ModelSource::resolve(&llm, Some(&clip), Some(&proj)).expect("resolves");
     assert!(matches!(src, ModelSource::Split(_)));
     let mut m = load(&src);
-    // The pickle was converted once, next to it.
-    assert!(t.path().join("mm_projector.bin.coin.safetensors").exists());
+    // The pickle is read in place: nothing is written beside it.
+    assert!(!t.path().join("mm_projector.bin.coin.safetensors").exists());
     let g = goldens();
     let case = &g["cases"][0];
     let img = Rgb8::open(&fixtures().join(case["image"].as_str().expect("s"))).expect("png");

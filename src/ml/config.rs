@@ -92,20 +92,27 @@ impl ClipConfig {
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
         let g = Getter { v, path };
         let c = ClipConfig {
-            hidden_size: g.usize_or("hidden_size", 768)?,
-            intermediate_size: g.usize_or("intermediate_size", 3072)?,
-            num_hidden_layers: g.usize_or("num_hidden_layers", 12)?,
-            num_attention_heads: g.usize_or("num_attention_heads", 12)?,
-            image_size: g.usize_or("image_size", 224)?,
-            patch_size: g.usize_or("patch_size", 32)?,
+            hidden_size: g.positive_usize("hidden_size", 768)?,
+            intermediate_size: g.positive_usize("intermediate_size", 3072)?,
+            num_hidden_layers: g.positive_usize("num_hidden_layers", 12)?,
+            num_attention_heads: g.positive_usize("num_attention_heads", 12)?,
+            image_size: g.positive_usize("image_size", 224)?,
+            patch_size: g.positive_usize("patch_size", 32)?,
             num_channels: g.usize_or("num_channels", 3)?,
-            layer_norm_eps: g.f64_or("layer_norm_eps", 1e-5)?,
+            layer_norm_eps: g.positive_f64("layer_norm_eps", 1e-5)?,
             hidden_act: Activation::parse(
                 &g.str_or("hidden_act", "quick_gelu")?,
                 path,
                 "vision hidden_act",
             )?,
         };
+        if c.num_channels != 3 {
+            return Err(g.nonsense(
+                "num_channels",
+                c.num_channels,
+                "the image processor makes RGB images (3 channels)",
+            ));
+        }
         if !c.hidden_size.is_multiple_of(c.num_attention_heads)
             || !c.image_size.is_multiple_of(c.patch_size)
         {
@@ -183,12 +190,23 @@ impl LlamaConfig {
                 });
             }
         }
-        let hidden_size = g.usize_or("hidden_size", 4096)?;
-        let heads = g.usize_or("num_attention_heads", 32)?;
+        let hidden_size = g.positive_usize("hidden_size", 4096)?;
+        let heads = g.positive_usize("num_attention_heads", 32)?;
         let kv = g.opt_usize("num_key_value_heads")?.unwrap_or(heads);
-        let head_dim = g
-            .opt_usize("head_dim")?
-            .unwrap_or(hidden_size / heads.max(1));
+        let head_dim = match g.opt_usize("head_dim")? {
+            Some(0) => return Err(g.nonsense("head_dim", 0, "a head needs a width")),
+            Some(d) => d,
+            None if !hidden_size.is_multiple_of(heads) => {
+                return Err(g.nonsense(
+                    "num_attention_heads",
+                    heads,
+                    &format!(
+                        "it does not divide hidden_size {hidden_size} (and no head_dim is given)"
+                    ),
+                ))
+            }
+            None => hidden_size / heads,
+        };
         let act = Activation::parse(&g.str_or("hidden_act", "silu")?, path, "hidden_act")?;
         if act != Activation::Silu {
             return Err(MlError::Unsupported {
@@ -197,7 +215,7 @@ impl LlamaConfig {
             });
         }
         // rope_theta: top level (transformers 4) or inside rope_parameters (transformers 5).
-        let mut rope_theta = g.f64_or("rope_theta", 10000.0)?;
+        let mut rope_theta = g.positive_f64("rope_theta", 10000.0)?;
         for key in ["rope_scaling", "rope_parameters"] {
             if let Some(rp) = v.get(key).filter(|x| !x.is_null()) {
                 let kind = rp
@@ -211,20 +229,37 @@ impl LlamaConfig {
                         message: format!("{key}.rope_type \"{kind}\" (only default RoPE)"),
                     });
                 }
-                if let Some(t) = rp.get("rope_theta").and_then(Value::as_f64) {
-                    rope_theta = t;
+                if rp.get("rope_theta").is_some_and(|t| !t.is_null()) {
+                    rope_theta = Getter { v: rp, path }.positive_f64("rope_theta", 0.0)?;
                 }
             }
         }
+        let token_id = |x: &Value, key: &str| -> Result<u32> {
+            x.as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| g.bad(key))
+        };
         let eos_token_ids = match v.get("eos_token_id") {
             None | Some(Value::Null) => vec![2],
             Some(Value::Array(a)) => a
                 .iter()
-                .filter_map(Value::as_u64)
-                .map(|x| x as u32)
-                .collect(),
-            Some(x) => vec![x.as_u64().ok_or_else(|| g.bad("eos_token_id"))? as u32],
+                .map(|x| token_id(x, "eos_token_id"))
+                .collect::<Result<Vec<u32>>>()?,
+            Some(x) => vec![token_id(x, "eos_token_id")?],
         };
+        let vocab_size = g.positive_usize("vocab_size", 32000)?;
+        let bos_token_id = g.usize_or("bos_token_id", 1)?;
+        for (key, id) in std::iter::once(("bos_token_id", bos_token_id))
+            .chain(eos_token_ids.iter().map(|&e| ("eos_token_id", e as usize)))
+        {
+            if id >= vocab_size {
+                return Err(g.nonsense(
+                    key,
+                    id,
+                    &format!("it is not below vocab_size {vocab_size}"),
+                ));
+            }
+        }
         if heads == 0 || kv == 0 || heads % kv != 0 {
             return Err(MlError::Unsupported {
                 path: path.to_path_buf(),
@@ -240,21 +275,21 @@ impl LlamaConfig {
             });
         }
         Ok(LlamaConfig {
-            vocab_size: g.usize_or("vocab_size", 32000)?,
+            vocab_size,
             hidden_size,
-            intermediate_size: g.usize_or("intermediate_size", 11008)?,
-            num_hidden_layers: g.usize_or("num_hidden_layers", 32)?,
+            intermediate_size: g.positive_usize("intermediate_size", 11008)?,
+            num_hidden_layers: g.positive_usize("num_hidden_layers", 32)?,
             num_attention_heads: heads,
             num_key_value_heads: kv,
             head_dim,
-            rms_norm_eps: g.f64_or("rms_norm_eps", 1e-6)?,
+            rms_norm_eps: g.positive_f64("rms_norm_eps", 1e-6)?,
             rope_theta,
-            max_position_embeddings: g.usize_or("max_position_embeddings", 2048)?,
+            max_position_embeddings: g.positive_usize("max_position_embeddings", 2048)?,
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
-            bos_token_id: g.usize_or("bos_token_id", 1)? as u32,
+            bos_token_id: bos_token_id as u32,
             eos_token_ids,
             attention_bias: v
                 .get("attention_bias")
@@ -337,6 +372,25 @@ impl LlavaConfig {
         }
     }
 
+    /// Check that the special token ids are inside the vocabulary (`path` is the config).
+    fn check_token_ids(&self, path: &Path) -> Result<()> {
+        let g = Getter {
+            v: &Value::Null,
+            path,
+        };
+        let vocab = self.text.vocab_size;
+        let mut ids = vec![("pad_token_id", self.pad_token_id)];
+        if let ImageToken::Id(i) = self.image_token {
+            ids.push(("image_token_index", i));
+        }
+        for (key, id) in ids {
+            if id as usize >= vocab {
+                return Err(g.nonsense(key, id, &format!("it is not below vocab_size {vocab}")));
+            }
+        }
+        Ok(())
+    }
+
     /// How many vision layers must run to produce the selected hidden state.
     pub fn vision_layers_used(&self) -> Result<usize> {
         let n = self.vision.num_hidden_layers as i64;
@@ -414,6 +468,7 @@ impl LlavaConfig {
             pad_token_id: g.opt_usize("pad_token_id")?.unwrap_or(0) as u32,
         };
         c.vision_layers_used()?;
+        c.check_token_ids(path)?;
         Ok(c)
     }
 
@@ -496,6 +551,7 @@ impl LlavaConfig {
             pad_token_id: g.opt_usize("pad_token_id")?.unwrap_or(0) as u32,
         };
         c.vision_layers_used()?;
+        c.check_token_ids(llm_path)?;
         Ok(c)
     }
 }
@@ -524,6 +580,27 @@ impl Getter<'_> {
     }
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         Ok(self.opt_usize(key)?.unwrap_or(default))
+    }
+    /// A value that parses but makes no model: names the file, the key and why.
+    fn nonsense(&self, key: &str, value: impl std::fmt::Display, why: &str) -> MlError {
+        MlError::Parse {
+            path: self.path.to_path_buf(),
+            message: format!("'{key}' is {value}, which makes no model: {why}"),
+        }
+    }
+    fn positive_usize(&self, key: &str, default: usize) -> Result<usize> {
+        match self.usize_or(key, default)? {
+            0 => Err(self.nonsense(key, 0, "it must be at least 1")),
+            n => Ok(n),
+        }
+    }
+    fn positive_f64(&self, key: &str, default: f64) -> Result<f64> {
+        let x = self.f64_or(key, default)?;
+        if x.is_finite() && x > 0.0 {
+            Ok(x)
+        } else {
+            Err(self.nonsense(key, x, "it must be a positive number"))
+        }
     }
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.v.get(key) {
@@ -574,6 +651,186 @@ mod tests {
         assert_eq!(c.vision_layers_used().expect("in range"), 23);
         assert_eq!(c.image_token, ImageToken::Id(32000));
         assert_eq!(c.vision.hidden_act, Activation::QuickGelu);
+    }
+
+    #[test]
+    fn numbers_that_make_no_model_are_refused_naming_the_key() {
+        let hf = |mut text: Value, vision: Value, top: Value| {
+            if text.get("vocab_size").is_none() {
+                text["vocab_size"] = serde_json::json!(32064);
+            }
+            let mut v = serde_json::json!({"text_config": text, "vision_config": vision});
+            for (k, x) in top.as_object().expect("object") {
+                v[k] = x.clone();
+            }
+            LlavaConfig::from_hf_json(&v, Path::new("config.json"))
+        };
+        let none = serde_json::json!({});
+        hf(none.clone(), none.clone(), none.clone()).expect("defaults are fine");
+        for (text, vision, top, key) in [
+            (
+                serde_json::json!({"rms_norm_eps": 0.0}),
+                none.clone(),
+                none.clone(),
+                "'rms_norm_eps' is 0",
+            ),
+            (
+                serde_json::json!({"rms_norm_eps": -1e-6}),
+                none.clone(),
+                none.clone(),
+                "'rms_norm_eps'",
+            ),
+            (
+                serde_json::json!({"rope_theta": 0}),
+                none.clone(),
+                none.clone(),
+                "'rope_theta' is 0",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "default", "rope_theta": 0.0}}),
+                none.clone(),
+                none.clone(),
+                "'rope_theta' is 0",
+            ),
+            (
+                serde_json::json!({"hidden_size": 0}),
+                none.clone(),
+                none.clone(),
+                "'hidden_size' is 0",
+            ),
+            (
+                serde_json::json!({"num_hidden_layers": 0}),
+                none.clone(),
+                none.clone(),
+                "'num_hidden_layers'",
+            ),
+            (
+                serde_json::json!({"vocab_size": 0}),
+                none.clone(),
+                none.clone(),
+                "'vocab_size'",
+            ),
+            (
+                serde_json::json!({"intermediate_size": 0}),
+                none.clone(),
+                none.clone(),
+                "'intermediate_size'",
+            ),
+            (
+                serde_json::json!({"max_position_embeddings": 0}),
+                none.clone(),
+                none.clone(),
+                "'max_position_embeddings'",
+            ),
+            (
+                serde_json::json!({"head_dim": 0}),
+                none.clone(),
+                none.clone(),
+                "'head_dim' is 0",
+            ),
+            (
+                serde_json::json!({"num_attention_heads": 0}),
+                none.clone(),
+                none.clone(),
+                "'num_attention_heads' is 0",
+            ),
+            (
+                serde_json::json!({"hidden_size": 100, "num_attention_heads": 32}),
+                none.clone(),
+                none.clone(),
+                "does not divide hidden_size 100",
+            ),
+            (
+                serde_json::json!({"eos_token_id": [2, "x"]}),
+                none.clone(),
+                none.clone(),
+                "'eos_token_id'",
+            ),
+            (
+                serde_json::json!({"eos_token_id": 40000}),
+                none.clone(),
+                none.clone(),
+                "'eos_token_id' is 40000",
+            ),
+            (
+                serde_json::json!({"bos_token_id": 40000}),
+                none.clone(),
+                none.clone(),
+                "'bos_token_id'",
+            ),
+            (
+                none.clone(),
+                serde_json::json!({"patch_size": 0}),
+                none.clone(),
+                "'patch_size' is 0",
+            ),
+            (
+                none.clone(),
+                serde_json::json!({"image_size": 0}),
+                none.clone(),
+                "'image_size' is 0",
+            ),
+            (
+                none.clone(),
+                serde_json::json!({"num_attention_heads": 0}),
+                none.clone(),
+                "'num_attention_heads' is 0",
+            ),
+            (
+                none.clone(),
+                serde_json::json!({"layer_norm_eps": 0}),
+                none.clone(),
+                "'layer_norm_eps'",
+            ),
+            (
+                none.clone(),
+                serde_json::json!({"num_channels": 4}),
+                none.clone(),
+                "'num_channels' is 4",
+            ),
+            (
+                none.clone(),
+                none.clone(),
+                serde_json::json!({"image_token_index": 40000}),
+                "'image_token_index'",
+            ),
+            (
+                none.clone(),
+                none.clone(),
+                serde_json::json!({"pad_token_id": 99999}),
+                "'pad_token_id'",
+            ),
+        ] {
+            let e = hf(text.clone(), vision.clone(), top.clone()).expect_err(key);
+            assert!(
+                e.to_string().contains(key) && e.to_string().contains("config.json"),
+                "{text} {vision} {top}: {e}"
+            );
+        }
+        // An explicit head_dim need not divide the width (the parity model has 16 × 4 ≠ 32).
+        hf(
+            serde_json::json!({"hidden_size": 32, "num_attention_heads": 4, "head_dim": 16}),
+            none.clone(),
+            none.clone(),
+        )
+        .expect("explicit head_dim");
+        // The split setup: the LLaMA and CLIP configs are checked the same way, naming their file.
+        let e = LlavaConfig::from_split(
+            &serde_json::json!({"rms_norm_eps": 0}),
+            Path::new("llm/config.json"),
+            &serde_json::json!({"vision_config": {"patch_size": 0}}),
+            Path::new("clip/config.json"),
+        )
+        .expect_err("eps");
+        assert!(e.to_string().contains("llm/config.json"), "{e}");
+        let e = LlavaConfig::from_split(
+            &none,
+            Path::new("llm/config.json"),
+            &serde_json::json!({"vision_config": {"patch_size": 0}}),
+            Path::new("clip/config.json"),
+        )
+        .expect_err("patch");
+        assert!(e.to_string().contains("clip/config.json"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,17 @@
 //! The error type of the model engine.
+//!
+//! Tensor and key names that come from a file are shown escaped ([`escape_name`]): a name with
+//! control characters cannot rewrite the terminal.
 
 use std::path::PathBuf;
+
+use crate::store::pickle::PickleError;
+use crate::store::StoreError;
+
+/// A name taken from a file, escaped for messages (`str::escape_debug`).
+pub fn escape_name(name: &str) -> String {
+    name.escape_debug().to_string()
+}
 
 /// Everything that can go wrong while loading, preparing inputs for or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +41,7 @@ pub enum MlError {
         message: String,
     },
     /// A checkpoint lacks a tensor the model needs.
-    #[error("the tensor '{name}' is missing from {source_desc}")]
+    #[error("the tensor '{}' is missing from {source_desc}", .name.escape_debug())]
     MissingTensor {
         /// The tensor name (as looked up, after layout resolution).
         name: String,
@@ -38,7 +49,10 @@ pub enum MlError {
         source_desc: String,
     },
     /// A tensor has the wrong shape.
-    #[error("the tensor '{name}' in {source_desc} has shape {actual:?}, expected {expected:?}")]
+    #[error(
+        "the tensor '{}' in {source_desc} has shape {actual:?}, expected {expected:?}",
+        .name.escape_debug()
+    )]
     ShapeMismatch {
         /// The tensor name.
         name: String,
@@ -89,10 +103,62 @@ pub enum MlError {
         /// What disagrees, naming the tensor or config key.
         message: String,
     },
+    /// A PyTorch `.bin` checkpoint that cannot be read safely (the message names the file and
+    /// what is wrong).
+    #[error(transparent)]
+    Checkpoint(Box<PickleError>),
+    /// A floating-point tensor holds NaN or an infinity.
+    #[error(
+        "the tensor '{}' in '{path}' holds {value} at element {index}; the checkpoint is damaged \
+         or the training that wrote it diverged",
+        .name.escape_debug()
+    )]
+    NonFinite {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// The first bad element (row-major).
+        index: usize,
+        /// `NaN` or `an infinity`.
+        value: &'static str,
+    },
+    /// A shard named by an index file is not a plain relative path.
+    #[error(
+        "'{index}' names the shard '{}', which is not a plain relative path inside the model \
+         folder; fix or remove the index",
+        .name.escape_debug()
+    )]
+    UnsafeShard {
+        /// The `*.index.json` file.
+        index: PathBuf,
+        /// The shard name as written.
+        name: String,
+        /// Why the path is refused.
+        #[source]
+        source: Box<StoreError>,
+    },
+    /// A weight file of a model or adapter folder resolves outside it (a link or `..`), or is not
+    /// a regular file.
+    #[error("'{path}' {problem} '{dir}'; weight files must be regular files inside their folder")]
+    OutsideFolder {
+        /// The file as found or named.
+        path: PathBuf,
+        /// The folder.
+        dir: PathBuf,
+        /// "resolves outside the folder" or "is not a regular file in".
+        problem: &'static str,
+    },
     /// Inputs that do not fit the model (e.g. image token count).
     #[error("invalid input: {0}")]
     Input(String),
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<PickleError> for MlError {
+    fn from(e: PickleError) -> Self {
+        MlError::Checkpoint(Box::new(e))
+    }
 }

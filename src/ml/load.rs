@@ -10,11 +10,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use serde_json::Value;
 
 use super::config::{read_json, LlavaConfig};
+use super::error::escape_name;
 use super::{MlError, Result};
 use crate::store::fsutil::write_atomic;
+use crate::store::pickle::{Limits, TorchZip};
+use crate::store::Dtype;
 
 /// Named tensors on the run device.
 pub struct TensorStore {
@@ -167,50 +171,153 @@ fn describe(files: &[PathBuf]) -> String {
     names.join(", ")
 }
 
-/// Read every tensor of a `.safetensors` file or a PyTorch zip `.bin` (on the CPU, as stored).
-/// A `.bin` is converted once to a sibling `<name>.coin.safetensors` (when the directory is
-/// writable) and that file is read on later loads.
+/// Read every tensor of a `.safetensors` file or a PyTorch zip `.bin` (on the CPU, as stored),
+/// sorted by name. A `.bin` is read with coin's own bounded reader ([`crate::store::pickle`]):
+/// nothing in it is run, and its storages are read straight out of the zip. Floating-point
+/// tensors must be finite ([`MlError::NonFinite`]). Nothing is written.
 pub fn read_tensor_file(file: &Path) -> Result<Vec<(String, Tensor)>> {
+    let meta = std::fs::metadata(file).map_err(|source| MlError::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(MlError::OutsideFolder {
+            path: file.to_path_buf(),
+            dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+            problem: "is not a regular file in",
+        });
+    }
     let name = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if name.ends_with(".safetensors") {
-        let bytes = std::fs::read(file).map_err(|source| MlError::Read {
-            path: file.to_path_buf(),
-            source,
-        })?;
-        let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
-            MlError::Parse {
-                path: file.to_path_buf(),
-                message: format!("not a safetensors file: {e}"),
-            }
-        })?;
-        let mut v: Vec<(String, Tensor)> = map.into_iter().collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        return Ok(v);
-    }
-    let cache = file.with_file_name(format!("{name}.coin.safetensors"));
-    if let (Ok(c), Ok(o)) = (std::fs::metadata(&cache), std::fs::metadata(file)) {
-        if let (Ok(ct), Ok(ot)) = (c.modified(), o.modified()) {
-            if ct >= ot {
-                return read_tensor_file(&cache);
-            }
-        }
-    }
-    if !file.exists() {
-        return Err(MlError::Read {
-            path: file.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-        });
-    }
-    let tensors = candle_core::pickle::read_all(file).map_err(|e| MlError::Parse {
+    let mut v = if name.ends_with(".safetensors") {
+        read_safetensors(file)?
+    } else {
+        read_torch_zip(file)?
+    };
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(v)
+}
+
+fn read_safetensors(file: &Path) -> Result<Vec<(String, Tensor)>> {
+    let bytes = std::fs::read(file).map_err(|source| MlError::Read {
         path: file.to_path_buf(),
-        message: format!("not a PyTorch zip checkpoint readable by candle: {e}"),
+        source,
     })?;
-    // Best effort: a read-only model directory simply converts again next time.
-    let _ = write_safetensors(&cache, &tensors);
-    Ok(tensors)
+    let not_st = |e: &dyn std::fmt::Display| MlError::Parse {
+        path: file.to_path_buf(),
+        message: format!("not a safetensors file: {e}"),
+    };
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| not_st(&e))?;
+    for (name, view) in st.iter() {
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F64 => DType::F64,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            _ => continue,
+        };
+        check_finite(file, name, dtype, view.data())?;
+    }
+    let map =
+        candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| not_st(&e))?;
+    Ok(map.into_iter().collect())
+}
+
+/// The candle dtype of a torch storage type.
+fn candle_dtype(d: Dtype) -> Option<DType> {
+    Some(match d {
+        Dtype::F32 => DType::F32,
+        Dtype::F64 => DType::F64,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::I64 => DType::I64,
+        Dtype::I32 => DType::I32,
+        Dtype::I16 => DType::I16,
+        Dtype::U8 => DType::U8,
+        _ => return None,
+    })
+}
+
+fn read_torch_zip(file: &Path) -> Result<Vec<(String, Tensor)>> {
+    let mut z = TorchZip::open(file, &Limits::default())?;
+    let tensors = z.tensors().to_vec();
+    let mut out = Vec::with_capacity(tensors.len());
+    for t in &tensors {
+        let dtype = candle_dtype(t.dtype).ok_or_else(|| MlError::Unsupported {
+            path: file.to_path_buf(),
+            message: format!(
+                "the tensor '{}' has dtype {} (coin reads F32, F64, F16, BF16, I64, I32, I16 and U8)",
+                escape_name(&t.name),
+                t.dtype
+            ),
+        })?;
+        let bytes = z.read_tensor(t)?;
+        check_finite(file, &t.name, dtype, &bytes)?;
+        let tensor = Tensor::from_raw_buffer(&bytes, dtype, &t.shape, &Device::Cpu)?;
+        out.push((t.name.clone(), tensor));
+    }
+    Ok(out)
+}
+
+/// The first element of little-endian `bytes` of a float `dtype` that is NaN or infinite
+/// (exponent bits all ones), and which; `None` for other dtypes. Large buffers are scanned in
+/// parallel chunks.
+fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<(usize, &'static str)> {
+    fn scan<const N: usize>(
+        bytes: &[u8],
+        bad: impl Fn([u8; N]) -> Option<&'static str> + Sync,
+    ) -> Option<(usize, &'static str)> {
+        const CHUNK: usize = 1 << 20;
+        let find = |chunk: &[u8]| {
+            chunk.chunks_exact(N).enumerate().find_map(|(i, e)| {
+                let a: [u8; N] = e.try_into().ok()?;
+                bad(a).map(|what| (i, what))
+            })
+        };
+        if bytes.len() <= CHUNK {
+            return find(bytes);
+        }
+        bytes
+            .par_chunks(CHUNK)
+            .enumerate()
+            .find_map_first(|(c, chunk)| find(chunk).map(|(i, w)| (c * (CHUNK / N) + i, w)))
+    }
+    let which = |mantissa_zero: bool| if mantissa_zero { "an infinity" } else { "NaN" };
+    match dtype {
+        DType::F32 => scan(bytes, |a: [u8; 4]| {
+            let b = u32::from_le_bytes(a);
+            (b & 0x7f80_0000 == 0x7f80_0000).then(|| which(b & 0x007f_ffff == 0))
+        }),
+        DType::F64 => scan(bytes, |a: [u8; 8]| {
+            let b = u64::from_le_bytes(a);
+            (b & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000)
+                .then(|| which(b & 0x000f_ffff_ffff_ffff == 0))
+        }),
+        DType::BF16 => scan(bytes, |a: [u8; 2]| {
+            let b = u16::from_le_bytes(a);
+            (b & 0x7f80 == 0x7f80).then(|| which(b & 0x007f == 0))
+        }),
+        DType::F16 => scan(bytes, |a: [u8; 2]| {
+            let b = u16::from_le_bytes(a);
+            (b & 0x7c00 == 0x7c00).then(|| which(b & 0x03ff == 0))
+        }),
+        _ => None,
+    }
+}
+
+/// Refuse a float tensor holding NaN or an infinity, naming the file and the tensor.
+fn check_finite(file: &Path, name: &str, dtype: DType, bytes: &[u8]) -> Result<()> {
+    match first_non_finite(dtype, bytes) {
+        None => Ok(()),
+        Some((index, value)) => Err(MlError::NonFinite {
+            path: file.to_path_buf(),
+            name: name.to_string(),
+            index,
+            value,
+        }),
+    }
 }
 
 /// Write tensors as a safetensors file (atomically).
@@ -299,9 +406,54 @@ fn tensor_bytes(t: &Tensor) -> Result<(&'static str, Vec<u8>)> {
     })
 }
 
+/// The folder a model folder's files may resolve into: the folder itself or, for a Hugging Face
+/// hub cache snapshot (`<repo>/snapshots/<rev>/`, whose files are links into `<repo>/blobs/`),
+/// the repo folder.
+fn containment_root(dir: &Path) -> Result<PathBuf> {
+    let root = dir.canonicalize().map_err(|source| MlError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if let Some(repo) = root
+        .parent()
+        .filter(|p| p.file_name() == Some(std::ffi::OsStr::new("snapshots")))
+        .and_then(Path::parent)
+    {
+        if repo.join("blobs").is_dir() {
+            return Ok(repo.to_path_buf());
+        }
+    }
+    Ok(root)
+}
+
+/// Check that `file` (found in or named by the folder `dir`) resolves to a regular file inside
+/// `dir` (links are followed, then the target must be inside; see [`containment_root`]).
+pub fn check_inside(dir: &Path, file: &Path) -> Result<()> {
+    let root = containment_root(dir)?;
+    let real = file.canonicalize().map_err(|source| MlError::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let outside = |problem| MlError::OutsideFolder {
+        path: file.to_path_buf(),
+        dir: dir.to_path_buf(),
+        problem,
+    };
+    if !real.starts_with(&root) {
+        return Err(outside("resolves outside the folder"));
+    }
+    if !real.is_file() {
+        return Err(outside("is not a regular file in"));
+    }
+    Ok(())
+}
+
 /// The checkpoint files of a model directory: the shards named by
 /// `model.safetensors.index.json` (or `pytorch_model.bin.index.json`), else every
-/// `*.safetensors`, else every `pytorch_model*.bin` / `*.bin` weight file.
+/// `*.safetensors`, else every `pytorch_model*.bin` / `*.bin` weight file. Every shard name must
+/// be a plain relative path ([`crate::store::check_relative_path`]) and every file must resolve
+/// inside the directory ([`check_inside`]). `*.coin.safetensors` files (conversion caches of
+/// older coin versions) are ignored.
 pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     for index in [
         "model.safetensors.index.json",
@@ -317,21 +469,40 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
                     path: p.clone(),
                     message: "no 'weight_map' object".into(),
                 })?;
-            let mut files: Vec<String> = map
-                .values()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect();
-            files.sort();
-            files.dedup();
-            let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
-            for f in &files {
+            let mut names = Vec::with_capacity(map.len());
+            for (tensor, f) in map {
+                let f = f.as_str().ok_or_else(|| MlError::Parse {
+                    path: p.clone(),
+                    message: format!(
+                        "the shard of '{}' in 'weight_map' is not a string",
+                        escape_name(tensor)
+                    ),
+                })?;
+                names.push(f.to_string());
+            }
+            names.sort();
+            names.dedup();
+            let mut files = Vec::with_capacity(names.len());
+            for name in names {
+                crate::store::check_relative_path(&name).map_err(|source| {
+                    MlError::UnsafeShard {
+                        index: p.clone(),
+                        name: name.clone(),
+                        source: Box::new(source),
+                    }
+                })?;
+                let f = dir.join(&name);
                 if !f.exists() {
                     return Err(MlError::NotAModel {
                         path: dir.to_path_buf(),
-                        message: format!("the shard '{}' named by {index} is missing", f.display()),
+                        message: format!(
+                            "the shard '{}' named by {index} is missing",
+                            escape_name(&name)
+                        ),
                     });
                 }
+                check_inside(dir, &f)?;
+                files.push(f);
             }
             return Ok(files);
         }
@@ -360,16 +531,17 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     st.sort();
     bins.sort();
-    if !st.is_empty() {
-        return Ok(st);
+    let files = if st.is_empty() { bins } else { st };
+    if files.is_empty() {
+        return Err(MlError::NotAModel {
+            path: dir.to_path_buf(),
+            message: "no *.safetensors or *.bin weight files".into(),
+        });
     }
-    if !bins.is_empty() {
-        return Ok(bins);
+    for f in &files {
+        check_inside(dir, f)?;
     }
-    Err(MlError::NotAModel {
-        path: dir.to_path_buf(),
-        message: "no *.safetensors or *.bin weight files".into(),
-    })
+    Ok(files)
 }
 
 /// Which on-disk layout a model uses.
@@ -510,6 +682,9 @@ pub fn load_split(
             })?,
     };
     if let Some(p) = proj_file {
+        if paths.projector.is_none() {
+            check_inside(&paths.llm, &p)?;
+        }
         for (name, t) in read_tensor_file(&p)? {
             // Accept `model.mm_projector.N.*`, `mm_projector.N.*`, `base_model.model.model.mm_projector.N.*`.
             let Some(i) = name.find("mm_projector.") else {
@@ -540,4 +715,243 @@ pub fn load_split(
             projector: ["model.mm_projector.0".into(), "model.mm_projector.2".into()],
         },
     ))
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+    use crate::ml::train::torch_save::torch_save_bytes;
+
+    fn fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(rel)
+    }
+
+    fn bits(t: &Tensor) -> Vec<u8> {
+        tensor_bytes(t).expect("bytes").1
+    }
+
+    /// coin's reader and candle's give the same names, dtypes, shapes and bits.
+    fn assert_same_as_candle(file: &Path) -> usize {
+        let ours = read_tensor_file(file).expect("coin reads it");
+        let mut theirs = candle_core::pickle::read_all(file).expect("candle reads it");
+        theirs.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(ours.len(), theirs.len(), "{}", file.display());
+        for ((n, a), (m, b)) in ours.iter().zip(&theirs) {
+            assert_eq!(n, m);
+            assert_eq!((a.dtype(), a.dims()), (b.dtype(), b.dims()), "{n}");
+            assert_eq!(bits(a), bits(b), "{n}");
+        }
+        ours.len()
+    }
+
+    #[test]
+    fn the_real_torch_fixtures_read_bit_identically_to_candle() {
+        for (rel, n) in [
+            ("parity/mm_projector.bin", 4),
+            ("train/moelora/adapter_model.bin", 238),
+            ("train/moelora/non_lora_trainables.bin", 4),
+        ] {
+            assert_eq!(assert_same_as_candle(&fixture(rel)), n, "{rel}");
+        }
+    }
+
+    #[test]
+    fn torch_save_files_of_every_dtype_read_bit_identically_to_candle() {
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 60.0, &dev)
+            .and_then(|t| t.affine(0.37, -5.0))
+            .and_then(|t| t.reshape((3, 4, 5)))
+            .expect("a");
+        let tensors = vec![
+            ("f32".to_string(), a.clone()),
+            ("f64".into(), a.to_dtype(DType::F64).expect("f64")),
+            ("bf16".into(), a.to_dtype(DType::BF16).expect("bf16")),
+            ("f16".into(), a.to_dtype(DType::F16).expect("f16")),
+            (
+                "i64".into(),
+                Tensor::new(&[-3i64, 0, 1 << 40], &dev).expect("i64"),
+            ),
+            ("u8".into(), Tensor::new(&[0u8, 7, 255], &dev).expect("u8")),
+            ("scalar".into(), Tensor::new(2.5f32, &dev).expect("scalar")),
+            (
+                "empty".into(),
+                Tensor::zeros((0, 3), DType::F32, &dev).expect("empty"),
+            ),
+        ];
+        let t = tempfile::tempdir().expect("tmp");
+        let f = t.path().join("adapter_model.bin");
+        std::fs::write(&f, torch_save_bytes(&tensors).expect("writes")).expect("w");
+        let ours = read_tensor_file(&f).expect("reads");
+        for (name, want) in &tensors {
+            let (_, got) = ours.iter().find(|(n, _)| n == name).expect("name");
+            assert_eq!(
+                (got.dtype(), got.dims()),
+                (want.dtype(), want.dims()),
+                "{name}"
+            );
+            assert_eq!(bits(got), bits(want), "{name}");
+        }
+        // candle's reader cannot read the 0-element tensor; compare the others with it.
+        let others: Vec<_> = tensors.into_iter().filter(|(n, _)| n != "empty").collect();
+        std::fs::write(&f, torch_save_bytes(&others).expect("writes")).expect("w");
+        assert_same_as_candle(&f);
+    }
+
+    #[test]
+    fn non_finite_weights_are_refused_naming_the_tensor() {
+        let dev = Device::Cpu;
+        let t = tempfile::tempdir().expect("tmp");
+        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+            for (bad, what) in [(f32::NAN, "NaN"), (f32::NEG_INFINITY, "an infinity")] {
+                let mut v = vec![0.5f32; 3000];
+                v[2345] = bad;
+                let x = Tensor::from_vec(v, (3, 1000), &dev)
+                    .and_then(|x| x.to_dtype(dtype))
+                    .expect("x");
+                let tensors = vec![
+                    (
+                        "fine".to_string(),
+                        Tensor::ones(4, dtype, &dev).expect("ones"),
+                    ),
+                    ("layers.0.w".to_string(), x),
+                ];
+                let st = t.path().join("model.safetensors");
+                write_safetensors(&st, &tensors).expect("w");
+                let bin = t.path().join("pytorch_model.bin");
+                std::fs::write(&bin, torch_save_bytes(&tensors).expect("b")).expect("w");
+                for f in [&st, &bin] {
+                    let e = read_tensor_file(f).expect_err("refused");
+                    assert!(
+                        matches!(&e, MlError::NonFinite { name, index: 2345, value, .. }
+                            if name == "layers.0.w" && *value == what),
+                        "{dtype:?} {}: {e}",
+                        f.display()
+                    );
+                    assert!(e.to_string().contains("'layers.0.w'"), "{e}");
+                }
+            }
+        }
+        // The parallel scan of a large buffer finds the first bad element of a later chunk.
+        let mut big = vec![0u8; 3 << 20];
+        big[(2 << 20) + 8..(2 << 20) + 12].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        big[(2 << 20) + 16..(2 << 20) + 20].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(
+            first_non_finite(DType::F32, &big),
+            Some(((2 << 20) / 4 + 2, "an infinity"))
+        );
+        assert_eq!(first_non_finite(DType::I64, &[0xff; 16]), None);
+    }
+
+    #[test]
+    fn a_replaced_bin_loads_its_new_weights_and_nothing_is_written_beside_it() {
+        let dev = Device::Cpu;
+        let t = tempfile::tempdir().expect("tmp");
+        let f = t.path().join("adapter_model.bin");
+        let save = |v: f32| {
+            let x = Tensor::full(v, (2, 2), &dev).expect("x");
+            std::fs::write(&f, torch_save_bytes(&[("w".into(), x)]).expect("b")).expect("w");
+        };
+        let first = |f: &Path| -> f32 {
+            read_tensor_file(f).expect("reads")[0]
+                .1
+                .flatten_all()
+                .and_then(|x| x.to_vec1::<f32>())
+                .expect("v")[0]
+        };
+        save(1.0);
+        assert_eq!(first(&f), 1.0);
+        // Other weights, with a modification time older than the first file's.
+        save(2.0);
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .and_then(|h| h.set_modified(old))
+            .expect("mtime");
+        assert_eq!(first(&f), 2.0);
+        let names: Vec<_> = std::fs::read_dir(t.path())
+            .expect("ls")
+            .map(|e| e.expect("e").file_name())
+            .collect();
+        assert_eq!(
+            names,
+            ["adapter_model.bin"],
+            "nothing written beside the .bin"
+        );
+    }
+
+    #[test]
+    fn shards_that_leave_the_model_folder_are_refused() {
+        let dev = Device::Cpu;
+        let t = tempfile::tempdir().expect("tmp");
+        let dir = t.path().join("model");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(&dir).expect("d");
+        std::fs::create_dir_all(&outside).expect("d");
+        let x = vec![(
+            "w".to_string(),
+            Tensor::ones(2, DType::F32, &dev).expect("x"),
+        )];
+        write_safetensors(&outside.join("x.safetensors"), &x).expect("w");
+        std::fs::write(outside.join("x.bin"), torch_save_bytes(&x).expect("b")).expect("w");
+        write_safetensors(&dir.join("model-1.safetensors"), &x).expect("w");
+        let index = |file: &str, name: &str| {
+            std::fs::write(
+                dir.join(file),
+                serde_json::json!({"weight_map": {"w": name}}).to_string(),
+            )
+            .expect("w")
+        };
+        for (file, name) in [
+            ("pytorch_model.bin.index.json", "../outside/x.bin"),
+            ("model.safetensors.index.json", "../outside/x.safetensors"),
+            ("model.safetensors.index.json", "/etc/passwd"),
+            (
+                "model.safetensors.index.json",
+                "a/../../outside/x.safetensors",
+            ),
+            ("model.safetensors.index.json", "bad\u{1b}[2Jname"),
+        ] {
+            index(file, name);
+            let e = checkpoint_files(&dir).expect_err("refused");
+            assert!(matches!(&e, MlError::UnsafeShard { .. }), "{name}: {e}");
+            assert!(e.to_string().contains(&escape_name(name)), "{e}");
+            std::fs::remove_file(dir.join(file)).expect("rm");
+        }
+        // A link inside the folder that points out of it: refused, through the index or found.
+        std::os::unix::fs::symlink(
+            outside.join("x.safetensors"),
+            dir.join("model-2.safetensors"),
+        )
+        .expect("link");
+        index("model.safetensors.index.json", "model-2.safetensors");
+        let e = checkpoint_files(&dir).expect_err("refused");
+        assert!(matches!(&e, MlError::OutsideFolder { .. }), "{e}");
+        std::fs::remove_file(dir.join("model.safetensors.index.json")).expect("rm");
+        let e = checkpoint_files(&dir).expect_err("refused");
+        assert!(e.to_string().contains("resolves outside the folder"), "{e}");
+        // A link to a device is not a regular file.
+        std::fs::remove_file(dir.join("model-2.safetensors")).expect("rm");
+        std::os::unix::fs::symlink("/dev/zero", dir.join("model-2.safetensors")).expect("link");
+        let e = read_tensor_file(&dir.join("model-2.safetensors")).expect_err("refused");
+        assert!(e.to_string().contains("is not a regular file"), "{e}");
+        std::fs::remove_file(dir.join("model-2.safetensors")).expect("rm");
+        // Links inside the folder, and a Hugging Face cache snapshot's links into its blobs.
+        std::os::unix::fs::symlink(
+            dir.join("model-1.safetensors"),
+            dir.join("model-3.safetensors"),
+        )
+        .expect("link");
+        assert_eq!(checkpoint_files(&dir).expect("ok").len(), 2);
+        let repo = t.path().join("models--x--y");
+        let snap = repo.join("snapshots/abc");
+        std::fs::create_dir_all(&snap).expect("d");
+        std::fs::create_dir_all(repo.join("blobs")).expect("d");
+        write_safetensors(&repo.join("blobs/0123"), &x).expect("w");
+        std::os::unix::fs::symlink("../../blobs/0123", snap.join("model.safetensors")).expect("l");
+        assert_eq!(checkpoint_files(&snap).expect("hf cache").len(), 1);
+    }
 }

@@ -25,12 +25,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::config::read_json;
+use super::error::escape_name;
 use super::linear::{Adapter, Linear, Lora, MoeLora};
 use super::llava::Llava;
-use super::load::read_tensor_file;
+use super::load::{check_inside, read_tensor_file};
 use super::train::params::AdapterKind;
 use super::{MlError, Result};
 
@@ -39,13 +41,299 @@ pub const PEFT_TYPE_LORA: &str = "LORA";
 /// `peft_type` of CoIN's MoELoRA (its vendored PEFT fork).
 pub const PEFT_TYPE_MOELORA: &str = "MOE_LORA_CoIN";
 
+/// PEFT's default rank when `adapter_config.json` has no `r`.
+pub const DEFAULT_R: usize = 8;
+
+/// `target_modules`: module names (matched as a suffix of a module path) or one regular
+/// expression (matched against the whole path).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Module names, e.g. `["q_proj", "v_proj"]`.
+    Names(Vec<String>),
+    /// A regular expression, e.g. `.*language_model.*\.(q_proj|v_proj)`.
+    Regex(String),
+}
+
+/// Deserialize a field that is present (even as `null`) into `Some`.
+fn present<'de, T, D>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: Deserializer<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// A serde mirror of PEFT's `adapter_config.json`, LoRA's fields and CoIN's MoELoRA ones
+/// (`CoINMOELoraConfig`: `expert_num`, `task_embedding_dim`), read by [`PeftAdapter::load`] and
+/// written by [`crate::ml::train::save`]. Each field is `None` when the file lacks it; the
+/// nullable ones are `Some(None)` for a `null`; unknown fields are kept in `other`. So a file
+/// read and written back keeps every key and value (numbers may change spelling, `8` → `8.0`
+/// for `lora_alpha`), and the defaults PEFT applies to absent fields are the accessors'
+/// ([`AdapterConfig::r`], [`AdapterConfig::peft_type`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    /// `LORA` or `MOE_LORA_CoIN` (absent: LORA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peft_type: Option<String>,
+    /// `CAUSAL_LM`, `CAUSAL_LM_CoIN`, or null.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub task_type: Option<Option<String>>,
+    /// Where the base model came from.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub base_model_name_or_path: Option<Option<String>>,
+    /// The rank (for MoELoRA, of all experts together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r: Option<usize>,
+    /// α of the scale α/r.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the adapter input during training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f64>,
+    /// Which modules carry adapters.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub target_modules: Option<Option<TargetModules>>,
+    /// Bias training: only `none` is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias: Option<String>,
+    /// Transposed base weights (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_in_fan_out: Option<bool>,
+    /// Scale α/√r instead of α/r.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_rslora: Option<bool>,
+    /// DoRA (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_dora: Option<bool>,
+    /// Fully trained modules saved beside the adapter (not supported unless empty).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub modules_to_save: Option<Option<Vec<String>>>,
+    /// Per-module ranks (module-name suffix → r).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank_pattern: Option<BTreeMap<String, usize>>,
+    /// Per-module α (module-name suffix → α).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha_pattern: Option<BTreeMap<String, f64>>,
+    /// Layer indices to adapt (an int, a list, or null).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub layers_to_transform: Option<Value>,
+    /// The layer module name pattern (a string, a list, or null).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub layers_pattern: Option<Value>,
+    /// How PEFT initialised the weights (a bool or a method name).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub init_lora_weights: Option<Value>,
+    /// Saved for inference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_mode: Option<bool>,
+    /// The base model revision.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub revision: Option<Option<String>>,
+    /// MoELoRA: number of experts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_num: Option<usize>,
+    /// MoELoRA: CoIN's unused task embedding width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_embedding_dim: Option<usize>,
+    /// A bias on lora_B (newer PEFT; not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_bias: Option<bool>,
+    /// Every other field, as found.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+impl AdapterConfig {
+    /// Parse the JSON of `adapter_config.json` (`path` names it in errors; a field of the wrong
+    /// type is named).
+    pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        let parse_error = |message: String| MlError::Parse {
+            path: path.to_path_buf(),
+            message,
+        };
+        let map = v
+            .as_object()
+            .ok_or_else(|| parse_error("not a JSON object".into()))?;
+        serde_json::from_value(v.clone()).map_err(|e| {
+            // Name the field: the first key that fails on its own.
+            let culprit = map.iter().find_map(|(k, x)| {
+                let one = Value::Object([(k.clone(), x.clone())].into_iter().collect());
+                serde_json::from_value::<AdapterConfig>(one)
+                    .err()
+                    .map(|e| format!("'{}': {e}", escape_name(k)))
+            });
+            parse_error(culprit.unwrap_or_else(|| e.to_string()))
+        })
+    }
+
+    /// Read `adapter_config.json`.
+    pub fn read(path: &Path) -> Result<Self> {
+        Self::from_json(&read_json(path)?, path)
+    }
+
+    /// `peft_type`, PEFT's default `LORA` when absent.
+    pub fn peft_type(&self) -> &str {
+        self.peft_type.as_deref().unwrap_or(PEFT_TYPE_LORA)
+    }
+
+    /// `r`, PEFT's default 8 when absent.
+    pub fn r(&self) -> usize {
+        self.r.unwrap_or(DEFAULT_R)
+    }
+
+    /// The rank of one module: its `rank_pattern` entry (a dotted suffix of any of `names`,
+    /// the module's spellings) or `r`.
+    pub fn r_of(&self, names: &[&str]) -> usize {
+        names
+            .iter()
+            .find_map(|n| pattern_value(self.rank_pattern.as_ref(), n))
+            .unwrap_or(self.r())
+    }
+
+    /// The α of one module: its `alpha_pattern` entry or `lora_alpha` (0 when absent; see
+    /// [`AdapterConfig::check`]).
+    pub fn alpha_of(&self, names: &[&str]) -> f64 {
+        names
+            .iter()
+            .find_map(|n| pattern_value(self.alpha_pattern.as_ref(), n))
+            .unwrap_or(self.lora_alpha.unwrap_or_default())
+    }
+
+    /// The adapter kind, with every field coin interprets checked: the errors name the file and
+    /// the field.
+    pub fn check(&self, path: &Path) -> Result<AdapterKind> {
+        let bad = |message: String| MlError::Parse {
+            path: path.to_path_buf(),
+            message,
+        };
+        let kind = match self.peft_type() {
+            PEFT_TYPE_LORA => AdapterKind::Lora,
+            PEFT_TYPE_MOELORA => {
+                let experts = self.expert_num.filter(|&e| e > 0).ok_or_else(|| {
+                    bad(format!(
+                        "peft_type {PEFT_TYPE_MOELORA} needs a positive integer 'expert_num'"
+                    ))
+                })?;
+                AdapterKind::MoeLora { experts }
+            }
+            other => {
+                return Err(unsupported(
+                    path,
+                    format!(
+                        "peft_type \"{}\" (only {PEFT_TYPE_LORA} and {PEFT_TYPE_MOELORA})",
+                        escape_name(other)
+                    ),
+                ))
+            }
+        };
+        for (key, on) in [
+            ("use_dora", self.use_dora),
+            ("fan_in_fan_out", self.fan_in_fan_out),
+            ("lora_bias", self.lora_bias),
+        ] {
+            if on == Some(true) {
+                return Err(unsupported(path, format!("{key} = true")));
+            }
+        }
+        if let Some(b) = self.bias.as_deref().filter(|b| *b != "none") {
+            return Err(unsupported(
+                path,
+                format!("bias = \"{}\" (only none)", escape_name(b)),
+            ));
+        }
+        if self
+            .modules_to_save
+            .as_ref()
+            .is_some_and(|m| m.as_ref().is_some_and(|m| !m.is_empty()))
+        {
+            return Err(unsupported(path, "modules_to_save is not empty".into()));
+        }
+        if self.r() == 0 {
+            return Err(bad("'r' is 0; an adapter needs a rank of at least 1".into()));
+        }
+        let alpha = self
+            .lora_alpha
+            .ok_or_else(|| bad("no numeric 'lora_alpha'".into()))?;
+        if !(alpha.is_finite() && alpha > 0.0) {
+            return Err(bad(format!(
+                "'lora_alpha' is {alpha}; the scale α/r needs a positive α"
+            )));
+        }
+        if let Some(d) = self.lora_dropout {
+            if !(0.0..1.0).contains(&d) {
+                return Err(bad(format!(
+                    "'lora_dropout' is {d}; a dropout probability is in [0, 1)"
+                )));
+            }
+        }
+        for (k, &a) in self.alpha_pattern.iter().flatten() {
+            if !(a.is_finite() && a > 0.0) {
+                return Err(bad(format!(
+                    "'alpha_pattern' gives '{}' the α {a}; it must be positive",
+                    escape_name(k)
+                )));
+            }
+        }
+        for (k, &r) in self.rank_pattern.iter().flatten() {
+            if r == 0 {
+                return Err(bad(format!(
+                    "'rank_pattern' gives '{}' the rank 0",
+                    escape_name(k)
+                )));
+            }
+        }
+        Ok(kind)
+    }
+}
+
+/// The value of the first pattern key that is `module` or a dotted suffix of it.
+fn pattern_value<T: Copy>(pattern: Option<&BTreeMap<String, T>>, module: &str) -> Option<T> {
+    pattern?
+        .iter()
+        .find(|(p, _)| module == p.as_str() || module.ends_with(&format!(".{p}")))
+        .map(|(_, v)| *v)
+}
+
 /// A loaded adapter directory.
 #[derive(Clone, Debug)]
 pub struct PeftAdapter {
     /// The adapter directory.
     pub dir: PathBuf,
-    /// The raw adapter_config.json.
-    pub config: Value,
+    /// The adapter_config.json.
+    pub config: AdapterConfig,
     /// LoRA or MoELoRA (with its expert count).
     pub kind: AdapterKind,
     /// `lora_alpha` of the config.
@@ -181,10 +469,6 @@ fn same_values(a: &Tensor, b: &Tensor) -> Result<bool> {
     Ok(d == 0.0)
 }
 
-fn config_usize(config: &Value, key: &str) -> Option<usize> {
-    config.get(key).and_then(Value::as_u64).map(|v| v as usize)
-}
-
 /// The files of an adapter directory: the first of `names` that exists.
 fn first_existing(dir: &Path, names: &[&str]) -> Option<PathBuf> {
     names.iter().map(|n| dir.join(n)).find(|p| p.exists())
@@ -194,71 +478,11 @@ impl PeftAdapter {
     /// Read an adapter directory onto `device` in `dtype` (keep f32 for training).
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");
-        let config = read_json(&cfg_path)?;
-        let peft_type = config
-            .get("peft_type")
-            .and_then(Value::as_str)
-            .unwrap_or(PEFT_TYPE_LORA);
-        let kind = match peft_type {
-            PEFT_TYPE_LORA => AdapterKind::Lora,
-            PEFT_TYPE_MOELORA => {
-                let experts = config_usize(&config, "expert_num")
-                    .filter(|&e| e > 0)
-                    .ok_or_else(|| MlError::Parse {
-                        path: cfg_path.clone(),
-                        message: format!(
-                            "peft_type {PEFT_TYPE_MOELORA} needs a positive integer 'expert_num'"
-                        ),
-                    })?;
-                AdapterKind::MoeLora { experts }
-            }
-            other => {
-                return Err(unsupported(
-                    &cfg_path,
-                    format!(
-                        "peft_type \"{other}\" (only {PEFT_TYPE_LORA} and {PEFT_TYPE_MOELORA})"
-                    ),
-                ))
-            }
-        };
-        for key in ["use_dora", "fan_in_fan_out"] {
-            if config.get(key).and_then(Value::as_bool) == Some(true) {
-                return Err(unsupported(&cfg_path, format!("{key} = true")));
-            }
-        }
-        if let Some(b) = config.get("bias").and_then(Value::as_str) {
-            if b != "none" {
-                return Err(unsupported(
-                    &cfg_path,
-                    format!("bias = \"{b}\" (only none)"),
-                ));
-            }
-        }
-        if let Some(m) = config.get("modules_to_save").and_then(Value::as_array) {
-            if !m.is_empty() {
-                return Err(unsupported(
-                    &cfg_path,
-                    "modules_to_save is not empty".into(),
-                ));
-            }
-        }
-        let alpha = config
-            .get("lora_alpha")
-            .and_then(Value::as_f64)
-            .ok_or_else(|| MlError::Parse {
-                path: cfg_path.clone(),
-                message: "no numeric 'lora_alpha'".into(),
-            })?;
-        let rslora = config.get("use_rslora").and_then(Value::as_bool) == Some(true);
-        let alpha_pattern: Vec<(String, f64)> = config
-            .get("alpha_pattern")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| v.as_f64().map(|a| (k.clone(), a)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let config = AdapterConfig::read(&cfg_path)?;
+        let kind = config.check(&cfg_path)?;
+        let peft_type = config.peft_type().to_string();
+        let alpha = config.lora_alpha.unwrap_or_default();
+        let rslora = config.use_rslora == Some(true);
 
         let weights = first_existing(dir, &["adapter_model.safetensors", "adapter_model.bin"])
             .ok_or_else(|| MlError::NotAModel {
@@ -267,13 +491,26 @@ impl PeftAdapter {
             })?;
         let src = format!("'{}'", weights.display());
         let mut modules: BTreeMap<String, ModuleTensors> = BTreeMap::new();
+        check_inside(dir, &weights)?;
         for (key, t) in read_tensor_file(&weights)? {
+            if key.chars().any(char::is_control) {
+                return Err(unsupported(
+                    &weights,
+                    format!(
+                        "tensor '{}' has control characters in its name",
+                        escape_name(&key)
+                    ),
+                ));
+            }
             let k = key.strip_prefix("base_model.model.").unwrap_or(&key);
             let k = k.replace(".default.", ".");
             let (module, part) = split_key(&k).ok_or_else(|| {
                 unsupported(
                     &weights,
-                    format!("tensor '{key}' is not a LoRA or MoELoRA weight (other tuners are not supported)"),
+                    format!(
+                        "tensor '{}' is not a LoRA or MoELoRA weight (other tuners are not supported)",
+                        escape_name(&key)
+                    ),
                 )
             })?;
             let is_moe_part = matches!(part, Part::ExpertA(_) | Part::ExpertB(_) | Part::Router);
@@ -281,15 +518,21 @@ impl PeftAdapter {
                 return Err(unsupported(
                     &weights,
                     format!(
-                        "tensor '{key}' is a {} tensor but adapter_config.json says peft_type \"{peft_type}\"",
-                        if is_moe_part { "MoELoRA" } else { "plain LoRA" }
+                        "tensor '{}' is a {} tensor but adapter_config.json says peft_type \"{}\"",
+                        escape_name(&key),
+                        if is_moe_part { "MoELoRA" } else { "plain LoRA" },
+                        escape_name(&peft_type)
                     ),
                 ));
             }
             let name = canonical_module(module).ok_or_else(|| {
                 unsupported(
                     &weights,
-                    format!("tensor '{key}': unknown module '{module}'"),
+                    format!(
+                        "tensor '{}': unknown module '{}'",
+                        escape_name(&key),
+                        escape_name(module)
+                    ),
                 )
             })?;
             let t = t.to_dtype(dtype)?.to_device(device)?;
@@ -316,7 +559,10 @@ impl PeftAdapter {
                         if !same_values(prev, &t)? {
                             return Err(unsupported(
                                 &weights,
-                                format!("tensor '{key}' differs from the other spelling of the same expert weight"),
+                                format!(
+                                    "tensor '{}' differs from the other spelling of the same expert weight",
+                                    escape_name(&key)
+                                ),
                             ));
                         }
                         continue;
@@ -328,7 +574,6 @@ impl PeftAdapter {
             *slot = Some(t);
         }
 
-        let config_r = config_usize(&config, "r");
         let mut layers = BTreeMap::new();
         let mut module_keys = BTreeMap::new();
         for (name, m) in modules {
@@ -342,8 +587,20 @@ impl PeftAdapter {
                         name: format!("{}.lora_B.weight", m.key),
                         source_desc: src.clone(),
                     })?;
-                    let (r, _) = a.dims2()?;
+                    let (r, in_f) = a.dims2()?;
                     let (out_f, rb) = b.dims2()?;
+                    let path = m.key.strip_prefix("base_model.model.").unwrap_or(&m.key);
+                    let config_r = config.r_of(&[path, &name]);
+                    if r != config_r {
+                        return Err(MlError::ShapeMismatch {
+                            name: format!("{}.lora_A.weight", m.key),
+                            source_desc: format!(
+                                "{src} (adapter_config.json: r = {config_r} for this module)"
+                            ),
+                            expected: vec![config_r, in_f],
+                            actual: a.dims().to_vec(),
+                        });
+                    }
                     if r != rb {
                         return Err(MlError::ShapeMismatch {
                             name: format!("{}.lora_B.weight", m.key),
@@ -352,11 +609,7 @@ impl PeftAdapter {
                             actual: b.dims().to_vec(),
                         });
                     }
-                    let a_alpha = alpha_pattern
-                        .iter()
-                        .find(|(p, _)| name == *p || name.ends_with(&format!(".{p}")))
-                        .map(|(_, a)| *a)
-                        .unwrap_or(alpha);
+                    let a_alpha = config.alpha_of(&[&name, path]);
                     let scale = if rslora {
                         a_alpha / (r as f64).sqrt()
                     } else {
@@ -370,7 +623,9 @@ impl PeftAdapter {
                     })
                 }
                 AdapterKind::MoeLora { experts } => {
-                    moe_from_parts(&m, experts, alpha, config_r, &src)?
+                    let path = m.key.strip_prefix("base_model.model.").unwrap_or(&m.key);
+                    let config_r = config.r_of(&[path, &name]);
+                    moe_from_parts(&m, experts, alpha, Some(config_r), &src)?
                 }
             };
             module_keys.insert(name.clone(), m.key);
@@ -444,7 +699,8 @@ impl PeftAdapter {
                         return Err(MlError::Unsupported {
                             path: self.dir.clone(),
                             message: format!(
-                                "the adapter targets '{name}', which the model does not have"
+                                "the adapter targets '{}', which the model does not have",
+                                escape_name(name)
                             ),
                         });
                     }
@@ -509,7 +765,10 @@ fn moe_from_parts(
     {
         return Err(unsupported(
             Path::new(src.trim_matches('\'')),
-            format!("'{}' has expert {e}, but expert_num is {experts}", m.key),
+            format!(
+                "'{}' has expert {e}, but expert_num is {experts}",
+                escape_name(&m.key)
+            ),
         ));
     }
     let router = m
@@ -586,6 +845,7 @@ impl ProjectorWeights {
         ) else {
             return Ok(None);
         };
+        check_inside(dir, &file)?;
         let mut tensors = BTreeMap::new();
         for (key, t) in read_tensor_file(&file)? {
             let k = key.strip_prefix("base_model.model.").unwrap_or(&key);
@@ -600,7 +860,10 @@ impl ProjectorWeights {
                 .ok_or_else(|| {
                     unsupported(
                         &file,
-                        format!("tensor '{key}' is not a projector weight (only the projector is supported in non_lora_trainables)"),
+                        format!(
+                            "tensor '{}' is not a projector weight (only the projector is supported in non_lora_trainables)",
+                            escape_name(&key)
+                        ),
                     )
                 })?;
             tensors.insert(name, t.to_dtype(dtype)?.to_device(device)?);
@@ -682,6 +945,172 @@ mod tests {
             Some("multi_modal_projector.linear_2")
         );
         assert_eq!(canonical_module("something.else"), None);
+    }
+
+    /// JSON equality with numbers compared by value (`8` = `8.0`).
+    fn same_json(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_json(p, q))
+            }
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len()
+                    && x.iter()
+                        .all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+            }
+            _ => a == b,
+        }
+    }
+
+    #[test]
+    fn adapter_configs_round_trip_without_losing_a_field() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut inputs: Vec<Value> = [
+            "parity/adapter/adapter_config.json",
+            "train/coin_lora/adapter_config.json",
+            "train/moelora/adapter_config.json",
+        ]
+        .iter()
+        .map(|f| read_json(&fixtures.join(f)).expect("fixture"))
+        .collect();
+        inputs.push(serde_json::json!({
+            "r": 16, "lora_alpha": 32, "rank_pattern": {"q_proj": 8},
+            "alpha_pattern": {"layers.0.mlp.down_proj": 4.5}, "layers_to_transform": [0, 1],
+            "init_lora_weights": "gaussian", "target_modules": null, "future_field": {"x": [1]}
+        }));
+        for v in &inputs {
+            let cfg = AdapterConfig::from_json(v, Path::new("c.json")).expect("parses");
+            let back = serde_json::to_value(&cfg).expect("serializes");
+            assert!(same_json(v, &back), "{v}\n{back}");
+        }
+        let parity = AdapterConfig::from_json(&inputs[0], Path::new("c.json")).expect("p");
+        assert_eq!(parity.task_type, Some(None), "a null stays null");
+        assert_eq!(
+            parity.other["peft_version"], "0.21.2",
+            "unknown fields are kept"
+        );
+        let moe = AdapterConfig::from_json(&inputs[2], Path::new("c.json")).expect("m");
+        assert_eq!(
+            moe.check(Path::new("c.json")).expect("ok"),
+            AdapterKind::MoeLora { experts: 4 }
+        );
+        let free = AdapterConfig::from_json(&inputs[3], Path::new("c.json")).expect("f");
+        assert_eq!(free.r_of(&["model.layers.3.self_attn.q_proj"]), 8);
+        assert_eq!(free.r_of(&["model.layers.3.self_attn.k_proj"]), 16);
+        assert_eq!(
+            free.alpha_of(&["language_model.layers.0.mlp.down_proj"]),
+            4.5
+        );
+        assert_eq!(free.peft_type(), PEFT_TYPE_LORA);
+        // A field of the wrong type is named.
+        let e = AdapterConfig::from_json(
+            &serde_json::json!({"r": "eight", "lora_alpha": 8}),
+            Path::new("c.json"),
+        )
+        .expect_err("bad r");
+        assert!(e.to_string().contains("'r'"), "{e}");
+    }
+
+    #[test]
+    fn nonsense_adapter_numbers_are_refused_naming_the_field() {
+        let check = |v: Value| {
+            AdapterConfig::from_json(&v, Path::new("adapter_config.json"))
+                .and_then(|c| c.check(Path::new("adapter_config.json")))
+        };
+        check(serde_json::json!({"r": 4, "lora_alpha": 8, "lora_dropout": 0.1})).expect("fine");
+        for (v, field) in [
+            (
+                serde_json::json!({"r": 4, "lora_alpha": -8}),
+                "'lora_alpha'",
+            ),
+            (serde_json::json!({"r": 4, "lora_alpha": 0}), "'lora_alpha'"),
+            (serde_json::json!({"r": 4}), "'lora_alpha'"),
+            (serde_json::json!({"r": 0, "lora_alpha": 8}), "'r'"),
+            (serde_json::json!({"r": -1, "lora_alpha": 8}), "'r'"),
+            (
+                serde_json::json!({"r": 4, "lora_alpha": 8, "lora_dropout": 1.5}),
+                "'lora_dropout'",
+            ),
+            (
+                serde_json::json!({"r": 4, "lora_alpha": 8, "alpha_pattern": {"q_proj": -1}}),
+                "'alpha_pattern'",
+            ),
+            (
+                serde_json::json!({"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": 0}}),
+                "'rank_pattern'",
+            ),
+            (
+                serde_json::json!({"r": 4, "lora_alpha": 8, "peft_type": "MOE_LORA_CoIN", "expert_num": 0}),
+                "'expert_num'",
+            ),
+            (
+                serde_json::json!({"r": 4, "lora_alpha": 8, "lora_bias": true}),
+                "lora_bias",
+            ),
+        ] {
+            let e = check(v.clone()).expect_err("refused");
+            assert!(e.to_string().contains(field), "{v}: {e}");
+            assert!(e.to_string().contains("adapter_config.json"), "{e}");
+        }
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn an_adapter_whose_r_disagrees_with_its_tensors_is_refused() {
+        use crate::ml::load::write_safetensors;
+        let t = tempfile::tempdir().expect("tmp");
+        let dir = t.path();
+        let dev = Device::Cpu;
+        let key = "base_model.model.model.layers.0.self_attn.q_proj";
+        write_safetensors(
+            &dir.join("adapter_model.safetensors"),
+            &[
+                (
+                    format!("{key}.lora_A.weight"),
+                    Tensor::zeros((2, 8), DType::F32, &dev).expect("a"),
+                ),
+                (
+                    format!("{key}.lora_B.weight"),
+                    Tensor::ones((4, 2), DType::F32, &dev).expect("b"),
+                ),
+            ],
+        )
+        .expect("w");
+        let cfg =
+            |v: Value| std::fs::write(dir.join("adapter_config.json"), v.to_string()).expect("w");
+        cfg(serde_json::json!({"r": 2, "lora_alpha": 8}));
+        PeftAdapter::load(dir, &dev, DType::F32).expect("r agrees");
+        for v in [
+            serde_json::json!({"r": 4, "lora_alpha": 8}),
+            serde_json::json!({"lora_alpha": 8}),
+            serde_json::json!({"r": 2, "lora_alpha": 8, "rank_pattern": {"q_proj": 3}}),
+        ] {
+            cfg(v.clone());
+            let e = PeftAdapter::load(dir, &dev, DType::F32).expect_err("r disagrees");
+            assert!(
+                matches!(&e, MlError::ShapeMismatch { name, .. } if name == &format!("{key}.lora_A.weight")),
+                "{v}: {e}"
+            );
+            assert!(e.to_string().contains("adapter_config.json: r = "), "{e}");
+        }
+        cfg(
+            serde_json::json!({"r": 4, "lora_alpha": 8, "rank_pattern": {"model.layers.0.self_attn.q_proj": 2}}),
+        );
+        PeftAdapter::load(dir, &dev, DType::F32).expect("the pattern's r agrees");
+        // A tensor name with control characters is refused, escaped.
+        cfg(serde_json::json!({"r": 2, "lora_alpha": 8}));
+        write_safetensors(
+            &dir.join("adapter_model.safetensors"),
+            &[(
+                "evil\u{1b}[2J.lora_A.weight".into(),
+                Tensor::zeros((2, 8), DType::F32, &dev).expect("a"),
+            )],
+        )
+        .expect("w");
+        let e = PeftAdapter::load(dir, &dev, DType::F32).expect_err("refused");
+        assert!(e.to_string().contains("evil\\u{1b}[2J"), "{e}");
+        assert!(!e.to_string().contains('\u{1b}'), "{e}");
     }
 
     #[test]

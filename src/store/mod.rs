@@ -15,6 +15,7 @@ mod id;
 pub mod lock;
 pub mod object;
 mod paths;
+pub mod pickle;
 mod repo;
 pub mod safetensors;
 pub mod transport;

@@ -22,14 +22,16 @@
 //! `non_lora_trainables.bin` (torch.save zip pickles) instead, the names CoIN's loaders
 //! hard-code.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Tensor;
+use serde_json::Value;
 
 use super::params::{AdapterKind, TrainableParams};
 use super::torch_save::torch_save_bytes;
 use crate::ml::load::{write_safetensors, Layout};
-use crate::ml::peft::{PEFT_TYPE_LORA, PEFT_TYPE_MOELORA};
+use crate::ml::peft::{AdapterConfig, TargetModules, PEFT_TYPE_LORA, PEFT_TYPE_MOELORA};
 use crate::ml::{MlError, Result};
 use crate::store::fsutil::write_atomic;
 
@@ -103,62 +105,55 @@ pub fn saved_tensors(
     Err(no_name())
 }
 
-/// The `adapter_config.json` of `params`: PEFT's LoRA fields, or CoIN's `CoINMOELoraConfig`
-/// fields only (its PEFT fork predates rslora/DoRA and would not know them).
+/// The `adapter_config.json` of `params` (the mirror [`PeftAdapter`](crate::ml::peft::PeftAdapter)
+/// reads): PEFT's LoRA fields, or CoIN's `CoINMOELoraConfig` fields only (its PEFT fork predates rslora/DoRA and would not know them).
 ///
 /// LoRA `target_modules` on a llava-hf model is the regex
 /// `.*language_model.*\.(q_proj|…)`: a list of short names would also match the CLIP tower's
 /// `q_proj`/`k_proj`/`v_proj` in PEFT (it then adds untrained LoRA layers there and warns about
 /// their missing keys). For the CoIN split setup, and for MoELoRA, the list of short names, as
 /// CoIN writes it.
-pub fn adapter_config(params: &TrainableParams, base_model: &str) -> serde_json::Value {
+pub fn adapter_config(params: &TrainableParams, base_model: &str) -> AdapterConfig {
     let s = &params.settings;
     let targets = match (s.kind, params.layout) {
         (AdapterKind::Lora, Layout::HfOld | Layout::HfNew) => {
-            serde_json::json!(format!(".*language_model.*\\.({})", s.targets.join("|")))
+            TargetModules::Regex(format!(".*language_model.*\\.({})", s.targets.join("|")))
         }
-        _ => serde_json::json!(s.targets),
+        _ => TargetModules::Names(s.targets.clone()),
+    };
+    let common = AdapterConfig {
+        base_model_name_or_path: Some(Some(base_model.to_string())),
+        r: Some(s.r),
+        lora_alpha: Some(s.alpha),
+        lora_dropout: Some(s.dropout),
+        target_modules: Some(Some(targets)),
+        bias: Some("none".into()),
+        fan_in_fan_out: Some(false),
+        modules_to_save: Some(None),
+        layers_to_transform: Some(Value::Null),
+        init_lora_weights: Some(Value::Bool(true)),
+        inference_mode: Some(true),
+        revision: Some(None),
+        ..AdapterConfig::default()
     };
     match s.kind {
-        AdapterKind::Lora => serde_json::json!({
-            "peft_type": PEFT_TYPE_LORA,
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model,
-            "r": s.r,
-            "lora_alpha": s.alpha,
-            "lora_dropout": s.dropout,
-            "target_modules": targets,
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "use_rslora": false,
-            "use_dora": false,
-            "modules_to_save": null,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "layers_to_transform": null,
-            "init_lora_weights": true,
-            "inference_mode": true,
-            "revision": null,
-        }),
-        AdapterKind::MoeLora { experts } => serde_json::json!({
-            "peft_type": PEFT_TYPE_MOELORA,
-            "task_type": "CAUSAL_LM_CoIN",
-            "base_model_name_or_path": base_model,
-            "r": s.r,
-            "lora_alpha": s.alpha,
-            "lora_dropout": s.dropout,
-            "target_modules": s.targets,
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "modules_to_save": null,
-            "layers_to_transform": null,
-            "layers_pattern": null,
-            "init_lora_weights": true,
-            "inference_mode": true,
-            "revision": null,
-            "expert_num": experts,
-            "task_embedding_dim": 64,
-        }),
+        AdapterKind::Lora => AdapterConfig {
+            peft_type: Some(PEFT_TYPE_LORA.into()),
+            task_type: Some(Some("CAUSAL_LM".into())),
+            use_rslora: Some(false),
+            use_dora: Some(false),
+            rank_pattern: Some(BTreeMap::new()),
+            alpha_pattern: Some(BTreeMap::new()),
+            ..common
+        },
+        AdapterKind::MoeLora { experts } => AdapterConfig {
+            peft_type: Some(PEFT_TYPE_MOELORA.into()),
+            task_type: Some(Some("CAUSAL_LM_CoIN".into())),
+            layers_pattern: Some(Value::Null),
+            expert_num: Some(experts),
+            task_embedding_dim: Some(64),
+            ..common
+        },
     }
 }
 
@@ -251,4 +246,71 @@ pub fn save_adapter_as(
         write(p, &projector)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ml::train::dropout::Dropout;
+    use crate::ml::train::params::AdapterSettings;
+
+    /// The config as this module wrote it with `serde_json::json!` before the typed mirror.
+    fn written_before(params: &TrainableParams, base_model: &str) -> Value {
+        let s = &params.settings;
+        let targets = match (s.kind, params.layout) {
+            (AdapterKind::Lora, Layout::HfOld | Layout::HfNew) => {
+                serde_json::json!(format!(".*language_model.*\\.({})", s.targets.join("|")))
+            }
+            _ => serde_json::json!(s.targets),
+        };
+        match s.kind {
+            AdapterKind::Lora => serde_json::json!({
+                "peft_type": PEFT_TYPE_LORA, "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": base_model, "r": s.r, "lora_alpha": s.alpha,
+                "lora_dropout": s.dropout, "target_modules": targets, "bias": "none",
+                "fan_in_fan_out": false, "use_rslora": false, "use_dora": false,
+                "modules_to_save": null, "rank_pattern": {}, "alpha_pattern": {},
+                "layers_to_transform": null, "init_lora_weights": true, "inference_mode": true,
+                "revision": null,
+            }),
+            AdapterKind::MoeLora { experts } => serde_json::json!({
+                "peft_type": PEFT_TYPE_MOELORA, "task_type": "CAUSAL_LM_CoIN",
+                "base_model_name_or_path": base_model, "r": s.r, "lora_alpha": s.alpha,
+                "lora_dropout": s.dropout, "target_modules": s.targets, "bias": "none",
+                "fan_in_fan_out": false, "modules_to_save": null, "layers_to_transform": null,
+                "layers_pattern": null, "init_lora_weights": true, "inference_mode": true,
+                "revision": null, "expert_num": experts, "task_embedding_dim": 64,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_typed_config_is_written_byte_for_byte_as_before_and_reads_back() {
+        for kind in [AdapterKind::Lora, AdapterKind::MoeLora { experts: 4 }] {
+            for layout in [Layout::HfOld, Layout::HfNew, Layout::Split] {
+                let params = TrainableParams {
+                    vars: Vec::new(),
+                    dropout: Dropout::new(0.05, 0),
+                    settings: AdapterSettings {
+                        kind,
+                        ..AdapterSettings::default()
+                    },
+                    layout,
+                };
+                let cfg = adapter_config(&params, "models/base");
+                let text = serde_json::to_string_pretty(&cfg).expect("json");
+                let before = serde_json::to_string_pretty(&written_before(&params, "models/base"))
+                    .expect("json");
+                assert_eq!(text, before, "{kind:?} {layout:?}");
+                let v: Value = serde_json::from_str(&text).expect("parses");
+                let back =
+                    AdapterConfig::from_json(&v, Path::new("adapter_config.json")).expect("reads");
+                assert_eq!(back, cfg);
+                assert_eq!(
+                    back.check(Path::new("adapter_config.json")).expect("ok"),
+                    kind
+                );
+            }
+        }
+    }
 }

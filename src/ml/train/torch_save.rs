@@ -1,6 +1,6 @@
 //! Writing a `torch.save` file: the PyTorch ≥ 1.6 zip format that `torch.load` (also with
-//! `weights_only=True`) and [`candle_core::pickle`] read, for CoIN's loaders, which hard-code
-//! `adapter_model.bin` and `non_lora_trainables.bin`.
+//! `weights_only=True`), coin's own reader ([`crate::store::pickle`]) and candle's read, for
+//! CoIN's loaders, which hard-code `adapter_model.bin` and `non_lora_trainables.bin`.
 //!
 //! The archive is an uncompressed zip with one folder `archive/`: `data.pkl` (a protocol-2
 //! pickle of an `OrderedDict` name → tensor, each tensor
