@@ -257,8 +257,8 @@ fn split_setup_with_pickled_projector_matches_hf() {
         .image
         .preprocess(&img, mode(case["mode"].as_str().expect("s")), &Device::Cpu)
         .expect("pix");
-    let out = generate_segments(&m.model, &[segs.clone()], &[pix.clone()], 1, &[2], true)
-        .expect("gen");
+    let out =
+        generate_segments(&m.model, &[segs.clone()], &[pix.clone()], 1, &[2], true).expect("gen");
     let d = max_diff(out[0].1.as_deref().expect("logits"), &f32s(&case["logits"]));
     eprintln!("split: max |logit diff| = {d:e}");
     assert!(
@@ -337,7 +337,10 @@ fn coin_generate_cli_matches_hf() {
         &f32s(&case["lora_logits"]),
     );
     eprintln!("cli --adapter: max |logit diff| = {d:e}");
-    assert!(d < LOGIT_TOL, "coin generate --adapter: logits differ by {d}");
+    assert!(
+        d < LOGIT_TOL,
+        "coin generate --adapter: logits differ by {d}"
+    );
     // --raw takes the prompt verbatim.
     let mut raw = base.to_vec();
     raw[6] = case["prompt"].as_str().expect("s");

@@ -95,7 +95,10 @@ mod tests {
     /// Does nothing unless run as the child of the tests below.
     #[test]
     fn child_reaches_the_test_point() {
-        let Some(calls) = std::env::var(CHILD).ok().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(calls) = std::env::var(CHILD)
+            .ok()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             return;
         };
         for _ in 0..calls {

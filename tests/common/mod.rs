@@ -121,6 +121,45 @@ impl TestEnvironment {
         run(self.git_cmd(dir).args(args))
     }
 
+    /// `text` with this environment's temporary directory (as created and as the OS resolves
+    /// it) replaced by `$TEST_ENV`, so that snapshots do not depend on where it was made.
+    pub fn normalize(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        let raw = self.tmp.path().to_path_buf();
+        let canonical = raw.canonicalize().unwrap_or_else(|_| raw.clone());
+        // The longer spelling first, in case one is a prefix of the other.
+        let mut spellings = vec![canonical, raw];
+        spellings.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for p in spellings {
+            out = out.replace(&*p.to_string_lossy(), "$TEST_ENV");
+        }
+        out
+    }
+
+    /// What a command printed, for a snapshot: stdout, then stderr after a marker line (when
+    /// there is any), then the exit status (when it is not 0); temporary paths normalised.
+    pub fn render(&self, out: &Output) -> String {
+        let mut text = self.normalize(&out.stdout);
+        if !out.stderr.is_empty() {
+            text.push_str("------- stderr -------\n");
+            text.push_str(&self.normalize(&out.stderr));
+        }
+        if out.code != 0 {
+            text.push_str(&format!("[exit status: {}]\n", out.code));
+        }
+        text
+    }
+
+    /// Run `coin ARGS` in the work directory and [`render`](Self::render) what it printed.
+    pub fn coin_render(&self, args: &[&str]) -> String {
+        self.render(&self.coin(args))
+    }
+
+    /// Run `coin ARGS` in `dir` and [`render`](Self::render) what it printed.
+    pub fn coin_render_in(&self, dir: &Path, args: &[&str]) -> String {
+        self.render(&self.coin_in(dir, args))
+    }
+
     /// Write a file (creating parent directories) under the work directory.
     pub fn write(&self, rel: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> PathBuf {
         let p = self.path(rel);
@@ -185,6 +224,22 @@ pub fn assert_same_tree_except(a: &Path, b: &Path, extra_in_b: &[&str]) {
     }
 }
 
+/// `text` with the seconds of a closing "… in 0.9 s." replaced by `[secs]` (wall time varies).
+pub fn mask_seconds(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            let masked = line.strip_suffix(" s.").and_then(|head| {
+                let i = head.rfind(" in ")?;
+                head[i + 4..]
+                    .parse::<f64>()
+                    .ok()
+                    .map(|_| format!("{} in [secs] s.", &head[..i]))
+            });
+            masked.unwrap_or_else(|| line.to_string()) + "\n"
+        })
+        .collect()
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn");
     Output {
@@ -214,5 +269,8 @@ fn same_tree_sees_missing_extra_and_changed_files_on_either_side() {
     assert!(fails(&|| assert_same_tree(&a, &b)), "changed bytes");
     let empty = t.path().join("empty");
     std::fs::create_dir_all(&empty).expect("mkdir");
-    assert!(fails(&|| assert_same_tree(&empty, &empty)), "nothing compared");
+    assert!(
+        fails(&|| assert_same_tree(&empty, &empty)),
+        "nothing compared"
+    );
 }
