@@ -158,6 +158,28 @@ fn checkout_fsck_and_gc() {
     ------- stderr -------
     Removed 0 unreachable objects (0 bytes); kept 11.
     ");
+    // One flipped byte in the first object (by id): fsck names it and exits 1.
+    let mut objects: Vec<std::path::PathBuf> = std::fs::read_dir(env.path(".coin/objects"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().len() == 2 && p.is_dir())
+        .flat_map(|d| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()))
+        .collect();
+    objects.sort();
+    let victim = &objects[0];
+    let mut bytes = std::fs::read(victim).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    let mut perms = std::fs::metadata(victim).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(victim, perms).unwrap();
+    std::fs::write(victim, bytes).unwrap();
+    insta::assert_snapshot!(env.coin_render(&["fsck"]), @r"
+    object 0d5310a3a21bc52bd3e1817588017a711c0216678c6a8cb1e05c8c2c23572c66: object 0d5310a3a21bc52bd3e1817588017a711c0216678c6a8cb1e05c8c2c23572c66 is corrupt ('$TEST_ENV/work/.coin/objects/0d/5310a3a21bc52bd3e1817588017a711c0216678c6a8cb1e05c8c2c23572c66'): its content does not match its id (the file was modified or damaged)
+    ------- stderr -------
+    Error: fsck found 1 problem(s) in 11 objects and 2 checkpoints
+    [exit status: 1]
+    ");
 }
 
 #[test]
