@@ -257,8 +257,15 @@ fn split_setup_with_pickled_projector_matches_hf() {
         .image
         .preprocess(&img, mode(case["mode"].as_str().expect("s")), &Device::Cpu)
         .expect("pix");
-    let out =
-        generate_segments(&m.model, &[segs.clone()], &[pix.clone()], 1, &[2], true).expect("gen");
+    let out = generate_segments(
+        &m.model,
+        std::slice::from_ref(&segs),
+        std::slice::from_ref(&pix),
+        1,
+        &[2],
+        true,
+    )
+    .expect("gen");
     let d = max_diff(out[0].1.as_deref().expect("logits"), &f32s(&case["logits"]));
     eprintln!("split: max |logit diff| = {d:e}");
     assert!(
