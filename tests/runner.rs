@@ -3,6 +3,7 @@
 mod common;
 
 mod test_bench_data_command;
+mod test_cli_output;
 mod test_demo;
 mod test_history;
 mod test_hostile_models;

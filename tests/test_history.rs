@@ -2,9 +2,9 @@
 //! tags, revisions, eval notes, diff, stats, fsck, gc, crash safety and concurrency.
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use crate::common::{st, TestEnvironment};
+use crate::common::{assert_same_tree, st, TestEnvironment};
 
 const EVAL_A: &str = r#"{"ScienceQA": {"metric": "accuracy", "score": 80.0, "n": 100}}"#;
 const EVAL_B: &str = r#"{"ScienceQA": {"metric": "accuracy", "score": 70.5, "n": 100},
@@ -35,30 +35,6 @@ fn setup() -> TestEnvironment {
 fn commit(env: &TestEnvironment, args: &[&str]) -> String {
     let out = env.coin(&[&["commit"], args].concat()).success();
     out.stdout.trim().to_string()
-}
-
-fn same_tree(a: &Path, b: &Path) {
-    let mut files = Vec::new();
-    let mut stack = vec![a.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                files.push(p.strip_prefix(a).unwrap().to_path_buf());
-            }
-        }
-    }
-    assert!(!files.is_empty());
-    for f in files {
-        assert_eq!(
-            std::fs::read(a.join(&f)).unwrap(),
-            std::fs::read(b.join(&f)).unwrap_or_else(|e| panic!("{}: {e}", f.display())),
-            "{} differs",
-            f.display()
-        );
-    }
 }
 
 #[test]
@@ -124,7 +100,7 @@ fn commit_log_show_checkout_and_git_log() {
     assert!(dtypes.contains(&"BF16") && dtypes.contains(&"F16") && dtypes.contains(&"I64"));
 
     env.coin(&["checkout", &id1, "--output", "out1"]).success();
-    same_tree(&dir, &env.path("out1"));
+    assert_same_tree(&dir, &env.path("out1"));
     // A non-empty output directory is refused.
     let err = env.coin(&["checkout", &id1, "--output", "out1"]).code(1);
     assert!(err.stderr.contains("not empty"), "{}", err.stderr);
@@ -436,7 +412,7 @@ fn gc_keeps_reachable_objects_and_removes_unreachable_ones() {
     assert_eq!(gc["removed"].as_array().unwrap().len(), would);
     env.coin(&["fsck"]).success();
     env.coin(&["checkout", &id1, "--output", "o1"]).success();
-    same_tree(&env.path("a1"), &env.path("o1"));
+    assert_same_tree(&env.path("a1"), &env.path("o1"));
     env.coin(&["checkout", "t2", "--output", "o2"]).success();
     // A second gc removes nothing.
     let gc = env.coin(&["gc", "--json"]).success().json();
@@ -464,7 +440,7 @@ fn gc_keeps_reachable_objects_and_removes_unreachable_ones() {
         "reflog entry must keep {id3}"
     );
     env.coin(&["checkout", &id3, "--output", "o3"]).success();
-    same_tree(&env.path("a3"), &env.path("o3"));
+    assert_same_tree(&env.path("a3"), &env.path("o3"));
 }
 
 fn run_with(env: &TestEnvironment, vars: &[(&str, &str)], args: &[&str]) -> crate::common::Output {
@@ -519,7 +495,7 @@ fn killed_commit_or_gc_leaves_a_clean_repository_at_every_fault_point() {
         let fsck = env.coin(&["fsck", "--json"]);
         assert_eq!(fsck.code, 0, "{point}: {}", fsck.stdout);
         env.coin(&["checkout", &id1, "--output", "o1"]).success();
-        same_tree(&env.path("a1"), &env.path("o1"));
+        assert_same_tree(&env.path("a1"), &env.path("o1"));
         // Re-running succeeds.
         env.coin(args).success();
         env.coin(&["fsck"]).success();
@@ -536,7 +512,7 @@ fn killed_commit_or_gc_leaves_a_clean_repository_at_every_fault_point() {
         assert_eq!(n, expect, "{point}");
         if !is_gc {
             env.coin(&["checkout", "HEAD", "--output", "o2"]).success();
-            same_tree(&env.path("a2"), &env.path("o2"));
+            assert_same_tree(&env.path("a2"), &env.path("o2"));
         }
     }
 }

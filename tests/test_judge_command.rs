@@ -51,18 +51,13 @@ fn setup(env: &TestEnvironment) {
 fn judge_writes_prompts_and_scores_against_loopback() {
     let env = TestEnvironment::new();
     setup(&env);
-    env.coin(&[
-        "judge",
-        "--task",
-        "VQAv2",
-        "--questions",
-        "val.json",
-        "--answers",
-        "a.jsonl",
-        "--out",
+    insta::assert_snapshot!(env.coin_render(&[
+        "judge", "--task", "VQAv2", "--questions", "val.json", "--answers", "a.jsonl", "--out",
         "gk",
-    ])
-    .success();
+    ]), @r"
+    ------- stderr -------
+    Wrote 2 judge prompts to $TEST_ENV/work/gk/prompt_to_eval.json.
+    ");
     let prompts: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(env.path("gk/prompt_to_eval.json")).unwrap())
             .unwrap();
@@ -122,31 +117,30 @@ fn judge_dead_endpoint_is_a_clear_error() {
         .unwrap()
         .port();
     let url = format!("http://127.0.0.1:{port}/v1");
-    let out = env
-        .coin(&[
-            "judge",
-            "--task",
-            "VQAv2",
-            "--questions",
-            "val.json",
-            "--answers",
-            "a.jsonl",
-            "--out",
-            "gk",
-            "--endpoint",
-            &url,
-            "--judge-model",
-            "qwen",
-            "--retries",
-            "0",
-        ])
-        .code(1);
-    assert!(out.stderr.contains("cannot connect"), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("run the same command again to resume"),
-        "{}",
-        out.stderr
-    );
+    let out = env.coin_render(&[
+        "judge",
+        "--task",
+        "VQAv2",
+        "--questions",
+        "val.json",
+        "--answers",
+        "a.jsonl",
+        "--out",
+        "gk",
+        "--endpoint",
+        &url,
+        "--judge-model",
+        "qwen",
+        "--retries",
+        "0",
+    ]);
+    insta::assert_snapshot!(out.replace(&port.to_string(), "$PORT"), @r"
+    ------- stderr -------
+    Wrote 2 judge prompts to $TEST_ENV/work/gk/prompt_to_eval.json.
+    Error: judge endpoint 'http://127.0.0.1:$PORT/v1': cannot connect to http://127.0.0.1:$PORT/v1/chat/completions: io: Connection refused (os error 111) (after 1 attempt(s))
+    Hint: Progress is saved in $TEST_ENV/work/gk/judge_progress.jsonl; run the same command again to resume.
+    [exit status: 1]
+    ");
 }
 
 #[test]
@@ -165,5 +159,6 @@ fn judge_scores_a_coin_reply_file() {
         "{v}"
     );
     assert_eq!(v["rounded"].as_f64(), Some(57.0));
+    insta::assert_snapshot!(env.coin_render(&["judge", "--replies", "prompt_eval_merge.jsonl"]), @"general knowledge: 56.67 (CoIN prints 57) over 3 replies");
     env.coin(&["judge", "--task", "GQA"]).code(2);
 }

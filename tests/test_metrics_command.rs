@@ -13,8 +13,19 @@ fn metrics_from_csv_table_and_json() {
         m["forgetting_per_task"],
         serde_json::json!([30.0, 5.0, null])
     );
-    let table = env.coin(&["metrics", "m.csv"]).success().stdout;
-    assert!(table.contains("BWT    -17.50"), "{table}");
+    insta::assert_snapshot!(env.coin_render(&["metrics", "m.csv"]), @r"
+    MFT     80.00   mean accuracy right after training each task
+    MFN     68.33   mean final accuracy
+    MAA     71.11   mean average accuracy over steps
+    BWT    -17.50   backward transfer (negative = forgetting)
+    FWT         —   forward transfer (needs zero-shot row and upper triangle)
+    F       17.50   mean forgetting (best earlier − final)
+
+    task  forgetting
+    A          30.00
+    B           5.00
+    C              —
+    ");
     let first = env
         .coin(&["metrics", "m.csv", "--forgetting", "first", "--json"])
         .success()
@@ -31,20 +42,21 @@ fn metrics_json_input_and_errors() {
     );
     let v = env.coin(&["metrics", "m.json", "--json"]).success().json();
     assert_eq!(v["metrics"]["bwt"].as_f64(), Some(-20.0));
-    let missing = env.coin(&["metrics", "nope.csv"]).code(1);
-    assert!(missing.stderr.contains("nope.csv"), "{}", missing.stderr);
+    insta::assert_snapshot!(env.coin_render(&["metrics", "nope.csv"]), @r"
+    ------- stderr -------
+    Error: Could not read the matrix file 'nope.csv': No such file or directory (os error 2)
+    [exit status: 1]
+    ");
     env.write("bad.csv", "A,B\n80,abc\n");
-    let bad = env.coin(&["metrics", "bad.csv"]).code(1);
-    assert!(
-        bad.stderr.contains("'abc' is not a number"),
-        "{}",
-        bad.stderr
-    );
+    insta::assert_snapshot!(env.coin_render(&["metrics", "bad.csv"]), @r"
+    ------- stderr -------
+    Error: Could not read the matrix in 'bad.csv': row 1, column 'B': 'abc' is not a number (leave the cell empty when there is no score)
+    [exit status: 1]
+    ");
     env.write("big.csv", "A\n120\n");
-    let big = env.coin(&["metrics", "big.csv"]).code(1);
-    assert!(
-        big.stderr.contains("not a score between 0 and 100"),
-        "{}",
-        big.stderr
-    );
+    insta::assert_snapshot!(env.coin_render(&["metrics", "big.csv"]), @r"
+    ------- stderr -------
+    Error: The matrix in 'big.csv' is not usable: cell (0, 0) holds 120, which is not a score between 0 and 100
+    [exit status: 1]
+    ");
 }

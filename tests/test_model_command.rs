@@ -65,26 +65,30 @@ fn model_init_tiny_then_generate() {
         gen(&["--image-aspect", m, "--json"]).success();
     }
     // Usage and user errors.
-    gen(&["--logits"]).code(2);
-    gen(&["--raw"]).code(2);
-    let e = env
-        .coin(&[
-            "generate", "--model", "nope", "--image", "cube.png", "--prompt", "x",
-        ])
-        .code(1);
-    assert!(e.stderr.contains("config.json"), "{}", e.stderr);
-    let e = env
-        .coin(&[
-            "generate",
-            "--model",
-            "m",
-            "--image",
-            "missing.png",
-            "--prompt",
-            "x",
-        ])
-        .code(1);
-    assert!(e.stderr.contains("missing.png"), "{}", e.stderr);
+    insta::assert_snapshot!(env.render(&gen(&["--logits"])), @r"
+    ------- stderr -------
+    Error: --logits needs --json
+    [exit status: 2]
+    ");
+    insta::assert_snapshot!(env.render(&gen(&["--raw"])), @r"
+    ------- stderr -------
+    Error: with --raw the prompt must contain <image>
+    [exit status: 2]
+    ");
+    insta::assert_snapshot!(env.coin_render(&[
+        "generate", "--model", "nope", "--image", "cube.png", "--prompt", "x",
+    ]), @r"
+    ------- stderr -------
+    Error: '$TEST_ENV/work/nope' is not a model directory: no config.json
+    [exit status: 1]
+    ");
+    insta::assert_snapshot!(env.coin_render(&[
+        "generate", "--model", "m", "--image", "missing.png", "--prompt", "x",
+    ]), @r"
+    ------- stderr -------
+    Error: could not decode the image '$TEST_ENV/work/missing.png': No such file or directory (os error 2)
+    [exit status: 1]
+    ");
 }
 
 #[test]
@@ -153,4 +157,19 @@ fn model_init_other_layouts_load() {
     std::fs::write(&corpus, "red green blue cube sphere cone\n".repeat(5)).expect("w");
     env.coin(&["model", "init", "--tiny", "c", "--corpus", "corpus.txt"])
         .success();
+    // The corpus changes the tokenizer's merges (and nothing makes it fail to load).
+    let tok = |dir: &str| std::fs::read(env.path(dir).join("tokenizer.json")).expect("tokenizer");
+    assert_ne!(tok("c"), tok("h"), "--corpus made no difference");
+    env.coin(&[
+        "generate",
+        "--model",
+        "c",
+        "--image",
+        "i.png",
+        "--prompt",
+        "red cube",
+        "--max-new-tokens",
+        "2",
+    ])
+    .success();
 }

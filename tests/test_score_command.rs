@@ -61,82 +61,42 @@ fn score_vqav2_compat_and_strict() {
         (v["score"].as_f64().unwrap() - 200.0 / 3.0).abs() < 1e-9,
         "{v}"
     );
-    let text = env
-        .coin(&[
-            "score",
-            "--task",
-            "VQA-v2",
-            "--questions",
-            "val.json",
-            "--answers",
-            "merge.jsonl",
-        ])
-        .success()
-        .stdout;
-    assert_eq!(text, "VQAv2 accuracy (compat): 50.00 over 2 questions\n");
+    insta::assert_snapshot!(env.coin_render(&[
+        "score", "--task", "VQA-v2", "--questions", "val.json", "--answers", "merge.jsonl",
+    ]), @"VQAv2 accuracy (compat): 50.00 over 2 questions");
 }
 
 #[test]
 fn score_errors_are_clear() {
     let env = TestEnvironment::new();
     setup_vqa(&env);
-    let out = env
-        .coin(&[
-            "score",
-            "--task",
-            "mnist",
-            "--questions",
-            "val.json",
-            "--answers",
-            "merge.jsonl",
-        ])
-        .code(1);
-    assert!(
-        out.stderr.contains("unknown task 'mnist'"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains("Hint: CoIN tasks: ScienceQA"),
-        "{}",
-        out.stderr
-    );
+    insta::assert_snapshot!(env.coin_render(&[
+        "score", "--task", "mnist", "--questions", "val.json", "--answers", "merge.jsonl",
+    ]), @r"
+    ------- stderr -------
+    Error: unknown task 'mnist'
+    Hint: CoIN tasks: ScienceQA, TextVQA, ImageNet, GQA, VizWiz, Grounding, VQAv2, OCR-VQA; `coin task list` shows registered ones.
+    [exit status: 1]
+    ");
     env.write(
         "bad.jsonl",
         "{\"question_id\": 1, \"text\": \"a\"}\n{oops\n",
     );
-    let out = env
-        .coin(&[
-            "score",
-            "--task",
-            "OCRVQA",
-            "--questions",
-            "val.json",
-            "--answers",
-            "bad.jsonl",
-        ])
-        .code(1);
-    assert!(
-        out.stderr.contains("line 2 of") && out.stderr.contains("bad.jsonl"),
-        "{}",
-        out.stderr
-    );
-    let out = env
-        .coin(&[
-            "score",
-            "--task",
-            "TextVQA",
-            "--questions",
-            "val.json",
-            "--answers",
-            "merge.jsonl",
-        ])
-        .code(1);
-    assert!(
-        out.stderr.contains("TextVQA_0.5.1_val.json"),
-        "{}",
-        out.stderr
-    );
+    insta::assert_snapshot!(env.coin_render(&[
+        "score", "--task", "OCRVQA", "--questions", "val.json", "--answers", "bad.jsonl",
+    ]), @"
+    ------- stderr -------
+    Error: line 2 of '$TEST_ENV/work/bad.jsonl' is broken: key must be a string at line 1 column 2
+    [exit status: 1]
+    ");
+    insta::assert_snapshot!(env.coin_render(&[
+        "score", "--task", "TextVQA", "--questions", "val.json", "--answers", "merge.jsonl",
+    ]), @r"
+    ------- stderr -------
+    Error: cannot score TextVQA: compat mode needs --annotations TextVQA_0.5.1_val.json (or use --mode strict to score against the questions file)
+    Hint: --annotations for TextVQA is TextVQA_0.5.1_val.json.
+    [exit status: 1]
+    ");
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{run, st, TestEnvironment};
+use crate::common::{assert_same_tree_except, run, st, TestEnvironment};
 
 fn adapter(env: &TestEnvironment, name: &str, shift: f32) -> PathBuf {
     env.write(
@@ -66,24 +66,6 @@ fn object_files(coin_dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn same_dir(a: &Path, b: &Path) {
-    // Every file of `a` is in `b` with the same bytes (b may hold coin's stamp besides).
-    assert!(b.is_dir(), "{} is missing", b.display());
-    let mut names: Vec<_> = std::fs::read_dir(a)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    names.sort();
-    assert!(!names.is_empty());
-    for n in names {
-        assert_eq!(
-            std::fs::read(a.join(&n)).unwrap(),
-            std::fs::read(b.join(&n)).unwrap(),
-            "{n:?} differs"
-        );
-    }
-}
-
 #[test]
 fn push_clone_checkout_is_byte_identical_and_only_missing_objects_move() {
     let env = TestEnvironment::new();
@@ -130,7 +112,7 @@ fn push_clone_checkout_is_byte_identical_and_only_missing_objects_move() {
         let out = b.join(format!("out{i}"));
         env.coin_in(&b, &["checkout", id, "--output", out.to_str().unwrap()])
             .success();
-        same_dir(&env.path(format!("ad{i}")), &out);
+        assert_same_tree_except(&env.path(format!("ad{i}")), &out, &[".coin-checkpoint"]);
     }
     env.coin_in(&b, &["fsck"]).success();
 
@@ -175,7 +157,7 @@ fn push_to_a_coin_repository_and_diverged_pull_is_refused() {
         &["checkout", "HEAD~1", "--output", out.to_str().unwrap()],
     )
     .success();
-    same_dir(&env.path("ad1"), &out);
+    assert_same_tree_except(&env.path("ad1"), &out, &[".coin-checkpoint"]);
 
     // Both sides commit on main: pull refuses, push refuses, nothing moves.
     let d = adapter(&env, "x", 9.0);
@@ -242,7 +224,7 @@ fn killed_push_can_be_rerun_and_completes() {
         &["checkout", &ids[2], "--output", out.to_str().unwrap()],
     )
     .success();
-    same_dir(&env.path("ad2"), &out);
+    assert_same_tree_except(&env.path("ad2"), &out, &[".coin-checkpoint"]);
 }
 
 #[test]
@@ -373,7 +355,7 @@ fn plain_git_push_sends_objects_through_the_hook() {
     let o = b.join("o");
     env.coin_in(&b, &["checkout", &ids[0], "--output", o.to_str().unwrap()])
         .success();
-    same_dir(&env.path("ad0"), &o);
+    assert_same_tree_except(&env.path("ad0"), &o, &[".coin-checkpoint"]);
 }
 
 #[test]
@@ -517,7 +499,7 @@ fn pointer_files_are_refreshed_on_checkout_and_checked_on_commit() {
     // Switching branches materialises the pointer's checkpoint.
     let out = env.git_in(&code, &["checkout", "-q", "one"]).success();
     assert!(out.stderr.contains("refreshed"), "{}", out.stderr);
-    same_dir(&d0, &code.join("adapters/current"));
+    assert_same_tree_except(&d0, &code.join("adapters/current"), &[".coin-checkpoint"]);
     env.git_in(&code, &["checkout", "-q", "two"]).success();
     let current = code.join("adapters/current");
     assert_eq!(
@@ -881,7 +863,7 @@ fn plain_git_fetch_then_checkout_fetches_objects_on_demand() {
         .coin_in(&b, &["checkout", &ids[1], "--output", o.to_str().unwrap()])
         .success();
     assert!(out.stderr.contains("Fetched"), "{}", out.stderr);
-    same_dir(&env.path("ad1"), &o);
+    assert_same_tree_except(&env.path("ad1"), &o, &[".coin-checkpoint"]);
     let o2 = b.join("o2");
     let out = env
         .coin_in(&b, &["checkout", &ids[1], "--output", o2.to_str().unwrap()])
@@ -920,12 +902,12 @@ fn post_merge_refreshes_the_pointer() {
     env.git_in(&code, &["commit", "-q", "-am", "step 2"])
         .success();
     env.git_in(&code, &["checkout", "-q", "main"]).success();
-    same_dir(&d0, &code.join("weights"));
+    assert_same_tree_except(&d0, &code.join("weights"), &[".coin-checkpoint"]);
     let out = env
         .git_in(&code, &["merge", "-q", "--ff-only", "feature"])
         .success();
     assert!(out.stderr.contains("refreshed"), "{}", out.stderr);
-    same_dir(&d1, &code.join("weights"));
+    assert_same_tree_except(&d1, &code.join("weights"), &[".coin-checkpoint"]);
 }
 
 #[test]

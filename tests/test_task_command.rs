@@ -5,12 +5,12 @@ use crate::common::TestEnvironment;
 #[test]
 fn task_add_list_show() {
     let env = TestEnvironment::new();
-    let out = env.coin(&["task", "list"]).code(1);
-    assert!(
-        out.stderr.contains("Not in a coin repository"),
-        "{}",
-        out.stderr
-    );
+    insta::assert_snapshot!(env.coin_render(&["task", "list"]), @r"
+    ------- stderr -------
+    Error: Not in a coin repository (no .coin folder here or above).
+    Hint: Run `coin init` first, or pass -R PATH.
+    [exit status: 1]
+    ");
     std::fs::create_dir_all(env.path(".coin")).unwrap();
     env.write(
         "defs/OCR-VQA.toml",
@@ -41,20 +41,17 @@ fn task_add_list_show() {
         .map(|t| t["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, vec!["Birds", "OCR-VQA"]);
-    let table = env.coin(&["task", "list"]).success().stdout;
-    assert!(
-        table.contains("Birds") && table.contains("strict"),
-        "{table}"
-    );
-    assert!(
-        table.contains("OCR-VQA") && table.contains("compat"),
-        "{table}"
-    );
+    insta::assert_snapshot!(env.coin_render(&["task", "list"]), @r"
+    task     scorer     mode    test
+    Birds    imagenet   strict  birds/test.json
+    OCR-VQA  OCRVQA     compat  playground/Instructions_Original/OCRVQA/test.json
+    ");
     // Duplicate names are refused; --force replaces.
-    let dup = env
-        .coin(&["task", "add", "--file", "defs/OCR-VQA.toml"])
-        .code(1);
-    assert!(dup.stderr.contains("already registered"), "{}", dup.stderr);
+    insta::assert_snapshot!(env.coin_render(&["task", "add", "--file", "defs/OCR-VQA.toml"]), @r"
+    ------- stderr -------
+    Error: a task named 'OCR-VQA' is already registered (use --force to replace it)
+    [exit status: 1]
+    ");
     env.coin(&["task", "add", "--file", "defs/OCR-VQA.toml", "--force"])
         .success();
     // show finds aliases and resolves paths; --identity hashes the train file.
@@ -72,22 +69,31 @@ fn task_add_list_show() {
         .success()
         .json();
     assert_eq!(v["definition"]["scorer"], "OCRVQA");
-    env.coin(&["task", "show", "nope"]).code(1);
-    let bad = env
-        .coin(&[
-            "task",
-            "add",
-            "--name",
-            "x",
-            "--scorer",
-            "mnist",
-            "--train",
-            "a",
-            "--test",
-            "b",
-            "--image-root",
-            "c",
-        ])
-        .code(1);
-    assert!(bad.stderr.contains("unknown scorer"), "{}", bad.stderr);
+    insta::assert_snapshot!(env.coin_render_in(&sub, &["task", "show", "birds"]), @r#"
+    name = "Birds"
+    aliases = []
+    coin = false
+    scorer = "imagenet"
+    train = "birds/train.json"
+    test = "birds/test.json"
+    image_root = "birds/images"
+    # default scoring mode: strict
+    # train: $TEST_ENV/work/birds/train.json
+    # test: $TEST_ENV/work/birds/test.json  (missing)
+    # image_root: $TEST_ENV/work/birds/images  (missing)
+    "#);
+    insta::assert_snapshot!(env.coin_render(&["task", "show", "nope"]), @r"
+    ------- stderr -------
+    Error: unknown task 'nope'
+    Hint: CoIN tasks: ScienceQA, TextVQA, ImageNet, GQA, VizWiz, Grounding, VQAv2, OCR-VQA; `coin task list` shows registered ones.
+    [exit status: 1]
+    ");
+    insta::assert_snapshot!(env.coin_render(&[
+        "task", "add", "--name", "x", "--scorer", "mnist", "--train", "a", "--test", "b",
+        "--image-root", "c",
+    ]), @r"
+    ------- stderr -------
+    Error: unknown scorer 'mnist' (one of ScienceQA, TextVQA, ImageNet, GQA, VizWiz, Grounding, VQAv2, OCR-VQA)
+    [exit status: 1]
+    ");
 }

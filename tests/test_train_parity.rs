@@ -2,9 +2,10 @@
 //! from the tiny llava-hf parity model. For a PEFT LoRA (tests/fixtures/parity/adapter) and a CoIN
 //! MoELoRA written by torch.save in CoIN's own layout (tests/fixtures/train/moelora), the masked
 //! loss of a right-padded batch of two (image, prompt, answer) rows must equal HF's
-//! `model(..., labels=...).loss` within 1e-4, and the gradients of adapter and projector tensors
-//! must equal torch's. This test only reads the fixtures (copied to a temp dir: reading a `.bin`
-//! writes a converted `.coin.safetensors` beside it).
+//! `model(..., labels=...).loss` within the bound docs/training.md and README.md claim, and the
+//! gradients of adapter and projector tensors must equal torch's. This test only reads the
+//! fixtures (copied to a temp dir: reading a `.bin` writes a converted `.coin.safetensors` beside
+//! it).
 
 use std::path::{Path, PathBuf};
 
@@ -21,10 +22,12 @@ use serde_json::Value;
 
 use crate::common::TestEnvironment;
 
-/// Bound on the loss difference (the criterion).
-const LOSS_TOL: f64 = 1e-4;
+/// Bound on the loss difference. Claimed: within 5e-7 (measured 0 for LoRA, 4.8e-7 for MoELoRA:
+/// one f32 rounding of a loss of 6.2, whose spacing is 4.77e-7); asserted at two roundings.
+const LOSS_TOL: f64 = 1e-6;
 /// Bound on max |ours − torch| of a gradient tensor, relative to max |torch| of that tensor.
-const GRAD_REL_TOL: f64 = 1e-5;
+/// Claimed: below 2e-6 (measured worst 1.7e-6); asserted with a 2.5× margin.
+const GRAD_REL_TOL: f64 = 5e-6;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -200,6 +203,10 @@ fn check(kind_key: &str, kind: AdapterKind) -> (f64, f64) {
                 .expect("loss")
         })
         .expect("attaches");
+    eprintln!(
+        "{kind_key}: inference-path loss |diff| {:e}",
+        (inf as f64 - golden).abs()
+    );
     assert!(
         (inf as f64 - golden).abs() < LOSS_TOL,
         "{kind_key}: inference-path loss {inf} vs {golden}"
@@ -285,7 +292,10 @@ fn coin_generate_with_a_coin_moelora_dir_matches_torch() {
         .map(|(a, b)| (*a as f64 - b).abs())
         .fold(0f64, f64::max);
     eprintln!("moelora generate: max |logit diff| {d:e}");
-    assert!(d < 1e-4, "logits differ by {d}");
+    assert!(
+        d < crate::test_parity::LOGIT_TOL as f64,
+        "logits differ by {d}"
+    );
     let tokens: Vec<u32> = ints(&want["case0_tokens"])
         .into_iter()
         .map(|t| t as u32)

@@ -1,5 +1,6 @@
 //! Engine tests on tiny models: the three on-disk layouts load to the same numbers, the KV
-//! cache and batching change nothing, errors name the tensor.
+//! cache and batching change nothing but float rounding (measured ≤ 1.4e-6 on logits of
+//! magnitude ~8, asserted < [`ROUNDING`]), errors name the tensor.
 #![allow(clippy::disallowed_methods)]
 
 use candle_core::{DType, Device, Tensor};
@@ -12,6 +13,10 @@ use super::llava::{load_model, LoadedModel, ModelSource, Segment};
 use super::load::{read_tensor_file, write_safetensors};
 use super::tiny::{write_tiny, TinyLayout, TinyOptions};
 use super::MlError;
+
+/// Two computations that differ only in summation order (a padded batch, a cached prefix):
+/// measured ≤ 1.4e-6 apart, the bound HF parity uses too (tests/test_parity.rs `LOGIT_TOL`).
+const ROUNDING: f32 = 5e-6;
 
 fn tiny(dir: &std::path::Path, layout: TinyLayout, seed: u64) -> std::path::PathBuf {
     write_tiny(
@@ -101,8 +106,8 @@ fn all_layouts_load_to_the_same_model() {
     assert_eq!(la.len(), a.model.config.text.vocab_size);
     assert!(max_diff(&la, &lb) == 0.0);
     // The split setup tokenizes around <image> chunk by chunk; with a byte-level BPE the ids are
-    // the same, so the numbers must agree too.
-    assert!(max_diff(&la, &lc) < 1e-5, "{}", max_diff(&la, &lc));
+    // the same, and so are the ops: the numbers agree bit for bit.
+    assert_eq!(la, lc, "split setup vs llava-hf");
     assert_eq!(lc, lc2, "found projector = given projector");
     // A different seed is a different model.
     let other = tiny(&t.path().join("other"), TinyLayout::Hf, 6);
@@ -166,7 +171,8 @@ fn kv_cache_matches_full_recompute_and_batching_changes_nothing() {
             single[0].first_step_logits.as_deref().expect("l"),
             batched[i].first_step_logits.as_deref().expect("l"),
         );
-        assert!(d < 1e-4, "row {i}: {d}");
+        eprintln!("row {i}: batched vs single max |logit diff| {d:e}");
+        assert!(d < ROUNDING, "row {i}: {d}");
     }
     // Incremental decoding with the cache equals a full forward over the whole sequence.
     let model = &m.model;
@@ -218,7 +224,9 @@ fn kv_cache_matches_full_recompute_and_batching_changes_nothing() {
             .expect("v");
     }
     assert_eq!(cache.len(), n);
-    assert!(max_diff(&full_last, &last) < 1e-4);
+    let d = max_diff(&full_last, &last);
+    eprintln!("kv cache vs full recompute: max |logit diff| {d:e}");
+    assert!(d < ROUNDING, "{d}");
     // generate_segments with zero new tokens produces nothing.
     let out = generate_segments(
         model,

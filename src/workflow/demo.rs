@@ -4,8 +4,10 @@
 //! the image/text format; [`crate::tasks::mini::pretrain`]), commits the base as the zero-shot
 //! row, trains CoIN's order over the eight mini tasks with LoRA (or MoELoRA) through the
 //! ordinary [`super::train::train_task`], and computes the matrix, the metrics, an SVG plot
-//! and the two facts the demo exists to show: every task is learnt (its accuracy right after
-//! training is far above chance) and plain LoRA forgets (BWT clearly negative).
+//! and the facts the demo exists to show: every task is learnt (its accuracy right after
+//! training is far above chance), the model reads the picture (the same checkpoint on the same
+//! questions with blank pictures stays near chance: [`blind_score`]) and plain LoRA forgets
+//! (BWT clearly negative).
 //!
 //! Every stage is cached in the folder, so a demo that was interrupted continues with the
 //! same command, and another `--method` reuses the data, the base model and the repository
@@ -20,14 +22,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::config::{resolve, Layer, LayerSource, RunConfig};
-use super::eval::trained_tasks;
+use super::eval::{
+    find_task, load_base_model, load_checkpoint_adapter, trained_tasks, CheckpointAdapter,
+};
 use super::matrix::{build_matrix, BranchMatrix};
 use super::train::{commit_zero_shot, train_task, EvalTasks, TrainRequest, TrainWorkflowProgress};
 use super::WorkflowError;
 use crate::history::{CoinRepo, InitOptions};
 use crate::metrics::{ForgettingMode, Metrics};
-use crate::ml::image::AspectMode;
-use crate::ml::llava::{load_model, ModelSource};
+use crate::ml::generate::{generate, GenerateRequest, GenerateSettings};
+use crate::ml::image::{AspectMode, Rgb8};
+use crate::ml::llava::{load_model, LoadedModel, ModelSource};
 use crate::ml::runtime::Runtime;
 use crate::ml::tiny::{write_tiny, TinyOptions};
 use crate::ml::train::data::prepare_samples;
@@ -36,9 +41,10 @@ use crate::ml::train::optim::Schedule;
 use crate::ml::train::params::TrainableParams;
 use crate::ml::train::trainer::{train, CheckpointPolicy, TrainConfig as LoopConfig, TrainReport};
 use crate::store::fsutil::write_atomic;
-use crate::tasks::formats::read_train_file;
+use crate::tasks::formats::{self, read_train_file, AnswerRecord, TestRecord};
 use crate::tasks::mini::{self, pretrain, MiniConfig};
-use crate::tasks::registry::Registry;
+use crate::tasks::registry::{self, Registry, TaskDef};
+use crate::tasks::{ScoreMode, ScoreReport};
 
 /// The marker file of a demo folder (its presence lets a later `coin demo` resume there).
 pub const MARKER: &str = "demo.json";
@@ -59,6 +65,12 @@ pub const PRETRAIN_RECORD: &str = "pretrain.json";
 pub const LEARN_MARGIN: f64 = 20.0;
 /// "Forgets measurably": BWT must be at most this (points).
 pub const FORGET_BWT: f64 = -5.0;
+/// "Reads the picture": with blank pictures, every task's score on the checkpoint that trained
+/// it must be at most this many points above its chance level.
+pub const BLIND_MARGIN: f64 = 10.0;
+/// The colour of the blind baseline's blank pictures: CoIN-mini's light-grey background
+/// (225–249) with nothing drawn on it.
+pub const BLIND_FILL: [u8; 3] = [237, 237, 237];
 
 /// What the demo does and how large it is.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -198,9 +210,12 @@ pub struct TaskFact {
     pub chance: f64,
     /// `after_training − chance`.
     pub margin: Option<f64>,
+    /// Its score on the same checkpoint and test items with blank pictures ([`blind_score`];
+    /// `None`: not measured).
+    pub blind: Option<f64>,
 }
 
-/// The two facts the demo shows, computed from the matrix.
+/// The facts the demo shows, computed from the matrix (and the blind baseline).
 #[derive(Clone, Debug, Serialize)]
 pub struct DemoFacts {
     /// Per task, in order.
@@ -213,6 +228,9 @@ pub struct DemoFacts {
     pub learned: bool,
     /// BWT is at most [`FORGET_BWT`].
     pub forgets: bool,
+    /// Every task's blind score is at most its chance level + [`BLIND_MARGIN`] (false until
+    /// [`DemoFacts::with_blind`] gives every one).
+    pub blind_near_chance: bool,
 }
 
 impl DemoFacts {
@@ -233,6 +251,7 @@ impl DemoFacts {
                     final_score: n.checked_sub(1).and_then(|last| m.get(last, j)),
                     chance,
                     margin: after.map(|a| a - chance),
+                    blind: None,
                 }
             })
             .collect();
@@ -247,12 +266,28 @@ impl DemoFacts {
             min_margin,
             bwt: metrics.bwt,
             tasks,
+            blind_near_chance: false,
         }
     }
 
-    /// Whether both facts hold.
+    /// The facts with the blind baseline: `blind[j]` is task `j`'s blind score (in the order of
+    /// [`DemoFacts::tasks`]); the model reads the pictures when every one is measured and at
+    /// most chance + [`BLIND_MARGIN`].
+    pub fn with_blind(mut self, blind: &[Option<f64>]) -> DemoFacts {
+        for (t, b) in self.tasks.iter_mut().zip(blind) {
+            t.blind = *b;
+        }
+        self.blind_near_chance = blind.len() == self.tasks.len()
+            && self
+                .tasks
+                .iter()
+                .all(|t| t.blind.is_some_and(|b| b <= t.chance + BLIND_MARGIN));
+        self
+    }
+
+    /// Whether all three facts hold.
     pub fn holds(&self) -> bool {
-        self.learned && self.forgets
+        self.learned && self.forgets && self.blind_near_chance
     }
 }
 
@@ -290,7 +325,7 @@ pub struct DemoReport {
     pub matrix: BranchMatrix,
     /// Its metrics.
     pub metrics: Metrics,
-    /// The two facts.
+    /// The three facts.
     pub facts: DemoFacts,
     /// The SVG plot.
     pub plot: PathBuf,
@@ -618,8 +653,11 @@ pub fn run_demo(
         &format!("coin demo: CoIN-mini, {method}, tiny model"),
         &plot,
     )?;
-    let facts = DemoFacts::of(&bm, &metrics);
     lap("matrix", &mut stages);
+    progress.note("Blind baseline: each task's checkpoint on its test items with blank pictures.");
+    let blind = blind_diagonal(&repo, &cfg, &bm)?;
+    let facts = DemoFacts::of(&bm, &metrics).with_blind(&blind);
+    lap("blind", &mut stages);
     Ok(DemoReport {
         dir: dir.clone(),
         branch,
@@ -634,6 +672,119 @@ pub fn run_demo(
         stage_seconds: stages,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The blind baseline of the diagonal: for each task (column `j`), the checkpoint that trained
+/// it (row `j`) scored on the task's test items with [`blank_like`] pictures. `None` where row
+/// `j` did not train task `j`.
+fn blind_diagonal(
+    repo: &CoinRepo,
+    cfg: &RunConfig,
+    bm: &BranchMatrix,
+) -> Result<Vec<Option<f64>>, WorkflowError> {
+    let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
+    let mut model = load_base_model(repo.root(), cfg)?;
+    let mut out = Vec::with_capacity(bm.matrix.tasks.len());
+    for (j, task) in bm.matrix.tasks.iter().enumerate() {
+        let Some(row) = bm.checkpoints.get(j).filter(|r| &r.task == task) else {
+            out.push(None);
+            continue;
+        };
+        let def = find_task(&reg, task)?;
+        let cp = repo.read_checkpoint(row.id)?;
+        let adapter = load_checkpoint_adapter(repo, &cp, &model.model.device, model.model.dtype)?;
+        let report = blind_score(repo.root(), def, cfg, &mut model, &adapter)?;
+        out.push(Some(report.0.score));
+    }
+    Ok(out)
+}
+
+/// A blank picture of `image`'s size ([`BLIND_FILL`]).
+pub fn blank_like(image: &Rgb8) -> Rgb8 {
+    Rgb8::filled(image.width, image.height, BLIND_FILL)
+}
+
+/// The generation requests of `questions` as the eval builds them, with every picture replaced
+/// by a blank one of the same size (a question without a picture stays text-only).
+pub fn blind_requests(
+    questions: &[TestRecord],
+    image_root: &Path,
+) -> Result<Vec<GenerateRequest>, WorkflowError> {
+    questions
+        .iter()
+        .map(|q| match &q.image {
+            Some(img) => {
+                let path = formats::resolve_image(image_root, img)?;
+                Ok(GenerateRequest::question(
+                    &q.text,
+                    blank_like(&Rgb8::open(&path)?),
+                ))
+            }
+            None => Ok(GenerateRequest {
+                prompt: crate::ml::template::vicuna_v1(&[(q.text.as_str(), None)]),
+                image: None,
+            }),
+        })
+        .collect()
+}
+
+/// Score task `def` (data under `root`) with `adapter` on `model`, as `coin eval` does (the
+/// configured decoding, batch size, aspect and scoring mode), but with every test picture
+/// replaced by a blank one of the same size: what the model answers without seeing anything.
+/// Nothing is recorded; the model is left as it was given. Returns the report and the answers.
+pub fn blind_score(
+    root: &Path,
+    def: &TaskDef,
+    cfg: &RunConfig,
+    model: &mut LoadedModel,
+    adapter: &CheckpointAdapter,
+) -> Result<(ScoreReport, Vec<AnswerRecord>), WorkflowError> {
+    let questions = formats::read_test_file(&def.resolve(root, &def.test))?;
+    let requests = blind_requests(&questions, &def.resolve(root, &def.image_root))?;
+    let settings = GenerateSettings {
+        max_new_tokens: cfg.eval.max_new_tokens,
+        aspect: cfg.eval.aspect_for(&def.name),
+        return_logits: false,
+        ignore_eos: false,
+    };
+    let projector = (
+        model.model.projector.linear_1.clone(),
+        model.model.projector.linear_2.clone(),
+    );
+    adapter.attach(&mut model.model)?;
+    let generated = (|| -> Result<Vec<String>, WorkflowError> {
+        let mut texts = Vec::with_capacity(requests.len());
+        for chunk in requests.chunks(cfg.eval.batch_size.max(1)) {
+            for o in generate(model, None, chunk, &settings)? {
+                texts.push(o.text.trim().to_string());
+            }
+        }
+        Ok(texts)
+    })();
+    model.model.clear_adapters();
+    (
+        model.model.projector.linear_1,
+        model.model.projector.linear_2,
+    ) = projector;
+    let answers: Vec<AnswerRecord> = questions
+        .iter()
+        .zip(generated?)
+        .map(|(q, text)| AnswerRecord {
+            question_id: q.question_id.clone(),
+            prompt: q.text.clone(),
+            text: Some(text),
+            answer_id: json!(format!("{}-{}-blind", def.name, q.question_id)),
+            model_id: json!(cfg.model.name),
+            metadata: json!({}),
+        })
+        .collect();
+    let mode = match cfg.eval.mode {
+        super::config::EvalMode::Compat => ScoreMode::Compat,
+        super::config::EvalMode::Strict => ScoreMode::Strict,
+        super::config::EvalMode::Auto => def.default_mode(),
+    };
+    let report = registry::score_task(def, root, &answers, Some(mode))?;
+    Ok((report, answers))
 }
 
 /// Full-parameter training of the random model on the captions, saved as the base model.
@@ -733,6 +884,7 @@ fn pretrain_base(
 
 #[cfg(test)]
 mod tests {
+    use candle_core::{DType, Device};
     use git2::Oid;
 
     use super::*;
@@ -769,12 +921,29 @@ mod tests {
         assert_eq!(f.tasks[0].final_score, Some(60.0));
         assert_eq!(f.min_margin, Some(65.0));
         assert_eq!(f.bwt, Some(-30.0));
-        assert!(f.learned && f.forgets && f.holds());
+        assert!(f.learned && f.forgets);
+        // The third fact needs the blind baseline: without it, nothing holds.
+        assert!(!f.blind_near_chance && !f.holds());
+        assert_eq!(f.tasks[0].blind, None);
+        // At most chance + 10 with blank pictures (25 + 10 and 12.5 − 12.5): reads the pictures.
+        let seen = f.clone().with_blind(&[Some(35.0), Some(0.0)]);
+        assert_eq!(seen.tasks[0].blind, Some(35.0));
+        assert_eq!(seen.tasks[1].blind, Some(0.0));
+        assert!(seen.blind_near_chance && seen.holds());
+        // Just over the bar, or a blind score missing: it does not.
+        let over = f.clone().with_blind(&[Some(35.0), Some(22.6)]);
+        assert!(!over.blind_near_chance && !over.holds());
+        let missing = f.clone().with_blind(&[Some(20.0), None]);
+        assert!(!missing.blind_near_chance);
+        let short = f.with_blind(&[Some(20.0)]);
+        assert!(!short.blind_near_chance);
 
         // A task barely above chance; no forgetting.
         let weak = bm(vec![vec![Some(40.0), None], vec![Some(41.0), Some(80.0)]]);
-        let f = DemoFacts::of(&weak, &weak.metrics(ForgettingMode::MaxEarlier).unwrap());
+        let f = DemoFacts::of(&weak, &weak.metrics(ForgettingMode::MaxEarlier).unwrap())
+            .with_blind(&[Some(25.0), Some(12.5)]);
         assert_eq!(f.min_margin, Some(15.0));
+        assert!(f.blind_near_chance);
         assert!(!f.learned && !f.forgets && !f.holds());
 
         // A missing diagonal cell is not "learnt".
@@ -782,6 +951,96 @@ mod tests {
         let f = DemoFacts::of(&gap, &gap.metrics(ForgettingMode::MaxEarlier).unwrap());
         assert_eq!(f.min_margin, None);
         assert!(!f.learned);
+    }
+
+    #[test]
+    fn blind_scoring_answers_blank_pictures_of_the_same_size_and_scores_them() {
+        let t = tempfile::tempdir().expect("temp dir");
+        let root = t.path();
+        mini::generate(
+            &root.join("data"),
+            &MiniConfig {
+                seed: 0,
+                train: 2,
+                test: 4,
+                image_size: 40,
+            },
+            |_| {},
+        )
+        .expect("CoIN-mini");
+        let defs = mini::task_defs("data");
+        let def = defs
+            .iter()
+            .find(|d| d.name == "mini-ImageNet")
+            .expect("mini-ImageNet");
+        let questions = formats::read_test_file(&def.resolve(root, &def.test)).expect("test file");
+        assert_eq!(questions.len(), 4);
+        let image_root = def.resolve(root, &def.image_root);
+
+        // Every picture is replaced by a blank one of its size; prompts are the eval's.
+        let reqs = blind_requests(&questions, &image_root).expect("requests");
+        for (q, r) in questions.iter().zip(&reqs) {
+            let path = formats::resolve_image(&image_root, q.image.as_deref().expect("image"))
+                .expect("path");
+            let real = Rgb8::open(&path).expect("png");
+            let blank = r.image.as_ref().expect("a picture");
+            assert_eq!((blank.width, blank.height), (40, 40));
+            assert_eq!((blank.width, blank.height), (real.width, real.height));
+            assert!(blank.data.chunks(3).all(|p| p == BLIND_FILL));
+            assert_ne!(blank.data, real.data, "the real picture has content");
+            assert_eq!(r.prompt, GenerateRequest::question(&q.text, real).prompt);
+        }
+
+        // The blind answers are the model's answers to those blank pictures, and they are
+        // scored as the eval scores them (strict for CoIN-mini).
+        let model_dir = write_tiny(&root.join("m"), &TinyOptions::default()).expect("tiny");
+        let mut model = load_model(
+            &ModelSource::resolve(&model_dir, None, None).expect("source"),
+            &Device::Cpu,
+            DType::F32,
+        )
+        .expect("loads");
+        let mut cfg = RunConfig::preset("tiny").expect("tiny preset");
+        cfg.eval.max_new_tokens = 3;
+        cfg.eval.batch_size = 3;
+        cfg.model.name = "blind-test".into();
+        let settings = GenerateSettings {
+            max_new_tokens: 3,
+            aspect: AspectMode::Pad,
+            return_logits: true,
+            ignore_eos: false,
+        };
+        let probe = GenerateRequest::question(
+            &questions[0].text,
+            Rgb8::open(
+                &formats::resolve_image(&image_root, questions[0].image.as_deref().expect("i"))
+                    .expect("path"),
+            )
+            .expect("png"),
+        );
+        let before =
+            generate(&mut model, None, std::slice::from_ref(&probe), &settings).expect("generates");
+        let (report, answers) =
+            blind_score(root, def, &cfg, &mut model, &CheckpointAdapter::None).expect("blind");
+        assert_eq!(answers.len(), 4);
+        for (a, r) in answers.iter().zip(&reqs) {
+            let direct =
+                generate(&mut model, None, std::slice::from_ref(r), &settings).expect("one");
+            assert_eq!(a.text.as_deref(), Some(direct[0].text.trim()));
+        }
+        assert_eq!(report.task, def.name);
+        assert_eq!(report.n, 4);
+        assert_eq!(report.mode, ScoreMode::Strict);
+        let rescored =
+            registry::score_task(def, root, &answers, Some(ScoreMode::Strict)).expect("scores");
+        assert_eq!(
+            report.score, rescored.score,
+            "the returned answers are the scored ones"
+        );
+        // The model is left as it was given.
+        let after =
+            generate(&mut model, None, std::slice::from_ref(&probe), &settings).expect("generates");
+        assert_eq!(before[0].first_step_logits, after[0].first_step_logits);
     }
 
     #[test]

@@ -121,6 +121,45 @@ impl TestEnvironment {
         run(self.git_cmd(dir).args(args))
     }
 
+    /// `text` with this environment's temporary directory (as created and as the OS resolves
+    /// it) replaced by `$TEST_ENV`, so that snapshots do not depend on where it was made.
+    pub fn normalize(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        let raw = self.tmp.path().to_path_buf();
+        let canonical = raw.canonicalize().unwrap_or_else(|_| raw.clone());
+        // The longer spelling first, in case one is a prefix of the other.
+        let mut spellings = vec![canonical, raw];
+        spellings.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for p in spellings {
+            out = out.replace(&*p.to_string_lossy(), "$TEST_ENV");
+        }
+        out
+    }
+
+    /// What a command printed, for a snapshot: stdout, then stderr after a marker line (when
+    /// there is any), then the exit status (when it is not 0); temporary paths normalised.
+    pub fn render(&self, out: &Output) -> String {
+        let mut text = self.normalize(&out.stdout);
+        if !out.stderr.is_empty() {
+            text.push_str("------- stderr -------\n");
+            text.push_str(&self.normalize(&out.stderr));
+        }
+        if out.code != 0 {
+            text.push_str(&format!("[exit status: {}]\n", out.code));
+        }
+        text
+    }
+
+    /// Run `coin ARGS` in the work directory and [`render`](Self::render) what it printed.
+    pub fn coin_render(&self, args: &[&str]) -> String {
+        self.render(&self.coin(args))
+    }
+
+    /// Run `coin ARGS` in `dir` and [`render`](Self::render) what it printed.
+    pub fn coin_render_in(&self, dir: &Path, args: &[&str]) -> String {
+        self.render(&self.coin_in(dir, args))
+    }
+
     /// Write a file (creating parent directories) under the work directory.
     pub fn write(&self, rel: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> PathBuf {
         let p = self.path(rel);
@@ -132,6 +171,75 @@ impl TestEnvironment {
     }
 }
 
+/// Every file under `dir` (recursively), as paths relative to it, sorted; directories are not
+/// listed, links are listed as files (their target is read).
+pub fn tree_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries =
+            std::fs::read_dir(&d).unwrap_or_else(|e| panic!("cannot list {}: {e}", d.display()));
+        for e in entries {
+            let p = e.expect("directory entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p.strip_prefix(dir).expect("under dir").to_path_buf());
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// `a` and `b` hold the same files (same relative paths, nothing more on either side) with the
+/// same bytes; `a` is not empty.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    assert_same_tree_except(a, b, &[]);
+}
+
+/// [`assert_same_tree`], except that `b` may also hold the files named in `extra_in_b` (paths
+/// relative to `b`, e.g. coin's `.coin-checkpoint` stamp).
+pub fn assert_same_tree_except(a: &Path, b: &Path, extra_in_b: &[&str]) {
+    assert!(b.is_dir(), "{} is missing", b.display());
+    let fa = tree_files(a);
+    assert!(!fa.is_empty(), "{} is empty", a.display());
+    let fb: Vec<PathBuf> = tree_files(b)
+        .into_iter()
+        .filter(|f| !extra_in_b.iter().any(|x| Path::new(x) == f))
+        .collect();
+    assert_eq!(
+        fa,
+        fb,
+        "the files of {} (left) and {} (right) differ",
+        a.display(),
+        b.display()
+    );
+    for f in fa {
+        assert!(
+            std::fs::read(a.join(&f)).expect("read") == std::fs::read(b.join(&f)).expect("read"),
+            "{} differs",
+            f.display()
+        );
+    }
+}
+
+/// `text` with the seconds of a closing "… in 0.9 s." replaced by `[secs]` (wall time varies).
+pub fn mask_seconds(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            let masked = line.strip_suffix(" s.").and_then(|head| {
+                let i = head.rfind(" in ")?;
+                head[i + 4..]
+                    .parse::<f64>()
+                    .ok()
+                    .map(|_| format!("{} in [secs] s.", &head[..i]))
+            });
+            masked.unwrap_or_else(|| line.to_string()) + "\n"
+        })
+        .collect()
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn");
     Output {
@@ -139,4 +247,30 @@ pub fn run(cmd: &mut Command) -> Output {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         code: out.status.code().unwrap_or(-1),
     }
+}
+
+#[test]
+fn same_tree_sees_missing_extra_and_changed_files_on_either_side() {
+    let t = tempfile::tempdir().expect("tmp");
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    for d in [&a, &b] {
+        std::fs::create_dir_all(d.join("sub")).expect("mkdir");
+        std::fs::write(d.join("x"), "1").expect("w");
+        std::fs::write(d.join("sub/y"), "2").expect("w");
+    }
+    assert_same_tree(&a, &b);
+    let fails = |f: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err();
+    std::fs::write(b.join("sub/extra"), "3").expect("w");
+    assert!(fails(&|| assert_same_tree(&a, &b)), "an extra file in b");
+    assert!(fails(&|| assert_same_tree(&b, &a)), "a file missing from b");
+    assert_same_tree_except(&a, &b, &["sub/extra"]);
+    std::fs::remove_file(b.join("sub/extra")).expect("rm");
+    std::fs::write(b.join("sub/y"), "changed").expect("w");
+    assert!(fails(&|| assert_same_tree(&a, &b)), "changed bytes");
+    let empty = t.path().join("empty");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    assert!(
+        fails(&|| assert_same_tree(&empty, &empty)),
+        "nothing compared"
+    );
 }

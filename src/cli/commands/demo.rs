@@ -8,7 +8,8 @@ use crate::cli::train_progress::TrainBar;
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::workflow::config::RunConfig;
 use crate::workflow::demo::{
-    demo_config, run_demo, DemoProgress, DemoReport, DemoSettings, FORGET_BWT, LEARN_MARGIN,
+    demo_config, run_demo, DemoProgress, DemoReport, DemoSettings, BLIND_MARGIN, FORGET_BWT,
+    LEARN_MARGIN,
 };
 use crate::workflow::matrix::metrics_json;
 use crate::workflow::train::TrainWorkflowProgress;
@@ -24,8 +25,9 @@ use super::workflow_util::{process_env, StatusProgress};
 /// (a short full-parameter stage so it knows the image/text format), commits the base as the
 /// zero-shot row, then trains CoIN's order over the eight tasks with LoRA (or MoELoRA),
 /// evaluating every seen task after every step. Prints the accuracy matrix, the metrics, the
-/// plot's path, and checks two facts: each task's accuracy right after training is far above
-/// chance, and plain LoRA forgets (BWT clearly negative). Nothing is downloaded. An
+/// plot's path, and checks three facts: each task's accuracy right after training is far above
+/// chance, the same checkpoint with blank pictures stays near chance (the model reads the
+/// picture), and plain LoRA forgets (BWT clearly negative). Nothing is downloaded. An
 /// interrupted demo continues with the same command; another --method runs on its own branch
 /// in the same folder. The folder is a normal coin repository: explore it with `coin log`,
 /// `coin matrix`, `coin diff`, `coin compare lora moelora`.
@@ -40,8 +42,8 @@ pub struct DemoArgs {
     /// A much smaller run (seconds; what the tests use): checks the mechanics, not the science
     #[arg(long)]
     pub quick: bool,
-    /// Exit with an error (code 1) when a fact does not hold (a task not far above chance, or
-    /// BWT not clearly negative)
+    /// Exit with an error (code 1) when a fact does not hold (a task not far above chance, a
+    /// task more than 10 points over chance with blank pictures, or BWT not clearly negative)
     #[arg(long)]
     pub check: bool,
     /// Override a setting of the demo's configuration, e.g. --set train.learning_rate=1e-3;
@@ -82,16 +84,21 @@ fn pct(v: Option<f64>) -> String {
     v.map_or_else(|| "—".to_string(), |v| format!("{v:.1}%"))
 }
 
-/// The two facts in words (stdout of `coin demo`).
+/// The facts in words (stdout of `coin demo`).
 fn write_facts(out: &mut impl std::io::Write, r: &DemoReport) -> std::io::Result<()> {
     let f = &r.facts;
-    writeln!(out, "Each task right after training it, vs chance:")?;
+    writeln!(
+        out,
+        "Each task right after training it (and blind: the same checkpoint, blank pictures), vs \
+         chance:"
+    )?;
     for t in &f.tasks {
         writeln!(
             out,
-            "  {:<16} {:>7} vs chance {:>5.1}%  ({})   final {:>7}",
+            "  {:<16} {:>7} (blind {:>6}) vs chance {:>5.1}%  ({})   final {:>7}",
             t.task,
             pct(t.after_training),
+            pct(t.blind),
             t.chance,
             t.margin
                 .map_or_else(|| "—".to_string(), |m| format!("{m:+.1} points")),
@@ -110,6 +117,7 @@ fn write_facts(out: &mut impl std::io::Write, r: &DemoReport) -> std::io::Result
         )?,
         None => writeln!(out, "  NOT MET: some diagonal cell is missing.")?,
     }
+    write_blind_fact(out, r)?;
     let kind = if r.method == "lora" {
         "plain LoRA"
     } else {
@@ -128,6 +136,31 @@ fn write_facts(out: &mut impl std::io::Write, r: &DemoReport) -> std::io::Result
         None => writeln!(out, "NOT MET: BWT is not defined (fewer than two tasks).")?,
     }
     Ok(())
+}
+
+/// The blind-baseline fact in words: the most any task scores above chance with blank
+/// pictures, against [`BLIND_MARGIN`].
+fn write_blind_fact(out: &mut impl std::io::Write, r: &DemoReport) -> std::io::Result<()> {
+    let over: Option<Vec<(f64, &str)>> = r
+        .facts
+        .tasks
+        .iter()
+        .map(|t| t.blind.map(|b| (b - t.chance, t.task.as_str())))
+        .collect();
+    let worst = over.and_then(|v| v.into_iter().max_by(|a, b| a.0.total_cmp(&b.0)));
+    match worst {
+        Some((d, _)) if r.facts.blind_near_chance => writeln!(
+            out,
+            "  Blind, every task scores at most chance {d:+.1} points (the bar: chance \
+             +{BLIND_MARGIN}): the scores above need the pictures."
+        ),
+        Some((d, task)) => writeln!(
+            out,
+            "  NOT MET: blind, {task} scores chance {d:+.1} points (the bar: chance \
+             +{BLIND_MARGIN})."
+        ),
+        None => writeln!(out, "  NOT MET: some blind score is missing."),
+    }
 }
 
 impl DemoArgs {
