@@ -15,7 +15,7 @@ use super::records::{
     NoteRecord, TrainRecord, SCHEMA_VERSION,
 };
 use super::repo::{short_id, CoinRepo, NOTES_REF};
-use super::HistoryError;
+use super::{CheckpointId, HistoryError};
 
 /// One file to commit: where it is on disk and the path it gets in the checkpoint.
 #[derive(Clone, Debug)]
@@ -38,7 +38,7 @@ pub struct CommitRequest {
     /// Eval records stored in the checkpoint's tree.
     pub evals: BTreeMap<String, EvalRecord>,
     /// The parent checkpoint, when it is not the current branch's head.
-    pub parent: Option<Oid>,
+    pub parent: Option<CheckpointId>,
     /// The base model, when known.
     pub base_model: Option<BaseModel>,
     /// More fields for the train record (later issues: dataset identity, hyperparameters, ...).
@@ -54,13 +54,11 @@ pub struct CommitRequest {
 #[derive(Clone, Debug, Serialize)]
 pub struct CommitOutcome {
     /// The new checkpoint id.
-    #[serde(serialize_with = "ser_oid")]
-    pub id: Oid,
+    pub id: CheckpointId,
     /// The branch it was committed on.
     pub branch: String,
     /// Its parent, if any.
-    #[serde(serialize_with = "ser_opt_oid")]
-    pub parent: Option<Oid>,
+    pub parent: Option<CheckpointId>,
     /// How many files it holds.
     pub files: usize,
     /// How many tensors it holds.
@@ -83,9 +81,9 @@ pub enum EvalSource {
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
     /// The commit id.
-    pub id: Oid,
+    pub id: CheckpointId,
     /// Parent checkpoint ids.
-    pub parents: Vec<Oid>,
+    pub parents: Vec<CheckpointId>,
     /// Commit time, unix seconds.
     pub time: i64,
     /// The commit message's first line.
@@ -96,20 +94,6 @@ pub struct Checkpoint {
     pub train: Option<TrainRecord>,
     /// Eval records by task, tree and note merged (a note wins over the tree for its tasks).
     pub evals: BTreeMap<String, (EvalRecord, EvalSource)>,
-}
-
-pub(crate) fn ser_oid<S: serde::Serializer>(oid: &Oid, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&oid.to_string())
-}
-
-pub(crate) fn ser_opt_oid<S: serde::Serializer>(
-    oid: &Option<Oid>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match oid {
-        Some(o) => s.serialize_str(&o.to_string()),
-        None => s.serialize_none(),
-    }
 }
 
 /// Expand the command-line paths into files with checkpoint-relative names. A file is named by
@@ -228,11 +212,11 @@ impl CoinRepo {
             self.check_new_eval_record(task, rec)?;
         }
         let branch = self.current_branch()?;
-        let expected = self.branch_target(&branch)?;
-        let parent = match req.parent {
+        let expected = self.ref_target(&format!("{}{branch}", super::BRANCH_PREFIX))?;
+        let parent: Option<Oid> = match req.parent {
             Some(p) => {
                 self.read_checkpoint(p)?;
-                Some(p)
+                Some(p.oid())
             }
             None => expected,
         };
@@ -334,9 +318,9 @@ impl CoinRepo {
         };
         fault::point("commit.after_ref");
         Ok(CommitOutcome {
-            id,
+            id: id.into(),
             branch,
-            parent,
+            parent: parent.map(Into::into),
             files: manifest.files.len(),
             tensors,
             gate,
@@ -361,8 +345,8 @@ impl CoinRepo {
             None
         } else {
             let ctx = super::hooks::HookContext {
-                checkpoint: Some(id),
-                parent,
+                checkpoint: Some(id.into()),
+                parent: parent.map(Into::into),
                 branch: Some(branch.to_string()),
                 task: Some(task.to_string()),
                 extra_args: Vec::new(),
@@ -387,11 +371,12 @@ impl CoinRepo {
     pub fn publish_checkpoint(
         &self,
         branch: &str,
-        expected: Option<Oid>,
-        id: Oid,
+        expected: Option<CheckpointId>,
+        id: CheckpointId,
         skip_hooks: bool,
     ) -> Result<Option<super::hooks::HookOutcome>, HistoryError> {
         let cp = self.read_checkpoint(id)?;
+        let (expected, id) = (expected.map(|e| e.oid()), id.oid());
         let task = cp
             .train
             .as_ref()
@@ -402,7 +387,7 @@ impl CoinRepo {
             branch,
             expected,
             id,
-            cp.parents.first().copied(),
+            cp.parents.first().map(CheckpointId::oid),
             &task,
             skip_hooks,
             &format!("coin: publish {}", short_id(id)),
@@ -410,8 +395,9 @@ impl CoinRepo {
     }
 
     /// Read a checkpoint: manifest, train record and eval records (tree and notes merged).
-    pub fn read_checkpoint(&self, id: Oid) -> Result<Checkpoint, HistoryError> {
-        let short = short_id(id);
+    pub fn read_checkpoint(&self, id: CheckpointId) -> Result<Checkpoint, HistoryError> {
+        let short = id.short();
+        let id = id.oid();
         let git = self.git();
         let commit = git
             .find_commit(id)
@@ -484,8 +470,8 @@ impl CoinRepo {
             }
         }
         Ok(Checkpoint {
-            id,
-            parents: commit.parent_ids().collect(),
+            id: id.into(),
+            parents: commit.parent_ids().map(Into::into).collect(),
             time: commit.time().seconds(),
             summary: commit.summary().ok().flatten().unwrap_or("").to_string(),
             manifest,
@@ -498,12 +484,12 @@ impl CoinRepo {
     /// objects present, of the right kind, sizes and headers adding up) without writing
     /// anything. With [`CoinRepo::read_checkpoint`] (tree and manifest), this is the one
     /// validation commit, fetch, fsck and checkout share.
-    pub fn check_checkpoint_files(&self, cp: &Checkpoint) -> Result<(), HistoryError> {
+    pub(crate) fn check_checkpoint_files(&self, cp: &Checkpoint) -> Result<(), HistoryError> {
         for (path, entry) in &cp.manifest.files {
             self.store()
                 .check_entry(entry)
                 .map_err(|source| HistoryError::BadFile {
-                    checkpoint: short_id(cp.id),
+                    checkpoint: cp.id.short(),
                     path: path.escape_debug().to_string(),
                     source: Box::new(source),
                 })?;
@@ -512,7 +498,7 @@ impl CoinRepo {
     }
 
     /// The note attached to checkpoint `id`, if any.
-    pub fn read_note(&self, id: Oid) -> Result<Option<NoteRecord>, HistoryError> {
+    pub(crate) fn read_note(&self, id: Oid) -> Result<Option<NoteRecord>, HistoryError> {
         match self.git().find_note(Some(NOTES_REF), id) {
             Ok(note) => {
                 let n = parse_note(note.message_bytes())
@@ -531,10 +517,11 @@ impl CoinRepo {
     /// into its note under `refs/notes/coin` (a task recorded again replaces the older record).
     pub fn add_eval_records(
         &self,
-        id: Oid,
+        id: CheckpointId,
         records: &BTreeMap<String, EvalRecord>,
     ) -> Result<(), HistoryError> {
         self.read_checkpoint(id)?;
+        let id = id.oid();
         let _lock = self.lock()?;
         fault::point("note.after_lock");
         let mut note = self.read_note(id)?.unwrap_or(NoteRecord {
@@ -560,7 +547,11 @@ impl CoinRepo {
     /// Check an eval record before it is written: its task name, its fields
     /// ([`EvalRecord::validate_new`]) and every store object it names, which must be in this
     /// repository's store (a record naming a missing object would make fsck and push fail).
-    pub fn check_new_eval_record(&self, task: &str, rec: &EvalRecord) -> Result<(), HistoryError> {
+    pub(crate) fn check_new_eval_record(
+        &self,
+        task: &str,
+        rec: &EvalRecord,
+    ) -> Result<(), HistoryError> {
         validate_task_name(task).map_err(HistoryError::Input)?;
         rec.validate_new(task).map_err(HistoryError::Input)?;
         for id in rec.object_ids() {
@@ -580,16 +571,16 @@ impl CoinRepo {
     /// The checkpoints from `start` following first parents, newest first, at most `limit`.
     pub fn first_parent_chain(
         &self,
-        start: Oid,
+        start: CheckpointId,
         limit: Option<usize>,
-    ) -> Result<Vec<Oid>, HistoryError> {
+    ) -> Result<Vec<CheckpointId>, HistoryError> {
         let mut out = Vec::new();
-        let mut cur = Some(start);
+        let mut cur = Some(start.oid());
         while let Some(id) = cur {
             if limit.is_some_and(|l| out.len() >= l) {
                 break;
             }
-            out.push(id);
+            out.push(id.into());
             let c = self
                 .git()
                 .find_commit(id)

@@ -7,9 +7,9 @@ use serde::Serialize;
 
 use crate::store::{FileEntry, TensorEntry};
 
-use super::checkpoint::{ser_oid, Checkpoint};
+use super::checkpoint::Checkpoint;
 use super::repo::CoinRepo;
-use super::HistoryError;
+use super::{CheckpointId, HistoryError};
 
 /// The score change of one task between two checkpoints.
 #[derive(Clone, Debug, Serialize)]
@@ -62,11 +62,9 @@ pub struct TensorChange {
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckpointDiff {
     /// Checkpoint A.
-    #[serde(serialize_with = "ser_oid")]
-    pub a: git2::Oid,
+    pub a: CheckpointId,
     /// Checkpoint B.
-    #[serde(serialize_with = "ser_oid")]
-    pub b: git2::Oid,
+    pub b: CheckpointId,
     /// Per-task score changes, sorted by task.
     pub eval: Vec<EvalDelta>,
     /// File changes, sorted by path.
@@ -177,8 +175,8 @@ fn eval_deltas(a: &Checkpoint, b: &Checkpoint) -> Vec<EvalDelta> {
 /// Compare checkpoints `a` and `b` of `repo`.
 pub fn diff_checkpoints(
     repo: &CoinRepo,
-    a: git2::Oid,
-    b: git2::Oid,
+    a: CheckpointId,
+    b: CheckpointId,
 ) -> Result<CheckpointDiff, HistoryError> {
     let ca = repo.read_checkpoint(a)?;
     let cb = repo.read_checkpoint(b)?;

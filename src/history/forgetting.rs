@@ -4,12 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use git2::Oid;
 use serde::Serialize;
 
-use super::checkpoint::ser_oid;
 use super::repo::CoinRepo;
-use super::HistoryError;
+use super::{CheckpointId, HistoryError};
 
 /// How much one task has forgotten: its best score on the path versus its score in B.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -21,8 +19,7 @@ pub struct TaskForgetting {
     /// The best score of the task on A's first-parent chain (A included).
     pub best: f64,
     /// The checkpoint that holds that best score (the newest one, on ties).
-    #[serde(serialize_with = "ser_oid")]
-    pub best_at: Oid,
+    pub best_at: CheckpointId,
     /// The task's score in B, when B has one.
     pub b: Option<f64>,
     /// `best − b` in points (positive: forgotten); `None` when B has no score for the task.
@@ -55,8 +52,11 @@ pub type TaskScores = BTreeMap<String, (String, f64)>;
 
 /// Compute forgetting from scores: `chain` is newest first (A, A's first parent, …), each
 /// with its per-task `(metric, score)`; `b` is B's scores.
-pub fn forgetting_from_scores(chain: &[(Oid, TaskScores)], b: &TaskScores) -> ForgettingReport {
-    let mut best: BTreeMap<&str, (&str, f64, Oid)> = BTreeMap::new();
+pub fn forgetting_from_scores(
+    chain: &[(CheckpointId, TaskScores)],
+    b: &TaskScores,
+) -> ForgettingReport {
+    let mut best: BTreeMap<&str, (&str, f64, CheckpointId)> = BTreeMap::new();
     for (id, scores) in chain {
         for (task, (metric, score)) in scores {
             // Newest first: an older checkpoint replaces the best only when strictly better.
@@ -93,7 +93,7 @@ pub fn forgetting_from_scores(chain: &[(Oid, TaskScores)], b: &TaskScores) -> Fo
     }
 }
 
-fn scores(repo: &CoinRepo, id: Oid) -> Result<TaskScores, HistoryError> {
+fn scores(repo: &CoinRepo, id: CheckpointId) -> Result<TaskScores, HistoryError> {
     Ok(repo
         .read_checkpoint(id)?
         .evals
@@ -106,8 +106,8 @@ fn scores(repo: &CoinRepo, id: Oid) -> Result<TaskScores, HistoryError> {
 /// first-parent chain (`a` and all its first-parent ancestors).
 pub fn forgetting_along_path(
     repo: &CoinRepo,
-    a: Oid,
-    b: Oid,
+    a: CheckpointId,
+    b: CheckpointId,
 ) -> Result<ForgettingReport, HistoryError> {
     let mut chain = Vec::new();
     for id in repo.first_parent_chain(a, None)? {
@@ -120,8 +120,8 @@ pub fn forgetting_along_path(
 mod tests {
     use super::*;
 
-    fn oid(n: u8) -> Oid {
-        Oid::from_bytes(&[n; 20]).expect("20 bytes make an oid")
+    fn oid(n: u8) -> CheckpointId {
+        CheckpointId::from(git2::Oid::from_bytes(&[n; 20]).expect("20 bytes make an oid"))
     }
 
     fn s(pairs: &[(&str, f64)]) -> BTreeMap<String, (String, f64)> {

@@ -16,7 +16,7 @@ use crate::store::{fault, ObjectId};
 
 use super::records::{entry_object_ids, parse_manifest, parse_note, Manifest, MANIFEST_FORMAT};
 use super::repo::{short_id, CoinRepo, HEAD_REF, NOTES_REF};
-use super::HistoryError;
+use super::{CheckpointId, HistoryError};
 
 /// A root of reachability: a commit and where it was found.
 #[derive(Clone, Debug)]
@@ -433,7 +433,7 @@ impl CoinRepo {
         for id in &reach.checkpoints {
             if let Some(m) = reach.manifests.get(id) {
                 let all_here = m.object_ids().iter().all(|o| self.store().contains(o));
-                let checked = self.read_checkpoint(*id).and_then(|cp| {
+                let checked = self.read_checkpoint((*id).into()).and_then(|cp| {
                     // Missing objects are reported once, below, as missing-object.
                     if all_here {
                         self.check_checkpoint_files(&cp)
@@ -618,7 +618,7 @@ impl CoinRepo {
     /// files are written into a temporary sibling folder that is renamed to `out` at the end,
     /// so a failure leaves nothing at `out`. `out` may not be inside a `.git` directory.
     /// Returns the files written.
-    pub fn checkout(&self, id: Oid, out: &Path) -> Result<Vec<String>, HistoryError> {
+    pub fn checkout(&self, id: CheckpointId, out: &Path) -> Result<Vec<String>, HistoryError> {
         crate::store::check_output_dir(out)?;
         let cp = self.read_checkpoint(id)?;
         self.check_checkpoint_files(&cp)?;

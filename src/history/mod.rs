@@ -14,6 +14,7 @@ mod checkpoint;
 mod diff;
 mod forgetting;
 pub mod hooks;
+mod id;
 mod maintenance;
 pub mod records;
 pub mod remote;
@@ -27,6 +28,7 @@ pub use diff::{diff_checkpoints, CheckpointDiff, EvalDelta, FileChange, TensorCh
 pub use forgetting::{
     forgetting_along_path, forgetting_from_scores, ForgettingReport, TaskForgetting, TaskScores,
 };
+pub use id::{CheckpointId, InvalidCheckpointId};
 pub use maintenance::{DroppedNote, FsckProblem, FsckReport, GcReport, RepoStats};
 pub use records::{
     parse_eval_file, parse_manifest, AdapterInfo, BaseModel, EvalRecord, Manifest, TrainRecord,

@@ -8,7 +8,7 @@ use include_dir::{include_dir, Dir};
 
 use crate::store::{fsutil, lock::Lock, Store};
 
-use super::HistoryError;
+use super::{CheckpointId, HistoryError};
 
 /// The symbolic ref naming the current coin branch (`refs/coin/heads/<name>`).
 pub const HEAD_REF: &str = "refs/coin/HEAD";
@@ -353,16 +353,18 @@ impl CoinRepo {
     }
 
     /// The head of branch `name`, `None` if the branch has no checkpoint (or does not exist).
-    pub fn branch_target(&self, name: &str) -> Result<Option<Oid>, HistoryError> {
-        self.ref_target(&format!("{BRANCH_PREFIX}{name}"))
+    pub fn branch_target(&self, name: &str) -> Result<Option<CheckpointId>, HistoryError> {
+        Ok(self
+            .ref_target(&format!("{BRANCH_PREFIX}{name}"))?
+            .map(Into::into))
     }
 
     /// The head of the current branch, `None` before the first commit.
-    pub fn head(&self) -> Result<Option<Oid>, HistoryError> {
+    pub fn head(&self) -> Result<Option<CheckpointId>, HistoryError> {
         self.branch_target(&self.current_branch()?)
     }
 
-    fn list_refs(&self, prefix: &str) -> Result<Vec<(String, Oid)>, HistoryError> {
+    fn list_refs(&self, prefix: &str) -> Result<Vec<(String, CheckpointId)>, HistoryError> {
         let mut out = Vec::new();
         let refs = self
             .git
@@ -378,19 +380,19 @@ impl CoinRepo {
             let c = r
                 .peel_to_commit()
                 .map_err(HistoryError::git(format!("read {prefix}{short}")))?;
-            out.push((short, c.id()));
+            out.push((short, c.id().into()));
         }
         out.sort();
         Ok(out)
     }
 
     /// All branches with their heads, sorted by name.
-    pub fn branches(&self) -> Result<Vec<(String, Oid)>, HistoryError> {
+    pub fn branches(&self) -> Result<Vec<(String, CheckpointId)>, HistoryError> {
         self.list_refs(BRANCH_PREFIX)
     }
 
     /// All tags with their targets, sorted by name.
-    pub fn tags(&self) -> Result<Vec<(String, Oid)>, HistoryError> {
+    pub fn tags(&self) -> Result<Vec<(String, CheckpointId)>, HistoryError> {
         self.list_refs(TAG_PREFIX)
     }
 
@@ -458,15 +460,20 @@ impl CoinRepo {
     }
 
     /// Create branch `name` at `target`; fails if it exists.
-    pub fn create_branch(&self, name: &str, target: Oid) -> Result<(), HistoryError> {
+    pub fn create_branch(&self, name: &str, target: CheckpointId) -> Result<(), HistoryError> {
         self.check_new_name("branch", name)?;
-        self.create_ref("branch", &format!("{BRANCH_PREFIX}{name}"), name, target)
+        self.create_ref(
+            "branch",
+            &format!("{BRANCH_PREFIX}{name}"),
+            name,
+            target.oid(),
+        )
     }
 
     /// Create tag `name` at `target`; fails if it exists.
-    pub fn create_tag(&self, name: &str, target: Oid) -> Result<(), HistoryError> {
+    pub fn create_tag(&self, name: &str, target: CheckpointId) -> Result<(), HistoryError> {
         self.check_new_name("tag", name)?;
-        self.create_ref("tag", &format!("{TAG_PREFIX}{name}"), name, target)
+        self.create_ref("tag", &format!("{TAG_PREFIX}{name}"), name, target.oid())
     }
 
     fn create_ref(
@@ -537,7 +544,7 @@ impl CoinRepo {
                     ErrorCode::Modified | ErrorCode::Exists | ErrorCode::NotFound
                 ) =>
             {
-                let actual = self.branch_target(name)?;
+                let actual = self.ref_target(&full)?;
                 Err(HistoryError::BranchMoved {
                     branch: name.to_string(),
                     expected: expected.map_or("(none)".to_string(), short_id),
@@ -614,10 +621,9 @@ pub fn looks_like_id(name: &str) -> bool {
     (4..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_hexdigit())
 }
 
-/// The 12-hex-digit short form of a checkpoint id.
-pub fn short_id(oid: Oid) -> String {
-    let s = oid.to_string();
-    s[..12.min(s.len())].to_string()
+/// The short form of a git id inside history ([`CheckpointId::short`]).
+pub(crate) fn short_id(oid: Oid) -> String {
+    super::CheckpointId::from(oid).short()
 }
 
 /// Git's current durability key: fsync objects and refs ("committed").
@@ -754,7 +760,7 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-        (tmp, repo, out.id)
+        (tmp, repo, out.id.oid())
     }
 
     #[test]

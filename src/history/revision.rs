@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use git2::Oid;
 
 use super::repo::{short_id, CoinRepo, BRANCH_PREFIX, TAG_PREFIX};
-use super::HistoryError;
+use super::{CheckpointId, HistoryError};
 
 enum Step {
     Ancestor(usize),
@@ -50,7 +50,11 @@ fn split_rev(rev: &str) -> Result<(&str, Vec<Step>), HistoryError> {
 
 impl CoinRepo {
     /// Resolve a revision to a checkpoint id.
-    pub fn resolve(&self, rev: &str) -> Result<Oid, HistoryError> {
+    pub fn resolve(&self, rev: &str) -> Result<CheckpointId, HistoryError> {
+        self.resolve_oid(rev).map(Into::into)
+    }
+
+    fn resolve_oid(&self, rev: &str) -> Result<Oid, HistoryError> {
         let rev = rev.trim();
         if rev.is_empty() {
             return Err(HistoryError::BadRevision {
@@ -107,6 +111,7 @@ impl CoinRepo {
             let branch = self.current_branch()?;
             return self
                 .branch_target(&branch)?
+                .map(|id| id.oid())
                 .ok_or(HistoryError::EmptyBranch(branch));
         }
         let mut candidates: Vec<(String, Oid)> = Vec::new();
@@ -141,6 +146,7 @@ impl CoinRepo {
                     .known_checkpoints()?
                     .into_iter()
                     .filter(|o| o.to_string().starts_with(&lower))
+                    .map(|o| o.oid())
                     .collect(),
             };
             for m in matches {
@@ -162,7 +168,7 @@ impl CoinRepo {
     }
 
     /// Every commit reachable from coin branches and tags, their reflogs and the notes.
-    pub fn known_checkpoints(&self) -> Result<BTreeSet<Oid>, HistoryError> {
+    pub fn known_checkpoints(&self) -> Result<BTreeSet<CheckpointId>, HistoryError> {
         let roots = self.coin_roots()?;
         let mut walk = self
             .git()
@@ -174,7 +180,7 @@ impl CoinRepo {
         }
         let mut out = BTreeSet::new();
         for oid in walk {
-            out.insert(oid.map_err(HistoryError::git("walk the history"))?);
+            out.insert(oid.map_err(HistoryError::git("walk the history"))?.into());
         }
         Ok(out)
     }

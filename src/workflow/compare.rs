@@ -3,14 +3,14 @@
 
 use std::collections::HashSet;
 
-use git2::Oid;
+use crate::history::CheckpointId;
 use serde_json::{json, Value};
 
 use crate::history::CoinRepo;
 use crate::metrics::{ForgettingMode, Metrics};
 
 use super::matrix::{build_matrix, metrics_json, BranchMatrix, PaperRow};
-use super::{short, WorkflowError};
+use super::WorkflowError;
 
 /// One compared branch.
 #[derive(Clone, Debug)]
@@ -18,7 +18,7 @@ pub struct BranchSummary {
     /// The name as given (branch, tag or revision).
     pub name: String,
     /// The checkpoint it resolved to.
-    pub tip: Oid,
+    pub tip: CheckpointId,
     /// Its matrix.
     pub matrix: BranchMatrix,
     /// Its metrics.
@@ -33,7 +33,7 @@ pub struct SharedHistory {
     /// Index of the second branch.
     pub b: usize,
     /// The newest checkpoint on both first-parent histories, if any.
-    pub last_shared: Option<Oid>,
+    pub last_shared: Option<CheckpointId>,
     /// How many checkpoints both first-parent histories contain.
     pub shared_checkpoints: usize,
     /// The training steps (matrix rows) both share, in order: the common task prefix.
@@ -61,7 +61,7 @@ pub fn compare(
         ));
     }
     let mut branches = Vec::new();
-    let mut chains: Vec<Vec<Oid>> = Vec::new();
+    let mut chains: Vec<Vec<CheckpointId>> = Vec::new();
     for name in revs {
         let tip = repo.resolve(name)?;
         let matrix = build_matrix(repo, tip)?;
@@ -77,13 +77,13 @@ pub fn compare(
     let mut shared = Vec::new();
     for a in 0..branches.len() {
         for b in a + 1..branches.len() {
-            let set_b: HashSet<Oid> = chains[b].iter().copied().collect();
-            let common: Vec<Oid> = chains[a]
+            let set_b: HashSet<CheckpointId> = chains[b].iter().copied().collect();
+            let common: Vec<CheckpointId> = chains[a]
                 .iter()
                 .copied()
                 .filter(|id| set_b.contains(id))
                 .collect();
-            let common_set: HashSet<Oid> = common.iter().copied().collect();
+            let common_set: HashSet<CheckpointId> = common.iter().copied().collect();
             let shared_tasks = branches[a]
                 .matrix
                 .checkpoints
@@ -140,7 +140,7 @@ impl Comparison {
             s.push_str(&format!(
                 "{} ({}): {}\n",
                 b.name,
-                short(b.tip),
+                b.tip.short(),
                 if order.is_empty() {
                     "no training steps".to_string()
                 } else {
@@ -180,7 +180,7 @@ impl Comparison {
                     s.push_str(&format!(
                         "{a} and {b} share {} checkpoint(s) up to {} ({tasks})\n",
                         sh.shared_checkpoints,
-                        short(id)
+                        id.short()
                     ));
                 }
             }

@@ -1141,7 +1141,7 @@ pub fn check_parent_base(
         });
     match recorded {
         Some(name) if name != cfg.model.name => Err(WorkflowError::BaseMismatch {
-            parent: super::short(parent.id),
+            parent: parent.id.short(),
             parent_base: name,
             config_base: cfg.model.name.clone(),
         }),

@@ -885,7 +885,6 @@ fn pretrain_base(
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device};
-    use git2::Oid;
 
     use super::*;
     use crate::metrics::AccuracyMatrix;
@@ -897,7 +896,7 @@ mod tests {
             checkpoints: tasks
                 .iter()
                 .map(|t| MatrixRow {
-                    id: Oid::ZERO_SHA1,
+                    id: git2::Oid::ZERO_SHA1.into(),
                     task: t.clone(),
                 })
                 .collect(),

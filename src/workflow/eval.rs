@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use git2::Oid;
+use crate::history::CheckpointId;
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -29,7 +29,7 @@ use crate::tasks::registry::{self, Registry, TaskDef};
 use crate::tasks::{ScoreMode, ScoreReport};
 
 use super::config::{EvalMode, RunConfig};
-use super::{short, WorkflowError};
+use super::WorkflowError;
 
 /// Version of the generation procedure; part of every generation key, so a change of the
 /// prompt or decoding code invalidates cached predictions.
@@ -216,7 +216,7 @@ pub fn find_task<'a>(reg: &'a Registry, name: &str) -> Result<&'a TaskDef, Workf
 
 /// The tasks trained on the first-parent chain ending at `id`, oldest first, each once: what
 /// `coin eval REV` evaluates when no tasks are named (the row of the accuracy matrix).
-pub fn trained_tasks(repo: &CoinRepo, id: Oid) -> Result<Vec<String>, WorkflowError> {
+pub fn trained_tasks(repo: &CoinRepo, id: CheckpointId) -> Result<Vec<String>, WorkflowError> {
     let mut tasks: Vec<String> = Vec::new();
     let mut chain = repo.first_parent_chain(id, None)?;
     chain.reverse();
@@ -253,7 +253,7 @@ pub fn adapter_identity(cp: &Checkpoint) -> Result<String, WorkflowError> {
     let v = serde_json::to_value(&cp.manifest.files).map_err(|e| {
         WorkflowError::Input(format!(
             "the manifest of {} does not serialise: {e}",
-            short(cp.id)
+            cp.id.short()
         ))
     })?;
     blake3_json(&v)
@@ -478,7 +478,7 @@ fn score_answers(
 /// order; every record is attached to the checkpoint as soon as its task is done.
 pub fn evaluate(
     repo: &CoinRepo,
-    checkpoint: Oid,
+    checkpoint: CheckpointId,
     tasks: &[String],
     cfg: &RunConfig,
     opts: &EvalOptions,
@@ -509,7 +509,7 @@ pub struct InMemoryModel<'m> {
 /// the model carries (its files give the cache key).
 pub fn evaluate_loaded(
     repo: &CoinRepo,
-    checkpoint: Oid,
+    checkpoint: CheckpointId,
     tasks: &[String],
     cfg: &RunConfig,
     opts: &EvalOptions,
@@ -555,7 +555,7 @@ pub fn load_base_model(repo_root: &Path, cfg: &RunConfig) -> Result<LoadedModel,
 
 fn run(
     repo: &CoinRepo,
-    checkpoint: Oid,
+    checkpoint: CheckpointId,
     tasks: &[String],
     cfg: &RunConfig,
     opts: &EvalOptions,
@@ -568,7 +568,7 @@ fn run(
         if t.is_empty() {
             return Err(WorkflowError::Input(format!(
                 "checkpoint {} has no trained task on its history; name the tasks with --tasks",
-                short(checkpoint)
+                checkpoint.short()
             )));
         }
         t
@@ -749,7 +749,7 @@ fn generate_answers(
 /// `"source": "answers-file"` (no generation key, so a later `coin eval` regenerates).
 pub fn score_answer_file(
     repo: &CoinRepo,
-    checkpoint: Oid,
+    checkpoint: CheckpointId,
     task: &str,
     answers_path: &Path,
     cfg: &RunConfig,
@@ -798,7 +798,7 @@ pub fn score_answer_file(
 /// with a predictions blob) in `mode`, without a model; the new records replace the old ones.
 pub fn rescore(
     repo: &CoinRepo,
-    checkpoint: Oid,
+    checkpoint: CheckpointId,
     tasks: &[String],
     cfg: &RunConfig,
     mode: Option<ScoreMode>,
@@ -820,7 +820,7 @@ pub fn rescore(
     if names.is_empty() {
         return Err(WorkflowError::Input(format!(
             "checkpoint {} has no stored predictions to re-score; run `coin eval` first",
-            short(checkpoint)
+            checkpoint.short()
         )));
     }
     let opts = EvalOptions { mode, force: true };
@@ -830,7 +830,7 @@ pub fn rescore(
         let Some((old, _)) = cp.evals.get(&plan.def.name) else {
             return Err(WorkflowError::Input(format!(
                 "checkpoint {} has no eval record for '{}' to re-score",
-                short(checkpoint),
+                checkpoint.short(),
                 plan.def.name
             )));
         };
@@ -838,7 +838,7 @@ pub fn rescore(
             return Err(WorkflowError::Input(format!(
                 "the '{}' record of {} has no stored predictions; run `coin eval` to generate them",
                 plan.def.name,
-                short(checkpoint)
+                checkpoint.short()
             )));
         };
         let answers = parse_predictions(&repo.store().read_blob(&id)?, &id)?;

@@ -8,14 +8,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use git2::Oid;
+use crate::history::CheckpointId;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::history::{CoinRepo, EvalRecord, EvalSource, TrainRecord};
 use crate::metrics::{AccuracyMatrix, ForgettingMode, Metrics};
 
-use super::{short, WorkflowError};
+use super::WorkflowError;
 
 /// The train-record field that marks a checkpoint's kind.
 pub const KIND_FIELD: &str = "kind";
@@ -29,7 +29,7 @@ pub fn is_base_record(t: &TrainRecord) -> bool {
     t.extra.get(KIND_FIELD).and_then(Value::as_str) == Some(KIND_BASE)
 }
 
-fn ser_oid<S: serde::Serializer>(oid: &Oid, s: S) -> Result<S::Ok, S::Error> {
+fn ser_oid<S: serde::Serializer>(oid: &CheckpointId, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&oid.to_string())
 }
 
@@ -45,7 +45,7 @@ fn task_key(s: &str) -> String {
 pub struct MatrixRow {
     /// The checkpoint id (40 hex digits).
     #[serde(serialize_with = "ser_oid")]
-    pub id: Oid,
+    pub id: CheckpointId,
     /// The task trained at this step (`base` for the zero-shot row).
     pub task: String,
 }
@@ -80,7 +80,7 @@ fn find_record<'a>(
 /// Consecutive checkpoints trained on the same task are one step (the last one counts, e.g.
 /// per-epoch commits); a task trained again after another task is an error, since each row
 /// must be the step that trained one task.
-pub fn build_matrix(repo: &CoinRepo, tip: Oid) -> Result<BranchMatrix, WorkflowError> {
+pub fn build_matrix(repo: &CoinRepo, tip: CheckpointId) -> Result<BranchMatrix, WorkflowError> {
     let mut chain = repo.first_parent_chain(tip, None)?;
     chain.reverse();
     type Evals = BTreeMap<String, (EvalRecord, EvalSource)>;
@@ -111,8 +111,8 @@ pub fn build_matrix(repo: &CoinRepo, tip: Oid) -> Result<BranchMatrix, WorkflowE
             return Err(WorkflowError::Input(format!(
                 "task '{}' is trained twice on this history ({} and again at {}); the accuracy matrix needs one step per task — branch off before the repeat",
                 train.task,
-                short(earlier.id),
-                short(id)
+                earlier.id.short(),
+                id.short()
             )));
         }
         rows.push((row, cp.evals));
@@ -203,10 +203,13 @@ impl BranchMatrix {
     pub fn to_table(&self) -> String {
         let mut label_rows: Vec<(String, Vec<Option<f64>>)> = Vec::new();
         if let (Some(z), Some(r)) = (&self.matrix.zero_shot, &self.zero_shot) {
-            label_rows.push((format!("0 zero-shot {}", short(r.id)), z.clone()));
+            label_rows.push((format!("0 zero-shot {}", r.id.short()), z.clone()));
         }
         for (k, (row, r)) in self.matrix.rows.iter().zip(&self.checkpoints).enumerate() {
-            label_rows.push((format!("{} {} {}", k + 1, r.task, short(r.id)), row.clone()));
+            label_rows.push((
+                format!("{} {} {}", k + 1, r.task, r.id.short()),
+                row.clone(),
+            ));
         }
         let lw = label_rows
             .iter()

@@ -18,8 +18,6 @@ pub mod plot;
 mod plot_font;
 pub mod train;
 
-use git2::Oid;
-
 pub use config::RunConfig;
 
 /// Errors of the workflow.
@@ -74,9 +72,4 @@ pub enum WorkflowError {
         /// What went wrong.
         message: String,
     },
-}
-
-/// The 12-hex-digit form of a checkpoint id.
-pub fn short(oid: Oid) -> String {
-    oid.to_string()[..12].to_string()
 }

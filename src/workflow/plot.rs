@@ -441,7 +441,8 @@ mod tests {
     use crate::workflow::matrix::MatrixRow;
 
     fn sample() -> BranchMatrix {
-        let id = git2::Oid::from_str("0123456789abcdef0123456789abcdef01234567").expect("oid");
+        let id = crate::history::CheckpointId::from_hex("0123456789abcdef0123456789abcdef01234567")
+            .expect("oid");
         BranchMatrix {
             checkpoints: vec![
                 MatrixRow {

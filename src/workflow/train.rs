@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use git2::Oid;
+use crate::history::CheckpointId;
 use serde_json::{json, Value};
 
 use super::config::{check_parent_base, Method, RunConfig};
@@ -24,7 +24,7 @@ use super::eval::{
     evaluate_loaded, find_task, load_base_model, trained_tasks, EvalOptions, EvalProgress,
     InMemoryModel, TaskEval,
 };
-use super::{short, WorkflowError};
+use super::WorkflowError;
 use crate::history::hooks::HookContext;
 use crate::history::records::to_canonical_json;
 use crate::history::{BaseModel, CoinRepo, CommitRequest};
@@ -64,7 +64,7 @@ pub struct TrainRequest {
     pub task: String,
     /// The checkpoint to start from; `None`: the current branch's head (the base model when
     /// the branch is empty).
-    pub from: Option<Oid>,
+    pub from: Option<CheckpointId>,
     /// The evals after training.
     pub eval_tasks: EvalTasks,
     /// Commit message.
@@ -79,7 +79,7 @@ pub struct TrainRequest {
 #[derive(Clone, Debug)]
 pub struct TrainOutcome {
     /// The checkpoint now at the branch head.
-    pub checkpoint: Oid,
+    pub checkpoint: CheckpointId,
     /// Whether an existing checkpoint was reused (no training ran).
     pub reused: bool,
     /// The training key.
@@ -173,7 +173,7 @@ pub fn loop_config(
 
 /// What the training key is made of (see the module docs).
 struct KeyInputs<'a> {
-    parent: Option<Oid>,
+    parent: Option<CheckpointId>,
     task: &'a str,
     data_blake3: &'a str,
     data_items: usize,
@@ -201,7 +201,7 @@ fn training_key(k: &KeyInputs<'_>) -> Result<String, WorkflowError> {
         .to_string())
 }
 
-fn find_by_key(repo: &CoinRepo, key: &str) -> Result<Option<Oid>, WorkflowError> {
+fn find_by_key(repo: &CoinRepo, key: &str) -> Result<Option<CheckpointId>, WorkflowError> {
     for oid in repo.known_checkpoints()? {
         let cp = match repo.read_checkpoint(oid) {
             Ok(cp) => cp,
@@ -270,7 +270,7 @@ pub fn train_task(
             progress.note(&format!(
                 "Reusing checkpoint {} (same parent, data, template and settings: training key \
                  {}).",
-                short(found),
+                found.short(),
                 &key[..12]
             ));
             // A reused checkpoint passes the same gate as a new one (it may be one the gate
@@ -308,7 +308,7 @@ pub fn train_task(
                 std::fs::remove_dir_all(&dir).map_err(|e| io_err("remove", &dir, e))?;
             }
             repo.checkout(cp.id, &dir)?;
-            progress.note(&format!("Continuing the adapter of {}.", short(cp.id)));
+            progress.note(&format!("Continuing the adapter of {}.", cp.id.short()));
             TrainableParams::attach_from(&mut loaded.model, &settings, &dir)?
         }
         _ => TrainableParams::attach(&mut loaded.model, &settings)?,
@@ -401,7 +401,7 @@ pub fn train_task(
     })?;
     progress.note(&format!(
         "Wrote checkpoint {} ({} after {} steps, loss {first:.3} → {last:.3}).",
-        short(outcome.id),
+        outcome.id.short(),
         def.name,
         report.steps
     ));
@@ -423,7 +423,7 @@ pub fn train_task(
     }
     progress.note(&format!(
         "{} is now the head of {branch}.",
-        short(outcome.id)
+        outcome.id.short()
     ));
     let ctx = HookContext {
         checkpoint: Some(outcome.id),
@@ -456,7 +456,7 @@ pub fn train_task(
 
 fn run_evals(
     repo: &CoinRepo,
-    id: Oid,
+    id: CheckpointId,
     cfg: &RunConfig,
     req: &TrainRequest,
     task: &str,
@@ -539,7 +539,7 @@ pub fn commit_zero_shot(
     tasks: &[String],
     about: BTreeMap<String, Value>,
     progress: &mut dyn EvalProgress,
-) -> Result<Oid, WorkflowError> {
+) -> Result<CheckpointId, WorkflowError> {
     use super::matrix::{KIND_BASE, KIND_FIELD};
     let cfg = &cfg.with_runtime(cfg.resolved_runtime()?);
     let mut extra = BTreeMap::new();
@@ -636,7 +636,12 @@ mod tests {
         resolve(&layers, Some("tiny")).expect("config")
     }
 
-    fn train(f: &Fixture, cfg: &RunConfig, from: Option<Oid>, eval: EvalTasks) -> TrainOutcome {
+    fn train(
+        f: &Fixture,
+        cfg: &RunConfig,
+        from: Option<CheckpointId>,
+        eval: EvalTasks,
+    ) -> TrainOutcome {
         let req = TrainRequest {
             task: "mini-VizWiz".into(),
             from,

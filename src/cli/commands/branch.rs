@@ -4,7 +4,7 @@ use std::io::Write;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
 
-use super::history_util::{open_repo, short};
+use super::history_util::open_repo;
 
 /// List branches, or create branch NAME at START (default HEAD)
 ///
@@ -30,7 +30,7 @@ pub fn cmd_branch(
     if let Some(name) = &args.name {
         let target = repo.resolve(args.start.as_deref().unwrap_or("HEAD"))?;
         repo.create_branch(name, target)?;
-        ui.status(&format!("Created branch '{name}' at {}.", short(target)));
+        ui.status(&format!("Created branch '{name}' at {}.", target.short()));
         return Ok(());
     }
     let current = repo.current_branch()?;
@@ -47,7 +47,7 @@ pub fn cmd_branch(
     let out = ui.out();
     for (name, id) in &branches {
         let mark = if *name == current { '*' } else { ' ' };
-        writeln!(out, "{mark} {name}  {}", short(*id))?;
+        writeln!(out, "{mark} {name}  {}", id.short())?;
     }
     if !branches.iter().any(|(n, _)| *n == current) {
         writeln!(out, "* {current}  (no checkpoints yet)")?;

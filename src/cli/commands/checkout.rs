@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
 
-use super::history_util::{open_repo, short};
+use super::history_util::open_repo;
 
 /// Rebuild every file of a checkpoint, byte-identical, in a new directory
 ///
@@ -37,7 +37,7 @@ pub fn cmd_checkout(
     ui.status(&format!(
         "Wrote {} file(s) of {} to '{}'.",
         files.len(),
-        short(id),
+        id.short(),
         args.output.display()
     ));
     Ok(())

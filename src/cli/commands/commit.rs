@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::history::{BaseModel, CommitRequest};
 
-use super::history_util::{open_repo, read_eval_file, short};
+use super::history_util::{open_repo, read_eval_file};
 
 /// Record an adapter checkpoint on the current branch and print its id
 ///
@@ -75,7 +75,7 @@ pub fn cmd_commit(
     writeln!(ui.out(), "{}", outcome.id)?;
     ui.status(&format!(
         "Committed {} on branch '{}' ({} files, {} tensors).",
-        short(outcome.id),
+        outcome.id.short(),
         outcome.branch,
         outcome.files,
         outcome.tensors

@@ -3,11 +3,11 @@
 use std::io::Write;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
-use git2::Oid;
+use crate::history::CheckpointId;
 
 use crate::history::{diff_checkpoints, CheckpointDiff, ForgettingReport};
 
-use super::history_util::{open_repo, short};
+use super::history_util::open_repo;
 
 /// Compare two checkpoints: per-task score deltas (forgetting marked), then tensor changes
 ///
@@ -60,7 +60,11 @@ pub fn cmd_diff(ui: &mut Ui, helper: &CommandHelper, args: &DiffArgs) -> Result<
 }
 
 /// The `--fail-on-forgetting` verdict: an error naming every task over the threshold.
-fn check_forgetting(r: &ForgettingReport, threshold: f64, b: Oid) -> Result<(), CommandError> {
+fn check_forgetting(
+    r: &ForgettingReport,
+    threshold: f64,
+    b: CheckpointId,
+) -> Result<(), CommandError> {
     let over = r.exceeding(threshold);
     if over.is_empty() {
         return Ok(());
@@ -73,14 +77,14 @@ fn check_forgetting(r: &ForgettingReport, threshold: f64, b: Oid) -> Result<(), 
                 t.task,
                 t.forgetting.unwrap_or_default(),
                 t.best,
-                short(t.best_at),
+                t.best_at.short(),
                 t.b.unwrap_or_default()
             )
         })
         .collect();
     Err(CommandError::user(format!(
         "{} forgets more than {threshold} points: {}",
-        short(b),
+        b.short(),
         list.join("; ")
     ))
     .hint("see `coin diff --json` for every task's best earlier score"))
@@ -89,7 +93,7 @@ fn check_forgetting(r: &ForgettingReport, threshold: f64, b: Oid) -> Result<(), 
 fn print_tables(ui: &mut Ui, d: &CheckpointDiff) -> Result<(), CommandError> {
     let (a, b) = (d.a, d.b);
     let out = ui.out();
-    writeln!(out, "A {}  B {}", short(a), short(b))?;
+    writeln!(out, "A {}  B {}", a.short(), b.short())?;
     writeln!(out)?;
     if d.eval.is_empty() {
         writeln!(out, "No eval records in either checkpoint.")?;
@@ -147,7 +151,7 @@ fn print_tables(ui: &mut Ui, d: &CheckpointDiff) -> Result<(), CommandError> {
                 "{:<w$}  {:>8.2}  {:>12}  {:>8}  {:>8}",
                 t.task,
                 t.best,
-                short(t.best_at),
+                t.best_at.short(),
                 opt(t.b),
                 t.forgetting
                     .map_or_else(|| "—".to_string(), |v| format!("{v:.2}"))

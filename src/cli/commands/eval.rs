@@ -5,10 +5,11 @@ use std::path::PathBuf;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::history::hooks::HookContext;
+use crate::history::CheckpointId;
 use crate::tasks::ScoreMode;
 use crate::workflow::eval::{self as weval, EvalOptions, TaskEval};
 
-use super::history_util::{open_repo, read_eval_file, short};
+use super::history_util::{open_repo, read_eval_file};
 use super::workflow_util::{ConfigArgs, StatusProgress};
 
 /// Evaluate a checkpoint and attach the records to it without changing its id
@@ -84,7 +85,7 @@ pub fn cmd_eval(ui: &mut Ui, helper: &CommandHelper, args: &EvalArgs) -> Result<
         ui.status(&format!(
             "Recorded {} eval result(s) on {}.",
             records.len(),
-            short(id)
+            id.short()
         ));
         return post_eval(ui, &repo, id, records.keys().cloned().collect());
     }
@@ -143,7 +144,7 @@ pub fn cmd_eval(ui: &mut Ui, helper: &CommandHelper, args: &EvalArgs) -> Result<
     ui.status(&format!(
         "Recorded {} eval result(s) on {} ({cached} already cached).",
         evals.len() - cached,
-        short(id)
+        id.short()
     ));
     post_eval(ui, &repo, id, tasks)
 }
@@ -153,14 +154,13 @@ pub fn cmd_eval(ui: &mut Ui, helper: &CommandHelper, args: &EvalArgs) -> Result<
 pub fn post_eval(
     ui: &mut Ui,
     repo: &crate::history::CoinRepo,
-    id: git2::Oid,
+    id: CheckpointId,
     tasks: Vec<String>,
 ) -> Result<(), CommandError> {
     let parent = repo
-        .git()
-        .find_commit(id)
+        .read_checkpoint(id)
         .ok()
-        .and_then(|c| c.parent_ids().next());
+        .and_then(|c| c.parents.first().copied());
     let ctx = HookContext {
         checkpoint: Some(id),
         parent,

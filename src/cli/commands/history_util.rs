@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use git2::Oid;
+use crate::history::CheckpointId;
 
 use crate::cli::{CommandError, CommandHelper, ErrorKind};
 use crate::history::{CoinRepo, EvalRecord, EvalSource, HistoryError};
@@ -43,11 +43,6 @@ pub fn open_repo(helper: &CommandHelper) -> Result<CoinRepo, CommandError> {
     Ok(CoinRepo::discover(&helper.start_dir())?)
 }
 
-/// The 12-hex-digit form of a checkpoint id.
-pub fn short(oid: Oid) -> String {
-    oid.to_string()[..12].to_string()
-}
-
 /// Read a JSON input file named on the command line, with clear errors.
 pub fn read_text(helper: &CommandHelper, path: &Path, what: &str) -> Result<String, CommandError> {
     let full = helper.cwd.join(path);
@@ -83,19 +78,19 @@ pub fn read_eval_file(
 /// Branch and tag names pointing at each checkpoint.
 pub struct Decorations {
     /// Checkpoint → branch names.
-    pub branches: BTreeMap<Oid, Vec<String>>,
+    pub branches: BTreeMap<CheckpointId, Vec<String>>,
     /// Checkpoint → tag names.
-    pub tags: BTreeMap<Oid, Vec<String>>,
+    pub tags: BTreeMap<CheckpointId, Vec<String>>,
 }
 
 impl Decorations {
     /// Collect the decorations of `repo`.
     pub fn of(repo: &CoinRepo) -> Result<Self, CommandError> {
-        let mut branches: BTreeMap<Oid, Vec<String>> = BTreeMap::new();
+        let mut branches: BTreeMap<CheckpointId, Vec<String>> = BTreeMap::new();
         for (name, id) in repo.branches()? {
             branches.entry(id).or_default().push(name);
         }
-        let mut tags: BTreeMap<Oid, Vec<String>> = BTreeMap::new();
+        let mut tags: BTreeMap<CheckpointId, Vec<String>> = BTreeMap::new();
         for (name, id) in repo.tags()? {
             tags.entry(id).or_default().push(name);
         }
@@ -103,12 +98,12 @@ impl Decorations {
     }
 
     /// Branches at `id`.
-    pub fn branches(&self, id: Oid) -> Vec<String> {
+    pub fn branches(&self, id: CheckpointId) -> Vec<String> {
         self.branches.get(&id).cloned().unwrap_or_default()
     }
 
     /// Tags at `id`.
-    pub fn tags(&self, id: Oid) -> Vec<String> {
+    pub fn tags(&self, id: CheckpointId) -> Vec<String> {
         self.tags.get(&id).cloned().unwrap_or_default()
     }
 }

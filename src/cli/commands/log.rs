@@ -5,7 +5,7 @@ use std::io::Write;
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::history::HistoryError;
 
-use super::history_util::{evals_json, format_time, open_repo, short, Decorations};
+use super::history_util::{evals_json, format_time, open_repo, Decorations};
 
 /// Show the checkpoints leading to a revision, newest first (first parents)
 #[derive(clap::Args, Debug)]
@@ -40,7 +40,7 @@ pub fn cmd_log(ui: &mut Ui, helper: &CommandHelper, args: &LogArgs) -> Result<()
         let train = cp.train.as_ref();
         rows.push(serde_json::json!({
             "id": id.to_string(),
-            "short_id": short(id),
+            "short_id": id.short(),
             "parents": cp.parents.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
             "branches": deco.branches(id),
             "tags": deco.tags(id),
@@ -59,7 +59,7 @@ pub fn cmd_log(ui: &mut Ui, helper: &CommandHelper, args: &LogArgs) -> Result<()
             } else {
                 format!(" ({})", names.join(", "))
             };
-            writeln!(out, "{}{names}  {}", short(id), format_time(cp.time))?;
+            writeln!(out, "{}{names}  {}", id.short(), format_time(cp.time))?;
             let task = train.map_or("?", |t| t.task.as_str());
             match train.and_then(|t| t.message.as_deref()) {
                 Some(m) => writeln!(out, "    {task}: {m}")?,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::workflow::matrix::{build_matrix, paper_table, PaperRow};
 
-use super::history_util::{open_repo, short};
+use super::history_util::open_repo;
 use super::metrics::{write_metrics_table, ForgettingArg};
 
 /// The accuracy matrix of a branch: row k = after training task k, column j = task j
@@ -67,7 +67,7 @@ pub fn cmd_matrix(
     let m = bm.metrics(args.forgetting.into())?;
     if let Some(plot) = &args.plot {
         let path = helper.cwd.join(plot);
-        crate::workflow::plot::plot_matrix(&bm, &format!("{name} ({})", short(tip)), &path)?;
+        crate::workflow::plot::plot_matrix(&bm, &format!("{name} ({})", tip.short()), &path)?;
         ui.status(&format!("Wrote the plot to '{}'.", plot.display()));
     }
     if args.json {

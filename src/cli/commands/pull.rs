@@ -3,7 +3,7 @@
 use crate::cli::{CommandError, CommandHelper, Ui};
 
 use super::fetch::fetch_summary;
-use super::history_util::{open_repo, short};
+use super::history_util::open_repo;
 use super::remote::TransferProgress;
 
 /// Fetch a remote and fast-forward a branch to it (created when missing)
@@ -27,12 +27,12 @@ pub fn cmd_pull(ui: &mut Ui, helper: &CommandHelper, args: &PullArgs) -> Result<
         return ui.json(&report);
     }
     ui.status(&fetch_summary(&report.fetch));
-    let to = report.new.map_or("(none)".to_string(), short);
+    let to = report.new.map_or("(none)".to_string(), |id| id.short());
     let msg = match report.update.as_str() {
         "created" => format!("Created branch '{branch}' at {to}."),
         "fast-forward" => format!(
             "Fast-forwarded '{branch}' from {} to {to}.",
-            report.old.map_or("(none)".to_string(), short)
+            report.old.map_or("(none)".to_string(), |id| id.short())
         ),
         "ahead" => format!("Branch '{branch}' is ahead of {remote}/{branch}; nothing to pull."),
         _ => format!("Branch '{branch}' is up to date."),

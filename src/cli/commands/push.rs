@@ -2,7 +2,7 @@
 
 use crate::cli::{CommandError, CommandHelper, Ui};
 
-use super::history_util::{open_repo, short};
+use super::history_util::open_repo;
 use super::remote::{human_bytes, TransferProgress};
 
 /// Push a branch to a remote: the objects it lacks, then the branch, its tags and the notes
@@ -26,10 +26,10 @@ pub fn cmd_push(ui: &mut Ui, helper: &CommandHelper, args: &PushArgs) -> Result<
     if args.target.json {
         return ui.json(&report);
     }
-    let old = report.old.map_or("(new)".to_string(), short);
+    let old = report.old.map_or("(new)".to_string(), |id| id.short());
     ui.status(&format!(
         "Pushed '{branch}' to '{remote}': {old} -> {}, {} checkpoint(s), {} of {} object(s) sent ({}).",
-        short(report.new),
+        report.new.short(),
         report.checkpoints,
         report.objects.transferred,
         report.objects.objects,

@@ -5,7 +5,7 @@ use std::io::Write;
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::store::FileEntry;
 
-use super::history_util::{evals_json, format_time, open_repo, short, Decorations};
+use super::history_util::{evals_json, format_time, open_repo, Decorations};
 
 /// Show a checkpoint: files, tensors, train and eval records
 #[derive(clap::Args, Debug)]
@@ -46,7 +46,7 @@ pub fn cmd_show(ui: &mut Ui, helper: &CommandHelper, args: &ShowArgs) -> Result<
             .collect();
         return ui.json(&serde_json::json!({
             "id": id.to_string(),
-            "short_id": short(id),
+            "short_id": id.short(),
             "parents": cp.parents.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
             "branches": deco.branches(id),
             "tags": deco.tags(id),

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
 
-use super::history_util::{open_repo, short};
+use super::history_util::open_repo;
 
 /// Show the current branch, its head checkpoint and the repository's location
 #[derive(clap::Args, Debug)]
@@ -53,7 +53,7 @@ pub fn cmd_status(
                 (Some(t), None) => t.clone(),
                 _ => String::new(),
             };
-            writeln!(out, "Head: {} {what}", short(id))?;
+            writeln!(out, "Head: {} {what}", id.short())?;
             writeln!(out, "{depth} checkpoint(s) on this branch")?;
         }
         None => writeln!(out, "No checkpoints yet")?,

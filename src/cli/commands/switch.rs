@@ -2,7 +2,7 @@
 
 use crate::cli::{CommandError, CommandHelper, Ui};
 
-use super::history_util::{open_repo, short};
+use super::history_util::open_repo;
 
 /// Make NAME the current branch (with -c: create it at START first)
 ///
@@ -32,7 +32,7 @@ pub fn cmd_switch(
         ui.status(&format!(
             "Created branch '{}' at {}.",
             args.name,
-            short(target)
+            target.short()
         ));
     }
     repo.switch(&args.name, false)?;

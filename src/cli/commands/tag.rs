@@ -4,7 +4,7 @@ use std::io::Write;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
 
-use super::history_util::{open_repo, short};
+use super::history_util::open_repo;
 
 /// List tags, or tag a checkpoint (default HEAD) as NAME
 #[derive(clap::Args, Debug)]
@@ -24,7 +24,7 @@ pub fn cmd_tag(ui: &mut Ui, helper: &CommandHelper, args: &TagArgs) -> Result<()
     if let Some(name) = &args.name {
         let target = repo.resolve(args.rev.as_deref().unwrap_or("HEAD"))?;
         repo.create_tag(name, target)?;
-        ui.status(&format!("Tagged {} as '{name}'.", short(target)));
+        ui.status(&format!("Tagged {} as '{name}'.", target.short()));
         return Ok(());
     }
     let tags = repo.tags()?;
@@ -37,7 +37,7 @@ pub fn cmd_tag(ui: &mut Ui, helper: &CommandHelper, args: &TagArgs) -> Result<()
     }
     let out = ui.out();
     for (name, id) in &tags {
-        writeln!(out, "{name}  {}", short(*id))?;
+        writeln!(out, "{name}  {}", id.short())?;
     }
     Ok(())
 }

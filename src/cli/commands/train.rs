@@ -10,7 +10,7 @@ use crate::workflow::train::{
     train_task, EvalTasks, TrainOutcome, TrainRequest, TrainWorkflowProgress,
 };
 
-use super::history_util::{open_repo, short};
+use super::history_util::open_repo;
 use super::workflow_util::{ConfigArgs, StatusProgress};
 
 /// Fine-tune on one task, evaluate, and commit the adapter as a checkpoint
@@ -143,7 +143,7 @@ pub fn cmd_train(
     writeln!(
         ui.out(),
         "{} {} on {}{}",
-        short(outcome.checkpoint),
+        outcome.checkpoint.short(),
         args.task,
         outcome.branch,
         if outcome.reused { " (reused)" } else { "" }

@@ -204,8 +204,8 @@ impl CoinRepo {
             .tempdir_in(parent)
             .map_err(HistoryError::io("create a temp directory in", parent))?;
         let staged = tmp.path().join("out");
-        self.fetch_missing_objects(&[id])?;
-        self.checkout(id, &staged)?;
+        self.fetch_missing_objects(&[id.into()])?;
+        self.checkout(id.into(), &staged)?;
         fsutil::write_atomic(staged.join(POINTER_STAMP), format!("{id}\n"))
             .map_err(HistoryError::io("write", &stamp))?;
         if out.exists() {

@@ -26,7 +26,6 @@ mod pointer;
 
 use std::path::{Path, PathBuf};
 
-use git2::Oid;
 use include_dir::{include_dir, Dir};
 use serde::Serialize;
 
@@ -94,9 +93,9 @@ impl HookOutcome {
 #[derive(Clone, Debug, Default)]
 pub struct HookContext {
     /// The checkpoint concerned (`COIN_CHECKPOINT`).
-    pub checkpoint: Option<Oid>,
+    pub checkpoint: Option<super::CheckpointId>,
     /// Its parent (`COIN_PARENT`).
-    pub parent: Option<Oid>,
+    pub parent: Option<super::CheckpointId>,
     /// The branch (`COIN_BRANCH`).
     pub branch: Option<String>,
     /// The task (`COIN_TASK`).
@@ -231,7 +230,7 @@ mod tests {
         CoinRepo::init(tmp.path()).unwrap();
         let repo = CoinRepo::open(&tmp.path().canonicalize().unwrap()).unwrap();
         let ctx = HookContext {
-            checkpoint: Some(Oid::from_str(ID).unwrap()),
+            checkpoint: Some(ID.parse().unwrap()),
             extra_args: vec!["x y".into()],
             ..HookContext::default()
         };

@@ -106,7 +106,7 @@ impl CoinRepo {
         for (b, id) in &fetch.branches {
             let id = Oid::from_str(id).map_err(git_err("read a fetched id"))?;
             if repo.branch_target(b)?.is_none() {
-                match repo.create_branch(b, id) {
+                match repo.create_branch(b, id.into()) {
                     Ok(()) => {
                         created.insert(b.clone());
                     }

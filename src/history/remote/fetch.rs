@@ -9,9 +9,8 @@ use serde::Serialize;
 use crate::store::transport::{transfer, Direction, TransferReport};
 use crate::store::ObjectId;
 
-use super::super::checkpoint::ser_opt_oid;
 use super::super::repo::{short_id, CoinRepo, BRANCH_PREFIX, NOTES_REF, TAG_PREFIX};
-use super::super::HistoryError;
+use super::super::{CheckpointId, HistoryError};
 use super::pack::{copy_git_objects, list_refs_of};
 use super::{git_err, Progress, REMOTE_PREFIX, STAGING_PREFIX};
 
@@ -64,11 +63,9 @@ pub struct PullReport {
     /// `up-to-date`, `created`, `fast-forward` (`ahead` when only the local branch has news).
     pub update: String,
     /// The branch head before.
-    #[serde(serialize_with = "ser_opt_oid")]
-    pub old: Option<Oid>,
+    pub old: Option<CheckpointId>,
     /// The branch head after.
-    #[serde(serialize_with = "ser_opt_oid")]
-    pub new: Option<Oid>,
+    pub new: Option<CheckpointId>,
 }
 
 impl CoinRepo {
@@ -155,7 +152,7 @@ impl CoinRepo {
             for cp in &new {
                 if !verdicts.contains_key(cp) {
                     let v = self
-                        .read_checkpoint(*cp)
+                        .read_checkpoint((*cp).into())
                         .map(|c| c.manifest.object_ids())
                         .map_err(|e| super::super::maintenance::error_chain(&e));
                     verdicts.insert(*cp, v);
@@ -232,7 +229,7 @@ impl CoinRepo {
             if let Some(Ok(ids)) = verdicts.get(cp) {
                 needed.extend(ids.iter().copied());
             }
-            if let Ok(c) = self.read_checkpoint(*cp) {
+            if let Ok(c) = self.read_checkpoint((*cp).into()) {
                 for (rec, _) in c.evals.values() {
                     needed.extend(rec.object_ids());
                 }
@@ -294,7 +291,7 @@ impl CoinRepo {
         // the new checkpoints.
         for cp in &checkpoints {
             let checked = self
-                .read_checkpoint(*cp)
+                .read_checkpoint((*cp).into())
                 .and_then(|c| self.check_checkpoint_files(&c));
             if let Err(e) = checked {
                 verdicts.insert(*cp, Err(super::super::maintenance::error_chain(&e)));
@@ -389,7 +386,7 @@ impl CoinRepo {
             .get(branch)
             .and_then(|s| Oid::from_str(s).ok())
             .ok_or_else(|| HistoryError::Input(format!("the remote has no branch '{branch}'")))?;
-        let ours = self.branch_target(branch)?;
+        let ours = self.branch_target(branch)?.map(|o| o.oid());
         let git = self.git();
         let update = match ours {
             None => "created",
@@ -431,8 +428,8 @@ impl CoinRepo {
             fetch,
             branch: branch.to_string(),
             update: update.to_string(),
-            old: ours,
-            new,
+            old: ours.map(Into::into),
+            new: new.map(Into::into),
         })
     }
 }

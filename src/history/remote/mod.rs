@@ -24,18 +24,16 @@ mod objects;
 mod pack;
 mod push;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use git2::{Oid, Repository};
+use git2::Repository;
 use serde::Serialize;
 
 use crate::store::transport::{FsTransport, ObjectTransport};
 
 use super::repo::CoinRepo;
 use super::HistoryError;
-use pack::list_refs_of;
 
 pub use fetch::{FetchReport, NotesUpdate, PullReport};
 pub use push::PushReport;
@@ -280,15 +278,6 @@ impl CoinRepo {
             "open the remote repository '{}'",
             remote.url
         )))
-    }
-
-    /// The refs of `remote`: name → id (like `ls-remote`; symbolic refs resolved, unborn ones
-    /// left out), and the branch its `refs/coin/HEAD` names.
-    pub fn remote_refs(
-        &self,
-        remote: &RemoteInfo,
-    ) -> Result<(BTreeMap<String, Oid>, Option<String>), HistoryError> {
-        list_refs_of(&self.open_remote_git(remote)?)
     }
 }
 

@@ -10,13 +10,13 @@ use crate::store::ObjectId;
 
 use super::super::records::{self, parse_note};
 use super::super::repo::{short_id, CoinRepo, NOTES_REF};
-use super::super::HistoryError;
+use super::super::{CheckpointId, HistoryError};
 use super::git_err;
 
 impl CoinRepo {
     /// Commits with a coin manifest reachable from `tips` and not from `hide` (hidden ids
     /// that are not in the local repository are ignored), newest first.
-    pub fn checkpoints_between(
+    pub(crate) fn checkpoints_between(
         &self,
         tips: &[Oid],
         hide: &[Oid],
@@ -54,10 +54,10 @@ impl CoinRepo {
 
     /// Every store object the checkpoints reference: manifests and eval records (tree and
     /// notes). Sorted, without duplicates.
-    pub fn objects_of(&self, checkpoints: &[Oid]) -> Result<Vec<ObjectId>, HistoryError> {
+    pub(crate) fn objects_of(&self, checkpoints: &[Oid]) -> Result<Vec<ObjectId>, HistoryError> {
         let mut ids = BTreeSet::new();
         for id in checkpoints {
-            let c = self.read_checkpoint(*id)?;
+            let c = self.read_checkpoint((*id).into())?;
             ids.extend(c.manifest.object_ids());
             for (rec, _) in c.evals.values() {
                 ids.extend(rec.object_ids());
@@ -67,7 +67,7 @@ impl CoinRepo {
     }
 
     /// Store objects named by the notes under `notes_ref` (predictions blobs).
-    pub fn note_objects(&self, notes_ref: &str) -> Result<Vec<ObjectId>, HistoryError> {
+    pub(crate) fn note_objects(&self, notes_ref: &str) -> Result<Vec<ObjectId>, HistoryError> {
         let mut ids = BTreeSet::new();
         let notes = match self.git().notes(Some(notes_ref)) {
             Ok(n) => n,
@@ -93,9 +93,13 @@ impl CoinRepo {
     /// before it becomes visible. This is how objects follow a plain `git fetch`/`git pull`,
     /// which has no hook: `coin checkout` and the pointer refresh call it. Returns how many
     /// objects were fetched; with nothing missing it only checks that files exist.
-    pub fn fetch_missing_objects(&self, checkpoints: &[Oid]) -> Result<usize, HistoryError> {
+    pub fn fetch_missing_objects(
+        &self,
+        checkpoints: &[CheckpointId],
+    ) -> Result<usize, HistoryError> {
+        let oids: Vec<Oid> = checkpoints.iter().map(CheckpointId::oid).collect();
         let mut missing: Vec<ObjectId> = self
-            .objects_of(checkpoints)?
+            .objects_of(&oids)?
             .into_iter()
             .filter(|id| !self.store().contains(id))
             .collect();
@@ -129,7 +133,7 @@ impl CoinRepo {
     /// there already (else an error, nothing sent); plus every object of the rest of the
     /// history reachable from `tips` that `other` lacks and this store has — a remote whose
     /// refs were moved by plain git may list checkpoints without their objects.
-    pub fn objects_to_send(
+    pub(crate) fn objects_to_send(
         &self,
         new: &[Oid],
         tips: &[Oid],
@@ -152,7 +156,7 @@ impl CoinRepo {
 
     /// Check that every object in `ids` is either here or on the other side; the error lists
     /// the first missing ones.
-    pub fn check_objects_available(
+    pub(crate) fn check_objects_available(
         &self,
         ids: &[ObjectId],
         other: &dyn ObjectTransport,
@@ -179,7 +183,7 @@ impl CoinRepo {
 
     /// Every coin checkpoint reachable from `tips` (tips this repository does not have are
     /// skipped: fsck reports them), newest first.
-    pub fn reachable_checkpoints(&self, tips: &[Oid]) -> Result<Vec<Oid>, HistoryError> {
+    pub(crate) fn reachable_checkpoints(&self, tips: &[Oid]) -> Result<Vec<Oid>, HistoryError> {
         let present: Vec<Oid> = tips
             .iter()
             .copied()

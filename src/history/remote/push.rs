@@ -5,9 +5,8 @@ use serde::Serialize;
 
 use crate::store::transport::{transfer, Direction, TransferReport};
 
-use super::super::checkpoint::{ser_oid, ser_opt_oid};
 use super::super::repo::{short_id, CoinRepo, BRANCH_PREFIX, NOTES_REF, TAG_PREFIX};
-use super::super::HistoryError;
+use super::super::{CheckpointId, HistoryError};
 use super::pack::{copy_git_objects, list_refs_of};
 use super::{git_err, lock_wait, Progress, STAGING_PREFIX};
 
@@ -19,11 +18,9 @@ pub struct PushReport {
     /// The branch pushed.
     pub branch: String,
     /// The remote branch before (None: it did not exist).
-    #[serde(serialize_with = "ser_opt_oid")]
-    pub old: Option<Oid>,
+    pub old: Option<CheckpointId>,
     /// The branch head pushed.
-    #[serde(serialize_with = "ser_oid")]
-    pub new: Oid,
+    pub new: CheckpointId,
     /// Checkpoints the remote did not have.
     pub checkpoints: usize,
     /// The object transfer.
@@ -46,7 +43,8 @@ impl CoinRepo {
         let info = self.remote_info(remote)?;
         let head = self
             .branch_target(branch)?
-            .ok_or_else(|| HistoryError::EmptyBranch(branch.to_string()))?;
+            .ok_or_else(|| HistoryError::EmptyBranch(branch.to_string()))?
+            .oid();
         let transport = self.object_transport(&info, true)?;
         // The remote's gc shares this lock: it must not see our objects before our refs.
         let _remote_lock = transport.lock(lock_wait())?;
@@ -127,6 +125,7 @@ impl CoinRepo {
         }
         let mut tags = Vec::new();
         for (name, target) in self.tags()? {
+            let target = target.oid();
             let in_history = target == head
                 || self
                     .git()
@@ -167,8 +166,8 @@ impl CoinRepo {
         Ok(PushReport {
             remote: info.name,
             branch: branch.to_string(),
-            old,
-            new: head,
+            old: old.map(Into::into),
+            new: head.into(),
             checkpoints: checkpoints.len(),
             objects,
             tags,

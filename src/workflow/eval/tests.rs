@@ -55,7 +55,7 @@ fn write_lora(dir: &Path) {
 }
 
 /// A repository with the tiny model, 4 test items per CoIN-mini task and one LoRA checkpoint.
-fn setup() -> (Fixture, Oid, RunConfig) {
+fn setup() -> (Fixture, CheckpointId, RunConfig) {
     let f = Fixture::new();
     let root = f.dir.path().to_path_buf();
     crate::ml::tiny::write_tiny(&root.join("model"), &Default::default()).expect("tiny");

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use git2::Oid;
+use crate::history::CheckpointId;
 use serde_json::json;
 
 use super::*;
@@ -34,7 +34,7 @@ impl Fixture {
 
     /// Commit a checkpoint trained on `task` (or a base checkpoint when `base`) with eval
     /// records in its tree.
-    pub fn commit(&mut self, task: &str, base: bool, evals: &[(&str, f64)]) -> Oid {
+    pub fn commit(&mut self, task: &str, base: bool, evals: &[(&str, f64)]) -> CheckpointId {
         self.n += 1;
         let file = self.dir.path().join(format!("w{}.bin", self.n));
         std::fs::write(&file, format!("weights {}", self.n)).expect("write");
@@ -55,7 +55,7 @@ impl Fixture {
         self.repo.commit(&req).expect("commit").id
     }
 
-    pub fn note(&self, id: Oid, evals: &[(&str, f64)]) {
+    pub fn note(&self, id: CheckpointId, evals: &[(&str, f64)]) {
         let recs: BTreeMap<String, EvalRecord> = evals
             .iter()
             .map(|(t, s)| (t.to_string(), record(*s)))
