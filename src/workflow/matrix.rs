@@ -29,10 +29,6 @@ pub fn is_base_record(t: &TrainRecord) -> bool {
     t.extra.get(KIND_FIELD).and_then(Value::as_str) == Some(KIND_BASE)
 }
 
-fn ser_oid<S: serde::Serializer>(oid: &CheckpointId, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&oid.to_string())
-}
-
 fn task_key(s: &str) -> String {
     s.chars()
         .filter(|c| !matches!(c, '-' | '_' | ' '))
@@ -44,7 +40,6 @@ fn task_key(s: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MatrixRow {
     /// The checkpoint id (40 hex digits).
-    #[serde(serialize_with = "ser_oid")]
     pub id: CheckpointId,
     /// The task trained at this step (`base` for the zero-shot row).
     pub task: String,
