@@ -4,8 +4,7 @@
 //! loss of a right-padded batch of two (image, prompt, answer) rows must equal HF's
 //! `model(..., labels=...).loss` within the bound docs/training.md and README.md claim, and the
 //! gradients of adapter and projector tensors must equal torch's. This test only reads the
-//! fixtures (copied to a temp dir: reading a `.bin` writes a converted `.coin.safetensors` beside
-//! it).
+//! fixtures (in a temp copy, so nothing here could touch the committed files).
 
 use std::path::{Path, PathBuf};
 

@@ -80,7 +80,7 @@ impl ConfigArgs {
 }
 
 /// The configuration of a command that runs the model without a repository (`coin generate`,
-/// `coin debug train-bench`): the presets' runtime, the environment, then `sets`.
+/// the `train_bench` example does the same): the presets' runtime, the environment, then `sets`.
 pub fn standalone_config(sets: &[String]) -> Result<RunConfig, CommandError> {
     let sources = ConfigSources {
         sets: sets.to_vec(),
