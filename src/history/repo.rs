@@ -245,7 +245,7 @@ impl CoinRepo {
             "open the git repository of '{}'",
             root.display()
         )))?;
-        migrate_fsync_key(&git)?;
+        migrate_fsync_key(&git);
         Ok(CoinRepo {
             root: root.to_path_buf(),
             git,
@@ -634,25 +634,21 @@ fn set_fsync_key(cfg: &mut git2::Config) -> Result<(), HistoryError> {
 
 /// Repositories made by earlier coin versions carry `core.fsyncObjectFiles` in their own
 /// config, which plain git now warns about on every command: replace it with `core.fsync`.
-fn migrate_fsync_key(git: &Repository) -> Result<(), HistoryError> {
+/// Best effort: a repository coin may only read (a shared, read-only one) keeps its config.
+fn migrate_fsync_key(git: &Repository) {
     let Ok(cfg) = git.config() else {
-        return Ok(());
+        return;
     };
     let Ok(mut local) = cfg.open_level(git2::ConfigLevel::Local) else {
-        return Ok(());
+        return;
     };
     if local.get_entry("core.fsyncObjectFiles").is_err() {
-        return Ok(());
+        return;
     }
-    local
-        .remove("core.fsyncObjectFiles")
-        .map_err(HistoryError::git(
-            "remove the deprecated core.fsyncObjectFiles",
-        ))?;
-    if local.get_entry("core.fsync").is_err() {
-        set_fsync_key(&mut local)?;
+    if local.get_entry("core.fsync").is_err() && set_fsync_key(&mut local).is_err() {
+        return;
     }
-    Ok(())
+    let _ = local.remove("core.fsyncObjectFiles");
 }
 
 fn init_git(root: &Path) -> Result<Repository, HistoryError> {
