@@ -336,6 +336,22 @@ fn branches_named_like_ids_are_refused_and_never_shadow_a_checkpoint() {
     assert_eq!(branches, "refs/coin/heads/main");
 }
 
+/// `a` pushed with coin to a bare `r.git`; `b` a clone made with plain git whose coin refs came
+/// by a plain `git fetch`, then `coin init`: the commits are there, the objects are not.
+fn plain_git_clone_of_a_push(env: &TestEnvironment, a: &Path) -> PathBuf {
+    env.git_in(&env.work(), &["init", "-q", "--bare", "r.git"])
+        .success();
+    env.coin_in(a, &["push", env.path("r.git").to_str().unwrap(), "main"])
+        .success();
+    env.git_in(&env.work(), &["clone", "-q", "r.git", "b"])
+        .success();
+    let b = env.path("b");
+    env.git_in(&b, &["fetch", "-q", "origin", "refs/coin/*:refs/coin/*"])
+        .success();
+    env.coin_in(&b, &["init", "."]).success();
+    b
+}
+
 #[test]
 fn objects_of_refs_moved_by_plain_git_are_fetched() {
     let env = TestEnvironment::new();
@@ -343,17 +359,7 @@ fn objects_of_refs_moved_by_plain_git_are_fetched() {
     let dir = adapter(&env, "ad2", 1.0);
     env.coin_in(&a, &["commit", dir.to_str().unwrap(), "--task", "T2"])
         .success();
-    env.git_in(&env.work(), &["init", "-q", "--bare", "r.git"])
-        .success();
-    env.coin_in(&a, &["push", env.path("r.git").to_str().unwrap(), "main"])
-        .success();
-    // A colleague clones with plain git and fetches coin's refs with plain git.
-    env.git_in(&env.work(), &["clone", "-q", "r.git", "b"])
-        .success();
-    let b = env.path("b");
-    env.git_in(&b, &["fetch", "-q", "origin", "refs/coin/*:refs/coin/*"])
-        .success();
-    env.coin_in(&b, &["init", "."]).success();
+    let b = plain_git_clone_of_a_push(&env, &a);
     let out = env.coin_in(&b, &["fsck"]);
     assert_eq!(out.code, 1, "objects are missing before the fetch");
     assert!(out.stdout.contains("missing-object"), "{}", out.stdout);
@@ -370,16 +376,7 @@ fn objects_of_refs_moved_by_plain_git_are_fetched() {
     // Objects neither side has are named, not silently skipped.
     let env2 = TestEnvironment::new();
     let (a2, _) = honest_repo(&env2);
-    env2.git_in(&env2.work(), &["init", "-q", "--bare", "r.git"])
-        .success();
-    env2.coin_in(&a2, &["push", env2.path("r.git").to_str().unwrap(), "main"])
-        .success();
-    env2.git_in(&env2.work(), &["clone", "-q", "r.git", "b"])
-        .success();
-    let b2 = env2.path("b");
-    env2.git_in(&b2, &["fetch", "-q", "origin", "refs/coin/*:refs/coin/*"])
-        .success();
-    env2.coin_in(&b2, &["init", "."]).success();
+    let b2 = plain_git_clone_of_a_push(&env2, &a2);
     std::fs::remove_dir_all(env2.path("r.git/coin/objects")).unwrap();
     std::fs::create_dir_all(env2.path("r.git/coin/objects/tmp")).unwrap();
     let out = env2.coin_in(&b2, &["fetch", "origin"]).success();
