@@ -160,7 +160,10 @@ pub fn load_checkpoint_adapter(
     let tmp = tempfile::Builder::new()
         .prefix("coin-eval-adapter-")
         .tempdir()
-        .map_err(|e| WorkflowError::Input(format!("could not create a temporary folder: {e}")))?;
+        .map_err(WorkflowError::io(
+            "create a temporary folder in",
+            std::env::temp_dir(),
+        ))?;
     let dir = tmp.path().join("adapter");
     repo.checkout(cp.id, &dir)?;
     let adapter = PeftAdapter::load(&dir, device, dtype)?;
@@ -250,11 +253,9 @@ fn base_identity(cfg: &RunConfig, rt: &Runtime) -> Value {
 /// The blake3 of a checkpoint's adapter content: its manifest's file entries (every entry
 /// names its content by hash), so two checkpoints with the same files share cached evals.
 pub fn adapter_identity(cp: &Checkpoint) -> Result<String, WorkflowError> {
-    let v = serde_json::to_value(&cp.manifest.files).map_err(|e| {
-        WorkflowError::Input(format!(
-            "the manifest of {} does not serialise: {e}",
-            short(cp.id)
-        ))
+    let v = serde_json::to_value(&cp.manifest.files).map_err(|source| WorkflowError::Encode {
+        what: "a checkpoint manifest",
+        source,
     })?;
     blake3_json(&v)
 }
@@ -356,9 +357,9 @@ fn plan(
         }))?;
         let annotations_id = match &annotations {
             Some(p) if p.is_file() => Some(
-                blake3::hash(&std::fs::read(p).map_err(|e| {
-                    WorkflowError::Input(format!("could not read '{}': {e}", p.display()))
-                })?)
+                blake3::hash(
+                    &std::fs::read(p).map_err(WorkflowError::io("read the annotations", p))?,
+                )
                 .to_hex()
                 .to_string(),
             ),
@@ -761,12 +762,8 @@ pub fn score_answer_file(
     // Parse first: the bounded reader refuses an empty, oversized or broken file before the
     // whole file is read into memory to be stored.
     let answers = formats::read_answer_file(answers_path)?;
-    let bytes = std::fs::read(answers_path).map_err(|e| {
-        WorkflowError::Input(format!(
-            "could not read the answer file '{}': {e}",
-            answers_path.display()
-        ))
-    })?;
+    let bytes = std::fs::read(answers_path)
+        .map_err(WorkflowError::io("read the answer file", answers_path))?;
     let opts = EvalOptions { mode, force: true };
     // The plan checks the task's data; its keys are not used for an answer file.
     let plans = plan(
