@@ -29,9 +29,9 @@ fn coin_mini_generates_registers_and_scores() {
     Wrote CoIN-mini (seed 5) to mini in [secs] s.
     ");
     // Not into a non-empty folder.
-    insta::assert_snapshot!(env.coin_render(&["bench-data", "coin-mini", "--out", "mini"]), @r"
+    insta::assert_snapshot!(env.coin_render(&["bench-data", "coin-mini", "--out", "mini"]), @"
     ------- stderr -------
-    Error: 'mini' exists and is not empty.
+    Error: 'mini' exists and is not empty
     Hint: Pick a new folder, or remove this one.
     [exit status: 1]
     ");

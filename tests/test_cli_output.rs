@@ -112,14 +112,14 @@ fn log_show_status_and_diff() {
     Head: 735c0e978166 TextVQA
     2 checkpoint(s) on this branch
     ");
-    insta::assert_snapshot!(env.coin_render(&["diff", "HEAD~1", "HEAD"]), @r"
+    insta::assert_snapshot!(env.coin_render(&["diff", "HEAD~1", "HEAD"]), @"
     A d3ca151475ed  B 735c0e978166
 
     task              A         B     delta
     ScienceQA     80.00     70.50     -9.50  forgetting
     TextVQA           —     50.00         —
 
-    Forgetting vs the best earlier score on A's path (1 checkpoints):
+    Forgetting vs the best earlier score on A's path (1 checkpoint):
     task           best            at         B      drop
     ScienceQA     80.00  d3ca151475ed     70.50      9.50
 
@@ -129,10 +129,10 @@ fn log_show_status_and_diff() {
       changed  adapter_model.safetensors:base_model.model.layers.0.q_proj.lora_B.weight  F32 [16, 4]  rel_l2 0.8763
       changed  adapter_model.safetensors:base_model.model.layers.0.v_proj.lora_B.weight  BF16 [16, 4]  rel_l2 0.8763
     ");
-    insta::assert_snapshot!(env.coin_render(&["show", "nope"]), @r"
+    insta::assert_snapshot!(env.coin_render(&["show", "nope"]), @"
     ------- stderr -------
     Error: unknown revision 'nope'
-    Hint: a revision is a checkpoint id (or a unique prefix of 4+ hex digits), a branch, a tag or HEAD, optionally followed by ~N; see `coin log`
+    Hint: A revision is a checkpoint id (or a unique prefix of 4+ hex digits), a branch, a tag or HEAD, optionally followed by ~N; see `coin log`.
     [exit status: 1]
     ");
 }
@@ -174,8 +174,8 @@ fn checkout_fsck_and_gc() {
     perms.set_readonly(false);
     std::fs::set_permissions(victim, perms).unwrap();
     std::fs::write(victim, bytes).unwrap();
-    insta::assert_snapshot!(env.coin_render(&["fsck"]), @r"
-    object 0d5310a3a21bc52bd3e1817588017a711c0216678c6a8cb1e05c8c2c23572c66: object 0d5310a3a21bc52bd3e1817588017a711c0216678c6a8cb1e05c8c2c23572c66 is corrupt ('$TEST_ENV/work/.coin/objects/0d/5310a3a21bc52bd3e1817588017a711c0216678c6a8cb1e05c8c2c23572c66'): its content does not match its id (the file was modified or damaged)
+    insta::assert_snapshot!(env.coin_render(&["fsck"]), @"
+    object 0d5310a3a21bc52bd3e1817588017a711c0216678c6a8cb1e05c8c2c23572c66: '$TEST_ENV/work/.coin/objects/0d/5310a3a21bc52bd3e1817588017a711c0216678c6a8cb1e05c8c2c23572c66': its content does not match its id (the file was modified or damaged)
     ------- stderr -------
     Error: fsck found 1 problem(s) in 11 objects and 2 checkpoints
     [exit status: 1]
@@ -213,10 +213,10 @@ fn branch_tag_and_switch() {
     Head: d3ca151475ed ScienceQA: first
     1 checkpoint(s) on this branch
     ");
-    insta::assert_snapshot!(env.coin_render(&["switch", "nope"]), @r"
+    insta::assert_snapshot!(env.coin_render(&["switch", "nope"]), @"
     ------- stderr -------
     Error: no branch named 'nope'
-    Hint: list branches with `coin branch`; create one with `coin switch -c NAME`
+    Hint: List branches with `coin branch`; create one with `coin switch -c NAME`.
     [exit status: 1]
     ");
 }
@@ -460,8 +460,65 @@ fn model_init_tiny() {
     ------- stderr -------
     Wrote a tiny random LLaVA-1.5 to $TEST_ENV/work/m.
     ");
-    insta::assert_snapshot!(env.coin_render(&["model", "init", "--tiny", "m"]), @r"
+    // An existing model folder is not overwritten unless asked.
+    insta::assert_snapshot!(env.coin_render(&["model", "init", "--tiny", "m"]), @"
+    ------- stderr -------
+    Error: 'm' exists and is not empty
+    Hint: Pick a new folder, or pass --force to write the model over its files.
+    [exit status: 1]
+    ");
+    insta::assert_snapshot!(env.coin_render(&["model", "init", "--tiny", "m", "--force"]), @"
     ------- stderr -------
     Wrote a tiny random LLaVA-1.5 to $TEST_ENV/work/m.
+    ");
+    // An empty folder is fine.
+    std::fs::create_dir(env.path("empty")).unwrap();
+    insta::assert_snapshot!(env.coin_render(&["model", "init", "--tiny", "empty"]), @"
+    ------- stderr -------
+    Wrote a tiny random LLaVA-1.5 to $TEST_ENV/work/empty.
+    ");
+}
+
+/// A cause is printed once, after the message: a path given by the user that does not exist
+/// is a user error (exit 1); a store file that cannot be read for another reason is an
+/// internal error (exit 255).
+#[test]
+fn causes_are_printed_once() {
+    let env = TestEnvironment::new();
+    two_checkpoints(&env);
+    insta::assert_snapshot!(env.coin_render(&["commit", "missing", "--task", "ScienceQA"]), @"
+    ------- stderr -------
+    Error: could not read '$TEST_ENV/work/missing': No such file or directory (os error 2)
+    [exit status: 1]
+    ");
+    insta::assert_snapshot!(env.coin_render(&["commit", "a1", "--task", "ScienceQA", "--eval", "nope.json"]), @"
+    ------- stderr -------
+    Error: could not read the eval results file 'nope.json': No such file or directory (os error 2)
+    [exit status: 1]
+    ");
+    // Object files that are links to themselves: opening one fails with ELOOP.
+    let objects = env.path(".coin/objects");
+    let files: Vec<std::path::PathBuf> = std::fs::read_dir(&objects)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().len() == 2 && p.is_dir())
+        .flat_map(|d| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()))
+        .collect();
+    for victim in &files {
+        std::fs::remove_file(victim).unwrap();
+        std::os::unix::fs::symlink(victim, victim).unwrap();
+    }
+    let out = env.coin(&["checkout", "HEAD", "--output", "out"]);
+    let stderr = env.normalize(&out.stderr);
+    assert_eq!(
+        stderr.matches("Too many levels of symbolic links").count(),
+        1,
+        "{stderr}"
+    );
+    insta::assert_snapshot!(env.render(&out), @"
+    ------- stderr -------
+    Error: file 'adapter_config.json' of checkpoint 735c0e978166 cannot be rebuilt: could not open '$TEST_ENV/work/.coin/objects/25/b77caebf395e93392e915d65e73e51a74ff8cb92cbb144e9587b2977174f1d': Too many levels of symbolic links (os error 40)
+    Hint: Run `coin fsck` for details.
+    [exit status: 255]
     ");
 }

@@ -370,7 +370,8 @@ fn fsck_finds_a_flipped_byte_and_checkout_refuses() {
             .any(|p| p["object"] == tensor.as_str() && p["kind"] == "object"),
         "{report}"
     );
-    let e = env.coin(&["checkout", &id, "--output", "out"]).code(1);
+    // A damaged store is an internal error (exit 255), not a user mistake.
+    let e = env.coin(&["checkout", &id, "--output", "out"]).code(255);
     assert!(e.stderr.contains(&tensor[..12]), "{}", e.stderr);
 }
 

@@ -134,10 +134,10 @@ fn judge_dead_endpoint_is_a_clear_error() {
         "--retries",
         "0",
     ]);
-    insta::assert_snapshot!(out.replace(&port.to_string(), "$PORT"), @r"
+    insta::assert_snapshot!(out.replace(&port.to_string(), "$PORT"), @"
     ------- stderr -------
     Wrote 2 judge prompts to $TEST_ENV/work/gk/prompt_to_eval.json.
-    Error: judge endpoint 'http://127.0.0.1:$PORT/v1': cannot connect to http://127.0.0.1:$PORT/v1/chat/completions: io: Connection refused (os error 111) (after 1 attempt(s))
+    Error: the judge endpoint 'http://127.0.0.1:$PORT/v1' gave no usable reply (1 attempt(s)): could not connect to http://127.0.0.1:$PORT/v1/chat/completions: io: Connection refused (os error 111)
     Hint: Progress is saved in $TEST_ENV/work/gk/judge_progress.jsonl; run the same command again to resume.
     [exit status: 1]
     ");

@@ -42,21 +42,21 @@ fn metrics_json_input_and_errors() {
     );
     let v = env.coin(&["metrics", "m.json", "--json"]).success().json();
     assert_eq!(v["metrics"]["bwt"].as_f64(), Some(-20.0));
-    insta::assert_snapshot!(env.coin_render(&["metrics", "nope.csv"]), @r"
+    insta::assert_snapshot!(env.coin_render(&["metrics", "nope.csv"]), @"
     ------- stderr -------
-    Error: Could not read the matrix file 'nope.csv': No such file or directory (os error 2)
+    Error: could not read the matrix file 'nope.csv': No such file or directory (os error 2)
     [exit status: 1]
     ");
     env.write("bad.csv", "A,B\n80,abc\n");
-    insta::assert_snapshot!(env.coin_render(&["metrics", "bad.csv"]), @r"
+    insta::assert_snapshot!(env.coin_render(&["metrics", "bad.csv"]), @"
     ------- stderr -------
-    Error: Could not read the matrix in 'bad.csv': row 1, column 'B': 'abc' is not a number (leave the cell empty when there is no score)
+    Error: could not read the matrix in 'bad.csv': row 1, column 'B': 'abc' is not a number (leave the cell empty when there is no score)
     [exit status: 1]
     ");
     env.write("big.csv", "A\n120\n");
-    insta::assert_snapshot!(env.coin_render(&["metrics", "big.csv"]), @r"
+    insta::assert_snapshot!(env.coin_render(&["metrics", "big.csv"]), @"
     ------- stderr -------
-    Error: The matrix in 'big.csv' is not usable: cell (0, 0) holds 120, which is not a score between 0 and 100
+    Error: the matrix in 'big.csv' is not usable: cell (0, 0) holds 120, which is not a score between 0 and 100
     [exit status: 1]
     ");
 }

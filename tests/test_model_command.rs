@@ -84,9 +84,9 @@ fn model_init_tiny_then_generate() {
     ");
     insta::assert_snapshot!(env.coin_render(&[
         "generate", "--model", "m", "--image", "missing.png", "--prompt", "x",
-    ]), @r"
+    ]), @"
     ------- stderr -------
-    Error: could not decode the image '$TEST_ENV/work/missing.png': No such file or directory (os error 2)
+    Error: the image '$TEST_ENV/work/missing.png' does not exist
     [exit status: 1]
     ");
 }

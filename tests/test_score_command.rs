@@ -91,10 +91,9 @@ fn score_errors_are_clear() {
     ");
     insta::assert_snapshot!(env.coin_render(&[
         "score", "--task", "TextVQA", "--questions", "val.json", "--answers", "merge.jsonl",
-    ]), @r"
+    ]), @"
     ------- stderr -------
     Error: cannot score TextVQA: compat mode needs --annotations TextVQA_0.5.1_val.json (or use --mode strict to score against the questions file)
-    Hint: --annotations for TextVQA is TextVQA_0.5.1_val.json.
     [exit status: 1]
     ");
 }

@@ -127,7 +127,7 @@ fn corrupt_object_fails_verify_and_materialize() {
             "--output",
             "out",
         ])
-        .code(1);
+        .code(255);
     assert!(failed.stderr.contains(&tensor_id), "{}", failed.stderr);
     assert!(!env.path("out/m.safetensors").exists());
 }

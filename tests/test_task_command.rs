@@ -5,10 +5,10 @@ use crate::common::TestEnvironment;
 #[test]
 fn task_add_list_show() {
     let env = TestEnvironment::new();
-    insta::assert_snapshot!(env.coin_render(&["task", "list"]), @r"
+    insta::assert_snapshot!(env.coin_render(&["task", "list"]), @"
     ------- stderr -------
-    Error: Not in a coin repository (no .coin folder here or above).
-    Hint: Run `coin init` first, or pass -R PATH.
+    Error: '$TEST_ENV/work' is not inside a coin repository (no .coin/ directory found here or above)
+    Hint: Run `coin init` to create a coin repository here, or pass -R PATH.
     [exit status: 1]
     ");
     std::fs::create_dir_all(env.path(".coin")).unwrap();

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-pub use error::{CommandError, ErrorKind};
+pub use error::{io_kind, CommandError, ErrorKind};
 pub use ui::Ui;
 
 /// Version control for continual instruction tuning of multimodal LLMs
@@ -90,8 +90,9 @@ pub fn main() -> ExitCode {
     let cwd = match std::env::current_dir() {
         Ok(d) => d,
         Err(e) => {
-            ui.error(&format!("Could not read the current directory: {e}"));
-            return ExitCode::from(1);
+            let err = CommandError::caused(io_kind(&e), "could not read the current directory", e);
+            ui.report(&err);
+            return ExitCode::from(err.kind.exit_code());
         }
     };
     let helper = CommandHelper {

@@ -458,7 +458,7 @@ impl CoinRepo {
         let listed = self.store().list()?;
         for id in &listed {
             if let Err(e) = self.store().verify(id) {
-                problems.push(problem(id.to_hex(), "object", e.to_string()));
+                problems.push(problem(id.to_hex(), "object", object_problem(&e)));
             }
         }
         Ok(FsckReport {
@@ -677,6 +677,17 @@ fn set_dir_mode(dir: &Path) -> Result<(), HistoryError> {
             .map_err(HistoryError::io("set the mode of", dir))?;
     }
     Ok(())
+}
+
+/// What is wrong with a store object, for a problem line that already names it: the file and
+/// the reason of a corrupt object (not the id again), else the error with its causes.
+fn object_problem(e: &crate::store::StoreError) -> String {
+    match e {
+        crate::store::StoreError::Corrupt { path, reason, .. } => {
+            format!("'{}': {reason}", path.display())
+        }
+        other => error_chain(other),
+    }
 }
 
 /// An error with its causes, for a one-line report.

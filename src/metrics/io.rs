@@ -6,10 +6,12 @@ use super::AccuracyMatrix;
 #[derive(Debug, thiserror::Error)]
 pub enum MatrixFileError {
     /// The CSV is malformed.
-    #[error("could not parse the CSV: {0}")]
+    #[error("could not parse the CSV")]
     Csv(#[from] csv::Error),
     /// The JSON is malformed or has the wrong shape.
-    #[error("could not parse the JSON (expected {{\"tasks\": [...], \"matrix\": [[score or null]]}}): {0}")]
+    #[error(
+        "could not parse the JSON (expected {{\"tasks\": [...], \"matrix\": [[score or null]]}})"
+    )]
     Json(#[from] serde_json::Error),
     /// A cell is not a number.
     #[error("row {row}, column '{column}': '{value}' is not a number (leave the cell empty when there is no score)")]

@@ -17,19 +17,21 @@ pub fn escape_name(name: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum MlError {
     /// A file could not be read.
-    #[error("could not read '{path}': {source}")]
+    #[error("could not read '{path}'")]
     Read {
         /// The file.
         path: PathBuf,
         /// The cause.
+        #[source]
         source: std::io::Error,
     },
     /// A file could not be written.
-    #[error("could not write '{path}': {source}")]
+    #[error("could not write '{path}'")]
     Write {
         /// The file.
         path: PathBuf,
         /// The cause.
+        #[source]
         source: std::io::Error,
     },
     /// A JSON file did not parse or lacks a field.
@@ -87,13 +89,20 @@ pub enum MlError {
         /// The tokenizers crate's message.
         message: String,
     },
-    /// An image could not be decoded.
-    #[error("could not decode the image '{path}': {message}")]
+    /// An image file is missing.
+    #[error("the image '{path}' does not exist")]
+    MissingImage {
+        /// The image file.
+        path: PathBuf,
+    },
+    /// An image could not be read or decoded.
+    #[error("could not decode the image '{path}'")]
     Image {
         /// The image file.
         path: PathBuf,
-        /// The decoder's message.
-        message: String,
+        /// The decoder's error.
+        #[source]
+        source: image::ImageError,
     },
     /// An adapter directory read for further training does not match the training settings.
     #[error("the adapter '{path}' does not match the training settings: {message}")]
@@ -149,11 +158,20 @@ pub enum MlError {
         /// "resolves outside the folder" or "is not a regular file in".
         problem: &'static str,
     },
+    /// A JSON document coin made could not be encoded (a bug).
+    #[error("could not encode {what} as JSON")]
+    Encode {
+        /// What was being encoded.
+        what: &'static str,
+        /// The encoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// Inputs that do not fit the model (e.g. image token count).
     #[error("invalid input: {0}")]
     Input(String),
     /// A tensor operation failed.
-    #[error("tensor operation failed: {0}")]
+    #[error("a tensor operation failed")]
     Candle(#[from] candle_core::Error),
 }
 

@@ -43,9 +43,20 @@ pub struct Rgb8 {
 impl Rgb8 {
     /// Decode a PNG or JPEG file (converted to RGB).
     pub fn open(path: &Path) -> Result<Self> {
-        let img = image::open(path).map_err(|e| MlError::Image {
-            path: path.to_path_buf(),
-            message: e.to_string(),
+        let img = image::open(path).map_err(|e| match e {
+            image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::NotFound => {
+                MlError::MissingImage {
+                    path: path.to_path_buf(),
+                }
+            }
+            image::ImageError::IoError(io) => MlError::Read {
+                path: path.to_path_buf(),
+                source: io,
+            },
+            other => MlError::Image {
+                path: path.to_path_buf(),
+                source: other,
+            },
         })?;
         let rgb = img.to_rgb8();
         Ok(Rgb8 {

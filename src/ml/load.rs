@@ -337,8 +337,10 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         );
     }
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
-    let mut h =
-        serde_json::to_vec(&Value::Object(header)).map_err(|e| MlError::Input(e.to_string()))?;
+    let mut h = serde_json::to_vec(&Value::Object(header)).map_err(|source| MlError::Encode {
+        what: "a safetensors header",
+        source,
+    })?;
     while h.len() % 8 != 0 {
         h.push(b' ');
     }

@@ -280,7 +280,10 @@ pub fn tiny_weights(config: &LlavaConfig, seed: u64) -> Result<Vec<(String, Tens
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let mut s = serde_json::to_string_pretty(v).map_err(|e| MlError::Input(e.to_string()))?;
+    let mut s = serde_json::to_string_pretty(v).map_err(|source| MlError::Encode {
+        what: "a model file",
+        source,
+    })?;
     s.push('\n');
     write_atomic(path, s).map_err(|source| MlError::Write {
         path: path.to_path_buf(),

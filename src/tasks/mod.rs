@@ -28,13 +28,14 @@ pub use scoring::{ScoreMode, ScoreReport, ScorerKind};
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
     /// A file could not be read, written or listed.
-    #[error("could not {op} '{path}': {source}")]
+    #[error("could not {op} '{path}'")]
     Io {
         /// What was being done ("read", "write", "create the folder", …).
         op: &'static str,
         /// The file.
         path: PathBuf,
         /// The cause.
+        #[source]
         source: std::io::Error,
     },
     /// A file is not what its reader expects as a whole (not a JSON list, bad TOML, …).
@@ -127,16 +128,22 @@ pub enum TaskError {
         /// Why nothing was scored.
         reason: &'static str,
     },
+    /// The writer threads could not be started.
+    #[error("could not start the writer threads")]
+    Threads(#[source] rayon::ThreadPoolBuildError),
     /// The task registry or a template is inconsistent.
     #[error("{0}")]
     Registry(String),
-    /// The judge endpoint failed.
-    #[error("judge endpoint '{endpoint}': {}", formats::Escaped(message))]
+    /// The judge endpoint gave no usable reply.
+    #[error("the judge endpoint '{endpoint}' gave no usable reply ({attempts} attempt(s))")]
     Judge {
         /// The endpoint URL.
         endpoint: String,
-        /// What went wrong.
-        message: String,
+        /// How many requests were made.
+        attempts: u32,
+        /// What went wrong with the last one.
+        #[source]
+        source: Box<judge::JudgeFailure>,
     },
 }
 

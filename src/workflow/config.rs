@@ -828,12 +828,8 @@ pub struct Layer {
 impl Layer {
     /// Read a TOML file (`.coin/config.toml` when `repo_file`, else a `--config` file).
     pub fn from_file(path: &Path, repo_file: bool) -> Result<Layer, WorkflowError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            WorkflowError::Config(format!(
-                "could not read the configuration file '{}': {e}",
-                path.display()
-            ))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(WorkflowError::io("read the configuration file", path))?;
         let source = if repo_file {
             LayerSource::RepoFile(path.to_path_buf())
         } else {

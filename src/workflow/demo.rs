@@ -339,8 +339,12 @@ pub struct DemoReport {
     pub seconds: f64,
 }
 
-fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> WorkflowError {
-    WorkflowError::Input(format!("could not {what} '{}': {e}", path.display()))
+fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> WorkflowError {
+    WorkflowError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn write_file(path: &Path, text: &str) -> Result<(), WorkflowError> {
@@ -356,8 +360,9 @@ fn check_dir(dir: &Path, settings: &DemoSettings) -> Result<bool, WorkflowError>
     let marker = dir.join(MARKER);
     if marker.is_file() {
         let text = std::fs::read_to_string(&marker).map_err(|e| io_err("read", &marker, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| WorkflowError::Input(format!("'{}': {e}", marker.display())))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| {
+            WorkflowError::Input(format!("'{}' is not valid JSON: {e}", marker.display()))
+        })?;
         let saved: DemoSettings = serde_json::from_value(v["settings"].clone()).map_err(|e| {
             WorkflowError::Input(format!(
                 "'{}' is not a coin demo marker: {e}",
@@ -491,9 +496,10 @@ pub fn run_demo(
     });
     write_file(
         &dir.join(MARKER),
-        &(serde_json::to_string_pretty(&marker)
-            .map_err(|e| WorkflowError::Input(e.to_string()))?
-            + "\n"),
+        &(serde_json::to_string_pretty(&marker).map_err(|source| WorkflowError::Encode {
+            what: "the demo marker",
+            source,
+        })? + "\n"),
     )?;
 
     // 2. CoIN-mini, registered.
@@ -575,9 +581,10 @@ pub fn run_demo(
         let record = pretrain_base(&dir, &random, &captions, &base, settings, &rt, progress)?;
         write_file(
             &record_path,
-            &(serde_json::to_string_pretty(&record)
-                .map_err(|e| WorkflowError::Input(e.to_string()))?
-                + "\n"),
+            &(serde_json::to_string_pretty(&record).map_err(|source| WorkflowError::Encode {
+                what: "the pretraining record",
+                source,
+            })? + "\n"),
         )?;
         lap("pretrain", &mut stages);
     } else {
@@ -585,8 +592,12 @@ pub fn run_demo(
     }
     let pre_text =
         std::fs::read_to_string(&record_path).map_err(|e| io_err("read", &record_path, e))?;
-    let pre: PretrainRecord = serde_json::from_str(&pre_text)
-        .map_err(|e| WorkflowError::Input(format!("'{}': {e}", record_path.display())))?;
+    let pre: PretrainRecord = serde_json::from_str(&pre_text).map_err(|e| {
+        WorkflowError::Input(format!(
+            "'{}' is not valid JSON: {e}",
+            record_path.display()
+        ))
+    })?;
 
     // 5. The configuration (resolved above), the branch, the zero-shot row.
     write_file(&repo.coin_dir().join("config.toml"), &settings.config_toml)?;
@@ -612,7 +623,10 @@ pub fn run_demo(
         let mut about = BTreeMap::new();
         about.insert(
             "pretraining".to_string(),
-            serde_json::to_value(&pre).map_err(|e| WorkflowError::Input(e.to_string()))?,
+            serde_json::to_value(&pre).map_err(|source| WorkflowError::Encode {
+                what: "the pretraining record",
+                source,
+            })?,
         );
         let p = progress.stage("zero-shot");
         commit_zero_shot(&repo, &cfg, &order, about, p.evals())?;

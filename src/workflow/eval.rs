@@ -157,7 +157,10 @@ pub fn load_checkpoint_adapter(
     let tmp = tempfile::Builder::new()
         .prefix("coin-eval-adapter-")
         .tempdir()
-        .map_err(|e| WorkflowError::Input(format!("could not create a temporary folder: {e}")))?;
+        .map_err(WorkflowError::io(
+            "create a temporary folder in",
+            std::env::temp_dir(),
+        ))?;
     let dir = tmp.path().join("adapter");
     repo.checkout(cp.id, &dir)?;
     let adapter = PeftAdapter::load(&dir, device, dtype)?;
@@ -557,12 +560,8 @@ pub fn score_answer_file(
     // Parse first: the bounded reader refuses an empty, oversized or broken file before the
     // whole file is read into memory to be stored.
     let answers = formats::read_answer_file(answers_path)?;
-    let bytes = std::fs::read(answers_path).map_err(|e| {
-        WorkflowError::Input(format!(
-            "could not read the answer file '{}': {e}",
-            answers_path.display()
-        ))
-    })?;
+    let bytes = std::fs::read(answers_path)
+        .map_err(WorkflowError::io("read the answer file", answers_path))?;
     let opts = EvalOptions { mode, force: true };
     // The plan checks the task's data; its keys are not used for an answer file.
     let plans = plan(

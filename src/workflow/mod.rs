@@ -49,6 +49,26 @@ pub enum WorkflowError {
     /// Wrong input from the user (unknown task, missing data, ...), said in words.
     #[error("{0}")]
     Input(String),
+    /// A file operation failed.
+    #[error("could not {op} '{path}'")]
+    Io {
+        /// What was being done ("read", "create", "read the answer file", ...).
+        op: &'static str,
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON document the workflow made could not be encoded (a bug).
+    #[error("could not encode {what} as JSON")]
+    Encode {
+        /// What was being encoded.
+        what: &'static str,
+        /// The encoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// History failed.
     #[error(transparent)]
     History(#[from] crate::history::HistoryError),
@@ -64,7 +84,7 @@ pub enum WorkflowError {
     /// The metrics could not be computed.
     #[error(transparent)]
     Matrix(#[from] crate::metrics::MatrixError),
-    /// Plotting failed.
+    /// The plotting backend failed (a bug: bad input is [`WorkflowError::Input`]).
     #[error("could not draw the plot '{path}': {message}")]
     Plot {
         /// The output file.
@@ -72,4 +92,15 @@ pub enum WorkflowError {
         /// What went wrong.
         message: String,
     },
+}
+
+impl WorkflowError {
+    /// A failed file operation `op` on `path`, for `map_err`.
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<std::path::PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> WorkflowError {
+        let path = path.into();
+        move |source| WorkflowError::Io { op, path, source }
+    }
 }

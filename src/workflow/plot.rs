@@ -47,9 +47,10 @@ pub fn plot_matrix(bm: &BranchMatrix, title: &str, path: &Path) -> Result<(), Wo
         .map(str::to_ascii_lowercase)
         .unwrap_or_default();
     if bm.matrix.tasks.is_empty() {
-        return Err(err(
-            "the matrix is empty: no eval records on this history yet".into(),
-        ));
+        return Err(WorkflowError::Input(format!(
+            "cannot plot to '{}': the matrix is empty, no eval records on this history yet",
+            path.display()
+        )));
     }
     let size = layout(bm).size;
     match ext.as_str() {
@@ -61,7 +62,7 @@ pub fn plot_matrix(bm: &BranchMatrix, title: &str, path: &Path) -> Result<(), Wo
                 root.present().map_err(|e| err(e.to_string()))?;
             }
             crate::store::fsutil::write_atomic(path, text.as_bytes())
-                .map_err(|e| err(e.to_string()))
+                .map_err(WorkflowError::io("write the plot", path))
         }
         "png" => {
             let (w, h) = size;
@@ -77,9 +78,13 @@ pub fn plot_matrix(bm: &BranchMatrix, title: &str, path: &Path) -> Result<(), Wo
             let mut png = Vec::new();
             img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
                 .map_err(|e| err(e.to_string()))?;
-            crate::store::fsutil::write_atomic(path, &png).map_err(|e| err(e.to_string()))
+            crate::store::fsutil::write_atomic(path, &png)
+                .map_err(WorkflowError::io("write the plot", path))
         }
-        _ => Err(err("the plot file must end in .svg or .png".to_string())),
+        _ => Err(WorkflowError::Input(format!(
+            "cannot plot to '{}': the plot file must end in .svg or .png",
+            path.display()
+        ))),
     }
 }
 

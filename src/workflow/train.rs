@@ -190,8 +190,10 @@ fn training_key(k: &KeyInputs<'_>) -> Result<String, WorkflowError> {
         "task": k.task,
         "data": { "blake3": k.data_blake3, "items": k.data_items },
         "template": k.template,
-        "train": serde_json::to_value(&k.cfg.train)
-            .map_err(|e| WorkflowError::Config(e.to_string()))?,
+        "train": serde_json::to_value(&k.cfg.train).map_err(|source| WorkflowError::Encode {
+            what: "the training settings",
+            source,
+        })?,
         "base_model": k.cfg.model.name,
         "runtime": k.rt.keyed(),
         "coin_version": env!("CARGO_PKG_VERSION"),
@@ -220,8 +222,12 @@ fn find_by_key(repo: &CoinRepo, key: &str) -> Result<Option<CheckpointId>, Workf
     Ok(None)
 }
 
-fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> WorkflowError {
-    WorkflowError::Input(format!("could not {what} '{}': {e}", path.display()))
+fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> WorkflowError {
+    WorkflowError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Train `req.task` on the current branch (see the module docs).
@@ -508,18 +514,23 @@ pub fn read_order(repo: &CoinRepo, name_or_file: &str) -> Result<Vec<String>, Wo
             .join(format!("{name_or_file}.toml"))
     };
     let text = std::fs::read_to_string(&path).map_err(|e| {
-        WorkflowError::Input(format!(
-            "no task order '{name_or_file}' ('{}': {e}); orders live in .coin/orders/ or pass \
-             --order A,B,C",
-            path.display()
-        ))
+        if e.kind() == std::io::ErrorKind::NotFound {
+            WorkflowError::Input(format!(
+                "no task order '{name_or_file}' ('{}' does not exist); orders live in \
+                 .coin/orders/ or pass --order A,B,C",
+                path.display()
+            ))
+        } else {
+            io_err("read the task order", &path, e)
+        }
     })?;
     #[derive(serde::Deserialize)]
     struct Order {
         tasks: Vec<String>,
     }
-    let o: Order = toml::from_str(&text)
-        .map_err(|e| WorkflowError::Input(format!("'{}': {e}", path.display())))?;
+    let o: Order = toml::from_str(&text).map_err(|e| {
+        WorkflowError::Input(format!("'{}' is not a task order: {e}", path.display()))
+    })?;
     if o.tasks.is_empty() {
         return Err(WorkflowError::Input(format!(
             "'{}' lists no tasks",
@@ -545,8 +556,10 @@ pub fn commit_zero_shot(
     let mut extra = BTreeMap::new();
     extra.insert(KIND_FIELD.to_string(), json!(KIND_BASE));
     extra.insert("config".to_string(), cfg.to_record_value());
-    let tmp = tempfile::tempdir()
-        .map_err(|e| WorkflowError::Input(format!("could not create a temporary folder: {e}")))?;
+    let tmp = tempfile::tempdir().map_err(WorkflowError::io(
+        "create a temporary folder in",
+        std::env::temp_dir(),
+    ))?;
     let note = tmp.path().join("zero-shot.json");
     let mut body = serde_json::Map::new();
     body.insert("kind".into(), json!(KIND_BASE));
@@ -556,8 +569,12 @@ pub fn commit_zero_shot(
         json!("the zero-shot row: the base model evaluated before any task"),
     );
     body.extend(about);
-    let text = serde_json::to_string_pretty(&Value::Object(body))
-        .map_err(|e| WorkflowError::Input(e.to_string()))?;
+    let text = serde_json::to_string_pretty(&Value::Object(body)).map_err(|source| {
+        WorkflowError::Encode {
+            what: "the zero-shot file",
+            source,
+        }
+    })?;
     crate::store::fsutil::write_atomic(&note, format!("{text}\n"))
         .map_err(|e| io_err("write", &note, e))?;
     let out = repo.commit(&CommitRequest {

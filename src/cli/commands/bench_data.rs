@@ -54,7 +54,7 @@ pub fn cmd_bench_data(
             .unwrap_or(true);
         if non_empty {
             return Err(CommandError::user(format!(
-                "'{}' exists and is not empty.",
+                "'{}' exists and is not empty",
                 args.out.display()
             ))
             .hint("Pick a new folder, or remove this one."));

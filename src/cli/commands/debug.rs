@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::cli::{CommandError, CommandHelper, Ui};
-use crate::store::{FileEntry, Store, StoreError};
+use crate::cli::{CommandError, CommandHelper, ErrorKind, Ui};
+use crate::store::{FileEntry, Store};
 
 /// Debugging commands for the object store
 #[derive(clap::Args, Debug)]
@@ -60,10 +60,6 @@ struct StoreVerifyArgs {
     store: PathBuf,
 }
 
-fn user(e: StoreError) -> CommandError {
-    CommandError::user(e.to_string())
-}
-
 pub fn cmd_debug(
     ui: &mut Ui,
     helper: &CommandHelper,
@@ -72,12 +68,12 @@ pub fn cmd_debug(
     let abs = |p: &PathBuf| helper.cwd.join(p);
     match &args.command {
         DebugCommand::Ingest(a) => {
-            let store = Store::init(&abs(&a.store)).map_err(user)?;
+            let store = Store::init(&abs(&a.store))?;
             let start = Instant::now();
             let mut entries = BTreeMap::new();
             for f in &a.files {
                 let path = abs(f);
-                let entry = store.ingest_file(&path).map_err(user)?;
+                let entry = store.ingest_file(&path)?;
                 let name = path
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -88,33 +84,33 @@ pub fn cmd_debug(
             ui.json(&serde_json::json!({ "entries": entries, "seconds": seconds }))
         }
         DebugCommand::Materialize(a) => {
-            let store = Store::open(&abs(&a.store)).map_err(user)?;
-            let text = std::fs::read(abs(&a.entries))?;
-            let v: serde_json::Value = serde_json::from_slice(&text)
-                .map_err(|e| CommandError::user(format!("bad entries JSON: {e}")))?;
+            let store = Store::open(&abs(&a.store))?;
+            let text = std::fs::read(abs(&a.entries))
+                .map_err(|e| CommandError::io("read", &a.entries, e))?;
+            let bad_json = |e| CommandError::caused(ErrorKind::User, "bad entries JSON", e);
+            let v: serde_json::Value = serde_json::from_slice(&text).map_err(bad_json)?;
             let entries: BTreeMap<String, FileEntry> =
-                serde_json::from_value(v.get("entries").cloned().unwrap_or(v))
-                    .map_err(|e| CommandError::user(format!("bad entries JSON: {e}")))?;
+                serde_json::from_value(v.get("entries").cloned().unwrap_or(v)).map_err(bad_json)?;
             let start = Instant::now();
             let out = abs(&a.output);
             for (name, entry) in &entries {
-                crate::store::check_relative_path(name).map_err(user)?;
-                store.materialize(entry, &out.join(name)).map_err(user)?;
+                crate::store::check_relative_path(name)?;
+                store.materialize(entry, &out.join(name))?;
             }
             let seconds = start.elapsed().as_secs_f64();
             ui.json(&serde_json::json!({ "files": entries.len(), "seconds": seconds }))
         }
         DebugCommand::Verify(a) => {
-            let store = Store::open(&abs(&a.store)).map_err(user)?;
-            let ids = store.list().map_err(user)?;
+            let store = Store::open(&abs(&a.store))?;
+            let ids = store.list()?;
             let mut bad = Vec::new();
             for id in &ids {
                 if let Err(e) = store.verify(id) {
-                    bad.push(e.to_string());
+                    bad.push(CommandError::from(e).to_string());
                 }
             }
-            let temp = store.temp_files().map_err(user)?.len();
-            let stats = store.stats().map_err(user)?;
+            let temp = store.temp_files()?.len();
+            let stats = store.stats()?;
             ui.json(&serde_json::json!({
                 "objects": ids.len(), "corrupt": bad, "temp_files": temp,
                 "stored_bytes": stats.stored_bytes,

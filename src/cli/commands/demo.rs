@@ -250,7 +250,7 @@ pub fn cmd_demo(ui: &mut Ui, helper: &CommandHelper, args: &DemoArgs) -> Result<
     if args.check && !holds {
         return Err(
             CommandError::user("the demo did not show what it should (see NOT MET above)").hint(
-                "a slower machine does not change the numbers; a changed trainer or model might",
+                "A slower machine does not change the numbers; a changed trainer or model might.",
             ),
         );
     }

@@ -87,7 +87,7 @@ fn check_forgetting(
         b.short(),
         list.join("; ")
     ))
-    .hint("see `coin diff --json` for every task's best earlier score"))
+    .hint("See `coin diff --json` for every task's best earlier score."))
 }
 
 fn print_tables(ui: &mut Ui, d: &CheckpointDiff) -> Result<(), CommandError> {
@@ -130,8 +130,9 @@ fn print_tables(ui: &mut Ui, d: &CheckpointDiff) -> Result<(), CommandError> {
         writeln!(out)?;
         writeln!(
             out,
-            "Forgetting vs the best earlier score on A's path ({} checkpoints):",
-            f.checkpoints_scanned
+            "Forgetting vs the best earlier score on A's path ({} checkpoint{}):",
+            f.checkpoints_scanned,
+            if f.checkpoints_scanned == 1 { "" } else { "s" }
         )?;
         let w = f
             .tasks

@@ -1,42 +1,12 @@
-//! Helpers shared by the history commands: opening the repository, error mapping, formatting.
+//! Helpers shared by the history commands: opening the repository, reading input files, formatting.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::history::CheckpointId;
 
-use crate::cli::{CommandError, CommandHelper, ErrorKind};
-use crate::history::{CoinRepo, EvalRecord, EvalSource, HistoryError};
-
-impl From<HistoryError> for CommandError {
-    fn from(e: HistoryError) -> Self {
-        let hint = match &e {
-            HistoryError::NotARepo(_) => {
-                Some("run `coin init` to create a coin repository here".to_string())
-            }
-            HistoryError::AmbiguousRevision { .. } => {
-                Some("give more hex digits of the id".to_string())
-            }
-            HistoryError::UnknownRevision(_) => Some(
-                "a revision is a checkpoint id (or a unique prefix of 4+ hex digits), a branch, a tag or HEAD, optionally followed by ~N; see `coin log`"
-                    .to_string(),
-            ),
-            HistoryError::EmptyBranch(_) => {
-                Some("commit a checkpoint first with `coin commit PATH --task NAME`".to_string())
-            }
-            HistoryError::NoSuchBranch(_) => {
-                Some("list branches with `coin branch`; create one with `coin switch -c NAME`".to_string())
-            }
-            HistoryError::Corrupt(_) => Some("run `coin fsck` for details".to_string()),
-            _ => None,
-        };
-        let mut err = CommandError::new(ErrorKind::User, e);
-        if let Some(h) = hint {
-            err = err.hint(h);
-        }
-        err
-    }
-}
+use crate::cli::{CommandError, CommandHelper};
+use crate::history::{CoinRepo, EvalRecord, EvalSource};
 
 /// Open the repository around `--repo` or the current directory.
 pub fn open_repo(helper: &CommandHelper) -> Result<CoinRepo, CommandError> {
@@ -46,17 +16,10 @@ pub fn open_repo(helper: &CommandHelper) -> Result<CoinRepo, CommandError> {
 /// Read a JSON input file named on the command line, with clear errors.
 pub fn read_text(helper: &CommandHelper, path: &Path, what: &str) -> Result<String, CommandError> {
     let full = helper.cwd.join(path);
-    let bytes = std::fs::read(&full).map_err(|e| {
-        CommandError::user(format!(
-            "Could not read the {what} '{}': {e}",
-            path.display()
-        ))
-    })?;
+    let bytes =
+        std::fs::read(&full).map_err(|e| CommandError::io(&format!("read the {what}"), path, e))?;
     String::from_utf8(bytes).map_err(|_| {
-        CommandError::user(format!(
-            "The {what} '{}' is not UTF-8 text.",
-            path.display()
-        ))
+        CommandError::user(format!("the {what} '{}' is not UTF-8 text", path.display()))
     })
 }
 
@@ -67,11 +30,12 @@ pub fn read_eval_file(
 ) -> Result<BTreeMap<String, EvalRecord>, CommandError> {
     let text = read_text(helper, path, "eval results file")?;
     crate::history::parse_eval_file(&text).map_err(|e| {
-        CommandError::user(format!(
-            "The eval results file '{}' is invalid: {e}",
-            path.display()
-        ))
-        .hint(r#"expected {"<task>": {"metric": "accuracy", "score": 0-100, "n": N}, ...}"#)
+        CommandError::caused(
+            crate::cli::ErrorKind::User,
+            format!("the eval results file '{}' is invalid", path.display()),
+            e,
+        )
+        .hint(r#"The file should read {"<task>": {"metric": "accuracy", "score": 0-100, "n": N}, ...}."#)
     })
 }
 

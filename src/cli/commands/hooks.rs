@@ -4,9 +4,11 @@ use std::io::{Read, Write};
 
 use git2::Oid;
 
+use crate::cli::{io_kind, ErrorKind};
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::history::hooks::{GitHookReport, GIT_HOOKS};
 use crate::history::CoinRepo;
+use crate::history::GitCause;
 
 use super::history_util::open_repo;
 
@@ -158,6 +160,10 @@ fn parse_oid(s: Option<&String>, what: &str) -> Result<Oid, CommandError> {
         .ok_or_else(|| CommandError::usage(format!("expected {what} as a commit id")))
 }
 
+fn git_error(message: &str, e: git2::Error) -> CommandError {
+    CommandError::caused(ErrorKind::Internal, message, GitCause(e))
+}
+
 fn run_hook(ui: &mut Ui, helper: &CommandHelper, a: &HooksRunArgs) -> Result<(), CommandError> {
     if !GIT_HOOKS.contains(&a.name.as_str()) {
         return Err(CommandError::usage(format!(
@@ -176,14 +182,14 @@ fn run_hook(ui: &mut Ui, helper: &CommandHelper, a: &HooksRunArgs) -> Result<(),
     let report: GitHookReport = match a.name.as_str() {
         "pre-push" => {
             let mut input = String::new();
-            std::io::stdin()
-                .read_to_string(&mut input)
-                .map_err(|e| CommandError::user(format!("Could not read the pushed refs: {e}")))?;
+            std::io::stdin().read_to_string(&mut input).map_err(|e| {
+                CommandError::caused(io_kind(&e), "could not read the pushed refs from stdin", e)
+            })?;
             let remote = a.args.first().cloned().unwrap_or_default();
             let url = a.args.get(1).cloned().unwrap_or_default();
             repo.hook_pre_push(&remote, &url, &input).map_err(|e| {
                 CommandError::from(e).hint(
-                    "the push was refused by coin's pre-push hook; `git push --no-verify` skips it",
+                    "The push was refused by coin's pre-push hook; `git push --no-verify` skips it.",
                 )
             })?
         }
@@ -195,14 +201,15 @@ fn run_hook(ui: &mut Ui, helper: &CommandHelper, a: &HooksRunArgs) -> Result<(),
         "post-merge" => {
             let orig = work
                 .refname_to_id("ORIG_HEAD")
-                .map_err(|e| CommandError::user(format!("Could not read ORIG_HEAD: {e}")))?;
+                .map_err(|e| git_error("could not read ORIG_HEAD", e))?;
             let head = work
                 .refname_to_id("HEAD")
-                .map_err(|e| CommandError::user(format!("Could not read HEAD: {e}")))?;
+                .map_err(|e| git_error("could not read HEAD", e))?;
             repo.hook_refresh_pointers(&work, orig, head)?
         }
         _ => repo.hook_pre_commit(&work).map_err(|e| {
-            CommandError::from(e).hint("`git commit --no-verify` skips coin's pre-commit hook")
+            CommandError::from(e)
+                .hint("Run `git commit --no-verify` to skip coin's pre-commit hook.")
         })?,
     };
     for m in &report.messages {

@@ -82,7 +82,7 @@ pub fn cmd_judge(
         (&args.task, &args.questions, &args.answers, &args.out)
     else {
         return Err(CommandError::usage(
-            "--task, --questions, --answers and --out are required without --replies.",
+            "--task, --questions, --answers and --out are required without --replies",
         ));
     };
     let (name, kind, _) = super::score::resolve_scorer(helper, task)?;
@@ -95,12 +95,10 @@ pub fn cmd_judge(
     let answers = read_answer_file(&helper.cwd.join(answers))?;
     let items = judge::judge_items(&questions, &answers, rule)?;
     let out = helper.cwd.join(out_arg);
-    std::fs::create_dir_all(&out).map_err(|e| {
-        CommandError::user(format!("Could not create '{}': {e}", out_arg.display()))
-    })?;
+    std::fs::create_dir_all(&out).map_err(|e| CommandError::io("create", out_arg, e))?;
     let prompts = out.join("prompt_to_eval.json");
     write_atomic(&prompts, judge::prompt_file(&items, rule))
-        .map_err(|e| CommandError::user(format!("Could not write '{}': {e}", prompts.display())))?;
+        .map_err(|e| CommandError::io("write", &prompts, e))?;
     ui.status(&format!(
         "Wrote {} judge prompts to {}.",
         items.len(),
@@ -115,7 +113,7 @@ pub fn cmd_judge(
     };
     if !(args.timeout_s > 0.0 && args.timeout_s.is_finite()) {
         return Err(CommandError::usage(
-            "--timeout-s must be a positive number of seconds.",
+            "--timeout-s must be a positive number of seconds",
         ));
     }
     let api_key = std::env::var(&args.api_key_env)

@@ -1,7 +1,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::cli::{CommandError, CommandHelper, Ui};
+use crate::cli::{io_kind, CommandError, CommandHelper, ErrorKind, Ui};
 use crate::metrics::{self, AccuracyMatrix, ForgettingMode, Metrics};
 
 /// Compute continual-learning metrics from an accuracy matrix made elsewhere
@@ -47,19 +47,17 @@ pub fn cmd_metrics(
 ) -> Result<(), CommandError> {
     let (text, shown) = if args.file.as_os_str() == "-" {
         let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| {
+            CommandError::caused(io_kind(&e), "could not read the matrix from stdin", e)
+        })?;
         (s, "<stdin>".to_string())
     } else {
         let path = helper.cwd.join(&args.file);
-        let bytes = std::fs::read(&path).map_err(|e| {
-            CommandError::user(format!(
-                "Could not read the matrix file '{}': {e}",
-                args.file.display()
-            ))
-        })?;
+        let bytes = std::fs::read(&path)
+            .map_err(|e| CommandError::io("read the matrix file", &args.file, e))?;
         let s = String::from_utf8(bytes).map_err(|_| {
             CommandError::user(format!(
-                "The matrix file '{}' is not UTF-8 text.",
+                "the matrix file '{}' is not UTF-8 text",
                 args.file.display()
             ))
         })?;
@@ -75,11 +73,20 @@ pub fn cmd_metrics(
     } else {
         metrics::parse_matrix_csv(&text)
     };
-    let matrix = parsed
-        .map_err(|e| CommandError::user(format!("Could not read the matrix in '{shown}': {e}")))?;
-    let m = matrix
-        .metrics(args.forgetting.into())
-        .map_err(|e| CommandError::user(format!("The matrix in '{shown}' is not usable: {e}")))?;
+    let matrix = parsed.map_err(|e| {
+        CommandError::caused(
+            ErrorKind::User,
+            format!("could not read the matrix in '{shown}'"),
+            e,
+        )
+    })?;
+    let m = matrix.metrics(args.forgetting.into()).map_err(|e| {
+        CommandError::caused(
+            ErrorKind::User,
+            format!("the matrix in '{shown}' is not usable"),
+            e,
+        )
+    })?;
     if args.json {
         ui.json(&serde_json::json!({
             "tasks": matrix.tasks,

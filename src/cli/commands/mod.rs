@@ -166,8 +166,10 @@ pub fn cli_reference() -> String {
          `COIN_UPDATE_DOCS=1 cargo test --lib cli_reference_is_current`; a test fails when this \
          file is stale. Every read command takes `--json`: data on stdout, status on stderr. \
          Exit codes: 0 ok, 1 user or repository error, 2 usage error, 3 broken pipe, 255 internal \
-         error.\n\n",
+         error (see \"Exit codes\" below).\n\n",
     );
+    out.push_str(super::error::MESSAGES_AND_EXIT_CODES);
+    out.push('\n');
     let mut cmd = super::Cli::command().term_width(100);
     cmd.build();
     walk(&mut cmd, "coin", &mut out);

@@ -3,8 +3,10 @@
 
 use std::io::Write;
 
+use crate::cli::ErrorKind;
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::history::remote::OBJECTS_KEY;
+use crate::history::GitCause;
 
 use super::history_util::open_repo;
 
@@ -75,20 +77,40 @@ pub fn cmd_remote(
         }
         RemoteCommand::Remove(a) => {
             repo.git().remote_delete(&a.name).map_err(|e| {
-                CommandError::user(format!("Could not remove remote '{}': {e}", a.name))
+                if e.code() == git2::ErrorCode::NotFound {
+                    CommandError::user(format!("no remote named '{}'", a.name))
+                        .hint("List the remotes with `coin remote list`.")
+                } else {
+                    CommandError::caused(
+                        ErrorKind::Internal,
+                        format!("could not remove the remote '{}'", a.name),
+                        GitCause(e),
+                    )
+                }
             })?;
             let prefix = format!("{}{}/", crate::history::remote::REMOTE_PREFIX, a.name);
             let names: Vec<String> = repo
                 .git()
                 .references_glob(&format!("{prefix}*"))
-                .map_err(|e| CommandError::internal(format!("Could not list refs: {e}")))?
+                .map_err(|e| {
+                    CommandError::caused(
+                        ErrorKind::Internal,
+                        format!("could not list the refs under '{prefix}'"),
+                        GitCause(e),
+                    )
+                })?
                 .flatten()
                 .filter_map(|r| r.name().map(str::to_string).ok())
                 .collect();
             for name in names {
                 if let Ok(mut r) = repo.git().find_reference(&name) {
-                    r.delete()
-                        .map_err(|e| CommandError::user(format!("Could not delete {name}: {e}")))?;
+                    r.delete().map_err(|e| {
+                        CommandError::caused(
+                            ErrorKind::Internal,
+                            format!("could not delete the ref '{name}'"),
+                            GitCause(e),
+                        )
+                    })?;
                 }
             }
             // `git remote remove` drops the whole section, coinobjects included; libgit2 too,

@@ -97,7 +97,7 @@ pub fn cmd_run(ui: &mut Ui, helper: &CommandHelper, args: &RunArgs) -> Result<()
             done.join(", "),
             order.join(", ")
         ))
-        .hint("run the order on another branch: --branch NAME"));
+        .hint("Run the order on another branch: --branch NAME."));
     }
     let grid = EvalTasks::List(order.clone());
     if args.zero_shot {

@@ -52,30 +52,6 @@ impl From<ModeArg> for ScoreMode {
     }
 }
 
-impl From<TaskError> for CommandError {
-    fn from(e: TaskError) -> Self {
-        let hint = match &e {
-            TaskError::UnknownTask(_) => Some(format!(
-                "CoIN tasks: {}; `coin task list` shows registered ones.",
-                ScorerKind::ALL.map(|k| k.name()).join(", ")
-            )),
-            TaskError::MissingImages { .. } => {
-                Some("Check the image root of the task (`coin task show TASK`).".to_string())
-            }
-            TaskError::TooLong { .. } => Some(
-                "Is this the right file? Answer lines and data records are a few KiB at most."
-                    .to_string(),
-            ),
-            _ => None,
-        };
-        let err = CommandError::user(e.to_string());
-        match hint {
-            Some(h) => err.hint(h),
-            None => err,
-        }
-    }
-}
-
 /// The scorer and default mode of a task name: a CoIN task, else a registered task.
 pub(crate) fn resolve_scorer(
     helper: &CommandHelper,
@@ -116,18 +92,15 @@ pub fn cmd_score(
     )
     .map_err(|e| {
         let nothing_scored = matches!(e, TaskError::NothingScored { .. });
-        let hint = kind
-            .annotations_hint()
-            .map(|h| format!("--annotations for {} is {h}.", kind.name()));
         let err = CommandError::from(e);
-        match hint {
-            _ if nothing_scored => err.hint(format!(
+        if nothing_scored {
+            err.hint(format!(
                 "Check the files: --questions '{}', --answers '{}'.",
                 args.questions.display(),
                 args.answers.display()
-            )),
-            Some(h) if args.annotations.is_none() => err.hint(h),
-            _ => err,
+            ))
+        } else {
+            err
         }
     })?;
     report.task = name;

@@ -1,29 +1,12 @@
 //! Helpers shared by the workflow commands (`coin eval`, `coin matrix`, `coin compare`, and
-//! the training commands): configuration flags, error mapping, progress display.
+//! the training commands): configuration flags, progress display.
 
 use std::path::PathBuf;
 
-use crate::cli::{CommandError, CommandHelper, ErrorKind, Ui};
+use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::history::CoinRepo;
 use crate::workflow::config::{ConfigSources, RunConfig};
 use crate::workflow::eval::{EvalEvent, EvalProgress, TaskStatus};
-use crate::workflow::WorkflowError;
-
-impl From<WorkflowError> for CommandError {
-    fn from(e: WorkflowError) -> Self {
-        match e {
-            WorkflowError::History(h) => h.into(),
-            WorkflowError::Task(t) => t.into(),
-            WorkflowError::Ml(m) => m.into(),
-            WorkflowError::UnknownKey { .. } => CommandError::new(ErrorKind::User, e)
-                .hint("see docs/config.md for every setting and its default"),
-            WorkflowError::BaseMismatch { .. } => CommandError::new(ErrorKind::User, e).hint(
-                "set model.name (and model.base) to the parent's base model, or start a new branch from a checkpoint of this base",
-            ),
-            other => CommandError::new(ErrorKind::User, other),
-        }
-    }
-}
 
 /// The process environment, as the configuration's environment layer takes it
 /// ([`crate::workflow::config::ENV_VARS`]: `COIN_THREADS`, `COIN_TRAIN_SHARDS`, …).

@@ -225,8 +225,13 @@ pub fn save_adapter_as(
             std::fs::remove_file(&p).map_err(|source| MlError::Write { path: p, source })?;
         }
     }
-    let mut text = serde_json::to_string_pretty(&adapter_config(params, base_model))
-        .map_err(|e| MlError::Input(e.to_string()))?;
+    let mut text =
+        serde_json::to_string_pretty(&adapter_config(params, base_model)).map_err(|source| {
+            MlError::Encode {
+                what: "the adapter config",
+                source,
+            }
+        })?;
     text.push('\n');
     let cfg_path = dir.join("adapter_config.json");
     write_atomic(&cfg_path, text).map_err(|source| MlError::Write {

@@ -316,8 +316,10 @@ fn write_checkpoint(
         .collect();
     write_safetensors(&tmp.join("params.safetensors"), &vars)?;
     write_safetensors(&tmp.join("optimizer.safetensors"), &opt.state_tensors())?;
-    let mut text =
-        serde_json::to_string_pretty(state).map_err(|e| MlError::Input(e.to_string()))?;
+    let mut text = serde_json::to_string_pretty(state).map_err(|source| MlError::Encode {
+        what: "the training state",
+        source,
+    })?;
     text.push('\n');
     let sp = tmp.join("state.json");
     write_atomic(&sp, text).map_err(|e| io_err(&sp, e))?;

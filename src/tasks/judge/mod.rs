@@ -7,6 +7,8 @@
 
 pub mod http;
 
+pub use http::JudgeFailure;
+
 use std::io::BufReader;
 use std::path::Path;
 use std::time::Duration;
@@ -236,10 +238,11 @@ impl JudgeClient {
         }
     }
 
-    fn fail(&self, message: String) -> TaskError {
+    fn fail(&self, attempts: u32, source: JudgeFailure) -> TaskError {
         TaskError::Judge {
             endpoint: self.endpoint.clone(),
-            message,
+            attempts,
+            source: Box::new(source),
         }
     }
 
@@ -255,33 +258,36 @@ impl JudgeClient {
             "max_tokens": self.max_tokens,
         });
         let body = serde_json::to_vec(&body).expect("a JSON value always serialises");
-        let mut last = String::new();
         let mut pause = self.backoff;
-        for attempt in 0..=self.retries {
-            if attempt > 0 {
+        let mut attempts = 0;
+        loop {
+            if attempts > 0 {
                 std::thread::sleep(pause);
                 pause *= 2;
             }
-            match http::post_json(&self.url(), &body, self.timeout, self.api_key.as_deref()) {
-                Ok((200, reply)) => {
-                    return reply_content(&reply).map_err(|m| self.fail(m));
-                }
-                Ok((status, reply)) => {
-                    last = format!(
-                        "HTTP {status}: {}",
-                        String::from_utf8_lossy(&reply)
-                            .chars()
-                            .take(200)
-                            .collect::<String>()
-                    );
-                    if (400..500).contains(&status) && status != 429 && status != 408 {
-                        break;
+            attempts += 1;
+            let last =
+                match http::post_json(&self.url(), &body, self.timeout, self.api_key.as_deref()) {
+                    Ok((200, reply)) => {
+                        return reply_content(&reply)
+                            .map_err(|m| self.fail(attempts, JudgeFailure::BadReply(m)));
                     }
-                }
-                Err(e) => last = e,
+                    Ok((status, reply)) => {
+                        let failure = JudgeFailure::Status {
+                            status,
+                            body: String::from_utf8_lossy(&reply).chars().take(200).collect(),
+                        };
+                        if (400..500).contains(&status) && status != 429 && status != 408 {
+                            return Err(self.fail(attempts, failure));
+                        }
+                        failure
+                    }
+                    Err(e) => e,
+                };
+            if attempts > self.retries {
+                return Err(self.fail(attempts, last));
             }
         }
-        Err(self.fail(format!("{last} (after {} attempt(s))", self.retries + 1)))
     }
 }
 

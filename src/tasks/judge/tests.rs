@@ -5,6 +5,18 @@ use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// An error with its causes, as the command line prints it.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
+}
+
 fn rec(id: &str, text: &str, answer: &str) -> TestRecord {
     TestRecord {
         question_id: Qid(id.into()),
@@ -162,7 +174,7 @@ fn an_oversized_reply_body_is_refused() {
     });
     let mut c = client(&format!("http://{addr}/v1"));
     c.retries = 0;
-    let err = c.ask("hi").unwrap_err().to_string();
+    let err = chain(&c.ask("hi").unwrap_err());
     assert!(err.contains("the reply is larger than 1024 KiB"), "{err}");
     h.join().unwrap();
 }
@@ -299,9 +311,7 @@ fn judge_runs_against_a_loopback_server_and_resumes() {
     // The server answers 3 requests, then fails every request.
     let (url, count, _h) = serve(vec!["8", "5/10", "The score is 3"], 3);
     let c = client(&url);
-    let err = run_judge(&c, &items(5), JudgeRule::CoIN, &progress, |_, _| {})
-        .unwrap_err()
-        .to_string();
+    let err = chain(&run_judge(&c, &items(5), JudgeRule::CoIN, &progress, |_, _| {}).unwrap_err());
     assert!(
         err.contains("HTTP 503") && err.contains("2 attempt"),
         "{err}"
@@ -338,8 +348,11 @@ fn dead_and_slow_endpoints_give_clear_errors() {
         .unwrap()
         .port();
     let c = client(&format!("http://127.0.0.1:{port}/v1"));
-    let e = c.ask("x").unwrap_err().to_string();
-    assert!(e.contains("cannot connect"), "{e}");
+    let e = chain(&c.ask("x").unwrap_err());
+    assert!(e.contains("could not connect to http://127.0.0.1"), "{e}");
+    // The endpoint and the cause each once: the transport's error is the source, not text.
+    assert_eq!(e.matches("could not connect").count(), 1, "{e}");
+    assert!(e.contains("gave no usable reply (2 attempt(s))"), "{e}");
     // A server that accepts but never answers.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -350,6 +363,6 @@ fn dead_and_slow_endpoints_give_clear_errors() {
     });
     let mut slow = client(&url);
     slow.timeout = Duration::from_millis(300);
-    let e = slow.ask("x").unwrap_err().to_string();
+    let e = chain(&slow.ask("x").unwrap_err());
     assert!(e.contains("no reply within"), "{e}");
 }

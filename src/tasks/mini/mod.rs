@@ -656,7 +656,7 @@ pub fn generate(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(16)
         .build()
-        .map_err(|e| TaskError::Registry(format!("could not start writer threads: {e}")))?;
+        .map_err(TaskError::Threads)?;
     let mut summaries = Vec::new();
     for task in &TASKS {
         progress(task.name);

@@ -325,7 +325,7 @@ pub fn generate_captions(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(16)
         .build()
-        .map_err(|e| TaskError::Registry(format!("could not start writer threads: {e}")))?;
+        .map_err(TaskError::Threads)?;
     pool.install(|| {
         use rayon::prelude::*;
         pngs.par_iter()

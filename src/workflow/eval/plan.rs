@@ -72,11 +72,9 @@ pub(super) fn base_identity(cfg: &RunConfig, rt: &Runtime) -> Value {
 /// The blake3 of a checkpoint's adapter content: its manifest's file entries (every entry
 /// names its content by hash), so two checkpoints with the same files share cached evals.
 pub fn adapter_identity(cp: &Checkpoint) -> Result<String, WorkflowError> {
-    let v = serde_json::to_value(&cp.manifest.files).map_err(|e| {
-        WorkflowError::Input(format!(
-            "the manifest of {} does not serialise: {e}",
-            cp.id.short()
-        ))
+    let v = serde_json::to_value(&cp.manifest.files).map_err(|source| WorkflowError::Encode {
+        what: "a checkpoint manifest",
+        source,
     })?;
     blake3_json(&v)
 }
@@ -178,9 +176,9 @@ pub(super) fn plan(
         }))?;
         let annotations_id = match &annotations {
             Some(p) if p.is_file() => Some(
-                blake3::hash(&std::fs::read(p).map_err(|e| {
-                    WorkflowError::Input(format!("could not read '{}': {e}", p.display()))
-                })?)
+                blake3::hash(
+                    &std::fs::read(p).map_err(WorkflowError::io("read the annotations", p))?,
+                )
                 .to_hex()
                 .to_string(),
             ),

@@ -28,6 +28,9 @@ pub struct InitArgs {
     /// (TinyLlama-1.1B-shaped decoder, GPU benchmarks); the vision tower is always tiny
     #[arg(long, value_enum, default_value_t = TinySize::Tiny)]
     pub size: TinySize,
+    /// Write into DIR even if it holds files (files of the same name are replaced)
+    #[arg(long)]
+    pub force: bool,
     /// Print what was written as JSON
     #[arg(long)]
     pub json: bool,
@@ -35,10 +38,20 @@ pub struct InitArgs {
 
 pub fn cmd_init(ui: &mut Ui, helper: &CommandHelper, args: &InitArgs) -> Result<(), CommandError> {
     let dir = helper.cwd.join(&args.tiny);
+    if !args.force && dir.is_dir() {
+        let mut entries =
+            std::fs::read_dir(&dir).map_err(|e| CommandError::io("read", &args.tiny, e))?;
+        if entries.next().is_some() {
+            return Err(CommandError::user(format!(
+                "'{}' exists and is not empty",
+                args.tiny.display()
+            ))
+            .hint("Pick a new folder, or pass --force to write the model over its files."));
+        }
+    }
     let corpus = match &args.corpus {
-        Some(p) => std::fs::read_to_string(helper.cwd.join(p)).map_err(|e| {
-            CommandError::user(format!("Could not read the corpus '{}': {e}", p.display()))
-        })?,
+        Some(p) => std::fs::read_to_string(helper.cwd.join(p))
+            .map_err(|e| CommandError::io("read the corpus", p, e))?,
         None => String::new(),
     };
     let opts = TinyOptions {

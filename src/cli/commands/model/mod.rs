@@ -25,14 +25,3 @@ pub fn cmd_model(
         ModelCommand::Init(a) => init::cmd_init(ui, helper, a),
     }
 }
-
-impl From<crate::ml::MlError> for CommandError {
-    fn from(e: crate::ml::MlError) -> Self {
-        use crate::ml::MlError as E;
-        let kind = match &e {
-            E::Candle(_) => crate::cli::ErrorKind::Internal,
-            _ => crate::cli::ErrorKind::User,
-        };
-        CommandError::new(kind, e)
-    }
-}

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
+use crate::history::HistoryError;
 use crate::tasks::formats::dataset_identity;
 use crate::tasks::mini;
 use crate::tasks::registry::{check_task, find_registry_dir, Registry, TaskDef};
@@ -85,10 +86,8 @@ pub struct TaskShowArgs {
 }
 
 fn registry(helper: &CommandHelper) -> Result<Registry, CommandError> {
-    let dir = find_registry_dir(&helper.start_dir()).ok_or_else(|| {
-        CommandError::user("Not in a coin repository (no .coin folder here or above).")
-            .hint("Run `coin init` first, or pass -R PATH.")
-    })?;
+    let dir = find_registry_dir(&helper.start_dir())
+        .ok_or_else(|| HistoryError::NotARepo(helper.start_dir()))?;
     Ok(Registry::load(&dir)?)
 }
 
@@ -109,13 +108,13 @@ fn cmd_add(ui: &mut Ui, helper: &CommandHelper, args: &TaskAddArgs) -> Result<()
     let defs: Vec<TaskDef> = if let Some(f) = &args.file {
         let path = helper.cwd.join(f);
         let text = std::fs::read_to_string(&path)
-            .map_err(|e| CommandError::user(format!("Could not read '{}': {e}", f.display())))?;
+            .map_err(|e| CommandError::io("read the task definition", f, e))?;
         vec![TaskDef::parse(&text, f)?]
     } else if let Some(dir) = &args.coin_mini {
         let abs = helper.cwd.join(dir);
         if !abs.join(mini::MANIFEST).is_file() {
             return Err(CommandError::user(format!(
-                "'{}' is not a CoIN-mini folder (no {}).",
+                "'{}' is not a CoIN-mini folder (no {})",
                 dir.display(),
                 mini::MANIFEST
             ))
@@ -145,7 +144,7 @@ fn cmd_add(ui: &mut Ui, helper: &CommandHelper, args: &TaskAddArgs) -> Result<()
         vec![def]
     } else {
         return Err(CommandError::usage(
-            "Give --file, --coin-mini DIR or --name with its options.",
+            "give --file, --coin-mini DIR or --name with its options",
         ));
     };
     for def in defs {
