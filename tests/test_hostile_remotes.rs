@@ -156,9 +156,19 @@ fn plain_git_remote(env: &TestEnvironment, repo: &Path) -> PathBuf {
     r
 }
 
+/// A refusal of the user's input: exit 1, and stderr names what is wrong.
 fn assert_refused(out: &Output, needle: &str) {
+    assert_refused_with(out, 1, needle);
+}
+
+/// A refusal of damaged or forged repository data: exit 255 (docs/cli.md), stderr names it.
+fn assert_damage_refused(out: &Output, needle: &str) {
+    assert_refused_with(out, 255, needle);
+}
+
+fn assert_refused_with(out: &Output, code: i32, needle: &str) {
     assert_eq!(
-        out.code, 1,
+        out.code, code,
         "expected a refusal\nstdout:\n{}\nstderr:\n{}",
         out.stdout, out.stderr
     );
@@ -201,7 +211,7 @@ fn a_checkpoint_with_a_git_directory_is_refused_everywhere() {
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(out.stdout.contains(".git"), "{}", out.stdout);
     let out = env.coin_in(&a, &["checkout", &forged, "--output", "../out"]);
-    assert_refused(&out, ".git");
+    assert_damage_refused(&out, ".git");
     assert!(!env.path("out").exists(), "nothing may be written");
     env.git_in(&env.work(), &["init", "-q", "--bare", "pushed.git"])
         .success();
@@ -209,7 +219,7 @@ fn a_checkpoint_with_a_git_directory_is_refused_everywhere() {
         &a,
         &["push", env.path("pushed.git").to_str().unwrap(), "main"],
     );
-    assert_refused(&out, ".git");
+    assert_damage_refused(&out, ".git");
 
     // There: a remote filled with plain git. Clone takes nothing of the forged branch, says
     // why, and leaves a repository fsck calls clean; the honest history is still readable.
@@ -219,8 +229,12 @@ fn a_checkpoint_with_a_git_directory_is_refused_everywhere() {
     assert!(out.stderr.contains(".git"), "{}", out.stderr);
     let b = env.path("b");
     env.coin_in(&b, &["fsck"]).success();
+    // No ref names it; its git objects may sit unreferenced in the clone (fetched before the
+    // check), and reading it is refused like any damaged checkpoint.
+    let refs = git_out(&env, &b, &["for-each-ref", "--format=%(objectname)"]);
+    assert!(!refs.contains(&forged), "a ref names the forged checkpoint");
     let out = env.coin_in(&b, &["show", &forged]);
-    assert_eq!(out.code, 1, "the forged checkpoint must not be here");
+    assert_ne!(out.code, 0, "the forged checkpoint must not be shown");
     assert!(!b.join(".git/pwned").exists());
     // A plain `git fetch` of the forged refs gets the commits; checkout still refuses.
     env.git_in(
@@ -234,7 +248,7 @@ fn a_checkpoint_with_a_git_directory_is_refused_everywhere() {
     )
     .success();
     let out = env.coin_in(&b, &["checkout", &forged, "--output", "out"]);
-    assert_refused(&out, ".git");
+    assert_damage_refused(&out, ".git");
     assert!(!b.join("out").exists());
     // And a git status in every folder coin wrote runs nothing.
     assert!(!env.path("pwned").exists() && !b.join("pwned").exists());
@@ -498,9 +512,8 @@ fn fsck_fetch_and_checkout_agree_on_broken_checkpoints() {
     let env = TestEnvironment::new();
     let (a, honest) = honest_repo(&env);
     let blob_of = |m: &serde_json::Value| m["files"]["config"].clone();
-    // (what, manifest edit, extra tree lines, exit code of checkout: 255 for a damaged store
-    // or tree, 1 for a manifest that does not parse, which `HistoryError::Record` reports like
-    // a bad input file)
+    // (what, manifest edit, extra tree lines, exit code of checkout: 255, damaged or forged
+    // repository data, docs/cli.md)
     let text = git_out(&env, &a, &["show", &format!("{honest}:manifest")]);
     let m0: serde_json::Value = serde_json::from_str(&text).unwrap();
     let link_target = git_stdin(&env, &a, &["hash-object", "-w", "--stdin"], "/etc/passwd");
@@ -522,7 +535,7 @@ fn fsck_fetch_and_checkout_agree_on_broken_checkpoints() {
                 m["files"]["a/b"] = entry.clone();
             }),
             vec![],
-            1,
+            255,
         ),
         (
             "symlink tree entry",

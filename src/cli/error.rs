@@ -257,11 +257,16 @@ impl From<HistoryError> for CommandError {
             E::Corrupt(ref m) if m.contains("run `") || m.contains("run the command") => {
                 CommandError::new(ErrorKind::Internal, e)
             }
-            E::Corrupt(_) => CommandError::new(ErrorKind::Internal, e).hint(FSCK_HINT),
+            E::Corrupt(_) | E::Record { .. } => {
+                CommandError::new(ErrorKind::Internal, e).hint(FSCK_HINT)
+            }
             E::NotARepo(_) => {
                 user(e).hint("Run `coin init` to create a coin repository here, or pass -R PATH.")
             }
-            E::AmbiguousRevision { .. } => user(e).hint("Give more hex digits of the id."),
+            E::AmbiguousRevision { .. } => user(e).hint(
+                "Give more hex digits of the id. A branch or tag named like an id (made with plain \
+                 git) is removed with `git update-ref -d refs/coin/heads/NAME`.",
+            ),
             E::UnknownRevision(_) => user(e).hint(
                 "A revision is a checkpoint id (or a unique prefix of 4+ hex digits), a branch, \
                  a tag or HEAD, optionally followed by ~N; see `coin log`.",
@@ -278,7 +283,7 @@ impl From<HistoryError> for CommandError {
             | E::InvalidName { .. }
             | E::BranchMoved { .. }
             | E::NotACheckpoint(_)
-            | E::Record { .. }
+            | E::Config { .. }
             | E::Input(_)
             | E::HookRefused { .. } => user(e),
         }

@@ -166,10 +166,18 @@ pub enum HistoryError {
     /// A commit that is not a coin checkpoint.
     #[error("{0} is not a coin checkpoint (its tree has no coin manifest)")]
     NotACheckpoint(String),
-    /// A malformed record, manifest or input file.
+    /// A malformed record or manifest stored in the history (damage, or a forged checkpoint).
     #[error("invalid {what}: {message}")]
     Record {
         /// Which record.
+        what: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A malformed file the user edits (`.coin/config.toml`, a pointer file).
+    #[error("invalid {what}: {message}")]
+    Config {
+        /// Which file.
         what: String,
         /// What is wrong.
         message: String,

@@ -239,6 +239,14 @@ fn history_samples() -> Vec<(&'static str, HistoryError, u8)> {
                 what: "manifest".into(),
                 message: "bad".into(),
             },
+            255,
+        ),
+        (
+            "config",
+            HistoryError::Config {
+                what: "configuration".into(),
+                message: "bad".into(),
+            },
             1,
         ),
         ("input", HistoryError::Input("bad".into()), 1),

@@ -57,14 +57,14 @@ impl CoinRepo {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(GatesConfig::default()),
             Err(e) => return Err(HistoryError::io("read", &path)(e)),
         };
-        let table: toml::Table = toml::from_str(&text).map_err(|e| HistoryError::Record {
+        let table: toml::Table = toml::from_str(&text).map_err(|e| HistoryError::Config {
             what: format!("configuration '{}'", path.display()),
             message: e.to_string(),
         })?;
         let Some(gates) = table.get("gates") else {
             return Ok(GatesConfig::default());
         };
-        GatesConfig::from_value(gates.clone()).map_err(|message| HistoryError::Record {
+        GatesConfig::from_value(gates.clone()).map_err(|message| HistoryError::Config {
             what: format!("[gates] in '{}'", path.display()),
             message,
         })

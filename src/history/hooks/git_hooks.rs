@@ -164,7 +164,7 @@ impl CoinRepo {
     /// directory coin did not make is never removed. Returns the directory.
     pub fn refresh_pointer(&self, pointer: &Path) -> Result<String, HistoryError> {
         let text = std::fs::read_to_string(pointer).map_err(HistoryError::io("read", pointer))?;
-        let (p, id) = parse_pointer(&text).map_err(|m| HistoryError::Record {
+        let (p, id) = parse_pointer(&text).map_err(|m| HistoryError::Config {
             what: format!("pointer file '{}'", pointer.display()),
             message: m,
         })?;
