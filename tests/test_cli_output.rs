@@ -4,32 +4,17 @@
 //! or layout shows up here as a diff a reviewer reads.
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
-use crate::common::{mask_seconds, st, TestEnvironment};
+use crate::common::{mask_seconds, TestEnvironment};
 
 const EVAL_A: &str = r#"{"ScienceQA": {"metric": "accuracy", "score": 80.0, "n": 100}}"#;
 const EVAL_B: &str = r#"{"ScienceQA": {"metric": "accuracy", "score": 70.5, "n": 100},
                          "TextVQA": {"metric": "accuracy", "score": 50.0, "n": 10}}"#;
 
-fn adapter_dir(env: &TestEnvironment, name: &str, shift: f32) {
-    env.write(
-        format!("{name}/adapter_model.safetensors"),
-        st::adapter(shift),
-    );
-    env.write(
-        format!("{name}/adapter_config.json"),
-        r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8}"#,
-    );
-    env.write(
-        format!("{name}/extra/README.md"),
-        format!("adapter {name}\n"),
-    );
-}
-
 /// A repository with two checkpoints on main (ScienceQA, then TextVQA), both with evals.
 fn two_checkpoints(env: &TestEnvironment) {
     env.coin(&["init"]).success();
-    adapter_dir(env, "a1", 0.0);
-    adapter_dir(env, "a2", 1.0);
+    env.adapter_with_readme("a1", 0.0);
+    env.adapter_with_readme("a2", 1.0);
     env.write("eval_a.json", EVAL_A);
     env.write("eval_b.json", EVAL_B);
     env.coin(&[
@@ -59,7 +44,7 @@ fn init_and_commit() {
     Error: '$TEST_ENV/work' is already a coin repository
     [exit status: 1]
     ");
-    adapter_dir(&env, "a1", 0.0);
+    env.adapter_with_readme("a1", 0.0);
     env.write("eval_a.json", EVAL_A);
     insta::assert_snapshot!(env.coin_render(&[
         "commit", "a1", "--task", "ScienceQA", "-m", "first", "--eval", "eval_a.json",
@@ -228,7 +213,7 @@ fn eval_record_matrix_and_compare() {
     let env = TestEnvironment::new();
     env.coin(&["init"]).success();
     for (name, shift) in [("a", 0.0), ("b", 1.0), ("c", 2.0)] {
-        adapter_dir(&env, name, shift);
+        env.adapter_with_readme(name, shift);
     }
     env.write(
         "r1.json",

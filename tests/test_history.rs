@@ -4,27 +4,11 @@
 
 use std::path::PathBuf;
 
-use crate::common::{assert_same_tree, st, TestEnvironment};
+use crate::common::{assert_same_tree, TestEnvironment};
 
 const EVAL_A: &str = r#"{"ScienceQA": {"metric": "accuracy", "score": 80.0, "n": 100}}"#;
 const EVAL_B: &str = r#"{"ScienceQA": {"metric": "accuracy", "score": 70.5, "n": 100},
                          "TextVQA": {"metric": "accuracy", "score": 50.0, "n": 10}}"#;
-
-fn adapter_dir(env: &TestEnvironment, name: &str, shift: f32) -> PathBuf {
-    env.write(
-        format!("{name}/adapter_model.safetensors"),
-        st::adapter(shift),
-    );
-    env.write(
-        format!("{name}/adapter_config.json"),
-        r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8}"#,
-    );
-    env.write(
-        format!("{name}/extra/README.md"),
-        format!("adapter {name}\n"),
-    );
-    env.path(name)
-}
 
 fn setup() -> TestEnvironment {
     let env = TestEnvironment::new();
@@ -40,7 +24,7 @@ fn commit(env: &TestEnvironment, args: &[&str]) -> String {
 #[test]
 fn commit_log_show_checkout_and_git_log() {
     let env = setup();
-    let dir = adapter_dir(&env, "a1", 0.0);
+    let dir = env.adapter_with_readme("a1", 0.0);
     env.write("eval_a.json", EVAL_A);
     let id1 = commit(
         &env,
@@ -55,7 +39,7 @@ fn commit_log_show_checkout_and_git_log() {
         ],
     );
     assert_eq!(id1.len(), 40);
-    adapter_dir(&env, "a2", 0.5);
+    env.adapter_with_readme("a2", 0.5);
     let id2 = commit(&env, &["a2", "--task", "TextVQA"]);
 
     let log = env.coin(&["log", "--json"]).success().json();
@@ -125,7 +109,7 @@ fn commit_log_show_checkout_and_git_log() {
 #[test]
 fn dedupe_stats_and_diff() {
     let env = setup();
-    adapter_dir(&env, "a1", 0.0);
+    env.adapter_with_readme("a1", 0.0);
     env.write("eval_a.json", EVAL_A);
     env.write("eval_b.json", EVAL_B);
     let id1 = commit(
@@ -133,7 +117,7 @@ fn dedupe_stats_and_diff() {
         &["a1", "--task", "ScienceQA", "--eval", "eval_a.json"],
     );
     let s1 = env.coin(&["stats", "--json"]).success().json();
-    adapter_dir(&env, "a2", 1.0);
+    env.adapter_with_readme("a2", 1.0);
     let id2 = commit(&env, &["a2", "--task", "TextVQA", "--eval", "eval_b.json"]);
     let s2 = env.coin(&["stats", "--json"]).success().json();
     // Only the two changed B tensors, the new header and README are new objects.
@@ -169,9 +153,9 @@ fn dedupe_stats_and_diff() {
 #[test]
 fn branches_tags_switch_and_revisions() {
     let env = setup();
-    adapter_dir(&env, "a1", 0.0);
+    env.adapter_with_readme("a1", 0.0);
     let id1 = commit(&env, &["a1", "--task", "A"]);
-    adapter_dir(&env, "a2", 1.0);
+    env.adapter_with_readme("a2", 1.0);
     let id2 = commit(&env, &["a2", "--task", "B"]);
     env.coin(&["tag", "v1", "HEAD~1"]).success();
     env.coin(&["branch", "side", &id1[..8]]).success();
@@ -179,7 +163,7 @@ fn branches_tags_switch_and_revisions() {
     let status = env.coin(&["status", "--json"]).success().json();
     assert_eq!(status["branch"], "order-b");
     assert_eq!(status["head"], id1.as_str());
-    adapter_dir(&env, "a3", 2.0);
+    env.adapter_with_readme("a3", 2.0);
     let id3 = commit(&env, &["a3", "--task", "C"]);
     let show = env.coin(&["show", "order-b", "--json"]).success().json();
     assert_eq!(show["parents"][0], id1.as_str());
@@ -242,7 +226,7 @@ fn branches_tags_switch_and_revisions() {
 #[test]
 fn eval_records_attach_as_notes_without_changing_ids() {
     let env = setup();
-    adapter_dir(&env, "a1", 0.0);
+    env.adapter_with_readme("a1", 0.0);
     env.write("eval_a.json", EVAL_A);
     env.write("eval_b.json", EVAL_B);
     let id1 = commit(
@@ -281,7 +265,7 @@ fn hostile_inputs_give_clear_errors() {
         .coin(&["commit", "missing.safetensors", "--task", "A"])
         .code(1);
     assert!(e.stderr.contains("missing.safetensors"), "{}", e.stderr);
-    adapter_dir(&env, "a1", 0.0);
+    env.adapter_with_readme("a1", 0.0);
     for (name, text, expect) in [
         ("bad1.json", "{not json", "not valid JSON"),
         (
@@ -342,7 +326,7 @@ fn object_path(env: &TestEnvironment, id: &str) -> PathBuf {
 #[test]
 fn fsck_finds_a_flipped_byte_and_checkout_refuses() {
     let env = setup();
-    adapter_dir(&env, "a1", 0.0);
+    env.adapter_with_readme("a1", 0.0);
     let id = commit(&env, &["a1", "--task", "A"]);
     env.coin(&["fsck"]).success();
     let show = env.coin(&["show", "--json"]).success().json();
@@ -378,10 +362,10 @@ fn fsck_finds_a_flipped_byte_and_checkout_refuses() {
 #[test]
 fn gc_keeps_reachable_objects_and_removes_unreachable_ones() {
     let env = setup();
-    adapter_dir(&env, "a1", 0.0);
+    env.adapter_with_readme("a1", 0.0);
     let id1 = commit(&env, &["a1", "--task", "A"]);
     // Objects of a commit killed before its ref update are unreachable.
-    adapter_dir(&env, "crash", 9.0);
+    env.adapter_with_readme("crash", 9.0);
     let out = crate::common::run(
         env.coin_cmd(&env.work())
             .env("COIN_FAULT", "commit.after_git_objects")
@@ -391,7 +375,7 @@ fn gc_keeps_reachable_objects_and_removes_unreachable_ones() {
     // A side branch, a tag and a note target keep their objects; so does the reflog of main
     // after main moves on... we check that objects of id1 survive when only the reflog
     // reaches it: create a branch from id1, then keep id1 reachable only through reflogs.
-    adapter_dir(&env, "a2", 1.0);
+    env.adapter_with_readme("a2", 1.0);
     let id2 = commit(&env, &["a2", "--task", "B"]);
     env.coin(&["tag", "t2", &id2]).success();
     let before = env.coin(&["stats", "--json"]).success().json()["objects"]
@@ -421,7 +405,7 @@ fn gc_keeps_reachable_objects_and_removes_unreachable_ones() {
 
     // Reflog-only reachability: move `main` back with plain git (the reflog keeps id2's
     // objects reachable through the tag anyway, so check a note-only and reflog-only case).
-    adapter_dir(&env, "a3", 3.0);
+    env.adapter_with_readme("a3", 3.0);
     let id3 = commit(&env, &["a3", "--task", "C"]);
     env.git_in(
         &env.work(),
@@ -473,9 +457,9 @@ fn killed_commit_or_gc_leaves_a_clean_repository_at_every_fault_point() {
     );
     for point in &points {
         let env = setup();
-        adapter_dir(&env, "a1", 0.0);
+        env.adapter_with_readme("a1", 0.0);
         let id1 = commit(&env, &["a1", "--task", "A"]);
-        adapter_dir(&env, "a2", 1.0);
+        env.adapter_with_readme("a2", 1.0);
         let is_gc = point.starts_with("gc.");
         if is_gc {
             // Make garbage for gc to remove: a commit killed before its ref moved.
@@ -521,10 +505,10 @@ fn killed_commit_or_gc_leaves_a_clean_repository_at_every_fault_point() {
 #[test]
 fn concurrent_commits_on_one_branch_never_lose_an_update() {
     let env = setup();
-    adapter_dir(&env, "a1", 0.0);
+    env.adapter_with_readme("a1", 0.0);
     let base = commit(&env, &["a1", "--task", "A"]);
-    adapter_dir(&env, "a2", 1.0);
-    adapter_dir(&env, "a3", 2.0);
+    env.adapter_with_readme("a2", 1.0);
+    env.adapter_with_readme("a3", 2.0);
     let sync = env.tmp.path().join("sync");
     std::fs::create_dir_all(sync.join("a")).unwrap();
     std::fs::create_dir_all(sync.join("b")).unwrap();
@@ -588,7 +572,7 @@ fn init_inside_an_existing_git_repository_leaves_it_alone() {
     env.git_in(&w, &["commit", "-q", "-m", "code"]).success();
     let head_before = env.git_in(&w, &["rev-parse", "HEAD"]).success().stdout;
     env.coin(&["init"]).success();
-    adapter_dir(&env, "runs/a1", 0.0);
+    env.adapter_with_readme("runs/a1", 0.0);
     commit(&env, &["runs/a1", "--task", "A"]);
     assert_eq!(
         env.git_in(&w, &["rev-parse", "HEAD"]).success().stdout,
@@ -660,7 +644,7 @@ fn killed_eval_record_leaves_a_clean_repository() {
         .filter(|p| p.starts_with("note."))
     {
         let env = setup();
-        adapter_dir(&env, "a1", 0.0);
+        env.adapter_with_readme("a1", 0.0);
         let id = commit(&env, &["a1", "--task", "A"]);
         env.write("eval_b.json", EVAL_B);
         let args = ["eval", "HEAD", "--record", "eval_b.json"];

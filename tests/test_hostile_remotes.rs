@@ -10,21 +10,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use crate::common::{st, Output, TestEnvironment};
+use crate::common::{Output, TestEnvironment};
 
 const FSMONITOR: &str = "[core]\n\tfsmonitor = touch pwned\n";
-
-fn adapter(env: &TestEnvironment, name: &str, shift: f32) -> PathBuf {
-    env.write(
-        format!("{name}/adapter_model.safetensors"),
-        st::adapter(shift),
-    );
-    env.write(
-        format!("{name}/adapter_config.json"),
-        r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8}"#,
-    );
-    env.path(name)
-}
 
 /// `git ARGS` in `dir` with `input` on stdin; the trimmed stdout.
 fn git_stdin(env: &TestEnvironment, dir: &Path, args: &[&str], input: &str) -> String {
@@ -60,7 +48,7 @@ fn git_out(env: &TestEnvironment, dir: &Path, args: &[&str]) -> String {
 fn honest_repo(env: &TestEnvironment) -> (PathBuf, String) {
     env.coin(&["init", "a"]).success();
     let a = env.path("a");
-    let dir = adapter(env, "ad", 0.0);
+    let dir = env.adapter("ad", 0.0);
     env.write("ad/config", FSMONITOR);
     let id = env
         .coin_in(&a, &["commit", dir.to_str().unwrap(), "--task", "T1"])
@@ -185,7 +173,7 @@ fn a_checkpoint_with_a_git_directory_is_refused_everywhere() {
     // Commit: a folder holding .git/ is refused, in any spelling.
     env.coin(&["init", "a"]).success();
     let a = env.path("a");
-    let dir = adapter(&env, "evil", 0.0);
+    let dir = env.adapter("evil", 0.0);
     for spelling in [".git", ".GIT", ".git.", "git~1"] {
         env.write(format!("evil/{spelling}/config"), FSMONITOR);
         let out = env.coin_in(&a, &["commit", dir.to_str().unwrap(), "--task", "T"]);
@@ -261,7 +249,7 @@ fn pointer_files_cannot_target_the_git_directory() {
         .success();
     let code = env.path("code");
     env.coin_in(&code, &["init"]).success();
-    let dir = adapter(&env, "ad", 0.0);
+    let dir = env.adapter("ad", 0.0);
     let id = env
         .coin_in(&code, &["commit", dir.to_str().unwrap(), "--task", "T"])
         .success()
@@ -285,7 +273,7 @@ fn pointer_files_cannot_target_the_git_directory() {
 fn branches_named_like_ids_are_refused_and_never_shadow_a_checkpoint() {
     let env = TestEnvironment::new();
     let (a, first) = honest_repo(&env);
-    let dir = adapter(&env, "ad2", 1.0);
+    let dir = env.adapter("ad2", 1.0);
     let second = env
         .coin_in(&a, &["commit", dir.to_str().unwrap(), "--task", "T2"])
         .success()
@@ -370,7 +358,7 @@ fn plain_git_clone_of_a_push(env: &TestEnvironment, a: &Path) -> PathBuf {
 fn objects_of_refs_moved_by_plain_git_are_fetched() {
     let env = TestEnvironment::new();
     let (a, first) = honest_repo(&env);
-    let dir = adapter(&env, "ad2", 1.0);
+    let dir = env.adapter("ad2", 1.0);
     env.coin_in(&a, &["commit", dir.to_str().unwrap(), "--task", "T2"])
         .success();
     let b = plain_git_clone_of_a_push(&env, &a);
@@ -491,7 +479,7 @@ fn links_in_a_committed_folder_are_refused() {
     let env = TestEnvironment::new();
     env.coin(&["init", "a"]).success();
     let a = env.path("a");
-    let dir = adapter(&env, "ad", 0.0);
+    let dir = env.adapter("ad", 0.0);
     env.write("secret", "password");
     std::os::unix::fs::symlink(env.path("secret"), dir.join("notes.txt")).unwrap();
     let out = env.coin_in(&a, &["commit", dir.to_str().unwrap(), "--task", "T"]);
@@ -584,7 +572,7 @@ fn a_stale_git_lock_gets_a_recovery_hint() {
     let (a, _) = honest_repo(&env);
     let lock = a.join(".git/refs/coin/heads/main.lock");
     std::fs::write(&lock, "").unwrap();
-    let dir = adapter(&env, "ad2", 1.0);
+    let dir = env.adapter("ad2", 1.0);
     let out = env.coin_in(&a, &["commit", dir.to_str().unwrap(), "--task", "T2"]);
     assert_refused(&out, "main.lock");
     assert!(out.stderr.contains("delete"), "{}", out.stderr);
@@ -605,7 +593,7 @@ fn killed_writers_leave_nothing_behind_after_the_next_command() {
     let env = TestEnvironment::new();
     let (a, id) = honest_repo(&env);
     // A killed commit: its temp object stays until the next commit clears it.
-    let dir = adapter(&env, "ad2", 1.0);
+    let dir = env.adapter("ad2", 1.0);
     let mut cmd = env.coin_cmd(&a);
     cmd.args(["commit", dir.to_str().unwrap(), "--task", "T2"])
         .env("COIN_FAULT", "store.object.after_write");
@@ -646,7 +634,7 @@ fn killed_writers_leave_nothing_behind_after_the_next_command() {
         .unwrap()
         .set_modified(old)
         .unwrap();
-    let dir3 = adapter(&env, "ad3", 2.0);
+    let dir3 = env.adapter("ad3", 2.0);
     env.coin_in(&a, &["commit", dir3.to_str().unwrap(), "--task", "T3"])
         .success();
     env.coin_in(&a, &["push", r.to_str().unwrap(), "main"])

@@ -6,19 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{assert_same_tree_except, run, st, TestEnvironment};
-
-fn adapter(env: &TestEnvironment, name: &str, shift: f32) -> PathBuf {
-    env.write(
-        format!("{name}/adapter_model.safetensors"),
-        st::adapter(shift),
-    );
-    env.write(
-        format!("{name}/adapter_config.json"),
-        r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8}"#,
-    );
-    env.path(name)
-}
+use crate::common::{assert_same_tree_except, run, TestEnvironment};
 
 fn eval_file(env: &TestEnvironment, name: &str, scores: &[(&str, f64)]) -> PathBuf {
     let mut m = serde_json::Map::new();
@@ -37,7 +25,7 @@ fn repo_with_three(env: &TestEnvironment) -> (PathBuf, Vec<String>) {
     let a = env.path("a");
     let mut ids = Vec::new();
     for (i, task) in ["T1", "T2", "T3"].iter().enumerate() {
-        let dir = adapter(env, &format!("ad{i}"), i as f32);
+        let dir = env.adapter(&format!("ad{i}"), i as f32);
         let out = env
             .coin_in(&a, &["commit", dir.to_str().unwrap(), "--task", task])
             .success();
@@ -117,7 +105,7 @@ fn push_clone_checkout_is_byte_identical_and_only_missing_objects_move() {
     env.coin_in(&b, &["fsck"]).success();
 
     // B adds a checkpoint and pushes to the bare remote; A pulls it (fast-forward).
-    let d = adapter(&env, "ad3", 3.0);
+    let d = env.adapter("ad3", 3.0);
     let id4 = env
         .coin_in(&b, &["commit", d.to_str().unwrap(), "--task", "T4"])
         .success()
@@ -160,10 +148,10 @@ fn push_to_a_coin_repository_and_diverged_pull_is_refused() {
     assert_same_tree_except(&env.path("ad1"), &out, &[".coin-checkpoint"]);
 
     // Both sides commit on main: pull refuses, push refuses, nothing moves.
-    let d = adapter(&env, "x", 9.0);
+    let d = env.adapter("x", 9.0);
     env.coin_in(&hub, &["commit", d.to_str().unwrap(), "--task", "X"])
         .success();
-    let d = adapter(&env, "y", 8.0);
+    let d = env.adapter("y", 8.0);
     env.coin_in(&a, &["commit", d.to_str().unwrap(), "--task", "Y"])
         .success();
     let before = env.coin_in(&a, &["status", "--json"]).success().json();
@@ -472,8 +460,8 @@ fn pointer_files_are_refreshed_on_checkout_and_checked_on_commit() {
         .success();
     let code = env.path("code");
     env.coin_in(&code, &["init"]).success();
-    let d0 = adapter(&env, "ad0", 0.0);
-    let d1 = adapter(&env, "ad1", 1.0);
+    let d0 = env.adapter("ad0", 0.0);
+    let d1 = env.adapter("ad1", 1.0);
     let id0 = env
         .coin_in(&code, &["commit", d0.to_str().unwrap(), "--task", "T1"])
         .success()
@@ -571,7 +559,7 @@ fn gate_blocks_a_checkpoint_that_forgets_and_lets_a_good_one_pass() {
     let env = TestEnvironment::new();
     env.coin(&["init", "r"]).success();
     let r = env.path("r");
-    let d = adapter(&env, "d0", 0.0);
+    let d = env.adapter("d0", 0.0);
     let e = eval_file(&env, "e0.json", &[("ScienceQA", 80.0)]);
     env.coin_in(
         &r,
@@ -585,7 +573,7 @@ fn gate_blocks_a_checkpoint_that_forgets_and_lets_a_good_one_pass() {
         ],
     )
     .success();
-    let d = adapter(&env, "d1", 1.0);
+    let d = env.adapter("d1", 1.0);
     // No threshold configured yet: the sample gate lets a 10-point drop through.
     let e = eval_file(&env, "e1.json", &[("ScienceQA", 70.0), ("TextVQA", 50.0)]);
     env.coin_in(
@@ -600,7 +588,7 @@ fn gate_blocks_a_checkpoint_that_forgets_and_lets_a_good_one_pass() {
         ],
     )
     .success();
-    let d2 = adapter(&env, "d2", 2.0);
+    let d2 = env.adapter("d2", 2.0);
     let bad = eval_file(&env, "bad.json", &[("ScienceQA", 60.0), ("TextVQA", 50.0)]);
     let cfg = r.join(".coin/config.toml");
     let mut text = std::fs::read_to_string(&cfg).unwrap();
@@ -694,7 +682,7 @@ fn diff_reports_forgetting_against_the_best_earlier_score() {
     .into_iter()
     .enumerate()
     {
-        let d = adapter(&env, &format!("d{i}"), i as f32);
+        let d = env.adapter(&format!("d{i}"), i as f32);
         let e = eval_file(&env, &format!("e{i}.json"), &scores);
         let out = env
             .coin_in(
@@ -783,7 +771,7 @@ fn init_with_another_template_folder() {
     assert!(r.join(".coin/orders/mine.toml").is_file());
     assert!(!r.join(".coin/tasks").exists(), "only the template's files");
     assert!(!r.join(".git/hooks/pre-push").exists(), "--no-hooks");
-    let d = adapter(&env, "d", 0.0);
+    let d = env.adapter("d", 0.0);
     let out = env
         .coin_in(&r, &["commit", d.to_str().unwrap(), "--task", "A"])
         .code(1);
@@ -812,7 +800,7 @@ fn post_eval_hook_runs_with_the_documented_environment() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let d = adapter(&env, "d", 0.0);
+    let d = env.adapter("d", 0.0);
     let id = env
         .coin_in(&r, &["commit", d.to_str().unwrap(), "--task", "A"])
         .success()
@@ -883,8 +871,8 @@ fn post_merge_refreshes_the_pointer() {
         .success();
     let code = env.path("code");
     env.coin_in(&code, &["init"]).success();
-    let d0 = adapter(&env, "ad0", 0.0);
-    let d1 = adapter(&env, "ad1", 1.0);
+    let d0 = env.adapter("ad0", 0.0);
+    let d1 = env.adapter("ad1", 1.0);
     let mut ids = Vec::new();
     for d in [&d0, &d1] {
         let out = env
@@ -958,7 +946,7 @@ fn clone_of_a_code_repository_whose_coin_branch_is_still_empty() {
     let st = env.coin_in(&dst, &["status", "--json"]).success().json();
     assert_eq!(st["checkpoints"], 0);
     // The clone can record and push back.
-    let d = adapter(&env, "d", 0.0);
+    let d = env.adapter("d", 0.0);
     env.coin_in(&dst, &["commit", d.to_str().unwrap(), "--task", "T"])
         .success();
     env.coin_in(&dst, &["push"]).success();

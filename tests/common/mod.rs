@@ -160,6 +160,29 @@ impl TestEnvironment {
         self.render(&self.coin_in(dir, args))
     }
 
+    /// A PEFT LoRA adapter folder `name/` under the work directory: `adapter_model.safetensors`
+    /// ([`st::adapter`], its values shifted by `shift`) and `adapter_config.json`.
+    pub fn adapter(&self, name: &str, shift: f32) -> PathBuf {
+        self.write(
+            format!("{name}/adapter_model.safetensors"),
+            st::adapter(shift),
+        );
+        self.write(
+            format!("{name}/adapter_config.json"),
+            r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8}"#,
+        );
+        self.path(name)
+    }
+
+    /// [`TestEnvironment::adapter`] plus a nested non-tensor file, `extra/README.md`.
+    pub fn adapter_with_readme(&self, name: &str, shift: f32) -> PathBuf {
+        self.write(
+            format!("{name}/extra/README.md"),
+            format!("adapter {name}\n"),
+        );
+        self.adapter(name, shift)
+    }
+
     /// Write a file (creating parent directories) under the work directory.
     pub fn write(&self, rel: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> PathBuf {
         let p = self.path(rel);
