@@ -4,6 +4,7 @@ mod common;
 
 mod test_bench_data_command;
 mod test_cli_output;
+mod test_compat_fixtures;
 mod test_demo;
 mod test_history;
 mod test_hostile_models;

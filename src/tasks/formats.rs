@@ -98,15 +98,183 @@ fn brief(message: impl fmt::Display) -> String {
     }
 }
 
-/// A question id as written in a CoIN file: a string or an integer. Compared by its text, so
-/// `5` and `"5"` are the same question.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+/// A question id as written in a CoIN file: a string or a number. Compared, hashed and
+/// ordered by its text, so `5` and `"5"` are the same question; the JSON type is kept
+/// ([`Qid::kind`]) for the compat scorers, which look ids up the way CoIN's Python does
+/// ([`Qid::py_key`], [`Qid::py_str`]).
+#[derive(Clone, Debug, Serialize)]
 #[serde(transparent)]
-pub struct Qid(pub String);
+pub struct Qid(pub String, #[serde(skip)] IdKind);
+
+/// How a question id was written in JSON.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum IdKind {
+    /// A JSON string (and every id coin makes itself).
+    #[default]
+    Text,
+    /// A JSON integer.
+    Int,
+    /// A JSON number with a fraction or an exponent (`5.0`, `1e3`): a Python float.
+    Float,
+}
+
+impl IdKind {
+    /// "a string" or "a number", for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            IdKind::Text => "a string",
+            IdKind::Int | IdKind::Float => "a number",
+        }
+    }
+}
+
+/// A question id as a Python dict key: strings equal strings, numbers equal numbers by value
+/// (`5 == 5.0`), and a string never equals a number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PyKey {
+    /// A string id.
+    Str(String),
+    /// An integer, or a float with an integral value in range (Python's `5 == 5.0`).
+    Int(i128),
+    /// Any other float, by its bits.
+    Float(u64),
+}
+
+impl Qid {
+    /// An id written as a string.
+    pub fn text(s: impl Into<String>) -> Self {
+        Qid(s.into(), IdKind::Text)
+    }
+
+    /// How the id was written in JSON.
+    pub fn kind(&self) -> IdKind {
+        self.1
+    }
+
+    /// The id as a key of a Python dict built from the parsed JSON (`{q['question_id']: q}`),
+    /// as CoIN's scorers that look ids up without converting them use it.
+    pub fn py_key(&self) -> PyKey {
+        let float = |v: f64| {
+            if v.fract() == 0.0 && v.abs() < 1e38 {
+                // Integral and in range: exact as i128 (-0.0 is 0, as in Python).
+                #[allow(clippy::cast_possible_truncation)]
+                PyKey::Int(v as i128)
+            } else {
+                PyKey::Float(v.to_bits())
+            }
+        };
+        match self.1 {
+            IdKind::Text => PyKey::Str(self.0.clone()),
+            IdKind::Int => self
+                .0
+                .parse::<i128>()
+                .map_or_else(|_| PyKey::Str(self.0.clone()), PyKey::Int),
+            IdKind::Float => self
+                .0
+                .parse::<f64>()
+                .map_or_else(|_| PyKey::Str(self.0.clone()), float),
+        }
+    }
+
+    /// Python's `str()` of the id (`5` → "5", `5.0` → "5.0", `1e16` → "1e+16"), as CoIN's
+    /// scorers that key by `str(question_id)` see it.
+    pub fn py_str(&self) -> String {
+        match self.1 {
+            IdKind::Text | IdKind::Int => self.0.clone(),
+            IdKind::Float => self
+                .0
+                .parse::<f64>()
+                .map_or_else(|_| self.0.clone(), py_float_repr),
+        }
+    }
+}
+
+impl From<String> for Qid {
+    fn from(s: String) -> Self {
+        Qid::text(s)
+    }
+}
+
+impl From<&str> for Qid {
+    fn from(s: &str) -> Self {
+        Qid::text(s)
+    }
+}
+
+impl PartialEq for Qid {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for Qid {}
+
+impl std::hash::Hash for Qid {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl PartialOrd for Qid {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Qid {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
 
 impl fmt::Display for Qid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// Python's `repr()` of a finite float: the shortest digits that read back to the same value,
+/// positional when the decimal exponent is in -4..16 (with ".0" when integral), else
+/// `d.ddde±XX`.
+pub fn py_float_repr(v: f64) -> String {
+    if !v.is_finite() {
+        return if v.is_nan() {
+            "nan".into()
+        } else if v > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        };
+    }
+    // Rust's `{:e}` prints the shortest round-trip digits: "-1.25e-7", "5e0".
+    let sci = format!("{v:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mantissa),
+    };
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    let n = i32::try_from(digits.len()).unwrap_or(i32::MAX);
+    if (-4..16).contains(&exp) {
+        if exp < 0 {
+            let zeros = "0".repeat(usize::try_from(-exp - 1).unwrap_or(0));
+            format!("{sign}0.{zeros}{digits}")
+        } else if exp + 1 >= n {
+            let zeros = "0".repeat(usize::try_from(exp + 1 - n).unwrap_or(0));
+            format!("{sign}{digits}{zeros}.0")
+        } else {
+            let point = usize::try_from(exp + 1).unwrap_or(0);
+            format!("{sign}{}.{}", &digits[..point], &digits[point..])
+        }
+    } else {
+        let rest = if digits.len() > 1 {
+            format!(".{}", &digits[1..])
+        } else {
+            String::new()
+        };
+        let esign = if exp < 0 { '-' } else { '+' };
+        format!("{sign}{}{rest}e{esign}{:02}", &digits[..1], exp.abs())
     }
 }
 
@@ -124,23 +292,40 @@ impl<'de> Deserialize<'de> for Qid {
                 f.write_str("a question id (a string or a number)")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Qid, E> {
-                Ok(Qid(v.to_string()))
+                Ok(Qid(v.to_string(), IdKind::Text))
             }
             fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Qid, E> {
-                Ok(Qid(v))
+                Ok(Qid(v, IdKind::Text))
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Qid, E> {
-                Ok(Qid(v.to_string()))
+                Ok(Qid(v.to_string(), IdKind::Int))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Qid, E> {
-                Ok(Qid(v.to_string()))
+                Ok(Qid(v.to_string(), IdKind::Int))
             }
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Qid, E> {
-                Ok(Qid(float_text(v)))
+                Ok(Qid(float_text(v), IdKind::Float))
             }
         }
         d.deserialize_any(V)
     }
+}
+
+/// The first id written as a string and the first written as a number, when `ids` has both
+/// (an answer file whose ids CoIN's scorers would see as different types).
+pub fn mixed_id_kinds<'a>(ids: impl IntoIterator<Item = &'a Qid>) -> Option<(&'a Qid, &'a Qid)> {
+    let mut text = None;
+    let mut number = None;
+    for id in ids {
+        match id.kind() {
+            IdKind::Text => text = text.or(Some(id)),
+            IdKind::Int | IdKind::Float => number = number.or(Some(id)),
+        }
+        if let (Some(t), Some(n)) = (text, number) {
+            return Some((t, n));
+        }
+    }
+    None
 }
 
 /// A value that CoIN writes as a string but that sometimes is a number (answers like `2`) or a
@@ -895,7 +1080,7 @@ mod tests {
         );
         let recs = read_test_file(&p).unwrap();
         assert_eq!(recs.len(), 2);
-        assert_eq!(recs[0].question_id, Qid("12".into()));
+        assert_eq!(recs[0].question_id, Qid::text("12"));
         assert_eq!(recs[0].question_without_instruction(), "What color?");
         assert_eq!(
             recs[0].instruction(),
@@ -1136,13 +1321,61 @@ mod tests {
     }
 
     #[test]
+    fn ids_keep_their_json_type_for_python_lookups() {
+        let id = |j: &str| serde_json::from_str::<Qid>(j).unwrap();
+        // Equal as coin compares them (by text) …
+        assert_eq!(id("132"), id("\"132\""));
+        assert_eq!(
+            (id("132").kind(), id("\"132\"").kind()),
+            (IdKind::Int, IdKind::Text)
+        );
+        // … but not as Python dict keys: a string never equals a number, 132 equals 132.0.
+        assert_ne!(id("132").py_key(), id("\"132\"").py_key());
+        assert_eq!(id("132").py_key(), id("132.0").py_key());
+        assert_eq!(id("-0.0").py_key(), id("0").py_key());
+        assert_ne!(id("0.5").py_key(), id("\"0.5\"").py_key());
+        // str(): ints and strings as written, floats as Python's repr.
+        assert_eq!(id("132").py_str(), "132");
+        assert_eq!(id("132.0").py_str(), "132.0");
+        assert_eq!(id("1e16").py_str(), "1e+16");
+        assert_eq!(id("\"1e16\"").py_str(), "1e16");
+        let ids = [id("\"a\""), id("\"b\""), id("7"), id("\"c\"")];
+        let (t, n) = mixed_id_kinds(&ids).unwrap();
+        assert_eq!((t.0.as_str(), n.0.as_str()), ("a", "7"));
+        assert!(mixed_id_kinds(&ids[..2]).is_none());
+    }
+
+    #[test]
+    fn python_float_repr() {
+        // Checked against CPython 3.11's repr().
+        for (v, want) in [
+            (5.0, "5.0"),
+            (0.0, "0.0"),
+            (-0.5, "-0.5"),
+            (123.456, "123.456"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1.5e16, "1.5e+16"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (-1.5e-7, "-1.5e-07"),
+            (0.1 + 0.2, "0.30000000000000004"),
+            (f64::MAX, "1.7976931348623157e+308"),
+            (5e-324, "5e-324"),
+        ] {
+            assert_eq!(py_float_repr(v), want, "{v:e}");
+        }
+    }
+
+    #[test]
     fn ids_and_texts_are_typed_and_never_build_a_tree() {
         let q: TestRecord = serde_json::from_str(
             r#"{"question_id": 5.0, "text": "t", "answer": 1e20, "answer_bbox": null}"#,
         )
         .unwrap();
         // Numbers read as they did through serde_json's Value.
-        assert_eq!(q.question_id, Qid("5.0".into()));
+        assert_eq!(q.question_id, Qid::text("5.0"));
+        assert_eq!(q.question_id.kind(), IdKind::Float);
         assert_eq!(q.answer.as_deref(), Some("1e+20"));
         assert_eq!(q.answer_bbox, None);
         let a: AnswerRecord = serde_json::from_str(r#"{"question_id": -3, "text": true}"#).unwrap();

@@ -480,7 +480,7 @@ impl TaskTemplate {
             prompt
         };
         TrainRecord {
-            id: Qid(item.id.clone()),
+            id: Qid::text(item.id.clone()),
             image: item.image.clone(),
             conversations: vec![
                 Turn {
@@ -498,7 +498,7 @@ impl TaskTemplate {
     /// The CoIN test record of an item (`answer`; Grounding callers set `answer_bbox`/`size`).
     pub fn test_record(&self, item: &RawItem) -> TestRecord {
         TestRecord {
-            question_id: Qid(item.id.clone()),
+            question_id: Qid::text(item.id.clone()),
             image: item.image.clone(),
             text: self.prompt(item),
             answer: Some(item.answer.clone()),

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::formats::{AnswerRecord, Qid, TestRecord};
+use super::formats::{mixed_id_kinds, AnswerRecord, IdKind, PyKey, Qid, TestRecord};
 use super::normalize::{normalize_answer, soft_scores};
 use super::TaskError;
 
@@ -126,6 +126,20 @@ impl ScorerKind {
         }
     }
 
+    /// How CoIN's scorer for this task matches an answer line to its question, and where.
+    pub fn compat_id_match(self) -> (IdMatch, &'static str) {
+        match self {
+            ScorerKind::ScienceQA => (IdMatch::AsWritten, "eval_science_qa.py L46, L58"),
+            ScorerKind::TextVQA => (IdMatch::Str, "eval_textvqa.py L37, L42"),
+            ScorerKind::ImageNet => (IdMatch::Position, "eval_ImagetNet.py L23-26"),
+            ScorerKind::GQA => (IdMatch::AsWritten, "eval_gqa.py L135, L349"),
+            ScorerKind::VizWiz => (IdMatch::AsWritten, "eval_vizwiz.py L18, L25"),
+            ScorerKind::Grounding => (IdMatch::AsWritten, "eval_grounding.py L55, L62"),
+            ScorerKind::VQAv2 => (IdMatch::Str, "eval_vqav2.py L19, L25"),
+            ScorerKind::OCRVQA => (IdMatch::AsWritten, "eval_ocrvqa.py L18, L25"),
+        }
+    }
+
     /// What `--annotations` must be for this task, if it takes one.
     pub fn annotations_hint(self) -> Option<&'static str> {
         match self {
@@ -137,6 +151,72 @@ impl ScorerKind {
             _ => None,
         }
     }
+}
+
+/// How a CoIN scorer finds the question of an answer line (see [`ScorerKind::compat_id_match`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdMatch {
+    /// A Python dict lookup with the id as parsed from JSON: `132` and `"132"` differ, `132`
+    /// and `132.0` are equal ([`Qid::py_key`]).
+    AsWritten,
+    /// `str()` on both sides: `132` and `"132"` are equal, `132.0` is `"132.0"` ([`Qid::py_str`]).
+    Str,
+    /// By line number; the ids are not read.
+    Position,
+}
+
+/// The key a compat scorer looks `id` up by.
+fn compat_key(kind: ScorerKind, id: &Qid) -> PyKey {
+    match kind.compat_id_match().0 {
+        IdMatch::Str => PyKey::Str(id.py_str()),
+        IdMatch::AsWritten | IdMatch::Position => id.py_key(),
+    }
+}
+
+/// A warning for an answer file whose ids CoIN's scorer would treat unlike coin's strict mode:
+/// ids written both as strings and as numbers, or (compat ScienceQA) numbers at all, which
+/// CoIN never matches to a problem id. `None` when there is nothing to say. The text names
+/// `file`.
+pub fn id_warning(
+    kind: ScorerKind,
+    mode: ScoreMode,
+    answers: &[AnswerRecord],
+    file: &Path,
+) -> Option<String> {
+    let (how, source) = kind.compat_id_match();
+    let file = file.display();
+    let mixed = mixed_id_kinds(answers.iter().map(|a| &a.question_id));
+    if mode == ScoreMode::Compat && kind == ScorerKind::ScienceQA {
+        let numbers = answers
+            .iter()
+            .filter(|a| a.question_id.kind() != IdKind::Text)
+            .count();
+        if numbers > 0 {
+            return Some(format!(
+                "{numbers} answer line(s) of '{file}' have a number as question_id; CoIN's \
+                 {source} looks problem ids (strings) up as written, so they count as \
+                 unanswered, here too (--mode strict matches 12 and \"12\")."
+            ));
+        }
+    }
+    let (text, number) = mixed?;
+    let consequence = match (mode, how) {
+        (ScoreMode::Strict, _) => "strict mode treats 12 and \"12\" as the same question.",
+        (ScoreMode::Compat, IdMatch::Str) => {
+            "CoIN's scorer converts both sides with str(), so they still match."
+        }
+        (ScoreMode::Compat, IdMatch::Position) => {
+            "CoIN's scorer pairs answers with questions by line, so ids are not read."
+        }
+        (ScoreMode::Compat, IdMatch::AsWritten) => {
+            "CoIN's scorer looks ids up as written (12 is not \"12\"), and so does compat \
+             mode; --mode strict treats them alike."
+        }
+    };
+    Some(format!(
+        "'{file}' mixes question ids written as strings (\"{text}\") and as numbers ({number}) \
+         [{source}]: {consequence}"
+    ))
 }
 
 /// One ScienceQA problem from `problems.json`.
@@ -237,7 +317,7 @@ pub fn load_annotations(kind: ScorerKind, path: &Path) -> Result<Annotations, Ta
             Ok(Annotations::TextVQA(
                 f.data
                     .into_iter()
-                    .map(|e| (e.question_id.0, e.answers))
+                    .map(|e| (e.question_id.py_str(), e.answers))
                     .collect(),
             ))
         }
@@ -376,27 +456,15 @@ fn gt_answer(kind: ScorerKind, rec: &TestRecord) -> Result<&str, TaskError> {
     })
 }
 
-/// The question an answer line refers to, or an error naming its id.
-fn question_of<'a>(
-    kind: ScorerKind,
-    qs: &HashMap<&Qid, &'a TestRecord>,
-    id: &Qid,
-) -> Result<&'a TestRecord, TaskError> {
-    qs.get(id).copied().ok_or_else(|| {
-        err(
-            kind,
-            format!("question {id} of the answer file is not in the questions file"),
-        )
-    })
-}
-
-fn questions_by_id(
+/// Compat: the questions keyed as CoIN's scorer keys them ([`compat_key`]); two questions with
+/// one key are an error (CoIN would silently keep the last).
+fn compat_questions(
     kind: ScorerKind,
     questions: &[TestRecord],
-) -> Result<HashMap<&Qid, &TestRecord>, TaskError> {
+) -> Result<HashMap<PyKey, &TestRecord>, TaskError> {
     let mut map = HashMap::with_capacity(questions.len());
     for q in questions {
-        if map.insert(&q.question_id, q).is_some() {
+        if map.insert(compat_key(kind, &q.question_id), q).is_some() {
             return Err(err(
                 kind,
                 format!(
@@ -409,9 +477,28 @@ fn questions_by_id(
     Ok(map)
 }
 
-/// Last answer per question id (what a Python dict built from the lines keeps).
-fn answers_by_id(answers: &[AnswerRecord]) -> HashMap<&Qid, &AnswerRecord> {
-    answers.iter().map(|a| (&a.question_id, a)).collect()
+/// Compat: the question of an answer line, found as CoIN finds it; a miss is CoIN's `KeyError`.
+fn compat_question<'a>(
+    kind: ScorerKind,
+    qs: &HashMap<PyKey, &'a TestRecord>,
+    id: &Qid,
+) -> Result<&'a TestRecord, TaskError> {
+    qs.get(&compat_key(kind, id)).copied().ok_or_else(|| {
+        let (how, source) = kind.compat_id_match();
+        let as_written = if how == IdMatch::AsWritten {
+            format!(
+                " as written ({}; CoIN's {source} matches ids without converting them, \
+                 use --mode strict to match 12 and \"12\")",
+                id.kind().describe()
+            )
+        } else {
+            String::new()
+        };
+        err(
+            kind,
+            format!("question {id} of the answer file is not in the questions file{as_written}"),
+        )
+    })
 }
 
 /// Strict: every answer must name a known question, at most once.
@@ -447,12 +534,12 @@ fn per_answer(
     input: ScoreInput,
     correct: impl Fn(&str, &str) -> bool,
 ) -> Result<Vec<ItemScore>, TaskError> {
-    let qs = questions_by_id(kind, input.questions)?;
+    let qs = compat_questions(kind, input.questions)?;
     input
         .answers
         .iter()
         .map(|a| {
-            let q = question_of(kind, &qs, &a.question_id)?;
+            let q = compat_question(kind, &qs, &a.question_id)?;
             let gt = gt_answer(kind, q)?;
             Ok(ItemScore {
                 question_id: a.question_id.clone(),
@@ -558,7 +645,13 @@ fn scienceqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
     let Some(Annotations::ScienceQA { problems, test_ids }) = input.annotations else {
         return Err(err(kind, "compat mode needs --annotations: the ScienceQA folder with problems.json and pid_splits.json (or use --mode strict to score against the questions file)"));
     };
-    let preds = answers_by_id(input.answers);
+    // eval_science_qa.py L46: a dict keyed by question_id as parsed (last line wins); L58 looks
+    // the problem ids (strings) up in it, so an id written as a number is never found.
+    let preds: HashMap<PyKey, &AnswerRecord> = input
+        .answers
+        .iter()
+        .map(|a| (a.question_id.py_key(), a))
+        .collect();
     let mut out = Vec::with_capacity(test_ids.len());
     for pid in test_ids {
         let prob = problems.get(pid).ok_or_else(|| {
@@ -567,8 +660,10 @@ fn scienceqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
                 format!("problem {pid} of the test split is not in problems.json"),
             )
         })?;
-        let qid = Qid(pid.clone());
-        let text = preds.get(&qid).map_or("FAILED", |a| a.answer());
+        let qid = Qid::text(pid.clone());
+        let text = preds
+            .get(&PyKey::Str(pid.clone()))
+            .map_or("FAILED", |a| a.answer());
         let idx = sqa_parse_compat(text).and_then(|c| {
             OPTIONS[..prob.n_choices.min(5)]
                 .iter()
@@ -635,7 +730,7 @@ fn textvqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
         .answers
         .iter()
         .map(|a| {
-            let gts = ann.get(&a.question_id.0).ok_or_else(|| {
+            let gts = ann.get(&a.question_id.py_str()).ok_or_else(|| {
                 err(
                     kind,
                     format!("question {} is not in the annotation file", a.question_id),
@@ -694,7 +789,7 @@ fn textvqa_strict(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
         _ => None,
     };
     per_question(kind, input, |q, pred| {
-        let gts = match ann.and_then(|a| a.get(&q.question_id.0)) {
+        let gts = match ann.and_then(|a| a.get(&q.question_id.py_str())) {
             Some(g) => g.clone(),
             None => record_gts(kind, q)?,
         };
@@ -743,28 +838,40 @@ fn gqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
     let Some(Annotations::GQA(ann)) = input.annotations else {
         return Err(err(kind, "compat mode needs --annotations testdev_balanced_questions.json (or use --mode strict to score against the questions file)"));
     };
-    // convert_gqa_for_eval.py: prediction = text.rstrip('.').lower(), minus one leading space;
-    // eval_gqa.py: loop over the predictions (last one per id wins), KeyError for an unknown
-    // id, only balanced questions count.
+    // convert_gqa_for_eval.py L14: prediction = text.rstrip('.').lower(), no other trimming
+    // (" yes" stays " yes"); eval_gqa.py L135: a dict keyed by question_id as parsed (last one
+    // per id wins), L348-349: loop over it and look each id up in the annotation file, whose
+    // keys are strings (KeyError for an unknown id or one written as a number), L359: only
+    // balanced questions count.
     let mut preds: Vec<(&Qid, String)> = Vec::new();
-    let mut seen: HashMap<&Qid, usize> = HashMap::new();
+    let mut seen: HashMap<PyKey, usize> = HashMap::new();
     for a in input.answers {
         let t = a.answer().trim_end_matches('.').to_lowercase();
-        let t = t.strip_prefix(' ').map_or(t.clone(), str::to_string);
-        match seen.get(&a.question_id) {
+        match seen.get(&a.question_id.py_key()) {
             Some(&i) => preds[i].1 = t,
             None => {
-                seen.insert(&a.question_id, preds.len());
+                seen.insert(a.question_id.py_key(), preds.len());
                 preds.push((&a.question_id, t));
             }
         }
     }
     let mut out = Vec::new();
     for (qid, pred) in preds {
-        let q = ann.get(&qid.0).ok_or_else(|| {
+        let found = match qid.kind() {
+            IdKind::Text => ann.get(&qid.0),
+            IdKind::Int | IdKind::Float => None,
+        };
+        let q = found.ok_or_else(|| {
+            let note = if qid.kind() == IdKind::Text {
+                String::new()
+            } else {
+                " (it is written as a number, the annotation file's ids are strings, and CoIN's \
+                 eval_gqa.py L349 does not convert it; use --mode strict to match 12 and \"12\")"
+                    .to_string()
+            };
             err(
                 kind,
-                format!("question {qid} is not in the annotation file"),
+                format!("question {qid} is not in the annotation file{note}"),
             )
         })?;
         if q.is_balanced {
@@ -784,13 +891,13 @@ fn py_float(s: &str) -> Option<f64> {
     s.trim().parse::<f64>().ok()
 }
 
-/// Parse a box the way CoIN's `eval_grounding.py` parses predictions: drop one leading space,
-/// delete every `[` and `]`, then drop the first and the last character (`s[1:-1]`), split on
-/// commas; four floats or nothing. This loses the last digit of y2 (and the first character of
-/// x1, harmless for `0.x` but `1.0` becomes `.0`).
+/// Parse a box the way CoIN's `eval_grounding.py` L70-73 parses predictions: delete every `[`
+/// and `]`, then drop the first and the last character (`s[1:-1]`, no trimming before it),
+/// split on commas; four floats or nothing. This loses the last digit of y2 (and the first
+/// character of x1, harmless for `0.x` but `1.0` becomes `.0`; a leading space is what gets
+/// dropped from " [1.0, …").
 pub fn bbox_parse_compat(text: &str) -> Option<[f64; 4]> {
-    let t = text.strip_prefix(' ').unwrap_or(text);
-    let s: Vec<char> = t.chars().filter(|c| *c != '[' && *c != ']').collect();
+    let s: Vec<char> = text.chars().filter(|c| *c != '[' && *c != ']').collect();
     if s.len() < 2 {
         return None;
     }
@@ -848,17 +955,44 @@ pub fn bbox_parse_strict(text: &str) -> Option<[f64; 4]> {
     <[f64; 4]>::try_from(nums).ok()
 }
 
-/// CoIN's `calculate_iou`: the intersection is clamped at 0 but the areas are not, so an
-/// inverted box has a negative area.
+/// Python's `min(a, b)`: `a` unless `b < a` (so a NaN in `b` is never taken).
+fn py_min(a: f64, b: f64) -> f64 {
+    if b < a {
+        b
+    } else {
+        a
+    }
+}
+
+/// Python's `max(a, b)`: `a` unless `b > a`.
+fn py_max(a: f64, b: f64) -> f64 {
+    if b > a {
+        b
+    } else {
+        a
+    }
+}
+
+/// CoIN's `calculate_iou(bbox1, bbox2)` (eval_grounding.py L44-50), operation for operation in
+/// float64: the intersection is clamped at 0 but the areas are not (an inverted box has a
+/// negative area), union = area1 + area2 - intersection, 0 unless union > 0.
 pub fn iou_compat(a: [f64; 4], b: [f64; 4]) -> f64 {
-    let inter =
-        (a[2].min(b[2]) - a[0].max(b[0])).max(0.0) * (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = py_max(0.0, py_min(a[2], b[2]) - py_max(a[0], b[0]))
+        * py_max(0.0, py_min(a[3], b[3]) - py_max(a[1], b[1]));
     let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
     if union > 0.0 {
         inter / union
     } else {
         0.0
     }
+}
+
+/// CoIN's grounding verdict (eval_grounding.py L79-84): both boxes multiplied by `max(size)`,
+/// then `calculate_iou(pred, gt) > 0.5`. The scaling is not a no-op in floating point: an IoU
+/// that is 0.5 up to rounding lands where CoIN's lands.
+pub fn grounding_hit_compat(pred: [f64; 4], gt: [f64; 4], size: [f64; 2]) -> bool {
+    let max_wh = py_max(size[0], size[1]);
+    iou_compat(pred.map(|x| x * max_wh), gt.map(|x| x * max_wh)) > 0.5
 }
 
 /// Intersection over union of two `[x1, y1, x2, y2]` boxes; 0 for empty or inverted boxes.
@@ -895,19 +1029,30 @@ fn grounding_gt(q: &TestRecord) -> Result<[f64; 4], TaskError> {
     })
 }
 
-// Both boxes are normalised to the padded square and CoIN multiplies both by max(w, h) before
-// the IoU; IoU is invariant to a common scale, so the normalised boxes are compared directly.
+// eval_grounding.py L61-84: per answer line, the question by id as written, its box and
+// `size` (KeyError without one), the parsed prediction (wrong when unparsable), both boxes
+// scaled by max(size), IoU > 0.5.
 fn grounding_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
     let kind = ScorerKind::Grounding;
-    let qs = questions_by_id(kind, input.questions)?;
+    let qs = compat_questions(kind, input.questions)?;
     input
         .answers
         .iter()
         .map(|a| {
-            let q = question_of(kind, &qs, &a.question_id)?;
+            let q = compat_question(kind, &qs, &a.question_id)?;
             let gt = grounding_gt(q)?;
-            let s = bbox_parse_compat(a.answer())
-                .map_or(0.0, |p| f64::from(u8::from(iou(p, gt) > 0.5)));
+            let size = q.size.ok_or_else(|| {
+                err(
+                    kind,
+                    format!(
+                        "question {} has no \"size\" (CoIN scales both boxes by max(size))",
+                        q.question_id
+                    ),
+                )
+            })?;
+            let s = bbox_parse_compat(a.answer()).map_or(0.0, |p| {
+                f64::from(u8::from(grounding_hit_compat(p, gt, size)))
+            });
             Ok(ItemScore {
                 question_id: a.question_id.clone(),
                 score: s,

@@ -81,6 +81,9 @@ pub fn cmd_score(
         Some(p) => Some(load_annotations(kind, &helper.cwd.join(p))?),
         None => None,
     };
+    if let Some(w) = scoring::id_warning(kind, mode, &answers, &args.answers) {
+        ui.warn(&w);
+    }
     let mut report = scoring::score(
         kind,
         mode,

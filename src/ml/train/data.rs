@@ -295,7 +295,7 @@ pub fn batch_pixels(
 pub(crate) fn record(image: bool, turns: &[(&str, &str)]) -> TrainRecord {
     use crate::tasks::formats::{Qid, Turn};
     TrainRecord {
-        id: Qid("r1".into()),
+        id: Qid::text("r1"),
         image: image.then(|| "img.png".to_string()),
         conversations: turns
             .iter()

@@ -19,7 +19,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 fn rec(id: &str, text: &str, answer: &str) -> TestRecord {
     TestRecord {
-        question_id: Qid(id.into()),
+        question_id: Qid::text(id),
         image: None,
         text: text.into(),
         answer: Some(answer.into()),
@@ -31,7 +31,7 @@ fn rec(id: &str, text: &str, answer: &str) -> TestRecord {
 
 fn ans(id: &str, text: &str) -> AnswerRecord {
     AnswerRecord {
-        question_id: Qid(id.into()),
+        question_id: Qid::text(id),
         prompt: String::new(),
         text: Some(text.into()),
         answer_id: serde_json::Value::Null,
@@ -296,7 +296,7 @@ fn client(endpoint: &str) -> JudgeClient {
 fn items(n: usize) -> Vec<JudgeItem> {
     (0..n)
         .map(|i| JudgeItem {
-            question_id: Qid(i.to_string()),
+            question_id: Qid::text(i.to_string()),
             question: "Q".into(),
             ground_truth: "a".into(),
             prediction: "b".into(),

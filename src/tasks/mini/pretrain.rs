@@ -307,7 +307,7 @@ pub fn generate_captions(
         };
         pngs.push((out.join(&image), item.png));
         records.push(TrainRecord {
-            id: Qid(id.clone()),
+            id: Qid::text(id.clone()),
             image: Some(image),
             conversations: vec![
                 Turn {

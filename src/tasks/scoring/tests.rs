@@ -2,7 +2,7 @@ use super::*;
 
 fn q(id: &str, text: &str, answer: &str) -> TestRecord {
     TestRecord {
-        question_id: Qid(id.into()),
+        question_id: Qid::text(id),
         image: Some(format!("{id}.png")),
         text: text.into(),
         answer: Some(answer.into()),
@@ -14,7 +14,7 @@ fn q(id: &str, text: &str, answer: &str) -> TestRecord {
 
 fn a(id: &str, text: &str) -> AnswerRecord {
     AnswerRecord {
-        question_id: Qid(id.into()),
+        question_id: Qid::text(id),
         prompt: String::new(),
         text: Some(text.into()),
         answer_id: serde_json::Value::Null,
@@ -223,10 +223,10 @@ fn gqa_compat_strips_trailing_periods_and_scores_only_predicted_balanced() {
     ];
     let ans = [a("1", " Yes."), a("2", "left "), a("3", "no")];
     let c = run(ScorerKind::GQA, ScoreMode::Compat, &qs, &ans, Some(&ann));
-    // 1 right (" yes" loses its one leading space), 2 wrong (trailing space kept),
+    // 1 wrong (" yes": CoIN trims nothing but periods), 2 wrong (trailing space kept),
     // 3 unbalanced skipped, 4 unpredicted skipped.
     assert_eq!(c.n, 2);
-    assert_eq!(c.score, 50.0);
+    assert_eq!(c.score, 0.0);
     let s = run(ScorerKind::GQA, ScoreMode::Strict, &qs, &ans, None);
     assert_eq!(s.n, 4);
     assert_eq!(s.score, 75.0);
@@ -441,12 +441,12 @@ fn grounding_compat_and_strict() {
     g1.answer_bbox = Some("[0.10, 0.10, 0.50, 0.59]".into());
     g1.size = Some([64.0, 64.0]);
     let mut g2 = g1.clone();
-    g2.question_id = Qid("2".into());
+    g2.question_id = Qid::text("2");
     g2.answer_bbox = Some("[0.0, 0.0, 0.5, 0.5]".into());
     // g1: y2 0.59 truncated to 0.5 → IoU 0.4/0.49 = 0.816 → still right; g2: exact but
     // "0.5" → "0." ... the y2 "0.50" → "0.5": right. Then a near miss: g3.
     let mut g3 = g1.clone();
-    g3.question_id = Qid("3".into());
+    g3.question_id = Qid::text("3");
     g3.answer_bbox = Some("[0.1, 0.1, 0.2, 0.19]".into());
     let qs = [g1, g2, g3];
     let ans = [
@@ -661,4 +661,220 @@ fn ids_from_files_are_escaped_in_scoring_errors() {
         e.contains("question \\u{1b}]0;pwned\\u{7} of the answer file"),
         "{e}"
     );
+}
+
+/// A record with its `question_id` parsed from JSON (`132` or `"132"`), keeping its type.
+fn with_id<T: Clone>(rec: &T, json_id: &str, set: impl Fn(&mut T, Qid)) -> T {
+    let mut r = rec.clone();
+    set(&mut r, serde_json::from_str(json_id).unwrap());
+    r
+}
+
+#[test]
+fn compat_matches_ids_as_each_coin_scorer_does() {
+    let qs = [
+        with_id(&q("x", "Q\nI", "yes"), "301", |r, id| r.question_id = id),
+        with_id(&q("x", "Q\nI", "no"), "\"302\"", |r, id| r.question_id = id),
+    ];
+    let ans = [
+        with_id(&a("x", "yes"), "301.0", |r, id| r.question_id = id),
+        with_id(&a("x", "no"), "302", |r, id| r.question_id = id),
+    ];
+    // eval_vqav2.py: str() on both sides, so 302 finds "302", but 301.0 is "301.0".
+    let e = score(
+        ScorerKind::VQAv2,
+        ScoreMode::Compat,
+        ScoreInput {
+            questions: &qs,
+            answers: &ans,
+            annotations: None,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("question 301.0 of the answer file is not in the questions file"),
+        "{e}"
+    );
+    let c = run(ScorerKind::VQAv2, ScoreMode::Compat, &qs, &ans[1..], None);
+    assert_eq!((c.n, c.score), (1, 100.0));
+    // eval_vizwiz.py: as written, so 301.0 finds 301 and 302 does not find "302".
+    let c = run(ScorerKind::VizWiz, ScoreMode::Compat, &qs, &ans[..1], None);
+    assert_eq!((c.n, c.score), (1, 100.0));
+    let e = score(
+        ScorerKind::VizWiz,
+        ScoreMode::Compat,
+        ScoreInput {
+            questions: &qs,
+            answers: &ans,
+            annotations: None,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains(
+            "question 302 of the answer file is not in the questions file as written (a number;"
+        ),
+        "{e}"
+    );
+    // Strict matches by text: 301.0 is not 301, 302 is "302".
+    let s = run(ScorerKind::VizWiz, ScoreMode::Strict, &qs, &ans[1..], None);
+    assert_eq!((s.n, s.score), (2, 50.0));
+}
+
+#[test]
+fn compat_gqa_and_scienceqa_never_match_number_ids() {
+    let mut ann = HashMap::new();
+    ann.insert(
+        "7".to_string(),
+        GqaQuestion {
+            answer: "yes".into(),
+            is_balanced: true,
+        },
+    );
+    let ann = Annotations::GQA(ann);
+    let qs = [q("7", "Q\nI", "yes")];
+    let ans = [with_id(&a("x", "yes"), "7", |r, id| r.question_id = id)];
+    let e = score(
+        ScorerKind::GQA,
+        ScoreMode::Compat,
+        ScoreInput {
+            questions: &qs,
+            answers: &ans,
+            annotations: Some(&ann),
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("question 7 is not in the annotation file (it is written as a number"),
+        "{e}"
+    );
+    assert_eq!(
+        run(ScorerKind::GQA, ScoreMode::Strict, &qs, &ans, None).score,
+        100.0
+    );
+
+    let mut problems = HashMap::new();
+    problems.insert(
+        "7".to_string(),
+        SqaProblem {
+            n_choices: 2,
+            answer: 0,
+        },
+    );
+    let sqa = Annotations::ScienceQA {
+        problems,
+        test_ids: vec!["7".into()],
+    };
+    let ans = [with_id(&a("x", "A"), "7", |r, id| r.question_id = id)];
+    let c = run(
+        ScorerKind::ScienceQA,
+        ScoreMode::Compat,
+        &qs,
+        &ans,
+        Some(&sqa),
+    );
+    assert_eq!((c.n, c.score), (1, 0.0));
+    let w = id_warning(
+        ScorerKind::ScienceQA,
+        ScoreMode::Compat,
+        &ans,
+        Path::new("m.jsonl"),
+    )
+    .unwrap();
+    assert!(
+        w.starts_with("1 answer line(s) of 'm.jsonl' have a number"),
+        "{w}"
+    );
+    assert!(id_warning(
+        ScorerKind::ScienceQA,
+        ScoreMode::Strict,
+        &ans,
+        Path::new("m")
+    )
+    .is_none());
+    let c = run(
+        ScorerKind::ScienceQA,
+        ScoreMode::Compat,
+        &qs,
+        &[a("7", "A")],
+        Some(&sqa),
+    );
+    assert_eq!(c.score, 100.0);
+}
+
+#[test]
+fn id_warning_names_the_file_and_the_consequence() {
+    let ans = [
+        a("1", "x"),
+        with_id(&a("x", "y"), "2", |r, id| r.question_id = id),
+    ];
+    let f = Path::new("dir/merge.jsonl");
+    for (kind, mode, says) in [
+        (ScorerKind::VQAv2, ScoreMode::Compat, "str()"),
+        (
+            ScorerKind::OCRVQA,
+            ScoreMode::Compat,
+            "looks ids up as written",
+        ),
+        (ScorerKind::ImageNet, ScoreMode::Compat, "by line"),
+        (
+            ScorerKind::OCRVQA,
+            ScoreMode::Strict,
+            "strict mode treats 12 and \"12\" as the same",
+        ),
+    ] {
+        let w = id_warning(kind, mode, &ans, f).unwrap();
+        assert!(
+            w.starts_with("'dir/merge.jsonl' mixes question ids written as strings (\"1\") and as numbers (2)")
+                && w.contains(says),
+            "{w}"
+        );
+    }
+    assert!(id_warning(ScorerKind::OCRVQA, ScoreMode::Compat, &ans[..1], f).is_none());
+}
+
+#[test]
+fn grounding_compat_scales_before_the_iou() {
+    // From tests/fixtures/compat/grounding: IoU 0.5 up to one ulp. On the normalised boxes it
+    // is 0.5000000000000001; scaled by 640 (CoIN) 0.49999999999999994.
+    let (pred, gt) = ([0.12, 0.03, 0.62, 0.26], [0.12, 0.03, 0.62, 0.49]);
+    assert!(iou_compat(pred, gt) > 0.5);
+    assert!(!grounding_hit_compat(pred, gt, [640.0, 480.0]));
+    // And the other way round.
+    let (pred, gt) = ([0.63, 0.57, 0.97, 0.585], [0.63, 0.57, 0.97, 0.6]);
+    assert!(iou_compat(pred, gt) <= 0.5);
+    assert!(grounding_hit_compat(pred, gt, [612.0, 612.0]));
+    // The parser trims nothing before dropping the first character.
+    assert_eq!(
+        bbox_parse_compat(" [-0.3, 0.0, 0.4, 1.05]"),
+        Some([-0.3, 0.0, 0.4, 1.0])
+    );
+    // Without a size CoIN raises KeyError; compat says so.
+    let mut g = q("g", "Q\nI", "");
+    g.answer = None;
+    g.answer_bbox = Some("[0.1, 0.1, 0.5, 0.5]".into());
+    let e = score(
+        ScorerKind::Grounding,
+        ScoreMode::Compat,
+        ScoreInput {
+            questions: &[g.clone()],
+            answers: &[a("g", "[0.1, 0.1, 0.5, 0.51]")],
+            annotations: None,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("question g has no \"size\""), "{e}");
+    g.size = Some([10.0, 20.0]);
+    let c = run(
+        ScorerKind::Grounding,
+        ScoreMode::Compat,
+        &[g],
+        &[a("g", "[0.1, 0.1, 0.5, 0.51]")],
+        None,
+    );
+    assert_eq!(c.score, 100.0);
 }
