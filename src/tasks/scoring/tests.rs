@@ -42,6 +42,21 @@ fn run(
     .unwrap()
 }
 
+/// The error text of a compat run without annotations that must fail.
+fn compat_error(kind: ScorerKind, qs: &[TestRecord], ans: &[AnswerRecord]) -> String {
+    score(
+        kind,
+        ScoreMode::Compat,
+        ScoreInput {
+            questions: qs,
+            answers: ans,
+            annotations: None,
+        },
+    )
+    .unwrap_err()
+    .to_string()
+}
+
 #[test]
 fn names_accept_coin_spellings() {
     assert_eq!(ScorerKind::from_name("OCRVQA"), Some(ScorerKind::OCRVQA));
@@ -681,17 +696,7 @@ fn compat_matches_ids_as_each_coin_scorer_does() {
         with_id(&a("x", "no"), "302", |r, id| r.question_id = id),
     ];
     // eval_vqav2.py: str() on both sides, so 302 finds "302", but 301.0 is "301.0".
-    let e = score(
-        ScorerKind::VQAv2,
-        ScoreMode::Compat,
-        ScoreInput {
-            questions: &qs,
-            answers: &ans,
-            annotations: None,
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let e = compat_error(ScorerKind::VQAv2, &qs, &ans);
     assert!(
         e.contains("question 301.0 of the answer file is not in the questions file"),
         "{e}"
@@ -701,17 +706,7 @@ fn compat_matches_ids_as_each_coin_scorer_does() {
     // eval_vizwiz.py: as written, so 301.0 finds 301 and 302 does not find "302".
     let c = run(ScorerKind::VizWiz, ScoreMode::Compat, &qs, &ans[..1], None);
     assert_eq!((c.n, c.score), (1, 100.0));
-    let e = score(
-        ScorerKind::VizWiz,
-        ScoreMode::Compat,
-        ScoreInput {
-            questions: &qs,
-            answers: &ans,
-            annotations: None,
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let e = compat_error(ScorerKind::VizWiz, &qs, &ans);
     assert!(
         e.contains(
             "question 302 of the answer file is not in the questions file as written (a number;"
