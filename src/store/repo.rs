@@ -697,22 +697,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Delete temp files older than `older_than` whatever their state (gc's rule for a store
-    /// it holds locked). Returns how many were removed.
-    pub fn remove_temp_files(&self, older_than: Duration) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for (path, age) in self.temp_files()? {
-            if age >= older_than {
-                match fs::remove_file(&path) {
-                    Ok(()) => n += 1,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(StoreError::io("remove", &path, e)),
-                }
-            }
-        }
-        Ok(n)
-    }
-
     /// Delete the temp files of writers that are gone (killed or crashed): a writer holds a
     /// lock on its temp file from its first byte until it closes it, so a temp file nobody
     /// holds, and older than [`DEAD_TEMP_AGE`] (a writer locks it within microseconds of

@@ -309,17 +309,34 @@ fn list_remove_stats() {
     std::fs::write(store.root().join("objects/zz/notanobject"), b"").unwrap();
     assert_eq!(store.list().unwrap(), vec![b]);
     assert_eq!(store.temp_files().unwrap().len(), 1);
-    assert_eq!(
-        store
-            .remove_temp_files(std::time::Duration::from_secs(3600))
-            .unwrap(),
-        0
-    );
-    assert_eq!(
-        store.remove_temp_files(std::time::Duration::ZERO).unwrap(),
-        1
-    );
-    assert!(store.temp_files().unwrap().is_empty());
+}
+
+#[test]
+fn only_temp_files_nobody_holds_are_removed() {
+    let (_dir, store) = store();
+    let old = std::time::SystemTime::now() - 2 * crate::store::DEAD_TEMP_AGE;
+    let make = |name: &str, age: Option<std::time::SystemTime>| {
+        let p = store.root().join("objects/tmp").join(name);
+        std::fs::write(&p, b"partial").unwrap();
+        let f = std::fs::File::options().write(true).open(&p).unwrap();
+        if let Some(t) = age {
+            f.set_modified(t).unwrap();
+        }
+        (p, f)
+    };
+    let (dead, _) = make("obj-dead", Some(old));
+    let (young, _) = make("obj-young", None);
+    // A live writer (another process or thread) holds the lock on its temp file.
+    let (live, live_file) = make("obj-live", Some(old));
+    live_file.lock().unwrap();
+    assert_eq!(store.remove_dead_temp_files().unwrap(), 1);
+    assert!(!dead.exists(), "a dead writer's old temp file goes");
+    assert!(young.exists(), "a file younger than the threshold stays");
+    assert!(live.exists(), "a locked file stays, however old");
+    live_file.unlock().unwrap();
+    drop(live_file);
+    assert_eq!(store.remove_dead_temp_files().unwrap(), 1);
+    assert!(!live.exists());
 }
 
 #[test]
