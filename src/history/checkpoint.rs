@@ -197,6 +197,19 @@ fn adapter_info(bytes: &[u8], disk: &Path) -> Result<AdapterInfo, HistoryError> 
     Ok(AdapterInfo { kind, config })
 }
 
+impl Checkpoint {
+    /// Every store object the checkpoint references: its manifest's and its eval records'
+    /// (tree and note), sorted, without duplicates.
+    pub fn object_ids(&self) -> Vec<crate::store::ObjectId> {
+        let mut ids: std::collections::BTreeSet<_> =
+            self.manifest.object_ids().into_iter().collect();
+        for (rec, _) in self.evals.values() {
+            ids.extend(rec.object_ids());
+        }
+        ids.into_iter().collect()
+    }
+}
+
 impl CoinRepo {
     /// Commit a checkpoint on the current branch.
     ///

@@ -10,7 +10,7 @@ use crate::store::transport::{transfer, Direction, TransferReport};
 use crate::store::ObjectId;
 
 use super::super::repo::{short_id, CoinRepo, BRANCH_PREFIX, NOTES_REF, TAG_PREFIX};
-use super::super::{CheckpointId, HistoryError};
+use super::super::{Checkpoint, CheckpointId, HistoryError};
 use super::pack::{copy_git_objects, list_refs_of};
 use super::{git_err, Progress, REMOTE_PREFIX, STAGING_PREFIX};
 
@@ -142,7 +142,7 @@ impl CoinRepo {
         // Each staged branch or tag is taken only when every checkpoint it adds passes the
         // checks checkout makes and its objects can be had; a bad one is refused alone, so one
         // hostile or broken ref never blocks the others.
-        let mut verdicts: BTreeMap<Oid, Result<Vec<ObjectId>, String>> = BTreeMap::new();
+        let mut verdicts: BTreeMap<Oid, Result<Checkpoint, String>> = BTreeMap::new();
         let mut refs_new: Vec<(String, Oid, Vec<Oid>)> = Vec::new();
         for (name, tip) in self.refs_under(&staging)? {
             if name == notes_staging {
@@ -153,7 +153,6 @@ impl CoinRepo {
                 if !verdicts.contains_key(cp) {
                     let v = self
                         .read_checkpoint((*cp).into())
-                        .map(|c| c.manifest.object_ids())
                         .map_err(|e| super::super::maintenance::error_chain(&e));
                     verdicts.insert(*cp, v);
                 }
@@ -162,9 +161,9 @@ impl CoinRepo {
         }
         let mut has_remote = BTreeMap::new();
         for v in verdicts.values_mut() {
-            let Ok(ids) = v else { continue };
+            let Ok(c) = v else { continue };
             let mut absent = Vec::new();
-            for id in ids.iter() {
+            for id in &c.object_ids() {
                 if self.store().contains(id) {
                     continue;
                 }
@@ -189,7 +188,7 @@ impl CoinRepo {
             }
         }
         let refuse_bad = |refs_new: &mut Vec<(String, Oid, Vec<Oid>)>,
-                          verdicts: &BTreeMap<Oid, Result<Vec<ObjectId>, String>>,
+                          verdicts: &BTreeMap<Oid, Result<Checkpoint, String>>,
                           refused: &mut Vec<String>|
          -> Result<(), HistoryError> {
             let mut keep = Vec::new();
@@ -226,13 +225,8 @@ impl CoinRepo {
         };
         let mut needed: BTreeSet<ObjectId> = BTreeSet::new();
         for cp in &checkpoints {
-            if let Some(Ok(ids)) = verdicts.get(cp) {
-                needed.extend(ids.iter().copied());
-            }
-            if let Ok(c) = self.read_checkpoint((*cp).into()) {
-                for (rec, _) in c.evals.values() {
-                    needed.extend(rec.object_ids());
-                }
+            if let Some(Ok(c)) = verdicts.get(cp) {
+                needed.extend(c.object_ids());
             }
         }
         if has_notes {
@@ -290,10 +284,11 @@ impl CoinRepo {
         // The same checks checkout makes, now that the objects are here, before any ref names
         // the new checkpoints.
         for cp in &checkpoints {
-            let checked = self
-                .read_checkpoint((*cp).into())
-                .and_then(|c| self.check_checkpoint_files(&c));
-            if let Err(e) = checked {
+            let failed = match verdicts.get(cp) {
+                Some(Ok(c)) => self.check_checkpoint_files(c).err(),
+                _ => None,
+            };
+            if let Some(e) = failed {
                 verdicts.insert(*cp, Err(super::super::maintenance::error_chain(&e)));
             }
         }

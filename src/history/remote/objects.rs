@@ -57,11 +57,7 @@ impl CoinRepo {
     pub(crate) fn objects_of(&self, checkpoints: &[Oid]) -> Result<Vec<ObjectId>, HistoryError> {
         let mut ids = BTreeSet::new();
         for id in checkpoints {
-            let c = self.read_checkpoint((*id).into())?;
-            ids.extend(c.manifest.object_ids());
-            for (rec, _) in c.evals.values() {
-                ids.extend(rec.object_ids());
-            }
+            ids.extend(self.read_checkpoint((*id).into())?.object_ids());
         }
         Ok(ids.into_iter().collect())
     }
