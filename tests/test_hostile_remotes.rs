@@ -385,6 +385,49 @@ fn objects_of_refs_moved_by_plain_git_are_fetched() {
     assert!(out.stderr.contains("neither here nor on"), "{}", out.stderr);
 }
 
+/// The object file names (`ab/cdef…`) of a store folder.
+fn object_names(store: &Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for d in std::fs::read_dir(store.join("objects")).unwrap().flatten() {
+        let fan = d.file_name().to_string_lossy().into_owned();
+        if fan.len() != 2 {
+            continue;
+        }
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            out.insert(format!("{fan}/{}", f.file_name().to_string_lossy()));
+        }
+    }
+    out
+}
+
+#[test]
+fn push_sends_what_a_remote_moved_by_plain_git_lacks() {
+    let env = TestEnvironment::new();
+    let (a, _) = honest_repo(&env);
+    let dir = env.adapter("ad2", 1.0);
+    env.coin_in(&a, &["commit", dir.to_str().unwrap(), "--task", "T2"])
+        .success();
+    // The remote's refs came by plain git; its store lost every object.
+    let r = plain_git_remote(&env, &a);
+    std::fs::remove_dir_all(r.join("coin/objects")).unwrap();
+    std::fs::create_dir_all(r.join("coin/objects/tmp")).unwrap();
+    let dir3 = env.adapter("ad3", 2.0);
+    env.coin_in(&a, &["commit", dir3.to_str().unwrap(), "--task", "T3"])
+        .success();
+    env.coin_in(&a, &["push", r.to_str().unwrap(), "main"])
+        .success();
+    let here = object_names(&a.join(".coin"));
+    let there = object_names(&r.join("coin"));
+    assert_eq!(
+        here.difference(&there).count(),
+        0,
+        "objects of checkpoints the remote already listed were not sent"
+    );
+    // And a clone of it is whole.
+    env.coin(&["clone", r.to_str().unwrap(), "b"]).success();
+    env.coin_in(&env.path("b"), &["fsck"]).success();
+}
+
 #[test]
 fn records_naming_missing_objects_are_refused_and_bad_notes_can_be_dropped() {
     let env = TestEnvironment::new();
