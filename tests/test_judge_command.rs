@@ -62,7 +62,7 @@ fn judge_writes_prompts_and_scores_against_loopback() {
         serde_json::from_str(&std::fs::read_to_string(env.path("gk/prompt_to_eval.json")).unwrap())
             .unwrap();
     assert_eq!(prompts.as_array().unwrap().len(), 2);
-    assert!(prompts[0][1]
+    assert!(prompts[0][1]["content"]
         .as_str()
         .unwrap()
         .starts_with("[Context]\n[Question]\nWhat color?\n"));

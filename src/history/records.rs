@@ -125,6 +125,27 @@ pub struct TrainRecord {
     pub extra: BTreeMap<String, Value>,
 }
 
+/// The prefix of a general-knowledge record's task: `GK:<task>` holds the LLM judge's score of
+/// the checkpoint's answers on `<task>` (CoIN's second axis), beside `<task>`'s accuracy.
+pub const GK_PREFIX: &str = "GK:";
+
+/// The metric every `GK:` record carries.
+pub const GK_METRIC: &str = "general_knowledge";
+
+/// The record fields that name store objects: the answers (`predictions`) and, for a
+/// general-knowledge record, the judge's replies (`replies`).
+pub const OBJECT_FIELDS: [&str; 2] = ["predictions", "replies"];
+
+/// The task name of a general-knowledge record: `GK:<task>`.
+pub fn gk_task(task: &str) -> String {
+    format!("{GK_PREFIX}{task}")
+}
+
+/// The task a `GK:<task>` record judges; `None` for any other record.
+pub fn gk_base_task(task: &str) -> Option<&str> {
+    task.strip_prefix(GK_PREFIX)
+}
+
 /// One evaluation result of a checkpoint on one task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
@@ -140,15 +161,16 @@ pub struct EvalRecord {
 }
 
 impl EvalRecord {
-    /// Store objects this record references (a `predictions` blob id, when present).
+    /// Store objects this record references (the `predictions` and `replies` blob ids, when
+    /// present).
     pub fn object_ids(&self) -> Vec<ObjectId> {
-        let mut ids = Vec::new();
-        if let Some(Value::String(s)) = self.extra.get("predictions") {
-            if let Ok(id) = s.parse::<ObjectId>() {
-                ids.push(id);
-            }
-        }
-        ids
+        OBJECT_FIELDS
+            .iter()
+            .filter_map(|f| match self.extra.get(*f) {
+                Some(Value::String(s)) => s.parse::<ObjectId>().ok(),
+                _ => None,
+            })
+            .collect()
     }
 
     /// What every stored record must satisfy (checked on every read).
@@ -163,21 +185,24 @@ impl EvalRecord {
                 self.score
             ));
         }
-        if let Some(p) = self.extra.get("predictions") {
-            let ok = p.as_str().is_some_and(|s| s.parse::<ObjectId>().is_ok());
-            if !ok {
-                return Err(format!(
-                    "task '{task}': \"predictions\" must be a store object id (64 lowercase hex \
-                     digits), got {}",
-                    shown_value(p)
-                ));
+        for field in OBJECT_FIELDS {
+            if let Some(p) = self.extra.get(field) {
+                let ok = p.as_str().is_some_and(|s| s.parse::<ObjectId>().is_ok());
+                if !ok {
+                    return Err(format!(
+                        "task '{task}': \"{field}\" must be a store object id (64 lowercase \
+                         hex digits), got {}",
+                        shown_value(p)
+                    ));
+                }
             }
         }
         Ok(())
     }
 
     /// What a record must satisfy to be written: [`EvalRecord::validate`] plus a score over
-    /// at least one sample (a score over none is not a result).
+    /// at least one sample (a score over none is not a result), and for a `GK:<task>` record
+    /// a task after the prefix and the metric [`GK_METRIC`].
     pub fn validate_new(&self, task: &str) -> Result<(), String> {
         self.validate(task)?;
         if self.n == 0 {
@@ -185,6 +210,22 @@ impl EvalRecord {
                 "task '{}': \"n\" is 0; a score needs at least one scored sample",
                 task.escape_debug()
             ));
+        }
+        if let Some(base) = gk_base_task(task) {
+            if base.is_empty() || gk_base_task(base).is_some() {
+                return Err(format!(
+                    "task '{}': a general-knowledge record is named {GK_PREFIX}<task>, with the \
+                     judged task after the prefix",
+                    task.escape_debug()
+                ));
+            }
+            if self.metric != GK_METRIC {
+                return Err(format!(
+                    "task '{}': a {GK_PREFIX} record holds the metric \"{GK_METRIC}\", not \"{}\"",
+                    task.escape_debug(),
+                    self.metric.escape_debug()
+                ));
+            }
         }
         Ok(())
     }
@@ -583,6 +624,41 @@ mod tests {
             let err = parse_eval_file(&text).unwrap_err();
             assert!(err.contains(expect), "{text}: {err}");
         }
+        let gk_cases = [
+            (
+                r#"{"GK:": {"metric": "general_knowledge", "score": 1, "n": 1}}"#,
+                "judged task after the prefix",
+            ),
+            (
+                r#"{"GK:GK:A": {"metric": "general_knowledge", "score": 1, "n": 1}}"#,
+                "judged task after the prefix",
+            ),
+            (
+                r#"{"GK:A": {"metric": "accuracy", "score": 1, "n": 1}}"#,
+                "holds the metric \"general_knowledge\"",
+            ),
+            (
+                r#"{"GK:A": {"metric": "general_knowledge", "score": 1, "n": 1, "replies": "x"}}"#,
+                "\"replies\" must be a store object id",
+            ),
+        ];
+        for (text, expect) in gk_cases {
+            let err = parse_eval_file(text).unwrap_err();
+            assert!(err.contains(expect), "{text}: {err}");
+        }
+        let gk = parse_eval_file(&format!(
+            r#"{{"GK:ScienceQA": {{"metric": "general_knowledge", "score": 43.3, "n": 3, "replies": "{id}", "predictions": "{}"}}}}"#,
+            "cd".repeat(32)
+        ))
+        .unwrap();
+        let ids: Vec<String> = gk["GK:ScienceQA"]
+            .object_ids()
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(ids, vec!["cd".repeat(32), id.clone()]);
+        assert_eq!(gk_base_task(&gk_task("GQA")), Some("GQA"));
+        assert_eq!(gk_base_task("GQA"), None);
         let ok = format!(
             r#"{{"A": {{"metric": "acc", "score": 1, "n": 1, "predictions": "{id}", "x": [{{"a": 1}}, {{"a": 2}}]}}}}"#
         );

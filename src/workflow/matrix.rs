@@ -4,6 +4,10 @@
 //! over the record made with the commit, as `coin show` shows). A checkpoint whose train record
 //! says `"kind": "base"` is the zero-shot row (FWT's baseline). Metrics come from
 //! [`crate::metrics`].
+//!
+//! The general-knowledge matrix ([`MatrixMetric::GeneralKnowledge`]) has the same rows and
+//! takes its cells from the `GK:<task>` records (the LLM judge's scores); the accuracy matrix
+//! leaves those records out.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,6 +16,7 @@ use crate::history::CheckpointId;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::history::records::gk_base_task;
 use crate::history::{CoinRepo, EvalRecord, EvalSource, TrainRecord};
 use crate::metrics::{AccuracyMatrix, ForgettingMode, Metrics};
 
@@ -34,6 +39,34 @@ fn task_key(s: &str) -> String {
         .filter(|c| !matches!(c, '-' | '_' | ' '))
         .flat_map(char::to_lowercase)
         .collect()
+}
+
+/// Which eval records fill the matrix's cells.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatrixMetric {
+    /// Each task's own record (its accuracy or other task metric); `GK:` records are left out.
+    #[default]
+    Accuracy,
+    /// The `GK:<task>` records (the LLM judge's general-knowledge scores), as task `<task>`.
+    GeneralKnowledge,
+}
+
+impl MatrixMetric {
+    /// The records of one checkpoint that this matrix reads, keyed by the column's task.
+    fn select(
+        self,
+        evals: BTreeMap<String, (EvalRecord, EvalSource)>,
+    ) -> BTreeMap<String, (EvalRecord, EvalSource)> {
+        evals
+            .into_iter()
+            .filter_map(|(task, rec)| match (self, gk_base_task(&task)) {
+                (MatrixMetric::Accuracy, None) => Some((task, rec)),
+                (MatrixMetric::GeneralKnowledge, Some(base)) => Some((base.to_string(), rec)),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// One row of the matrix: which checkpoint and which task it trained.
@@ -70,12 +103,22 @@ fn find_record<'a>(
         .map(|(_, (r, _))| r)
 }
 
-/// Build the matrix of the first-parent history ending at `tip`.
+/// Build the accuracy matrix of the first-parent history ending at `tip`
+/// ([`build_matrix_of`] with [`MatrixMetric::Accuracy`]).
+pub fn build_matrix(repo: &CoinRepo, tip: CheckpointId) -> Result<BranchMatrix, WorkflowError> {
+    build_matrix_of(repo, tip, MatrixMetric::Accuracy)
+}
+
+/// Build the matrix of `metric` over the first-parent history ending at `tip`.
 ///
 /// Consecutive checkpoints trained on the same task are one step (the last one counts, e.g.
 /// per-epoch commits); a task trained again after another task is an error, since each row
 /// must be the step that trained one task.
-pub fn build_matrix(repo: &CoinRepo, tip: CheckpointId) -> Result<BranchMatrix, WorkflowError> {
+pub fn build_matrix_of(
+    repo: &CoinRepo,
+    tip: CheckpointId,
+    metric: MatrixMetric,
+) -> Result<BranchMatrix, WorkflowError> {
     let mut chain = repo.first_parent_chain(tip, None)?;
     chain.reverse();
     type Evals = BTreeMap<String, (EvalRecord, EvalSource)>;
@@ -89,7 +132,7 @@ pub fn build_matrix(repo: &CoinRepo, tip: CheckpointId) -> Result<BranchMatrix, 
                 id,
                 task: KIND_BASE.to_string(),
             };
-            zero = Some((row, cp.evals));
+            zero = Some((row, metric.select(cp.evals)));
             continue;
         }
         let key = task_key(&train.task);
@@ -99,7 +142,7 @@ pub fn build_matrix(repo: &CoinRepo, tip: CheckpointId) -> Result<BranchMatrix, 
         };
         if rows.last().is_some_and(|(r, _)| task_key(&r.task) == key) {
             let last = rows.len() - 1;
-            rows[last] = (row, cp.evals);
+            rows[last] = (row, metric.select(cp.evals));
             continue;
         }
         if let Some((earlier, _)) = rows.iter().find(|(r, _)| task_key(&r.task) == key) {
@@ -110,7 +153,7 @@ pub fn build_matrix(repo: &CoinRepo, tip: CheckpointId) -> Result<BranchMatrix, 
                 id.short()
             )));
         }
-        rows.push((row, cp.evals));
+        rows.push((row, metric.select(cp.evals)));
     }
     let mut tasks: Vec<String> = rows.iter().map(|(r, _)| r.task.clone()).collect();
     let mut keys: Vec<String> = tasks.iter().map(|t| task_key(t)).collect();

@@ -5,11 +5,14 @@ use std::io::Write;
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::history::CheckpointId;
 
-use crate::history::{diff_checkpoints, CheckpointDiff, ForgettingReport};
+use crate::history::records::gk_base_task;
+use crate::history::{diff_checkpoints, CheckpointDiff, EvalDelta, ForgettingReport};
 
 use super::history_util::open_repo;
 
 /// Compare two checkpoints: per-task score deltas (forgetting marked), then tensor changes
+///
+/// General-knowledge scores of the LLM judge (`GK:<task>` records) get their own table.
 ///
 /// Changed tensors show the relative L2 norm of the change, ‖B − A‖ / ‖A‖. Forgetting is also
 /// measured against the best earlier score of each task on A's first-parent chain (A and its
@@ -90,6 +93,40 @@ fn check_forgetting(
     .hint("See `coin diff --json` for every task's best earlier score."))
 }
 
+/// One table of score deltas (task, A, B, delta, a forgetting mark); `label` names the row.
+fn write_deltas(
+    out: &mut dyn Write,
+    rows: &[&EvalDelta],
+    label: impl Fn(&str) -> &str,
+) -> Result<(), CommandError> {
+    let w = rows
+        .iter()
+        .map(|e| label(&e.task).chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    writeln!(
+        out,
+        "{:<w$}  {:>8}  {:>8}  {:>8}",
+        "task", "A", "B", "delta"
+    )?;
+    for e in rows {
+        let delta = e
+            .delta
+            .map_or_else(|| "—".to_string(), |v| format!("{v:+.2}"));
+        let mark = if e.forgetting { "  forgetting" } else { "" };
+        writeln!(
+            out,
+            "{:<w$}  {:>8}  {:>8}  {:>8}{mark}",
+            label(&e.task),
+            opt(e.a),
+            opt(e.b),
+            delta
+        )?;
+    }
+    Ok(())
+}
+
 fn print_tables(ui: &mut Ui, d: &CheckpointDiff) -> Result<(), CommandError> {
     let (a, b) = (d.a, d.b);
     let out = ui.out();
@@ -98,31 +135,18 @@ fn print_tables(ui: &mut Ui, d: &CheckpointDiff) -> Result<(), CommandError> {
     if d.eval.is_empty() {
         writeln!(out, "No eval records in either checkpoint.")?;
     } else {
-        let w = d
-            .eval
-            .iter()
-            .map(|e| e.task.chars().count())
-            .max()
-            .unwrap_or(4)
-            .max(4);
-        writeln!(
-            out,
-            "{:<w$}  {:>8}  {:>8}  {:>8}",
-            "task", "A", "B", "delta"
-        )?;
-        for e in &d.eval {
-            let delta = e
-                .delta
-                .map_or_else(|| "—".to_string(), |v| format!("{v:+.2}"));
-            let mark = if e.forgetting { "  forgetting" } else { "" };
-            writeln!(
-                out,
-                "{:<w$}  {:>8}  {:>8}  {:>8}{mark}",
-                e.task,
-                opt(e.a),
-                opt(e.b),
-                delta
-            )?;
+        // Each task's own scores, then the judge's general-knowledge scores (`GK:<task>`).
+        let (gk, own): (Vec<&EvalDelta>, Vec<&EvalDelta>) =
+            d.eval.iter().partition(|e| gk_base_task(&e.task).is_some());
+        if !own.is_empty() {
+            write_deltas(out, &own, |t| t)?;
+        }
+        if !gk.is_empty() {
+            if !own.is_empty() {
+                writeln!(out)?;
+            }
+            writeln!(out, "General knowledge (LLM judge):")?;
+            write_deltas(out, &gk, |t| gk_base_task(t).unwrap_or(t))?;
         }
     }
     let f = &d.forgetting;

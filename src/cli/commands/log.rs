@@ -3,11 +3,15 @@
 use std::io::Write;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
+use crate::history::records::gk_base_task;
 use crate::history::HistoryError;
 
 use super::history_util::{evals_json, format_time, open_repo, Decorations};
 
 /// Show the checkpoints leading to a revision, newest first (first parents)
+///
+/// Each checkpoint's eval scores follow its task; general-knowledge scores of the LLM judge
+/// (`GK:<task>` records, `coin judge --record`) are shown on their own `gk:` line.
 #[derive(clap::Args, Debug)]
 pub struct LogArgs {
     /// Where to start [default: HEAD]
@@ -65,13 +69,20 @@ pub fn cmd_log(ui: &mut Ui, helper: &CommandHelper, args: &LogArgs) -> Result<()
                 Some(m) => writeln!(out, "    {task}: {m}")?,
                 None => writeln!(out, "    {task}")?,
             }
-            if !cp.evals.is_empty() {
-                let scores: Vec<String> = cp
-                    .evals
-                    .iter()
-                    .map(|(t, (r, _))| format!("{t} {:.2}", r.score))
-                    .collect();
+            // Each task's own score, then the judge's general-knowledge scores (`GK:<task>`).
+            let mut scores = Vec::new();
+            let mut gk = Vec::new();
+            for (t, (r, _)) in &cp.evals {
+                match gk_base_task(t) {
+                    Some(base) => gk.push(format!("{base} {:.2}", r.score)),
+                    None => scores.push(format!("{t} {:.2}", r.score)),
+                }
+            }
+            if !scores.is_empty() {
                 writeln!(out, "    eval: {}", scores.join(", "))?;
+            }
+            if !gk.is_empty() {
+                writeln!(out, "    gk:   {}", gk.join(", "))?;
             }
         }
     }

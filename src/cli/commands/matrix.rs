@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
-use crate::workflow::matrix::{build_matrix, paper_table, PaperRow};
+use crate::workflow::matrix::{build_matrix_of, paper_table, MatrixMetric, PaperRow};
 
 use super::history_util::open_repo;
 use super::metrics::{write_metrics_table, ForgettingArg};
@@ -17,10 +17,16 @@ use super::metrics::{write_metrics_table, ForgettingArg};
 /// made with the commit). A checkpoint whose train record has `"kind": "base"` is the
 /// zero-shot row. Metrics (MFT, MFN, MAA, BWT over T−1, FWT when the zero-shot row and upper
 /// triangle exist, forgetting) as `coin metrics` computes them; see docs/metrics.md.
+///
+/// `--metric gk` shows the general-knowledge matrix instead: the same rows, cells from the
+/// `GK:<task>` records of `coin judge --record` (CoIN's LLM-judge axis), same metrics.
 #[derive(clap::Args, Debug)]
 pub struct MatrixArgs {
     /// A branch, tag or checkpoint (default: HEAD)
     pub branch: Option<String>,
+    /// Which scores fill the cells: each task's own metric, or the judge's general knowledge
+    #[arg(long, value_enum, default_value_t = MetricArg::Accuracy)]
+    pub metric: MetricArg,
     /// Print {"tasks", "checkpoints", "matrix", "metrics"} (plus "zero_shot" when present)
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,
@@ -36,6 +42,24 @@ pub struct MatrixArgs {
     /// Also draw the matrix (heatmap + per-task curves) to FILE.svg or FILE.png
     #[arg(long, value_name = "FILE.svg|FILE.png")]
     pub plot: Option<PathBuf>,
+}
+
+/// `--metric` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricArg {
+    /// each task's eval record (accuracy or the task's own metric)
+    Accuracy,
+    /// the GK:<task> records of `coin judge --record` (general knowledge, LLM judge)
+    Gk,
+}
+
+impl From<MetricArg> for MatrixMetric {
+    fn from(m: MetricArg) -> Self {
+        match m {
+            MetricArg::Accuracy => MatrixMetric::Accuracy,
+            MetricArg::Gk => MatrixMetric::GeneralKnowledge,
+        }
+    }
 }
 
 /// `--format` values.
@@ -63,15 +87,24 @@ pub fn cmd_matrix(
             (branch, tip)
         }
     };
-    let bm = build_matrix(&repo, tip)?;
+    let metric = MatrixMetric::from(args.metric);
+    let bm = build_matrix_of(&repo, tip, metric)?;
     let m = bm.metrics(args.forgetting.into())?;
     if let Some(plot) = &args.plot {
         let path = helper.cwd.join(plot);
-        crate::workflow::plot::plot_matrix(&bm, &format!("{name} ({})", tip.short()), &path)?;
+        let title = match metric {
+            MatrixMetric::Accuracy => format!("{name} ({})", tip.short()),
+            MatrixMetric::GeneralKnowledge => {
+                format!("{name} ({}), general knowledge", tip.short())
+            }
+        };
+        crate::workflow::plot::plot_matrix(&bm, &title, &path)?;
         ui.status(&format!("Wrote the plot to '{}'.", plot.display()));
     }
     if args.json {
-        return ui.json(&bm.to_json(&m));
+        let mut v = bm.to_json(&m);
+        v["metric"] = serde_json::to_value(metric)?;
+        return ui.json(&v);
     }
     if args.csv {
         write!(ui.out(), "{}", bm.to_csv())?;
@@ -81,6 +114,15 @@ pub fn cmd_matrix(
         ui.status(&format!(
             "{name} has no checkpoint with a trained task yet; the matrix is empty."
         ));
+    } else if metric == MatrixMetric::GeneralKnowledge
+        && bm.matrix.rows.iter().flatten().all(Option::is_none)
+    {
+        ui.status(&format!(
+            "No checkpoint of {name} has a general-knowledge record yet; record one with `coin judge --record`."
+        ));
+    }
+    if metric == MatrixMetric::GeneralKnowledge && args.format == FormatArg::Table {
+        writeln!(ui.out(), "General knowledge (LLM judge, 0-100)")?;
     }
     match args.format {
         FormatArg::Paper => {

@@ -45,6 +45,158 @@ impl JudgeRule {
     }
 }
 
+impl JudgeRule {
+    /// The rule's key in CoIN's `rule.json` (`--rule_temp` of `create_prompt.py`).
+    pub fn name(self) -> &'static str {
+        match self {
+            JudgeRule::CoIN => "CoIN",
+            JudgeRule::CoINGrounding => "CoIN_Grounding",
+        }
+    }
+
+    /// The prompt version recorded with a score: the rule's name and the first 12 hex digits
+    /// of the blake3 hash of its text, e.g. `CoIN@1a2b3c4d5e6f` (another wording, another
+    /// version).
+    pub fn prompt_version(self) -> String {
+        let hash = blake3::hash(self.text().as_bytes()).to_hex();
+        format!("{}@{}", self.name(), &hash.as_str()[..12])
+    }
+}
+
+/// The judge's sampling settings. [`Sampling::COIN`] (the default) is what CoIN's judge
+/// script (`eval_GenealKnowledge.py`) hard-codes; [`Sampling::DETERMINISTIC`] (temperature 0,
+/// greedy decoding) makes a score repeatable.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// Sampling temperature (0 = greedy).
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    pub top_p: f64,
+    /// vLLM's repetition penalty (1 = none; then it is not sent, so endpoints that do not know
+    /// the field accept the request).
+    pub repetition_penalty: f64,
+    /// Maximum reply tokens.
+    pub max_tokens: u32,
+}
+
+impl Sampling {
+    /// CoIN's settings: `SamplingParams(temperature=0.7, top_p=0.8, repetition_penalty=1.05,
+    /// max_tokens=20)`.
+    pub const COIN: Sampling = Sampling {
+        temperature: 0.7,
+        top_p: 0.8,
+        repetition_penalty: 1.05,
+        max_tokens: 20,
+    };
+
+    /// Greedy decoding: the same prompt always gets the same reply from the same judge.
+    pub const DETERMINISTIC: Sampling = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        max_tokens: 20,
+    };
+
+    /// Check the ranges an OpenAI-compatible server accepts; the message names the setting.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!(
+                "the temperature must be a number >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(format!(
+                "the repetition penalty must be a number > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        if self.max_tokens == 0 {
+            return Err("max_tokens must be at least 1".to_string());
+        }
+        Ok(())
+    }
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling::COIN
+    }
+}
+
+/// Where a recorded score's replies came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JudgeSource {
+    /// `coin judge --endpoint`: coin asked the judge.
+    Endpoint,
+    /// `coin judge --replies`: a judge output file made elsewhere (CoIN's script).
+    RepliesFile,
+}
+
+/// What a general-knowledge record says about its judge (the `judge` field of the record):
+/// enough to tell scores made under other settings apart. Never holds a secret: the endpoint
+/// is kept as its host only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JudgeMeta {
+    /// The judge model's name, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The rule's name (`CoIN`, `CoIN_Grounding`).
+    pub rule: String,
+    /// [`JudgeRule::prompt_version`].
+    pub prompt_version: String,
+    /// The sampling settings.
+    #[serde(flatten)]
+    pub sampling: Sampling,
+    /// The endpoint's host (and port), for scores coin asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_host: Option<String>,
+    /// Where the replies came from.
+    pub source: JudgeSource,
+}
+
+/// The host (and port) of an endpoint URL, without scheme, credentials, path or query, e.g.
+/// `api.example.com` for `https://user:key@api.example.com/v1?x=1`.
+pub fn endpoint_host(endpoint: &str) -> String {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
+        .to_string()
+}
+
+/// One judged reply as coin writes it to `prompt_eval_merge.jsonl` (CoIN's judge output name;
+/// CoIN's `evaluate_score.py` reads its `text`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+struct ReplyLine<'a> {
+    question_id: &'a Qid,
+    text: &'a str,
+    score: f64,
+}
+
+/// The judge output file of judged items, one JSON line each, in CoIN's layout (reply in
+/// `text`), so CoIN's `evaluate_score.py` and [`read_reply_scores`] score it alike.
+pub fn replies_file(done: &[Judged]) -> String {
+    let mut s = String::new();
+    for j in done {
+        let line = ReplyLine {
+            question_id: &j.question_id,
+            text: &j.reply,
+            score: j.score,
+        };
+        s.push_str(&serde_json::to_string(&line).expect("a reply line always serialises"));
+        s.push('\n');
+    }
+    s
+}
+
 /// One answer to judge.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JudgeItem {
@@ -113,13 +265,66 @@ pub fn user_prompt(item: &JudgeItem, rule: JudgeRule) -> String {
     )
 }
 
-/// `prompt_to_eval.json`: a list of `[system, user]` pairs.
+/// `prompt_to_eval.json` byte for byte as CoIN's `create_prompt.py` writes it: a list with one
+/// `[{"role": "system", ...}, {"role": "user", ...}]` pair per item, written by Python's
+/// `json.dump(..., indent=4)` (ASCII only, non-ASCII as `\uXXXX` escapes, no final newline),
+/// so CoIN's judge script (`eval_GenealKnowledge.py`) reads coin's file as its own.
 pub fn prompt_file(items: &[JudgeItem], rule: JudgeRule) -> String {
-    let v: Vec<[String; 2]> = items
-        .iter()
-        .map(|i| [PROMPT_SYSTEM.to_string(), user_prompt(i, rule)])
-        .collect();
-    serde_json::to_string_pretty(&v).expect("strings always serialise") + "\n"
+    if items.is_empty() {
+        return "[]".to_string();
+    }
+    let mut s = String::from("[\n");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            s.push_str(",\n");
+        }
+        s.push_str("    [\n");
+        let messages = [
+            ("system", PROMPT_SYSTEM.to_string()),
+            ("user", user_prompt(item, rule)),
+        ];
+        for (j, (role, content)) in messages.iter().enumerate() {
+            if j > 0 {
+                s.push_str(",\n");
+            }
+            s.push_str("        {\n            \"role\": ");
+            push_py_json_str(&mut s, role);
+            s.push_str(",\n            \"content\": ");
+            push_py_json_str(&mut s, content);
+            s.push_str("\n        }");
+        }
+        s.push_str("\n    ]");
+    }
+    s.push_str("\n]");
+    s
+}
+
+/// Append `text` as a JSON string the way Python's `json.dump` writes it with its default
+/// `ensure_ascii=True`: `"` and `\\` escaped, `\n \r \t \b \f` by name, every other
+/// character outside printable ASCII as `\uXXXX` (lower-case hex; UTF-16 surrogate pairs
+/// above U+FFFF).
+fn push_py_json_str(s: &mut String, text: &str) {
+    use std::fmt::Write as _;
+    s.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => s.push_str("\\\""),
+            '\\' => s.push_str("\\\\"),
+            '\n' => s.push_str("\\n"),
+            '\r' => s.push_str("\\r"),
+            '\t' => s.push_str("\\t"),
+            '\u{8}' => s.push_str("\\b"),
+            '\u{c}' => s.push_str("\\f"),
+            ' '..='~' => s.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    let _ = write!(s, "\\u{u:04x}");
+                }
+            }
+        }
+    }
+    s.push('"');
 }
 
 /// Parse a judge reply with CoIN's rules (`evaluate_score.py`):
@@ -216,10 +421,8 @@ pub struct JudgeClient {
     pub api_key: Option<String>,
     /// The model name sent in each request.
     pub model: String,
-    /// Sampling temperature (default 0: deterministic; CoIN used 0.7).
-    pub temperature: f64,
-    /// Maximum tokens per reply (CoIN: 20).
-    pub max_tokens: u32,
+    /// Sampling settings (CoIN's by default).
+    pub sampling: Sampling,
     /// Per-request timeout.
     pub timeout: Duration,
     /// Extra attempts after a failed request.
@@ -248,15 +451,21 @@ impl JudgeClient {
 
     /// Ask once (with retries); the reply text.
     pub fn ask(&self, user: &str) -> Result<String, TaskError> {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "model": self.model,
             "messages": [
                 {"role": "system", "content": JUDGE_SYSTEM},
                 {"role": "user", "content": user},
             ],
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
+            "temperature": self.sampling.temperature,
+            "top_p": self.sampling.top_p,
+            "max_tokens": self.sampling.max_tokens,
         });
+        // vLLM takes `repetition_penalty` as an extra field; other servers may refuse it, so a
+        // penalty of 1 (none) is not sent.
+        if self.sampling.repetition_penalty != 1.0 {
+            body["repetition_penalty"] = serde_json::json!(self.sampling.repetition_penalty);
+        }
         let body = serde_json::to_vec(&body).expect("a JSON value always serialises");
         let mut pause = self.backoff;
         let mut attempts = 0;

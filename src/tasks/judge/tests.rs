@@ -189,9 +189,14 @@ fn prompts_use_coin_layout() {
     let items = judge_items(&qs, &[ans("1", "blue")], JudgeRule::CoIN).unwrap();
     let u = user_prompt(&items[0], JudgeRule::CoIN);
     assert!(u.starts_with("[Context]\n[Question]\nWhat color?\n\n[Ground truth answer]\nred\n\n[End of ground truth answer]\n\n[Assistant]\nblue\n\n[End of Assistant]\n\n[System]\n"), "{u}");
-    let file: Vec<[String; 2]> =
+    let file: serde_json::Value =
         serde_json::from_str(&prompt_file(&items, JudgeRule::CoIN)).unwrap();
-    assert_eq!(file[0][0], PROMPT_SYSTEM);
+    assert_eq!(
+        file[0][0],
+        serde_json::json!({"role": "system", "content": PROMPT_SYSTEM})
+    );
+    assert_eq!(file[0][1]["role"], "user");
+    assert_eq!(file[0][1]["content"], u.as_str());
     let mut g = rec("2", "the red square\nPlease provide the bounding box coordinate of the region this sentence describes.", "");
     g.answer = None;
     g.answer_bbox = Some("[0.1, 0.2, 0.3, 0.4]".into());
@@ -225,10 +230,29 @@ fn serve(
     replies: Vec<&'static str>,
     fail_from: usize,
 ) -> (String, Arc<AtomicUsize>, std::thread::JoinHandle<()>) {
+    let (url, count, _, h) = serve_recording(replies, fail_from);
+    (url, count, h)
+}
+
+/// The request bodies a loopback server received.
+type Bodies = Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+
+/// [`serve`], also keeping every request body.
+fn serve_recording(
+    replies: Vec<&'static str>,
+    fail_from: usize,
+) -> (
+    String,
+    Arc<AtomicUsize>,
+    Bodies,
+    std::thread::JoinHandle<()>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let count = Arc::new(AtomicUsize::new(0));
     let c = count.clone();
+    let received: Bodies = Arc::default();
+    let bodies = received.clone();
     let h = std::thread::spawn(move || {
         for stream in listener.incoming() {
             let mut stream = stream.unwrap();
@@ -258,7 +282,7 @@ fn serve(
                     let req: serde_json::Value =
                         serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
                     assert_eq!(req["messages"][0]["content"], JUDGE_SYSTEM);
-                    assert_eq!(req["temperature"], 0.0);
+                    bodies.lock().unwrap().push(req);
                     break;
                 }
             }
@@ -277,7 +301,7 @@ fn serve(
             let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         }
     });
-    (format!("http://{addr}/v1"), count, h)
+    (format!("http://{addr}/v1"), count, received, h)
 }
 
 fn client(endpoint: &str) -> JudgeClient {
@@ -285,8 +309,7 @@ fn client(endpoint: &str) -> JudgeClient {
         endpoint: endpoint.to_string(),
         api_key: Some("test-key".into()),
         model: "judge".into(),
-        temperature: 0.0,
-        max_tokens: 20,
+        sampling: Sampling::DETERMINISTIC,
         timeout: Duration::from_secs(5),
         retries: 1,
         backoff: Duration::from_millis(10),
@@ -365,4 +388,176 @@ fn dead_and_slow_endpoints_give_clear_errors() {
     slow.timeout = Duration::from_millis(300);
     let e = chain(&slow.ask("x").unwrap_err());
     assert!(e.contains("no reply within"), "{e}");
+}
+
+#[test]
+fn coin_sampling_settings_are_sent_by_default() {
+    assert_eq!(Sampling::default(), Sampling::COIN);
+    assert_eq!(
+        (
+            Sampling::COIN.temperature,
+            Sampling::COIN.top_p,
+            Sampling::COIN.repetition_penalty,
+            Sampling::COIN.max_tokens
+        ),
+        (0.7, 0.8, 1.05, 20)
+    );
+    let (url, _, bodies, _h) = serve_recording(vec!["8"], usize::MAX);
+    let mut c = client(&url);
+    c.sampling = Sampling::default();
+    assert_eq!(c.ask("x").unwrap(), "8");
+    // Greedy decoding with no penalty leaves the vLLM-only field out.
+    c.sampling = Sampling::DETERMINISTIC;
+    c.ask("x").unwrap();
+    let bodies = bodies.lock().unwrap();
+    let coin = &bodies[0];
+    assert_eq!(coin["temperature"], 0.7);
+    assert_eq!(coin["top_p"], 0.8);
+    assert_eq!(coin["repetition_penalty"], 1.05);
+    assert_eq!(coin["max_tokens"], 20);
+    assert_eq!(coin["model"], "judge");
+    let greedy = &bodies[1];
+    assert_eq!(greedy["temperature"], 0.0);
+    assert_eq!(greedy["top_p"], 1.0);
+    assert!(greedy.get("repetition_penalty").is_none(), "{greedy}");
+}
+
+#[test]
+fn sampling_settings_are_checked() {
+    Sampling::COIN.check().unwrap();
+    Sampling::DETERMINISTIC.check().unwrap();
+    for (s, what) in [
+        (
+            Sampling {
+                temperature: -1.0,
+                ..Sampling::COIN
+            },
+            "temperature",
+        ),
+        (
+            Sampling {
+                temperature: f64::NAN,
+                ..Sampling::COIN
+            },
+            "temperature",
+        ),
+        (
+            Sampling {
+                top_p: 0.0,
+                ..Sampling::COIN
+            },
+            "top_p",
+        ),
+        (
+            Sampling {
+                top_p: 1.5,
+                ..Sampling::COIN
+            },
+            "top_p",
+        ),
+        (
+            Sampling {
+                repetition_penalty: 0.0,
+                ..Sampling::COIN
+            },
+            "repetition penalty",
+        ),
+        (
+            Sampling {
+                max_tokens: 0,
+                ..Sampling::COIN
+            },
+            "max_tokens",
+        ),
+    ] {
+        let e = s.check().unwrap_err();
+        assert!(e.contains(what), "{s:?}: {e}");
+    }
+}
+
+#[test]
+fn prompt_versions_name_the_rule_and_hash_its_text() {
+    let v = JudgeRule::CoIN.prompt_version();
+    let hash = blake3::hash(JudgeRule::CoIN.text().as_bytes()).to_hex();
+    assert_eq!(v, format!("CoIN@{}", &hash.as_str()[..12]));
+    assert!(JudgeRule::CoINGrounding
+        .prompt_version()
+        .starts_with("CoIN_Grounding@"));
+    assert_ne!(
+        JudgeRule::CoIN.prompt_version()[5..],
+        JudgeRule::CoINGrounding.prompt_version()[15..]
+    );
+}
+
+#[test]
+fn endpoint_hosts_keep_no_secret_or_path() {
+    assert_eq!(endpoint_host("http://127.0.0.1:8000/v1"), "127.0.0.1:8000");
+    assert_eq!(
+        endpoint_host("https://user:sk-secret@api.example.com/v1?key=k#x"),
+        "api.example.com"
+    );
+    assert_eq!(endpoint_host("https://api.example.com"), "api.example.com");
+}
+
+/// The fixture folder of CoIN's judge files (see its README).
+fn fixture(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/judge")
+        .join(path)
+}
+
+#[test]
+fn prompt_files_match_coin_byte_for_byte() {
+    for (dir, rule) in [
+        ("coin", JudgeRule::CoIN),
+        ("grounding", JudgeRule::CoINGrounding),
+    ] {
+        let questions =
+            crate::tasks::formats::read_test_file(&fixture(&format!("{dir}/test.json"))).unwrap();
+        let answers =
+            crate::tasks::formats::read_answer_file(&fixture(&format!("{dir}/merge.jsonl")))
+                .unwrap();
+        let items = judge_items(&questions, &answers, rule).unwrap();
+        let ours = prompt_file(&items, rule);
+        let coin = std::fs::read_to_string(fixture(&format!("{dir}/prompt_to_eval.json"))).unwrap();
+        assert_eq!(ours, coin, "{dir}");
+    }
+    assert_eq!(prompt_file(&[], JudgeRule::CoIN), "[]");
+}
+
+#[test]
+fn python_json_escapes() {
+    let mut s = String::new();
+    push_py_json_str(&mut s, "a\"\\/\u{1}\u{7f}é🙂\u{8}\u{c}\r");
+    assert_eq!(s, r#""a\"\\/\u0001\u007f\u00e9\ud83d\ude42\b\f\r""#);
+}
+
+#[test]
+fn coin_judge_output_fixture_scores_as_coin_printed() {
+    // CoIN's evaluate_score.py printed `Final score:43` for this file (see the README).
+    let scores = read_reply_scores(&fixture("coin/prompt_eval_merge.jsonl")).unwrap();
+    assert_eq!(scores, vec![8.0, 0.0, 5.0]);
+    assert_eq!(summarise(&scores).rounded, 43.0);
+}
+
+#[test]
+fn coin_written_replies_read_back() {
+    let done = vec![
+        Judged {
+            index: 0,
+            question_id: Qid::text("a"),
+            reply: "8".into(),
+            score: 8.0,
+        },
+        Judged {
+            index: 1,
+            question_id: Qid::text("b"),
+            reply: "Score: 3\n".into(),
+            score: 3.0,
+        },
+    ];
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("prompt_eval_merge.jsonl");
+    std::fs::write(&p, replies_file(&done)).unwrap();
+    assert_eq!(read_reply_scores(&p).unwrap(), vec![8.0, 3.0]);
 }

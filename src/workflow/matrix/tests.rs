@@ -245,3 +245,45 @@ fn compare_reports_shared_prefix() {
     );
     assert!(unknown.is_err());
 }
+
+#[test]
+fn gk_records_fill_their_own_matrix_and_stay_out_of_accuracy() {
+    let mut f = Fixture::new();
+    let gk = |score: f64| EvalRecord {
+        metric: crate::history::records::GK_METRIC.into(),
+        score,
+        n: 4,
+        extra: BTreeMap::new(),
+    };
+    let a = f.commit("A", false, &[("A", 80.0)]);
+    let tip = f.commit("B", false, &[("A", 70.0), ("B", 90.0)]);
+    let notes = |id, recs: &[(&str, f64)]| {
+        let recs: BTreeMap<String, EvalRecord> =
+            recs.iter().map(|(t, s)| (t.to_string(), gk(*s))).collect();
+        f.repo.add_eval_records(id, &recs).expect("note");
+    };
+    notes(a, &[("GK:A", 60.0)]);
+    notes(tip, &[("GK:A", 45.0), ("GK:B", 50.0), ("GK:Z", 30.0)]);
+    let acc = build_matrix(&f.repo, tip).expect("accuracy");
+    assert_eq!(acc.matrix.tasks, ["A", "B"]);
+    assert_eq!(
+        acc.matrix.rows,
+        vec![vec![Some(80.0), None], vec![Some(70.0), Some(90.0)]]
+    );
+    let g = build_matrix_of(&f.repo, tip, MatrixMetric::GeneralKnowledge).expect("gk");
+    // Same rows; columns in training order, then judged tasks never trained; a missing cell
+    // stays missing.
+    assert_eq!(g.checkpoints, acc.checkpoints);
+    assert_eq!(g.matrix.tasks, ["A", "B", "Z"]);
+    assert_eq!(
+        g.matrix.rows,
+        vec![
+            vec![Some(60.0), None, None],
+            vec![Some(45.0), Some(50.0), Some(30.0)]
+        ]
+    );
+    let m = g.metrics(ForgettingMode::MaxEarlier).expect("metrics");
+    assert_eq!(m.mft, Some(55.0)); // (60 + 50) / 2
+    assert_eq!(m.mfn, Some(47.5)); // (45 + 50) / 2
+    assert_eq!(m.bwt, Some(-15.0)); // 45 − 60
+}
