@@ -274,7 +274,10 @@ fn gk_records_feed_log_diff_and_the_gk_matrix() {
         "{table}"
     );
     // A missing cell prints as missing, never 0.
-    let row1 = table.lines().find(|l| l.starts_with("1 ScienceQA")).unwrap();
+    let row1 = table
+        .lines()
+        .find(|l| l.starts_with("1 ScienceQA"))
+        .unwrap();
     assert!(row1.ends_with("70.00        —"), "{table}");
 
     // `coin diff` shows GK changes per task in their own table.
