@@ -427,3 +427,29 @@ fn coin_fixture_replies_record_as_coin_scored_them() {
     let log = env.coin(&["log", "-n", "1", "--json"]).success().json();
     assert_eq!(log[0]["eval"]["GK:ScienceQA"]["rounded"], 43.0);
 }
+
+#[test]
+fn coin_judge_writes_coins_prompt_file_byte_for_byte() {
+    // tests/fixtures/judge/*/prompt_to_eval.json were written by CoIN's create_prompt.py.
+    let env = TestEnvironment::new();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/judge");
+    for (dir, task) in [("coin", "ScienceQA"), ("grounding", "Grounding")] {
+        let q = fixtures.join(dir).join("test.json");
+        let a = fixtures.join(dir).join("merge.jsonl");
+        env.coin(&[
+            "judge",
+            "--task",
+            task,
+            "--questions",
+            q.to_str().unwrap(),
+            "--answers",
+            a.to_str().unwrap(),
+            "--out",
+            dir,
+        ])
+        .success();
+        let ours = std::fs::read(env.path(format!("{dir}/prompt_to_eval.json"))).unwrap();
+        let coin = std::fs::read(fixtures.join(dir).join("prompt_to_eval.json")).unwrap();
+        assert!(ours == coin, "{dir}: coin's file differs from CoIN's");
+    }
+}
