@@ -165,9 +165,11 @@ fn is_digit(c: char) -> bool {
     c.is_ascii_digit()
 }
 
-/// Python's `str.strip()`/`split()` whitespace.
+/// Python's `str.strip()`/`split()` whitespace: Unicode White_Space plus the information
+/// separators U+001C–U+001F, which Python's `str.isspace()` counts (bidi class B or S) and
+/// Rust's `char::is_whitespace` does not.
 fn is_space(c: char) -> bool {
-    c.is_whitespace()
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
 /// Whether `text` contains a digit, one or more commas, and a digit (`(?<=\d)(\,)+(?=\d)`).

@@ -81,7 +81,23 @@ pub fn cmd_score(
         Some(p) => Some(load_annotations(kind, &helper.cwd.join(p))?),
         None => None,
     };
-    if let Some(w) = scoring::id_warning(kind, mode, &answers, &args.answers) {
+    for w in scoring::id_warning(kind, mode, &answers, &args.answers)
+        .into_iter()
+        .chain(scoring::id_type_warning(
+            kind,
+            mode,
+            &questions,
+            &answers,
+            &args.answers,
+            &args.questions,
+        ))
+        .chain(scoring::questions_warning(
+            kind,
+            mode,
+            &questions,
+            &args.questions,
+        ))
+    {
         ui.warn(&w);
     }
     let mut report = scoring::score(
