@@ -1388,6 +1388,54 @@ mod tests {
     }
 
     #[test]
+    fn answer_lines_write_ids_back_as_read() {
+        // A questions file with integer, float and string ids yields answer lines with the same
+        // JSON types, as CoIN's model_*.py write them, and they read back with the same kinds.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.json");
+        crate::store::fsutil::write_atomic(
+            &path,
+            br#"[{"question_id": 132, "text": "t"}, {"question_id": -4, "text": "t"},
+                 {"question_id": 7.0, "text": "t"}, {"question_id": 1e20, "text": "t"},
+                 {"question_id": "0132", "text": "t"},
+                 {"question_id": 18446744073709551615, "text": "t"}]"#,
+        )
+        .unwrap();
+        let qs = read_test_file(&path).unwrap();
+        let answers: Vec<AnswerRecord> = qs
+            .iter()
+            .map(|q| AnswerRecord {
+                question_id: q.question_id.clone(),
+                prompt: q.text.clone(),
+                text: Some("x".into()),
+                answer_id: serde_json::Value::Null,
+                model_id: serde_json::Value::Null,
+                metadata: serde_json::Value::Null,
+            })
+            .collect();
+        let jsonl = answers_to_jsonl(&answers);
+        let ids: Vec<&str> = jsonl
+            .lines()
+            .map(|l| {
+                let rest = l.strip_prefix("{\"question_id\":").unwrap();
+                &rest[..rest.find(',').unwrap()]
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            ["132", "-4", "7.0", "1e+20", "\"0132\"", "18446744073709551615"]
+        );
+        let back = dir.path().join("merge.jsonl");
+        crate::store::fsutil::write_atomic(&back, jsonl.as_bytes()).unwrap();
+        let read = read_answer_file(&back).unwrap();
+        for (q, a) in qs.iter().zip(&read) {
+            assert_eq!(a.question_id, q.question_id);
+            assert_eq!(a.question_id.kind(), q.question_id.kind(), "{}", q.question_id);
+            assert_eq!(a.question_id.py_key(), q.question_id.py_key());
+        }
+    }
+
+    #[test]
     fn ids_and_texts_are_typed_and_never_build_a_tree() {
         let q: TestRecord = serde_json::from_str(
             r#"{"question_id": 5.0, "text": "t", "answer": 1e20, "answer_bbox": null}"#,

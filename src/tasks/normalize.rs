@@ -288,6 +288,14 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn python_whitespace_includes_the_information_separators() {
+        // Python's str.split() and strip() break at U+001C–U+001F; char::is_whitespace does not.
+        assert_eq!(normalize_answer("red\u{1f}car"), "red car");
+        assert_eq!(normalize_answer("\u{1c}red\u{1e}"), "red");
+        assert_eq!(normalize_answer("red\u{a0}car"), "red car");
+    }
+
+    #[test]
     fn rules_one_by_one() {
         // 1: lower, commas and question marks deleted, 's split.
         assert_eq!(normalize_answer("  Bob's Car? "), "bob 's car");
