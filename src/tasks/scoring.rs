@@ -479,7 +479,7 @@ pub fn score(
 fn percent(kind: ScorerKind, mode: ScoreMode, total: f64, n: usize) -> f64 {
     let n = n as f64;
     match (mode, kind) {
-        // eval_science_qa.py L106 `correct / total * 100`; eval_gqa.py L161 + L427
+        // eval_science_qa.py L106 `correct / total * 100`; eval_gqa.py L161 + L425
         // `float(sum(l)) / len(l)` then `* 100`.
         (ScoreMode::Compat, ScorerKind::ScienceQA | ScorerKind::GQA) => total / n * 100.0,
         // eval_textvqa.py L49 `100. * evaluator.eval_pred_list(…)`, which returns
@@ -587,6 +587,23 @@ fn compat_question<'a>(
     })
 }
 
+/// Compat: the text of an answer line CoIN's scorer reads. A line without `text` (or with
+/// `null`) stops CoIN's scripts (`KeyError`, or `None.upper()`, `len(None)`, `x in None`), so
+/// it is an error here; Grounding alone catches it and counts the line wrong
+/// (eval_grounding.py L69-75), and reads `bbox_parse_compat("")` the same way.
+fn compat_text(kind: ScorerKind, a: &AnswerRecord) -> Result<&str, TaskError> {
+    a.text.as_deref().ok_or_else(|| {
+        err(
+            kind,
+            format!(
+                "the answer line for question {} has no \"text\" (CoIN's scorer stops there; \
+                 --mode strict scores it as an empty answer)",
+                a.question_id
+            ),
+        )
+    })
+}
+
 /// Strict: every answer must name a known question, at most once.
 fn strict_answers<'a>(
     kind: ScorerKind,
@@ -629,7 +646,7 @@ fn per_answer(
             let gt = gt_answer(kind, q)?;
             Ok(ItemScore {
                 question_id: a.question_id.clone(),
-                score: f64::from(u8::from(correct(gt, a.answer()))),
+                score: f64::from(u8::from(correct(gt, compat_text(kind, a)?))),
             })
         })
         .collect()
@@ -753,9 +770,10 @@ fn scienceqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
             )
         })?;
         let qid = Qid::text(pid.clone());
-        let text = preds
-            .get(&PyKey::Str(pid.clone()))
-            .map_or("FAILED", |a| a.answer());
+        let text = match preds.get(&PyKey::Str(pid.clone())) {
+            Some(a) => compat_text(kind, a)?,
+            None => "FAILED",
+        };
         let idx = sqa_parse_compat(text).and_then(|c| {
             OPTIONS[..prob.n_choices.min(5)]
                 .iter()
@@ -840,7 +858,7 @@ fn textvqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
             }
             let norm: Vec<String> = gts.iter().map(|g| normalize_answer(g)).collect();
             let s = soft_scores(&norm)
-                .get(&normalize_answer(a.answer()))
+                .get(&normalize_answer(compat_text(kind, a)?))
                 .copied()
                 .unwrap_or(0.0);
             Ok(ItemScore {
@@ -920,7 +938,7 @@ fn imagenet_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
         .zip(input.answers)
         .map(|(q, a)| {
             let gt = gt_answer(kind, q)?;
-            let pred = a.answer();
+            let pred = compat_text(kind, a)?;
             Ok(ItemScore {
                 question_id: q.question_id.clone(),
                 score: f64::from(u8::from(gt.contains(pred) || pred.contains(gt))),
@@ -942,7 +960,7 @@ fn gqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
     let mut preds: Vec<(&Qid, String)> = Vec::new();
     let mut seen: HashMap<PyKey, usize> = HashMap::new();
     for a in input.answers {
-        let t = a.answer().trim_end_matches('.').to_lowercase();
+        let t = compat_text(kind, a)?.trim_end_matches('.').to_lowercase();
         match seen.get(&a.question_id.py_key()) {
             Some(&i) => preds[i].1 = t,
             None => {

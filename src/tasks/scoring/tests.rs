@@ -1008,3 +1008,32 @@ fn imagenet_compat_reads_every_questions_answer() {
     let e = compat_error(ScorerKind::ImageNet, &qs, &[a("1", "cat")]);
     assert!(e.contains("question 2 has no \"answer\""), "{e}");
 }
+
+#[test]
+fn compat_stops_at_an_answer_line_without_text_as_coin_does() {
+    let qs = [q("1", "Q\nI", "yes"), q("2", "Q\nI", "no")];
+    let mut none = a("2", "");
+    none.text = None;
+    let ans = [a("1", "yes"), none];
+    for kind in [
+        ScorerKind::VizWiz,
+        ScorerKind::VQAv2,
+        ScorerKind::OCRVQA,
+        ScorerKind::ImageNet,
+    ] {
+        let e = compat_error(kind, &qs, &ans);
+        assert!(
+            e.contains("the answer line for question 2 has no \"text\""),
+            "{kind:?}: {e}"
+        );
+        // Strict scores it as an empty answer.
+        let r = run(kind, ScoreMode::Strict, &qs, &ans, None);
+        assert_eq!((r.n, r.score), (2, 50.0), "{kind:?}");
+    }
+    // Grounding catches it (eval_grounding.py L69-75): wrong, counted.
+    let mut g = q("2", "Q\nI", "");
+    g.answer_bbox = Some("[0.1, 0.1, 0.5, 0.5]".into());
+    g.size = Some([10.0, 10.0]);
+    let r = run(ScorerKind::Grounding, ScoreMode::Compat, &[g], &ans[1..], None);
+    assert_eq!((r.n, r.score), (1, 0.0));
+}
