@@ -160,13 +160,7 @@ fn vizwiz_and_vqav2_compare_upper_case() {
 fn scienceqa_percentage_is_correct_over_total_times_100() {
     // eval_science_qa.py printed "Total: 160, Correct: 23, Accuracy: 14.37%": 23 / 160 * 100
     // is 14.374999…, while 100 * 23 / 160 is 14.375 and prints 14.38.
-    let out = score(
-        "ScienceQA",
-        "scienceqa_rounding",
-        "test.json",
-        Some(""),
-    )
-    .success();
+    let out = score("ScienceQA", "scienceqa_rounding", "test.json", Some("")).success();
     assert_eq!(printed(&out), ("14.37".into(), 160));
 }
 

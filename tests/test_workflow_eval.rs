@@ -287,7 +287,10 @@ fn eval_generates_caches_forces_and_rescores() {
     };
     env.write(
         "mixed.jsonl",
-        format!("{lines}{}\n", serde_json::json!({"question_id": other, "text": "x"})),
+        format!(
+            "{lines}{}\n",
+            serde_json::json!({"question_id": other, "text": "x"})
+        ),
     );
     let mixed = env
         .coin(&["eval", "--answers", "mixed.jsonl", "--task", "mini-VQAv2"])

@@ -1423,14 +1423,26 @@ mod tests {
             .collect();
         assert_eq!(
             ids,
-            ["132", "-4", "7.0", "1e+20", "\"0132\"", "18446744073709551615"]
+            [
+                "132",
+                "-4",
+                "7.0",
+                "1e+20",
+                "\"0132\"",
+                "18446744073709551615"
+            ]
         );
         let back = dir.path().join("merge.jsonl");
         crate::store::fsutil::write_atomic(&back, jsonl.as_bytes()).unwrap();
         let read = read_answer_file(&back).unwrap();
         for (q, a) in qs.iter().zip(&read) {
             assert_eq!(a.question_id, q.question_id);
-            assert_eq!(a.question_id.kind(), q.question_id.kind(), "{}", q.question_id);
+            assert_eq!(
+                a.question_id.kind(),
+                q.question_id.kind(),
+                "{}",
+                q.question_id
+            );
             assert_eq!(a.question_id.py_key(), q.question_id.py_key());
         }
     }

@@ -248,7 +248,10 @@ pub fn id_type_warning(
             (_, k) => k.describe(),
         }
     };
-    let known: HashSet<&str> = questions.iter().map(|q| class(q.question_id.kind())).collect();
+    let known: HashSet<&str> = questions
+        .iter()
+        .map(|q| class(q.question_id.kind()))
+        .collect();
     let odd = answers
         .iter()
         .find(|a| !known.contains(class(a.question_id.kind())))?;

@@ -878,9 +878,7 @@ fn grounding_compat_scales_before_the_iou() {
 fn compat_percentages_follow_coins_order_of_operations() {
     // 23 of 160: `c / n * 100` is 14.374999…, `100 * c / n` is 14.375; CoIN prints them with
     // `%.2f` as 14.37 and 14.38.
-    let qs: Vec<TestRecord> = (0..160)
-        .map(|i| q(&i.to_string(), "Q\nI", "yes"))
-        .collect();
+    let qs: Vec<TestRecord> = (0..160).map(|i| q(&i.to_string(), "Q\nI", "yes")).collect();
     let ans: Vec<AnswerRecord> = (0..160)
         .map(|i| a(&i.to_string(), if i < 23 { "yes" } else { "no" }))
         .collect();
@@ -923,13 +921,25 @@ fn compat_percentages_follow_coins_order_of_operations() {
     let sqa: Vec<AnswerRecord> = (0..160)
         .map(|i| a(&i.to_string(), if i < 23 { "A" } else { "B" }))
         .collect();
-    let r = run(ScorerKind::ScienceQA, ScoreMode::Compat, &qs, &sqa, Some(&ann));
+    let r = run(
+        ScorerKind::ScienceQA,
+        ScoreMode::Compat,
+        &qs,
+        &sqa,
+        Some(&ann),
+    );
     assert_eq!(printed(&r), "14.37");
     // TextVQA: 100. * (sum / n): 0.1437499… * 100 here too.
     let ten = |s: &str| vec![s.to_string(); 10];
     let tv: HashMap<String, Vec<String>> = (0..160).map(|i| (i.to_string(), ten("yes"))).collect();
     let ann = Annotations::TextVQA(tv);
-    let r = run(ScorerKind::TextVQA, ScoreMode::Compat, &qs, &ans, Some(&ann));
+    let r = run(
+        ScorerKind::TextVQA,
+        ScoreMode::Compat,
+        &qs,
+        &ans,
+        Some(&ann),
+    );
     assert_eq!(printed(&r), format!("{:.2}", 100.0 * (23.0_f64 / 160.0)));
 }
 
@@ -964,22 +974,16 @@ fn id_type_warning_names_both_files() {
     let strings = [a("301", "yes")];
     let floats = [with_id(&a("x", "yes"), "301.0", |r, id| r.question_id = id)];
     // VizWiz looks ids up as written: "301" is not 301 (CoIN: KeyError), 301.0 is.
-    let w = id_type_warning(ScorerKind::VizWiz, ScoreMode::Compat, &qs, &strings, af, qf)
-        .unwrap();
+    let w = id_type_warning(ScorerKind::VizWiz, ScoreMode::Compat, &qs, &strings, af, qf).unwrap();
     assert!(
         w.starts_with("'merge.jsonl' writes question id 301 as a string, and no id of 'val.json' is written so [eval_vizwiz.py L18, L25]")
             && w.contains("KeyError"),
         "{w}"
     );
-    assert!(
-        id_type_warning(ScorerKind::VizWiz, ScoreMode::Compat, &qs, &floats, af, qf).is_none()
-    );
+    assert!(id_type_warning(ScorerKind::VizWiz, ScoreMode::Compat, &qs, &floats, af, qf).is_none());
     // VQAv2 converts with str(): "301" is 301, 301.0 is "301.0".
-    assert!(
-        id_type_warning(ScorerKind::VQAv2, ScoreMode::Compat, &qs, &strings, af, qf).is_none()
-    );
-    let w =
-        id_type_warning(ScorerKind::VQAv2, ScoreMode::Compat, &qs, &floats, af, qf).unwrap();
+    assert!(id_type_warning(ScorerKind::VQAv2, ScoreMode::Compat, &qs, &strings, af, qf).is_none());
+    let w = id_type_warning(ScorerKind::VQAv2, ScoreMode::Compat, &qs, &floats, af, qf).unwrap();
     assert!(w.contains("as a float"), "{w}");
     // Strict mode and the scorers that do not look answers up in the questions file: nothing.
     for (kind, mode) in [
@@ -1034,6 +1038,12 @@ fn compat_stops_at_an_answer_line_without_text_as_coin_does() {
     let mut g = q("2", "Q\nI", "");
     g.answer_bbox = Some("[0.1, 0.1, 0.5, 0.5]".into());
     g.size = Some([10.0, 10.0]);
-    let r = run(ScorerKind::Grounding, ScoreMode::Compat, &[g], &ans[1..], None);
+    let r = run(
+        ScorerKind::Grounding,
+        ScoreMode::Compat,
+        &[g],
+        &ans[1..],
+        None,
+    );
     assert_eq!((r.n, r.score), (1, 0.0));
 }
