@@ -207,3 +207,18 @@ fn printed_line_rounds_as_coin_prints() {
         "ScienceQA accuracy (compat): 14.37 over 160 questions\n"
     );
 }
+
+#[test]
+fn grounding_parses_boxes_as_python_does() {
+    // eval_grounding.py printed "Samples: 16 / Accuracy: 43.75%": "0.1_0" is 0.1 for float(),
+    // "0.1__0" is an error, a null text is wrong but counted, "+0.1", "1e-1", NaN, newlines
+    // and spaces around the box, and the later of two records for "gdup" is the one that counts.
+    let out = score("Grounding", "grounding_case", "test.json", None).success();
+    assert_eq!(printed(&out), ("43.75".into(), 16));
+    assert!(
+        out.stderr
+            .contains("grounding_case/test.json' repeat a question id (first: gdup)"),
+        "{}",
+        out.stderr
+    );
+}

@@ -1003,9 +1003,27 @@ fn gqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
 
 // ---------------------------------------------------------------- Grounding
 
-/// Python's `float()` on a token: surrounding whitespace allowed.
+/// Python's `float()` on a token: surrounding whitespace allowed, and single underscores
+/// between digits (PEP 515: `0.1_0` is 0.1, `1__0`, `_1`, `1_` and `1_.5` are errors). Not
+/// reproduced: Python also reads non-ASCII decimal digits (`float('１２')` is 12.0).
 fn py_float(s: &str) -> Option<f64> {
-    s.trim().parse::<f64>().ok()
+    let t = s.trim();
+    if !t.contains('_') {
+        return t.parse::<f64>().ok();
+    }
+    let b = t.as_bytes();
+    let mut plain = String::with_capacity(t.len());
+    for (i, c) in t.char_indices() {
+        if c == '_' {
+            let digit = |j: Option<usize>| j.and_then(|j| b.get(j)).is_some_and(u8::is_ascii_digit);
+            if !digit(i.checked_sub(1)) || !digit(Some(i + 1)) {
+                return None;
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain.parse::<f64>().ok()
 }
 
 /// Parse a box the way CoIN's `eval_grounding.py` L70-73 parses predictions: delete every `[`

@@ -1047,3 +1047,17 @@ fn compat_stops_at_an_answer_line_without_text_as_coin_does() {
     );
     assert_eq!((r.n, r.score), (1, 0.0));
 }
+
+#[test]
+fn grounding_compat_reads_numbers_as_python_float_does() {
+    // float() takes single underscores between digits (PEP 515).
+    assert_eq!(py_float(" 0.1_0 "), Some(0.1));
+    assert_eq!(py_float("1e1_0"), Some(1e10));
+    for bad in ["1__0", "_1", "1_", "1_.5", "0.5e0_", "in_f", ""] {
+        assert_eq!(py_float(bad), None, "{bad}");
+    }
+    assert_eq!(
+        bbox_parse_compat(" [0.1_0, 0.1, 0.5, 0.55]"),
+        Some([0.1, 0.1, 0.5, 0.5])
+    );
+}
