@@ -1175,6 +1175,13 @@ fn grounding_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
         .iter()
         .map(|a| {
             let q = compat_question(kind, &qs, &a.question_id)?;
+            // L63 reads `answer_bbox` (KeyError without it); strict also takes `answer`.
+            if q.answer_bbox.is_none() {
+                return Err(err(
+                    kind,
+                    format!("question {} has no \"answer_bbox\"", q.question_id),
+                ));
+            }
             let gt = grounding_gt(q)?;
             let size = q.size.ok_or_else(|| {
                 err(

@@ -1061,3 +1061,15 @@ fn grounding_compat_reads_numbers_as_python_float_does() {
         Some([0.1, 0.1, 0.5, 0.5])
     );
 }
+
+#[test]
+fn grounding_compat_needs_answer_bbox_strict_takes_answer() {
+    // eval_grounding.py L63 reads `answer_bbox`; strict falls back to `answer`.
+    let mut g = q("1", "Q\nI", "[0.1, 0.1, 0.5, 0.5]");
+    g.size = Some([10.0, 10.0]);
+    let ans = [a("1", " [0.1, 0.1, 0.5, 0.51]")];
+    let e = compat_error(ScorerKind::Grounding, std::slice::from_ref(&g), &ans);
+    assert!(e.contains("question 1 has no \"answer_bbox\""), "{e}");
+    let r = run(ScorerKind::Grounding, ScoreMode::Strict, &[g], &ans, None);
+    assert_eq!((r.n, r.score), (1, 100.0));
+}
