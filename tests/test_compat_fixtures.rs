@@ -109,6 +109,13 @@ fn vizwiz_fails_on_an_id_of_the_other_type_as_coin_does() {
         "{}",
         out.stderr
     );
+    // The error names both files.
+    assert!(
+        out.stderr.contains("Hint: Check the files: --questions '")
+            && out.stderr.contains("vizwiz/answers.jsonl'."),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

@@ -110,9 +110,14 @@ pub fn cmd_score(
         },
     )
     .map_err(|e| {
-        let nothing_scored = matches!(e, TaskError::NothingScored { .. });
+        // These errors speak of "the answer file" and "the questions file": name them.
+        let names_files = match &e {
+            TaskError::NothingScored { .. } => true,
+            TaskError::Scoring { message, .. } => message.contains("the answer file"),
+            _ => false,
+        };
         let err = CommandError::from(e);
-        if nothing_scored {
+        if names_files {
             err.hint(format!(
                 "Check the files: --questions '{}', --answers '{}'.",
                 args.questions.display(),
