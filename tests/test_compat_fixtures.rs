@@ -109,4 +109,123 @@ fn vizwiz_fails_on_an_id_of_the_other_type_as_coin_does() {
         "{}",
         out.stderr
     );
+    // The error names both files.
+    assert!(
+        out.stderr.contains("Hint: Check the files: --questions '")
+            && out.stderr.contains("vizwiz/answers.jsonl'."),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn textvqa_normalises_and_averages_as_m4c_evaluator() {
+    // eval_textvqa.py printed "Samples: 80 / Accuracy: 25.87%". 100 * (sum / n), as CoIN
+    // computes it, prints 25.87; 100 * sum / n prints 25.88. "x" followed by 40 periods keeps
+    // 8 of them (re.sub's count is re.UNICODE = 32), "red\x1fcar" is "red car" (Python's
+    // split() breaks at U+001F), "" matches the answers "?" (normalised to "").
+    let out = score(
+        "TextVQA",
+        "textvqa",
+        "test.json",
+        Some("TextVQA_0.5.1_val.json"),
+    )
+    .success();
+    assert_eq!(printed(&out), ("25.87".into(), 80));
+}
+
+#[test]
+fn imagenet_pairs_by_line_and_matches_substrings() {
+    // eval_ImagetNet.py printed "Samples: 12 / Accuracy: 58.33%": ids are not read, "cat" is
+    // right for "bobcat", "" is right, "Cat" and "café" against "cafe\u{301}" are wrong, the two
+    // questions without an answer line are not counted.
+    let out = score("ImageNet", "imagenet", "test.json", None).success();
+    assert_eq!(printed(&out), ("58.33".into(), 12));
+}
+
+#[test]
+fn ocrvqa_skips_unanswerable_and_lower_cases() {
+    // eval_ocrvqa.py printed "Samples: 0 / Accuracy: 53.33%" (8 of 15 lines; its sample count
+    // is always 0): "Unanswerable" is skipped even when right, "UNANSWERABLE" is not; "Straße"
+    // is not "STRASSE" lower-cased; the final sigma of "ΟΔΟΣ"; 7.0 finds question 7.
+    let out = score("OCR-VQA", "ocrvqa", "test.json", None).success();
+    assert_eq!(printed(&out), ("53.33".into(), 15));
+}
+
+#[test]
+fn vizwiz_and_vqav2_compare_upper_case() {
+    // eval_vizwiz.py and eval_vqav2.py both printed "Samples: 11 / Accuracy: 72.73%":
+    // "Straße" = "STRASSE", "ﬁsh" = "FISH", "ǆ" = "ǅ", "i" = "ı" once upper-cased; " red",
+    // "yes." and "two" are wrong. VizWiz finds question 7 by 7.0, VQAv2 by "7".
+    for (task, dir) in [("VizWiz", "vizwiz_case"), ("VQAv2", "vqav2_case")] {
+        let out = score(task, dir, "val.json", None).success();
+        assert_eq!(printed(&out), ("72.73".into(), 11), "{task}");
+    }
+}
+
+#[test]
+fn scienceqa_percentage_is_correct_over_total_times_100() {
+    // eval_science_qa.py printed "Total: 160, Correct: 23, Accuracy: 14.37%": 23 / 160 * 100
+    // is 14.374999…, while 100 * 23 / 160 is 14.375 and prints 14.38.
+    let out = score("ScienceQA", "scienceqa_rounding", "test.json", Some("")).success();
+    assert_eq!(printed(&out), ("14.37".into(), 160));
+}
+
+#[test]
+fn gqa_percentage_is_average_times_100() {
+    // eval_gqa.py printed "Accuracy: 14.37%" (avg(l) * 100 with 23 of 160 balanced answers;
+    // unbalanced and unanswered questions do not count, the later line for 5000 wins).
+    let out = score(
+        "GQA",
+        "gqa_rounding",
+        "test.json",
+        Some("testdev_balanced_questions.json"),
+    )
+    .success();
+    assert_eq!(printed(&out), ("14.37".into(), 160));
+}
+
+#[test]
+fn printed_line_rounds_as_coin_prints() {
+    // The text line prints `%.2f` of the same number (half-even on the exact binary value,
+    // as Python's format does).
+    let env = TestEnvironment::new();
+    let dir = "scienceqa_rounding";
+    let (q, a, ann) = (
+        fixture(&format!("{dir}/test.json")),
+        fixture(&format!("{dir}/answers.jsonl")),
+        fixture(dir),
+    );
+    let out = env
+        .coin(&[
+            "score",
+            "--task",
+            "ScienceQA",
+            "--questions",
+            &q,
+            "--answers",
+            &a,
+            "--annotations",
+            &ann,
+        ])
+        .success();
+    assert_eq!(
+        out.stdout,
+        "ScienceQA accuracy (compat): 14.37 over 160 questions\n"
+    );
+}
+
+#[test]
+fn grounding_parses_boxes_as_python_does() {
+    // eval_grounding.py printed "Samples: 16 / Accuracy: 43.75%": "0.1_0" is 0.1 for float(),
+    // "0.1__0" is an error, a null text is wrong but counted, "+0.1", "1e-1", NaN, newlines
+    // and spaces around the box, and the later of two records for "gdup" is the one that counts.
+    let out = score("Grounding", "grounding_case", "test.json", None).success();
+    assert_eq!(printed(&out), ("43.75".into(), 16));
+    assert!(
+        out.stderr
+            .contains("grounding_case/test.json' repeat a question id (first: gdup)"),
+        "{}",
+        out.stderr
+    );
 }

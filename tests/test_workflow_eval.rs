@@ -251,7 +251,7 @@ fn eval_generates_caches_forces_and_rescores() {
         );
         lines.push('\n');
     }
-    env.write("answers.jsonl", lines);
+    env.write("answers.jsonl", &lines);
     let scored = env
         .coin(&[
             "eval",
@@ -278,6 +278,30 @@ fn eval_generates_caches_forces_and_rescores() {
     let r = &records(&env, "HEAD")["mini-VQAv2"];
     assert_eq!(r["score"], 100.0);
     assert_eq!(r["source"], "note");
+    // An answer file whose ids mix strings and numbers gets coin score's warning, naming it.
+    let first = &test.as_array().unwrap()[0]["question_id"];
+    let other = if first.is_string() {
+        serde_json::json!(999_999)
+    } else {
+        serde_json::json!("999999")
+    };
+    env.write(
+        "mixed.jsonl",
+        format!(
+            "{lines}{}\n",
+            serde_json::json!({"question_id": other, "text": "x"})
+        ),
+    );
+    let mixed = env
+        .coin(&["eval", "--answers", "mixed.jsonl", "--task", "mini-VQAv2"])
+        .code(1);
+    assert!(
+        mixed
+            .stderr
+            .contains("mixed.jsonl' mixes question ids written as strings"),
+        "{}",
+        mixed.stderr
+    );
     // The old --record path still works.
     env.write(
         "results.json",

@@ -101,10 +101,11 @@ fn brief(message: impl fmt::Display) -> String {
 /// A question id as written in a CoIN file: a string or a number. Compared, hashed and
 /// ordered by its text, so `5` and `"5"` are the same question; the JSON type is kept
 /// ([`Qid::kind`]) for the compat scorers, which look ids up the way CoIN's Python does
-/// ([`Qid::py_key`], [`Qid::py_str`]).
-#[derive(Clone, Debug, Serialize)]
-#[serde(transparent)]
-pub struct Qid(pub String, #[serde(skip)] IdKind);
+/// ([`Qid::py_key`], [`Qid::py_str`]). It is written back as it was read: a string as a
+/// string, a number as a number, as CoIN's `model_*.py` copy the test record's id into the
+/// answer line (so CoIN's scorers, which look ids up unconverted, accept coin's answer files).
+#[derive(Clone, Debug)]
+pub struct Qid(pub String, IdKind);
 
 /// How a question id was written in JSON.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -281,6 +282,25 @@ pub fn py_float_repr(v: f64) -> String {
 /// serde_json's text of a float (`5.0`, `1e20`), so a number reads as it did through `Value`.
 fn float_text(v: f64) -> String {
     serde_json::Number::from_f64(v).map_or_else(|| v.to_string(), |n| n.to_string())
+}
+
+impl Serialize for Qid {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // The text of a number id is what serde_json read (an i64/u64 or a float's text), so
+        // it parses back; should it not, the id is written as a string rather than lost.
+        match self.1 {
+            IdKind::Text => s.serialize_str(&self.0),
+            IdKind::Int => match (self.0.parse::<u64>(), self.0.parse::<i64>()) {
+                (Ok(v), _) => s.serialize_u64(v),
+                (_, Ok(v)) => s.serialize_i64(v),
+                _ => s.serialize_str(&self.0),
+            },
+            IdKind::Float => match self.0.parse::<f64>() {
+                Ok(v) if v.is_finite() => s.serialize_f64(v),
+                _ => s.serialize_str(&self.0),
+            },
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Qid {
@@ -1364,6 +1384,66 @@ mod tests {
             (5e-324, "5e-324"),
         ] {
             assert_eq!(py_float_repr(v), want, "{v:e}");
+        }
+    }
+
+    #[test]
+    fn answer_lines_write_ids_back_as_read() {
+        // A questions file with integer, float and string ids yields answer lines with the same
+        // JSON types, as CoIN's model_*.py write them, and they read back with the same kinds.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.json");
+        crate::store::fsutil::write_atomic(
+            &path,
+            br#"[{"question_id": 132, "text": "t"}, {"question_id": -4, "text": "t"},
+                 {"question_id": 7.0, "text": "t"}, {"question_id": 1e20, "text": "t"},
+                 {"question_id": "0132", "text": "t"},
+                 {"question_id": 18446744073709551615, "text": "t"}]"#,
+        )
+        .unwrap();
+        let qs = read_test_file(&path).unwrap();
+        let answers: Vec<AnswerRecord> = qs
+            .iter()
+            .map(|q| AnswerRecord {
+                question_id: q.question_id.clone(),
+                prompt: q.text.clone(),
+                text: Some("x".into()),
+                answer_id: serde_json::Value::Null,
+                model_id: serde_json::Value::Null,
+                metadata: serde_json::Value::Null,
+            })
+            .collect();
+        let jsonl = answers_to_jsonl(&answers);
+        let ids: Vec<&str> = jsonl
+            .lines()
+            .map(|l| {
+                let rest = l.strip_prefix("{\"question_id\":").unwrap();
+                &rest[..rest.find(',').unwrap()]
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "132",
+                "-4",
+                "7.0",
+                "1e+20",
+                "\"0132\"",
+                "18446744073709551615"
+            ]
+        );
+        let back = dir.path().join("merge.jsonl");
+        crate::store::fsutil::write_atomic(&back, jsonl.as_bytes()).unwrap();
+        let read = read_answer_file(&back).unwrap();
+        for (q, a) in qs.iter().zip(&read) {
+            assert_eq!(a.question_id, q.question_id);
+            assert_eq!(
+                a.question_id.kind(),
+                q.question_id.kind(),
+                "{}",
+                q.question_id
+            );
+            assert_eq!(a.question_id.py_key(), q.question_id.py_key());
         }
     }
 

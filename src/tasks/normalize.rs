@@ -165,9 +165,11 @@ fn is_digit(c: char) -> bool {
     c.is_ascii_digit()
 }
 
-/// Python's `str.strip()`/`split()` whitespace.
+/// Python's `str.strip()`/`split()` whitespace: Unicode White_Space plus the information
+/// separators U+001C–U+001F, which Python's `str.isspace()` counts (bidi class B or S) and
+/// Rust's `char::is_whitespace` does not.
 fn is_space(c: char) -> bool {
-    c.is_whitespace()
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
 /// Whether `text` contains a digit, one or more commas, and a digit (`(?<=\d)(\,)+(?=\d)`).
@@ -284,6 +286,14 @@ pub fn soft_scores(gt_normalised: &[String]) -> HashMap<String, f64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn python_whitespace_includes_the_information_separators() {
+        // Python's str.split() and strip() break at U+001C–U+001F; char::is_whitespace does not.
+        assert_eq!(normalize_answer("red\u{1f}car"), "red car");
+        assert_eq!(normalize_answer("\u{1c}red\u{1e}"), "red");
+        assert_eq!(normalize_answer("red\u{a0}car"), "red car");
+    }
 
     #[test]
     fn rules_one_by_one() {

@@ -219,6 +219,53 @@ pub fn id_warning(
     ))
 }
 
+/// A warning for an answer file whose ids are of a type the questions file does not use, where
+/// CoIN's scorer looks answers up in the questions file (VizWiz, Grounding, OCR-VQA as written;
+/// VQAv2 through `str()`, so only a float such as `132.0` differs): CoIN stops there with a
+/// `KeyError`, and compat mode with an error. `None` in strict mode and when the types agree.
+/// The text names both files.
+pub fn id_type_warning(
+    kind: ScorerKind,
+    mode: ScoreMode,
+    questions: &[TestRecord],
+    answers: &[AnswerRecord],
+    answers_file: &Path,
+    questions_file: &Path,
+) -> Option<String> {
+    let (how, source) = kind.compat_id_match();
+    let looks_up_questions = matches!(
+        kind,
+        ScorerKind::VizWiz | ScorerKind::Grounding | ScorerKind::OCRVQA | ScorerKind::VQAv2
+    );
+    if mode != ScoreMode::Compat || !looks_up_questions {
+        return None;
+    }
+    // The types the scorer tells apart.
+    let class = |k: IdKind| -> &'static str {
+        match (how, k) {
+            (IdMatch::Str, IdKind::Float) => "a float (str() writes 12.0 as \"12.0\")",
+            (IdMatch::Str, _) => "a string or an integer",
+            (_, k) => k.describe(),
+        }
+    };
+    let known: HashSet<&str> = questions
+        .iter()
+        .map(|q| class(q.question_id.kind()))
+        .collect();
+    let odd = answers
+        .iter()
+        .find(|a| !known.contains(class(a.question_id.kind())))?;
+    Some(format!(
+        "'{}' writes question id {} as {}, and no id of '{}' is written so [{source}]: CoIN's \
+         scorer stops there with a KeyError, and so does compat mode (--mode strict matches \
+         ids by their text).",
+        answers_file.display(),
+        odd.question_id,
+        class(odd.question_id.kind()),
+        questions_file.display()
+    ))
+}
+
 /// One ScienceQA problem from `problems.json`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct SqaProblem {
@@ -422,10 +469,29 @@ pub fn score(
         task: kind.name().to_string(),
         metric: kind.metric().to_string(),
         mode,
-        score: 100.0 * total / n as f64,
+        score: percent(kind, mode, total, n),
         n,
         items,
     })
+}
+
+/// The score in percent, computed in CoIN's order of operations in compat mode: float64
+/// results differ in the last bit between `c / n * 100` and `100 * c / n` (23 of 160 is
+/// 14.374999… one way and 14.375 the other), and CoIN prints them with `%.2f`, so the order
+/// decides the printed number (14.37 vs 14.38).
+fn percent(kind: ScorerKind, mode: ScoreMode, total: f64, n: usize) -> f64 {
+    let n = n as f64;
+    match (mode, kind) {
+        // eval_science_qa.py L106 `correct / total * 100`; eval_gqa.py L161 + L425
+        // `float(sum(l)) / len(l)` then `* 100`.
+        (ScoreMode::Compat, ScorerKind::ScienceQA | ScorerKind::GQA) => total / n * 100.0,
+        // eval_textvqa.py L49 `100. * evaluator.eval_pred_list(…)`, which returns
+        // `sum(pred_scores) / len(pred_scores)` (m4c_evaluator.py L256).
+        (ScoreMode::Compat, ScorerKind::TextVQA) => 100.0 * (total / n),
+        // eval_ImagetNet.py L32, eval_vizwiz.py L31, eval_grounding.py L97, eval_vqav2.py L31,
+        // eval_ocrvqa.py L32: `100. * right / total`; strict mode uses the same order.
+        _ => 100.0 * total / n,
+    }
 }
 
 /// Why a scorer visited no question.
@@ -456,25 +522,48 @@ fn gt_answer(kind: ScorerKind, rec: &TestRecord) -> Result<&str, TaskError> {
     })
 }
 
-/// Compat: the questions keyed as CoIN's scorer keys them ([`compat_key`]); two questions with
-/// one key are an error (CoIN would silently keep the last).
-fn compat_questions(
+/// Compat: the questions keyed as CoIN's scorer keys them ([`compat_key`]). Two questions with
+/// one key: the later one wins, as in CoIN's `{q['question_id']: q for q in …}` (eval_vizwiz.py
+/// L18, eval_vqav2.py L19, eval_grounding.py L55, eval_ocrvqa.py L18); [`questions_warning`]
+/// says so.
+fn compat_questions(kind: ScorerKind, questions: &[TestRecord]) -> HashMap<PyKey, &TestRecord> {
+    questions
+        .iter()
+        .map(|q| (compat_key(kind, &q.question_id), q))
+        .collect()
+}
+
+/// A warning for a questions file in which two records share a question id as the compat
+/// scorer of `kind` keys them: CoIN's dict keeps the later record and so does compat mode.
+/// `None` when there is nothing to say (or the scorer does not look questions up by id).
+/// The text names `file`.
+pub fn questions_warning(
     kind: ScorerKind,
+    mode: ScoreMode,
     questions: &[TestRecord],
-) -> Result<HashMap<PyKey, &TestRecord>, TaskError> {
-    let mut map = HashMap::with_capacity(questions.len());
-    for q in questions {
-        if map.insert(compat_key(kind, &q.question_id), q).is_some() {
-            return Err(err(
-                kind,
-                format!(
-                    "question id {} appears twice in the questions file",
-                    q.question_id
-                ),
-            ));
-        }
+    file: &Path,
+) -> Option<String> {
+    let (how, source) = kind.compat_id_match();
+    let by_id = matches!(
+        kind,
+        ScorerKind::VizWiz | ScorerKind::VQAv2 | ScorerKind::Grounding | ScorerKind::OCRVQA
+    );
+    if mode != ScoreMode::Compat || !by_id || how == IdMatch::Position {
+        return None;
     }
-    Ok(map)
+    let mut seen = HashSet::with_capacity(questions.len());
+    let repeated = questions
+        .iter()
+        .filter(|q| !seen.insert(compat_key(kind, &q.question_id)))
+        .collect::<Vec<_>>();
+    let first = repeated.first()?;
+    Some(format!(
+        "{} record(s) of '{}' repeat a question id (first: {}); CoIN's {source} keeps the \
+         later record of each id, and so does compat mode.",
+        repeated.len(),
+        file.display(),
+        first.question_id
+    ))
 }
 
 /// Compat: the question of an answer line, found as CoIN finds it; a miss is CoIN's `KeyError`.
@@ -497,6 +586,23 @@ fn compat_question<'a>(
         err(
             kind,
             format!("question {id} of the answer file is not in the questions file{as_written}"),
+        )
+    })
+}
+
+/// Compat: the text of an answer line CoIN's scorer reads. A line without `text` (or with
+/// `null`) stops CoIN's scripts (`KeyError`, or `None.upper()`, `len(None)`, `x in None`), so
+/// it is an error here; Grounding alone catches it and counts the line wrong
+/// (eval_grounding.py L69-75), and reads `bbox_parse_compat("")` the same way.
+fn compat_text(kind: ScorerKind, a: &AnswerRecord) -> Result<&str, TaskError> {
+    a.text.as_deref().ok_or_else(|| {
+        err(
+            kind,
+            format!(
+                "the answer line for question {} has no \"text\" (CoIN's scorer stops there; \
+                 --mode strict scores it as an empty answer)",
+                a.question_id
+            ),
         )
     })
 }
@@ -534,7 +640,7 @@ fn per_answer(
     input: ScoreInput,
     correct: impl Fn(&str, &str) -> bool,
 ) -> Result<Vec<ItemScore>, TaskError> {
-    let qs = compat_questions(kind, input.questions)?;
+    let qs = compat_questions(kind, input.questions);
     input
         .answers
         .iter()
@@ -543,7 +649,7 @@ fn per_answer(
             let gt = gt_answer(kind, q)?;
             Ok(ItemScore {
                 question_id: a.question_id.clone(),
-                score: f64::from(u8::from(correct(gt, a.answer()))),
+                score: f64::from(u8::from(correct(gt, compat_text(kind, a)?))),
             })
         })
         .collect()
@@ -603,7 +709,13 @@ pub fn sqa_parse_compat(text: &str) -> Option<char> {
         let before = i == 0 || !is_word_char(chars[i - 1]);
         let after = i + 1 == chars.len() || !is_word_char(chars[i + 1]);
         if is_word_char(c) && before && after {
-            return c.to_uppercase().next();
+            // `res[0].upper()` may be longer than one character ("ß" → "SS"), which is no
+            // option: wrong, as in CoIN.
+            let mut up = c.to_uppercase();
+            return match (up.next(), up.next()) {
+                (Some(u), None) => Some(u),
+                _ => None,
+            };
         }
     }
     None
@@ -661,9 +773,10 @@ fn scienceqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
             )
         })?;
         let qid = Qid::text(pid.clone());
-        let text = preds
-            .get(&PyKey::Str(pid.clone()))
-            .map_or("FAILED", |a| a.answer());
+        let text = match preds.get(&PyKey::Str(pid.clone())) {
+            Some(a) => compat_text(kind, a)?,
+            None => "FAILED",
+        };
         let idx = sqa_parse_compat(text).and_then(|c| {
             OPTIONS[..prob.n_choices.min(5)]
                 .iter()
@@ -748,7 +861,7 @@ fn textvqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
             }
             let norm: Vec<String> = gts.iter().map(|g| normalize_answer(g)).collect();
             let s = soft_scores(&norm)
-                .get(&normalize_answer(a.answer()))
+                .get(&normalize_answer(compat_text(kind, a)?))
                 .copied()
                 .unwrap_or(0.0);
             Ok(ItemScore {
@@ -818,13 +931,17 @@ fn imagenet_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
             ),
         ));
     }
+    // eval_ImagetNet.py L17 reads the `answer` of every question, answered or not.
+    for q in input.questions {
+        gt_answer(kind, q)?;
+    }
     input
         .questions
         .iter()
         .zip(input.answers)
         .map(|(q, a)| {
             let gt = gt_answer(kind, q)?;
-            let pred = a.answer();
+            let pred = compat_text(kind, a)?;
             Ok(ItemScore {
                 question_id: q.question_id.clone(),
                 score: f64::from(u8::from(gt.contains(pred) || pred.contains(gt))),
@@ -846,7 +963,7 @@ fn gqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
     let mut preds: Vec<(&Qid, String)> = Vec::new();
     let mut seen: HashMap<PyKey, usize> = HashMap::new();
     for a in input.answers {
-        let t = a.answer().trim_end_matches('.').to_lowercase();
+        let t = compat_text(kind, a)?.trim_end_matches('.').to_lowercase();
         match seen.get(&a.question_id.py_key()) {
             Some(&i) => preds[i].1 = t,
             None => {
@@ -886,9 +1003,27 @@ fn gqa_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
 
 // ---------------------------------------------------------------- Grounding
 
-/// Python's `float()` on a token: surrounding whitespace allowed.
+/// Python's `float()` on a token: surrounding whitespace allowed, and single underscores
+/// between digits (PEP 515: `0.1_0` is 0.1, `1__0`, `_1`, `1_` and `1_.5` are errors). Not
+/// reproduced: Python also reads non-ASCII decimal digits (`float('１２')` is 12.0).
 fn py_float(s: &str) -> Option<f64> {
-    s.trim().parse::<f64>().ok()
+    let t = s.trim();
+    if !t.contains('_') {
+        return t.parse::<f64>().ok();
+    }
+    let b = t.as_bytes();
+    let mut plain = String::with_capacity(t.len());
+    for (i, c) in t.char_indices() {
+        if c == '_' {
+            let digit = |j: Option<usize>| j.and_then(|j| b.get(j)).is_some_and(u8::is_ascii_digit);
+            if !digit(i.checked_sub(1)) || !digit(Some(i + 1)) {
+                return None;
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain.parse::<f64>().ok()
 }
 
 /// Parse a box the way CoIN's `eval_grounding.py` L70-73 parses predictions: delete every `[`
@@ -1034,12 +1169,19 @@ fn grounding_gt(q: &TestRecord) -> Result<[f64; 4], TaskError> {
 // scaled by max(size), IoU > 0.5.
 fn grounding_compat(input: ScoreInput) -> Result<Vec<ItemScore>, TaskError> {
     let kind = ScorerKind::Grounding;
-    let qs = compat_questions(kind, input.questions)?;
+    let qs = compat_questions(kind, input.questions);
     input
         .answers
         .iter()
         .map(|a| {
             let q = compat_question(kind, &qs, &a.question_id)?;
+            // L63 reads `answer_bbox` (KeyError without it); strict also takes `answer`.
+            if q.answer_bbox.is_none() {
+                return Err(err(
+                    kind,
+                    format!("question {} has no \"answer_bbox\"", q.question_id),
+                ));
+            }
             let gt = grounding_gt(q)?;
             let size = q.size.ok_or_else(|| {
                 err(

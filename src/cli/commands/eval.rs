@@ -1,12 +1,14 @@
 //! `coin eval`: evaluate a checkpoint (generate + score) or attach given results, as notes.
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::history::hooks::HookContext;
 use crate::history::CheckpointId;
-use crate::tasks::ScoreMode;
+use crate::tasks::formats::{read_answer_file, read_test_file};
+use crate::tasks::registry::Registry;
+use crate::tasks::{scoring, ScoreMode};
 use crate::workflow::eval::{self as weval, EvalOptions, TaskEval};
 
 use super::history_util::{open_repo, read_eval_file};
@@ -92,6 +94,9 @@ pub fn cmd_eval(ui: &mut Ui, helper: &CommandHelper, args: &EvalArgs) -> Result<
     let cfg = args.config.resolve(helper, &repo, None)?;
     let mode = args.mode.map(ScoreMode::from);
     let evals: Vec<TaskEval> = if let (Some(answers), Some(task)) = (&args.answers, &args.task) {
+        for w in answer_id_warnings(&repo, task, &helper.cwd.join(answers), mode) {
+            ui.warn(&w);
+        }
         vec![weval::score_answer_file(
             &repo,
             id,
@@ -147,6 +152,41 @@ pub fn cmd_eval(ui: &mut Ui, helper: &CommandHelper, args: &EvalArgs) -> Result<
         id.short()
     ));
     post_eval(ui, &repo, id, tasks)
+}
+
+/// The question-id warnings `coin score` prints, for `coin eval --answers FILE --task T`: ids
+/// that mix strings and numbers, are of a type the task's questions file does not use, or
+/// (compat ScienceQA) are numbers. A task or file that cannot be read gives none here; scoring
+/// reports it.
+fn answer_id_warnings(
+    repo: &crate::history::CoinRepo,
+    task: &str,
+    answers_path: &Path,
+    mode: Option<ScoreMode>,
+) -> Vec<String> {
+    let Ok(reg) = Registry::load(&repo.coin_dir().join("tasks")) else {
+        return Vec::new();
+    };
+    let Some(def) = reg.get(task) else {
+        return Vec::new();
+    };
+    let (Ok(kind), Ok(answers)) = (def.scorer_kind(), read_answer_file(answers_path)) else {
+        return Vec::new();
+    };
+    let mode = mode.unwrap_or_else(|| def.default_mode());
+    let questions_path = def.resolve(repo.root(), &def.test);
+    let questions = read_test_file(&questions_path).unwrap_or_default();
+    scoring::id_warning(kind, mode, &answers, answers_path)
+        .into_iter()
+        .chain(scoring::id_type_warning(
+            kind,
+            mode,
+            &questions,
+            &answers,
+            answers_path,
+            &questions_path,
+        ))
+        .collect()
 }
 
 /// Run `.coin/hooks/post-eval` (when there is one) with the checkpoint, its parent and the

@@ -81,7 +81,23 @@ pub fn cmd_score(
         Some(p) => Some(load_annotations(kind, &helper.cwd.join(p))?),
         None => None,
     };
-    if let Some(w) = scoring::id_warning(kind, mode, &answers, &args.answers) {
+    for w in scoring::id_warning(kind, mode, &answers, &args.answers)
+        .into_iter()
+        .chain(scoring::id_type_warning(
+            kind,
+            mode,
+            &questions,
+            &answers,
+            &args.answers,
+            &args.questions,
+        ))
+        .chain(scoring::questions_warning(
+            kind,
+            mode,
+            &questions,
+            &args.questions,
+        ))
+    {
         ui.warn(&w);
     }
     let mut report = scoring::score(
@@ -94,9 +110,14 @@ pub fn cmd_score(
         },
     )
     .map_err(|e| {
-        let nothing_scored = matches!(e, TaskError::NothingScored { .. });
+        // These errors speak of "the answer file" and "the questions file": name them.
+        let names_files = match &e {
+            TaskError::NothingScored { .. } => true,
+            TaskError::Scoring { message, .. } => message.contains("the answer file"),
+            _ => false,
+        };
         let err = CommandError::from(e);
-        if nothing_scored {
+        if names_files {
             err.hint(format!(
                 "Check the files: --questions '{}', --answers '{}'.",
                 args.questions.display(),

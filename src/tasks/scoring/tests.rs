@@ -873,3 +873,203 @@ fn grounding_compat_scales_before_the_iou() {
     );
     assert_eq!(c.score, 100.0);
 }
+
+#[test]
+fn compat_percentages_follow_coins_order_of_operations() {
+    // 23 of 160: `c / n * 100` is 14.374999…, `100 * c / n` is 14.375; CoIN prints them with
+    // `%.2f` as 14.37 and 14.38.
+    let qs: Vec<TestRecord> = (0..160).map(|i| q(&i.to_string(), "Q\nI", "yes")).collect();
+    let ans: Vec<AnswerRecord> = (0..160)
+        .map(|i| a(&i.to_string(), if i < 23 { "yes" } else { "no" }))
+        .collect();
+    let printed = |r: &ScoreReport| format!("{:.2}", r.score);
+    // eval_vizwiz.py / eval_ocrvqa.py …: 100. * right / total.
+    let r = run(ScorerKind::VizWiz, ScoreMode::Compat, &qs, &ans, None);
+    assert_eq!((printed(&r), r.n), ("14.38".to_string(), 160));
+    let r = run(ScorerKind::OCRVQA, ScoreMode::Compat, &qs, &ans, None);
+    assert_eq!(printed(&r), "14.38");
+    // eval_gqa.py: avg(l) * 100.
+    let gqa: HashMap<String, GqaQuestion> = (0..160)
+        .map(|i| {
+            let q = GqaQuestion {
+                answer: "yes".into(),
+                is_balanced: true,
+            };
+            (i.to_string(), q)
+        })
+        .collect();
+    let ann = Annotations::GQA(gqa);
+    let r = run(ScorerKind::GQA, ScoreMode::Compat, &qs, &ans, Some(&ann));
+    assert_eq!(printed(&r), "14.37");
+    // Strict keeps 100 * c / n.
+    let r = run(ScorerKind::GQA, ScoreMode::Strict, &qs, &ans, None);
+    assert_eq!(printed(&r), "14.38");
+    // eval_science_qa.py: correct / total * 100.
+    let problems = (0..160)
+        .map(|i| {
+            let p = SqaProblem {
+                n_choices: 2,
+                answer: 0,
+            };
+            (i.to_string(), p)
+        })
+        .collect();
+    let ann = Annotations::ScienceQA {
+        problems,
+        test_ids: (0..160).map(|i: i32| i.to_string()).collect(),
+    };
+    let sqa: Vec<AnswerRecord> = (0..160)
+        .map(|i| a(&i.to_string(), if i < 23 { "A" } else { "B" }))
+        .collect();
+    let r = run(
+        ScorerKind::ScienceQA,
+        ScoreMode::Compat,
+        &qs,
+        &sqa,
+        Some(&ann),
+    );
+    assert_eq!(printed(&r), "14.37");
+    // TextVQA: 100. * (sum / n): 0.1437499… * 100 here too.
+    let ten = |s: &str| vec![s.to_string(); 10];
+    let tv: HashMap<String, Vec<String>> = (0..160).map(|i| (i.to_string(), ten("yes"))).collect();
+    let ann = Annotations::TextVQA(tv);
+    let r = run(
+        ScorerKind::TextVQA,
+        ScoreMode::Compat,
+        &qs,
+        &ans,
+        Some(&ann),
+    );
+    assert_eq!(printed(&r), format!("{:.2}", 100.0 * (23.0_f64 / 160.0)));
+}
+
+#[test]
+fn compat_keeps_the_later_of_two_questions_with_one_id() {
+    // eval_vizwiz.py L18 builds a dict from the list: the later record wins.
+    let qs = [q("7", "Q\nI", "red"), q("7", "Q\nI", "blue")];
+    let ans = [a("7", "BLUE")];
+    for kind in [ScorerKind::VizWiz, ScorerKind::VQAv2, ScorerKind::OCRVQA] {
+        let r = run(kind, ScoreMode::Compat, &qs, &ans, None);
+        assert_eq!((r.n, r.score), (1, 100.0), "{kind:?}");
+    }
+    let f = Path::new("dir/val.json");
+    let w = questions_warning(ScorerKind::VizWiz, ScoreMode::Compat, &qs, f).unwrap();
+    assert!(
+        w.starts_with("1 record(s) of 'dir/val.json' repeat a question id (first: 7)")
+            && w.contains("keeps the later record"),
+        "{w}"
+    );
+    assert!(questions_warning(ScorerKind::VizWiz, ScoreMode::Compat, &qs[..1], f).is_none());
+    assert!(questions_warning(ScorerKind::VizWiz, ScoreMode::Strict, &qs, f).is_none());
+    assert!(questions_warning(ScorerKind::ImageNet, ScoreMode::Compat, &qs, f).is_none());
+}
+
+#[test]
+fn id_type_warning_names_both_files() {
+    let qs = [
+        with_id(&q("x", "Q\nI", "yes"), "301", |r, id| r.question_id = id),
+        with_id(&q("x", "Q\nI", "no"), "302", |r, id| r.question_id = id),
+    ];
+    let (af, qf) = (Path::new("merge.jsonl"), Path::new("val.json"));
+    let strings = [a("301", "yes")];
+    let floats = [with_id(&a("x", "yes"), "301.0", |r, id| r.question_id = id)];
+    // VizWiz looks ids up as written: "301" is not 301 (CoIN: KeyError), 301.0 is.
+    let w = id_type_warning(ScorerKind::VizWiz, ScoreMode::Compat, &qs, &strings, af, qf).unwrap();
+    assert!(
+        w.starts_with("'merge.jsonl' writes question id 301 as a string, and no id of 'val.json' is written so [eval_vizwiz.py L18, L25]")
+            && w.contains("KeyError"),
+        "{w}"
+    );
+    assert!(id_type_warning(ScorerKind::VizWiz, ScoreMode::Compat, &qs, &floats, af, qf).is_none());
+    // VQAv2 converts with str(): "301" is 301, 301.0 is "301.0".
+    assert!(id_type_warning(ScorerKind::VQAv2, ScoreMode::Compat, &qs, &strings, af, qf).is_none());
+    let w = id_type_warning(ScorerKind::VQAv2, ScoreMode::Compat, &qs, &floats, af, qf).unwrap();
+    assert!(w.contains("as a float"), "{w}");
+    // Strict mode and the scorers that do not look answers up in the questions file: nothing.
+    for (kind, mode) in [
+        (ScorerKind::VizWiz, ScoreMode::Strict),
+        (ScorerKind::ImageNet, ScoreMode::Compat),
+        (ScorerKind::TextVQA, ScoreMode::Compat),
+    ] {
+        assert!(id_type_warning(kind, mode, &qs, &strings, af, qf).is_none());
+    }
+}
+
+#[test]
+fn scienceqa_compat_upper_cases_the_whole_word() {
+    // `res[0].upper()` of "ß" is "SS": no option, not "S".
+    assert_eq!(sqa_parse_compat("ß"), None);
+    assert_eq!(sqa_parse_compat("b"), Some('B'));
+    assert_eq!(sqa_parse_compat("x ß b"), Some('X'));
+}
+
+#[test]
+fn imagenet_compat_reads_every_questions_answer() {
+    // eval_ImagetNet.py L17 reads `answer` of every question, answered or not.
+    let mut unanswered = q("2", "Q\nI", "dog");
+    unanswered.answer = None;
+    let qs = [q("1", "Q\nI", "cat"), unanswered];
+    let e = compat_error(ScorerKind::ImageNet, &qs, &[a("1", "cat")]);
+    assert!(e.contains("question 2 has no \"answer\""), "{e}");
+}
+
+#[test]
+fn compat_stops_at_an_answer_line_without_text_as_coin_does() {
+    let qs = [q("1", "Q\nI", "yes"), q("2", "Q\nI", "no")];
+    let mut none = a("2", "");
+    none.text = None;
+    let ans = [a("1", "yes"), none];
+    for kind in [
+        ScorerKind::VizWiz,
+        ScorerKind::VQAv2,
+        ScorerKind::OCRVQA,
+        ScorerKind::ImageNet,
+    ] {
+        let e = compat_error(kind, &qs, &ans);
+        assert!(
+            e.contains("the answer line for question 2 has no \"text\""),
+            "{kind:?}: {e}"
+        );
+        // Strict scores it as an empty answer.
+        let r = run(kind, ScoreMode::Strict, &qs, &ans, None);
+        assert_eq!((r.n, r.score), (2, 50.0), "{kind:?}");
+    }
+    // Grounding catches it (eval_grounding.py L69-75): wrong, counted.
+    let mut g = q("2", "Q\nI", "");
+    g.answer_bbox = Some("[0.1, 0.1, 0.5, 0.5]".into());
+    g.size = Some([10.0, 10.0]);
+    let r = run(
+        ScorerKind::Grounding,
+        ScoreMode::Compat,
+        &[g],
+        &ans[1..],
+        None,
+    );
+    assert_eq!((r.n, r.score), (1, 0.0));
+}
+
+#[test]
+fn grounding_compat_reads_numbers_as_python_float_does() {
+    // float() takes single underscores between digits (PEP 515).
+    assert_eq!(py_float(" 0.1_0 "), Some(0.1));
+    assert_eq!(py_float("1e1_0"), Some(1e10));
+    for bad in ["1__0", "_1", "1_", "1_.5", "0.5e0_", "in_f", ""] {
+        assert_eq!(py_float(bad), None, "{bad}");
+    }
+    assert_eq!(
+        bbox_parse_compat(" [0.1_0, 0.1, 0.5, 0.55]"),
+        Some([0.1, 0.1, 0.5, 0.5])
+    );
+}
+
+#[test]
+fn grounding_compat_needs_answer_bbox_strict_takes_answer() {
+    // eval_grounding.py L63 reads `answer_bbox`; strict falls back to `answer`.
+    let mut g = q("1", "Q\nI", "[0.1, 0.1, 0.5, 0.5]");
+    g.size = Some([10.0, 10.0]);
+    let ans = [a("1", " [0.1, 0.1, 0.5, 0.51]")];
+    let e = compat_error(ScorerKind::Grounding, std::slice::from_ref(&g), &ans);
+    assert!(e.contains("question 1 has no \"answer_bbox\""), "{e}");
+    let r = run(ScorerKind::Grounding, ScoreMode::Strict, &[g], &ans, None);
+    assert_eq!((r.n, r.score), (1, 100.0));
+}
