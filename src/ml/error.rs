@@ -91,9 +91,7 @@ pub enum MlError {
     },
     /// A SentencePiece `tokenizer.model` that cannot be used (corrupt, or a kind of model coin
     /// does not implement).
-    #[error(
-        "could not load the SentencePiece model '{path}'; restore the file from the base model"
-    )]
+    #[error("could not load the SentencePiece model '{path}'")]
     SentencePiece {
         /// The `tokenizer.model` file.
         path: PathBuf,

@@ -145,6 +145,49 @@ impl PromptTokenizer {
         })
     }
 
+    /// The tokenizer of a model or tokenizer folder without a model config (for inspection):
+    /// `tokenizer.model` when present (LLaVA's `use_fast=False`), else `tokenizer.json` with
+    /// BOS and EOS from `tokenizer_config.json` (`<s>`, `</s>` by default). `<image>` is
+    /// LLaVA's split placeholder.
+    pub fn from_tokenizer_dir(dir: &Path) -> Result<Self> {
+        if dir.join(slow::MODEL_FILE).exists() {
+            return Self::from_spm_dir(dir, ImageToken::Placeholder);
+        }
+        let fast = dir.join("tokenizer.json");
+        if !fast.exists() {
+            return Err(MlError::NotAModel {
+                path: dir.to_path_buf(),
+                message: "no tokenizer.json or tokenizer.model".into(),
+            });
+        }
+        let tokenizer = Tokenizer::from_file(&fast)
+            .map_err(|e| tok_err(&format!("reading '{}'", fast.display()), e))?;
+        let cfg = std::fs::read(dir.join(slow::CONFIG_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        let named = |key: &str, default: &str| {
+            let v = cfg.as_ref().and_then(|c| c.get(key));
+            let content = v
+                .and_then(|v| {
+                    v.as_str()
+                        .or_else(|| v.get("content").and_then(|c| c.as_str()))
+                })
+                .unwrap_or(default);
+            tokenizer.token_to_id(content)
+        };
+        let bos = named("bos_token", "<s>").ok_or_else(|| MlError::NotAModel {
+            path: fast.clone(),
+            message: "the tokenizer has no BOS token".into(),
+        })?;
+        let eos = named("eos_token", "</s>").into_iter().collect();
+        Ok(PromptTokenizer {
+            backend: TokenizerBackend::Hf(Box::new(tokenizer)),
+            image_token: ImageToken::Placeholder,
+            bos,
+            eos,
+        })
+    }
+
     /// A tokenizer from parts (tests, tiny models).
     pub fn new(tokenizer: Tokenizer, image_token: ImageToken, bos: u32, eos: Vec<u32>) -> Self {
         PromptTokenizer {

@@ -273,3 +273,126 @@ fn unused_pieces_are_split_back() {
     let ids: Vec<u32> = pieces.iter().map(|p| p.id).collect();
     assert_eq!(m.decode(&ids).expect("decodes"), "the answer is");
 }
+
+mod loading {
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::ml::generate::{generate, GenerateRequest, GenerateSettings};
+    use crate::ml::image::{AspectMode, Rgb8};
+    use crate::ml::llava::{load_model, ModelSource};
+    use crate::ml::template::TokenizerBackend;
+    use crate::ml::tiny::{write_tiny, TinyLayout, TinyOptions};
+
+    /// A tiny model whose vocabulary covers the golden model's 700 pieces.
+    fn tiny(dir: &Path, layout: TinyLayout) -> PathBuf {
+        let corpus = std::fs::read_to_string(fixtures().join("corpus.txt")).expect("corpus");
+        write_tiny(
+            dir,
+            &TinyOptions {
+                seed: 3,
+                layout,
+                corpus: corpus.repeat(3),
+                vocab_size: 760,
+                ..TinyOptions::default()
+            },
+        )
+        .expect("tiny model writes")
+    }
+
+    fn use_spm_files(dir: &Path, setting: &str) {
+        for f in [
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ] {
+            std::fs::copy(fixtures().join(setting).join(f), dir.join(f)).expect("copy");
+        }
+    }
+
+    fn is_slow(b: &TokenizerBackend) -> bool {
+        matches!(b, TokenizerBackend::Slow(_))
+    }
+
+    #[test]
+    fn a_split_setup_with_only_tokenizer_model_generates_with_the_slow_tokenizer() {
+        let t = tempfile::tempdir().expect("tmp");
+        let llm = tiny(&t.path().join("split"), TinyLayout::Split);
+        let clip = t.path().join("split/clip");
+        let proj = t.path().join("split/mm_projector.safetensors");
+        std::fs::remove_file(llm.join("tokenizer.json")).expect("rm");
+        use_spm_files(&llm, "legacy_false");
+        let src = ModelSource::resolve(&llm, Some(&clip), Some(&proj)).expect("resolves");
+        let mut m = load_model(&src, &Device::Cpu, DType::F32).expect("loads");
+        assert!(is_slow(&m.tokenizer.backend));
+        assert!(
+            m.model.config.text.vocab_size >= 700,
+            "the tiny vocabulary covers the golden model: {}",
+            m.model.config.text.vocab_size
+        );
+        let g = goldens();
+        let want = ids(&g["settings"]["legacy_false"]["prompts"][0]["ids"]);
+        let prompt = g["settings"]["legacy_false"]["prompts"][0]["prompt"]
+            .as_str()
+            .expect("s")
+            .to_string();
+        let segs = m.tokenizer.encode_prompt(&prompt).expect("encodes");
+        assert_eq!(flatten(&segs), want);
+        let img = Rgb8 {
+            width: 8,
+            height: 8,
+            data: vec![120; 8 * 8 * 3],
+        };
+        let s = GenerateSettings {
+            max_new_tokens: 4,
+            aspect: AspectMode::Pad,
+            return_logits: false,
+            ignore_eos: true,
+        };
+        let out = generate(
+            &mut m,
+            None,
+            &[GenerateRequest {
+                prompt,
+                image: Some(img),
+            }],
+            &s,
+        )
+        .expect("generates");
+        assert_eq!(out[0].token_ids.len(), 4);
+        let text = m.tokenizer.decode(&out[0].token_ids).expect("decodes");
+        assert_eq!(
+            out[0].text, text,
+            "generation decodes with the slow tokenizer"
+        );
+    }
+
+    #[test]
+    fn which_tokenizer_file_wins_when_both_exist() {
+        let t = tempfile::tempdir().expect("tmp");
+        // Split setup: tokenizer.model, as LLaVA's use_fast=False.
+        let llm = tiny(&t.path().join("split"), TinyLayout::Split);
+        use_spm_files(&llm, "legacy_true");
+        let src = ModelSource::resolve(
+            &llm,
+            Some(&t.path().join("split/clip")),
+            Some(&t.path().join("split/mm_projector.safetensors")),
+        )
+        .expect("resolves");
+        let m = load_model(&src, &Device::Cpu, DType::F32).expect("loads");
+        assert!(is_slow(&m.tokenizer.backend));
+        // llava-hf: tokenizer.json, unless tokenizer_config.json says use_fast=false.
+        let hf = tiny(&t.path().join("hf"), TinyLayout::Hf);
+        use_spm_files(&hf, "legacy_true");
+        let src = ModelSource::resolve(&hf, None, None).expect("resolves");
+        let m = load_model(&src, &Device::Cpu, DType::F32).expect("loads");
+        assert!(!is_slow(&m.tokenizer.backend));
+        let cfg_path = hf.join("tokenizer_config.json");
+        let mut cfg: Value =
+            serde_json::from_slice(&std::fs::read(&cfg_path).expect("read")).expect("json");
+        cfg["use_fast"] = Value::Bool(false);
+        crate::store::fsutil::write_atomic(&cfg_path, cfg.to_string()).expect("write");
+        let m = load_model(&src, &Device::Cpu, DType::F32).expect("loads");
+        assert!(is_slow(&m.tokenizer.backend));
+    }
+}
