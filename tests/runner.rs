@@ -20,6 +20,7 @@ mod test_score_limits;
 mod test_sharing;
 mod test_store_crash;
 mod test_task_command;
+mod test_tokenize;
 mod test_train_parity;
 mod test_workflow_eval;
 mod test_workflow_train;
