@@ -345,6 +345,7 @@ impl From<MlError> for CommandError {
             | E::Unsupported { .. }
             | E::NotAModel { .. }
             | E::Tokenizer { .. }
+            | E::SentencePiece { .. }
             | E::MissingImage { .. }
             | E::Image { .. }
             | E::AdapterMismatch { .. }

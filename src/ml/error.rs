@@ -89,6 +89,16 @@ pub enum MlError {
         /// The tokenizers crate's message.
         message: String,
     },
+    /// A SentencePiece `tokenizer.model` that cannot be used (corrupt, or a kind of model coin
+    /// does not implement).
+    #[error("could not load the SentencePiece model '{path}'")]
+    SentencePiece {
+        /// The `tokenizer.model` file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: super::spm::SpmError,
+    },
     /// An image file is missing.
     #[error("the image '{path}' does not exist")]
     MissingImage {

@@ -13,7 +13,7 @@ use super::linear::Linear;
 use super::llama::Llama;
 use super::load::{self, Layout, Prefixes, SplitPaths, TensorStore};
 use super::projector::Projector;
-use super::template::PromptTokenizer;
+use super::template::{PromptTokenizer, TokenizerChoice};
 use super::{MlError, Result};
 
 /// One piece of a tokenized prompt.
@@ -258,7 +258,13 @@ pub fn load_model(source: &ModelSource, device: &Device, dtype: DType) -> Result
     let model = Llava::from_store(config, &store, &prefixes, layout, device, dtype)?;
     drop(store);
     let main = source.main_dir();
-    let tokenizer = PromptTokenizer::from_dir(main, &model.config)?;
+    // LLaVA loads the split setup's tokenizer with `use_fast=False` (the slow SentencePiece
+    // tokenizer when the folder has `tokenizer.model`); llava-hf folders use `tokenizer.json`.
+    let choice = match source {
+        ModelSource::Hf(_) => TokenizerChoice::PreferFast,
+        ModelSource::Split(_) => TokenizerChoice::PreferSlow,
+    };
+    let tokenizer = PromptTokenizer::from_dir_with(main, &model.config, choice)?;
     let image_dir = match source {
         ModelSource::Hf(d) => d.clone(),
         ModelSource::Split(s) => {

@@ -24,6 +24,7 @@ pub mod peft;
 pub mod projector;
 pub mod rng;
 pub mod runtime;
+pub mod spm;
 pub mod template;
 pub mod tiny;
 pub mod train;

@@ -34,6 +34,7 @@ mod status;
 mod switch;
 mod tag;
 mod task;
+mod tokenize;
 mod train;
 mod workflow_util;
 
@@ -66,6 +67,7 @@ pub enum Command {
     Judge(judge::JudgeArgs),
     Model(model::ModelArgs),
     Generate(generate::GenerateArgs),
+    Tokenize(tokenize::TokenizeArgs),
     Train(train::TrainArgs),
     Run(run::RunArgs),
     Matrix(matrix::MatrixArgs),
@@ -127,6 +129,7 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Judge(args) => judge::cmd_judge(ui, helper, &args),
         Command::Model(args) => model::cmd_model(ui, helper, &args),
         Command::Generate(args) => generate::cmd_generate(ui, helper, &args),
+        Command::Tokenize(args) => tokenize::cmd_tokenize(ui, helper, &args),
         Command::Train(args) => train::cmd_train(ui, helper, &args),
         Command::Run(args) => run::cmd_run(ui, helper, &args),
         Command::Matrix(args) => matrix::cmd_matrix(ui, helper, &args),

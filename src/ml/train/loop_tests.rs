@@ -127,7 +127,13 @@ fn labels_supervise_exactly_the_assistant_replies() {
         .filter(|(_, &l)| l == IGNORE_INDEX)
         .map(|(&i, _)| i)
         .collect();
-    let dec = |v: &[u32]| m.tokenizer.tokenizer.decode(v, false).expect("decodes");
+    let dec = |v: &[u32]| {
+        m.tokenizer
+            .hf()
+            .expect("an HF tokenizer")
+            .decode(v, false)
+            .expect("decodes")
+    };
     let s = dec(&sup);
     assert_eq!(s.replace(' ', ""), "red</s>yes</s>", "supervised: {s:?}");
     let u = dec(&unsup);
@@ -193,7 +199,8 @@ fn every_token_after_the_generation_prompt_is_supervised() {
         );
         let first = m
             .tokenizer
-            .tokenizer
+            .hf()
+            .expect("an HF tokenizer")
             .decode(&[ids[prompt_ids.len()]], false)
             .expect("decodes");
         if first == " " {
