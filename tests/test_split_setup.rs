@@ -5,9 +5,10 @@
 //! (`tokenizer_image_token`, slow `LlamaTokenizer`) and greedy tokens (temperature 0, vicuna_v1,
 //! image_aspect_ratio pad) of three images. This test only reads the fixture.
 //!
-//! Two tokenizers: the fixture as it is (coin reads tokenizer.model itself) and a copy with
-//! converted/tokenizer.json added (the fast tokenizer CoIN's training converts tokenizer.model
-//! into), which keeps the engine's check apart from the SentencePiece reader's.
+//! Two tokenizers: the fixture as it is (coin reads tokenizer.model itself, as LLaVA's
+//! `use_fast=False`) and a copy with converted/tokenizer.json in place of tokenizer.model (the
+//! fast tokenizer CoIN's training converts tokenizer.model into), which keeps the engine's check
+//! apart from the SentencePiece reader's.
 
 use std::path::{Path, PathBuf};
 
@@ -120,13 +121,16 @@ fn check_generate(env: &TestEnvironment, vicuna: &Path) {
     }
 }
 
-/// The fixture's vicuna dir copied with CoIN's converted tokenizer.json beside tokenizer.model.
+/// The fixture's vicuna dir copied with CoIN's converted tokenizer.json in place of
+/// tokenizer.model (so that the SentencePiece reader plays no part).
 fn vicuna_with_converted_tokenizer(env: &TestEnvironment) -> PathBuf {
     let dir = env.path("vicuna");
     std::fs::create_dir_all(&dir).expect("mkdir");
     for entry in std::fs::read_dir(fixture().join("vicuna")).expect("vicuna dir") {
         let p = entry.expect("entry").path();
-        std::fs::copy(&p, dir.join(p.file_name().expect("name"))).expect("copy");
+        if p.file_name().is_some_and(|n| n != "tokenizer.model") {
+            std::fs::copy(&p, dir.join(p.file_name().expect("name"))).expect("copy");
+        }
     }
     std::fs::copy(
         fixture().join("converted/tokenizer.json"),
