@@ -237,7 +237,8 @@ impl SpmModel {
             }
             match kind {
                 PieceKind::Unknown => {
-                    if unk.replace(id).is_some() {
+                    let previous = unk.replace(id);
+                    if previous.is_some() {
                         return Err(SpmError::Invalid("it has two <unk> pieces".into()));
                     }
                 }
