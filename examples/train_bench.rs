@@ -24,7 +24,7 @@ use coin::ml::llava::{load_model, ModelSource, Segment};
 use coin::ml::rng::Rng;
 use coin::ml::runtime::Runtime;
 use coin::ml::train::batch::TrainExample;
-use coin::ml::train::data::{positions, prepare_samples, Sample};
+use coin::ml::train::data::{positions, prepare_samples, Labeling, Sample};
 use coin::ml::train::loss::IGNORE_INDEX;
 use coin::ml::train::optim::Schedule;
 use coin::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
@@ -218,6 +218,7 @@ fn run(a: &Args, rt: &Runtime) -> Result<serde_json::Value, Error> {
                 &records,
                 &data.join("cl_dataset"),
                 &loaded.tokenizer,
+                Labeling::for_model(&loaded.model.config),
                 loaded.model.config.image_seq_len(),
                 2048,
             )?;

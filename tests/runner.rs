@@ -18,6 +18,7 @@ mod test_parity;
 mod test_score_command;
 mod test_score_limits;
 mod test_sharing;
+mod test_split_setup;
 mod test_store_crash;
 mod test_task_command;
 mod test_tokenize;

@@ -35,7 +35,7 @@ use crate::ml::image::{AspectMode, Rgb8};
 use crate::ml::llava::{load_model, LoadedModel, ModelSource};
 use crate::ml::runtime::Runtime;
 use crate::ml::tiny::{write_tiny, TinyOptions};
-use crate::ml::train::data::prepare_samples;
+use crate::ml::train::data::{prepare_samples, Labeling};
 use crate::ml::train::full::{save_full_model, FullScope};
 use crate::ml::train::optim::Schedule;
 use crate::ml::train::params::TrainableParams;
@@ -818,6 +818,7 @@ fn pretrain_base(
         &records,
         captions,
         &loaded.tokenizer,
+        Labeling::for_model(&loaded.model.config),
         loaded.model.config.image_seq_len(),
         256,
     )?;

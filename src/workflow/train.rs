@@ -29,7 +29,7 @@ use crate::history::hooks::HookContext;
 use crate::history::records::to_canonical_json;
 use crate::history::{BaseModel, CoinRepo, CommitRequest};
 use crate::ml::runtime::Runtime;
-use crate::ml::train::data::{prepare_samples, PrepareStats};
+use crate::ml::train::data::{prepare_samples, Labeling, PrepareStats};
 use crate::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
 use crate::ml::train::save::save_adapter;
 use crate::ml::train::trainer::{
@@ -324,9 +324,18 @@ pub fn train_task(
         &records,
         &image_root,
         &loaded.tokenizer,
+        Labeling::for_model(&loaded.model.config),
         loaded.model.config.image_seq_len(),
         cfg.train.model_max_length,
     )?;
+    if prepared.mismatched > 0 {
+        progress.note(&format!(
+            "Left out {} of {} records whose round lengths did not add up (LLaVA's \
+             \"tokenization mismatch\": all their labels masked).",
+            prepared.mismatched,
+            records.len()
+        ));
+    }
     if samples.is_empty() {
         return Err(WorkflowError::Input(format!(
             "task '{}': no training sample has a supervised token within model_max_length {}",
@@ -374,7 +383,7 @@ pub fn train_task(
         json!({
             "file": def.train, "blake3": data.blake3, "items": data.items,
             "samples": prepared.samples, "truncated": prepared.truncated,
-            "skipped": prepared.skipped,
+            "skipped": prepared.skipped, "mismatched": prepared.mismatched,
         }),
     );
     let (first, last) = report.loss_drop(10).unwrap_or((f64::NAN, f64::NAN));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::data::{encode_record, prepare_samples, Sample};
+use super::data::{encode_record, prepare_samples, Labeling, Sample};
 use super::loss::IGNORE_INDEX;
 use super::params::{AdapterKind, AdapterSettings, TrainableParams};
 use super::trainer::{
@@ -79,6 +79,7 @@ fn samples_of(f: &Fixture, m: &LoadedModel, t: &mini::MiniTask) -> Vec<Sample> {
         &records,
         &f.data.join("cl_dataset"),
         &m.tokenizer,
+        Labeling::for_model(&m.model.config),
         m.model.config.image_seq_len(),
         2048,
     )
