@@ -34,11 +34,14 @@ use crate::ml::llava::Llava;
 use crate::ml::load::{checkpoint_files, read_tensor_file, write_safetensors, Layout};
 use crate::ml::{MlError, Result};
 
-/// The files of a llava-hf directory copied unchanged by [`save_full_model`] (when present).
-pub const COPIED_FILES: [&str; 5] = [
+/// The files of a model directory (llava-hf, or the split setup's language model with its
+/// SentencePiece tokenizer) copied unchanged by [`save_full_model`] (when present).
+pub const COPIED_FILES: [&str; 7] = [
     "config.json",
     "tokenizer.json",
     "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
     "preprocessor_config.json",
     "generation_config.json",
 ];
@@ -343,10 +346,17 @@ mod tests {
         }
         let (ex, px) = batch(loaded.model.config.text.vocab_size as u32);
         let (trained, _) = forward_batch(&loaded.model, &ex, &px).expect("forward");
+        // The split setup's tokenizer files travel too (a Vicuna folder has no tokenizer.json).
+        std::fs::copy(
+            m.join("tokenizer_config.json"),
+            m.join("special_tokens_map.json"),
+        )
+        .expect("extra tokenizer file");
         let out = save_full_model(&params, &m, &dir.path().join("out")).expect("saves");
         for f in COPIED_FILES {
-            assert!(out.join(f).is_file(), "{f} copied");
+            assert_eq!(out.join(f).is_file(), m.join(f).is_file(), "{f} copied");
         }
+        assert!(out.join("special_tokens_map.json").is_file());
         let back = load_model(
             &ModelSource::resolve(&out, None, None).expect("resolves"),
             &Device::Cpu,
