@@ -291,6 +291,30 @@ fn gk_records_feed_log_diff_and_the_gk_matrix() {
         ),
         "{d}"
     );
+    // The judge's scores have a gate of their own: ScienceQA's accuracy fell 9.5 points and
+    // its GK score 20.
+    env.coin(&["diff", &id1, &id2, "--fail-on-forgetting", "10"])
+        .success();
+    let out = env
+        .coin(&["diff", &id1, &id2, "--fail-on-gk-forgetting", "15"])
+        .code(1);
+    assert!(
+        out.stderr.contains("GK:ScienceQA dropped 20.00 points, more than 15"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("ScienceQA dropped 9.50"), "{}", out.stderr);
+    env.coin(&["diff", &id1, &id2, "--fail-on-gk-forgetting", "25"])
+        .success();
+    let out = env
+        .coin(&["diff", &id1, &id2, "--fail-on-forgetting", "9"])
+        .code(1);
+    assert!(
+        out.stderr.contains("ScienceQA dropped 9.50 points, more than 9"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("GK:"), "{}", out.stderr);
 }
 
 #[test]

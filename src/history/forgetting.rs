@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::records::gk_base_task;
 use super::repo::CoinRepo;
 use super::{CheckpointId, HistoryError};
 
@@ -31,17 +32,21 @@ pub struct TaskForgetting {
 pub struct ForgettingReport {
     /// One entry per task scored anywhere on the chain, sorted by task.
     pub tasks: Vec<TaskForgetting>,
-    /// The largest `forgetting` over the tasks B scores (`None` when there is none).
+    /// The largest `forgetting` over the tasks B scores, LLM-judge `GK:` records left out
+    /// (`None` when there is none).
     pub max_forgetting: Option<f64>,
     /// How many checkpoints of the chain were read.
     pub checkpoints_scanned: usize,
 }
 
 impl ForgettingReport {
-    /// The tasks that dropped by more than `threshold` points.
-    pub fn exceeding(&self, threshold: f64) -> Vec<&TaskForgetting> {
+    /// The tasks that dropped by more than `threshold` points: task scores when `judge` is
+    /// false, the LLM judge's `GK:<task>` scores when it is true (the judge samples, so its
+    /// scores move by chance and get a threshold of their own).
+    pub fn exceeding(&self, threshold: f64, judge: bool) -> Vec<&TaskForgetting> {
         self.tasks
             .iter()
+            .filter(|t| gk_base_task(&t.task).is_some() == judge)
             .filter(|t| t.forgetting.is_some_and(|f| f > threshold))
             .collect()
     }
@@ -84,6 +89,7 @@ pub fn forgetting_from_scores(
         .collect();
     let max_forgetting = tasks
         .iter()
+        .filter(|t| gk_base_task(&t.task).is_none())
         .filter_map(|t| t.forgetting)
         .fold(None, |m: Option<f64>, f| Some(m.map_or(f, |m| m.max(f))));
     ForgettingReport {
@@ -151,8 +157,8 @@ mod tests {
         let tvqa = &r.tasks[1];
         assert_eq!((tvqa.b, tvqa.forgetting), (None, None));
         assert_eq!(r.max_forgetting, Some(10.0));
-        assert_eq!(r.exceeding(9.99).len(), 1);
-        assert!(r.exceeding(10.0).is_empty(), "exactly the threshold passes");
+        assert_eq!(r.exceeding(9.99, false).len(), 1);
+        assert!(r.exceeding(10.0, false).is_empty(), "exactly the threshold passes");
     }
 
     #[test]
@@ -165,7 +171,20 @@ mod tests {
         assert_eq!(r.tasks[0].best_at, oid(2));
         assert_eq!(r.tasks[0].forgetting, Some(-5.5));
         assert_eq!(r.max_forgetting, Some(-5.5));
-        assert!(r.exceeding(0.0).is_empty());
+        assert!(r.exceeding(0.0, false).is_empty());
+    }
+
+    #[test]
+    fn judge_scores_have_a_gate_of_their_own() {
+        let chain = vec![(oid(1), s(&[("GQA", 60.0), ("GK:GQA", 70.0)]))];
+        let r = forgetting_from_scores(&chain, &s(&[("GQA", 58.0), ("GK:GQA", 40.0)]));
+        assert_eq!(r.tasks.len(), 2, "both are reported");
+        assert_eq!(r.max_forgetting, Some(2.0), "the judge's drop is not a task's");
+        let tasks: Vec<&str> = r.exceeding(1.0, false).iter().map(|t| t.task.as_str()).collect();
+        assert_eq!(tasks, ["GQA"]);
+        let judged: Vec<&str> = r.exceeding(1.0, true).iter().map(|t| t.task.as_str()).collect();
+        assert_eq!(judged, ["GK:GQA"]);
+        assert!(r.exceeding(30.0, true).is_empty());
     }
 
     #[test]

@@ -31,8 +31,13 @@ pub struct DiffArgs {
     #[arg(long)]
     pub json: bool,
     /// Exit with status 1 when a task drops more than POINTS below its best earlier score
+    /// (task scores; the LLM judge's GK scores have --fail-on-gk-forgetting)
     #[arg(long, value_name = "POINTS")]
     pub fail_on_forgetting: Option<f64>,
+    /// Exit with status 1 when a general-knowledge (GK:<task>) score drops more than POINTS
+    /// below its best earlier score (the judge samples: leave room for its noise)
+    #[arg(long, value_name = "POINTS")]
+    pub fail_on_gk_forgetting: Option<f64>,
 }
 
 fn opt(v: Option<f64>) -> String {
@@ -43,11 +48,16 @@ pub fn cmd_diff(ui: &mut Ui, helper: &CommandHelper, args: &DiffArgs) -> Result<
     let repo = open_repo(helper)?;
     let a = repo.resolve(&args.a)?;
     let b = repo.resolve(&args.b)?;
-    if let Some(x) = args.fail_on_forgetting {
-        if !x.is_finite() || x < 0.0 {
-            return Err(CommandError::usage(format!(
-                "--fail-on-forgetting needs a number of points >= 0, got {x}"
-            )));
+    for (flag, value) in [
+        ("--fail-on-forgetting", args.fail_on_forgetting),
+        ("--fail-on-gk-forgetting", args.fail_on_gk_forgetting),
+    ] {
+        if let Some(x) = value {
+            if !x.is_finite() || x < 0.0 {
+                return Err(CommandError::usage(format!(
+                    "{flag} needs a number of points >= 0, got {x}"
+                )));
+            }
         }
     }
     let d = diff_checkpoints(&repo, a, b)?;
@@ -56,27 +66,32 @@ pub fn cmd_diff(ui: &mut Ui, helper: &CommandHelper, args: &DiffArgs) -> Result<
     } else {
         print_tables(ui, &d)?;
     }
-    match args.fail_on_forgetting {
-        Some(x) => check_forgetting(&d.forgetting, x, b),
-        None => Ok(()),
+    let mut over = Vec::new();
+    if let Some(x) = args.fail_on_forgetting {
+        over.extend(over_threshold(&d.forgetting, x, false));
     }
-}
-
-/// The `--fail-on-forgetting` verdict: an error naming every task over the threshold.
-fn check_forgetting(
-    r: &ForgettingReport,
-    threshold: f64,
-    b: CheckpointId,
-) -> Result<(), CommandError> {
-    let over = r.exceeding(threshold);
+    if let Some(x) = args.fail_on_gk_forgetting {
+        over.extend(over_threshold(&d.forgetting, x, true));
+    }
     if over.is_empty() {
         return Ok(());
     }
-    let list: Vec<String> = over
+    Err(CommandError::user(format!(
+        "{} forgets too much: {}",
+        b.short(),
+        over.join("; ")
+    ))
+    .hint("See `coin diff --json` for every task's best earlier score."))
+}
+
+/// The `--fail-on-forgetting` (`judge` false) or `--fail-on-gk-forgetting` verdict: one line
+/// per task over the threshold.
+fn over_threshold(r: &ForgettingReport, threshold: f64, judge: bool) -> Vec<String> {
+    r.exceeding(threshold, judge)
         .iter()
         .map(|t| {
             format!(
-                "{} dropped {:.2} points (best {:.2} at {}, now {:.2})",
+                "{} dropped {:.2} points, more than {threshold} (best {:.2} at {}, now {:.2})",
                 t.task,
                 t.forgetting.unwrap_or_default(),
                 t.best,
@@ -84,13 +99,7 @@ fn check_forgetting(
                 t.b.unwrap_or_default()
             )
         })
-        .collect();
-    Err(CommandError::user(format!(
-        "{} forgets more than {threshold} points: {}",
-        b.short(),
-        list.join("; ")
-    ))
-    .hint("See `coin diff --json` for every task's best earlier score."))
+        .collect()
 }
 
 /// One table of score deltas (task, A, B, delta, a forgetting mark); `label` names the row.
