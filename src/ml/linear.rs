@@ -110,7 +110,8 @@ impl MoeLora {
         let blocks = (0..self.experts)
             .map(|e| {
                 // `narrow` of the var keeps the gradient path to it (not the frozen matmul).
-                d.forward(&x2)?.matmul(&self.a.narrow(0, e * per, per)?.t()?)
+                d.forward(&x2)?
+                    .matmul(&self.a.narrow(0, e * per, per)?.t()?)
             })
             .collect::<Result<Vec<_>>>()?;
         let mut out = dims;

@@ -861,7 +861,9 @@ fn resolve_opt(root: &Path, p: &Path) -> Option<PathBuf> {
 /// The entry of `task` in a per-task map (names compared ignoring case, `-`, `_`, spaces).
 fn per_task<T: Copy>(map: &BTreeMap<String, T>, task: &str) -> Option<T> {
     let key = task_key(task);
-    map.iter().find(|(k, _)| task_key(k) == key).map(|(_, v)| *v)
+    map.iter()
+        .find(|(k, _)| task_key(k) == key)
+        .map(|(_, v)| *v)
 }
 
 impl EvalConfig {
@@ -1326,7 +1328,10 @@ mod tests {
         assert_eq!(c.model.preset, "coin-paper");
         let t = &c.train;
         assert_eq!(t.lr_scheduler, Schedule::DeepspeedWarmup);
-        assert_eq!(t.mm_projector_lr, t.learning_rate, "one rate for every parameter");
+        assert_eq!(
+            t.mm_projector_lr, t.learning_rate,
+            "one rate for every parameter"
+        );
         assert_eq!(t.projector_init, ProjectorInit::AsCoin);
         // One device accumulates CoIN's global batch: 8 GPUs × 8 × per-GPU batch.
         for (task, global) in [
@@ -1358,7 +1363,11 @@ mod tests {
             assert_eq!(c.eval.max_new_tokens_for(task), tokens, "{task}");
             assert_eq!(c.eval.aspect_for(task), aspect, "{task}");
         }
-        assert_eq!(c.eval.prompt_for("sqa "), PromptStyle::Text, "not ScienceQA");
+        assert_eq!(
+            c.eval.prompt_for("sqa "),
+            PromptStyle::Text,
+            "not ScienceQA"
+        );
         assert_eq!(c.eval.prompt_for("science-qa"), PromptStyle::Science);
         assert_eq!(c.eval.prompt_for("GQA"), PromptStyle::Text);
         // Everything else is the llava-7b preset's, which stays the default.

@@ -510,8 +510,7 @@ fn generate_answers(
         let mut batch = Vec::with_capacity(chunk.len());
         let mut shown = Vec::with_capacity(chunk.len());
         for q in chunk {
-            let (question, prompt) =
-                question_and_prompt(plan.prompt, &q.text, q.image.is_some());
+            let (question, prompt) = question_and_prompt(plan.prompt, &q.text, q.image.is_some());
             let req = match &q.image {
                 Some(img) => {
                     let path = formats::resolve_image(&image_root, img)?;

@@ -318,7 +318,9 @@ pub fn train_task(
             let params = TrainableParams::attach_from(&mut loaded.model, &settings, &dir)?;
             if cfg.train.projector_init == ProjectorInit::AsCoin {
                 // CoIN's later tasks: a new projector (its previous-task load matches no key).
-                progress.note("Starting the projector afresh, as CoIN's code does after its first task.");
+                progress.note(
+                    "Starting the projector afresh, as CoIN's code does after its first task.",
+                );
                 params.reinit_projector(&mut loaded.model, cfg.train.seed)?;
             }
             params
@@ -704,7 +706,9 @@ mod tests {
         assert_ne!(projector(&next_coin), projector(&first));
         // The fresh projector is torch's nn.Linear init: |w| ≤ 1/√fan_in.
         let dir = f.dir.path().join("next-coin");
-        f.repo.checkout(next_coin.checkpoint, &dir).expect("checkout");
+        f.repo
+            .checkout(next_coin.checkpoint, &dir)
+            .expect("checkout");
         let saved = crate::ml::peft::PeftAdapter::load(
             &dir,
             &candle_core::Device::Cpu,

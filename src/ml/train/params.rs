@@ -309,12 +309,22 @@ impl TrainableParams {
         let mut rng = Rng::new(seed ^ 0x9E3C_70A1);
         let device = model.device.clone();
         let linears = [
-            ("multi_modal_projector.linear_1", &mut model.projector.linear_1),
-            ("multi_modal_projector.linear_2", &mut model.projector.linear_2),
+            (
+                "multi_modal_projector.linear_1",
+                &mut model.projector.linear_1,
+            ),
+            (
+                "multi_modal_projector.linear_2",
+                &mut model.projector.linear_2,
+            ),
         ];
         for (name, lin) in linears {
             let (out_f, in_f) = lin.weight.dims2()?;
-            let weight = Tensor::from_vec(kaiming_uniform(&mut rng, out_f, in_f), (out_f, in_f), &device)?;
+            let weight = Tensor::from_vec(
+                kaiming_uniform(&mut rng, out_f, in_f),
+                (out_f, in_f),
+                &device,
+            )?;
             let bias = Tensor::from_vec(
                 uniform_values(&mut rng, out_f, 1.0 / (in_f as f64).sqrt()),
                 out_f,

@@ -58,7 +58,11 @@ pub(super) fn blake3_json(v: &Value) -> Result<String, WorkflowError> {
 /// text trimmed, and the answer line's prompt with `<image>\n` in front for an item with an
 /// image. `PromptStyle::Text` keeps the text (`model_vqa.py` and the loader-based generators
 /// write the record's `text` as the prompt).
-pub(super) fn question_and_prompt(style: PromptStyle, text: &str, has_image: bool) -> (String, String) {
+pub(super) fn question_and_prompt(
+    style: PromptStyle,
+    text: &str,
+    has_image: bool,
+) -> (String, String) {
     match style {
         PromptStyle::Text => (text.to_string(), text.to_string()),
         PromptStyle::Science => {
