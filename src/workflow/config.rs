@@ -136,6 +136,11 @@ pub struct TrainConfig {
     pub batch_size_per_task: BTreeMap<String, usize>,
     /// Forward passes per optimiser step.
     pub gradient_accumulation_steps: usize,
+    /// Leave out an epoch's last optimiser step when it has fewer than
+    /// `gradient_accumulation_steps` micro-batches, as DeepSpeed does (CoIN). Left out of the
+    /// training key while false.
+    #[serde(default)]
+    pub drop_partial_step: bool,
     /// Gradient clipping by global norm (0 = off).
     pub max_grad_norm: f64,
     /// Longest tokenized sample; longer samples are truncated.
@@ -567,6 +572,7 @@ impl RunConfig {
                 per_device_batch_size: 8,
                 batch_size_per_task: batch,
                 gradient_accumulation_steps: 8,
+                drop_partial_step: false,
                 max_grad_norm: 1.0,
                 model_max_length: 2048,
                 image_aspect_ratio: AspectMode::Pad,
@@ -603,6 +609,8 @@ impl RunConfig {
         t.lr_scheduler = Schedule::DeepspeedWarmup;
         // 8 GPUs × --gradient_accumulation_steps 8 micro-batches of the per-GPU batch.
         t.gradient_accumulation_steps = COIN_GPUS * 8;
+        // DeepSpeed applies only whole accumulation steps.
+        t.drop_partial_step = true;
         t.projector_init = ProjectorInit::AsCoin;
         let e = &mut c.eval;
         // model_vqa_science.py and model_vqa.py hard-code 1024; the loader-based generators
@@ -653,6 +661,7 @@ impl RunConfig {
                 per_device_batch_size: 16,
                 batch_size_per_task: BTreeMap::new(),
                 gradient_accumulation_steps: 1,
+                drop_partial_step: false,
                 max_grad_norm: 1.0,
                 model_max_length: 256,
                 image_aspect_ratio: AspectMode::Pad,
@@ -890,9 +899,12 @@ impl TrainConfig {
     /// keeps its key (and reuses its checkpoints).
     pub fn keyed_value(&self) -> Result<serde_json::Value, serde_json::Error> {
         let mut v = serde_json::to_value(self)?;
-        if self.projector_init == ProjectorInit::Continue {
-            if let Some(o) = v.as_object_mut() {
+        if let Some(o) = v.as_object_mut() {
+            if self.projector_init == ProjectorInit::Continue {
                 o.remove("projector_init");
+            }
+            if !self.drop_partial_step {
+                o.remove("drop_partial_step");
             }
         }
         Ok(v)
@@ -1333,6 +1345,7 @@ mod tests {
             "one rate for every parameter"
         );
         assert_eq!(t.projector_init, ProjectorInit::AsCoin);
+        assert!(t.drop_partial_step);
         // One device accumulates CoIN's global batch: 8 GPUs × 8 × per-GPU batch.
         for (task, global) in [
             ("ScienceQA", 896),
@@ -1383,6 +1396,7 @@ mod tests {
         same.train.lr_scheduler = d.train.lr_scheduler;
         same.train.gradient_accumulation_steps = d.train.gradient_accumulation_steps;
         same.train.projector_init = d.train.projector_init;
+        same.train.drop_partial_step = d.train.drop_partial_step;
         same.eval.max_new_tokens_per_task.clear();
         same.eval.prompt_per_task.clear();
         assert_eq!(same, d);
@@ -1670,11 +1684,17 @@ mod tests {
             serde_json::to_value(&c.train).expect("json")["projector_init"],
             serde_json::json!("continue")
         );
-        let c = resolve(&[set("train.projector_init=as-coin")], None).expect("as-coin");
-        assert_eq!(
-            c.train.keyed_value().expect("json")["projector_init"],
-            serde_json::json!("as-coin")
-        );
+        let c = resolve(
+            &[
+                set("train.projector_init=as-coin"),
+                set("train.drop_partial_step=true"),
+            ],
+            None,
+        )
+        .expect("as-coin");
+        let keyed = c.train.keyed_value().expect("json");
+        assert_eq!(keyed["projector_init"], serde_json::json!("as-coin"));
+        assert_eq!(keyed["drop_partial_step"], serde_json::json!(true));
         let c = resolve(
             &[
                 set("model.base=models/x"),

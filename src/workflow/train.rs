@@ -153,6 +153,7 @@ pub fn loop_config(
         seed: t.seed,
         image_aspect: t.image_aspect_ratio,
         max_steps: None,
+        drop_partial_step: t.drop_partial_step,
         shards: rt.shards,
         kernels: Some(rt.kernels),
     };
