@@ -52,7 +52,9 @@ impl Lora {
 }
 
 /// CoIN's MoELoRA: E experts of rank r/E and a token-wise dense softmax router,
-/// `scale · Σ_e softmax(R x)_e · B_e A_e dropout(x)` with `scale = lora_alpha / r` (total r).
+/// `scale · Σ_e softmax(R x)_e · B_e A_e dropout_e(x)` with `scale = lora_alpha / r` (total r).
+/// In training every expert sees its own dropout mask: CoIN calls its one `nn.Dropout` inside
+/// the loop over the experts (`coinmoelora.py` L389-396), so each call draws a new mask.
 ///
 /// The experts are stored stacked: `a` is (E·r/E × in) = the A_e one under another, `b` is
 /// (out × E·r/E) = the B_e side by side, so the sum is two GEMMs with the gates applied to the
@@ -69,7 +71,8 @@ pub struct MoeLora {
     pub experts: usize,
     /// `lora_alpha / r`.
     pub scale: f64,
-    /// Dropout on the experts' input (the router sees the undropped input, as in CoIN).
+    /// Dropout on the experts' input, a mask per expert (the router sees the undropped input,
+    /// as in CoIN).
     pub dropout: Option<Dropout>,
 }
 
@@ -78,8 +81,10 @@ impl MoeLora {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = to_dtype_of(x, &self.a)?;
         let gates = candle_nn::ops::softmax(&matmul_t(&x, &self.router)?, D::Minus1)?;
-        let xd = dropped(&self.dropout, &x)?;
-        let h = matmul_t(&xd, &self.a)?; // (…, r)
+        let h = match &self.dropout {
+            Some(d) if d.is_training() && d.p() > 0.0 => self.experts_with_masks(d, &x)?,
+            _ => matmul_t(&x, &self.a)?, // (…, r)
+        };
         let dims = h.dims().to_vec();
         let r = *dims.last().unwrap_or(&0);
         let e = self.experts;
@@ -92,6 +97,27 @@ impl MoeLora {
             .broadcast_mul(&gates.reshape(gate_shape)?)?
             .reshape(dims)?;
         matmul_t(&h, &self.b)? * self.scale
+    }
+}
+
+impl MoeLora {
+    /// `A x` (…, r) with expert e's block computed from `dropout(x)` under its own mask.
+    fn experts_with_masks(&self, d: &Dropout, x: &Tensor) -> Result<Tensor> {
+        let (r, in_f) = self.a.dims2()?;
+        let per = r / self.experts.max(1);
+        let dims = x.dims().to_vec();
+        let x2 = x.reshape((x.elem_count() / in_f.max(1), in_f))?;
+        let blocks = (0..self.experts)
+            .map(|e| {
+                // `narrow` of the var keeps the gradient path to it (not the frozen matmul).
+                d.forward(&x2)?
+                    .matmul(&self.a.narrow(0, e * per, per)?.t()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = dims;
+        let n = out.len();
+        out[n - 1] = r;
+        Tensor::cat(&blocks, 1)?.reshape(out)
     }
 }
 
@@ -232,6 +258,36 @@ pub fn argmax_last(logits: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn moelora_draws_a_dropout_mask_per_expert_in_training() -> Result<()> {
+        // Two experts of rank 1 with the same A (a sum of the input) and B picking each
+        // expert's output: one shared mask would make both outputs equal.
+        let dev = Device::Cpu;
+        let n = 64;
+        let x = Tensor::ones((1, 1, n), DType::F32, &dev)?;
+        let a = candle_core::Var::ones((2, n), DType::F32, &dev)?;
+        let moe = MoeLora {
+            a: a.as_tensor().clone(),
+            b: Tensor::new(&[[1f32, 0.], [0., 1.]], &dev)?,
+            router: Tensor::zeros((2, n), DType::F32, &dev)?,
+            experts: 2,
+            scale: 1.0,
+            dropout: Some(Dropout::new(0.5, 3)),
+        };
+        let y = moe.forward(&x)?;
+        let v: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        assert_ne!(v[0], v[1], "each expert masks its own input: {v:?}");
+        // The gradient still reaches every expert's A.
+        let g = y.sum_all()?.backward()?;
+        let ga = g.get(a.as_tensor()).expect("a gradient for A");
+        assert_eq!(ga.dims(), &[2, n]);
+        // In eval both see the whole input: 0.5 · 64 each.
+        moe.dropout.as_ref().expect("dropout").set_training(false);
+        let v: Vec<f32> = moe.forward(&x)?.flatten_all()?.to_vec1()?;
+        assert_eq!(v, vec![32.0, 32.0]);
+        Ok(())
+    }
 
     #[test]
     fn lora_adds_scaled_low_rank_update() -> Result<()> {

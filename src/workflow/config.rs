@@ -29,14 +29,19 @@ use crate::ml::train::optim::Schedule;
 pub const DEFAULT_PRESET: &str = "llava-7b";
 
 /// The names of the built-in presets.
-pub const PRESETS: &[&str] = &["tiny", "llava-7b"];
+pub const PRESETS: &[&str] = &["tiny", "llava-7b", "coin-paper"];
 
 /// The top-level table of `.coin/config.toml` that is not a run setting: the hooks' gates
 /// (docs/hooks.md), parsed by [`GatesConfig`].
 pub const GATES_TABLE: &str = "gates";
 
 /// Dotted keys whose value is a table with free keys (task names).
-const MAP_KEYS: &[&str] = &["train.batch_size_per_task", "eval.image_aspect_per_task"];
+const MAP_KEYS: &[&str] = &[
+    "train.batch_size_per_task",
+    "eval.image_aspect_per_task",
+    "eval.max_new_tokens_per_task",
+    "eval.prompt_per_task",
+];
 
 /// Keys that were renamed: (old, new, what to write). An old key is refused with this advice.
 const RENAMED_KEYS: &[(&str, &str, &str)] = &[(
@@ -79,7 +84,7 @@ pub struct RunConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// The preset the defaults came from (`tiny` or `llava-7b`).
+    /// The preset the defaults came from (`tiny`, `llava-7b` or `coin-paper`).
     pub preset: String,
     /// A human name of the base model, recorded in checkpoints and compared with the parent's
     /// before training (e.g. `llava-v1.5-7b`).
@@ -111,11 +116,17 @@ pub struct TrainConfig {
     pub learning_rate: f64,
     /// Learning rate of the multimodal projector (0 = projector frozen).
     pub mm_projector_lr: f64,
+    /// Where a task's projector starts: `continue` (the parent's) or `as-coin` (CoIN's code:
+    /// the base's for the first task, a freshly initialised one after). Left out of the
+    /// training key while `continue` ([`TrainConfig::keyed_value`]).
+    #[serde(default)]
+    pub projector_init: ProjectorInit,
     /// AdamW weight decay.
     pub weight_decay: f64,
     /// Linear warm-up as a fraction of the optimiser steps.
     pub warmup_ratio: f64,
-    /// Learning-rate schedule after warm-up: `cosine`, `linear` or `constant`.
+    /// Learning-rate schedule: `cosine`, `linear` or `constant` after a linear warm-up (HF's
+    /// Trainer), or `deepspeed-warmup` (DeepSpeed's `WarmupLR`, what CoIN's runs applied).
     pub lr_scheduler: Schedule,
     /// Epochs over each task's training set.
     pub num_train_epochs: f64,
@@ -125,6 +136,11 @@ pub struct TrainConfig {
     pub batch_size_per_task: BTreeMap<String, usize>,
     /// Forward passes per optimiser step.
     pub gradient_accumulation_steps: usize,
+    /// Leave out an epoch's last optimiser step when it has fewer than
+    /// `gradient_accumulation_steps` micro-batches, as DeepSpeed does (CoIN). Left out of the
+    /// training key while false.
+    #[serde(default)]
+    pub drop_partial_step: bool,
     /// Gradient clipping by global norm (0 = off).
     pub max_grad_norm: f64,
     /// Longest tokenized sample; longer samples are truncated.
@@ -141,8 +157,12 @@ pub struct TrainConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
-    /// Stop generating after this many tokens.
+    /// Stop generating after this many tokens, for tasks not in `max_new_tokens_per_task`.
     pub max_new_tokens: usize,
+    /// Stop generating after this many tokens, per task (CoIN's generators differ). Keys
+    /// match task names as in `image_aspect_per_task`.
+    #[serde(default)]
+    pub max_new_tokens_per_task: BTreeMap<String, usize>,
     /// Samples per generation batch.
     pub batch_size: usize,
     /// Scoring mode: `auto` (the task's default: compat for CoIN's eight, strict otherwise),
@@ -153,6 +173,36 @@ pub struct EvalConfig {
     /// Image preprocessing per task (CoIN's eval scripts pad for some tasks and center-crop
     /// for others). Keys match task names ignoring case, `-`, `_` and spaces.
     pub image_aspect_per_task: BTreeMap<String, AspectMode>,
+    /// How a test record's text becomes the prompt, per task (`text` when not listed).
+    #[serde(default)]
+    pub prompt_per_task: BTreeMap<String, PromptStyle>,
+}
+
+/// Where a task's training starts the projector from (`train.projector_init`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProjectorInit {
+    /// The parent checkpoint's projector carries over (the base model's for a first task).
+    #[default]
+    Continue,
+    /// What CoIN's code does: the first task starts from the base model's projector (CoIN's
+    /// stage-1 `mm_projector.bin`); every later task from a freshly initialised projector
+    /// (torch's `nn.Linear` init), because CoIN's load of the previous task's projector
+    /// matches no key (docs/training.md). The LoRA still continues from the parent.
+    AsCoin,
+}
+
+/// How a test record's `text` becomes the user turn of the prompt (`eval.prompt_per_task`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptStyle {
+    /// The text as it is, after `<image>\n` when the record has an image (CoIN's
+    /// `model_vqa.py` and the loader-based generators).
+    #[default]
+    Text,
+    /// CoIN's `model_vqa_science.py`: every `<image>` removed from the text, whitespace
+    /// trimmed, then `<image>\n` in front when the record has an image.
+    Science,
 }
 
 /// The adapter kind (`train.method`).
@@ -346,7 +396,18 @@ impl Choices for EvalMode {
     const ALL: &'static [Self] = &[EvalMode::Auto, EvalMode::Compat, EvalMode::Strict];
 }
 impl Choices for Schedule {
-    const ALL: &'static [Self] = &[Schedule::Cosine, Schedule::Linear, Schedule::Constant];
+    const ALL: &'static [Self] = &[
+        Schedule::Cosine,
+        Schedule::Linear,
+        Schedule::Constant,
+        Schedule::DeepspeedWarmup,
+    ];
+}
+impl Choices for ProjectorInit {
+    const ALL: &'static [Self] = &[ProjectorInit::Continue, ProjectorInit::AsCoin];
+}
+impl Choices for PromptStyle {
+    const ALL: &'static [Self] = &[PromptStyle::Text, PromptStyle::Science];
 }
 impl Choices for AspectMode {
     const ALL: &'static [Self] = &[AspectMode::Pad, AspectMode::Crop, AspectMode::Resize];
@@ -386,6 +447,8 @@ fn rule(key: &str) -> Option<Rule> {
     Some(match key {
         "train.method" => Rule::OneOf(names::<Method>()),
         "train.lr_scheduler" => Rule::OneOf(names::<Schedule>()),
+        "train.projector_init" => Rule::OneOf(names::<ProjectorInit>()),
+        k if k.starts_with("eval.prompt_per_task.") => Rule::OneOf(names::<PromptStyle>()),
         "train.image_aspect_ratio" | "eval.image_aspect" => Rule::OneOf(names::<AspectMode>()),
         k if k.starts_with("eval.image_aspect_per_task.") => Rule::OneOf(names::<AspectMode>()),
         "eval.mode" => Rule::OneOf(names::<EvalMode>()),
@@ -428,6 +491,9 @@ fn check_rule(
     }
 }
 
+/// The GPUs of CoIN's training scripts (`deepspeed --include localhost:0,1,2,3,4,5,6,7`).
+pub const COIN_GPUS: usize = 8;
+
 /// The seven linear layers of a LLaMA block (CoIN's `find_all_linear_names`).
 pub const ALL_LLM_LINEARS: &[&str] = &crate::ml::train::params::DEFAULT_TARGETS;
 
@@ -439,10 +505,11 @@ fn task_key(s: &str) -> String {
 }
 
 impl RunConfig {
-    /// A built-in preset by name (`tiny`, `llava-7b`).
+    /// A built-in preset by name (`tiny`, `llava-7b`, `coin-paper`).
     pub fn preset(name: &str) -> Result<RunConfig, WorkflowError> {
         match name {
             "llava-7b" => Ok(Self::llava_7b()),
+            "coin-paper" => Ok(Self::coin_paper()),
             "tiny" => Ok(Self::tiny()),
             other => Err(WorkflowError::Config(format!(
                 "unknown preset '{other}'; the presets are {}",
@@ -497,6 +564,7 @@ impl RunConfig {
                 expert_num: 8,
                 learning_rate: 2e-4,
                 mm_projector_lr: 2e-5,
+                projector_init: ProjectorInit::Continue,
                 weight_decay: 0.0,
                 warmup_ratio: 0.03,
                 lr_scheduler: Schedule::Cosine,
@@ -504,6 +572,7 @@ impl RunConfig {
                 per_device_batch_size: 8,
                 batch_size_per_task: batch,
                 gradient_accumulation_steps: 8,
+                drop_partial_step: false,
                 max_grad_norm: 1.0,
                 model_max_length: 2048,
                 image_aspect_ratio: AspectMode::Pad,
@@ -512,14 +581,57 @@ impl RunConfig {
             },
             eval: EvalConfig {
                 max_new_tokens: 128,
+                max_new_tokens_per_task: BTreeMap::new(),
                 batch_size: 16,
                 mode: EvalMode::Auto,
                 image_aspect: AspectMode::Pad,
                 image_aspect_per_task: aspect,
+                prompt_per_task: BTreeMap::new(),
             },
             // CoIN trains in bf16 on GPUs; the CPU runs f32 (auto).
             runtime: RuntimeConfig::AUTO,
         }
+    }
+
+    /// What CoIN's runs effectively did (zackschen/CoIN at 4122465 with transformers 4.31.0 and
+    /// DeepSpeed 0.9.5; every value's source is in docs/config.md): the `llava-7b` values
+    /// except that the DeepSpeed config's optimizer and scheduler replace the command line's
+    /// (one learning rate for the projector too, `WarmupLR`), one device reaches CoIN's global
+    /// batch of 8 GPUs by accumulation (8 × 8), every task after the first starts from a fresh
+    /// projector, and evals use each CoIN generator's token limit and ScienceQA prompt.
+    fn coin_paper() -> RunConfig {
+        let mut c = Self::llava_7b();
+        c.model.preset = "coin-paper".into();
+        let t = &mut c.train;
+        // DeepSpeed builds AdamW from one flat parameter list at the configured rate (the
+        // trainer's param groups, and so --mm_projector_lr, are never used).
+        t.mm_projector_lr = t.learning_rate;
+        t.lr_scheduler = Schedule::DeepspeedWarmup;
+        // 8 GPUs × --gradient_accumulation_steps 8 micro-batches of the per-GPU batch.
+        t.gradient_accumulation_steps = COIN_GPUS * 8;
+        // DeepSpeed applies only whole accumulation steps.
+        t.drop_partial_step = true;
+        t.projector_init = ProjectorInit::AsCoin;
+        let e = &mut c.eval;
+        // model_vqa_science.py and model_vqa.py hard-code 1024; the loader-based generators
+        // default --max_new_tokens to 128 and the eval scripts do not pass it.
+        e.max_new_tokens_per_task = [
+            ("ScienceQA", 1024),
+            ("TextVQA", 128),
+            ("ImageNet", 1024),
+            ("GQA", 128),
+            ("VizWiz", 128),
+            ("Grounding", 1024),
+            ("VQAv2", 1024),
+            ("OCR-VQA", 128),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        e.prompt_per_task = [("ScienceQA".to_string(), PromptStyle::Science)]
+            .into_iter()
+            .collect();
+        c
     }
 
     /// The demo preset for the tiny random model (`coin model init --tiny`): small rank, a
@@ -541,6 +653,7 @@ impl RunConfig {
                 expert_num: 4,
                 learning_rate: 2e-3,
                 mm_projector_lr: 2e-3,
+                projector_init: ProjectorInit::Continue,
                 weight_decay: 0.0,
                 warmup_ratio: 0.03,
                 lr_scheduler: Schedule::Cosine,
@@ -548,6 +661,7 @@ impl RunConfig {
                 per_device_batch_size: 16,
                 batch_size_per_task: BTreeMap::new(),
                 gradient_accumulation_steps: 1,
+                drop_partial_step: false,
                 max_grad_norm: 1.0,
                 model_max_length: 256,
                 image_aspect_ratio: AspectMode::Pad,
@@ -557,10 +671,12 @@ impl RunConfig {
             eval: EvalConfig {
                 // Grounding answers ("[0.25, 0.50, 0.50, 0.75]") are the longest in CoIN-mini.
                 max_new_tokens: 32,
+                max_new_tokens_per_task: BTreeMap::new(),
                 batch_size: 16,
                 mode: EvalMode::Auto,
                 image_aspect: AspectMode::Pad,
                 image_aspect_per_task: BTreeMap::new(),
+                prompt_per_task: BTreeMap::new(),
             },
             // The tiny model runs in f32 on any device.
             runtime: RuntimeConfig {
@@ -643,6 +759,17 @@ impl RunConfig {
                 "must be at least 1".into(),
             );
         }
+        if let Some((task, _)) = self
+            .eval
+            .max_new_tokens_per_task
+            .iter()
+            .find(|(_, v)| **v == 0)
+        {
+            return bad(
+                &format!("eval.max_new_tokens_per_task.{task}"),
+                "must be at least 1".into(),
+            );
+        }
         if t.targets.is_empty() {
             return bad("train.targets", "name at least one linear layer".into());
         }
@@ -666,12 +793,7 @@ impl RunConfig {
 
     /// The per-device batch size for `task` (its `batch_size_per_task` entry, or the default).
     pub fn train_batch_size(&self, task: &str) -> usize {
-        let key = task_key(task);
-        self.train
-            .batch_size_per_task
-            .iter()
-            .find(|(k, _)| task_key(k) == key)
-            .map_or(self.train.per_device_batch_size, |(_, v)| *v)
+        per_task(&self.train.batch_size_per_task, task).unwrap_or(self.train.per_device_batch_size)
     }
 
     /// The resolved configuration as canonical JSON (keys sorted), as stored in the train
@@ -745,15 +867,47 @@ fn resolve_opt(root: &Path, p: &Path) -> Option<PathBuf> {
     }
 }
 
+/// The entry of `task` in a per-task map (names compared ignoring case, `-`, `_`, spaces).
+fn per_task<T: Copy>(map: &BTreeMap<String, T>, task: &str) -> Option<T> {
+    let key = task_key(task);
+    map.iter()
+        .find(|(k, _)| task_key(k) == key)
+        .map(|(_, v)| *v)
+}
+
 impl EvalConfig {
     /// The image preprocessing for `task`: its `image_aspect_per_task` entry (names compared
     /// ignoring case, `-`, `_`, spaces), else `image_aspect`.
     pub fn aspect_for(&self, task: &str) -> AspectMode {
-        let key = task_key(task);
-        self.image_aspect_per_task
-            .iter()
-            .find(|(k, _)| task_key(k) == key)
-            .map_or(self.image_aspect, |(_, v)| *v)
+        per_task(&self.image_aspect_per_task, task).unwrap_or(self.image_aspect)
+    }
+
+    /// The token limit for `task`: its `max_new_tokens_per_task` entry, else `max_new_tokens`.
+    pub fn max_new_tokens_for(&self, task: &str) -> usize {
+        per_task(&self.max_new_tokens_per_task, task).unwrap_or(self.max_new_tokens)
+    }
+
+    /// How `task`'s prompts are made: its `prompt_per_task` entry, else `text`.
+    pub fn prompt_for(&self, task: &str) -> PromptStyle {
+        per_task(&self.prompt_per_task, task).unwrap_or_default()
+    }
+}
+
+impl TrainConfig {
+    /// The settings as the training key hashes them: a setting added after keys were first
+    /// stored is left out while it has its default, so a configuration that does not use it
+    /// keeps its key (and reuses its checkpoints).
+    pub fn keyed_value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        let mut v = serde_json::to_value(self)?;
+        if let Some(o) = v.as_object_mut() {
+            if self.projector_init == ProjectorInit::Continue {
+                o.remove("projector_init");
+            }
+            if !self.drop_partial_step {
+                o.remove("drop_partial_step");
+            }
+        }
+        Ok(v)
     }
 }
 
@@ -1180,6 +1334,95 @@ mod tests {
     }
 
     #[test]
+    fn coin_paper_preset_is_what_coin_effectively_ran() {
+        let c = resolve(&[set("model.preset=coin-paper")], None).expect("coin-paper");
+        c.validate().expect("valid");
+        assert_eq!(c.model.preset, "coin-paper");
+        let t = &c.train;
+        assert_eq!(t.lr_scheduler, Schedule::DeepspeedWarmup);
+        assert_eq!(
+            t.mm_projector_lr, t.learning_rate,
+            "one rate for every parameter"
+        );
+        assert_eq!(t.projector_init, ProjectorInit::AsCoin);
+        assert!(t.drop_partial_step);
+        // One device accumulates CoIN's global batch: 8 GPUs × 8 × per-GPU batch.
+        for (task, global) in [
+            ("ScienceQA", 896),
+            ("TextVQA", 896),
+            ("ImageNet", 1024),
+            ("GQA", 384),
+            ("VizWiz", 896),
+            ("Grounding", 384),
+            ("VQAv2", 512),
+            ("OCR-VQA", 640),
+        ] {
+            assert_eq!(
+                c.train_batch_size(task) * t.gradient_accumulation_steps,
+                global,
+                "{task}"
+            );
+        }
+        for (task, tokens, aspect) in [
+            ("ScienceQA", 1024, AspectMode::Crop),
+            ("TextVQA", 128, AspectMode::Pad),
+            ("ImageNet", 1024, AspectMode::Crop),
+            ("GQA", 128, AspectMode::Pad),
+            ("VizWiz", 128, AspectMode::Pad),
+            ("Grounding", 1024, AspectMode::Crop),
+            ("VQAv2", 1024, AspectMode::Crop),
+            ("ocr_vqa", 128, AspectMode::Pad),
+        ] {
+            assert_eq!(c.eval.max_new_tokens_for(task), tokens, "{task}");
+            assert_eq!(c.eval.aspect_for(task), aspect, "{task}");
+        }
+        assert_eq!(
+            c.eval.prompt_for("sqa "),
+            PromptStyle::Text,
+            "not ScienceQA"
+        );
+        assert_eq!(c.eval.prompt_for("science-qa"), PromptStyle::Science);
+        assert_eq!(c.eval.prompt_for("GQA"), PromptStyle::Text);
+        // Everything else is the llava-7b preset's, which stays the default.
+        let d = resolve(&[], None).expect("default");
+        assert_eq!(d.model.preset, DEFAULT_PRESET);
+        assert_eq!(d.train.lr_scheduler, Schedule::Cosine);
+        assert_eq!(d.train.projector_init, ProjectorInit::Continue);
+        assert_eq!(d.eval.max_new_tokens_for("ScienceQA"), 128);
+        assert_eq!(d.eval.prompt_for("ScienceQA"), PromptStyle::Text);
+        let mut same = c.clone();
+        same.model.preset = d.model.preset.clone();
+        same.train.mm_projector_lr = d.train.mm_projector_lr;
+        same.train.lr_scheduler = d.train.lr_scheduler;
+        same.train.gradient_accumulation_steps = d.train.gradient_accumulation_steps;
+        same.train.projector_init = d.train.projector_init;
+        same.train.drop_partial_step = d.train.drop_partial_step;
+        same.eval.max_new_tokens_per_task.clear();
+        same.eval.prompt_per_task.clear();
+        assert_eq!(same, d);
+        // The new keys take --set like the others, and refuse other words by name.
+        let e = resolve(
+            &[
+                set("eval.max_new_tokens_per_task.GQA=7"),
+                set("eval.prompt_per_task.GQA=science"),
+                set("train.lr_scheduler=deepspeed-warmup"),
+            ],
+            None,
+        )
+        .expect("set");
+        assert_eq!(e.eval.max_new_tokens_for("gqa"), 7);
+        assert_eq!(e.eval.prompt_for("gqa"), PromptStyle::Science);
+        let msg = resolve(&[set("eval.prompt_per_task.GQA=plain")], None)
+            .expect_err("word")
+            .to_string();
+        assert!(msg.contains("text, science"), "{msg}");
+        let msg = resolve(&[set("eval.max_new_tokens_per_task.GQA=0")], None)
+            .expect_err("zero")
+            .to_string();
+        assert!(msg.contains("eval.max_new_tokens_per_task.GQA"), "{msg}");
+    }
+
+    #[test]
     fn tiny_preset_differs_and_validates() {
         let c = resolve(&[set("model.preset=tiny")], None).expect("tiny");
         assert_eq!(c.model.preset, "tiny");
@@ -1412,7 +1655,7 @@ mod tests {
         // settings were typed: the same settings must give the same text.
         let c = resolve(&[], None).expect("default");
         assert_eq!(
-            serde_json::to_value(&c.train).expect("json"),
+            c.train.keyed_value().expect("json"),
             serde_json::json!({
                 "method": "lora", "lora_r": 128, "lora_alpha": 256.0, "lora_dropout": 0.05,
                 "expert_num": 8, "learning_rate": 2e-4, "mm_projector_lr": 2e-5,
@@ -1433,8 +1676,25 @@ mod tests {
                 "image_aspect_per_task": {"ScienceQA": "crop", "TextVQA": "pad",
                     "ImageNet": "crop", "GQA": "pad", "VizWiz": "pad", "Grounding": "crop",
                     "VQAv2": "crop", "OCR-VQA": "pad"},
+                "max_new_tokens_per_task": {}, "prompt_per_task": {},
             })
         );
+        // A later setting at its default is not hashed; another value is.
+        assert_eq!(
+            serde_json::to_value(&c.train).expect("json")["projector_init"],
+            serde_json::json!("continue")
+        );
+        let c = resolve(
+            &[
+                set("train.projector_init=as-coin"),
+                set("train.drop_partial_step=true"),
+            ],
+            None,
+        )
+        .expect("as-coin");
+        let keyed = c.train.keyed_value().expect("json");
+        assert_eq!(keyed["projector_init"], serde_json::json!("as-coin"));
+        assert_eq!(keyed["drop_partial_step"], serde_json::json!(true));
         let c = resolve(
             &[
                 set("model.base=models/x"),

@@ -843,6 +843,7 @@ fn pretrain_base(
         seed: settings.captions_seed,
         image_aspect: AspectMode::Pad,
         max_steps: Some(settings.pretrain_steps),
+        drop_partial_step: false,
         shards: rt.shards,
         kernels: Some(rt.kernels),
     };

@@ -32,7 +32,7 @@ use super::WorkflowError;
 
 mod plan;
 
-use plan::{cache_key, plan, Action, TaskPlan};
+use plan::{cache_key, plan, question_and_prompt, Action, TaskPlan};
 pub use plan::{GENERATION_VERSION, SCORING_VERSION};
 
 /// How a task's record was obtained.
@@ -500,7 +500,7 @@ fn generate_answers(
         items: total,
     });
     let settings = GenerateSettings {
-        max_new_tokens: cfg.eval.max_new_tokens,
+        max_new_tokens: plan.max_new_tokens,
         aspect: plan.aspect,
         return_logits: false,
         ignore_eos: false,
@@ -508,26 +508,29 @@ fn generate_answers(
     let mut answers = Vec::with_capacity(total);
     for chunk in plan.questions.chunks(cfg.eval.batch_size.max(1)) {
         let mut batch = Vec::with_capacity(chunk.len());
+        let mut shown = Vec::with_capacity(chunk.len());
         for q in chunk {
+            let (question, prompt) = question_and_prompt(plan.prompt, &q.text, q.image.is_some());
             let req = match &q.image {
                 Some(img) => {
                     let path = formats::resolve_image(&image_root, img)?;
-                    GenerateRequest::question(&q.text, Rgb8::open(&path)?)
+                    GenerateRequest::question(&question, Rgb8::open(&path)?)
                 }
                 None => GenerateRequest {
-                    prompt: crate::ml::template::vicuna_v1(&[(q.text.as_str(), None)]),
+                    prompt: crate::ml::template::vicuna_v1(&[(question.as_str(), None)]),
                     image: None,
                 },
             };
             batch.push(req);
+            shown.push(prompt);
         }
         let outs = crate::ml::fused::with_kernels(Some(rt.kernels), || {
             generate(model, None, &batch, &settings)
         })?;
-        for (q, o) in chunk.iter().zip(outs) {
+        for ((q, o), prompt) in chunk.iter().zip(outs).zip(shown) {
             answers.push(AnswerRecord {
                 question_id: q.question_id.clone(),
-                prompt: q.text.clone(),
+                prompt,
                 text: Some(o.text.trim().to_string()),
                 answer_id: json!(format!("{}-{}", plan.def.name, q.question_id)),
                 model_id: json!(cfg.model.name),

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use crate::history::CheckpointId;
 use serde_json::{json, Value};
 
-use super::config::{check_parent_base, Method, RunConfig};
+use super::config::{check_parent_base, Method, ProjectorInit, RunConfig};
 use super::eval::{
     evaluate_loaded, find_task, load_base_model, trained_tasks, EvalOptions, EvalProgress,
     InMemoryModel, TaskEval,
@@ -153,6 +153,7 @@ pub fn loop_config(
         seed: t.seed,
         image_aspect: t.image_aspect_ratio,
         max_steps: None,
+        drop_partial_step: t.drop_partial_step,
         shards: rt.shards,
         kernels: Some(rt.kernels),
     };
@@ -190,7 +191,7 @@ fn training_key(k: &KeyInputs<'_>) -> Result<String, WorkflowError> {
         "task": k.task,
         "data": { "blake3": k.data_blake3, "items": k.data_items },
         "template": k.template,
-        "train": serde_json::to_value(&k.cfg.train).map_err(|source| WorkflowError::Encode {
+        "train": k.cfg.train.keyed_value().map_err(|source| WorkflowError::Encode {
             what: "the training settings",
             source,
         })?,
@@ -315,7 +316,15 @@ pub fn train_task(
             }
             repo.checkout(cp.id, &dir)?;
             progress.note(&format!("Continuing the adapter of {}.", cp.id.short()));
-            TrainableParams::attach_from(&mut loaded.model, &settings, &dir)?
+            let params = TrainableParams::attach_from(&mut loaded.model, &settings, &dir)?;
+            if cfg.train.projector_init == ProjectorInit::AsCoin {
+                // CoIN's later tasks: a new projector (its previous-task load matches no key).
+                progress.note(
+                    "Starting the projector afresh, as CoIN's code does after its first task.",
+                );
+                params.reinit_projector(&mut loaded.model, cfg.train.seed)?;
+            }
+            params
         }
         _ => TrainableParams::attach(&mut loaded.model, &settings)?,
     };
@@ -681,6 +690,53 @@ mod tests {
             evals: super::super::eval::NoProgress,
         };
         train_task(&f.repo, cfg, &req, &mut quiet).expect("train")
+    }
+
+    #[test]
+    fn as_coin_starts_later_tasks_from_a_fresh_projector_and_continue_carries_it() {
+        let mut f = setup();
+        let base = Some(f.commit("zero-shot", true, &[]));
+        // The projector's rate is so small that its values stay those it started from.
+        let sets = ["train.mm_projector_lr=1e-30"];
+        let projector = |o: &TrainOutcome| {
+            let cp = f.repo.read_checkpoint(o.checkpoint).expect("read");
+            cp.manifest.files["non_lora_trainables.safetensors"].clone()
+        };
+        let cont = config(&sets);
+        let coin = config(&[sets[0], "train.projector_init=as-coin"]);
+        // A first task starts from the base model's projector either way.
+        let first = train(&f, &cont, base, EvalTasks::None);
+        let first_coin = train(&f, &coin, base, EvalTasks::None);
+        assert_ne!(first.key, first_coin.key, "the setting is keyed");
+        assert_eq!(projector(&first), projector(&first_coin));
+        // A later task: `continue` carries the parent's projector, `as-coin` does not.
+        let next = train(&f, &cont, Some(first.checkpoint), EvalTasks::None);
+        assert_eq!(projector(&next), projector(&first));
+        let next_coin = train(&f, &coin, Some(first.checkpoint), EvalTasks::None);
+        assert_ne!(projector(&next_coin), projector(&first));
+        // The fresh projector is torch's nn.Linear init: |w| ≤ 1/√fan_in.
+        let dir = f.dir.path().join("next-coin");
+        f.repo
+            .checkout(next_coin.checkpoint, &dir)
+            .expect("checkout");
+        let saved = crate::ml::peft::PeftAdapter::load(
+            &dir,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .expect("load");
+        let tensors = saved.projector.expect("a projector").tensors;
+        let (_, w1) = tensors
+            .iter()
+            .find(|(n, _)| n.ends_with("linear_1.weight"))
+            .expect("linear_1");
+        let fan_in = w1.dims2().expect("2-D").1 as f32;
+        let max = w1
+            .abs()
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("max");
+        assert!(max > 0.0 && max <= 1.0 / fan_in.sqrt() + 1e-6, "{max}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The optimiser side of training: AdamW with inspectable, saveable state (candle_nn's keeps
 //! its moments private, so a run could not be resumed), the learning-rate schedules of HF's
-//! `Trainer` (linear warmup, then cosine / linear decay / constant), global-norm gradient
+//! `Trainer` (linear warmup, then cosine / linear decay / constant) and DeepSpeed's `WarmupLR`
+//! (what CoIN's runs really applied, [`Schedule::DeepspeedWarmup`]), global-norm gradient
 //! clipping (`torch.nn.utils.clip_grad_norm_`), and gradient accumulation over micro-batches.
 //!
 //! AdamW is torch's (decoupled weight decay): `p ← p·(1 − lr·wd)`, `m ← β₁m + (1−β₁)g`,
@@ -24,11 +25,22 @@ pub enum Schedule {
     Linear,
     /// The peak throughout.
     Constant,
+    /// DeepSpeed 0.9.5's `WarmupLR` as its engine steps it, which is what CoIN's runs applied
+    /// (the `scheduler` section of `scripts/zero3_offload.json` replaces HF's schedule): a
+    /// logarithmic warmup over `W = max(2, warmup)` steps, then the peak to the end (no decay).
+    /// The engine steps the scheduler after each optimiser step and `WarmupLR` does not set
+    /// the rate when it is built, so step 0 runs at the optimiser's configured rate (the peak)
+    /// and step `i ≥ 1` at `peak · ln(i) / ln(W)` while `i − 1 < W` (so step 1 runs at 0).
+    #[serde(rename = "deepspeed-warmup")]
+    DeepspeedWarmup,
 }
 
 /// HF `get_*_schedule_with_warmup`: the multiplier of the peak learning rate at optimiser step
 /// `step` (0-based) of `total`, with `warmup` warmup steps.
 pub fn lr_factor(schedule: Schedule, step: usize, warmup: usize, total: usize) -> f64 {
+    if schedule == Schedule::DeepspeedWarmup {
+        return deepspeed_warmup_factor(step, warmup);
+    }
     if step < warmup {
         return step as f64 / warmup.max(1) as f64;
     }
@@ -38,6 +50,23 @@ pub fn lr_factor(schedule: Schedule, step: usize, warmup: usize, total: usize) -
         Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
         Schedule::Linear => (1.0 - progress).max(0.0),
         Schedule::Constant => 1.0,
+        Schedule::DeepspeedWarmup => deepspeed_warmup_factor(step, warmup),
+    }
+}
+
+/// [`Schedule::DeepspeedWarmup`] at optimiser step `step` (0-based): DeepSpeed's
+/// `WarmupLR._get_gamma` (`warmup_type` "log", the default) of the scheduler's
+/// `last_batch_iteration`, which is `step − 1` when step `step` runs; before the first
+/// `scheduler.step()` the optimiser keeps its configured rate (the peak).
+fn deepspeed_warmup_factor(step: usize, warmup: usize) -> f64 {
+    let Some(iteration) = step.checked_sub(1) else {
+        return 1.0;
+    };
+    let w = warmup.max(2);
+    if iteration < w {
+        ((iteration + 1) as f64).ln() / (w as f64).ln()
+    } else {
+        1.0
     }
 }
 
@@ -273,6 +302,34 @@ mod tests {
         assert_eq!(warmup_steps(100, 0.03), 3);
         assert_eq!(warmup_steps(10, 0.03), 1);
         assert_eq!(warmup_steps(10, 0.0), 0);
+    }
+
+    #[test]
+    fn deepspeed_warmup_is_log_then_constant_from_the_engines_first_step() {
+        // W = ceil(0.03 · 100) = 3 warmup steps.
+        let w = warmup_steps(100, 0.03);
+        let f = |s| lr_factor(Schedule::DeepspeedWarmup, s, w, 100);
+        // Step 0 runs before the first scheduler.step(): the optimiser's own (peak) rate.
+        assert_eq!(f(0), 1.0);
+        // Then last_batch_iteration = step − 1: gamma = ln(it + 1) / ln(W).
+        assert_eq!(f(1), 0.0);
+        assert!((f(2) - 2f64.ln() / 3f64.ln()).abs() < 1e-15);
+        assert!((f(3) - 1.0).abs() < 1e-15);
+        // From it = W on: the peak to the last step (no decay).
+        assert_eq!(f(4), 1.0);
+        assert_eq!(f(99), 1.0);
+        // WarmupLR warms up over at least 2 steps, also with warmup 0 or 1.
+        for warm in [0, 1] {
+            let g = |s| lr_factor(Schedule::DeepspeedWarmup, s, warm, 10);
+            assert_eq!((g(0), g(1)), (1.0, 0.0));
+            assert!((g(2) - 1.0).abs() < 1e-15);
+            assert_eq!(g(3), 1.0);
+        }
+        // Its name in a configuration.
+        assert_eq!(
+            serde_json::to_value(Schedule::DeepspeedWarmup).expect("json"),
+            serde_json::json!("deepspeed-warmup")
+        );
     }
 
     /// Reference AdamW in plain f64 (torch's formulas), two steps, with weight decay.

@@ -111,8 +111,12 @@ fn var_from(values: Vec<f32>, shape: (usize, usize), device: &Device, dtype: DTy
 
 /// torch's `kaiming_uniform_(a = √5)` on a (rows × fan_in) weight: U(−1/√fan_in, 1/√fan_in).
 fn kaiming_uniform(rng: &mut Rng, rows: usize, fan_in: usize) -> Vec<f32> {
-    let bound = 1.0 / (fan_in as f64).sqrt();
-    (0..rows * fan_in)
+    uniform_values(rng, rows * fan_in, 1.0 / (fan_in as f64).sqrt())
+}
+
+/// `n` values from U(−bound, bound).
+fn uniform_values(rng: &mut Rng, n: usize, bound: f64) -> Vec<f32> {
+    (0..n)
         .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
         .collect()
 }
@@ -293,6 +297,51 @@ impl TrainableParams {
             (model.projector.linear_1, model.projector.linear_2) = projector;
         }
         result.map(|()| params)
+    }
+
+    /// Give the projector a fresh start, as torch's `nn.Linear` initialises one: each weight
+    /// Kaiming-uniform(a = √5) and each bias U(−1/√fan_in, 1/√fan_in), drawn from `seed`.
+    /// This is what CoIN's tasks after the first train from (`train.projector_init =
+    /// "as-coin"`): CoIN builds a new projector and its load of the previous task's matches no
+    /// key. A trained projector's vars are set in place (so the optimiser keeps them); a
+    /// frozen projector's tensors are replaced.
+    pub fn reinit_projector(&self, model: &mut Llava, seed: u64) -> Result<()> {
+        let mut rng = Rng::new(seed ^ 0x9E3C_70A1);
+        let device = model.device.clone();
+        let linears = [
+            (
+                "multi_modal_projector.linear_1",
+                &mut model.projector.linear_1,
+            ),
+            (
+                "multi_modal_projector.linear_2",
+                &mut model.projector.linear_2,
+            ),
+        ];
+        for (name, lin) in linears {
+            let (out_f, in_f) = lin.weight.dims2()?;
+            let weight = Tensor::from_vec(
+                kaiming_uniform(&mut rng, out_f, in_f),
+                (out_f, in_f),
+                &device,
+            )?;
+            let bias = Tensor::from_vec(
+                uniform_values(&mut rng, out_f, 1.0 / (in_f as f64).sqrt()),
+                out_f,
+                &device,
+            )?;
+            match self.get(&format!("{name}.weight")) {
+                Some(var) => var.set(&weight.to_dtype(var.dtype())?)?,
+                None => lin.weight = weight.to_dtype(lin.weight.dtype())?,
+            }
+            if let Some(old) = &lin.bias {
+                match self.get(&format!("{name}.bias")) {
+                    Some(var) => var.set(&bias.to_dtype(var.dtype())?)?,
+                    None => lin.bias = Some(bias.to_dtype(old.dtype())?),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Set every adapter var (and the projector) from `saved`, checking that the adapted

@@ -70,6 +70,11 @@ pub struct TrainConfig {
     pub image_aspect: AspectMode,
     /// Stop after this many optimiser steps in all (for quick runs).
     pub max_steps: Option<usize>,
+    /// Leave out an epoch's last step when it has fewer than `grad_accum` micro-batches (unless
+    /// it is the epoch's only step), as DeepSpeed does: its engine steps the optimiser only at
+    /// whole accumulation boundaries, so the left-over micro-batches are never applied (CoIN).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drop_partial_step: bool,
     /// Data-parallel shards per micro-batch on the CPU, at most ([`accumulate_step`]; a GPU
     /// runs one). Results depend on it by float rounding (the gradients' summation order).
     /// The run configuration's `runtime.shards` (`ml::runtime::auto_shards`).
@@ -100,6 +105,7 @@ impl Default for TrainConfig {
             seed: 42,
             image_aspect: AspectMode::Pad,
             max_steps: None,
+            drop_partial_step: false,
             shards: 1,
             kernels: None,
         }
@@ -240,7 +246,11 @@ pub fn plan_steps(n_samples: usize, cfg: &TrainConfig) -> Vec<(usize, Vec<Vec<us
             .chunks(cfg.batch_size)
             .map(<[usize]>::to_vec)
             .collect();
+        let whole = micro.len() / cfg.grad_accum;
         for group in micro.chunks(cfg.grad_accum) {
+            if cfg.drop_partial_step && group.len() < cfg.grad_accum && whole > 0 {
+                continue;
+            }
             steps.push((epoch, group.to_vec()));
         }
     }
@@ -677,6 +687,35 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drop_partial_step_leaves_out_an_epochs_short_last_step() {
+        let cfg = TrainConfig {
+            epochs: 2,
+            batch_size: 3,
+            grad_accum: 3,
+            drop_partial_step: true,
+            ..TrainConfig::default()
+        };
+        // 10 samples: micro-batches (3,3,3,1) → one whole step of 3 per epoch, the fourth
+        // micro-batch left out; 11: (3,3,3,2) → the same; 18: six → two whole steps.
+        for (n, steps) in [(10, 2), (11, 2), (18, 4)] {
+            let plan = plan_steps(n, &cfg);
+            assert_eq!(plan.len(), steps, "{n} samples");
+            assert!(plan.iter().all(|(_, m)| m.len() == 3));
+        }
+        // An epoch shorter than one step keeps its only (partial) step.
+        assert_eq!(plan_steps(4, &cfg).len(), 2);
+        // Off (the default): the short step is kept, and the setting is not in the
+        // fingerprint's text.
+        let keep = TrainConfig {
+            drop_partial_step: false,
+            ..cfg.clone()
+        };
+        assert_eq!(plan_steps(10, &keep).len(), 4);
+        let text = serde_json::to_string(&keep).expect("json");
+        assert!(!text.contains("drop_partial_step"), "{text}");
+    }
 
     #[test]
     fn plan_covers_each_epoch_once_in_seeded_order() {

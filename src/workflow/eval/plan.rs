@@ -13,7 +13,7 @@ use crate::tasks::formats::{self, TestRecord};
 use crate::tasks::registry::{Registry, TaskDef};
 use crate::tasks::ScoreMode;
 
-use super::super::config::{EvalMode, RunConfig};
+use super::super::config::{EvalMode, PromptStyle, RunConfig};
 use super::super::WorkflowError;
 use super::{find_task, EvalOptions};
 
@@ -30,6 +30,8 @@ pub(super) struct TaskPlan {
     pub(super) questions: Vec<TestRecord>,
     pub(super) mode: ScoreMode,
     pub(super) aspect: AspectMode,
+    pub(super) max_new_tokens: usize,
+    pub(super) prompt: PromptStyle,
     pub(super) eval_set: Value,
     pub(super) decoding: Value,
     pub(super) generation_key: String,
@@ -48,6 +50,31 @@ pub(super) fn blake3_json(v: &Value) -> Result<String, WorkflowError> {
     Ok(blake3::hash(to_canonical_json(v)?.as_bytes())
         .to_hex()
         .to_string())
+}
+
+/// A test record's text as the user turn's question (before the `<image>\n` that an item with
+/// an image gets) and as the `prompt` of its answer line, in `style`.
+/// `PromptStyle::Science` is CoIN's `model_vqa_science.py` (L43-56): `<image>` removed, the
+/// text trimmed, and the answer line's prompt with `<image>\n` in front for an item with an
+/// image. `PromptStyle::Text` keeps the text (`model_vqa.py` and the loader-based generators
+/// write the record's `text` as the prompt).
+pub(super) fn question_and_prompt(
+    style: PromptStyle,
+    text: &str,
+    has_image: bool,
+) -> (String, String) {
+    match style {
+        PromptStyle::Text => (text.to_string(), text.to_string()),
+        PromptStyle::Science => {
+            let q = text.replace("<image>", "").trim().to_string();
+            let shown = if has_image {
+                format!("<image>\n{q}")
+            } else {
+                q.clone()
+            };
+            (q, shown)
+        }
+    }
 }
 
 /// The cache key: blake3 of the generation key and the scoring settings (mode, scorer,
@@ -161,13 +188,19 @@ pub(super) fn plan(
             "items": identity.items,
         });
         let aspect = cfg.eval.aspect_for(&def.name);
-        let decoding = json!({
-            "max_new_tokens": cfg.eval.max_new_tokens,
+        let max_new_tokens = cfg.eval.max_new_tokens_for(&def.name);
+        let prompt = cfg.eval.prompt_for(&def.name);
+        let mut decoding = json!({
+            "max_new_tokens": max_new_tokens,
             "image_aspect": aspect,
             "template": "vicuna_v1",
             "greedy": true,
             "version": GENERATION_VERSION,
         });
+        // Only a non-default prompt style is named, so earlier generation keys stay valid.
+        if prompt != PromptStyle::Text {
+            decoding["prompt"] = json!(prompt);
+        }
         let generation_key = blake3_json(&json!({
             "adapter": adapter,
             "base": base_identity(cfg, &rt),
@@ -212,6 +245,8 @@ pub(super) fn plan(
             questions,
             mode,
             aspect,
+            max_new_tokens,
+            prompt,
             eval_set,
             decoding,
             generation_key,
@@ -221,4 +256,29 @@ pub(super) fn plan(
         });
     }
     Ok(plans)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_science_prompt_is_model_vqa_science_s() {
+        let text = "<image>\n Which is a mammal?\nA. cat\nB. fish\nAnswer with the option's letter from the given choices directly.\n";
+        let bare = "Which is a mammal?\nA. cat\nB. fish\nAnswer with the option's letter from the given choices directly.";
+        assert_eq!(
+            question_and_prompt(PromptStyle::Science, text, true),
+            (bare.to_string(), format!("<image>\n{bare}"))
+        );
+        // Without an image: no `<image>` anywhere.
+        assert_eq!(
+            question_and_prompt(PromptStyle::Science, text, false),
+            (bare.to_string(), bare.to_string())
+        );
+        // `text` keeps the record's text as it is.
+        assert_eq!(
+            question_and_prompt(PromptStyle::Text, text, true),
+            (text.to_string(), text.to_string())
+        );
+    }
 }
