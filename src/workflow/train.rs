@@ -41,8 +41,10 @@ use crate::tasks::registry::Registry;
 /// The train-record field holding the training key.
 pub const TRAINING_KEY_FIELD: &str = "training_key";
 
-/// The version tag of the training key's JSON (v2: with the runtime).
-pub const TRAINING_KEY_FORMAT: &str = "coin.training-key.v2";
+/// The version tag of the training key's JSON (v2: with the runtime; v3: split-setup labels
+/// as LLaVA's preprocess_v1 and one MoELoRA dropout mask per expert, so steps trained before
+/// are not reused).
+pub const TRAINING_KEY_FORMAT: &str = "coin.training-key.v3";
 
 /// Which tasks to evaluate after training.
 #[derive(Clone, Debug, PartialEq, Eq)]
