@@ -279,6 +279,10 @@ fn gk_records_feed_log_diff_and_the_gk_matrix() {
         .find(|l| l.starts_with("1 ScienceQA"))
         .unwrap();
     assert!(row1.ends_with("70.00        —"), "{table}");
+    assert!(
+        table.contains("MFT     75.00   mean GK score right after training each task\n"),
+        "{table}"
+    );
 
     // `coin diff` shows GK changes per task in their own table.
     let d = env.coin(&["diff", &id1, &id2]).success().stdout;
@@ -299,18 +303,24 @@ fn gk_records_feed_log_diff_and_the_gk_matrix() {
         .coin(&["diff", &id1, &id2, "--fail-on-gk-forgetting", "15"])
         .code(1);
     assert!(
-        out.stderr.contains("GK:ScienceQA dropped 20.00 points, more than 15"),
+        out.stderr
+            .contains("GK:ScienceQA dropped 20.00 points, more than 15"),
         "{}",
         out.stderr
     );
-    assert!(!out.stderr.contains("ScienceQA dropped 9.50"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("ScienceQA dropped 9.50"),
+        "{}",
+        out.stderr
+    );
     env.coin(&["diff", &id1, &id2, "--fail-on-gk-forgetting", "25"])
         .success();
     let out = env
         .coin(&["diff", &id1, &id2, "--fail-on-forgetting", "9"])
         .code(1);
     assert!(
-        out.stderr.contains("ScienceQA dropped 9.50 points, more than 9"),
+        out.stderr
+            .contains("ScienceQA dropped 9.50 points, more than 9"),
         "{}",
         out.stderr
     );

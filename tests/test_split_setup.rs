@@ -172,3 +172,40 @@ fn coin_generate_on_the_split_setup_matches_llava() {
     check_prompt_ids(&loaded.tokenizer);
     check_generate(&env, &f.join("vicuna"));
 }
+
+/// A projector file holding a tensor that is not the projector's is refused, naming the file
+/// and the tensor (LLaVA's strict load refuses it too).
+#[test]
+fn a_projector_file_with_an_unexpected_key_is_refused() {
+    let env = TestEnvironment::new();
+    let f = fixture();
+    let good = coin::ml::load::read_tensor_file(&f.join("mm_projector.bin")).expect("reads");
+    let mut extra = good.clone();
+    extra.push((
+        "model.mm_projector.extra.weight".to_string(),
+        candle_core::Tensor::zeros(2, DType::F32, &Device::Cpu).expect("tensor"),
+    ));
+    let bytes = coin::ml::train::torch_save::torch_save_bytes(&extra).expect("torch save");
+    let bad = env.write("extra/mm_projector.bin", bytes);
+    let out = env
+        .coin(&[
+            "generate",
+            "--model",
+            f.join("vicuna").to_str().expect("utf8"),
+            "--vision-tower",
+            f.join("clip").to_str().expect("utf8"),
+            "--projector",
+            bad.to_str().expect("utf8"),
+            "--image",
+            f.join("image_a.png").to_str().expect("utf8"),
+            "--prompt",
+            "hi",
+        ])
+        .code(1);
+    assert!(
+        out.stderr.contains(&*bad.to_string_lossy())
+            && out.stderr.contains("model.mm_projector.extra.weight"),
+        "{}",
+        out.stderr
+    );
+}

@@ -339,13 +339,17 @@ impl From<MlError> for CommandError {
             }
             E::Checkpoint(p) => (*p).into(),
             E::Candle(_) | E::Encode { .. } => CommandError::new(ErrorKind::Internal, e),
+            E::SentencePiece { .. } => CommandError::new(ErrorKind::User, e).hint(
+                "coin reads LLaMA-style SentencePiece BPE models (docs/model.md, Tokenizers): if \
+                 the file is damaged, copy it again from the model's source; otherwise give the \
+                 folder a tokenizer.json.",
+            ),
             E::Parse { .. }
             | E::MissingTensor { .. }
             | E::ShapeMismatch { .. }
             | E::Unsupported { .. }
             | E::NotAModel { .. }
             | E::Tokenizer { .. }
-            | E::SentencePiece { .. }
             | E::MissingImage { .. }
             | E::Image { .. }
             | E::AdapterMismatch { .. }

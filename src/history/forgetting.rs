@@ -158,7 +158,10 @@ mod tests {
         assert_eq!((tvqa.b, tvqa.forgetting), (None, None));
         assert_eq!(r.max_forgetting, Some(10.0));
         assert_eq!(r.exceeding(9.99, false).len(), 1);
-        assert!(r.exceeding(10.0, false).is_empty(), "exactly the threshold passes");
+        assert!(
+            r.exceeding(10.0, false).is_empty(),
+            "exactly the threshold passes"
+        );
     }
 
     #[test]
@@ -179,10 +182,22 @@ mod tests {
         let chain = vec![(oid(1), s(&[("GQA", 60.0), ("GK:GQA", 70.0)]))];
         let r = forgetting_from_scores(&chain, &s(&[("GQA", 58.0), ("GK:GQA", 40.0)]));
         assert_eq!(r.tasks.len(), 2, "both are reported");
-        assert_eq!(r.max_forgetting, Some(2.0), "the judge's drop is not a task's");
-        let tasks: Vec<&str> = r.exceeding(1.0, false).iter().map(|t| t.task.as_str()).collect();
+        assert_eq!(
+            r.max_forgetting,
+            Some(2.0),
+            "the judge's drop is not a task's"
+        );
+        let tasks: Vec<&str> = r
+            .exceeding(1.0, false)
+            .iter()
+            .map(|t| t.task.as_str())
+            .collect();
         assert_eq!(tasks, ["GQA"]);
-        let judged: Vec<&str> = r.exceeding(1.0, true).iter().map(|t| t.task.as_str()).collect();
+        let judged: Vec<&str> = r
+            .exceeding(1.0, true)
+            .iter()
+            .map(|t| t.task.as_str())
+            .collect();
         assert_eq!(judged, ["GK:GQA"]);
         assert!(r.exceeding(30.0, true).is_empty());
     }

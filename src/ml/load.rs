@@ -688,11 +688,16 @@ pub fn load_split(
             check_inside(&paths.llm, &p)?;
         }
         for (name, t) in read_tensor_file(&p)? {
-            // Accept `model.mm_projector.N.*`, `mm_projector.N.*`, `base_model.model.model.mm_projector.N.*`.
-            let Some(i) = name.find("mm_projector.") else {
-                continue;
-            };
-            let key = format!("model.{}", &name[i..]);
+            // Accept `model.mm_projector.N.*`, `mm_projector.N.*`, `base_model.model.model.mm_projector.N.*`;
+            // anything else is refused, as LLaVA's strict load of the projector refuses it.
+            let key = projector_key(&name).ok_or_else(|| MlError::Parse {
+                path: p.clone(),
+                message: format!(
+                    "the tensor '{}' is not one of an mlp2x_gelu projector's \
+                     (mm_projector.{{0,2}}.{{weight,bias}}); give the stage-1 mm_projector.bin",
+                    name.escape_debug()
+                ),
+            })?;
             let t = if t.dtype().is_float() {
                 t.to_dtype(dtype)?
             } else {
@@ -719,11 +724,45 @@ pub fn load_split(
     ))
 }
 
+/// The store name of a projector-file tensor (`model.mm_projector.{0,2}.{weight,bias}`), or
+/// `None` for a tensor a projector file should not hold.
+fn projector_key(name: &str) -> Option<String> {
+    let i = name.find("mm_projector.")?;
+    let (prefix, rest) = (&name[..i], &name[i + "mm_projector.".len()..]);
+    let prefix_ok = prefix.is_empty() || prefix.ends_with("model.");
+    let known = ["0.weight", "0.bias", "2.weight", "2.bias"].contains(&rest);
+    (prefix_ok && known).then(|| format!("model.mm_projector.{rest}"))
+}
+
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::ml::train::torch_save::torch_save_bytes;
+
+    #[test]
+    fn projector_files_hold_only_the_projector() {
+        for ok in [
+            "model.mm_projector.0.weight",
+            "mm_projector.2.bias",
+            "base_model.model.model.mm_projector.2.weight",
+        ] {
+            assert!(projector_key(ok).is_some(), "{ok}");
+        }
+        assert_eq!(
+            projector_key("mm_projector.0.bias").as_deref(),
+            Some("model.mm_projector.0.bias")
+        );
+        for bad in [
+            "model.mm_projector.1.weight",
+            "model.mm_projector.extra.weight",
+            "model.embed_tokens.weight",
+            "xmm_projector.0.weight",
+            "model.mm_projector.0.weight.extra",
+        ] {
+            assert!(projector_key(bad).is_none(), "{bad}");
+        }
+    }
 
     fn fixture(rel: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -235,7 +235,7 @@ pub fn cmd_demo(ui: &mut Ui, helper: &CommandHelper, args: &DemoArgs) -> Result<
         )?;
         write!(out, "{}", report.matrix.to_table())?;
         writeln!(out)?;
-        write_metrics_table(out, &report.matrix.matrix, &report.metrics)?;
+        write_metrics_table(out, &report.matrix.matrix, &report.metrics, "accuracy")?;
         writeln!(out)?;
         write_facts(out, &report)?;
         writeln!(out, "\nPlot: {}", report.plot.display())?;

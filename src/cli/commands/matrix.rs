@@ -137,7 +137,11 @@ pub fn cmd_matrix(
         FormatArg::Table => {
             write!(ui.out(), "{}", bm.to_table())?;
             writeln!(ui.out())?;
-            write_metrics_table(ui.out(), &bm.matrix, &m)?;
+            let what = match metric {
+                MatrixMetric::Accuracy => "accuracy",
+                MatrixMetric::GeneralKnowledge => "GK score",
+            };
+            write_metrics_table(ui.out(), &bm.matrix, &m, what)?;
         }
     }
     Ok(())

@@ -94,7 +94,7 @@ pub fn cmd_metrics(
             "metrics": m,
         }))
     } else {
-        write_metrics_table(ui.out(), &matrix, &m)?;
+        write_metrics_table(ui.out(), &matrix, &m, "accuracy")?;
         Ok(())
     }
 }
@@ -103,21 +103,23 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map_or_else(|| "—".to_string(), |v| format!("{v:.2}"))
 }
 
-/// Print the summary metrics and per-task forgetting as aligned text.
+/// Print the summary metrics and per-task forgetting as aligned text; `what` names the
+/// matrix's score ("accuracy", "GK score").
 pub fn write_metrics_table(
     out: &mut impl Write,
     matrix: &AccuracyMatrix,
     m: &Metrics,
+    what: &str,
 ) -> std::io::Result<()> {
     writeln!(
         out,
-        "MFT  {:>8}   mean accuracy right after training each task",
+        "MFT  {:>8}   mean {what} right after training each task",
         fmt_opt(m.mft)
     )?;
-    writeln!(out, "MFN  {:>8}   mean final accuracy", fmt_opt(m.mfn))?;
+    writeln!(out, "MFN  {:>8}   mean final {what}", fmt_opt(m.mfn))?;
     writeln!(
         out,
-        "MAA  {:>8}   mean average accuracy over steps",
+        "MAA  {:>8}   mean average {what} over steps",
         fmt_opt(m.maa)
     )?;
     writeln!(
