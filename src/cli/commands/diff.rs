@@ -3,7 +3,6 @@
 use std::io::Write;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
-use crate::history::CheckpointId;
 
 use crate::history::records::gk_base_task;
 use crate::history::{diff_checkpoints, CheckpointDiff, EvalDelta, ForgettingReport};
