@@ -340,9 +340,9 @@ impl From<MlError> for CommandError {
             E::Checkpoint(p) => (*p).into(),
             E::Candle(_) | E::Encode { .. } => CommandError::new(ErrorKind::Internal, e),
             E::SentencePiece { .. } => CommandError::new(ErrorKind::User, e).hint(
-                "coin reads LLaMA-style SentencePiece BPE models (docs/model.md, Tokenizers): if \
-                 the file is damaged, copy it again from the model's source; otherwise give the \
-                 folder a tokenizer.json.",
+                "Copy tokenizer.model again from the model's source if it is damaged; coin reads \
+                 LLaMA-style SentencePiece BPE models only (docs/model.md, Tokenizers), so for \
+                 another kind give the folder a tokenizer.json.",
             ),
             E::Parse { .. }
             | E::MissingTensor { .. }
