@@ -8,6 +8,7 @@ mod test_compat_fixtures;
 mod test_demo;
 mod test_gk_command;
 mod test_history;
+mod test_import;
 mod test_hostile_models;
 mod test_hostile_remotes;
 mod test_judge_command;
