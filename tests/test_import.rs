@@ -82,9 +82,9 @@ impl Tree {
             (Layout::Old, Method::Lora) => {
                 format!("checkpoints/Instruction/Only_Pretrain_1.5/{task}/llava-1.5-7b-lora")
             }
-            (Layout::Old, Method::Moe) => format!(
-                "checkpoints/Instruction/Only_Pretrain_1.5_MOE_2/{task}/llava-1.5-7b-lora"
-            ),
+            (Layout::Old, Method::Moe) => {
+                format!("checkpoints/Instruction/Only_Pretrain_1.5_MOE_2/{task}/llava-1.5-7b-lora")
+            }
         }
     }
 
@@ -140,7 +140,10 @@ impl Tree {
         );
         self.write(
             &format!("{dir}/trainer_state.json"),
-            format!("{{\n  \"global_step\": {},\n  \"log_history\": []\n}}\n", shift as i32),
+            format!(
+                "{{\n  \"global_step\": {},\n  \"log_history\": []\n}}\n",
+                shift as i32
+            ),
         );
         // DeepSpeed's epoch checkpoint: never imported.
         self.write(
@@ -159,7 +162,14 @@ impl Tree {
 
     /// A results dir: merge.jsonl with `correct` of the four answers right, and CoIN's
     /// `Result.text` printing `printed` (default: the true score).
-    fn result(&self, eval: &str, stage: &str, model_id: &str, correct: usize, printed: Option<f64>) {
+    fn result(
+        &self,
+        eval: &str,
+        stage: &str,
+        model_id: &str,
+        correct: usize,
+        printed: Option<f64>,
+    ) {
         let dir = self.results_dir(eval, stage);
         let mut lines = String::new();
         for (i, gt) in GT.iter().enumerate() {
@@ -231,7 +241,13 @@ fn init(env: &TestEnvironment) -> PathBuf {
 
 fn import(env: &TestEnvironment, repo: &Path, extra: &[&str]) -> crate::common::Output {
     let root = env.path("coin");
-    let mut args = vec!["import", "coin-run", root.to_str().unwrap(), "--order", ORDER];
+    let mut args = vec![
+        "import",
+        "coin-run",
+        root.to_str().unwrap(),
+        "--order",
+        ORDER,
+    ];
     args.extend_from_slice(extra);
     env.coin_in(repo, &args)
 }
@@ -274,7 +290,10 @@ fn current_layout_lora_run_gives_the_hand_computed_matrix() {
     assert_eq!(v["plan"]["method"], "lora");
     assert_eq!(v["outcome"]["branch"], "coin-run-lora");
     let m = matrix(&env, &repo, "coin-run-lora");
-    assert_eq!(m["tasks"], serde_json::json!(["ImageNet", "VizWiz", "VQAv2"]));
+    assert_eq!(
+        m["tasks"],
+        serde_json::json!(["ImageNet", "VizWiz", "VQAv2"])
+    );
     assert_eq!(
         rows(&m),
         vec![
@@ -310,7 +329,11 @@ fn a_printed_score_that_differs_is_warned_about_and_recorded() {
         out.stderr
     );
     // 100·24/40 = 60: CoIN's judge score agrees, so no judge warning.
-    assert!(!out.stderr.contains("Prompt_Result.text says"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("Prompt_Result.text says"),
+        "{}",
+        out.stderr
+    );
     let show = env
         .coin_in(&repo, &["show", "coin-run-lora~1", "--json"])
         .success()
@@ -318,7 +341,10 @@ fn a_printed_score_that_differs_is_warned_about_and_recorded() {
     let text = show.to_string();
     assert!(text.contains("\"coin_printed\":80.0"), "{text}");
     let gk = env
-        .coin_in(&repo, &["matrix", "coin-run-lora", "--metric", "gk", "--json"])
+        .coin_in(
+            &repo,
+            &["matrix", "coin-run-lora", "--metric", "gk", "--json"],
+        )
         .success()
         .json();
     assert_eq!(rows(&gk)[1], vec![None, Some(60.0), None]);
@@ -349,8 +375,14 @@ fn rerunning_an_import_writes_nothing_new() {
     };
     t.result("VizWiz", "VQAv2", "VQAv2_llava_lora", 4, None);
     let third = import(&env, &repo, &["--json"]).success().json();
-    assert_eq!(third["outcome"]["stages"][2]["records"], serde_json::json!(["VizWiz"]));
-    assert_eq!(rows(&matrix(&env, &repo, "coin-run-lora"))[2][1], Some(100.0));
+    assert_eq!(
+        third["outcome"]["stages"][2]["records"],
+        serde_json::json!(["VizWiz"])
+    );
+    assert_eq!(
+        rows(&matrix(&env, &repo, "coin-run-lora"))[2][1],
+        Some(100.0)
+    );
 }
 
 #[test]
@@ -362,7 +394,8 @@ fn a_dry_run_writes_nothing() {
     let out = import(&env, &repo, &["--dry-run"]).success();
     assert!(out.stdout.contains("stage 2 VizWiz"), "{}", out.stdout);
     assert!(
-        out.stdout.contains("eval ImageNet   VizWiz     50.00 n=4 (CoIN printed 50.00)"),
+        out.stdout
+            .contains("eval ImageNet   VizWiz     50.00 n=4 (CoIN printed 50.00)"),
         "{}",
         out.stdout
     );
@@ -387,8 +420,14 @@ fn a_partial_tree_imports_the_stages_before_the_first_gap_and_can_be_completed()
     let v = out.json();
     assert_eq!(v["outcome"]["stages"].as_array().unwrap().len(), 1);
     let missing = v["plan"]["missing"].to_string();
-    assert!(missing.contains("stage 2 (VizWiz): no stage dir"), "{missing}");
-    assert!(missing.contains("stage 3 (VQAv2): not imported"), "{missing}");
+    assert!(
+        missing.contains("stage 2 (VizWiz): no stage dir"),
+        "{missing}"
+    );
+    assert!(
+        missing.contains("stage 3 (VQAv2): not imported"),
+        "{missing}"
+    );
     assert!(out.stderr.contains("no merge.jsonl"), "{}", out.stderr);
     let first_id = v["outcome"]["stages"][0]["id"].clone();
     // The rest of the run arrives: the import extends the branch.
@@ -405,7 +444,11 @@ fn a_partial_tree_imports_the_stages_before_the_first_gap_and_can_be_completed()
     // A changed stage file conflicts with what the branch holds.
     t.stage("VizWiz", Method::Lora, 9.0);
     let out = import(&env, &repo, &[]).code(1);
-    assert!(out.stderr.contains("is not this run's VizWiz stage"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("is not this run's VizWiz stage"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -434,7 +477,11 @@ fn moelora_runs_are_told_apart_by_dir_and_model_id() {
     }
     let repo = init(&env);
     let out = import(&env, &repo, &[]).code(1);
-    assert!(out.stderr.contains("both a LoRA and a MoELoRA run"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("both a LoRA and a MoELoRA run"),
+        "{}",
+        out.stderr
+    );
     // The MoE evaluation of VizWiz overwrote the LoRA one in the shared results dir.
     t.result("VizWiz", "Finetune", "VizWiz_llava_MOE_lora", 2, None);
     let v = import(&env, &repo, &["--method", "moelora", "--json"])
@@ -453,11 +500,15 @@ fn moelora_runs_are_told_apart_by_dir_and_model_id() {
     );
     let skipped = v["plan"]["warnings"].to_string();
     assert!(
-        skipped.contains("its model_id ImageNet_llava_lora is a lora checkpoint, not this moelora run's"),
+        skipped.contains(
+            "its model_id ImageNet_llava_lora is a lora checkpoint, not this moelora run's"
+        ),
         "{skipped}"
     );
     let lora = import(&env, &repo, &["--method", "lora"]).success();
-    assert!(lora.stderr.contains("VizWiz_llava_MOE_lora is a moelora checkpoint"));
+    assert!(lora
+        .stderr
+        .contains("VizWiz_llava_MOE_lora is a moelora checkpoint"));
     assert_eq!(rows(&matrix(&env, &repo, "coin-run-lora"))[1][1], None);
 }
 
@@ -475,13 +526,27 @@ fn renamed_trees_are_read_with_checkpoints_and_results() {
         .coin_in(
             &repo,
             &[
-                "import", "coin-run", root.to_str().unwrap(), "--order", ORDER, "--layout",
-                "current", "--checkpoints", "../ck", "--results", "../res", "--branch", "run1",
+                "import",
+                "coin-run",
+                root.to_str().unwrap(),
+                "--order",
+                ORDER,
+                "--layout",
+                "current",
+                "--checkpoints",
+                "../ck",
+                "--results",
+                "../res",
+                "--branch",
+                "run1",
                 "--json",
             ],
         )
         .success()
         .json();
     assert_eq!(v["outcome"]["stages"].as_array().unwrap().len(), 3);
-    assert_eq!(rows(&matrix(&env, &repo, "run1"))[2], vec![Some(25.0), Some(50.0), Some(75.0)]);
+    assert_eq!(
+        rows(&matrix(&env, &repo, "run1"))[2],
+        vec![Some(25.0), Some(50.0), Some(75.0)]
+    );
 }

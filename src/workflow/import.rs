@@ -150,6 +150,8 @@ pub struct StagePlan {
 /// What an import would do.
 #[derive(Clone, Debug, Serialize)]
 pub struct ImportPlan {
+    /// The CoIN repo root read.
+    pub root: PathBuf,
     /// The layout read.
     pub layout: Layout,
     /// The method read.
@@ -162,6 +164,16 @@ pub struct ImportPlan {
     pub missing: Vec<String>,
     /// Things to look at (score mismatches, model ids that disagree), in words.
     pub warnings: Vec<String>,
+}
+
+impl ImportPlan {
+    /// `path` relative to the CoIN root when it is below it, for messages.
+    pub fn shown(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
 }
 
 /// What happened to one stage.
@@ -236,8 +248,7 @@ struct Dirs {
 fn detect_layout(root: &Path) -> Option<Layout> {
     if root.join("checkpoints/LLaVA/CoIN").is_dir() || root.join("results/CoIN/LLaVA").is_dir() {
         Some(Layout::Current)
-    } else if root.join("checkpoints/Instruction").is_dir() || root.join("results/CoIN").is_dir()
-    {
+    } else if root.join("checkpoints/Instruction").is_dir() || root.join("results/CoIN").is_dir() {
         Some(Layout::Old)
     } else {
         None
@@ -257,7 +268,9 @@ fn has_method_dirs(root: &Path, layout: Layout, method: Method, order: &[ScorerK
 fn default_stage_dir(root: &Path, layout: Layout, method: Method, kind: ScorerKind) -> PathBuf {
     let t = coin_dir_name(kind);
     match (layout, method) {
-        (Layout::Current, Method::Lora) => root.join(format!("checkpoints/LLaVA/CoIN/{t}_llava_lora")),
+        (Layout::Current, Method::Lora) => {
+            root.join(format!("checkpoints/LLaVA/CoIN/{t}_llava_lora"))
+        }
         (Layout::Current, Method::Moelora) => {
             root.join(format!("checkpoints/LLaVA/CoIN/{t}_llava_MOE_lora"))
         }
@@ -544,6 +557,7 @@ pub fn plan(opts: &ImportOptions) -> Result<ImportPlan, WorkflowError> {
         );
     }
     Ok(ImportPlan {
+        root: opts.root.clone(),
         layout: dirs.layout,
         method: dirs.method,
         branch: opts.branch.clone(),
@@ -813,7 +827,8 @@ fn stage_records(
             let bytes = std::fs::read(&path).map_err(WorkflowError::io("read", &path))?;
             let id = repo.store().put_blob_bytes(&bytes)?;
             let mut rec = rec.clone();
-            rec.extra.insert("replies".to_string(), json!(id.to_string()));
+            rec.extra
+                .insert("replies".to_string(), json!(id.to_string()));
             out.insert(gk_task(&r.task), rec);
         }
     }
@@ -870,8 +885,8 @@ pub fn execute(repo: &CoinRepo, plan: &ImportPlan) -> Result<ImportOutcome, Work
             paths: stage.files.iter().map(|f| f.path.clone()).collect(),
             task: stage.task.clone(),
             message: Some(format!(
-                "imported from CoIN ({}, stage {} of the order)",
-                stage.dir.display(),
+                "imported from CoIN's {} (step {})",
+                plan.shown(&stage.dir),
                 stage.step
             )),
             evals: records.clone(),
@@ -900,4 +915,76 @@ pub fn execute(repo: &CoinRepo, plan: &ImportPlan) -> Result<ImportOutcome, Work
         stages: out,
         moved,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+    use super::*;
+
+    #[test]
+    fn model_ids_name_their_stage_and_method() {
+        assert_eq!(
+            model_id_stage("GQA_llava_lora"),
+            Some((ScorerKind::GQA, Method::Lora))
+        );
+        assert_eq!(
+            model_id_stage("OCRVQA_llava_MOE_lora"),
+            Some((ScorerKind::OCRVQA, Method::Moelora))
+        );
+        // Eval_all.sh's checkpoint names.
+        assert_eq!(
+            model_id_stage("VQAv2_lora"),
+            Some((ScorerKind::VQAv2, Method::Lora))
+        );
+        assert_eq!(model_id_stage("llava-1.5-7b-lora"), None);
+        assert_eq!(model_id_stage("Nothing_llava_lora"), None);
+    }
+
+    #[test]
+    fn printed_scores_are_read_from_each_score_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("Result.text"), "Samples: 0\nAccuracy: 12.50%\n").unwrap();
+        assert_eq!(read_printed_score(ScorerKind::OCRVQA, d), Some(12.5));
+        // GQA: appended, no newlines, the overall accuracy after Binary and Open.
+        std::fs::write(
+            d.join("Result.text"),
+            "Binary: 70.00%Open: 40.00%Accuracy: 55.25%Validity: 0.00%Plausibility: \
+             0.00%Distribution: 1.20 (lower is better)Binary: 1.00%Accuracy: 2.00%",
+        )
+        .unwrap();
+        assert_eq!(read_printed_score(ScorerKind::GQA, d), Some(55.25));
+        std::fs::write(
+            d.join("output_result.jsonl"),
+            "{\n  \"acc\": 66.66666666666667,\n  \"correct\": 2,\n  \"count\": 3\n}",
+        )
+        .unwrap();
+        assert_eq!(
+            read_printed_score(ScorerKind::ScienceQA, d),
+            Some(66.66666666666667)
+        );
+        std::fs::write(d.join("Prompt_Result.text"), "Final score:73").unwrap();
+        assert_eq!(read_printed_gk(d), Some(73.0));
+        assert_eq!(read_printed_gk(&d.join("none")), None);
+    }
+
+    #[test]
+    fn scores_differ_beyond_the_printed_rounding() {
+        assert!(!scores_differ(14.374999999, 14.37));
+        assert!(!scores_differ(66.66666666666667, 66.67));
+        assert!(scores_differ(75.0, 75.02));
+    }
+
+    #[test]
+    fn orders_are_coin_task_names_each_once() {
+        assert_eq!(parse_order(&[]).unwrap(), ScorerKind::ALL.to_vec());
+        let o = parse_order(&["ocrvqa".into(), "Science".into()]).unwrap();
+        assert_eq!(o, [ScorerKind::OCRVQA, ScorerKind::ScienceQA]);
+        let e = parse_order(&["GQA".into(), "gqa".into()]).unwrap_err();
+        assert!(e.to_string().contains("GQA twice"), "{e}");
+        let e = parse_order(&["MNIST".into()]).unwrap_err();
+        assert!(e.to_string().contains("'MNIST'"), "{e}");
+    }
 }

@@ -96,7 +96,11 @@ pub fn cmd_import(
     }
 }
 
-fn cmd_coin_run(ui: &mut Ui, helper: &CommandHelper, args: &CoinRunArgs) -> Result<(), CommandError> {
+fn cmd_coin_run(
+    ui: &mut Ui,
+    helper: &CommandHelper,
+    args: &CoinRunArgs,
+) -> Result<(), CommandError> {
     let repo = if args.dry_run {
         None
     } else {
@@ -198,7 +202,7 @@ fn write_plan(ui: &mut Ui, plan: &ImportPlan) -> Result<(), CommandError> {
             "stage {} {}: {} ({} files, {bytes} bytes: {})",
             s.step,
             s.task,
-            s.dir.display(),
+            plan.shown(&s.dir),
             files.len(),
             files.join(", ")
         )?;
@@ -212,11 +216,10 @@ fn write_plan(ui: &mut Ui, plan: &ImportPlan) -> Result<(), CommandError> {
                 .coin_printed
                 .map(|p| format!(" (CoIN printed {p:.2})"))
                 .unwrap_or_default();
-            let gk = r
-                .gk
-                .as_ref()
-                .map(|g| format!(", GK {:.2} n={}", g.score, g.n))
-                .unwrap_or_default();
+            let gk =
+                r.gk.as_ref()
+                    .map(|g| format!(", GK {:.2} n={}", g.score, g.n))
+                    .unwrap_or_default();
             writeln!(
                 ui.out(),
                 "  eval {:<10} {:<10} {score}{printed}{gk}",
