@@ -550,3 +550,138 @@ fn renamed_trees_are_read_with_checkpoints_and_results() {
         vec![Some(25.0), Some(50.0), Some(75.0)]
     );
 }
+
+/// ScienceQA and TextVQA read their annotation files from `--data`; a stage saved by a newer
+/// peft (adapter_model.safetensors) imports too.
+#[test]
+fn annotation_files_come_from_data_and_safetensors_stages_import() {
+    let env = TestEnvironment::new();
+    let t = Tree::new(&env, "coin", Layout::Current);
+    t.stage("ScienceQA", Method::Lora, 1.0);
+    t.stage("TextVQA", Method::Lora, 2.0);
+    let tv = "checkpoints/LLaVA/CoIN/TextVQA_llava_lora";
+    std::fs::remove_file(t.root.join(tv).join("adapter_model.bin")).unwrap();
+    t.write(
+        &format!("{tv}/adapter_model.safetensors"),
+        crate::common::st::adapter(0.5),
+    );
+    let q =
+        "What is it?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.";
+    t.write(
+        "playground/Instructions_Original/ScienceQA/test.json",
+        serde_json::to_string(&serde_json::json!([
+            {"question_id": "p1", "text": q, "answer": "A"},
+            {"question_id": "p2", "text": q, "answer": "B"},
+        ]))
+        .unwrap(),
+    );
+    t.write(
+        "playground/Instructions_Original/TextVQA/val.json",
+        serde_json::to_string(&serde_json::json!([
+            {"question_id": 1, "text": "What word?", "answer": "cat"},
+            {"question_id": 2, "text": "What word?", "answer": "dog"},
+        ]))
+        .unwrap(),
+    );
+    let data = env.path("data");
+    std::fs::create_dir_all(data.join("ScienceQA")).unwrap();
+    std::fs::create_dir_all(data.join("TextVQA")).unwrap();
+    std::fs::write(
+        data.join("ScienceQA/problems.json"),
+        r#"{"p1": {"choices": ["x", "y"], "answer": 0}, "p2": {"choices": ["x", "y"], "answer": 1}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("ScienceQA/pid_splits.json"),
+        r#"{"test": ["p1", "p2"]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("TextVQA/TextVQA_0.5.1_val.json"),
+        serde_json::to_string(&serde_json::json!({"data": [
+            {"question_id": 1, "answers": vec!["cat"; 10]},
+            {"question_id": 2, "answers": vec!["dog"; 10]},
+        ]}))
+        .unwrap(),
+    )
+    .unwrap();
+    let line = |qid: serde_json::Value, text: &str, model: &str| {
+        format!(
+            "{}\n",
+            serde_json::json!({"question_id": qid, "prompt": "p", "text": text,
+                "answer_id": "a", "model_id": model, "metadata": {}})
+        )
+    };
+    let sqa = |stage: &str, model: &str, second: &str| {
+        let dir = t.results_dir("ScienceQA", stage);
+        t.write(
+            &format!("{dir}/merge.jsonl"),
+            line(serde_json::json!("p1"), "A", model)
+                + &line(serde_json::json!("p2"), second, model),
+        );
+    };
+    sqa("Finetune", "ScienceQA_llava_lora", "B");
+    t.write(
+        &(t.results_dir("ScienceQA", "Finetune") + "/output_result.jsonl"),
+        "{\n  \"acc\": 100.0,\n  \"correct\": 2,\n  \"count\": 2\n}",
+    );
+    sqa("TextVQA", "TextVQA_llava_lora", "A");
+    t.write(
+        &(t.results_dir("TextVQA", "Finetune") + "/merge.jsonl"),
+        line(serde_json::json!(1), "cat", "TextVQA_llava_lora")
+            + &line(serde_json::json!(2), "zzz", "TextVQA_llava_lora"),
+    );
+    let repo = init(&env);
+    let root = t.root.to_str().unwrap().to_string();
+    let args = ["import", "coin-run", &root, "--order", "ScienceQA,TextVQA"];
+    // Without the annotation files the records are left out, and said so.
+    let out = env
+        .coin_in(&repo, &[&args[..], &["--dry-run"]].concat())
+        .success();
+    assert!(out.stderr.contains("give --data"), "{}", out.stderr);
+    let v = env
+        .coin_in(
+            &repo,
+            &[&args[..], &["--data", "../data", "--json"]].concat(),
+        )
+        .success()
+        .json();
+    assert_eq!(
+        v["plan"]["stages"][1]["files"][0]["name"],
+        "adapter_model.safetensors"
+    );
+    assert_eq!(
+        rows(&matrix(&env, &repo, "coin-run-lora")),
+        vec![vec![Some(100.0), None], vec![Some(50.0), Some(50.0)]]
+    );
+}
+
+/// An import killed between two stages leaves the branch as it was; the next run completes it.
+#[test]
+fn an_import_killed_half_way_moves_no_branch() {
+    let env = TestEnvironment::new();
+    lora_run(&env, Layout::Current);
+    let repo = init(&env);
+    let root = env.path("coin");
+    let out = crate::common::run(
+        env.coin_cmd(&repo)
+            .args([
+                "import",
+                "coin-run",
+                root.to_str().unwrap(),
+                "--order",
+                ORDER,
+            ])
+            .env("COIN_FAULT", "commit.after_git_objects:2"),
+    );
+    assert_ne!(out.code, 0);
+    let branches = env.coin_in(&repo, &["branch"]).success();
+    assert!(
+        !branches.stdout.contains("coin-run-lora"),
+        "{}",
+        branches.stdout
+    );
+    let v = import(&env, &repo, &["--json"]).success().json();
+    assert_eq!(v["outcome"]["stages"].as_array().unwrap().len(), 3);
+    env.coin_in(&repo, &["fsck"]).success();
+}
