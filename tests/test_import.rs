@@ -549,6 +549,25 @@ fn renamed_trees_are_read_with_checkpoints_and_results() {
         rows(&matrix(&env, &repo, "run1"))[2],
         vec![Some(25.0), Some(50.0), Some(75.0)]
     );
+    // Auto-detection sees MoELoRA stage dirs in --checkpoints too.
+    std::fs::create_dir_all(env.path("ck/VizWiz_llava_MOE_lora")).unwrap();
+    let out = env.coin_in(
+        &repo,
+        &[
+            "import",
+            "coin-run",
+            root.to_str().unwrap(),
+            "--checkpoints",
+            "../ck",
+            "--results",
+            "../res",
+            "--dry-run",
+        ],
+    );
+    assert!(
+        out.code(1).stderr.contains("both a LoRA and a MoELoRA run"),
+        "renamed MoELoRA dirs are detected"
+    );
 }
 
 /// ScienceQA and TextVQA read their annotation files from `--data`; a stage saved by a newer

@@ -255,14 +255,28 @@ fn detect_layout(root: &Path) -> Option<Layout> {
     }
 }
 
-/// Whether any task has a stage dir of `method` under the layout's default folders.
-fn has_method_dirs(root: &Path, layout: Layout, method: Method, order: &[ScorerKind]) -> bool {
-    order.iter().any(|&k| {
-        default_stage_dir(root, layout, method, k)
-            .join("adapter_config.json")
-            .is_file()
-            || default_stage_dir(root, layout, method, k).is_dir()
+/// Whether any task has a stage dir of `method`: under the layout's default folders, or (for
+/// `--checkpoints DIR`) named `<Task>_llava_lora` / `<Task>_llava_MOE_lora` in DIR.
+fn has_method_dirs(
+    root: &Path,
+    custom: Option<&Path>,
+    layout: Layout,
+    method: Method,
+    order: &[ScorerKind],
+) -> bool {
+    order.iter().any(|&k| match custom {
+        Some(dir) => dir.join(current_dir_name(method, k)).is_dir(),
+        None => default_stage_dir(root, layout, method, k).is_dir(),
     })
+}
+
+/// The current layout's stage dir name.
+fn current_dir_name(method: Method, kind: ScorerKind) -> String {
+    let t = coin_dir_name(kind);
+    match method {
+        Method::Lora => format!("{t}_llava_lora"),
+        Method::Moelora => format!("{t}_llava_MOE_lora"),
+    }
 }
 
 fn default_stage_dir(root: &Path, layout: Layout, method: Method, kind: ScorerKind) -> PathBuf {
@@ -307,8 +321,9 @@ fn resolve_dirs(opts: &ImportOptions) -> Result<Dirs, WorkflowError> {
     let method = match opts.method {
         Some(m) => m,
         None => {
-            let lora = has_method_dirs(root, layout, Method::Lora, &opts.order);
-            let moe = has_method_dirs(root, layout, Method::Moelora, &opts.order);
+            let custom = opts.checkpoints.as_deref();
+            let lora = has_method_dirs(root, custom, layout, Method::Lora, &opts.order);
+            let moe = has_method_dirs(root, custom, layout, Method::Moelora, &opts.order);
             match (lora, moe) {
                 (true, true) => {
                     return Err(WorkflowError::Input(format!(
@@ -356,17 +371,22 @@ impl Dirs {
             return d.is_dir().then_some(d);
         }
         let t = coin_dir_name(kind);
-        let own = match self.method {
-            Method::Lora => format!("{t}_llava_lora"),
-            Method::Moelora => format!("{t}_llava_MOE_lora"),
-        };
         [
-            self.checkpoints.join(own),
+            self.checkpoints.join(current_dir_name(self.method, kind)),
             self.checkpoints.join(t).join("llava-1.5-7b-lora"),
             self.checkpoints.join(t),
         ]
         .into_iter()
         .find(|d| d.is_dir())
+    }
+
+    /// Where the stage dir of `kind` was looked for first, for messages.
+    fn looked_for(&self, root: &Path, kind: ScorerKind) -> PathBuf {
+        if self.custom_checkpoints {
+            self.checkpoints.join(current_dir_name(self.method, kind))
+        } else {
+            default_stage_dir(root, self.layout, self.method, kind)
+        }
     }
 
     /// The question file of `kind` (CoIN's eval scripts' choice, then the old layout's).
@@ -463,7 +483,7 @@ pub fn plan(opts: &ImportOptions) -> Result<ImportPlan, WorkflowError> {
                 "stage {} ({}): no stage dir (looked for {})",
                 i + 1,
                 kind.name(),
-                default_stage_dir(&opts.root, dirs.layout, dirs.method, kind).display()
+                dirs.looked_for(&opts.root, kind).display()
             ));
             gap.get_or_insert_with(|| kind.name().to_string());
             continue;
