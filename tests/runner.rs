@@ -10,6 +10,7 @@ mod test_gk_command;
 mod test_history;
 mod test_hostile_models;
 mod test_hostile_remotes;
+mod test_import;
 mod test_judge_command;
 mod test_layering;
 mod test_metrics_command;

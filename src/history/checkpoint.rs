@@ -220,6 +220,18 @@ impl CoinRepo {
     /// [`HistoryError::BranchMoved`] and nothing is changed (the objects written are
     /// unreachable and gc removes them).
     pub fn commit(&self, req: &CommitRequest) -> Result<CommitOutcome, HistoryError> {
+        self.commit_with(req, false)
+    }
+
+    /// [`CoinRepo::commit`] of a checkpoint with no parent when `req.parent` is `None` (not
+    /// the branch head): the first stage of an imported run, trained from the base model.
+    /// Use it with [`CommitRequest::detached`] and move a branch with
+    /// [`CoinRepo::publish_checkpoint`].
+    pub fn commit_root(&self, req: &CommitRequest) -> Result<CommitOutcome, HistoryError> {
+        self.commit_with(req, true)
+    }
+
+    fn commit_with(&self, req: &CommitRequest, root: bool) -> Result<CommitOutcome, HistoryError> {
         validate_task_name(&req.task).map_err(HistoryError::Input)?;
         for (task, rec) in &req.evals {
             self.check_new_eval_record(task, rec)?;
@@ -231,6 +243,7 @@ impl CoinRepo {
                 self.read_checkpoint(p)?;
                 Some(p.oid())
             }
+            None if root => None,
             None => expected,
         };
         let files = collect_files(&req.paths)?;

@@ -13,6 +13,7 @@ pub mod compare;
 pub mod config;
 pub mod demo;
 pub mod eval;
+pub mod import;
 pub mod matrix;
 pub mod plot;
 mod plot_font;

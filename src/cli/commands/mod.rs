@@ -17,6 +17,7 @@ mod gc;
 mod generate;
 mod history_util;
 mod hooks;
+mod import;
 mod init;
 mod judge;
 mod log;
@@ -81,6 +82,8 @@ pub enum Command {
     Clone(clone::CloneArgs),
     #[command(subcommand)]
     Hooks(hooks::HooksCommand),
+    #[command(subcommand)]
+    Import(import::ImportCommand),
 }
 
 impl Command {
@@ -127,6 +130,7 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Task(cmd) => task::cmd_task(ui, helper, &cmd),
         Command::BenchData(args) => bench_data::cmd_bench_data(ui, helper, &args),
         Command::Judge(args) => judge::cmd_judge(ui, helper, &args),
+        Command::Import(cmd) => import::cmd_import(ui, helper, &cmd),
         Command::Model(args) => model::cmd_model(ui, helper, &args),
         Command::Generate(args) => generate::cmd_generate(ui, helper, &args),
         Command::Tokenize(args) => tokenize::cmd_tokenize(ui, helper, &args),
