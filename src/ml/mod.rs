@@ -12,6 +12,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod export;
 pub mod error;
 pub mod fused;
 pub mod generate;
