@@ -107,6 +107,56 @@ def check_coin_export(d, want=None, projector=None):
           f"({len(got)} tensors equal)")
 
 
+def check_moe_with_coin_fork(coin_bin):
+    """MoELoRA: a CoIN-named MoELoRA adapter committed to coin and exported with --format coin
+    loads with CoIN's own PEFT fork (CoIN/peft from zackschen/CoIN on PYTHONPATH) into a LLaMA,
+    every expert and router weight equal."""
+    from safetensors.torch import save_file
+    from CoIN.peft import PeftModel as CoinPeftModel
+
+    work = tempfile.mkdtemp(prefix="coin-export-moe-")
+    experts, r = 2, 4
+    llama = LlamaForCausalLM(tiny_text_config()).eval()
+    torch.manual_seed(3)
+    tensors = {}
+    for name, mod in llama.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if short not in TARGETS:
+            continue
+        k = f"base_model.model.{name}"
+        for e in range(experts):
+            tensors[f"{k}.lora_A.loraA.{e}.weight"] = torch.randn(r // experts, mod.in_features)
+            tensors[f"{k}.lora_B.loraB.{e}.weight"] = torch.randn(mod.out_features, r // experts)
+        tensors[f"{k}.lora_router.weight"] = torch.randn(experts, mod.in_features)
+    stage = os.path.join(work, "stage")
+    os.makedirs(stage)
+    save_file(tensors, os.path.join(stage, "adapter_model.safetensors"))
+    h = tiny_text_config().hidden_size
+    save_file({"base_model.model.model.mm_projector.0.weight": torch.randn(h, 8),
+               "base_model.model.model.mm_projector.0.bias": torch.randn(h),
+               "base_model.model.model.mm_projector.2.weight": torch.randn(h, h),
+               "base_model.model.model.mm_projector.2.bias": torch.randn(h)},
+              os.path.join(stage, "non_lora_trainables.safetensors"))
+    with open(os.path.join(stage, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "MOE_LORA_CoIN", "task_type": "CAUSAL_LM_CoIN", "r": r,
+                   "lora_alpha": 8, "lora_dropout": 0.05, "expert_num": experts,
+                   "target_modules": TARGETS}, f)
+    run([coin_bin, "init"], work)
+    run([coin_bin, "commit", "stage", "--task", "ScienceQA"], work)
+    run([coin_bin, "checkout", "HEAD", "--output", "moe_llava_MOE_lora", "--format", "coin"],
+        work)
+    loaded = CoinPeftModel.from_pretrained(llama, os.path.join(work, "moe_llava_MOE_lora"))
+    got = {}
+    for k, v in loaded.state_dict().items():
+        if "lora_" in k and ".mlp.weight" not in k.split("lora_", 1)[1]:
+            got["base_model.model." + k.split("base_model.model.", 1)[1].replace(".default", "")] = v
+    assert got.keys() == tensors.keys(), sorted(set(got) ^ set(tensors))[:4]
+    for k, v in tensors.items():
+        assert torch.equal(got[k], v), k
+    print(f"MoELoRA coin export: CoIN's PEFT fork loads it into a LLaMA ({len(got)} tensors "
+          f"equal: {experts} experts + router per module)")
+
+
 def run(cmd, cwd):
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -118,7 +168,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--coin", default=os.path.abspath("target/debug/coin"))
     ap.add_argument("--coin-dir", help="only check this coin export (e.g. with peft 0.4.0)")
+    ap.add_argument("--moe", action="store_true",
+                    help="only the MoELoRA check with CoIN's PEFT fork (CoIN/ on PYTHONPATH)")
     args = ap.parse_args()
+    if args.moe:
+        check_moe_with_coin_fork(args.coin)
+        print("OK")
+        return
     if args.coin_dir:
         check_coin_export(args.coin_dir)
         print("OK")

@@ -19,10 +19,26 @@ fn coin_stage(env: &TestEnvironment, name: &str) {
     env.write(
         format!("{name}/adapter_model.safetensors"),
         safetensors(&[
-            T::bf16(&format!("{p}.self_attn.q_proj.lora_A.weight"), &[2, 4], &v(8, 0.0)),
-            T::bf16(&format!("{p}.self_attn.q_proj.lora_B.weight"), &[4, 2], &v(8, 1.0)),
-            T::bf16(&format!("{p}.mlp.down_proj.lora_A.weight"), &[2, 6], &v(12, 2.0)),
-            T::bf16(&format!("{p}.mlp.down_proj.lora_B.weight"), &[4, 2], &v(8, 3.0)),
+            T::bf16(
+                &format!("{p}.self_attn.q_proj.lora_A.weight"),
+                &[2, 4],
+                &v(8, 0.0),
+            ),
+            T::bf16(
+                &format!("{p}.self_attn.q_proj.lora_B.weight"),
+                &[4, 2],
+                &v(8, 1.0),
+            ),
+            T::bf16(
+                &format!("{p}.mlp.down_proj.lora_A.weight"),
+                &[2, 6],
+                &v(12, 2.0),
+            ),
+            T::bf16(
+                &format!("{p}.mlp.down_proj.lora_B.weight"),
+                &[4, 2],
+                &v(8, 3.0),
+            ),
         ]),
     );
     let m = "base_model.model.model.mm_projector";
@@ -68,11 +84,13 @@ fn checkout_format_coin_peft_and_safetensors() {
     let env = TestEnvironment::new();
     env.coin(&["init"]).success();
     coin_stage(&env, "stage");
-    env.coin(&["commit", "stage", "--task", "ScienceQA"]).success();
+    env.coin(&["commit", "stage", "--task", "ScienceQA"])
+        .success();
     let src = tensors(&env.path("stage/adapter_model.safetensors"));
 
     // Default: the byte-identical checkout, unchanged.
-    env.coin(&["checkout", "HEAD", "--output", "plain"]).success();
+    env.coin(&["checkout", "HEAD", "--output", "plain"])
+        .success();
     assert_same_tree(&env.path("stage"), &env.path("plain"));
 
     // coin: CoIN's file names, keys and values; the name warning offers a CoIN-style name.
@@ -81,7 +99,8 @@ fn checkout_format_coin_peft_and_safetensors() {
         .success();
     assert!(out.stderr.contains("'out_llava_lora'"), "{}", out.stderr);
     assert!(
-        out.stderr.contains("Exported 2 adapted module(s) and the projector"),
+        out.stderr
+            .contains("Exported 2 adapted module(s) and the projector"),
         "{}",
         out.stderr
     );
@@ -145,8 +164,15 @@ fn checkout_format_coin_peft_and_safetensors() {
     assert!(env.path("hf/non_lora_trainables.safetensors").is_file());
 
     // safetensors: coin's names.
-    env.coin(&["checkout", "HEAD", "--output", "st", "--format", "safetensors"])
-        .success();
+    env.coin(&[
+        "checkout",
+        "HEAD",
+        "--output",
+        "st",
+        "--format",
+        "safetensors",
+    ])
+    .success();
     let st = tensors(&env.path("st/adapter.safetensors"));
     assert!(st.contains_key("language_model.layers.0.self_attn.q_proj.lora_A.weight"));
     assert!(st.contains_key("multi_modal_projector.linear_1.weight"));
@@ -165,7 +191,8 @@ fn a_failed_export_leaves_nothing_and_a_full_directory_is_refused() {
     let env = TestEnvironment::new();
     env.coin(&["init"]).success();
     env.write("notes/readme.txt", "no adapter here\n");
-    env.coin(&["commit", "notes", "--task", "ScienceQA"]).success();
+    env.coin(&["commit", "notes", "--task", "ScienceQA"])
+        .success();
     let err = env
         .coin(&["checkout", "HEAD", "--output", "out", "--format", "coin"])
         .code(1);

@@ -36,9 +36,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+use super::error::escape_name;
 use super::linear::Adapter;
 use super::load::{read_tensor_file, write_safetensors, Layout};
-use super::error::escape_name;
 use super::peft::{PeftAdapter, PEFT_TYPE_LORA, PEFT_TYPE_MOELORA};
 use super::train::params::AdapterKind;
 use super::train::save::saved_tensors;
@@ -75,21 +75,30 @@ pub struct Exported {
 /// CoIN's Vicuna-7B v1.5 base, as its training scripts name it.
 const COIN_BASE: &str = "./checkpoints/LLaVA/Vicuna/vicuna-7b-v1.5";
 
-/// Whether CoIN's model builder accepts `name` as an adapter directory: it takes the LoRA path
-/// only when the name contains both "llava" and "lora" (case-insensitive).
-pub fn coin_dir_name_ok(name: &str) -> bool {
+/// Whether CoIN's model builder accepts `name` as an adapter directory of `kind`: it takes the
+/// LoRA path only when the name contains both "llava" and "lora" (case-insensitive), and loads
+/// a MoELoRA with its own PEFT fork only when the name contains "MOE" (case-sensitive).
+pub fn coin_dir_name_ok(name: &str, kind: AdapterKind) -> bool {
     let n = name.to_lowercase();
-    n.contains("llava") && n.contains("lora")
+    let moe_ok = match kind {
+        AdapterKind::Lora => true,
+        AdapterKind::MoeLora { .. } => name.contains("MOE"),
+    };
+    n.contains("llava") && n.contains("lora") && moe_ok
 }
 
 /// A directory name CoIN's builder accepts, derived from `name`: `<name>_llava_lora`
 /// (`<name>_llava_MOE_lora` for MoELoRA), as CoIN's training scripts name theirs.
 pub fn coin_dir_name(name: &str, kind: AdapterKind) -> String {
-    if coin_dir_name_ok(name) {
+    if coin_dir_name_ok(name, kind) {
         return name.to_string();
     }
+    let n = name.to_lowercase();
     match kind {
         AdapterKind::Lora => format!("{name}_llava_lora"),
+        AdapterKind::MoeLora { .. } if n.contains("llava") && n.contains("lora") => {
+            format!("{name}_MOE")
+        }
         AdapterKind::MoeLora { .. } => format!("{name}_llava_MOE_lora"),
     }
 }
@@ -277,14 +286,20 @@ pub fn export_adapter(src: &Path, dst: &Path, format: ExportFormat) -> Result<Ex
                     text.into_bytes()
                 }
             };
-            write_file(dst, "adapter_config.json", json_text(&cfg, "the adapter config")?)?;
+            write_file(
+                dst,
+                "adapter_config.json",
+                json_text(&cfg, "the adapter config")?,
+            )?;
             files.push("adapter_config.json".to_string());
             write_file(dst, "adapter_model.bin", torch_save_bytes(&adapter)?)?;
             files.push("adapter_model.bin".to_string());
             if proj.is_empty() {
                 warnings.push(
                     "the checkpoint has no trained projector, so there is no \
-                     non_lora_trainables.bin; CoIN's loaders then keep the base projector"
+                     non_lora_trainables.bin; CoIN's loaders need one (without it they try to \
+                     download it from the Hugging Face hub): add the projector the stage started \
+                     from, with keys base_model.model.model.mm_projector.{0,2}.{weight,bias}"
                         .to_string(),
                 );
             } else {

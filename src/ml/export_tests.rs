@@ -71,9 +71,15 @@ fn write_source(
         })
         .collect();
     let projector: BTreeMap<String, Tensor> = [
-        ("base_model.model.model.mm_projector.0.weight", vec![HIDDEN, MM]),
+        (
+            "base_model.model.model.mm_projector.0.weight",
+            vec![HIDDEN, MM],
+        ),
         ("base_model.model.model.mm_projector.0.bias", vec![HIDDEN]),
-        ("base_model.model.model.mm_projector.2.weight", vec![HIDDEN, HIDDEN]),
+        (
+            "base_model.model.model.mm_projector.2.weight",
+            vec![HIDDEN, HIDDEN],
+        ),
         ("base_model.model.model.mm_projector.2.bias", vec![HIDDEN]),
     ]
     .into_iter()
@@ -160,8 +166,12 @@ fn json(path: &Path) -> Value {
 #[test]
 fn coin_export_of_a_lora_has_coins_names_shapes_values_and_dtype() {
     let (_t, src, dst) = dirs();
-    let (adapter, projector) =
-        write_source(&src, 0, DType::BF16, "base_model.model.model.language_model");
+    let (adapter, projector) = write_source(
+        &src,
+        0,
+        DType::BF16,
+        "base_model.model.model.language_model",
+    );
     let out = export_adapter(&src, &dst, ExportFormat::Coin).expect("exports");
     assert_eq!(
         out.files,
@@ -237,7 +247,15 @@ fn coin_export_of_a_lora_has_coins_names_shapes_values_and_dtype() {
     assert_eq!(cfg["lora_alpha"], serde_json::json!(8));
     assert_eq!(
         cfg["target_modules"],
-        serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        serde_json::json!([
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj"
+        ])
     );
     // No config.json in the checkpoint: a LlavaConfig with the tensors' sizes, and a warning.
     let c = json(&dst.join("config.json"));
@@ -302,11 +320,10 @@ fn peft_export_uses_llava_hf_names_and_reads_back() {
             "non_lora_trainables.safetensors"
         ]
     );
-    let read: BTreeMap<String, Tensor> =
-        read_tensor_file(&dst.join("adapter_model.safetensors"))
-            .expect("reads")
-            .into_iter()
-            .collect();
+    let read: BTreeMap<String, Tensor> = read_tensor_file(&dst.join("adapter_model.safetensors"))
+        .expect("reads")
+        .into_iter()
+        .collect();
     assert_eq!(
         read.iter()
             .map(|(k, t)| (k.clone(), t.dims().to_vec()))
@@ -334,7 +351,9 @@ fn peft_export_uses_llava_hf_names_and_reads_back() {
     let cfg = json(&dst.join("adapter_config.json"));
     assert_eq!(
         cfg["target_modules"],
-        serde_json::json!(".*language_model.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+        serde_json::json!(
+            ".*language_model.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+        )
     );
     assert_eq!(cfg["peft_type"], serde_json::json!("LORA"));
     assert_eq!(cfg["modules_to_save"], Value::Null);
@@ -396,13 +415,38 @@ fn a_checkpoint_without_an_adapter_is_refused_with_the_directory() {
 
 #[test]
 fn coin_directory_names() {
-    assert!(coin_dir_name_ok("ScienceQA_llava_lora"));
-    assert!(coin_dir_name_ok("LLaVA-LoRA"));
-    assert!(!coin_dir_name_ok("out"));
+    let moe = AdapterKind::MoeLora { experts: 8 };
+    assert!(coin_dir_name_ok("ScienceQA_llava_lora", AdapterKind::Lora));
+    assert!(coin_dir_name_ok("LLaVA-LoRA", AdapterKind::Lora));
+    assert!(!coin_dir_name_ok("out", AdapterKind::Lora));
+    assert!(coin_dir_name_ok("ScienceQA_llava_MOE_lora", moe));
+    assert!(!coin_dir_name_ok("ScienceQA_llava_moe_lora", moe));
+    assert!(!coin_dir_name_ok("ScienceQA_llava_lora", moe));
+    assert_eq!(coin_dir_name("x_llava_lora", moe), "x_llava_lora_MOE");
     assert_eq!(coin_dir_name("out", AdapterKind::Lora), "out_llava_lora");
     assert_eq!(
         coin_dir_name("out", AdapterKind::MoeLora { experts: 8 }),
         "out_llava_MOE_lora"
     );
-    assert_eq!(coin_dir_name("x_llava_lora", AdapterKind::Lora), "x_llava_lora");
+    assert_eq!(
+        coin_dir_name("x_llava_lora", AdapterKind::Lora),
+        "x_llava_lora"
+    );
+}
+
+#[test]
+fn coin_export_without_a_projector_warns_that_coin_needs_one() {
+    let (_t, src, dst) = dirs();
+    write_source(&src, 0, DType::F32, "base_model.model.model");
+    std::fs::remove_file(src.join("non_lora_trainables.safetensors")).expect("rm");
+    let out = export_adapter(&src, &dst, ExportFormat::Coin).expect("exports");
+    assert!(!out.projector);
+    assert!(!dst.join("non_lora_trainables.bin").exists());
+    assert!(
+        out.warnings
+            .iter()
+            .any(|w| w.contains("non_lora_trainables.bin") && w.contains("mm_projector")),
+        "{:?}",
+        out.warnings
+    );
 }

@@ -12,8 +12,8 @@
 
 pub mod clip;
 pub mod config;
-pub mod export;
 pub mod error;
+pub mod export;
 pub mod fused;
 pub mod generate;
 pub mod image;

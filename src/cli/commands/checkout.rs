@@ -100,7 +100,8 @@ pub fn cmd_checkout(
             args.output.display()
         ))
     })?;
-    std::fs::create_dir_all(&parent).map_err(|e| CommandError::io("create directory", &parent, e))?;
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| CommandError::io("create directory", &parent, e))?;
     // The checkpoint and the export are staged beside DIR; only the export is renamed into
     // place, and the staging folder goes away with the rest (also on an error).
     let staging = tempfile::Builder::new()
@@ -119,7 +120,8 @@ pub fn cmd_checkout(
             .map_err(|e| CommandError::io("set the mode of", &dst, e))?;
     }
     // rename(2) replaces an empty directory; a non-empty one (a race) makes it fail.
-    std::fs::rename(&dst, &abs).map_err(|e| CommandError::io("move the exported files into", &out, e))?;
+    std::fs::rename(&dst, &abs)
+        .map_err(|e| CommandError::io("move the exported files into", &out, e))?;
     crate::store::fsutil::sync_dir(&parent);
     for w in &done.warnings {
         ui.warn(w);
@@ -129,10 +131,10 @@ pub fn cmd_checkout(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if !coin_dir_name_ok(&name) {
+        if !coin_dir_name_ok(&name, done.kind) {
             ui.warn(&format!(
                 "CoIN's model builder loads an adapter only from a directory whose name contains \
-                 'llava' and 'lora'; rename '{}' to '{}' before passing it as --model-path or \
+                 'llava' and 'lora' (and 'MOE' for a MoELoRA); rename '{}' to '{}' before passing it as --model-path or \
                  --previous_task_model_path.",
                 args.output.display(),
                 coin_dir_name(&name, done.kind)
@@ -142,7 +144,11 @@ pub fn cmd_checkout(
     ui.status(&format!(
         "Exported {} adapted module(s){} of {} in {} layout to '{}': {}.",
         done.modules,
-        if done.projector { " and the projector" } else { "" },
+        if done.projector {
+            " and the projector"
+        } else {
+            ""
+        },
         id.short(),
         format.name(),
         args.output.display(),
