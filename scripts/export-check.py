@@ -17,6 +17,8 @@
 Usage: python scripts/export-check.py [--coin target/debug/coin]
        python scripts/export-check.py --coin-dir DIR   (step 4 only, e.g. under peft 0.4.0 +
                                                         transformers 4.31, CoIN's versions)
+       PYTHONPATH=COIN_REPO python scripts/export-check.py --moe   (a MoELoRA export loaded by
+                                                        CoIN's own PEFT fork, CoIN/peft)
 Needs torch, transformers (with Llava, >= 4.36) and peft; docs/export.md lists the versions it
 was run with.
 """
