@@ -6,6 +6,7 @@ mod test_bench_data_command;
 mod test_cli_output;
 mod test_compat_fixtures;
 mod test_demo;
+mod test_export;
 mod test_gk_command;
 mod test_history;
 mod test_hostile_models;

@@ -13,6 +13,7 @@
 pub mod clip;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod fused;
 pub mod generate;
 pub mod image;
