@@ -18,6 +18,12 @@ use super::HistoryError;
 /// The schema version of manifests, train and eval records written by this version.
 pub const SCHEMA_VERSION: u64 = 1;
 
+/// The newest manifest schema this version reads and writes. Schema 2 adds `torchbin` file
+/// entries; a manifest without one is still written as schema 1 (so its checkpoint id and
+/// older coins are unaffected), one with one as schema 2 (so an older coin says "upgrade"
+/// instead of failing on an unknown entry kind).
+pub const MANIFEST_SCHEMA_VERSION: u64 = 2;
+
 /// The marker every manifest carries, so coin can tell its commits from other commits.
 pub const MANIFEST_FORMAT: &str = "coin.manifest";
 
@@ -62,14 +68,7 @@ pub struct BaseModel {
 
 /// The store objects one file entry references (its header and tensors, or its blob).
 pub fn entry_object_ids(entry: &FileEntry) -> Vec<ObjectId> {
-    match entry {
-        FileEntry::Blob { id, .. } => vec![*id],
-        FileEntry::Safetensors {
-            header, tensors, ..
-        } => std::iter::once(*header)
-            .chain(tensors.iter().map(|t| t.id))
-            .collect(),
-    }
+    entry.object_ids()
 }
 
 impl Manifest {
@@ -85,6 +84,20 @@ impl Manifest {
         }
     }
 
+    /// The lowest schema that can express this manifest: 2 when a file is a `torchbin`
+    /// entry, else 1.
+    pub fn required_schema(&self) -> u64 {
+        if self
+            .files
+            .values()
+            .any(|e| matches!(e, FileEntry::Torchbin { .. }))
+        {
+            MANIFEST_SCHEMA_VERSION
+        } else {
+            SCHEMA_VERSION
+        }
+    }
+
     /// Every store object this manifest references (headers, tensors, blobs).
     pub fn object_ids(&self) -> Vec<ObjectId> {
         self.files.values().flat_map(entry_object_ids).collect()
@@ -92,12 +105,7 @@ impl Manifest {
 
     /// The sum of the sizes of all files (what a checkout writes).
     pub fn logical_bytes(&self) -> u64 {
-        self.files
-            .values()
-            .map(|e| match e {
-                FileEntry::Blob { size, .. } | FileEntry::Safetensors { size, .. } => *size,
-            })
-            .sum()
+        self.files.values().map(FileEntry::size).sum()
     }
 }
 
@@ -289,11 +297,20 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, HistoryError> {
             format!("format is '{}', expected '{MANIFEST_FORMAT}'", m.format),
         ));
     }
-    if m.schema == 0 || m.schema > SCHEMA_VERSION {
+    if m.schema == 0 || m.schema > MANIFEST_SCHEMA_VERSION {
         return Err(bad(
             "manifest",
             format!(
-                "schema version {} is not supported by this coin (which reads 1..={SCHEMA_VERSION}); upgrade coin",
+                "schema version {} is not supported by this coin (which reads 1..={MANIFEST_SCHEMA_VERSION}); upgrade coin",
+                m.schema
+            ),
+        ));
+    }
+    if m.schema < m.required_schema() {
+        return Err(bad(
+            "manifest",
+            format!(
+                "schema version {} cannot hold 'torchbin' file entries (schema {MANIFEST_SCHEMA_VERSION} can)",
                 m.schema
             ),
         ));
