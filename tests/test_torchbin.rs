@@ -128,6 +128,12 @@ fn bin_checkpoints_are_stored_per_storage_diffed_per_tensor_and_rebuilt() {
     assert_same_tree(&env.path("ScienceQA"), &env.path("out1"));
     assert_same_tree(&env.path("TextVQA"), &env.path("out2"));
     env.coin(&["fsck"]).success();
+    // gc keeps every storage and layout the checkpoints reach.
+    env.coin(&["gc"]).success();
+    assert_eq!(objects(&env).0, o2);
+    std::fs::remove_dir_all(env.path("out1")).unwrap();
+    env.coin(&["checkout", &id1, "--output", "out1"]).success();
+    assert_same_tree(&env.path("ScienceQA"), &env.path("out1"));
 }
 
 /// Store growth over an 8-stage LoRA-shaped sequence (tiny dims: 4 layers, hidden 32, r 4),

@@ -712,6 +712,38 @@ mod tests {
     }
 
     #[test]
+    fn torchbin_entries_need_manifest_schema_2() {
+        let id = "ab".repeat(32);
+        let torchbin = serde_json::json!({
+            "kind": "torchbin", "layout": id, "size": 100, "file_hash": id,
+            "storages": [{"key": "0", "dtype": "F32", "offset": 40, "bytes": 16, "id": id}],
+            "tensors": [{"name": "w", "dtype": "F32", "shape": [2, 2], "strides": [2, 1],
+                         "storage": "0", "offset": 0}],
+        });
+        let manifest = |schema: u64, entry: &Value| {
+            serde_json::json!({"format": MANIFEST_FORMAT, "schema": schema,
+                               "files": {"adapter_model.bin": entry}})
+            .to_string()
+        };
+        let m = parse_manifest(manifest(2, &torchbin).as_bytes()).unwrap();
+        assert_eq!(m.required_schema(), 2);
+        assert_eq!(m.object_ids().len(), 2);
+        let e = parse_manifest(manifest(1, &torchbin).as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("cannot hold 'torchbin'"), "{e}");
+        let e = parse_manifest(manifest(3, &torchbin).as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("upgrade coin"), "{e}");
+        // Old manifests still read, and a manifest without torchbin stays schema 1.
+        let blob = serde_json::json!({"kind": "blob", "id": id, "size": 1});
+        let m = parse_manifest(manifest(1, &blob).as_bytes()).unwrap();
+        assert_eq!(m.required_schema(), 1);
+        // An entry that lies about its storages is refused on read.
+        let mut bad = torchbin.clone();
+        bad["storages"][0]["offset"] = serde_json::json!(90);
+        let e = parse_manifest(manifest(2, &bad).as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("beyond the file"), "{e}");
+    }
+
+    #[test]
     fn hostile_manifests_are_refused() {
         let entry = format!(
             r#"{{"kind": "blob", "id": "{}", "size": 1}}"#,

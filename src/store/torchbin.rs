@@ -535,6 +535,79 @@ mod tests {
     }
 
     #[test]
+    fn moelora_mlp_weight_aliases_share_one_object() {
+        // MoELoRA's state_dict lists `loraA.{e}.mlp.weight` beside `loraA.{e}.weight`, both
+        // on one storage (coin-run-layout.md §3): one object, two names.
+        let (dir, store) = store();
+        let pkl = state_dict(&[
+            t("experts.loraA.0.weight", "0", 4, &[2, 2], &[2, 1]),
+            t("experts.loraA.0.mlp.weight", "0", 4, &[2, 2], &[2, 1]),
+        ]);
+        let alias = write(
+            dir.path(),
+            "pytorch_model.bin",
+            &checkpoint(&pkl, &[("0", f32_bytes(&[1.0, 2.0, 3.0, 4.0]))]),
+        );
+        let e = round_trip(&store, &alias);
+        let named = e.named_tensors();
+        assert_eq!(named.len(), 2);
+        assert_eq!(named[0].id, named[1].id);
+        let FileEntry::Torchbin { storages, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(storages.len(), 1);
+    }
+
+    #[test]
+    fn zip64_entries_extra_members_and_alignment_padding_round_trip() {
+        use std::io::Write as _;
+        let (dir, store) = store();
+        let pkl = state_dict(&[t("a", "0", 3, &[3], &[1]), t("b", "1", 2, &[2], &[1])]);
+        // zip64 extra fields on every entry (as torch writes past 4 GiB), storages aligned
+        // to 64 bytes (torch aligns them), and the member newer torch adds.
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .large_file(true);
+        let aligned = opts.with_alignment(64);
+        for (name, data, o) in [
+            ("archive/data.pkl", pkl.clone(), opts),
+            ("archive/byteorder", b"little".to_vec(), opts),
+            ("archive/data/0", f32_bytes(&[1.0, 2.0, 3.0]), aligned),
+            ("archive/data/1", f32_bytes(&[4.0, 5.0]), aligned),
+            ("archive/version", b"3\n".to_vec(), opts),
+            (
+                "archive/.data/serialization_id",
+                b"1234567890".to_vec(),
+                opts,
+            ),
+        ] {
+            w.start_file(name, o).unwrap();
+            w.write_all(&data).unwrap();
+        }
+        let bytes = w.finish().unwrap().into_inner();
+        // The storage's local header really carries a zip64 extra field (tag 0x0001).
+        let at = local_header(&bytes, "archive/data/0");
+        let n = u16::from_le_bytes([bytes[at + 26], bytes[at + 27]]) as usize;
+        let m = u16::from_le_bytes([bytes[at + 28], bytes[at + 29]]) as usize;
+        let extra = &bytes[at + 30 + n..at + 30 + n + m];
+        let mut tags = Vec::new();
+        let mut i = 0;
+        while i + 4 <= extra.len() {
+            tags.push(u16::from_le_bytes([extra[i], extra[i + 1]]));
+            i += 4 + u16::from_le_bytes([extra[i + 2], extra[i + 3]]) as usize;
+        }
+        assert!(tags.contains(&1), "no zip64 field: {tags:?}");
+        let path = write(dir.path(), "big.bin", &bytes);
+        let entry = round_trip(&store, &path);
+        let FileEntry::Torchbin { storages, .. } = &entry else {
+            panic!("not split: {entry:?}")
+        };
+        assert_eq!(storages.len(), 2);
+        assert!(storages.iter().all(|s| s.offset % 64 == 0), "{storages:?}");
+    }
+
+    #[test]
     fn entries_that_lie_are_refused_and_leave_nothing() {
         let (dir, store) = store();
         let path = write(dir.path(), "a.bin", &three_storages(&[4.0, 5.0, 6.0]));
@@ -589,5 +662,39 @@ mod tests {
             .materialize(&with(storages, file_hash, size), &out)
             .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&path).unwrap());
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+            /// Whatever happens to a checkpoint's bytes (a byte changed anywhere: headers,
+            /// data.pkl, storages, central directory; or the file cut short), ingest succeeds
+            /// (split or whole) and the rebuild is byte-identical.
+            #[test]
+            fn damaged_checkpoints_are_never_lost(
+                values in proptest::collection::vec(-4.0f32..4.0, 3),
+                at in any::<prop::sample::Index>(),
+                xor in 1u8..=255,
+                cut in any::<prop::sample::Index>(),
+                truncate in any::<bool>(),
+            ) {
+                let (dir, store) = store();
+                let mut bytes = three_storages(&values);
+                let i = at.index(bytes.len());
+                bytes[i] ^= xor;
+                if truncate {
+                    bytes.truncate(cut.index(bytes.len()));
+                }
+                let path = write(dir.path(), "adapter_model.bin", &bytes);
+                let entry = store.ingest_file(&path).unwrap();
+                let out = dir.path().join("out.bin");
+                store.materialize(&entry, &out).unwrap();
+                prop_assert_eq!(std::fs::read(&out).unwrap(), bytes);
+            }
+        }
     }
 }
