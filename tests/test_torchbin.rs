@@ -176,3 +176,40 @@ fn eight_stage_store_growth_with_dedupe_is_below_whole_files() {
     );
     assert!(prev < whole_bytes, "{prev} vs {whole_bytes}");
 }
+
+#[test]
+fn bin_storages_travel_with_push_and_clone() {
+    let env = TestEnvironment::new();
+    env.coin(&["init", "a"]).success();
+    let a = env.path("a");
+    let mut ids = Vec::new();
+    for (i, task) in ["ScienceQA", "TextVQA"].iter().enumerate() {
+        let dir = stage(&env, task, &[i], 1.0);
+        let out = env
+            .coin_in(&a, &["commit", dir.to_str().unwrap(), "--task", task])
+            .success();
+        ids.push(out.stdout.trim().to_string());
+    }
+    env.git_in(&env.work(), &["init", "-q", "--bare", "shared.git"])
+        .success();
+    env.coin_in(&a, &["remote", "add", "origin", "../shared.git"])
+        .success();
+    let push = env.coin_in(&a, &["push", "--json"]).success().json();
+    let local = env.coin_in(&a, &["stats", "--json"]).success().json();
+    assert_eq!(push["objects"]["transferred"], local["objects"]);
+    env.coin(&["clone", "shared.git", "b"]).success();
+    let b = env.path("b");
+    env.coin_in(&b, &["fsck"]).success();
+    for (id, task) in ids.iter().zip(["ScienceQA", "TextVQA"]) {
+        let out = b.join(format!("out-{task}"));
+        env.coin_in(&b, &["checkout", id, "--output", out.to_str().unwrap()])
+            .success();
+        for f in ["adapter_model.bin", "non_lora_trainables.bin"] {
+            assert!(
+                std::fs::read(out.join(f)).unwrap()
+                    == std::fs::read(env.path(task).join(f)).unwrap(),
+                "{task}/{f} differs after push and clone"
+            );
+        }
+    }
+}

@@ -127,19 +127,23 @@ impl FileEntry {
             FileEntry::Safetensors { tensors, .. } => tensors.clone(),
             FileEntry::Torchbin {
                 storages, tensors, ..
-            } => tensors
-                .iter()
-                .filter_map(|t| {
-                    let s = storages.iter().find(|s| s.key == t.storage)?;
-                    Some(TensorEntry {
-                        name: t.name.clone(),
-                        dtype: t.dtype,
-                        shape: t.shape.clone(),
-                        id: s.id,
-                        bytes: s.bytes,
+            } => {
+                let by_key: std::collections::HashMap<&str, &StorageEntry> =
+                    storages.iter().map(|s| (s.key.as_str(), s)).collect();
+                tensors
+                    .iter()
+                    .filter_map(|t| {
+                        let s = by_key.get(t.storage.as_str())?;
+                        Some(TensorEntry {
+                            name: t.name.clone(),
+                            dtype: t.dtype,
+                            shape: t.shape.clone(),
+                            id: s.id,
+                            bytes: s.bytes,
+                        })
                     })
-                })
-                .collect(),
+                    .collect()
+            }
         }
     }
 }
