@@ -559,6 +559,28 @@ mod tests {
     }
 
     #[test]
+    fn empty_storages_and_bf16_round_trip() {
+        let (dir, store) = store();
+        let mut half = t("h", "1", 3, &[3], &[1]);
+        half.class = "BFloat16Storage";
+        let pkl = state_dict(&[t("empty", "0", 0, &[0], &[1]), half]);
+        let path = write(
+            dir.path(),
+            "e.bin",
+            &checkpoint(&pkl, &[("0", Vec::new()), ("1", vec![1, 2, 3, 4, 5, 6])]),
+        );
+        let entry = round_trip(&store, &path);
+        let FileEntry::Torchbin { storages, .. } = &entry else {
+            panic!("not split: {entry:?}")
+        };
+        assert_eq!(storages.len(), 2);
+        assert_eq!(storages[0].bytes + storages[1].bytes, 6);
+        assert!(storages
+            .iter()
+            .any(|s| s.dtype == super::super::Dtype::BF16));
+    }
+
+    #[test]
     fn zip64_entries_extra_members_and_alignment_padding_round_trip() {
         use std::io::Write as _;
         let (dir, store) = store();
