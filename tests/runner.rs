@@ -24,6 +24,7 @@ mod test_split_setup;
 mod test_store_crash;
 mod test_task_command;
 mod test_tokenize;
+mod test_torchbin;
 mod test_train_parity;
 mod test_workflow_eval;
 mod test_workflow_train;

@@ -259,15 +259,14 @@ impl CoinRepo {
         let mut tensors = 0;
         for f in &files {
             let entry = self.store().ingest_file(&f.disk)?;
-            if let crate::store::FileEntry::Safetensors { tensors: t, .. } = &entry {
-                tensors += t.len();
-            }
+            tensors += entry.named_tensors().len();
             manifest.files.insert(f.rel.clone(), entry);
             if f.rel == "adapter_config.json" {
                 let bytes = std::fs::read(&f.disk).map_err(HistoryError::io("read", &f.disk))?;
                 manifest.adapter = Some(adapter_info(&bytes, &f.disk)?);
             }
         }
+        manifest.schema = manifest.required_schema();
         fault::point("commit.after_objects");
 
         let train = TrainRecord {

@@ -140,11 +140,16 @@ pub(crate) fn relative_l2(a: &[f64], b: &[f64]) -> Option<f64> {
     Some((num / den).sqrt())
 }
 
-fn tensors_of(entry: &FileEntry) -> Option<&[TensorEntry]> {
-    match entry {
-        FileEntry::Safetensors { tensors, .. } => Some(tensors),
-        FileEntry::Blob { .. } => None,
-    }
+/// Whether a listed tensor is a view of a larger torch storage (its bytes are the storage's).
+fn is_view(t: &TensorEntry) -> bool {
+    let elements = t.shape.iter().try_fold(1u64, |n, d| n.checked_mul(*d));
+    elements.and_then(|n| t.dtype.byte_len(n)) != Some(t.bytes)
+}
+
+/// The named tensors of a file (safetensors tensors, or a torch checkpoint's state-dict
+/// tensors with the id of the storage they view); empty for a blob.
+fn tensors_of(entry: &FileEntry) -> Vec<TensorEntry> {
+    entry.named_tensors()
 }
 
 fn eval_deltas(a: &Checkpoint, b: &Checkpoint) -> Vec<EvalDelta> {
@@ -207,7 +212,7 @@ pub fn diff_checkpoints(
                     path: path.clone(),
                     change: "added".into(),
                 });
-                for t in tensors_of(e).unwrap_or(&[]) {
+                for t in &tensors_of(e) {
                     tensors.push(listed(path, t, "added"));
                 }
             }
@@ -216,7 +221,7 @@ pub fn diff_checkpoints(
                     path: path.clone(),
                     change: "removed".into(),
                 });
-                for t in tensors_of(e).unwrap_or(&[]) {
+                for t in &tensors_of(e) {
                     tensors.push(listed(path, t, "removed"));
                 }
             }
@@ -227,16 +232,11 @@ pub fn diff_checkpoints(
                         change: "changed".into(),
                     });
                 }
-                let ta: BTreeMap<&str, &TensorEntry> = tensors_of(x)
-                    .unwrap_or(&[])
-                    .iter()
-                    .map(|t| (t.name.as_str(), t))
-                    .collect();
-                let tb: BTreeMap<&str, &TensorEntry> = tensors_of(y)
-                    .unwrap_or(&[])
-                    .iter()
-                    .map(|t| (t.name.as_str(), t))
-                    .collect();
+                let (xa, xb) = (tensors_of(x), tensors_of(y));
+                let ta: BTreeMap<&str, &TensorEntry> =
+                    xa.iter().map(|t| (t.name.as_str(), t)).collect();
+                let tb: BTreeMap<&str, &TensorEntry> =
+                    xb.iter().map(|t| (t.name.as_str(), t)).collect();
                 let names: BTreeSet<&str> = ta.keys().chain(tb.keys()).copied().collect();
                 for name in names {
                     match (ta.get(name), tb.get(name)) {
@@ -257,6 +257,10 @@ pub fn diff_checkpoints(
                                         c.rel_l2 = relative_l2(&va, &vb);
                                         if c.rel_l2.is_none() {
                                             c.note = Some("the tensor in A is all zeros".into());
+                                        } else if is_view(t2) {
+                                            c.note = Some(
+                                                "compared over its whole torch storage".into(),
+                                            );
                                         }
                                     }
                                     _ => {

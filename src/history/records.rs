@@ -18,6 +18,12 @@ use super::HistoryError;
 /// The schema version of manifests, train and eval records written by this version.
 pub const SCHEMA_VERSION: u64 = 1;
 
+/// The newest manifest schema this version reads and writes. Schema 2 adds `torchbin` file
+/// entries; a manifest without one is still written as schema 1 (so its checkpoint id and
+/// older coins are unaffected), one with one as schema 2 (so an older coin says "upgrade"
+/// instead of failing on an unknown entry kind).
+pub const MANIFEST_SCHEMA_VERSION: u64 = 2;
+
 /// The marker every manifest carries, so coin can tell its commits from other commits.
 pub const MANIFEST_FORMAT: &str = "coin.manifest";
 
@@ -62,14 +68,7 @@ pub struct BaseModel {
 
 /// The store objects one file entry references (its header and tensors, or its blob).
 pub fn entry_object_ids(entry: &FileEntry) -> Vec<ObjectId> {
-    match entry {
-        FileEntry::Blob { id, .. } => vec![*id],
-        FileEntry::Safetensors {
-            header, tensors, ..
-        } => std::iter::once(*header)
-            .chain(tensors.iter().map(|t| t.id))
-            .collect(),
-    }
+    entry.object_ids()
 }
 
 impl Manifest {
@@ -85,6 +84,20 @@ impl Manifest {
         }
     }
 
+    /// The lowest schema that can express this manifest: 2 when a file is a `torchbin`
+    /// entry, else 1.
+    pub fn required_schema(&self) -> u64 {
+        if self
+            .files
+            .values()
+            .any(|e| matches!(e, FileEntry::Torchbin { .. }))
+        {
+            MANIFEST_SCHEMA_VERSION
+        } else {
+            SCHEMA_VERSION
+        }
+    }
+
     /// Every store object this manifest references (headers, tensors, blobs).
     pub fn object_ids(&self) -> Vec<ObjectId> {
         self.files.values().flat_map(entry_object_ids).collect()
@@ -92,12 +105,7 @@ impl Manifest {
 
     /// The sum of the sizes of all files (what a checkout writes).
     pub fn logical_bytes(&self) -> u64 {
-        self.files
-            .values()
-            .map(|e| match e {
-                FileEntry::Blob { size, .. } | FileEntry::Safetensors { size, .. } => *size,
-            })
-            .sum()
+        self.files.values().map(FileEntry::size).sum()
     }
 }
 
@@ -289,11 +297,20 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, HistoryError> {
             format!("format is '{}', expected '{MANIFEST_FORMAT}'", m.format),
         ));
     }
-    if m.schema == 0 || m.schema > SCHEMA_VERSION {
+    if m.schema == 0 || m.schema > MANIFEST_SCHEMA_VERSION {
         return Err(bad(
             "manifest",
             format!(
-                "schema version {} is not supported by this coin (which reads 1..={SCHEMA_VERSION}); upgrade coin",
+                "schema version {} is not supported by this coin (which reads 1..={MANIFEST_SCHEMA_VERSION}); upgrade coin",
+                m.schema
+            ),
+        ));
+    }
+    if m.schema < m.required_schema() {
+        return Err(bad(
+            "manifest",
+            format!(
+                "schema version {} cannot hold 'torchbin' file entries (schema {MANIFEST_SCHEMA_VERSION} can)",
                 m.schema
             ),
         ));
@@ -692,6 +709,38 @@ mod tests {
         fn path_fuzz_body_holds(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
             crate::store::fuzz::relative_path(&bytes);
         }
+    }
+
+    #[test]
+    fn torchbin_entries_need_manifest_schema_2() {
+        let id = "ab".repeat(32);
+        let torchbin = serde_json::json!({
+            "kind": "torchbin", "layout": id, "size": 100, "file_hash": id,
+            "storages": [{"key": "0", "dtype": "F32", "offset": 40, "bytes": 16, "id": id}],
+            "tensors": [{"name": "w", "dtype": "F32", "shape": [2, 2], "strides": [2, 1],
+                         "storage": "0", "offset": 0}],
+        });
+        let manifest = |schema: u64, entry: &Value| {
+            serde_json::json!({"format": MANIFEST_FORMAT, "schema": schema,
+                               "files": {"adapter_model.bin": entry}})
+            .to_string()
+        };
+        let m = parse_manifest(manifest(2, &torchbin).as_bytes()).unwrap();
+        assert_eq!(m.required_schema(), 2);
+        assert_eq!(m.object_ids().len(), 2);
+        let e = parse_manifest(manifest(1, &torchbin).as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("cannot hold 'torchbin'"), "{e}");
+        let e = parse_manifest(manifest(3, &torchbin).as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("upgrade coin"), "{e}");
+        // Old manifests still read, and a manifest without torchbin stays schema 1.
+        let blob = serde_json::json!({"kind": "blob", "id": id, "size": 1});
+        let m = parse_manifest(manifest(1, &blob).as_bytes()).unwrap();
+        assert_eq!(m.required_schema(), 1);
+        // An entry that lies about its storages is refused on read.
+        let mut bad = torchbin.clone();
+        bad["storages"][0]["offset"] = serde_json::json!(90);
+        let e = parse_manifest(manifest(2, &bad).as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("beyond the file"), "{e}");
     }
 
     #[test]

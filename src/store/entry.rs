@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{Dtype, ObjectId};
 
 /// One file of a checkpoint directory, as recorded in a manifest (serde, tagged by `"kind"`:
-/// `"blob"` or `"safetensors"`).
+/// `"blob"`, `"safetensors"` or `"torchbin"`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum FileEntry {
@@ -28,13 +28,31 @@ pub enum FileEntry {
         /// The tensors, in file (data offset) order.
         tensors: Vec<TensorEntry>,
     },
+    /// A `torch.save` zip checkpoint (`adapter_model.bin`, `non_lora_trainables.bin`, ...)
+    /// that coin's safe reader accepts: the file with every tensor storage's bytes cut out
+    /// (zip headers, `data.pkl`, padding, central directory: all verbatim) as one blob, and
+    /// one tensor object per storage. The rebuild puts each storage back at its offset.
+    Torchbin {
+        /// The blob holding the file minus the storage bytes.
+        layout: ObjectId,
+        /// The file size in bytes.
+        size: u64,
+        /// blake3 of the whole file, checked when the file is rebuilt.
+        file_hash: ObjectId,
+        /// The storages, in file order (by `offset`).
+        storages: Vec<StorageEntry>,
+        /// The state dict's tensors, in the pickle's order (views of the storages).
+        tensors: Vec<TorchTensorEntry>,
+    },
 }
 
 impl FileEntry {
     /// The size of the rebuilt file in bytes.
     pub fn size(&self) -> u64 {
         match self {
-            FileEntry::Blob { size, .. } | FileEntry::Safetensors { size, .. } => *size,
+            FileEntry::Blob { size, .. }
+            | FileEntry::Safetensors { size, .. }
+            | FileEntry::Torchbin { size, .. } => *size,
         }
     }
 
@@ -43,8 +61,15 @@ impl FileEntry {
     /// the tensors do not add up to more than the file. Used on every manifest read, so a
     /// manifest from a remote is checked before anything trusts it.
     pub fn check(&self) -> Result<(), String> {
-        let FileEntry::Safetensors { size, tensors, .. } = self else {
-            return Ok(());
+        let (size, tensors) = match self {
+            FileEntry::Blob { .. } => return Ok(()),
+            FileEntry::Torchbin {
+                size,
+                storages,
+                tensors,
+                ..
+            } => return check_torchbin(*size, storages, tensors),
+            FileEntry::Safetensors { size, tensors, .. } => (size, tensors),
         };
         let mut names = std::collections::BTreeSet::new();
         let mut total: u64 = 0;
@@ -85,8 +110,148 @@ impl FileEntry {
             } => std::iter::once(*header)
                 .chain(tensors.iter().map(|t| t.id))
                 .collect(),
+            FileEntry::Torchbin {
+                layout, storages, ..
+            } => std::iter::once(*layout)
+                .chain(storages.iter().map(|s| s.id))
+                .collect(),
         }
     }
+
+    /// The tensors by name, for listing and diffing: a safetensors file's tensors, or a
+    /// torch checkpoint's state-dict tensors, each with the id and byte count of the storage
+    /// it views (tensors sharing a storage share its id); empty for a blob.
+    pub fn named_tensors(&self) -> Vec<TensorEntry> {
+        match self {
+            FileEntry::Blob { .. } => Vec::new(),
+            FileEntry::Safetensors { tensors, .. } => tensors.clone(),
+            FileEntry::Torchbin {
+                storages, tensors, ..
+            } => {
+                let by_key: std::collections::HashMap<&str, &StorageEntry> =
+                    storages.iter().map(|s| (s.key.as_str(), s)).collect();
+                tensors
+                    .iter()
+                    .filter_map(|t| {
+                        let s = by_key.get(t.storage.as_str())?;
+                        Some(TensorEntry {
+                            name: t.name.clone(),
+                            dtype: t.dtype,
+                            shape: t.shape.clone(),
+                            id: s.id,
+                            bytes: s.bytes,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The checks of [`FileEntry::check`] for a torch checkpoint: storage keys unique, each
+/// storage a whole number of elements, storages in file order without overlap and inside the
+/// file; tensor names unique, each naming a listed storage of its dtype.
+fn check_torchbin(
+    size: u64,
+    storages: &[StorageEntry],
+    tensors: &[TorchTensorEntry],
+) -> Result<(), String> {
+    let mut keys = std::collections::BTreeMap::new();
+    let mut end = 0u64;
+    for s in storages {
+        let shown = s.key.escape_debug();
+        if keys.insert(s.key.as_str(), s.dtype).is_some() {
+            return Err(format!("storage '{shown}' is listed twice"));
+        }
+        if s.numel().is_none() {
+            return Err(format!(
+                "storage '{shown}': {} bytes are not a whole number of {} elements",
+                s.bytes, s.dtype
+            ));
+        }
+        if s.offset < end {
+            return Err(format!(
+                "storage '{shown}' starts at byte {}, inside the previous storage",
+                s.offset
+            ));
+        }
+        end = s
+            .offset
+            .checked_add(s.bytes)
+            .filter(|e| *e <= size)
+            .ok_or_else(|| format!("storage '{shown}' ends beyond the file's {size} bytes"))?;
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for t in tensors {
+        let shown = t.name.escape_debug();
+        if !names.insert(t.name.as_str()) {
+            return Err(format!("tensor '{shown}' is listed twice"));
+        }
+        match keys.get(t.storage.as_str()) {
+            Some(d) if *d == t.dtype => {}
+            Some(d) => {
+                return Err(format!(
+                    "tensor '{shown}' is {} but its storage '{}' is {d}",
+                    t.dtype,
+                    t.storage.escape_debug()
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "tensor '{shown}' views storage '{}', which is not listed",
+                    t.storage.escape_debug()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One storage of a torch checkpoint (the zip entry `<prefix>/data/<key>`), stored as a
+/// one-dimensional tensor object of `bytes / dtype size` elements.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageEntry {
+    /// The storage key in `data.pkl` (the zip entry's last name component).
+    pub key: String,
+    /// The element type.
+    pub dtype: Dtype,
+    /// Where its bytes start in the file.
+    pub offset: u64,
+    /// Its byte count.
+    pub bytes: u64,
+    /// The tensor object.
+    pub id: ObjectId,
+}
+
+impl StorageEntry {
+    /// The element count, when `bytes` is a whole number of elements.
+    pub fn numel(&self) -> Option<u64> {
+        let es = self.dtype.size_in_bytes() as u64;
+        if es == 0 {
+            return None;
+        }
+        let n = self.bytes / es;
+        (self.dtype.byte_len(n) == Some(self.bytes)).then_some(n)
+    }
+}
+
+/// One tensor of a torch checkpoint's state dict: a view of a storage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TorchTensorEntry {
+    /// The state-dict key.
+    pub name: String,
+    /// The element type.
+    pub dtype: Dtype,
+    /// The shape (empty for a scalar).
+    pub shape: Vec<u64>,
+    /// Stride per dimension, in elements.
+    pub strides: Vec<u64>,
+    /// The storage it views ([`StorageEntry::key`]).
+    pub storage: String,
+    /// Offset of its first element inside the storage, in elements.
+    pub offset: u64,
 }
 
 /// One tensor of a safetensors file.

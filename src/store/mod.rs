@@ -18,12 +18,13 @@ mod paths;
 pub mod pickle;
 mod repo;
 pub mod safetensors;
+mod torchbin;
 pub mod transport;
 
 use std::path::PathBuf;
 
 pub use dtype::{Dtype, UnknownDtype};
-pub use entry::{FileEntry, StoreStats, TensorData, TensorEntry};
+pub use entry::{FileEntry, StorageEntry, StoreStats, TensorData, TensorEntry, TorchTensorEntry};
 pub use id::ObjectId;
 pub use lock::Lock;
 pub use object::ObjectKind;

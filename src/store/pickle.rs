@@ -1690,34 +1690,34 @@ pub fn fuzz_torch_checkpoint(data: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::{Cursor, Write};
 
     /// A pickle written opcode by opcode, as torch's writer does.
     #[derive(Default)]
-    struct P(Vec<u8>);
+    pub(crate) struct P(pub(crate) Vec<u8>);
 
     impl P {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             P(vec![0x80, 2])
         }
-        fn op(&mut self, b: u8) -> &mut Self {
+        pub(crate) fn op(&mut self, b: u8) -> &mut Self {
             self.0.push(b);
             self
         }
-        fn raw(&mut self, b: &[u8]) -> &mut Self {
+        pub(crate) fn raw(&mut self, b: &[u8]) -> &mut Self {
             self.0.extend_from_slice(b);
             self
         }
-        fn global(&mut self, module: &str, name: &str) -> &mut Self {
+        pub(crate) fn global(&mut self, module: &str, name: &str) -> &mut Self {
             self.op(b'c')
                 .raw(module.as_bytes())
                 .op(b'\n')
                 .raw(name.as_bytes())
                 .op(b'\n')
         }
-        fn str(&mut self, s: &str) -> &mut Self {
+        pub(crate) fn str(&mut self, s: &str) -> &mut Self {
             self.op(b'X')
                 .raw(&(s.len() as u32).to_le_bytes())
                 .raw(s.as_bytes())
@@ -1758,17 +1758,23 @@ mod tests {
     }
 
     /// One tensor of a test state dict.
-    struct T {
-        name: &'static str,
-        class: &'static str,
-        key: &'static str,
-        numel: i64,
-        offset: i64,
-        shape: Vec<i64>,
-        strides: Vec<i64>,
+    pub(crate) struct T {
+        pub(crate) name: &'static str,
+        pub(crate) class: &'static str,
+        pub(crate) key: &'static str,
+        pub(crate) numel: i64,
+        pub(crate) offset: i64,
+        pub(crate) shape: Vec<i64>,
+        pub(crate) strides: Vec<i64>,
     }
 
-    fn t(name: &'static str, key: &'static str, numel: i64, shape: &[i64], strides: &[i64]) -> T {
+    pub(crate) fn t(
+        name: &'static str,
+        key: &'static str,
+        numel: i64,
+        shape: &[i64],
+        strides: &[i64],
+    ) -> T {
         T {
             name,
             class: "FloatStorage",
@@ -1780,7 +1786,7 @@ mod tests {
         }
     }
 
-    fn state_dict(tensors: &[T]) -> Vec<u8> {
+    pub(crate) fn state_dict(tensors: &[T]) -> Vec<u8> {
         let mut p = P::new();
         p.op(b'}').op(b'(');
         for x in tensors {
@@ -1803,7 +1809,7 @@ mod tests {
     }
 
     /// A checkpoint: `archive/data.pkl`, `archive/byteorder`, and storages.
-    fn checkpoint(pkl: &[u8], storages: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    pub(crate) fn checkpoint(pkl: &[u8], storages: &[(&str, Vec<u8>)]) -> Vec<u8> {
         let mut entries: Vec<(String, &[u8])> = vec![
             ("archive/data.pkl".into(), pkl),
             ("archive/byteorder".into(), b"little"),
@@ -1816,7 +1822,7 @@ mod tests {
         zip_of(&refs)
     }
 
-    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    pub(crate) fn f32_bytes(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
@@ -1834,7 +1840,7 @@ mod tests {
         }
     }
 
-    fn fixture(rel: &str) -> PathBuf {
+    pub(crate) fn fixture(rel: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
             .join(rel)

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::fsutil::{self, AtomicFile};
 use super::object::{ObjectHeader, ObjectKind};
 use super::safetensors::{self, Header, HeaderError};
+use super::torchbin;
 use super::{fault, FileEntry, ObjectId, StoreError, StoreStats, TensorData, TensorEntry};
 
 /// Content of `.coin/format-version` written by this coin.
@@ -19,7 +20,7 @@ pub const STORE_TYPE: &str = "loose";
 /// Largest buffer ingest reads into: an item (tensor or blob) up to this size is read once,
 /// hashed, and written from memory; a larger one is hashed in chunks, then (only when the
 /// object is new) read again and written, re-hashed to catch a file changing underneath.
-const MAX_BUFFER: u64 = 64 * 1024 * 1024;
+pub(super) const MAX_BUFFER: u64 = 64 * 1024 * 1024;
 /// A temp file nobody holds is a dead writer's once it is this old.
 pub const DEAD_TEMP_AGE: Duration = Duration::from_secs(10);
 /// Chunk size for reading objects back.
@@ -33,7 +34,7 @@ pub struct Store {
     root: PathBuf,
 }
 
-fn hash_update(h: &mut blake3::Hasher, data: &[u8]) {
+pub(super) fn hash_update(h: &mut blake3::Hasher, data: &[u8]) {
     if data.len() >= RAYON_MIN {
         h.update_rayon(data);
     } else {
@@ -138,7 +139,9 @@ impl Store {
 
     /// Store a file. Safetensors files (a `.safetensors` name, or content that starts like
     /// one: a valid length prefix followed by `{`) become one blob for the header plus one
-    /// tensor object per tensor, and must be valid; anything else becomes one blob. Only
+    /// tensor object per tensor, and must be valid. A `torch.save` zip checkpoint that coin's
+    /// safe reader accepts becomes a layout blob plus one tensor object per storage (see
+    /// `torchbin`); one it refuses, and anything else, becomes one blob. Only
     /// missing objects are written. Memory stays below the largest tensor (64 MiB at most).
     pub fn ingest_file(&self, path: &Path) -> Result<FileEntry, StoreError> {
         let mut file = File::open(path).map_err(|e| StoreError::io("open", path, e))?;
@@ -162,6 +165,11 @@ impl Store {
                 reason,
             }),
             Sniff::NotSafetensors(_) => {
+                if torchbin::starts_like_zip(&mut file, path)? {
+                    if let Some(plan) = torchbin::plan(path, len) {
+                        return self.ingest_torchbin(&mut file, path, len, &plan);
+                    }
+                }
                 let mut buf = vec![0u8; len.min(MAX_BUFFER) as usize];
                 let id =
                     self.ingest_range(&mut file, path, 0, len, ObjectHeader::blob(len), &mut buf)?;
@@ -317,7 +325,7 @@ impl Store {
     /// Write object `id` unless it exists: temp file in `objects/tmp/`, header, payload from
     /// `fill`, fsync, read-only, rename to `objects/ab/cdef…`, fsync the directory.
     /// Returns whether a new object was written.
-    fn write_object(
+    pub(super) fn write_object(
         &self,
         id: &ObjectId,
         header: &ObjectHeader,
@@ -420,7 +428,7 @@ impl Store {
     }
 
     /// Open an object and check its header against the file size.
-    fn open_object(&self, id: &ObjectId) -> Result<(File, ObjectHeader), StoreError> {
+    pub(super) fn open_object(&self, id: &ObjectId) -> Result<(File, ObjectHeader), StoreError> {
         let path = self.object_path(id);
         let mut file = match File::open(&path) {
             Ok(f) => f,
@@ -450,7 +458,7 @@ impl Store {
 
     /// Stream object `id`'s payload into `out`, verifying its hash; the caller must discard
     /// what was written when this fails. `out_path` names `out` in write errors.
-    fn copy_object(
+    pub(super) fn copy_object(
         &self,
         id: &ObjectId,
         kind: Option<ObjectKind>,
@@ -580,6 +588,12 @@ impl Store {
                     }
                 }
             }
+            FileEntry::Torchbin {
+                layout,
+                size,
+                storages,
+                ..
+            } => self.check_torchbin_entry(layout, *size, storages)?,
         }
         Ok(())
     }
@@ -612,6 +626,12 @@ impl Store {
                     self.copy_object(&t.id, Some(ObjectKind::Tensor), file.file(), out)?;
                 }
             }
+            FileEntry::Torchbin {
+                layout,
+                file_hash,
+                storages,
+                ..
+            } => self.write_torchbin(layout, file_hash, storages, file.file(), out)?,
         }
         set_checkout_mode(file.file()).map_err(|e| StoreError::io("write", out, e))?;
         fault::point("store.materialize.before_rename");

@@ -42,6 +42,24 @@ pub fn cmd_show(ui: &mut Ui, helper: &CommandHelper, args: &ShowArgs) -> Result<
                         "bytes": t.bytes, "id": t.id.to_hex(),
                     })).collect::<Vec<_>>(),
                 }),
+                FileEntry::Torchbin {
+                    layout,
+                    size,
+                    file_hash,
+                    storages,
+                    tensors,
+                } => serde_json::json!({
+                    "path": path, "kind": "torchbin", "size": size, "layout": layout.to_hex(),
+                    "file_hash": file_hash.to_hex(),
+                    "storages": storages.iter().map(|s| serde_json::json!({
+                        "key": s.key, "dtype": s.dtype.to_string(), "offset": s.offset,
+                        "bytes": s.bytes, "id": s.id.to_hex(),
+                    })).collect::<Vec<_>>(),
+                    "tensors": tensors.iter().map(|t| serde_json::json!({
+                        "name": t.name, "dtype": t.dtype.to_string(), "shape": t.shape,
+                        "strides": t.strides, "storage": t.storage, "offset": t.offset,
+                    })).collect::<Vec<_>>(),
+                }),
             })
             .collect();
         return ui.json(&serde_json::json!({
@@ -87,9 +105,10 @@ pub fn cmd_show(ui: &mut Ui, helper: &CommandHelper, args: &ShowArgs) -> Result<
     for (path, e) in &cp.manifest.files {
         match e {
             FileEntry::Blob { size, .. } => writeln!(out, "  {path}  ({size} bytes)")?,
-            FileEntry::Safetensors { size, tensors, .. } => {
+            FileEntry::Safetensors { size, .. } | FileEntry::Torchbin { size, .. } => {
+                let tensors = e.named_tensors();
                 writeln!(out, "  {path}  ({size} bytes, {} tensors)", tensors.len())?;
-                for t in tensors {
+                for t in &tensors {
                     writeln!(
                         out,
                         "    {}  {}  {:?}  {}",
