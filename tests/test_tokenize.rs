@@ -118,7 +118,11 @@ fn a_corrupt_tokenizer_model_is_a_user_error_naming_the_file() {
         out.stderr
     );
     assert!(out.stderr.contains("SentencePiece"), "{}", out.stderr);
-    assert!(out.stderr.contains("Copy tokenizer.model again"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("Copy tokenizer.model again"),
+        "{}",
+        out.stderr
+    );
     // A unigram model is refused with the reason, not misread.
     let good = std::fs::read(fixtures().join("tiny.model")).expect("model");
     let mut unigram = good.clone();
