@@ -704,3 +704,34 @@ fn an_import_killed_half_way_moves_no_branch() {
     assert_eq!(v["outcome"]["stages"].as_array().unwrap().len(), 3);
     env.coin_in(&repo, &["fsck"]).success();
 }
+
+/// Files of the tree that are symbolic links are not imported: a link could pull a file from
+/// elsewhere on this machine into a checkpoint that is then shared.
+#[test]
+#[cfg(unix)]
+fn symbolic_links_in_the_tree_are_not_followed() {
+    let env = TestEnvironment::new();
+    let t = lora_run(&env, Layout::Current);
+    let link = |rel: &str| {
+        let p = t.root.join(rel);
+        let outside = env.path(format!("outside-{}", rel.replace('/', "_")));
+        std::fs::rename(&p, &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, &p).unwrap();
+    };
+    link("checkpoints/LLaVA/CoIN/VizWiz_llava_lora/adapter_model.bin");
+    link("results/CoIN/LLaVA/ImageNet/Finetune/merge.jsonl");
+    let repo = init(&env);
+    let out = import(&env, &repo, &[]).success();
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains("merge.jsonl: no accuracy record: a symbolic link")
+            && text.contains("adapter_model.bin: a symbolic link, not imported"),
+        "{text}"
+    );
+    let m = matrix(&env, &repo, "coin-run-lora");
+    assert_eq!(
+        rows(&m),
+        vec![vec![None, Some(25.0)]],
+        "only the first stage, without its linked answers"
+    );
+}

@@ -440,15 +440,40 @@ pub fn model_id_stage(model_id: &str) -> Option<(ScorerKind, Method)> {
     None
 }
 
+/// The largest score file (`Result.text`, `output_result.jsonl`, `Prompt_Result.text`) read.
+pub const MAX_SCORE_FILE_BYTES: u64 = 64 << 20;
+
+/// Whether `path` is a regular file itself, not a symbolic link: an imported tree may come from
+/// anyone, and a link could pull a file from elsewhere on this machine into a checkpoint.
+fn is_plain_file(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+}
+
+/// A small text file of a results dir: `None` when absent, a link, larger than
+/// [`MAX_SCORE_FILE_BYTES`] or not UTF-8.
+fn read_score_file(path: &Path) -> Option<String> {
+    use std::io::Read;
+    if !is_plain_file(path) {
+        return None;
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_SCORE_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .ok()?;
+    (text.len() as u64 <= MAX_SCORE_FILE_BYTES).then_some(text)
+}
+
 /// The score CoIN's scorer printed into a results dir: `acc` of ScienceQA's
 /// `output_result.jsonl`, the first `Accuracy: X%` of `Result.text` otherwise.
 pub fn read_printed_score(kind: ScorerKind, dir: &Path) -> Option<f64> {
     if kind == ScorerKind::ScienceQA {
-        let text = std::fs::read_to_string(dir.join("output_result.jsonl")).ok()?;
+        let text = read_score_file(&dir.join("output_result.jsonl"))?;
         let v: Value = serde_json::from_str(&text).ok()?;
         return v.get("acc")?.as_f64();
     }
-    let text = std::fs::read_to_string(dir.join("Result.text")).ok()?;
+    let text = read_score_file(&dir.join("Result.text"))?;
     let rest = &text[text.find("Accuracy:")? + "Accuracy:".len()..];
     let num: String = rest
         .trim_start()
@@ -460,7 +485,7 @@ pub fn read_printed_score(kind: ScorerKind, dir: &Path) -> Option<f64> {
 
 /// The judge score of `Prompt_Result.text` (`Final score:NN`).
 pub fn read_printed_gk(dir: &Path) -> Option<f64> {
-    let text = std::fs::read_to_string(dir.join("Prompt_Result.text")).ok()?;
+    let text = read_score_file(&dir.join("Prompt_Result.text"))?;
     let rest = &text[text.find("Final score:")? + "Final score:".len()..];
     rest.trim().parse().ok()
 }
@@ -492,7 +517,14 @@ pub fn plan(opts: &ImportOptions) -> Result<ImportPlan, WorkflowError> {
         let mut missing_files = Vec::new();
         for name in STAGE_FILES {
             let p = dir.join(name);
-            if p.is_file() {
+            if p.is_file() && !is_plain_file(&p) {
+                warnings.push(format!(
+                    "{}: a symbolic link, not imported (coin imports the files of the tree \
+                     itself; copy the file in place)",
+                    p.display()
+                ));
+                missing_files.push(name.to_string());
+            } else if p.is_file() {
                 let (size, hash) = hash_file(&p)?;
                 files.push(StageFile {
                     name: name.to_string(),
@@ -607,6 +639,17 @@ fn plan_result(
         skipped: None,
     };
     let merge = dir.join("merge.jsonl");
+    if merge.is_file() && !is_plain_file(&merge) {
+        r.skipped = Some(format!(
+            "'{}' is a symbolic link (coin imports the files of the tree itself)",
+            merge.display()
+        ));
+        warnings.push(format!(
+            "{}: no accuracy record: a symbolic link",
+            merge.display()
+        ));
+        return r;
+    }
     match score_dir(dirs, stage, kind, &merge) {
         Ok(Ok(record)) => {
             if let Some(p) = r.coin_printed {
@@ -624,7 +667,12 @@ fn plan_result(
         Err(e) => r.skipped = Some(error_chain(&e)),
     }
     let replies = dir.join("prompt_eval_merge.jsonl");
-    if replies.is_file() {
+    if replies.is_file() && !is_plain_file(&replies) {
+        warnings.push(format!(
+            "{}: a symbolic link, not imported",
+            replies.display()
+        ));
+    } else if replies.is_file() {
         match judge::read_reply_scores(&replies) {
             Ok(scores) if !scores.is_empty() => {
                 let s = judge::summarise(&scores);
