@@ -3,11 +3,11 @@
 //! `coin matrix --metric gk` show it.
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
-use crate::common::TestEnvironment;
+use crate::common::{read_http_json_body, TestEnvironment};
 
 const EVAL_A: &str = r#"{"ScienceQA": {"metric": "accuracy", "score": 80.0, "n": 100}}"#;
 const EVAL_B: &str = r#"{"ScienceQA": {"metric": "accuracy", "score": 70.5, "n": 100},
@@ -52,32 +52,6 @@ fn replies(env: &TestEnvironment, name: &str, texts: &[&str]) {
     env.write(name, lines);
 }
 
-/// Read one HTTP request's JSON body (header, then the body by Content-Length).
-fn read_body(s: &mut std::net::TcpStream) -> serde_json::Value {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    loop {
-        let n = s.read(&mut tmp).unwrap();
-        assert!(n > 0, "connection closed early");
-        buf.extend_from_slice(&tmp[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
-            while buf.len() < end + 4 + len {
-                let n = s.read(&mut tmp).unwrap();
-                buf.extend_from_slice(&tmp[..n]);
-            }
-            return serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
-        }
-    }
-}
-
 /// A loopback judge answering `texts` in turn; the request bodies it received.
 fn judge_server(texts: Vec<&'static str>) -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -87,7 +61,7 @@ fn judge_server(texts: Vec<&'static str>) -> (String, Arc<Mutex<Vec<serde_json::
     std::thread::spawn(move || {
         for (i, s) in listener.incoming().enumerate() {
             let mut s = s.unwrap();
-            seen.lock().unwrap().push(read_body(&mut s));
+            seen.lock().unwrap().push(read_http_json_body(&mut s));
             let reply = texts[i % texts.len()];
             let body =
                 serde_json::json!({"choices": [{"message": {"content": reply}}]}).to_string();

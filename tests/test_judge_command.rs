@@ -1,39 +1,9 @@
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 
-use crate::common::TestEnvironment;
-
-/// Read one HTTP request (header, then the body by Content-Length).
-fn read_request(s: &mut std::net::TcpStream) {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    loop {
-        let n = s.read(&mut tmp).unwrap();
-        assert!(n > 0, "connection closed early");
-        buf.extend_from_slice(&tmp[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.trim()
-                        .eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().to_string())
-                })
-                .unwrap()
-                .parse()
-                .unwrap();
-            while buf.len() < end + 4 + len {
-                let n = s.read(&mut tmp).unwrap();
-                buf.extend_from_slice(&tmp[..n]);
-            }
-            return;
-        }
-    }
-}
+use crate::common::{read_http_json_body, TestEnvironment};
 
 fn setup(env: &TestEnvironment) {
     env.write(
@@ -72,7 +42,7 @@ fn judge_writes_prompts_and_scores_against_loopback() {
     std::thread::spawn(move || {
         for (i, s) in listener.incoming().enumerate() {
             let mut s = s.unwrap();
-            read_request(&mut s);
+            read_http_json_body(&mut s);
             let reply = if i == 0 { "10" } else { "4/10" };
             let body =
                 serde_json::json!({"choices": [{"message": {"content": reply}}]}).to_string();

@@ -162,6 +162,33 @@ fn json_text(v: &BTreeMap<&str, Value>, what: &'static str) -> Result<String> {
     serde_json::to_string_pretty(v).map_err(|source| MlError::Encode { what, source })
 }
 
+/// The `adapter_config.json` fields both the CoIN and the PEFT layout write the same way
+/// (`default_base` when the checkpoint names no base model).
+fn lora_config_fields(
+    c: &super::peft::AdapterConfig,
+    alpha: f64,
+    default_base: &str,
+) -> BTreeMap<&'static str, Value> {
+    let base = c
+        .base_model_name_or_path
+        .clone()
+        .flatten()
+        .unwrap_or_else(|| default_base.to_string());
+    BTreeMap::from([
+        ("base_model_name_or_path", Value::from(base)),
+        ("bias", Value::from("none")),
+        ("fan_in_fan_out", Value::Bool(false)),
+        ("inference_mode", Value::Bool(true)),
+        ("init_lora_weights", Value::Bool(true)),
+        ("layers_pattern", Value::Null),
+        ("layers_to_transform", Value::Null),
+        ("lora_alpha", number(alpha)),
+        ("lora_dropout", Value::from(c.lora_dropout.unwrap_or(0.05))),
+        ("modules_to_save", Value::Null),
+        ("r", Value::from(c.r())),
+    ])
+}
+
 /// A JSON number for α: an integer when it is one (as CoIN's scripts pass it).
 fn number(x: f64) -> Value {
     if x.fract() == 0.0 && x.abs() < 1e15 {
@@ -233,24 +260,8 @@ pub fn export_adapter(src: &Path, dst: &Path, format: ExportFormat) -> Result<Ex
             for (name, t) in &projector {
                 proj.extend(saved_tensors(name, t, ad.kind, Layout::Split)?);
             }
-            let mut cfg: BTreeMap<&str, Value> = BTreeMap::new();
-            let base = c
-                .base_model_name_or_path
-                .clone()
-                .flatten()
-                .unwrap_or_else(|| COIN_BASE.to_string());
+            let mut cfg = lora_config_fields(c, ad.alpha, COIN_BASE);
             cfg.insert("auto_mapping", Value::Null);
-            cfg.insert("base_model_name_or_path", Value::from(base));
-            cfg.insert("bias", Value::from("none"));
-            cfg.insert("fan_in_fan_out", Value::Bool(false));
-            cfg.insert("inference_mode", Value::Bool(true));
-            cfg.insert("init_lora_weights", Value::Bool(true));
-            cfg.insert("layers_pattern", Value::Null);
-            cfg.insert("layers_to_transform", Value::Null);
-            cfg.insert("lora_alpha", number(ad.alpha));
-            cfg.insert("lora_dropout", Value::from(c.lora_dropout.unwrap_or(0.05)));
-            cfg.insert("modules_to_save", Value::Null);
-            cfg.insert("r", Value::from(c.r()));
             cfg.insert("revision", Value::Null);
             cfg.insert("target_modules", Value::from(targets.clone()));
             match ad.kind {
@@ -330,24 +341,8 @@ pub fn export_adapter(src: &Path, dst: &Path, format: ExportFormat) -> Result<Ex
                     ));
                 }
             }
-            let mut cfg: BTreeMap<&str, Value> = BTreeMap::new();
-            let base = c
-                .base_model_name_or_path
-                .clone()
-                .flatten()
-                .unwrap_or_else(|| "llava-hf/llava-1.5-7b-hf".to_string());
-            cfg.insert("base_model_name_or_path", Value::from(base));
-            cfg.insert("bias", Value::from("none"));
-            cfg.insert("fan_in_fan_out", Value::Bool(false));
-            cfg.insert("inference_mode", Value::Bool(true));
-            cfg.insert("init_lora_weights", Value::Bool(true));
-            cfg.insert("layers_pattern", Value::Null);
-            cfg.insert("layers_to_transform", Value::Null);
-            cfg.insert("lora_alpha", number(ad.alpha));
-            cfg.insert("lora_dropout", Value::from(c.lora_dropout.unwrap_or(0.05)));
-            cfg.insert("modules_to_save", Value::Null);
+            let mut cfg = lora_config_fields(c, ad.alpha, "llava-hf/llava-1.5-7b-hf");
             cfg.insert("peft_type", Value::from(PEFT_TYPE_LORA));
-            cfg.insert("r", Value::from(c.r()));
             let rank_pattern: serde_json::Map<String, Value> = c
                 .rank_pattern
                 .iter()

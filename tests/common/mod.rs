@@ -297,3 +297,31 @@ fn same_tree_sees_missing_extra_and_changed_files_on_either_side() {
         "nothing compared"
     );
 }
+
+/// Read one HTTP request from a loopback test server and return its JSON body (the header,
+/// then the body by its Content-Length).
+pub fn read_http_json_body(s: &mut std::net::TcpStream) -> serde_json::Value {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    loop {
+        let n = s.read(&mut tmp).expect("read the request");
+        assert!(n > 0, "connection closed early");
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .expect("a Content-Length header")
+                .trim()
+                .parse()
+                .expect("a numeric Content-Length");
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut tmp).expect("read the request");
+                buf.extend_from_slice(&tmp[..n]);
+            }
+            return serde_json::from_slice(&buf[end + 4..end + 4 + len]).expect("a JSON body");
+        }
+    }
+}
