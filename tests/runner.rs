@@ -3,10 +3,12 @@
 mod common;
 
 mod test_bench_data_command;
+mod test_bisect;
 mod test_cli_output;
 mod test_compat_fixtures;
 mod test_demo;
 mod test_export;
+mod test_external;
 mod test_gk_command;
 mod test_history;
 mod test_hostile_models;
@@ -14,6 +16,7 @@ mod test_hostile_remotes;
 mod test_import;
 mod test_judge_command;
 mod test_layering;
+mod test_merge;
 mod test_metrics_command;
 mod test_model_command;
 mod test_parity;

@@ -146,6 +146,34 @@ fn quick_demo_leaves_a_coin_repository_with_the_whole_order() {
         assert!(checked.stdout.contains("NOT MET"), "{}", checked.stdout);
     }
 
+    // Another method in the same folder: LoRA with replay, on its own branch.
+    let replay = env
+        .coin(&[
+            "demo", "--quick", "--dir", "demo", "--method", "replay", "--json",
+        ])
+        .success()
+        .json();
+    assert_eq!(replay["method"], "replay");
+    let last = env
+        .coin_in(&env.path("demo"), &["show", "replay", "--json"])
+        .success()
+        .json();
+    assert_eq!(last["train"]["config"]["train"]["strategy"], "replay");
+    assert_eq!(
+        last["train"]["replay"].as_array().unwrap().len(),
+        7,
+        "{last}"
+    );
+    let cmp = env
+        .coin_in(&env.path("demo"), &["compare", "lora", "replay"])
+        .success()
+        .stdout;
+    assert!(cmp.contains("replay"), "{cmp}");
+    let e = env
+        .coin(&["demo", "--quick", "--dir", "demo", "--method", "ewc"])
+        .code(2);
+    assert!(e.stderr.contains("replay"), "{}", e.stderr);
+
     // Refused: the folder of a quick demo for a full one, and a folder that is not a demo.
     let e = env.coin(&["demo", "--dir", "demo"]).code(1);
     assert!(e.stderr.contains("other settings"), "{}", e.stderr);

@@ -735,3 +735,374 @@ fn symbolic_links_in_the_tree_are_not_followed() {
         "only the first stage, without its linked answers"
     );
 }
+
+/// The paths of a checkpoint's files and their store kinds (`coin show --json`).
+fn shown_files(env: &TestEnvironment, repo: &Path, rev: &str) -> Vec<(String, String)> {
+    let show = env.coin_in(repo, &["show", rev, "--json"]).success().json();
+    show["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["path"].as_str().unwrap().to_string(),
+                f["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A fuller Trainer checkpoint in the first stage's `checkpoint-7/` (beside the two files
+/// `Tree::stage` writes): a torch `.bin` coin can read, rng states, `latest`, and a link.
+fn trainer_checkpoint(env: &TestEnvironment, t: &Tree) -> String {
+    let dir = t.stage_dir("ImageNet", Method::Lora) + "/checkpoint-7";
+    let bytes = coin::ml::train::torch_save::torch_save_bytes(&[(
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string(),
+        tensor((2, 64), 5.0),
+    )])
+    .unwrap();
+    t.write(&format!("{dir}/pytorch_model.bin"), bytes);
+    t.write(&format!("{dir}/rng_state_0.pth"), b"not a zip");
+    t.write(&format!("{dir}/latest"), "global_step7");
+    #[cfg(unix)]
+    {
+        let outside = env.path("outside-secret");
+        std::fs::write(&outside, "secret").unwrap();
+        std::os::unix::fs::symlink(&outside, t.root.join(&dir).join("zero_to_fp32.py")).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn trainer_checkpoints_are_imported_only_when_asked() {
+    let env = TestEnvironment::new();
+    let t = lora_run(&env, Layout::Current);
+    let dir = trainer_checkpoint(&env, &t);
+    // Without the option: the stage dir's own files only.
+    let repo = init(&env);
+    import(&env, &repo, &[]).success();
+    let files = shown_files(&env, &repo, "coin-run-lora~2");
+    assert!(
+        files.iter().all(|(p, _)| !p.starts_with("checkpoint-")),
+        "{files:?}"
+    );
+    // With it, into another branch: every file of checkpoint-7/ under its relative path.
+    let out = import(
+        &env,
+        &repo,
+        &["--with-trainer-checkpoints", "--branch", "full", "--json"],
+    )
+    .success();
+    let v = out.json();
+    let names: Vec<&str> = v["plan"]["stages"][0]["trainer_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "checkpoint-7/adapter_model.bin",
+            "checkpoint-7/global_step7/zero_pp_rank_0_mp_rank_00_model_states.pt",
+            "checkpoint-7/latest",
+            "checkpoint-7/pytorch_model.bin",
+            "checkpoint-7/rng_state_0.pth",
+        ]
+    );
+    #[cfg(unix)]
+    assert!(
+        out.stderr
+            .contains("zero_to_fp32.py: a symbolic link, not imported"),
+        "{}",
+        out.stderr
+    );
+    let files = shown_files(&env, &repo, "full~2");
+    let kind = |p: &str| {
+        files
+            .iter()
+            .find(|(f, _)| f == p)
+            .map(|(_, k)| k.as_str())
+            .unwrap_or_else(|| panic!("{p} not in {files:?}"))
+    };
+    // A torch zip coin reads is stored per storage; anything else whole.
+    assert_eq!(kind("checkpoint-7/pytorch_model.bin"), "torchbin");
+    assert_eq!(kind("checkpoint-7/rng_state_0.pth"), "blob");
+    assert_eq!(kind("adapter_model.bin"), "torchbin");
+    assert!(!files.iter().any(|(p, _)| p.contains("zero_to_fp32")));
+    // Checked out byte for byte.
+    env.coin_in(&repo, &["checkout", "full~2", "--output", "out"])
+        .success();
+    for rel in [
+        "global_step7/zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "pytorch_model.bin",
+    ] {
+        assert_eq!(
+            std::fs::read(repo.join("out/checkpoint-7").join(rel)).unwrap(),
+            std::fs::read(t.root.join(&dir).join(rel)).unwrap(),
+            "{rel}"
+        );
+    }
+    // Every stage brings its own.
+    assert!(shown_files(&env, &repo, "full")
+        .iter()
+        .any(|(p, _)| p.starts_with("checkpoint-7/")));
+}
+
+#[test]
+fn a_dry_run_lists_the_trainer_checkpoint_files_and_their_size() {
+    let env = TestEnvironment::new();
+    let t = lora_run(&env, Layout::Current);
+    trainer_checkpoint(&env, &t);
+    let repo = init(&env);
+    let out = import(&env, &repo, &["--dry-run", "--with-trainer-checkpoints"]).success();
+    let pt = t
+        .root
+        .join(t.stage_dir("ImageNet", Method::Lora))
+        .join("checkpoint-7/pytorch_model.bin");
+    let pt_size = std::fs::metadata(&pt).unwrap().len();
+    // shard (5) + old (3) + latest (12) + rng (9) + the torch file.
+    let total = 5 + 3 + 12 + 9 + pt_size;
+    assert!(
+        out.stdout.contains(&format!(
+            "  trainer checkpoints: 5 files, {total} bytes\n    checkpoint-7/adapter_model.bin (3 bytes)\n"
+        )),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("    checkpoint-7/latest (12 bytes)"),
+        "{}",
+        out.stdout
+    );
+    // The other stages have checkpoint-7/ with two files.
+    assert!(
+        out.stdout
+            .contains("  trainer checkpoints: 2 files, 8 bytes"),
+        "{}",
+        out.stdout
+    );
+    // Without the option nothing of checkpoint-7/ is listed.
+    let out = import(&env, &repo, &["--dry-run"]).success();
+    assert!(!out.stdout.contains("checkpoint-7"), "{}", out.stdout);
+}
+
+#[test]
+fn rerunning_with_or_without_trainer_checkpoints_never_replaces_a_stage() {
+    let env = TestEnvironment::new();
+    let t = lora_run(&env, Layout::Current);
+    trainer_checkpoint(&env, &t);
+    let repo = init(&env);
+    let first = import(&env, &repo, &["--with-trainer-checkpoints", "--json"])
+        .success()
+        .json();
+    // Same option: nothing is written.
+    let before = crate::common::tree_files(&repo.join(".coin"));
+    let head = |env: &TestEnvironment| {
+        env.coin_in(&repo, &["show", "coin-run-lora", "--json"])
+            .success()
+            .json()["id"]
+            .clone()
+    };
+    let head_before = head(&env);
+    let again = import(&env, &repo, &["--with-trainer-checkpoints", "--json"])
+        .success()
+        .json();
+    assert_eq!(again["outcome"]["moved"], false);
+    for (a, b) in first["outcome"]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(again["outcome"]["stages"].as_array().unwrap())
+    {
+        assert_eq!(
+            (&a["id"], &b["reused"]),
+            (&b["id"], &serde_json::json!(true))
+        );
+    }
+    assert_eq!(crate::common::tree_files(&repo.join(".coin")), before);
+    // Without the option: the stages (which hold more) are reused, not replaced.
+    let without = import(&env, &repo, &["--json"]).success().json();
+    assert_eq!(without["outcome"]["stages"][0]["reused"], true);
+    assert_eq!(without["outcome"]["moved"], false);
+    assert_eq!(head(&env), head_before);
+    // A changed trainer file with the option conflicts.
+    t.write(
+        &(t.stage_dir("ImageNet", Method::Lora) + "/checkpoint-7/latest"),
+        "global_step8",
+    );
+    let out = import(&env, &repo, &["--with-trainer-checkpoints"]).code(1);
+    assert!(
+        out.stderr.contains("its checkpoint-N/ files differ"),
+        "{}",
+        out.stderr
+    );
+
+    // The other way round: imported without the option, asked again with it.
+    let out = import(&env, &repo, &["--branch", "plain"]).success();
+    drop(out);
+    let plain = env
+        .coin_in(&repo, &["show", "plain", "--json"])
+        .success()
+        .json()["id"]
+        .clone();
+    let out = import(
+        &env,
+        &repo,
+        &["--branch", "plain", "--with-trainer-checkpoints"],
+    )
+    .code(1);
+    assert!(
+        out.stderr.contains(
+            "is not this run's ImageNet stage (it was imported without \
+             --with-trainer-checkpoints, and an import never replaces a stage)"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        env.coin_in(&repo, &["show", "plain", "--json"])
+            .success()
+            .json()["id"],
+        plain
+    );
+    // The dry run says so per stage.
+    let out = import(
+        &env,
+        &repo,
+        &[
+            "--branch",
+            "plain",
+            "--with-trainer-checkpoints",
+            "--dry-run",
+        ],
+    )
+    .success();
+    assert!(
+        out.stdout.contains("the import would stop")
+            && out
+                .stdout
+                .contains("not reached (an earlier stage conflicts)"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("the import would stop"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_dry_run_says_per_stage_whether_the_branch_holds_it() {
+    let env = TestEnvironment::new();
+    let t = Tree::new(&env, "coin", Layout::Current);
+    t.stage("ImageNet", Method::Lora, 1.0);
+    t.result("ImageNet", "Finetune", "ImageNet_llava_lora", 4, None);
+    let repo = init(&env);
+    import(&env, &repo, &[]).success();
+    let id = env
+        .coin_in(&repo, &["show", "coin-run-lora", "--json"])
+        .success()
+        .json()["short_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The run grows: a second stage and a new result for the first.
+    t.stage("VizWiz", Method::Lora, 2.0);
+    t.result("VizWiz", "ImageNet", "ImageNet_llava_lora", 2, None);
+    let out = import(&env, &repo, &["--dry-run"]).success();
+    assert!(
+        out.stdout
+            .contains("stage 1 ImageNet: checkpoints/LLaVA/CoIN/ImageNet_llava_lora (5 files, "),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&format!(
+            "  branch coin-run-lora: already holds it as {id}; would be reused, adding \
+             record(s) VizWiz\n"
+        )),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("  branch coin-run-lora: not there yet; would be added\n"),
+        "{}",
+        out.stdout
+    );
+    let v = import(&env, &repo, &["--dry-run", "--json"])
+        .success()
+        .json();
+    assert_eq!(v["targets"][0]["action"], "reuse");
+    assert_eq!(
+        v["targets"][0]["new_records"],
+        serde_json::json!(["VizWiz"])
+    );
+    assert_eq!(v["targets"][1]["action"], "add");
+    // After the import both are held, with nothing new.
+    import(&env, &repo, &[]).success();
+    let out = import(&env, &repo, &["--dry-run"]).success();
+    assert_eq!(
+        out.stdout.matches("; would be reused\n").count(),
+        2,
+        "{}",
+        out.stdout
+    );
+    // Another branch: every stage would be added; outside a repository too.
+    let out = import(&env, &repo, &["--dry-run", "--branch", "other"]).success();
+    assert_eq!(
+        out.stdout.matches("would be added").count(),
+        2,
+        "{}",
+        out.stdout
+    );
+    let out = import(&env, &env.work(), &["--dry-run"]).success();
+    assert!(
+        out.stderr
+            .contains("Not in a coin repository: every stage would be added."),
+        "{}",
+        out.stderr
+    );
+}
+
+/// `commit_root_files` (what the import writes through) checks the names it is given as
+/// `coin commit` checks paths, and refuses links.
+#[test]
+fn named_files_are_checked_before_anything_is_written() {
+    use coin::history::{CoinRepo, CommitRequest, SourceFile};
+    let env = TestEnvironment::new();
+    let repo_dir = init(&env);
+    let repo = CoinRepo::open(&repo_dir).unwrap();
+    let file = env.path("f.bin");
+    std::fs::write(&file, b"x").unwrap();
+    let req = CommitRequest {
+        task: "ImageNet".into(),
+        detached: true,
+        skip_hooks: true,
+        ..Default::default()
+    };
+    let named = |rel: &str, disk: &Path| SourceFile {
+        disk: disk.to_path_buf(),
+        rel: rel.to_string(),
+    };
+    let before = crate::common::tree_files(&repo_dir.join(".coin"));
+    let err = |files: Vec<SourceFile>| repo.commit_root_files(&req, files).unwrap_err().to_string();
+    assert!(err(vec![named("../f.bin", &file)]).contains("cannot commit"));
+    assert!(err(vec![named("a/f.bin", &file), named("a/f.bin", &file)])
+        .contains("two files would be committed as 'a/f.bin'"));
+    assert!(err(vec![]).contains("nothing to commit"));
+    #[cfg(unix)]
+    {
+        let link = env.path("link.bin");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(err(vec![named("a/link.bin", &link)]).contains("is not a regular file"));
+    }
+    assert_eq!(crate::common::tree_files(&repo_dir.join(".coin")), before);
+    let made = repo
+        .commit_root_files(&req, vec![named("checkpoint-1/sub/f.bin", &file)])
+        .unwrap();
+    assert!(made.files == 1);
+    assert_ne!(crate::common::tree_files(&repo_dir.join(".coin")), before);
+}

@@ -69,28 +69,12 @@ fn write_adapter(dir: &Path, seed: u32) {
 /// A repository with the tiny model, CoIN-mini (4 train / 5 test items per task) registered
 /// and `model.base` configured.
 fn setup() -> TestEnvironment {
-    let env = TestEnvironment::new();
-    env.coin(&["init"]).success();
-    env.coin(&["model", "init", "--tiny", "model", "--seed", "1"])
-        .success();
-    env.coin(&[
-        "bench-data",
-        "coin-mini",
-        "--out",
-        "mini",
-        "--train",
-        "4",
-        "--test",
-        "5",
-    ])
-    .success();
-    env.coin(&["task", "add", "--coin-mini", "mini"]).success();
-    let cfg = std::fs::read_to_string(env.path(".coin/config.toml")).unwrap();
-    env.write(
-        ".coin/config.toml",
-        format!("{cfg}\n[model]\npreset = \"tiny\"\nbase = \"model\"\n\n[eval]\nmax_new_tokens = 6\nbatch_size = 3\n"),
-    );
-    env
+    TestEnvironment::tiny_and_mini(
+        &["--seed", "1"],
+        4,
+        5,
+        "[eval]\nmax_new_tokens = 6\nbatch_size = 3\n",
+    )
 }
 
 fn records(env: &TestEnvironment, rev: &str) -> Value {

@@ -9,31 +9,12 @@ use serde_json::Value;
 use crate::common::TestEnvironment;
 
 fn setup() -> TestEnvironment {
-    let env = TestEnvironment::new();
-    env.coin(&["init"]).success();
-    env.coin(&["model", "init", "--tiny", "model"]).success();
-    env.coin(&[
-        "bench-data",
-        "coin-mini",
-        "--out",
-        "mini",
-        "--train",
-        "12",
-        "--test",
-        "4",
-    ])
-    .success();
-    env.coin(&["task", "add", "--coin-mini", "mini"]).success();
-    let cfg = std::fs::read_to_string(env.path(".coin/config.toml")).unwrap();
-    env.write(
-        ".coin/config.toml",
-        format!(
-            "{cfg}\n[model]\npreset = \"tiny\"\nbase = \"model\"\n\n[train]\nnum_train_epochs = 1.0\n\
-             per_device_batch_size = 4\n\n[eval]\nmax_new_tokens = 4\nbatch_size = 4\n"
-        ),
-    );
-    env
+    TestEnvironment::tiny_and_mini(&[], 12, 4, TRAIN_CONFIG)
 }
+
+/// The settings of the workflow tests: one epoch, batch 4, short answers.
+pub const TRAIN_CONFIG: &str =
+    "[train]\nnum_train_epochs = 1.0\nper_device_batch_size = 4\n\n[eval]\nmax_new_tokens = 4\nbatch_size = 4\n";
 
 fn show(env: &TestEnvironment, rev: &str) -> Value {
     env.coin(&["show", rev, "--json"]).success().json()
@@ -328,4 +309,79 @@ fn a_killed_train_leaves_no_checkpoint_and_resumes_to_the_same_weights() {
         "bit-identical adapter after resuming"
     );
     b.coin(&["fsck"]).success();
+}
+
+#[test]
+fn replay_mixes_recorded_items_of_earlier_tasks_and_shares_the_first_step() {
+    let env = setup();
+    let seq = env
+        .coin(&[
+            "run",
+            "--order",
+            "mini-VizWiz,mini-GQA",
+            "--branch",
+            "seq",
+            "--json",
+        ])
+        .success()
+        .json();
+    let replay = env
+        .coin(&[
+            "run",
+            "--order",
+            "mini-VizWiz,mini-GQA",
+            "--branch",
+            "replay",
+            "--set",
+            "train.strategy=replay",
+            "--set",
+            "train.replay_items=5",
+            "--json",
+        ])
+        .success()
+        .json();
+    // Nothing to replay at the first step: the sequential checkpoint is reused.
+    assert_eq!(replay["steps"][0]["reused"], true);
+    assert_eq!(
+        replay["steps"][0]["checkpoint"],
+        seq["steps"][0]["checkpoint"]
+    );
+    // The second step trains on 12 + 5 samples: 5 steps of 4 instead of 3.
+    let step = &replay["steps"][1];
+    assert_eq!(step["reused"], false);
+    assert_eq!(step["report"]["steps"], 5, "{step}");
+    assert_eq!(seq["steps"][1]["report"]["steps"], 3);
+    assert_ne!(step["training_key"], seq["steps"][1]["training_key"]);
+    let rec = show(&env, step["checkpoint"].as_str().unwrap());
+    let r = &rec["train"]["replay"][0];
+    assert_eq!(r["task"], "mini-VizWiz");
+    assert_eq!(r["items"], 5);
+    assert_eq!(r["of"], 12);
+    assert_eq!(r["indices"].as_array().unwrap().len(), 5);
+    assert_eq!(rec["train"]["config"]["train"]["strategy"], "replay");
+    // Another share is another key; a bad share is refused.
+    let plan = env
+        .coin(&[
+            "train",
+            "mini-GQA",
+            "--from",
+            replay["steps"][0]["checkpoint"].as_str().unwrap(),
+            "--set",
+            "train.strategy=replay",
+            "--set",
+            "train.replay_share=0.5",
+            "--dry-run",
+            "--json",
+        ])
+        .success()
+        .json();
+    assert_eq!(plan["reuse"], Value::Null);
+    let e = env
+        .coin(&["train", "mini-GQA", "--set", "train.replay_share=2"])
+        .code(1);
+    assert!(e.stderr.contains("replay_share"), "{}", e.stderr);
+    let e = env
+        .coin(&["train", "mini-GQA", "--set", "train.strategy=ewc"])
+        .code(1);
+    assert!(e.stderr.contains("sequential, replay"), "{}", e.stderr);
 }

@@ -390,6 +390,11 @@ impl From<WorkflowError> for CommandError {
                 "Set model.name (and model.base) to the parent's base model, or start a new \
                  branch from a checkpoint of this base.",
             ),
+            E::External { .. } => CommandError::new(ErrorKind::User, e).hint(
+                "Fix the command or its input, then run the same coin command again: the step \
+                 runs again (its output folder is kept, so a trainer that resumes from its own \
+                 checkpoints continues); steps already committed are not repeated.",
+            ),
             E::Config(_) | E::Input(_) => CommandError::new(ErrorKind::User, e),
         }
     }

@@ -106,3 +106,82 @@ impl TrainProgress for TrainBar {
 
     fn checkpoint(&mut self, _step: usize, _dir: &Path) {}
 }
+
+/// The display of an external trainer or evaluator command: on a terminal a spinner with the
+/// elapsed time and the command's last output line; otherwise a line when it starts, one
+/// every [`QUIET_EVERY`] seconds with its last output line, and one when it ends.
+pub struct CommandLine<'a> {
+    ui: &'a crate::cli::Ui,
+    spinner: Option<ProgressBar>,
+    next_line_at: f64,
+}
+
+/// Seconds between the status lines of a running command when no terminal is attached.
+pub const QUIET_EVERY: f64 = 60.0;
+
+impl<'a> CommandLine<'a> {
+    /// A display writing through `ui`.
+    pub fn new(ui: &'a crate::cli::Ui) -> Self {
+        CommandLine {
+            ui,
+            spinner: None,
+            next_line_at: QUIET_EVERY,
+        }
+    }
+}
+
+/// At most `n` characters of `s` (an ellipsis marks a cut).
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+impl crate::workflow::external::CommandProgress for CommandLine<'_> {
+    fn started(&mut self, what: &str, command: &str, log: &Path) {
+        self.ui.status(&format!(
+            "Running {what}: {} (log: {}).",
+            clip(command, 300),
+            log.display()
+        ));
+        self.next_line_at = QUIET_EVERY;
+        if self.ui.show_progress() {
+            let s = ProgressBar::new_spinner();
+            s.set_style(
+                ProgressStyle::with_template("{spinner} {prefix} {elapsed:>4}  {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            s.set_prefix(what.to_string());
+            s.enable_steady_tick(Duration::from_millis(200));
+            self.spinner = Some(s);
+        }
+    }
+
+    fn running(&mut self, _what: &str, seconds: f64, last_line: &str) {
+        match &self.spinner {
+            Some(s) => s.set_message(clip(last_line, 100)),
+            None if seconds >= self.next_line_at => {
+                self.next_line_at = seconds + QUIET_EVERY;
+                if !last_line.is_empty() {
+                    self.ui
+                        .status(&format!("  {seconds:.0} s: {}", clip(last_line, 200)));
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn finished(&mut self, what: &str, seconds: f64, ok: bool) {
+        if let Some(s) = self.spinner.take() {
+            s.finish_and_clear();
+        }
+        if ok {
+            self.ui
+                .status(&format!("Finished {what} in {seconds:.1} s."));
+        }
+    }
+}

@@ -50,6 +50,15 @@ pub struct CommitRequest {
     pub detached: bool,
 }
 
+/// The attachment holding an external trainer's output (stdout and stderr, interleaved).
+pub const LOG_ATTACHMENT: &str = "log";
+
+/// The attachment names a checkpoint may carry.
+pub const ATTACHMENTS: &[&str] = &[LOG_ATTACHMENT];
+
+/// The largest attachment kept (a longer text keeps its last bytes).
+pub const MAX_ATTACHMENT_BYTES: usize = 16 << 20;
+
 /// What a commit made.
 #[derive(Clone, Debug, Serialize)]
 pub struct CommitOutcome {
@@ -174,6 +183,38 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>, HistoryError>
         .collect())
 }
 
+/// Check files named by the caller: valid, distinct checkpoint paths of regular files.
+fn check_named_files(files: Vec<SourceFile>) -> Result<Vec<SourceFile>, HistoryError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for f in &files {
+        validate_rel_path(&f.rel).map_err(|e| {
+            HistoryError::Input(format!("cannot commit '{}': {e}", f.disk.display()))
+        })?;
+        if !seen.insert(&f.rel) {
+            return Err(HistoryError::Input(format!(
+                "two files would be committed as '{}'",
+                f.rel
+            )));
+        }
+        let m = std::fs::symlink_metadata(&f.disk).map_err(HistoryError::io("read", &f.disk))?;
+        if !m.is_file() {
+            return Err(HistoryError::Input(format!(
+                "'{}' is not a regular file (coin does not follow links); replace it with the \
+                 file it points to",
+                f.disk.display()
+            )));
+        }
+    }
+    if files.is_empty() {
+        return Err(HistoryError::Input(
+            "nothing to commit: no files were given".to_string(),
+        ));
+    }
+    records::validate_manifest_paths(seen.iter().copied())
+        .map_err(|e| HistoryError::Input(format!("cannot commit these files: {e}")))?;
+    Ok(files)
+}
+
 fn file_name_utf8(path: &Path) -> Result<String, HistoryError> {
     let name = path
         .file_name()
@@ -220,7 +261,35 @@ impl CoinRepo {
     /// [`HistoryError::BranchMoved`] and nothing is changed (the objects written are
     /// unreachable and gc removes them).
     pub fn commit(&self, req: &CommitRequest) -> Result<CommitOutcome, HistoryError> {
-        self.commit_with(req, false)
+        self.commit_with(req, false, &BTreeMap::new(), None, None)
+    }
+
+    /// [`CoinRepo::commit`] of a merge checkpoint (`coin merge`): its git parents are
+    /// `req.parent` (required: the first input) and `second` (the second input), in that
+    /// order, so first-parent walks (log, the matrix) follow the first input. Use it with
+    /// [`CommitRequest::detached`] and move the branch with [`CoinRepo::publish_checkpoint`].
+    pub fn commit_merge(
+        &self,
+        req: &CommitRequest,
+        second: CheckpointId,
+    ) -> Result<CommitOutcome, HistoryError> {
+        if req.parent.is_none() {
+            return Err(HistoryError::Input(
+                "a merge checkpoint needs its first input as the request's parent".to_string(),
+            ));
+        }
+        self.commit_with(req, false, &BTreeMap::new(), None, Some(second))
+    }
+
+    /// [`CoinRepo::commit`] with texts kept beside the records in the checkpoint's git tree,
+    /// by name (the log of an external trainer: [`LOG_ATTACHMENT`]); read them back with
+    /// [`CoinRepo::read_attachment`].
+    pub fn commit_attached(
+        &self,
+        req: &CommitRequest,
+        attachments: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<CommitOutcome, HistoryError> {
+        self.commit_with(req, false, attachments, None, None)
     }
 
     /// [`CoinRepo::commit`] of a checkpoint with no parent when `req.parent` is `None` (not
@@ -228,10 +297,29 @@ impl CoinRepo {
     /// Use it with [`CommitRequest::detached`] and move a branch with
     /// [`CoinRepo::publish_checkpoint`].
     pub fn commit_root(&self, req: &CommitRequest) -> Result<CommitOutcome, HistoryError> {
-        self.commit_with(req, true)
+        self.commit_with(req, true, &BTreeMap::new(), None, None)
     }
 
-    fn commit_with(&self, req: &CommitRequest, root: bool) -> Result<CommitOutcome, HistoryError> {
+    /// [`CoinRepo::commit_root`] of files the caller names (`req.paths` is ignored): an
+    /// importer that keeps a tree's sub-folders under their own names (`checkpoint-N/…`). The
+    /// names are checked as for `req.paths`, and each file must be a regular file (a link is
+    /// refused, not followed).
+    pub fn commit_root_files(
+        &self,
+        req: &CommitRequest,
+        files: Vec<SourceFile>,
+    ) -> Result<CommitOutcome, HistoryError> {
+        self.commit_with(req, true, &BTreeMap::new(), Some(files), None)
+    }
+
+    fn commit_with(
+        &self,
+        req: &CommitRequest,
+        root: bool,
+        attachments: &BTreeMap<String, Vec<u8>>,
+        named: Option<Vec<SourceFile>>,
+        second: Option<CheckpointId>,
+    ) -> Result<CommitOutcome, HistoryError> {
         validate_task_name(&req.task).map_err(HistoryError::Input)?;
         for (task, rec) in &req.evals {
             self.check_new_eval_record(task, rec)?;
@@ -246,7 +334,13 @@ impl CoinRepo {
             None if root => None,
             None => expected,
         };
-        let files = collect_files(&req.paths)?;
+        if let Some(s) = second {
+            self.read_checkpoint(s)?;
+        }
+        let files = match named {
+            Some(files) => check_named_files(files)?,
+            None => collect_files(&req.paths)?,
+        };
 
         super::pause("commit.before_lock");
         let _lock = self.lock()?;
@@ -300,6 +394,21 @@ impl CoinRepo {
             tb.insert("eval", eval_tree, 0o040000)
                 .map_err(HistoryError::git("build a tree"))?;
         }
+        for (name, bytes) in attachments {
+            if !ATTACHMENTS.contains(&name.as_str()) {
+                return Err(HistoryError::Input(format!(
+                    "'{}' is not a checkpoint attachment (known: {})",
+                    name.escape_debug(),
+                    ATTACHMENTS.join(", ")
+                )));
+            }
+            let start = bytes.len().saturating_sub(MAX_ATTACHMENT_BYTES);
+            let id = git
+                .blob(&bytes[start..])
+                .map_err(HistoryError::git("write a git blob"))?;
+            tb.insert(name, id, 0o100644)
+                .map_err(HistoryError::git("build a tree"))?;
+        }
         let tree_id = tb.write().map_err(HistoryError::git("write a tree"))?;
         let tree = git
             .find_tree(tree_id)
@@ -311,7 +420,15 @@ impl CoinRepo {
             ),
             None => None,
         };
-        let parents: Vec<&git2::Commit<'_>> = parent_commit.iter().collect();
+        let second_commit = match second {
+            Some(s) => Some(
+                git.find_commit(s.oid())
+                    .map_err(HistoryError::git(format!("read checkpoint {}", s.short())))?,
+            ),
+            None => None,
+        };
+        let parents: Vec<&git2::Commit<'_>> =
+            parent_commit.iter().chain(second_commit.iter()).collect();
         let summary = match &req.message {
             Some(m) if !m.trim().is_empty() => format!("{}: {}", req.task, m.trim()),
             _ => format!("{}: new checkpoint", req.task),
@@ -417,6 +534,31 @@ impl CoinRepo {
             skip_hooks,
             &format!("coin: publish {}", short_id(id)),
         )
+    }
+
+    /// An attachment of a checkpoint ([`CommitRequest::attachments`]); `None` when it has none
+    /// of that name.
+    pub fn read_attachment(
+        &self,
+        id: CheckpointId,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, HistoryError> {
+        let short = id.short();
+        let git = self.git();
+        let tree = git
+            .find_commit(id.oid())
+            .and_then(|c| c.tree())
+            .map_err(HistoryError::git(format!("read the tree of {short}")))?;
+        let Some(entry) = tree.get_name(name) else {
+            return Ok(None);
+        };
+        let obj = entry
+            .to_object(git)
+            .map_err(HistoryError::git(format!("read {name} of {short}")))?;
+        let blob = obj
+            .as_blob()
+            .ok_or_else(|| HistoryError::Corrupt(format!("{name} of {short} is not a file")))?;
+        Ok(Some(blob.content().to_vec()))
     }
 
     /// Read a checkpoint: manifest, train record and eval records (tree and notes merged).
@@ -650,5 +792,61 @@ fn in_checkpoint(what: &str, e: HistoryError) -> HistoryError {
             message,
         },
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+    use super::*;
+
+    #[test]
+    fn a_merge_checkpoint_has_both_parents_in_order_and_needs_a_first_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        CoinRepo::init(tmp.path()).unwrap();
+        let repo = CoinRepo::open(&tmp.path().canonicalize().unwrap()).unwrap();
+        let dir = tmp.path().join("ad");
+        std::fs::create_dir(&dir).unwrap();
+        let commit = |text: &str, parent: Option<CheckpointId>| {
+            std::fs::write(dir.join("a.json"), text).unwrap();
+            repo.commit(&CommitRequest {
+                paths: vec![dir.clone()],
+                task: "T".into(),
+                parent,
+                ..Default::default()
+            })
+            .unwrap()
+            .id
+        };
+        let p = commit("{}", None);
+        let a = commit("{\"a\": 1}", Some(p));
+        let b = commit("{\"b\": 2}", Some(p));
+        let req = CommitRequest {
+            paths: vec![dir.clone()],
+            task: "merge".into(),
+            detached: true,
+            ..Default::default()
+        };
+        let e = repo.commit_merge(&req, b).unwrap_err().to_string();
+        assert!(e.contains("first input"), "{e}");
+        let m = repo
+            .commit_merge(
+                &CommitRequest {
+                    parent: Some(a),
+                    ..req.clone()
+                },
+                b,
+            )
+            .unwrap();
+        assert_eq!(repo.read_checkpoint(m.id).unwrap().parents, [a, b]);
+        assert_eq!(m.parent, Some(a));
+        // Detached: the branch stays until the merge is published.
+        let branch = repo.current_branch().unwrap();
+        assert_eq!(repo.branch_target(&branch).unwrap(), Some(b));
+        repo.publish_checkpoint(&branch, Some(b), m.id, true)
+            .unwrap();
+        assert_eq!(repo.branch_target(&branch).unwrap(), Some(m.id));
+        assert_eq!(repo.first_parent_chain(m.id, None).unwrap(), [m.id, a, p]);
     }
 }

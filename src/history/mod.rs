@@ -23,7 +23,10 @@ mod revision;
 
 use std::path::PathBuf;
 
-pub use checkpoint::{Checkpoint, CommitOutcome, CommitRequest, EvalSource, SourceFile};
+pub use checkpoint::{
+    Checkpoint, CommitOutcome, CommitRequest, EvalSource, SourceFile, LOG_ATTACHMENT,
+    MAX_ATTACHMENT_BYTES,
+};
 pub use diff::{diff_checkpoints, CheckpointDiff, EvalDelta, FileChange, TensorChange};
 pub use forgetting::{
     forgetting_along_path, forgetting_from_scores, ForgettingReport, TaskForgetting, TaskScores,

@@ -21,6 +21,7 @@ pub mod linear;
 pub mod llama;
 pub mod llava;
 pub mod load;
+pub mod merge;
 pub mod peft;
 pub mod projector;
 pub mod rng;

@@ -51,3 +51,20 @@ pub fn relative_path(data: &[u8]) {
         assert!(!text.contains('\\'), "{text:?}");
     }
 }
+
+/// Store arbitrary bytes as a `.bin` checkpoint file (the torch-zip path: split per storage
+/// when the safe reader accepts the file, whole otherwise) in a fresh store, and rebuild it:
+/// the rebuild must be byte-identical, whatever the bytes.
+pub fn torchbin_ingest(data: &[u8]) {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let store = super::Store::init(&dir.path().join(".coin")).expect("a fresh store");
+    let src = dir.path().join("adapter_model.bin");
+    super::fsutil::write_atomic(&src, data).expect("write the input");
+    let entry = store.ingest_file(&src).expect("every file can be stored");
+    let out = dir.path().join("rebuilt.bin");
+    store
+        .materialize(&entry, &out)
+        .expect("what was stored rebuilds");
+    let back = std::fs::read(&out).expect("read the rebuild");
+    assert!(back == data, "the rebuild differs from the input");
+}

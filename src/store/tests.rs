@@ -545,6 +545,23 @@ mod props {
 }
 
 #[test]
+fn the_torchbin_fuzz_body_rebuilds_real_and_damaged_checkpoints() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let real = std::fs::read(root.join("train/moelora/adapter_model.bin")).unwrap();
+    let mut corpus: Vec<Vec<u8>> = vec![vec![], b"PK\x03\x04".to_vec(), real.clone()];
+    // Cut short at three places, and one byte flipped at each.
+    for k in [1, 5, 9] {
+        corpus.push(real[..real.len() * k / 10].to_vec());
+        let mut flipped = real.clone();
+        flipped[real.len() * k / 10] ^= 0x5a;
+        corpus.push(flipped);
+    }
+    for c in &corpus {
+        fuzz::torchbin_ingest(c);
+    }
+}
+
+#[test]
 fn fuzz_bodies_survive_a_hostile_corpus() {
     let t = r#""w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}"#;
     let with_header = |json: &str, data: &[u8]| {

@@ -168,8 +168,13 @@ fn is_digit(c: char) -> bool {
 /// Python's `str.strip()`/`split()` whitespace: Unicode White_Space plus the information
 /// separators U+001C–U+001F, which Python's `str.isspace()` counts (bidi class B or S) and
 /// Rust's `char::is_whitespace` does not.
-fn is_space(c: char) -> bool {
+pub fn is_space(c: char) -> bool {
     c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// Python's `str.strip()`: `text` without leading and trailing [`is_space`] characters.
+pub fn python_strip(text: &str) -> &str {
+    text.trim_matches(is_space)
 }
 
 /// Whether `text` contains a digit, one or more commas, and a digit (`(?<=\d)(\,)+(?=\d)`).
@@ -286,6 +291,17 @@ pub fn soft_scores(gt_normalised: &[String]) -> HashMap<String, f64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn python_strip_removes_what_str_strip_removes() {
+        assert_eq!(python_strip("\u{1c} yes\t\u{1f}\n"), "yes");
+        assert_eq!(python_strip("\u{a0}a b\u{3000}"), "a b");
+        assert_eq!(
+            python_strip("\u{200b}x"),
+            "\u{200b}x",
+            "not whitespace in Python either"
+        );
+    }
 
     #[test]
     fn python_whitespace_includes_the_information_separators() {

@@ -78,6 +78,102 @@ pub struct RunConfig {
     pub eval: EvalConfig,
     /// How the engine runs: threads, shards, kernels, device, dtype.
     pub runtime: RuntimeConfig,
+    /// An external training command (empty: coin's own engine trains).
+    #[serde(default)]
+    pub trainer: ExternalTrainer,
+    /// An external eval command (empty: coin's own engine evaluates).
+    #[serde(default)]
+    pub evaluator: ExternalEvaluator,
+}
+
+/// How a checkpoint is laid out for an external command (`trainer.parent_format`,
+/// `evaluator.checkpoint_format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointLayout {
+    /// The checkpoint's files as they were committed (what the trainer itself wrote).
+    #[default]
+    Stored,
+    /// A PEFT adapter for a llava-hf model (`coin checkout --format peft`).
+    Peft,
+    /// CoIN's own files (`coin checkout --format coin`), in a folder named as CoIN's loader
+    /// requires (`<Task>_llava_lora`).
+    Coin,
+    /// One safetensors file with coin's names (`coin checkout --format safetensors`).
+    Safetensors,
+}
+
+/// The environment variables whose values an external command's record keeps (and its key
+/// covers) unless `env` says otherwise.
+pub const DEFAULT_RECORDED_ENV: &[&str] = &["CUDA_VISIBLE_DEVICES"];
+
+fn default_env() -> Vec<String> {
+    DEFAULT_RECORDED_ENV.iter().map(|s| s.to_string()).collect()
+}
+
+fn default_answers() -> String {
+    "{results_dir}/{task}/{stage}/merge.jsonl".to_string()
+}
+
+/// `[trainer]`: a program that trains one step instead of coin's engine (DeepSpeed, torchrun,
+/// CoIN's scripts; docs/external.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalTrainer {
+    /// The command line, run by `sh -c` with its `{placeholders}` replaced by shell-quoted
+    /// values (empty: coin's own engine).
+    pub command: String,
+    /// Where it runs (empty: the repository root; relative: to it). Its git commit and dirty
+    /// state are recorded and keyed.
+    pub workdir: PathBuf,
+    /// How the parent checkpoint is written for `{parent_dir}`.
+    pub parent_format: CheckpointLayout,
+    /// Where the new adapter is when the command has finished (templated; empty:
+    /// `{output_dir}`).
+    pub output: String,
+    /// Environment variables whose values are recorded and keyed.
+    pub env: Vec<String>,
+}
+
+impl Default for ExternalTrainer {
+    fn default() -> Self {
+        ExternalTrainer {
+            command: String::new(),
+            workdir: PathBuf::new(),
+            parent_format: CheckpointLayout::Stored,
+            output: String::new(),
+            env: default_env(),
+        }
+    }
+}
+
+/// `[evaluator]`: a program that writes answer files instead of coin's engine generating them;
+/// coin scores them with its own scorers (docs/external.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalEvaluator {
+    /// The command line, run once per evaluated task (empty: coin's own engine).
+    pub command: String,
+    /// Where it runs (empty: the repository root; relative: to it).
+    pub workdir: PathBuf,
+    /// How the evaluated checkpoint is written for `{checkpoint_dir}`.
+    pub checkpoint_format: CheckpointLayout,
+    /// The answer file the command leaves (templated; CoIN's `merge.jsonl` line format).
+    pub answers: String,
+    /// Environment variables whose values are recorded and keyed.
+    pub env: Vec<String>,
+}
+
+impl Default for ExternalEvaluator {
+    fn default() -> Self {
+        ExternalEvaluator {
+            command: String::new(),
+            workdir: PathBuf::new(),
+            checkpoint_format: CheckpointLayout::Stored,
+            answers: default_answers(),
+            env: default_env(),
+        }
+    }
 }
 
 /// The base model.
@@ -151,6 +247,34 @@ pub struct TrainConfig {
     pub seed: u64,
     /// The linear layers that get adapters (module name suffixes).
     pub targets: Vec<String>,
+    /// The continual-learning method: `sequential` (each task trained on its own data) or
+    /// `replay` (earlier tasks' training items mixed in). Left out of the training key while
+    /// `sequential`.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// `replay`: items replayed from each earlier task, unless `replay_share` is set.
+    #[serde(default = "default_replay_items")]
+    pub replay_items: usize,
+    /// `replay`: the share (0–1] of each earlier task's items replayed instead of
+    /// `replay_items` (0 = use `replay_items`).
+    #[serde(default)]
+    pub replay_share: f64,
+}
+
+fn default_replay_items() -> usize {
+    100
+}
+
+/// The continual-learning method (`train.strategy`; docs/methods.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Each task trained on its own data only (CoIN's sequential fine-tuning).
+    #[default]
+    Sequential,
+    /// Experience replay: a fixed number or share of each earlier task's training items mixed
+    /// into the task's data (which items is recorded).
+    Replay,
 }
 
 /// Eval settings: greedy decoding and scoring.
@@ -389,6 +513,17 @@ trait Choices: Serialize + Sized + 'static {
     const ALL: &'static [Self];
 }
 
+impl Choices for CheckpointLayout {
+    const ALL: &'static [Self] = &[
+        CheckpointLayout::Stored,
+        CheckpointLayout::Peft,
+        CheckpointLayout::Coin,
+        CheckpointLayout::Safetensors,
+    ];
+}
+impl Choices for Strategy {
+    const ALL: &'static [Self] = &[Strategy::Sequential, Strategy::Replay];
+}
 impl Choices for Method {
     const ALL: &'static [Self] = &[Method::Lora, Method::Moelora];
 }
@@ -446,6 +581,10 @@ enum Rule {
 fn rule(key: &str) -> Option<Rule> {
     Some(match key {
         "train.method" => Rule::OneOf(names::<Method>()),
+        "train.strategy" => Rule::OneOf(names::<Strategy>()),
+        "trainer.parent_format" | "evaluator.checkpoint_format" => {
+            Rule::OneOf(names::<CheckpointLayout>())
+        }
         "train.lr_scheduler" => Rule::OneOf(names::<Schedule>()),
         "train.projector_init" => Rule::OneOf(names::<ProjectorInit>()),
         k if k.starts_with("eval.prompt_per_task.") => Rule::OneOf(names::<PromptStyle>()),
@@ -578,6 +717,9 @@ impl RunConfig {
                 image_aspect_ratio: AspectMode::Pad,
                 seed: 42,
                 targets: ALL_LLM_LINEARS.iter().map(|s| s.to_string()).collect(),
+                strategy: Strategy::Sequential,
+                replay_items: default_replay_items(),
+                replay_share: 0.0,
             },
             eval: EvalConfig {
                 max_new_tokens: 128,
@@ -590,6 +732,8 @@ impl RunConfig {
             },
             // CoIN trains in bf16 on GPUs; the CPU runs f32 (auto).
             runtime: RuntimeConfig::AUTO,
+            trainer: ExternalTrainer::default(),
+            evaluator: ExternalEvaluator::default(),
         }
     }
 
@@ -667,6 +811,9 @@ impl RunConfig {
                 image_aspect_ratio: AspectMode::Pad,
                 seed: 0,
                 targets: ALL_LLM_LINEARS.iter().map(|s| s.to_string()).collect(),
+                strategy: Strategy::Sequential,
+                replay_items: default_replay_items(),
+                replay_share: 0.0,
             },
             eval: EvalConfig {
                 // Grounding answers ("[0.25, 0.50, 0.50, 0.75]") are the longest in CoIN-mini.
@@ -683,6 +830,8 @@ impl RunConfig {
                 dtype: Setting::Is(Dtype::F32),
                 ..RuntimeConfig::AUTO
             },
+            trainer: ExternalTrainer::default(),
+            evaluator: ExternalEvaluator::default(),
         }
     }
 
@@ -773,6 +922,18 @@ impl RunConfig {
         if t.targets.is_empty() {
             return bad("train.targets", "name at least one linear layer".into());
         }
+        if !(0.0..=1.0).contains(&t.replay_share) || !t.replay_share.is_finite() {
+            return bad(
+                "train.replay_share",
+                format!("must be in [0, 1], got {}", t.replay_share),
+            );
+        }
+        if t.strategy == Strategy::Replay && t.replay_items == 0 && t.replay_share == 0.0 {
+            return bad(
+                "train.replay_items",
+                "replay needs replay_items ≥ 1 or replay_share > 0".into(),
+            );
+        }
         check_counts(&self.runtime)
     }
 
@@ -799,8 +960,18 @@ impl RunConfig {
     /// The resolved configuration as canonical JSON (keys sorted), as stored in the train
     /// record under `config`.
     pub fn to_record_value(&self) -> serde_json::Value {
-        let text = crate::history::records::to_canonical_json(self)
-            .expect("RunConfig always serialises to JSON");
+        let mut v = serde_json::to_value(self).expect("RunConfig always serialises to JSON");
+        // Records of coin's own engine stay as they were before external commands existed.
+        if let Some(o) = v.as_object_mut() {
+            if self.trainer == ExternalTrainer::default() {
+                o.remove("trainer");
+            }
+            if self.evaluator == ExternalEvaluator::default() {
+                o.remove("evaluator");
+            }
+        }
+        let text =
+            crate::history::records::to_canonical_json(&v).expect("a JSON value always serialises");
         serde_json::from_str(&text).expect("canonical JSON parses back")
     }
 
@@ -905,6 +1076,11 @@ impl TrainConfig {
             }
             if !self.drop_partial_step {
                 o.remove("drop_partial_step");
+            }
+            if self.strategy == Strategy::Sequential {
+                o.remove("strategy");
+                o.remove("replay_items");
+                o.remove("replay_share");
             }
         }
         Ok(v)
@@ -1537,6 +1713,19 @@ mod tests {
         let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
         assert_eq!(keys, ["eval", "model", "runtime", "train"]);
         assert_eq!(RunConfig::from_record_value(&v).expect("back"), c);
+        // External commands are recorded when set.
+        let ext = resolve(
+            &[
+                set("model.preset=tiny"),
+                set("trainer.command=sh t.sh {task}"),
+            ],
+            None,
+        )
+        .expect("external");
+        let v = ext.to_record_value();
+        assert_eq!(v["trainer"]["command"], "sh t.sh {task}");
+        assert!(v.get("evaluator").is_none());
+        assert_eq!(RunConfig::from_record_value(&v).expect("back"), ext);
         // The TOML form reads back as a layer too.
         let layer =
             Layer::from_toml(&c.to_toml(), LayerSource::Command("test".into())).expect("toml");
@@ -1897,7 +2086,13 @@ mod tests {
                         "model.name",
                         "model.base",
                         "model.vision_tower",
-                        "model.projector"
+                        "model.projector",
+                        "trainer.command",
+                        "trainer.workdir",
+                        "trainer.output",
+                        "evaluator.command",
+                        "evaluator.workdir",
+                        "evaluator.answers",
                     ]
                     .contains(&key.as_str()),
                     "{key} accepted a typo: {c:?}"

@@ -183,23 +183,11 @@ pub fn find_task<'a>(reg: &'a Registry, name: &str) -> Result<&'a TaskDef, Workf
 }
 
 /// The tasks trained on the first-parent chain ending at `id`, oldest first, each once: what
-/// `coin eval REV` evaluates when no tasks are named (the row of the accuracy matrix).
+/// `coin eval REV` evaluates when no tasks are named (the row of the accuracy matrix). A merge
+/// checkpoint's record lists the union of its inputs' tasks.
 pub fn trained_tasks(repo: &CoinRepo, id: CheckpointId) -> Result<Vec<String>, WorkflowError> {
-    let mut tasks: Vec<String> = Vec::new();
-    let mut chain = repo.first_parent_chain(id, None)?;
-    chain.reverse();
-    for c in chain {
-        let cp = repo.read_checkpoint(c)?;
-        if let Some(t) = &cp.train {
-            if super::matrix::is_base_record(t) {
-                continue;
-            }
-            if !tasks.iter().any(|x| x == &t.task) {
-                tasks.push(t.task.clone());
-            }
-        }
-    }
-    Ok(tasks)
+    // A merge checkpoint (`coin merge`) counts as the tasks of both its inputs.
+    super::merge::merged_trained_tasks(repo, id)
 }
 
 /// Parse a predictions blob (JSONL answer lines).
@@ -531,7 +519,8 @@ fn generate_answers(
             answers.push(AnswerRecord {
                 question_id: q.question_id.clone(),
                 prompt,
-                text: Some(o.text.trim().to_string()),
+                // CoIN's generators keep `outputs.strip()` (Python's whitespace).
+                text: Some(crate::tasks::normalize::python_strip(&o.text).to_string()),
                 answer_id: json!(format!("{}-{}", plan.def.name, q.question_id)),
                 model_id: json!(cfg.model.name),
                 metadata: json!({}),
@@ -549,6 +538,7 @@ fn generate_answers(
 /// Score an answer file made elsewhere (`coin eval REV --answers FILE --task T`): the answers
 /// are stored as the predictions blob and the record attached to `checkpoint`, marked
 /// `"source": "answers-file"` (no generation key, so a later `coin eval` regenerates).
+/// `extra` fields are added to the record (an external evaluator's command, status and key).
 pub fn score_answer_file(
     repo: &CoinRepo,
     checkpoint: CheckpointId,
@@ -556,6 +546,7 @@ pub fn score_answer_file(
     answers_path: &Path,
     cfg: &RunConfig,
     mode: Option<ScoreMode>,
+    extra: BTreeMap<String, Value>,
 ) -> Result<TaskEval, WorkflowError> {
     let cp = repo.read_checkpoint(checkpoint)?;
     let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
@@ -581,7 +572,8 @@ pub fn score_answer_file(
         .expect("plan returns one entry per distinct task");
     let report = score_answers(repo, &plan, &answers)?;
     let id = repo.store().put_blob_bytes(&bytes)?;
-    let record = make_record(&plan, &report, id, cfg, None, None);
+    let mut record = make_record(&plan, &report, id, cfg, None, None);
+    record.extra.extend(extra);
     let mut one = BTreeMap::new();
     one.insert(def.name.clone(), record.clone());
     repo.add_eval_records(checkpoint, &one)?;

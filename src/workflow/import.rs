@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::history::records::{gk_task, GK_METRIC};
-use crate::history::{CheckpointId, CoinRepo, CommitRequest, EvalRecord};
+use crate::history::{CheckpointId, CoinRepo, CommitRequest, EvalRecord, SourceFile};
 use crate::tasks::formats::{read_answer_file, read_test_file};
 use crate::tasks::judge::{self, JudgeMeta, JudgeRule, JudgeSource, Sampling};
 use crate::tasks::scoring::{self, load_annotations, ScoreInput};
@@ -27,8 +27,9 @@ use crate::tasks::{ScoreMode, ScorerKind};
 
 use super::WorkflowError;
 
-/// The files of a stage's output dir that make its checkpoint, in this order. DeepSpeed's
-/// `checkpoint-N/` dirs (optimizer shards, rng states) are not imported.
+/// The files of a stage's output dir that make its checkpoint, in this order. The Trainer's
+/// `checkpoint-N/` dirs (DeepSpeed shards, rng states) are imported only when asked
+/// ([`ImportOptions::trainer_checkpoints`]).
 pub const STAGE_FILES: [&str; 6] = [
     "adapter_model.bin",
     "adapter_model.safetensors",
@@ -94,6 +95,10 @@ pub struct ImportOptions {
     pub instructions: Option<PathBuf>,
     /// The folder holding the annotation files (`cl_dataset`).
     pub data: Option<PathBuf>,
+    /// Also import every file of each stage's `checkpoint-*/` dirs (the HF Trainer's
+    /// checkpoint: DeepSpeed `global_step*` shards, rng states, a second adapter copy), named
+    /// `checkpoint-N/…` in the checkpoint.
+    pub trainer_checkpoints: bool,
 }
 
 /// One file of a stage.
@@ -141,6 +146,8 @@ pub struct StagePlan {
     pub dir: PathBuf,
     /// The files that make the checkpoint.
     pub files: Vec<StageFile>,
+    /// The files of its `checkpoint-*/` dirs (named `checkpoint-N/…`), when asked for.
+    pub trainer_files: Vec<StageFile>,
     /// Expected files that are not there.
     pub missing_files: Vec<String>,
     /// Its results dirs.
@@ -158,6 +165,8 @@ pub struct ImportPlan {
     pub method: Method,
     /// The branch to write.
     pub branch: String,
+    /// Whether the stages' `checkpoint-*/` dirs are imported.
+    pub trainer_checkpoints: bool,
     /// The stages to import, in training order (a prefix of the order without gaps).
     pub stages: Vec<StagePlan>,
     /// What is missing or left out, in words.
@@ -174,6 +183,32 @@ impl ImportPlan {
             .display()
             .to_string()
     }
+}
+
+/// What an import would do with one stage, given what the target branch holds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum StageTarget {
+    /// The branch holds this stage at this step: it is reused; `new_records` (eval records it
+    /// does not hold yet) are added to it as notes.
+    Reuse {
+        /// The checkpoint reused.
+        checkpoint: CheckpointId,
+        /// The eval records that would be added.
+        new_records: Vec<String>,
+    },
+    /// The branch ends before this step: a new checkpoint is written.
+    Add,
+    /// The branch holds another checkpoint at this step: the import stops (nothing is
+    /// replaced).
+    Conflict {
+        /// The checkpoint the branch holds there.
+        checkpoint: CheckpointId,
+        /// How it differs, in words.
+        reason: String,
+    },
+    /// A stage after a conflict: not reached.
+    Blocked,
 }
 
 /// What happened to one stage.
@@ -563,6 +598,11 @@ pub fn plan(opts: &ImportOptions) -> Result<ImportPlan, WorkflowError> {
                 dir.display()
             ));
         }
+        let trainer_files = if opts.trainer_checkpoints {
+            trainer_files(&dir, &mut warnings)?
+        } else {
+            Vec::new()
+        };
         let mut results = Vec::new();
         for &eval_kind in &opts.order {
             let base = dirs.results.join(coin_dir_name(eval_kind));
@@ -589,6 +629,7 @@ pub fn plan(opts: &ImportOptions) -> Result<ImportPlan, WorkflowError> {
             task: kind.name().to_string(),
             dir,
             files,
+            trainer_files,
             missing_files,
             results,
         });
@@ -613,10 +654,88 @@ pub fn plan(opts: &ImportOptions) -> Result<ImportPlan, WorkflowError> {
         layout: dirs.layout,
         method: dirs.method,
         branch: opts.branch.clone(),
+        trainer_checkpoints: opts.trainer_checkpoints,
         stages,
         missing,
         warnings,
     })
+}
+
+/// The files of a stage dir's `checkpoint-*/` folders (the HF Trainer's checkpoints), named
+/// `checkpoint-N/…` and sorted by name. A symbolic link (to a file or a folder, the
+/// `checkpoint-*` folder itself included) is not followed, and neither it nor a name that is
+/// not a valid checkpoint path (not UTF-8, a `.git` component, …) nor anything that is neither
+/// a file nor a folder is imported: each is named in a warning.
+fn trainer_files(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec<StageFile>, WorkflowError> {
+    let mut stack: Vec<(PathBuf, String)> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(WorkflowError::io("read the folder", dir))? {
+        let entry = entry.map_err(WorkflowError::io("read the folder", dir))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if !name.starts_with("checkpoint-") {
+            continue;
+        }
+        let path = entry.path();
+        let meta = std::fs::symlink_metadata(&path).map_err(WorkflowError::io("read", &path))?;
+        if meta.file_type().is_symlink() {
+            warnings.push(format!(
+                "{}: a symbolic link, not imported (coin does not follow links in a stage dir)",
+                path.display()
+            ));
+        } else if meta.is_dir() {
+            stack.push((path, name));
+        }
+    }
+    let mut out = Vec::new();
+    while let Some((folder, prefix)) = stack.pop() {
+        for entry in
+            std::fs::read_dir(&folder).map_err(WorkflowError::io("read the folder", &folder))?
+        {
+            let entry = entry.map_err(WorkflowError::io("read the folder", &folder))?;
+            let path = entry.path();
+            let rel = match entry.file_name().to_str() {
+                Some(name) => format!("{prefix}/{name}"),
+                None => {
+                    warnings.push(format!(
+                        "{}: the name is not UTF-8, not imported",
+                        path.display()
+                    ));
+                    continue;
+                }
+            };
+            if let Err(why) = crate::history::records::validate_rel_path(&rel) {
+                warnings.push(format!("{}: not imported: {why}", path.display()));
+                continue;
+            }
+            let meta =
+                std::fs::symlink_metadata(&path).map_err(WorkflowError::io("read", &path))?;
+            if meta.file_type().is_symlink() {
+                warnings.push(format!(
+                    "{}: a symbolic link, not imported (coin does not follow links in a stage \
+                     dir)",
+                    path.display()
+                ));
+            } else if meta.is_dir() {
+                stack.push((path, rel));
+            } else if meta.is_file() {
+                let (size, hash) = hash_file(&path)?;
+                out.push(StageFile {
+                    name: rel,
+                    path,
+                    size,
+                    hash,
+                });
+            } else {
+                warnings.push(format!(
+                    "{}: neither a file nor a folder, not imported",
+                    path.display()
+                ));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
 }
 
 /// Read and score one results dir (never fails: what cannot be used is said in `skipped`).
@@ -836,11 +955,12 @@ fn same_record(old: &EvalRecord, new: &EvalRecord) -> bool {
 }
 
 /// The train-record fields of an imported stage: the importer, the stage dir and each file's
-/// hash; a re-run compares the hashes.
+/// hash (the `checkpoint-N/…` files too, when imported); a re-run compares the hashes.
 fn import_extra(plan: &ImportPlan, stage: &StagePlan) -> BTreeMap<String, Value> {
     let files: BTreeMap<&str, &str> = stage
         .files
         .iter()
+        .chain(&stage.trainer_files)
         .map(|f| (f.name.as_str(), f.hash.as_str()))
         .collect();
     let mut extra = BTreeMap::new();
@@ -858,20 +978,147 @@ fn import_extra(plan: &ImportPlan, stage: &StagePlan) -> BTreeMap<String, Value>
     extra
 }
 
-/// Whether checkpoint `cp` is `stage` imported on `parent`.
-fn is_same_stage(
+/// The imported files a checkpoint's train record lists, split into the stage dir's own files
+/// and the `checkpoint-N/…` ones (names with a `/`).
+type FileHashes = BTreeMap<String, String>;
+
+fn split_files(files: &BTreeMap<String, Value>) -> (FileHashes, FileHashes) {
+    let mut top = FileHashes::new();
+    let mut trainer = FileHashes::new();
+    for (name, hash) in files {
+        let hash = hash.as_str().unwrap_or_default().to_string();
+        if name.contains('/') {
+            trainer.insert(name.clone(), hash);
+        } else {
+            top.insert(name.clone(), hash);
+        }
+    }
+    (top, trainer)
+}
+
+/// Why checkpoint `cp` is not `stage` imported on `parent`, or `None` when it is. Without
+/// `--with-trainer-checkpoints` the `checkpoint-N/…` files are not compared, so a re-run
+/// without the option reuses a stage imported with it; with the option they must match, so a
+/// stage imported without them is never replaced by one with them.
+fn stage_mismatch(
     cp: &crate::history::Checkpoint,
+    plan: &ImportPlan,
     stage: &StagePlan,
-    extra: &BTreeMap<String, Value>,
     parent: Option<CheckpointId>,
-) -> bool {
+) -> Option<String> {
     let Some(train) = &cp.train else {
-        return false;
+        return Some("it has no train record".to_string());
     };
-    train.task == stage.task
-        && cp.parents.first().copied() == parent
-        && train.extra.get(IMPORT_FIELD).and_then(|v| v.get("files"))
-            == extra.get(IMPORT_FIELD).and_then(|v| v.get("files"))
+    if train.task != stage.task {
+        return Some(format!("it was trained on {}", train.task));
+    }
+    if cp.parents.first().copied() != parent {
+        return Some("it has another parent".to_string());
+    }
+    let Some(Value::Object(files)) = train.extra.get(IMPORT_FIELD).and_then(|v| v.get("files"))
+    else {
+        return Some("it was not imported from a CoIN run".to_string());
+    };
+    let files: BTreeMap<String, Value> = files.clone().into_iter().collect();
+    let (old_top, old_trainer) = split_files(&files);
+    let ours = |list: &[StageFile]| -> FileHashes {
+        list.iter()
+            .map(|f| (f.name.clone(), f.hash.clone()))
+            .collect()
+    };
+    if old_top != ours(&stage.files) {
+        return Some("its files differ from the stage dir's".to_string());
+    }
+    if plan.trainer_checkpoints && old_trainer != ours(&stage.trainer_files) {
+        if old_trainer.is_empty() {
+            return Some(
+                "it was imported without --with-trainer-checkpoints, and an import never \
+                 replaces a stage"
+                    .to_string(),
+            );
+        }
+        return Some("its checkpoint-N/ files differ from the stage dir's".to_string());
+    }
+    None
+}
+
+/// Whether an import's `rec` for `task` is new to checkpoint `cp`.
+fn is_new_record(cp: &crate::history::Checkpoint, task: &str, rec: &EvalRecord) -> bool {
+    !cp.evals.get(task).is_some_and(|(o, _)| same_record(o, rec))
+}
+
+/// The branch's head and its first-parent chain, oldest first (empty when it does not exist).
+fn branch_chain(
+    repo: &CoinRepo,
+    branch: &str,
+) -> Result<(Option<CheckpointId>, Vec<CheckpointId>), WorkflowError> {
+    CoinRepo::validate_name("branch", branch)?;
+    let head = repo.branch_target(branch)?;
+    let mut chain = match head {
+        Some(h) => repo.first_parent_chain(h, None)?,
+        None => Vec::new(),
+    };
+    chain.reverse();
+    Ok((head, chain))
+}
+
+fn targets_on(
+    repo: &CoinRepo,
+    plan: &ImportPlan,
+    chain: &[CheckpointId],
+) -> Result<Vec<StageTarget>, WorkflowError> {
+    let mut out = Vec::new();
+    let mut parent: Option<CheckpointId> = None;
+    let mut blocked = false;
+    for (i, stage) in plan.stages.iter().enumerate() {
+        if blocked {
+            out.push(StageTarget::Blocked);
+            continue;
+        }
+        let Some(&old_id) = chain.get(i) else {
+            out.push(StageTarget::Add);
+            continue;
+        };
+        let cp = repo.read_checkpoint(old_id)?;
+        match stage_mismatch(&cp, plan, stage, parent) {
+            Some(reason) => {
+                blocked = true;
+                out.push(StageTarget::Conflict {
+                    checkpoint: old_id,
+                    reason,
+                });
+            }
+            None => {
+                let mut new_records = Vec::new();
+                for r in &stage.results {
+                    if r.record
+                        .as_ref()
+                        .is_some_and(|x| is_new_record(&cp, &r.task, x))
+                    {
+                        new_records.push(r.task.clone());
+                    }
+                    let gk = gk_task(&r.task);
+                    if r.gk.as_ref().is_some_and(|x| is_new_record(&cp, &gk, x)) {
+                        new_records.push(gk);
+                    }
+                }
+                new_records.sort();
+                out.push(StageTarget::Reuse {
+                    checkpoint: old_id,
+                    new_records,
+                });
+            }
+        }
+        parent = Some(old_id);
+    }
+    Ok(out)
+}
+
+/// What an import of `plan` would do with each stage, given what `plan.branch` holds in
+/// `repo` (reads only; the dry run's answer and what [`execute`] follows).
+pub fn targets(repo: &CoinRepo, plan: &ImportPlan) -> Result<Vec<StageTarget>, WorkflowError> {
+    let (_, chain) = branch_chain(repo, &plan.branch)?;
+    targets_on(repo, plan, &chain)
 }
 
 /// The records of a stage's results dirs, their answer and reply files stored as blobs.
@@ -906,51 +1153,47 @@ fn stage_records(
 /// Write a plan into `repo`: one checkpoint per stage, then move the branch once by
 /// compare-and-swap (so a stop half-way leaves the branch as it was; the unreferenced objects
 /// are removed by `coin gc`). The branch must be absent or hold an earlier import of the same
-/// run (its checkpoints are reused stage by stage).
+/// run (its checkpoints are reused stage by stage, see [`targets`]); a stage it holds
+/// otherwise is never replaced: the import stops before writing anything.
 pub fn execute(repo: &CoinRepo, plan: &ImportPlan) -> Result<ImportOutcome, WorkflowError> {
-    CoinRepo::validate_name("branch", &plan.branch)?;
-    let expected = repo.branch_target(&plan.branch)?;
-    let mut chain = match expected {
-        Some(head) => repo.first_parent_chain(head, None)?,
-        None => Vec::new(),
-    };
-    chain.reverse();
+    let (expected, chain) = branch_chain(repo, &plan.branch)?;
+    let targets = targets_on(repo, plan, &chain)?;
+    for (stage, target) in plan.stages.iter().zip(&targets) {
+        if let StageTarget::Conflict { checkpoint, reason } = target {
+            return Err(WorkflowError::Input(format!(
+                "branch '{}' already holds checkpoint {} at step {}, which is not this run's {} \
+                 stage ({reason}); import into a new branch with --branch",
+                plan.branch,
+                checkpoint.short(),
+                stage.step,
+                stage.task
+            )));
+        }
+    }
     let mut parent: Option<CheckpointId> = None;
     let mut out = Vec::new();
-    for (i, stage) in plan.stages.iter().enumerate() {
-        let extra = import_extra(plan, stage);
+    for (stage, target) in plan.stages.iter().zip(&targets) {
         let records = stage_records(repo, stage)?;
-        if let Some(&old_id) = chain.get(i) {
-            let cp = repo.read_checkpoint(old_id)?;
-            if !is_same_stage(&cp, stage, &extra, parent) {
-                return Err(WorkflowError::Input(format!(
-                    "branch '{}' already holds checkpoint {} at step {}, which is not this \
-                     run's {} stage (other files or another parent); import into a new branch \
-                     with --branch",
-                    plan.branch,
-                    old_id.short(),
-                    i + 1,
-                    stage.task
-                )));
-            }
+        if let StageTarget::Reuse { checkpoint, .. } = target {
+            let cp = repo.read_checkpoint(*checkpoint)?;
             let fresh: BTreeMap<String, EvalRecord> = records
                 .into_iter()
-                .filter(|(t, r)| !cp.evals.get(t).is_some_and(|(o, _)| same_record(o, r)))
+                .filter(|(t, r)| is_new_record(&cp, t, r))
                 .collect();
             if !fresh.is_empty() {
-                repo.add_eval_records(old_id, &fresh)?;
+                repo.add_eval_records(*checkpoint, &fresh)?;
             }
             out.push(StageOutcome {
                 task: stage.task.clone(),
-                id: old_id,
+                id: *checkpoint,
                 reused: true,
                 records: fresh.into_keys().collect(),
             });
-            parent = Some(old_id);
+            parent = Some(*checkpoint);
             continue;
         }
         let req = CommitRequest {
-            paths: stage.files.iter().map(|f| f.path.clone()).collect(),
+            paths: Vec::new(),
             task: stage.task.clone(),
             message: Some(format!(
                 "imported from CoIN's {} (step {})",
@@ -960,11 +1203,20 @@ pub fn execute(repo: &CoinRepo, plan: &ImportPlan) -> Result<ImportOutcome, Work
             evals: records.clone(),
             parent,
             base_model: None,
-            train_extra: extra,
+            train_extra: import_extra(plan, stage),
             skip_hooks: true,
             detached: true,
         };
-        let made = repo.commit_root(&req)?;
+        let files = stage
+            .files
+            .iter()
+            .chain(&stage.trainer_files)
+            .map(|f| SourceFile {
+                disk: f.path.clone(),
+                rel: f.name.clone(),
+            })
+            .collect();
+        let made = repo.commit_root_files(&req, files)?;
         out.push(StageOutcome {
             task: stage.task.clone(),
             id: made.id,

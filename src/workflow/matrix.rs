@@ -135,6 +135,16 @@ pub fn build_matrix_of(
             zero = Some((row, metric.select(cp.evals)));
             continue;
         }
+        if train.extra.get(KIND_FIELD).and_then(Value::as_str) == Some(super::merge::KIND_MERGE) {
+            return Err(WorkflowError::Input(format!(
+                "the history of {} holds the merge checkpoint {}: an accuracy matrix has one \
+                 row per trained task, and a merge trains none; see the merge's scores with \
+                 `coin show {}` and the matrix of each input branch",
+                tip.short(),
+                id.short(),
+                id.short()
+            )));
+        }
         let key = task_key(&train.task);
         let row = MatrixRow {
             id,

@@ -9,12 +9,15 @@
 //! Commands: docs/workflow.md; configuration: docs/config.md.
 #![warn(missing_docs)]
 
+pub mod bisect;
 pub mod compare;
 pub mod config;
 pub mod demo;
 pub mod eval;
+pub mod external;
 pub mod import;
 pub mod matrix;
+pub mod merge;
 pub mod plot;
 mod plot_font;
 pub mod train;
@@ -85,6 +88,18 @@ pub enum WorkflowError {
     /// The metrics could not be computed.
     #[error(transparent)]
     Matrix(#[from] crate::metrics::MatrixError),
+    /// An external trainer or evaluator command did not exit with status 0.
+    #[error("{what} {status}; the end of its log '{}':\n{tail}", log.display())]
+    External {
+        /// Which command ("the trainer of mini-GQA").
+        what: String,
+        /// How it ended ("exited with status 3", "was killed by signal 9").
+        status: String,
+        /// Its whole log.
+        log: std::path::PathBuf,
+        /// The last lines of the log.
+        tail: String,
+    },
     /// The plotting backend failed (a bug: bad input is [`WorkflowError::Input`]).
     #[error("could not draw the plot '{path}': {message}")]
     Plot {

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::history::CheckpointId;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::config::{check_parent_base, Method, ProjectorInit, RunConfig};
@@ -24,6 +25,7 @@ use super::eval::{
     evaluate_loaded, find_task, load_base_model, trained_tasks, EvalOptions, EvalProgress,
     InMemoryModel, TaskEval,
 };
+use super::external::{self, CommandProgress, TrainerStep, EXTERNAL_FIELD};
 use super::WorkflowError;
 use crate::history::hooks::HookContext;
 use crate::history::records::to_canonical_json;
@@ -104,6 +106,8 @@ pub trait TrainWorkflowProgress {
     fn trainer(&mut self) -> &mut dyn TrainProgress;
     /// The sink of the eval events.
     fn evals(&mut self) -> &mut dyn EvalProgress;
+    /// The sink of an external trainer's or evaluator's progress.
+    fn command(&mut self) -> &mut dyn CommandProgress;
 }
 
 /// Map the resolved configuration to the adapter settings.
@@ -183,24 +187,48 @@ struct KeyInputs<'a> {
     template: Option<&'a str>,
     cfg: &'a RunConfig,
     rt: &'a Runtime,
+    /// The replayed tasks' data (empty unless `train.strategy = replay`).
+    replay: &'a [ReplayGroup],
 }
 
 /// The training key: blake3 of the canonical JSON of [`KeyInputs`] and coin's version.
 fn training_key(k: &KeyInputs<'_>) -> Result<String, WorkflowError> {
+    let mut train = k
+        .cfg
+        .train
+        .keyed_value()
+        .map_err(|source| WorkflowError::Encode {
+            what: "the training settings",
+            source,
+        })?;
+    // A step with nothing to replay trains exactly as sequential fine-tuning: same key, so a
+    // replay branch shares its first step with a sequential one.
+    if k.replay.is_empty() {
+        if let Some(o) = train.as_object_mut() {
+            for f in ["strategy", "replay_items", "replay_share"] {
+                o.remove(f);
+            }
+        }
+    }
     let key_json = json!({
         "format": TRAINING_KEY_FORMAT,
         "parent": k.parent.map(|p| p.to_string()),
         "task": k.task,
         "data": { "blake3": k.data_blake3, "items": k.data_items },
         "template": k.template,
-        "train": k.cfg.train.keyed_value().map_err(|source| WorkflowError::Encode {
-            what: "the training settings",
-            source,
-        })?,
+        "train": train,
         "base_model": k.cfg.model.name,
         "runtime": k.rt.keyed(),
         "coin_version": env!("CARGO_PKG_VERSION"),
     });
+    let mut key_json = key_json;
+    if !k.replay.is_empty() {
+        key_json["replay"] = json!(k
+            .replay
+            .iter()
+            .map(|g| json!({"task": g.task, "blake3": g.data.blake3, "items": g.data.items}))
+            .collect::<Vec<_>>());
+    }
     Ok(blake3::hash(to_canonical_json(&key_json)?.as_bytes())
         .to_hex()
         .to_string())
@@ -233,17 +261,40 @@ fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> WorkflowErro
     }
 }
 
-/// Train `req.task` on the current branch (see the module docs).
-pub fn train_task(
+/// What a training step starts from: the configuration with its runtime resolved, the task,
+/// its training file and data identity, the branch, its head and the parent.
+struct StepInputs {
+    cfg: RunConfig,
+    rt: Runtime,
+    def: crate::tasks::registry::TaskDef,
+    train_file: PathBuf,
+    branch: String,
+    head: Option<CheckpointId>,
+    parent: Option<CheckpointId>,
+    parent_cp: Option<crate::history::Checkpoint>,
+    data: crate::tasks::formats::DatasetIdentity,
+}
+
+/// Resolve and check a step's inputs, before anything is loaded or run.
+fn step_inputs(
     repo: &CoinRepo,
     cfg: &RunConfig,
     req: &TrainRequest,
-    progress: &mut dyn TrainWorkflowProgress,
-) -> Result<TrainOutcome, WorkflowError> {
+    branch: Option<&str>,
+) -> Result<StepInputs, WorkflowError> {
     cfg.validate()?;
     let rt = cfg.resolved_runtime()?;
-    let cfg = &cfg.with_runtime(rt);
-    let settings = adapter_settings(cfg)?;
+    let cfg = cfg.with_runtime(rt);
+    if cfg.train.strategy != super::config::Strategy::Sequential
+        && !cfg.trainer.command.trim().is_empty()
+    {
+        return Err(WorkflowError::Config(
+            "train.strategy = replay needs coin's engine: an external [trainer] gets only the \
+             task's own {data}; mix the replayed items in the trainer, or leave \
+             trainer.command empty"
+                .into(),
+        ));
+    }
     let root = repo.root().to_path_buf();
     let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
     let def = find_task(&reg, &req.task)?.clone();
@@ -256,52 +307,245 @@ pub fn train_task(
             train_file.display()
         )));
     }
-    let branch = repo.current_branch()?;
+    let branch = match branch {
+        Some(b) => b.to_string(),
+        None => repo.current_branch()?,
+    };
     let head = repo.branch_target(&branch)?;
     let parent = req.from.or(head);
     let parent_cp = parent.map(|p| repo.read_checkpoint(p)).transpose()?;
     if let Some(cp) = &parent_cp {
-        check_parent_base(cp, cfg)?;
+        check_parent_base(cp, &cfg)?;
     }
     let data = dataset_identity(&train_file)?;
-    let key = training_key(&KeyInputs {
+    Ok(StepInputs {
+        cfg,
+        rt,
+        def,
+        train_file,
+        branch,
+        head,
+        parent,
+        parent_cp,
+        data,
+    })
+}
+
+/// The training key of a step of coin's own engine.
+fn own_key(
+    parent: Option<CheckpointId>,
+    def: &crate::tasks::registry::TaskDef,
+    data: &crate::tasks::formats::DatasetIdentity,
+    cfg: &RunConfig,
+    rt: &Runtime,
+    replay: &[ReplayGroup],
+) -> Result<String, WorkflowError> {
+    training_key(&KeyInputs {
         parent,
         task: &def.name,
         data_blake3: &data.blake3,
         data_items: data.items,
         template: def.template.as_deref(),
         cfg,
-        rt: &rt,
-    })?;
+        rt,
+        replay,
+    })
+}
 
+/// The items one earlier task contributes to a `replay` step.
+struct ReplayGroup {
+    /// The earlier task.
+    task: String,
+    /// Its training file's identity.
+    data: crate::tasks::formats::DatasetIdentity,
+    /// Its image folder.
+    image_root: PathBuf,
+    /// The positions of the replayed items in its training file, ascending.
+    indices: Vec<usize>,
+    /// Those items.
+    records: Vec<crate::tasks::formats::TrainRecord>,
+}
+
+/// Which of `n` items of `task` are replayed: `k` of them, chosen by `seed` (the items sorted
+/// by blake3 of seed, task and position; the first `k`), in file order.
+fn replay_indices(seed: u64, task: &str, n: usize, k: usize) -> Vec<usize> {
+    let mut order: Vec<(blake3::Hash, usize)> = (0..n)
+        .map(|i| {
+            let mut h = blake3::Hasher::new();
+            h.update(b"coin.replay.v1");
+            h.update(&seed.to_le_bytes());
+            h.update(task.as_bytes());
+            h.update(&(i as u64).to_le_bytes());
+            (h.finalize(), i)
+        })
+        .collect();
+    order.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut picked: Vec<usize> = order.into_iter().take(k).map(|(_, i)| i).collect();
+    picked.sort_unstable();
+    picked
+}
+
+/// The replayed items of a step (`train.strategy = replay`): from each task trained on the
+/// parent's first-parent history (the current task left out), `replay_items` items, or
+/// `replay_share` of them, chosen by [`replay_indices`].
+fn replay_groups(
+    repo: &CoinRepo,
+    cfg: &RunConfig,
+    parent: Option<CheckpointId>,
+    task: &str,
+) -> Result<Vec<ReplayGroup>, WorkflowError> {
+    use super::config::Strategy;
+    let t = &cfg.train;
+    if t.strategy != Strategy::Replay {
+        return Ok(Vec::new());
+    }
+    let Some(parent) = parent else {
+        return Ok(Vec::new());
+    };
+    let root = repo.root().to_path_buf();
+    let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for earlier in trained_tasks(repo, parent)? {
+        if earlier == task || !seen.insert(earlier.clone()) {
+            continue;
+        }
+        let def = find_task(&reg, &earlier).map_err(|_| {
+            WorkflowError::Input(format!(
+                "train.strategy = replay: the earlier task '{earlier}' is not registered, so \
+                 its items cannot be replayed (coin task add, or train on another branch)"
+            ))
+        })?;
+        let file = def.resolve(&root, &def.train);
+        let records = read_train_file(&file)?;
+        let n = records.len();
+        let k = if t.replay_share > 0.0 {
+            ((n as f64) * t.replay_share).round() as usize
+        } else {
+            t.replay_items
+        }
+        .min(n);
+        let indices = replay_indices(t.seed, &def.name, n, k);
+        let picked = indices.iter().map(|&i| records[i].clone()).collect();
+        out.push(ReplayGroup {
+            task: def.name.clone(),
+            data: dataset_identity(&file)?,
+            image_root: def.resolve(&root, &def.image_root),
+            indices,
+            records: picked,
+        });
+    }
+    Ok(out)
+}
+
+/// What [`train_task`] would do (`--dry-run`): nothing is loaded, run or written.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainPlan {
+    /// The task.
+    pub task: String,
+    /// The branch that would move.
+    pub branch: String,
+    /// The parent checkpoint.
+    pub parent: Option<CheckpointId>,
+    /// The training key.
+    pub training_key: String,
+    /// The checkpoint with that key, which would be reused (nothing trained).
+    pub reuse: Option<CheckpointId>,
+    /// `coin` (its own engine) or `external` (the `[trainer]` command).
+    pub engine: &'static str,
+    /// The external command as it would run (paths under `.coin/tmp/external/`).
+    pub command: Option<String>,
+    /// Where it would run.
+    pub workdir: Option<PathBuf>,
+    /// The trainer code's git state.
+    pub code: Option<Value>,
+}
+
+/// Plan `req` without training ([`TrainPlan`]), on `branch` (default: the current one; its
+/// head is the parent unless `req.from` names one).
+pub fn plan_train(
+    repo: &CoinRepo,
+    cfg: &RunConfig,
+    req: &TrainRequest,
+    branch: Option<&str>,
+) -> Result<TrainPlan, WorkflowError> {
+    let s = step_inputs(repo, cfg, req, branch)?;
+    let (key, command, workdir, code) = if s.cfg.trainer.command.trim().is_empty() {
+        let replay = replay_groups(repo, &s.cfg, s.parent, &s.def.name)?;
+        let key = own_key(s.parent, &s.def, &s.data, &s.cfg, &s.rt, &replay)?;
+        (key, None, None, None)
+    } else {
+        let p = external::plan_step(&TrainerStep {
+            repo,
+            cfg: &s.cfg,
+            def: &s.def,
+            parent: s.parent_cp.as_ref(),
+            train_file: &s.train_file,
+            data: &s.data,
+        })?;
+        (p.key, Some(p.command), Some(p.workdir), Some(p.code))
+    };
+    let reuse = if req.retrain {
+        None
+    } else {
+        find_by_key(repo, &key)?
+    };
+    Ok(TrainPlan {
+        task: s.def.name,
+        branch: s.branch,
+        parent: s.parent,
+        training_key: key,
+        reuse,
+        engine: if command.is_some() {
+            "external"
+        } else {
+            "coin"
+        },
+        command,
+        workdir,
+        code,
+    })
+}
+
+/// Train `req.task` on the current branch (see the module docs).
+pub fn train_task(
+    repo: &CoinRepo,
+    cfg: &RunConfig,
+    req: &TrainRequest,
+    progress: &mut dyn TrainWorkflowProgress,
+) -> Result<TrainOutcome, WorkflowError> {
+    let StepInputs {
+        cfg,
+        rt,
+        def,
+        train_file,
+        branch,
+        head,
+        parent,
+        parent_cp,
+        data,
+    } = step_inputs(repo, cfg, req, None)?;
+    let cfg = &cfg;
+    let settings = adapter_settings(cfg)?;
+    let root = repo.root().to_path_buf();
+    if !cfg.trainer.command.trim().is_empty() {
+        let step = TrainerStep {
+            repo,
+            cfg,
+            def: &def,
+            parent: parent_cp.as_ref(),
+            train_file: &train_file,
+            data: &data,
+        };
+        return train_external(&step, req, parent, &branch, head, progress);
+    }
+    let replay = replay_groups(repo, cfg, parent, &def.name)?;
+    let key = own_key(parent, &def, &data, cfg, &rt, &replay)?;
     if !req.retrain {
         if let Some(found) = find_by_key(repo, &key)? {
-            progress.note(&format!(
-                "Reusing checkpoint {} (same parent, data, template and settings: training key \
-                 {}).",
-                found.short(),
-                &key[..12]
-            ));
-            // A reused checkpoint passes the same gate as a new one (it may be one the gate
-            // vetoed before: its eval notes keep it known to the repository).
-            if head != Some(found) {
-                if let Some(g) = repo.publish_checkpoint(&branch, head, found, req.skip_hooks)? {
-                    let text = g.output();
-                    if !text.is_empty() {
-                        progress.note(&text);
-                    }
-                }
-            }
-            let evals = run_evals(repo, found, cfg, req, &def.name, None, progress)?;
-            return Ok(TrainOutcome {
-                checkpoint: found,
-                reused: true,
-                key,
-                report: None,
-                prepared: None,
-                evals,
-                branch,
-            });
+            return reuse(
+                repo, cfg, req, &def.name, found, key, &branch, head, progress,
+            );
         }
     }
 
@@ -331,7 +575,7 @@ pub fn train_task(
         _ => TrainableParams::attach(&mut loaded.model, &settings)?,
     };
     let image_root = def.resolve(&root, &def.image_root);
-    let (samples, prepared) = prepare_samples(
+    let (mut samples, prepared) = prepare_samples(
         &records,
         &image_root,
         &loaded.tokenizer,
@@ -339,6 +583,33 @@ pub fn train_task(
         loaded.model.config.image_seq_len(),
         cfg.train.model_max_length,
     )?;
+    let mut replayed = Vec::new();
+    for g in &replay {
+        let (more, stats) = prepare_samples(
+            &g.records,
+            &g.image_root,
+            &loaded.tokenizer,
+            Labeling::for_model(&loaded.model.config),
+            loaded.model.config.image_seq_len(),
+            cfg.train.model_max_length,
+        )?;
+        replayed.push(json!({
+            "task": g.task, "blake3": g.data.blake3, "of": g.data.items,
+            "items": g.indices.len(), "samples": more.len(), "indices": g.indices,
+            "truncated": stats.truncated, "skipped": stats.skipped,
+            "mismatched": stats.mismatched,
+        }));
+        samples.extend(more);
+    }
+    if !replay.is_empty() {
+        let n: usize = replay.iter().map(|g| g.indices.len()).sum();
+        progress.note(&format!(
+            "Replaying {n} item(s) of {} earlier task(s) with {}'s {} (train.strategy = replay).",
+            replay.len(),
+            def.name,
+            records.len()
+        ));
+    }
     if prepared.mismatched > 0 {
         progress.note(&format!(
             "Left out {} of {} records whose round lengths did not add up (LLaVA's \
@@ -397,6 +668,9 @@ pub fn train_task(
             "skipped": prepared.skipped, "mismatched": prepared.mismatched,
         }),
     );
+    if !replayed.is_empty() {
+        extra.insert("replay".into(), Value::Array(replayed));
+    }
     let (first, last) = report.loss_drop(10).unwrap_or((f64::NAN, f64::NAN));
     extra.insert(
         "result".into(),
@@ -411,20 +685,14 @@ pub fn train_task(
     );
     // Written but not yet on the branch: the evals come first, so that the pre-checkpoint gate
     // (e.g. the forgetting gate) sees the new scores.
-    let outcome = repo.commit(&CommitRequest {
-        paths: vec![out.clone()],
-        task: def.name.clone(),
-        message: req.message.clone(),
-        evals: BTreeMap::new(),
+    let outcome = repo.commit(&step_request(
+        cfg,
+        req,
+        &def.name,
+        vec![out.clone()],
         parent,
-        base_model: Some(BaseModel {
-            name: cfg.model.name.clone(),
-            manifest: None,
-        }),
-        train_extra: extra,
-        skip_hooks: req.skip_hooks,
-        detached: true,
-    })?;
+        extra,
+    ))?;
     progress.note(&format!(
         "Wrote checkpoint {} ({} after {} steps, loss {first:.3} → {last:.3}).",
         outcome.id.short(),
@@ -440,22 +708,115 @@ pub fn train_task(
         Some(&mut loaded),
         progress,
     )?;
-    let gate = repo.publish_checkpoint(&branch, head, outcome.id, req.skip_hooks)?;
+    publish(
+        repo, req, &def.name, outcome.id, parent, &branch, head, progress,
+    )?;
+    // The resume state and the saved copy are in the store now.
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(TrainOutcome {
+        checkpoint: outcome.id,
+        reused: false,
+        key,
+        report: Some(report),
+        prepared: Some(prepared),
+        evals,
+        branch,
+    })
+}
+
+/// The commit of a trained step: detached (the evals and the gate come before the branch
+/// moves), on the configured base model.
+fn step_request(
+    cfg: &RunConfig,
+    req: &TrainRequest,
+    task: &str,
+    paths: Vec<PathBuf>,
+    parent: Option<CheckpointId>,
+    train_extra: BTreeMap<String, Value>,
+) -> CommitRequest {
+    CommitRequest {
+        paths,
+        task: task.to_string(),
+        message: req.message.clone(),
+        evals: BTreeMap::new(),
+        parent,
+        base_model: Some(BaseModel {
+            name: cfg.model.name.clone(),
+            manifest: None,
+        }),
+        train_extra,
+        skip_hooks: req.skip_hooks,
+        detached: true,
+    }
+}
+
+/// Make an existing checkpoint with the same training key the branch head (after the same
+/// gate a new one passes) and evaluate it.
+#[allow(clippy::too_many_arguments)]
+fn reuse(
+    repo: &CoinRepo,
+    cfg: &RunConfig,
+    req: &TrainRequest,
+    task: &str,
+    found: CheckpointId,
+    key: String,
+    branch: &str,
+    head: Option<CheckpointId>,
+    progress: &mut dyn TrainWorkflowProgress,
+) -> Result<TrainOutcome, WorkflowError> {
+    progress.note(&format!(
+        "Reusing checkpoint {} (same parent, data, template and settings: training key {}).",
+        found.short(),
+        &key[..12]
+    ));
+    // A reused checkpoint passes the same gate as a new one (it may be one the gate vetoed
+    // before: its eval notes keep it known to the repository).
+    if head != Some(found) {
+        if let Some(g) = repo.publish_checkpoint(branch, head, found, req.skip_hooks)? {
+            let text = g.output();
+            if !text.is_empty() {
+                progress.note(&text);
+            }
+        }
+    }
+    let evals = run_evals(repo, found, cfg, req, task, None, progress)?;
+    Ok(TrainOutcome {
+        checkpoint: found,
+        reused: true,
+        key,
+        report: None,
+        prepared: None,
+        evals,
+        branch: branch.to_string(),
+    })
+}
+
+/// Move the branch to the new checkpoint `id` through the `pre-checkpoint` gate, then run
+/// the `post-train` event hook.
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    repo: &CoinRepo,
+    req: &TrainRequest,
+    task: &str,
+    id: CheckpointId,
+    parent: Option<CheckpointId>,
+    branch: &str,
+    head: Option<CheckpointId>,
+    progress: &mut dyn TrainWorkflowProgress,
+) -> Result<(), WorkflowError> {
+    let gate = repo.publish_checkpoint(branch, head, id, req.skip_hooks)?;
     if let Some(g) = gate {
         let text = g.output();
         if !text.is_empty() {
             progress.note(&text);
         }
     }
-    progress.note(&format!(
-        "{} is now the head of {branch}.",
-        outcome.id.short()
-    ));
+    progress.note(&format!("{} is now the head of {branch}.", id.short()));
     let ctx = HookContext {
-        checkpoint: Some(outcome.id),
+        checkpoint: Some(id),
         parent,
-        branch: Some(branch.clone()),
-        task: Some(def.name.clone()),
+        branch: Some(branch.to_string()),
+        task: Some(task.to_string()),
         extra_args: Vec::new(),
     };
     if let Some(h) = repo.run_event("post-train", &ctx)? {
@@ -467,16 +828,81 @@ pub fn train_task(
             progress.note("The post-train hook failed; the checkpoint is kept.");
         }
     }
-    // The resume state and the saved copy are in the store now.
-    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// A step trained by the `[trainer]` command (docs/external.md): plan and key, reuse, run,
+/// commit the output with the log, evaluate, publish.
+fn train_external(
+    step: &TrainerStep<'_>,
+    req: &TrainRequest,
+    parent: Option<CheckpointId>,
+    branch: &str,
+    head: Option<CheckpointId>,
+    progress: &mut dyn TrainWorkflowProgress,
+) -> Result<TrainOutcome, WorkflowError> {
+    let (repo, cfg, def) = (step.repo, step.cfg, step.def);
+    let planned = external::plan_step(step)?;
+    let key = planned.key.clone();
+    if !req.retrain {
+        if let Some(found) = find_by_key(repo, &key)? {
+            return reuse(
+                repo, cfg, req, &def.name, found, key, branch, head, progress,
+            );
+        }
+    }
+    if let Some(state) = planned.code.as_object() {
+        if state.get("dirty") == Some(&Value::Bool(true)) {
+            progress.note(&format!(
+                "The trainer's code in '{}' has uncommitted changes; they are recorded (and \
+                 keyed) as a hash.",
+                state
+                    .get("repository")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    // Held until the step is committed and published (or fails).
+    let _lock = external::lock_work(&planned.work)?;
+    let trained = external::run_step(step, &planned, progress.command())?;
+    for n in &trained.notes {
+        progress.note(n);
+    }
+    let mut extra: BTreeMap<String, Value> = BTreeMap::new();
+    extra.insert(TRAINING_KEY_FIELD.into(), Value::String(key.clone()));
+    extra.insert("config".into(), cfg.to_record_value());
+    extra.insert(
+        "data".into(),
+        json!({ "file": def.train, "blake3": step.data.blake3, "items": step.data.items }),
+    );
+    extra.insert(EXTERNAL_FIELD.into(), trained.record.clone());
+    let mut attachments = BTreeMap::new();
+    attachments.insert(crate::history::LOG_ATTACHMENT.to_string(), trained.log);
+    let outcome = repo.commit_attached(
+        &step_request(cfg, req, &def.name, trained.files, parent, extra),
+        &attachments,
+    )?;
+    progress.note(&format!(
+        "Wrote checkpoint {} ({} by the external trainer in {:.1} s).",
+        outcome.id.short(),
+        def.name,
+        trained.record["seconds"].as_f64().unwrap_or_default()
+    ));
+    let evals = run_evals(repo, outcome.id, cfg, req, &def.name, None, progress)?;
+    publish(
+        repo, req, &def.name, outcome.id, parent, branch, head, progress,
+    )?;
+    // The output is in the store and the log in the checkpoint now.
+    let _ = std::fs::remove_dir_all(&planned.work);
     Ok(TrainOutcome {
         checkpoint: outcome.id,
         reused: false,
         key,
-        report: Some(report),
-        prepared: Some(prepared),
+        report: None,
+        prepared: None,
         evals,
-        branch,
+        branch: branch.to_string(),
     })
 }
 
@@ -505,6 +931,9 @@ fn run_evals(
             .collect(),
         EvalTasks::List(l) => l.clone(),
     };
+    if !cfg.evaluator.command.trim().is_empty() {
+        return external::evaluate_external(repo, id, &tasks, cfg, false, progress.command());
+    }
     let opts = EvalOptions::default();
     match model {
         Some(m) => evaluate_loaded(
@@ -626,6 +1055,7 @@ mod tests {
     struct Quiet {
         trainer: crate::ml::train::trainer::NoProgress,
         evals: super::super::eval::NoProgress,
+        command: external::NoCommandProgress,
     }
 
     impl TrainWorkflowProgress for Quiet {
@@ -635,6 +1065,9 @@ mod tests {
         }
         fn evals(&mut self) -> &mut dyn EvalProgress {
             &mut self.evals
+        }
+        fn command(&mut self) -> &mut dyn CommandProgress {
+            &mut self.command
         }
     }
 
@@ -690,6 +1123,7 @@ mod tests {
         let mut quiet = Quiet {
             trainer: crate::ml::train::trainer::NoProgress,
             evals: super::super::eval::NoProgress,
+            command: external::NoCommandProgress,
         };
         train_task(&f.repo, cfg, &req, &mut quiet).expect("train")
     }
@@ -739,6 +1173,21 @@ mod tests {
             .and_then(|t| t.to_scalar::<f32>())
             .expect("max");
         assert!(max > 0.0 && max <= 1.0 / fan_in.sqrt() + 1e-6, "{max}");
+    }
+
+    #[test]
+    fn replayed_items_are_chosen_by_seed_in_file_order() {
+        let a = replay_indices(0, "mini-GQA", 50, 10);
+        assert_eq!(a.len(), 10);
+        assert!(a.windows(2).all(|w| w[0] < w[1]) && a.iter().all(|&i| i < 50));
+        assert_eq!(a, replay_indices(0, "mini-GQA", 50, 10), "deterministic");
+        assert_ne!(a, replay_indices(1, "mini-GQA", 50, 10), "seeded");
+        assert_ne!(a, replay_indices(0, "mini-VizWiz", 50, 10), "per task");
+        // More than there are: all of them; a prefix of a larger choice.
+        assert_eq!(replay_indices(0, "t", 5, 9), vec![0, 1, 2, 3, 4]);
+        let five = replay_indices(3, "t", 100, 5);
+        let ten = replay_indices(3, "t", 100, 10);
+        assert!(five.iter().all(|i| ten.contains(i)));
     }
 
     #[test]

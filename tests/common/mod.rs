@@ -183,6 +183,67 @@ impl TestEnvironment {
         self.adapter(name, shift)
     }
 
+    /// A repository with the tiny model (`coin model init --tiny model`, then `model_flags`),
+    /// CoIN-mini (`train`/`test` items per task) registered, and `.coin/config.toml` naming
+    /// the tiny preset and model, followed by `extra_config` (TOML tables).
+    pub fn tiny_and_mini(
+        model_flags: &[&str],
+        train: usize,
+        test: usize,
+        extra_config: &str,
+    ) -> TestEnvironment {
+        let env = TestEnvironment::new();
+        env.coin(&["init"]).success();
+        let mut model = vec!["model", "init", "--tiny", "model"];
+        model.extend_from_slice(model_flags);
+        env.coin(&model).success();
+        let (train, test) = (train.to_string(), test.to_string());
+        env.coin(&[
+            "bench-data",
+            "coin-mini",
+            "--out",
+            "mini",
+            "--train",
+            &train,
+            "--test",
+            &test,
+        ])
+        .success();
+        env.coin(&["task", "add", "--coin-mini", "mini"]).success();
+        let cfg = std::fs::read_to_string(env.path(".coin/config.toml")).expect("config");
+        env.write(
+            ".coin/config.toml",
+            format!("{cfg}\n[model]\npreset = \"tiny\"\nbase = \"model\"\n\n{extra_config}"),
+        );
+        env
+    }
+
+    /// Two answer files in CoIN's `merge.jsonl` format for the questions of `questions` (a
+    /// CoIN question file under the work directory): `<dir>/<task>.gold.jsonl` answers each
+    /// with its `answer`, `<dir>/<task>.wrong.jsonl` with `zzzz`.
+    pub fn answer_files(&self, task: &str, questions: &str, dir: &str) {
+        let text = std::fs::read_to_string(self.path(questions)).expect("questions");
+        let qs: Vec<serde_json::Value> = serde_json::from_str(&text).expect("a JSON list");
+        for (kind, wrong) in [("gold", false), ("wrong", true)] {
+            let lines: String = qs
+                .iter()
+                .map(|q| {
+                    let text = if wrong {
+                        "zzzz"
+                    } else {
+                        q["answer"].as_str().expect("an answer")
+                    };
+                    format!(
+                        "{}\n",
+                        serde_json::json!({"question_id": q["question_id"], "prompt": q["text"],
+                            "text": text, "answer_id": "a", "model_id": "m", "metadata": {}})
+                    )
+                })
+                .collect();
+            self.write(format!("{dir}/{task}.{kind}.jsonl"), lines);
+        }
+    }
+
     /// Write a file (creating parent directories) under the work directory.
     pub fn write(&self, rel: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> PathBuf {
         let p = self.path(rel);

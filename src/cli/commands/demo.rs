@@ -4,7 +4,6 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use crate::cli::train_progress::TrainBar;
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::workflow::config::RunConfig;
 use crate::workflow::demo::{
@@ -16,7 +15,7 @@ use crate::workflow::train::TrainWorkflowProgress;
 
 use super::metrics::write_metrics_table;
 use super::train::CliTrainProgress;
-use super::workflow_util::{process_env, StatusProgress};
+use super::workflow_util::process_env;
 
 /// Run the whole continual instruction-tuning loop on CoIN-mini with a tiny model
 ///
@@ -36,8 +35,9 @@ pub struct DemoArgs {
     /// The demo folder: new or empty, or a previous demo's folder to resume [default: ./coin-demo]
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// Adapter kind; each method runs on the branch of its name
-    #[arg(long, default_value = "lora", value_parser = ["lora", "moelora"])]
+    /// The method: lora, moelora, or replay (LoRA with 20 items of each earlier task replayed;
+    /// docs/methods.md); each runs on the branch of its name
+    #[arg(long, default_value = "lora", value_parser = ["lora", "moelora", "replay"])]
     pub method: String,
     /// A much smaller run (seconds; what the tests use): checks the mechanics, not the science
     #[arg(long)]
@@ -72,11 +72,7 @@ impl DemoProgress for CliDemoProgress<'_> {
             c.bar.finish();
         }
         let ui = self.ui;
-        self.current.insert(CliTrainProgress {
-            bar: TrainBar::new(label, ui.show_progress(), ui.is_quiet()),
-            evals: StatusProgress { ui },
-            ui,
-        })
+        self.current.insert(CliTrainProgress::new(label, ui))
     }
 }
 
@@ -118,10 +114,10 @@ fn write_facts(out: &mut impl std::io::Write, r: &DemoReport) -> std::io::Result
         None => writeln!(out, "  NOT MET: some diagonal cell is missing.")?,
     }
     write_blind_fact(out, r)?;
-    let kind = if r.method == "lora" {
-        "plain LoRA"
-    } else {
-        "MoELoRA"
+    let kind = match r.method.as_str() {
+        "lora" => "plain LoRA",
+        "replay" => "LoRA with replay",
+        _ => "MoELoRA",
     };
     match f.bwt {
         Some(b) if f.forgets => writeln!(

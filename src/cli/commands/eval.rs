@@ -104,9 +104,26 @@ pub fn cmd_eval(ui: &mut Ui, helper: &CommandHelper, args: &EvalArgs) -> Result<
             &helper.cwd.join(answers),
             &cfg,
             mode,
+            std::collections::BTreeMap::new(),
         )?]
     } else if args.rescore {
         weval::rescore(&repo, id, &args.tasks, &cfg, mode)?
+    } else if !cfg.evaluator.command.trim().is_empty() {
+        if mode.is_some() {
+            return Err(CommandError::usage(
+                "--mode applies to coin's own engine; the [evaluator] command's answers are \
+                 scored in each task's default mode (use --rescore --mode afterwards)",
+            ));
+        }
+        let mut progress = crate::cli::train_progress::CommandLine::new(ui);
+        crate::workflow::external::evaluate_external(
+            &repo,
+            id,
+            &args.tasks,
+            &cfg,
+            args.force,
+            &mut progress,
+        )?
     } else {
         let opts = EvalOptions {
             mode,

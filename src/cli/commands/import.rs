@@ -4,7 +4,8 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use crate::cli::{CommandError, CommandHelper, Ui};
-use crate::workflow::import::{self, ImportOptions, ImportPlan, Layout, Method};
+use crate::history::{CoinRepo, HistoryError};
+use crate::workflow::import::{self, ImportOptions, ImportPlan, Layout, Method, StageTarget};
 
 use super::history_util::open_repo;
 
@@ -18,14 +19,15 @@ pub enum ImportCommand {
 ///
 /// Reads the stage output dirs CoIN's training scripts write (adapter_model.bin or
 /// .safetensors, adapter_config.json, non_lora_trainables.bin, config.json,
-/// trainer_state.json; not the DeepSpeed checkpoint-N/ shards), in the task order, and makes
-/// each stage a checkpoint parented on the previous stage's. Every results dir of a stage
+/// trainer_state.json; the Trainer's checkpoint-N/ dirs with --with-trainer-checkpoints), in
+/// the task order, and makes each stage a checkpoint parented on the previous stage's. Every results dir of a stage
 /// (results/…/<EvalTask>/<STAGE>/, STAGE = Finetune on the diagonal, else the trained task)
 /// is scored from merge.jsonl with coin's compat scorers; the score CoIN printed (Result.text,
 /// output_result.jsonl) is recorded beside it and a difference is warned about. Judge replies
 /// (prompt_eval_merge.jsonl) become GK:<task> records. A partial tree imports the stages that
-/// exist up to the first missing one and says what is missing. Re-running is idempotent. The
-/// branch moves once, at the end. See docs/import.md.
+/// exist up to the first missing one and says what is missing. Re-running is idempotent; a
+/// stage the branch holds otherwise is never replaced. The branch moves once, at the end. See
+/// docs/import.md.
 #[derive(clap::Args, Debug)]
 pub struct CoinRunArgs {
     /// The CoIN repo root (the folder holding checkpoints/, results/, playground/, cl_dataset/)
@@ -56,10 +58,15 @@ pub struct CoinRunArgs {
     /// The folder holding the scorers' annotation files [default: ROOT/cl_dataset]
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// Show what would be imported (stages, files, scores, what is missing); write nothing
+    /// Also import each stage's checkpoint-N/ dirs (DeepSpeed global_step* shards, rng
+    /// states, trainer state), as checkpoint-N/... files of its checkpoint
+    #[arg(long)]
+    pub with_trainer_checkpoints: bool,
+    /// Show what would be imported (stages, files, scores, what is missing, whether the branch
+    /// already holds each stage); write nothing
     #[arg(long)]
     pub dry_run: bool,
-    /// Print {"plan", "outcome"} as JSON
+    /// Print {"plan", "targets", "outcome"} as JSON
     #[arg(long)]
     pub json: bool,
 }
@@ -101,8 +108,13 @@ fn cmd_coin_run(
     helper: &CommandHelper,
     args: &CoinRunArgs,
 ) -> Result<(), CommandError> {
+    // A dry run also works outside a repository (every stage would then be added).
     let repo = if args.dry_run {
-        None
+        match CoinRepo::discover(&helper.start_dir()) {
+            Ok(repo) => Some(repo),
+            Err(HistoryError::NotARepo(_)) => None,
+            Err(e) => return Err(e.into()),
+        }
     } else {
         Some(open_repo(helper)?)
     };
@@ -126,6 +138,7 @@ fn cmd_coin_run(
         results: args.results.as_ref().map(|p| helper.cwd.join(p)),
         instructions: args.instructions.as_ref().map(|p| helper.cwd.join(p)),
         data: args.data.as_ref().map(|p| helper.cwd.join(p)),
+        trainer_checkpoints: args.with_trainer_checkpoints,
     };
     let mut plan = import::plan(&opts)?;
     if args.branch.is_none() {
@@ -137,19 +150,38 @@ fn cmd_coin_run(
     for m in &plan.missing {
         ui.status(&format!("Missing: {m}."));
     }
-    let Some(repo) = repo else {
+    if args.dry_run {
+        let targets = match &repo {
+            Some(repo) => Some(import::targets(repo, &plan)?),
+            None => None,
+        };
         if args.json {
-            return ui.json(&serde_json::json!({"plan": plan, "outcome": null}));
+            return ui
+                .json(&serde_json::json!({"plan": plan, "targets": targets, "outcome": null}));
         }
-        write_plan(ui, &plan)?;
+        write_plan(ui, &plan, targets.as_deref())?;
+        if targets.is_none() {
+            ui.status("Not in a coin repository: every stage would be added.");
+        }
+        if targets
+            .as_ref()
+            .is_some_and(|t| t.iter().any(|t| matches!(t, StageTarget::Conflict { .. })))
+        {
+            ui.warn(&format!(
+                "the import would stop: branch '{}' holds another checkpoint at a step of this \
+                 run; import into a new branch with --branch",
+                plan.branch
+            ));
+        }
         ui.status("Dry run: nothing was written.");
         return Ok(());
-    };
+    }
+    let repo = repo.expect("opened above unless this is a dry run");
     let outcome = import::execute(&repo, &plan)?;
     if args.json {
-        return ui.json(&serde_json::json!({"plan": plan, "outcome": outcome}));
+        return ui.json(&serde_json::json!({"plan": plan, "targets": null, "outcome": outcome}));
     }
-    write_plan(ui, &plan)?;
+    write_plan(ui, &plan, None)?;
     for s in &outcome.stages {
         writeln!(
             ui.out(),
@@ -182,8 +214,13 @@ fn method_name(m: Method) -> &'static str {
     }
 }
 
-/// The plan as text: one block per stage with its files and results dirs.
-fn write_plan(ui: &mut Ui, plan: &ImportPlan) -> Result<(), CommandError> {
+/// The plan as text: one block per stage with its files, its `checkpoint-N/` files when asked
+/// for, its results dirs and (dry run) what the branch holds at its step.
+fn write_plan(
+    ui: &mut Ui,
+    plan: &ImportPlan,
+    targets: Option<&[StageTarget]>,
+) -> Result<(), CommandError> {
     let layout = match plan.layout {
         Layout::Current => "current",
         Layout::Old => "old",
@@ -194,7 +231,7 @@ fn write_plan(ui: &mut Ui, plan: &ImportPlan) -> Result<(), CommandError> {
         method_name(plan.method),
         plan.branch
     )?;
-    for s in &plan.stages {
+    for (i, s) in plan.stages.iter().enumerate() {
         let files: Vec<&str> = s.files.iter().map(|f| f.name.as_str()).collect();
         let bytes: u64 = s.files.iter().map(|f| f.size).sum();
         writeln!(
@@ -206,6 +243,20 @@ fn write_plan(ui: &mut Ui, plan: &ImportPlan) -> Result<(), CommandError> {
             files.len(),
             files.join(", ")
         )?;
+        if plan.trainer_checkpoints {
+            let bytes: u64 = s.trainer_files.iter().map(|f| f.size).sum();
+            writeln!(
+                ui.out(),
+                "  trainer checkpoints: {} files, {bytes} bytes",
+                s.trainer_files.len()
+            )?;
+            for f in &s.trainer_files {
+                writeln!(ui.out(), "    {} ({} bytes)", f.name, f.size)?;
+            }
+        }
+        if let Some(t) = targets.and_then(|t| t.get(i)) {
+            writeln!(ui.out(), "  branch {}: {}", plan.branch, target_text(t))?;
+        }
         for r in &s.results {
             let score = match (&r.record, &r.skipped) {
                 (Some(rec), _) => format!("{:.2} n={}", rec.score, rec.n),
@@ -229,4 +280,33 @@ fn write_plan(ui: &mut Ui, plan: &ImportPlan) -> Result<(), CommandError> {
         }
     }
     Ok(())
+}
+
+/// What the target branch means for a stage, in words (dry run).
+fn target_text(t: &StageTarget) -> String {
+    match t {
+        StageTarget::Add => "not there yet; would be added".to_string(),
+        StageTarget::Reuse {
+            checkpoint,
+            new_records,
+        } if new_records.is_empty() => {
+            format!(
+                "already holds it as {}; would be reused",
+                checkpoint.short()
+            )
+        }
+        StageTarget::Reuse {
+            checkpoint,
+            new_records,
+        } => format!(
+            "already holds it as {}; would be reused, adding record(s) {}",
+            checkpoint.short(),
+            new_records.join(", ")
+        ),
+        StageTarget::Conflict { checkpoint, reason } => format!(
+            "holds {} at this step, which is not this stage ({reason}); the import would stop",
+            checkpoint.short()
+        ),
+        StageTarget::Blocked => "not reached (an earlier stage conflicts)".to_string(),
+    }
 }

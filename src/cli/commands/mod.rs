@@ -2,6 +2,7 @@
 //! The `Command` enum below is the whole command set; there is no runtime registry.
 
 mod bench_data;
+mod bisect;
 mod branch;
 mod checkout;
 mod clone;
@@ -22,6 +23,7 @@ mod init;
 mod judge;
 mod log;
 mod matrix;
+mod merge;
 mod metrics;
 mod model;
 mod pull;
@@ -53,6 +55,7 @@ pub enum Command {
     Tag(tag::TagArgs),
     Status(status::StatusArgs),
     Diff(diff::DiffArgs),
+    Bisect(bisect::BisectArgs),
     Eval(eval::EvalArgs),
     Checkout(checkout::CheckoutArgs),
     Fsck(fsck::FsckArgs),
@@ -73,6 +76,7 @@ pub enum Command {
     Run(run::RunArgs),
     Matrix(matrix::MatrixArgs),
     Compare(compare::CompareArgs),
+    Merge(merge::MergeArgs),
     Demo(demo::DemoArgs),
     #[command(subcommand)]
     Remote(remote::RemoteCommand),
@@ -100,6 +104,8 @@ impl Command {
             Command::Train(a) => a.config.resolve_here(helper, &method(&a.method)).map(Some),
             Command::Run(a) => a.config.resolve_here(helper, &method(&a.method)).map(Some),
             Command::Eval(a) if a.record.is_none() => a.config.resolve_here(helper, &[]).map(Some),
+            Command::Bisect(a) => a.config.resolve_here(helper, &[]).map(Some),
+            Command::Merge(a) => a.config.resolve_here(helper, &[]).map(Some),
             Command::Demo(a) => a.run_config(helper).map(Some),
             Command::Generate(_) => workflow_util::standalone_config(&[]).map(Some),
             _ => Ok(None),
@@ -120,6 +126,7 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Tag(args) => tag::cmd_tag(ui, helper, &args),
         Command::Status(args) => status::cmd_status(ui, helper, &args),
         Command::Diff(args) => diff::cmd_diff(ui, helper, &args),
+        Command::Bisect(args) => bisect::cmd_bisect(ui, helper, &args),
         Command::Eval(args) => eval::cmd_eval(ui, helper, &args),
         Command::Checkout(args) => checkout::cmd_checkout(ui, helper, &args),
         Command::Fsck(args) => fsck::cmd_fsck(ui, helper, &args),
@@ -138,6 +145,7 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Run(args) => run::cmd_run(ui, helper, &args),
         Command::Matrix(args) => matrix::cmd_matrix(ui, helper, &args),
         Command::Compare(args) => compare::cmd_compare(ui, helper, &args),
+        Command::Merge(args) => merge::cmd_merge(ui, helper, &args),
         Command::Demo(args) => demo::cmd_demo(ui, helper, &args),
         Command::Remote(cmd) => remote::cmd_remote(ui, helper, &cmd),
         Command::Push(args) => push::cmd_push(ui, helper, &args),

@@ -3,12 +3,13 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 
-use crate::cli::train_progress::TrainBar;
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::metrics::ForgettingMode;
 use crate::workflow::eval::trained_tasks;
 use crate::workflow::matrix::{build_matrix, is_base_record};
-use crate::workflow::train::{commit_zero_shot, read_order, train_task, EvalTasks, TrainRequest};
+use crate::workflow::train::{
+    commit_zero_shot, plan_train, read_order, train_task, EvalTasks, TrainRequest,
+};
 
 use super::history_util::open_repo;
 use super::train::{outcome_json, CliTrainProgress};
@@ -50,6 +51,11 @@ pub struct RunArgs {
     /// Skip the pre-checkpoint gate
     #[arg(long)]
     pub no_verify: bool,
+    /// Say what each step would do (already on the branch, reused by training key, trained;
+    /// an external trainer's command as it would run) up to the first step that trains, and
+    /// stop: nothing is switched, loaded, run or written
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Print the steps and the matrix as JSON
@@ -74,6 +80,9 @@ pub fn cmd_run(ui: &mut Ui, helper: &CommandHelper, args: &RunArgs) -> Result<()
         config.set.push(format!("train.method={m}"));
     }
     let cfg = config.resolve(helper, &repo, None)?;
+    if args.dry_run {
+        return dry_run(ui, &repo, &cfg, args, &order);
+    }
     if let Some(b) = &args.branch {
         let exists = repo.branch_target(b)?.is_some();
         if repo.current_branch()? != *b {
@@ -145,14 +154,8 @@ pub fn cmd_run(ui: &mut Ui, helper: &CommandHelper, args: &RunArgs) -> Result<()
             retrain: false,
             skip_hooks: args.no_verify,
         };
-        let interactive = ui.show_progress();
-        let quiet = ui.is_quiet();
         let outcome = {
-            let mut progress = CliTrainProgress {
-                bar: TrainBar::new(task, interactive, quiet),
-                evals: StatusProgress { ui: &*ui },
-                ui: &*ui,
-            };
+            let mut progress = CliTrainProgress::new(task, ui);
             let o = train_task(&repo, &cfg, &req, &mut progress);
             progress.bar.finish();
             o?
@@ -180,5 +183,100 @@ pub fn cmd_run(ui: &mut Ui, helper: &CommandHelper, args: &RunArgs) -> Result<()
         }));
     }
     write!(ui.out(), "{}", bm.to_table())?;
+    Ok(())
+}
+
+/// `coin run --dry-run`: the steps already on the branch, then each next step's plan while
+/// it would be reused (its checkpoint is the next step's parent); planning stops at the first
+/// step that would train, since the later ones start from its result.
+fn dry_run(
+    ui: &mut Ui,
+    repo: &crate::history::CoinRepo,
+    cfg: &crate::workflow::config::RunConfig,
+    args: &RunArgs,
+    order: &[String],
+) -> Result<(), CommandError> {
+    let branch = match &args.branch {
+        Some(b) => b.clone(),
+        None => repo.current_branch()?,
+    };
+    let head = repo.branch_target(&branch)?;
+    let done = match head {
+        Some(h) => trained_tasks(repo, h)?,
+        None => Vec::new(),
+    };
+    if done.len() > order.len() || done.iter().zip(order).any(|(a, b)| a != b) {
+        return Err(CommandError::user(format!(
+            "branch {branch} has trained [{}], which is not a start of the order [{}]",
+            done.join(", "),
+            order.join(", ")
+        ))
+        .hint("Run the order on another branch: --branch NAME."));
+    }
+    let mut plans = Vec::new();
+    let mut stopped_at = None;
+    if args.zero_shot && head.is_none() {
+        stopped_at = Some(0);
+    } else {
+        let mut parent = head;
+        for (k, task) in order.iter().enumerate().skip(done.len()) {
+            let req = TrainRequest {
+                task: task.clone(),
+                from: parent,
+                eval_tasks: EvalTasks::None,
+                message: None,
+                retrain: false,
+                skip_hooks: args.no_verify,
+            };
+            let plan = plan_train(repo, cfg, &req, Some(&branch))?;
+            let reused = plan.reuse;
+            plans.push(plan);
+            match reused {
+                Some(id) => parent = Some(id),
+                None => {
+                    if k + 1 < order.len() {
+                        stopped_at = Some(k + 1);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    if args.json {
+        return ui.json(&serde_json::json!({
+            "branch": branch,
+            "order": order,
+            "done": done,
+            "steps": plans,
+            "planned_until": stopped_at,
+        }));
+    }
+    ui.status(&format!(
+        "Branch {branch}{}: {} of {} steps already there.",
+        if repo.branch_target(&branch)?.is_none() && args.branch.is_some() {
+            " (would be created)"
+        } else {
+            ""
+        },
+        done.len(),
+        order.len()
+    ));
+    if stopped_at == Some(0) {
+        ui.status(
+            "--zero-shot: the base model's row would be committed first; the steps start from \
+             it, so they are planned once it exists.",
+        );
+    }
+    for (i, p) in plans.iter().enumerate() {
+        let k = done.len() + i + 1;
+        super::train::show_plan(ui.out(), &format!("Step {k}/{}: ", order.len()), p)?;
+    }
+    if let Some(k) = stopped_at.filter(|&k| k > 0) {
+        ui.status(&format!(
+            "Steps {}–{} start from step {k}'s result: their keys are known once it exists.",
+            k + 1,
+            order.len()
+        ));
+    }
     Ok(())
 }

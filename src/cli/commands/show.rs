@@ -15,11 +15,25 @@ pub struct ShowArgs {
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
+    /// Print the log an external trainer left with the checkpoint (stdout and stderr)
+    #[arg(long, conflicts_with = "json")]
+    pub log: bool,
 }
 
 pub fn cmd_show(ui: &mut Ui, helper: &CommandHelper, args: &ShowArgs) -> Result<(), CommandError> {
     let repo = open_repo(helper)?;
     let id = repo.resolve(args.rev.as_deref().unwrap_or("HEAD"))?;
+    if args.log {
+        let Some(log) = repo.read_attachment(id, crate::history::LOG_ATTACHMENT)? else {
+            return Err(CommandError::user(format!(
+                "checkpoint {} has no log (only checkpoints made by an external [trainer] \
+                 keep one)",
+                id.short()
+            )));
+        };
+        ui.out().write_all(&log)?;
+        return Ok(());
+    }
     let cp = repo.read_checkpoint(id)?;
     let deco = Decorations::of(&repo)?;
     if args.json {
@@ -92,6 +106,32 @@ pub fn cmd_show(ui: &mut Ui, helper: &CommandHelper, args: &ShowArgs) -> Result<
         writeln!(out, "task       {}", t.task)?;
         if let Some(m) = &t.message {
             writeln!(out, "message    {m}")?;
+        }
+        if let Some(x) = t.extra.get(crate::workflow::external::EXTERNAL_FIELD) {
+            let status = match (x["exit"]["code"].as_i64(), x["exit"]["signal"].as_i64()) {
+                (Some(c), _) => format!("exit {c}"),
+                (None, Some(s)) => format!("signal {s}"),
+                _ => "?".to_string(),
+            };
+            writeln!(
+                out,
+                "trainer    {}  ({status}, {:.1} s; coin show --log)",
+                x["command"].as_str().unwrap_or("?"),
+                x["seconds"].as_f64().unwrap_or(f64::NAN)
+            )?;
+            if let Some(code) = x.get("code").filter(|c| !c.is_null()) {
+                writeln!(
+                    out,
+                    "code       {} at {}{}",
+                    code["repository"].as_str().unwrap_or("?"),
+                    code["commit"].as_str().unwrap_or("(no commit)"),
+                    if code["dirty"].as_bool() == Some(true) {
+                        format!(" + {} changed file(s)", code["changed_files"])
+                    } else {
+                        String::new()
+                    }
+                )?;
+            }
         }
     }
     if let Some(a) = &cp.manifest.adapter {

@@ -2,12 +2,13 @@
 
 use std::io::Write as _;
 
-use crate::cli::train_progress::TrainBar;
+use crate::cli::train_progress::{CommandLine, TrainBar};
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::ml::train::trainer::TrainProgress;
 use crate::workflow::eval::EvalProgress;
+use crate::workflow::external::CommandProgress;
 use crate::workflow::train::{
-    train_task, EvalTasks, TrainOutcome, TrainRequest, TrainWorkflowProgress,
+    plan_train, train_task, EvalTasks, TrainOutcome, TrainPlan, TrainRequest, TrainWorkflowProgress,
 };
 
 use super::history_util::open_repo;
@@ -46,11 +47,62 @@ pub struct TrainArgs {
     /// Skip the pre-checkpoint gate
     #[arg(long)]
     pub no_verify: bool,
+    /// Say what would happen (reuse or train, the training key, an external trainer's command
+    /// as it would run) and stop: nothing is loaded, run or written
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Print the outcome as JSON
     #[arg(long)]
     pub json: bool,
+}
+
+/// Print a step's plan (`--dry-run`), the command's data, on stdout.
+pub fn show_plan(out: &mut impl std::io::Write, label: &str, p: &TrainPlan) -> std::io::Result<()> {
+    let key = &p.training_key[..12];
+    let from = match p.parent {
+        Some(id) => format!("from {}", id.short()),
+        None => "from the base model".to_string(),
+    };
+    match (p.reuse, &p.command) {
+        (Some(id), _) => writeln!(
+            out,
+            "{label}{}: would reuse {} (training key {key}); nothing is trained",
+            p.task,
+            id.short()
+        ),
+        (None, None) => writeln!(
+            out,
+            "{label}{}: would train with coin's engine {from} (training key {key})",
+            p.task
+        ),
+        (None, Some(cmd)) => {
+            writeln!(
+                out,
+                "{label}{}: would run the [trainer] command {from} (training key {key}) in {}:",
+                p.task,
+                p.workdir
+                    .as_ref()
+                    .map_or_else(String::new, |w| w.display().to_string())
+            )?;
+            writeln!(out, "    {cmd}")?;
+            match p.code.as_ref().filter(|c| !c.is_null()) {
+                Some(code) => writeln!(
+                    out,
+                    "    code: {} at {}{}",
+                    code["repository"].as_str().unwrap_or("?"),
+                    code["commit"].as_str().unwrap_or("(no commit)"),
+                    if code["dirty"].as_bool() == Some(true) {
+                        format!(", {} changed file(s)", code["changed_files"])
+                    } else {
+                        String::new()
+                    }
+                ),
+                None => Ok(()),
+            }
+        }
+    }
 }
 
 /// Parse `--eval-tasks`.
@@ -77,6 +129,20 @@ pub struct CliTrainProgress<'a> {
     pub evals: StatusProgress<'a>,
     /// Where notes go.
     pub ui: &'a Ui,
+    /// An external command's display.
+    pub command: CommandLine<'a>,
+}
+
+impl<'a> CliTrainProgress<'a> {
+    /// The progress of training `label` (a task name), drawn through `ui`.
+    pub fn new(label: &str, ui: &'a Ui) -> Self {
+        CliTrainProgress {
+            bar: TrainBar::new(label, ui.show_progress(), ui.is_quiet()),
+            evals: StatusProgress { ui },
+            ui,
+            command: CommandLine::new(ui),
+        }
+    }
 }
 
 impl TrainWorkflowProgress for CliTrainProgress<'_> {
@@ -90,6 +156,10 @@ impl TrainWorkflowProgress for CliTrainProgress<'_> {
     fn evals(&mut self) -> &mut dyn EvalProgress {
         self.bar.finish();
         &mut self.evals
+    }
+    fn command(&mut self) -> &mut dyn CommandProgress {
+        self.bar.finish();
+        &mut self.command
     }
 }
 
@@ -125,14 +195,16 @@ pub fn cmd_train(
         retrain: args.retrain,
         skip_hooks: args.no_verify,
     };
-    let interactive = ui.show_progress();
-    let quiet = ui.is_quiet();
+    if args.dry_run {
+        let plan = plan_train(&repo, &cfg, &req, None)?;
+        if args.json {
+            return ui.json(&plan);
+        }
+        show_plan(ui.out(), "", &plan)?;
+        return Ok(());
+    }
     let outcome = {
-        let mut progress = CliTrainProgress {
-            bar: TrainBar::new(&args.task, interactive, quiet),
-            evals: StatusProgress { ui: &*ui },
-            ui: &*ui,
-        };
+        let mut progress = CliTrainProgress::new(&args.task, ui);
         let o = train_task(&repo, &cfg, &req, &mut progress);
         progress.bar.finish();
         o?
@@ -148,13 +220,19 @@ pub fn cmd_train(
         outcome.branch,
         if outcome.reused { " (reused)" } else { "" }
     )?;
-    for e in &outcome.evals {
+    write_evals(ui.out(), &outcome.evals)
+}
+
+/// The eval lines of a new checkpoint (`coin train`, `coin merge`).
+pub fn write_evals(
+    out: &mut impl std::io::Write,
+    evals: &[crate::workflow::eval::TaskEval],
+) -> Result<(), CommandError> {
+    for e in evals {
         writeln!(
-            ui.out(),
+            out,
             "  {:<20} {:>6.2}  n={}",
-            e.task,
-            e.record.score,
-            e.record.n
+            e.task, e.record.score, e.record.n
         )?;
     }
     Ok(())

@@ -596,6 +596,16 @@ fn workflow_samples() -> Vec<(&'static str, WorkflowError, u8)> {
         ),
         ("workflow input", WorkflowError::Input("bad".into()), 1),
         (
+            "external command",
+            WorkflowError::External {
+                what: "the trainer of T".into(),
+                status: "exited with status 3".into(),
+                log: "/w/train.log".into(),
+                tail: "boom".into(),
+            },
+            1,
+        ),
+        (
             "workflow io: missing",
             WorkflowError::Io {
                 op: "read",

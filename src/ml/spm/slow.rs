@@ -147,10 +147,8 @@ fn bool_setting(cfg: &Value, key: &str, default: bool, path: &Path) -> Result<bo
     }
 }
 
-/// Python's `str.isspace` for one character.
-fn py_space(c: char) -> bool {
-    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
-}
+// Python's `str.isspace` for one character.
+use crate::tasks::normalize::is_space as py_space;
 
 impl SlowTokenizer {
     /// Read `tokenizer.model`, `tokenizer_config.json` and `special_tokens_map.json` (the last
