@@ -265,6 +265,11 @@ fn default_replay_items() -> usize {
     100
 }
 
+/// The `train` settings that belong to one method: in the training key only while that method
+/// is the strategy (so adding a method's setting keeps every other method's keys).
+pub const METHOD_FIELDS: &[(Strategy, &[&str])] =
+    &[(Strategy::Replay, &["replay_items", "replay_share"])];
+
 /// The continual-learning method (`train.strategy`; docs/methods.md).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -1079,8 +1084,14 @@ impl TrainConfig {
             }
             if self.strategy == Strategy::Sequential {
                 o.remove("strategy");
-                o.remove("replay_items");
-                o.remove("replay_share");
+            }
+            // A method's settings are keyed only while it is the strategy.
+            for (strategy, fields) in METHOD_FIELDS {
+                if *strategy != self.strategy {
+                    for f in *fields {
+                        o.remove(*f);
+                    }
+                }
             }
         }
         Ok(v)

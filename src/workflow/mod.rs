@@ -18,6 +18,7 @@ pub mod external;
 pub mod import;
 pub mod matrix;
 pub mod merge;
+pub mod methods;
 pub mod plot;
 mod plot_font;
 pub mod train;

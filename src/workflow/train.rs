@@ -26,6 +26,7 @@ use super::eval::{
     InMemoryModel, TaskEval,
 };
 use super::external::{self, CommandProgress, TrainerStep, EXTERNAL_FIELD};
+use super::methods::{self, MethodContext};
 use super::WorkflowError;
 use crate::history::hooks::HookContext;
 use crate::history::records::to_canonical_json;
@@ -35,7 +36,7 @@ use crate::ml::train::data::{prepare_samples, Labeling, PrepareStats};
 use crate::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
 use crate::ml::train::save::save_adapter;
 use crate::ml::train::trainer::{
-    plan_steps, train, CheckpointPolicy, TrainConfig as LoopConfig, TrainProgress, TrainReport,
+    plan_steps, train_with, CheckpointPolicy, TrainConfig as LoopConfig, TrainProgress, TrainReport,
 };
 use crate::tasks::formats::{dataset_identity, read_train_file};
 use crate::tasks::registry::Registry;
@@ -554,6 +555,7 @@ pub fn train_task(
     let mut loaded = load_base_model(&root, cfg)?;
     let work = repo.coin_dir().join("tmp").join("train").join(&key[..16]);
     std::fs::create_dir_all(&work).map_err(|e| io_err("create", &work, e))?;
+    let mut parent_dir = None;
     let params = match &parent_cp {
         Some(cp) if cp.manifest.files.contains_key("adapter_config.json") => {
             let dir = work.join("parent");
@@ -563,6 +565,7 @@ pub fn train_task(
             repo.checkout(cp.id, &dir)?;
             progress.note(&format!("Continuing the adapter of {}.", cp.id.short()));
             let params = TrainableParams::attach_from(&mut loaded.model, &settings, &dir)?;
+            parent_dir = Some(dir);
             if cfg.train.projector_init == ProjectorInit::AsCoin {
                 // CoIN's later tasks: a new projector (its previous-task load matches no key).
                 progress.note(
@@ -636,7 +639,16 @@ pub fn train_task(
         dir: work.join("resume"),
         every: (total / 10).max(1),
     };
-    let report = train(
+    let ctx = MethodContext {
+        cfg,
+        task: &def.name,
+        parent_dir: parent_dir.as_deref(),
+        loaded: &loaded,
+        params: &params,
+        samples: &samples,
+    };
+    let mut method = methods::prepare(&ctx)?;
+    let report = train_with(
         &loaded.model,
         &params,
         &samples,
@@ -644,6 +656,7 @@ pub fn train_task(
         &lc,
         Some(&policy),
         progress.trainer(),
+        method.regularizer(),
     )?;
     if report.stopped_early {
         return Err(WorkflowError::Input(format!(
@@ -656,6 +669,7 @@ pub fn train_task(
         std::fs::remove_dir_all(&out).map_err(|e| io_err("remove", &out, e))?;
     }
     save_adapter(&params, &out, &cfg.model.name)?;
+    let method_record = method.finish(&ctx, &out)?;
 
     let mut extra: BTreeMap<String, Value> = BTreeMap::new();
     extra.insert(TRAINING_KEY_FIELD.into(), Value::String(key.clone()));
@@ -671,6 +685,9 @@ pub fn train_task(
     if !replayed.is_empty() {
         extra.insert("replay".into(), Value::Array(replayed));
     }
+    if !method_record.is_null() {
+        extra.insert("method".into(), method_record);
+    }
     let (first, last) = report.loss_drop(10).unwrap_or((f64::NAN, f64::NAN));
     extra.insert(
         "result".into(),
@@ -683,6 +700,12 @@ pub fn train_task(
             "dtype": format!("{:?}", loaded.model.dtype).to_lowercase(),
         }),
     );
+    if let (Some(a), Some(b)) = first_last(&report.penalties, 10) {
+        if let Some(r) = extra.get_mut("result").and_then(Value::as_object_mut) {
+            r.insert("penalty_first10".into(), json!(a));
+            r.insert("penalty_last10".into(), json!(b));
+        }
+    }
     // Written but not yet on the branch: the evals come first, so that the pre-checkpoint gate
     // (e.g. the forgetting gate) sees the new scores.
     let outcome = repo.commit(&step_request(
@@ -722,6 +745,17 @@ pub fn train_task(
         evals,
         branch,
     })
+}
+
+/// The mean of the first and of the last `k` values (`None` for none): the method's extra
+/// objective term as the train record shows it.
+fn first_last(v: &[f64], k: usize) -> (Option<f64>, Option<f64>) {
+    if v.is_empty() {
+        return (None, None);
+    }
+    let k = k.clamp(1, v.len());
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    (Some(mean(&v[..k])), Some(mean(&v[v.len() - k..])))
 }
 
 /// The commit of a trained step: detached (the evals and the gate come before the branch

@@ -258,6 +258,132 @@ fn nonzero_lora_b(params: &TrainableParams) {
     }
 }
 
+/// A regularizer whose outputs term is `k` × the shard's cross-entropy and whose parameters
+/// term is `c/2 · Σ θ²` over the vars named `only`: its gradients are known in closed form.
+#[derive(Debug)]
+struct ScaledLoss {
+    k: f64,
+    c: f64,
+    only: String,
+}
+
+impl super::trainer::Regularizer for ScaledLoss {
+    fn fingerprint(&self) -> String {
+        format!("scaled {} {} {}", self.k, self.c, self.only)
+    }
+    fn logits_term(
+        &self,
+        _ids: &[usize],
+        logits: &Tensor,
+        labels: &[Vec<i64>],
+    ) -> crate::ml::Result<Option<Tensor>> {
+        Ok(Some(
+            (super::loss::masked_cross_entropy(logits, labels)? * self.k)?,
+        ))
+    }
+    fn params_term(&self, params: &TrainableParams) -> crate::ml::Result<Option<Tensor>> {
+        let v = params.get(&self.only).expect("named var");
+        Ok(Some((v.as_tensor().sqr()?.sum_all()? * (self.c / 2.0))?))
+    }
+}
+
+#[test]
+fn a_regularizer_adds_its_terms_to_the_loss_and_gradients_of_every_shard_and_step() {
+    let f = fixture(6, 1);
+    let mut m = load(&f.model_dir, DType::F64);
+    let samples = samples_of(&f, &m, &task("mini-GQA"));
+    let params =
+        TrainableParams::attach(&mut m.model, &settings(AdapterKind::Lora, 3)).expect("attach");
+    nonzero_lora_b(&params);
+    params.set_training(false);
+    let micro = vec![vec![0, 1, 2], vec![3, 4, 5]];
+    let (l0, g0, _) = step_grads(&m, &params, &samples, &micro, 1);
+    let reg = ScaledLoss {
+        k: 0.5,
+        c: 0.0,
+        only: params.vars[0].0.clone(),
+    };
+    for shards in [1, 3] {
+        let sums = accumulate_step(
+            &m.model,
+            &params,
+            &samples,
+            &m.image,
+            &micro,
+            StepOptions {
+                aspect: crate::ml::image::AspectMode::Pad,
+                max_shards: shards,
+                regularizer: Some(&reg),
+            },
+            &mut super::data::PixelCache::new(0),
+        )
+        .expect("step");
+        assert!(
+            (sums.loss - l0).abs() < 1e-10,
+            "the loss stays the cross-entropy"
+        );
+        assert!(
+            (sums.extra - 0.5 * l0).abs() < 1e-10,
+            "extra {} vs {}",
+            sums.extra,
+            0.5 * l0
+        );
+        let mut g = sums.grads;
+        let g = g.take();
+        let scaled: std::collections::BTreeMap<String, Tensor> = g0
+            .iter()
+            .map(|(k, t)| (k.clone(), (t * 1.5).expect("scale")))
+            .collect();
+        let worst = worst_relative_difference(&g, &scaled);
+        assert!(
+            worst < 1e-9,
+            "{shards} shards: worst relative difference {worst}"
+        );
+    }
+    // The parameters term, through train_with: one step at learning rate 0 changes nothing,
+    // and its value c/2·Σθ² is reported per step.
+    let name = params.vars[1].0.clone();
+    let theta = params.get(&name).expect("var").as_tensor().clone();
+    let expected = theta
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        * 2.0
+        / 2.0;
+    let reg = ScaledLoss {
+        k: 0.0,
+        c: 2.0,
+        only: name,
+    };
+    let cfg = TrainConfig {
+        batch_size: 6,
+        grad_accum: 1,
+        learning_rate: 0.0,
+        max_steps: Some(1),
+        ..TrainConfig::default()
+    };
+    let report = super::trainer::train_with(
+        &m.model,
+        &params,
+        &samples,
+        &m.image,
+        &cfg,
+        None,
+        &mut NoProgress,
+        Some(&reg),
+    )
+    .expect("train");
+    assert_eq!(report.penalties.len(), 1);
+    assert!(
+        (report.penalties[0] - expected).abs() < 1e-9 * expected.max(1.0),
+        "penalty {} vs {expected}",
+        report.penalties[0]
+    );
+}
+
 /// One [`accumulate_step`] over `micro` in at most `shards` shards: (loss, gradients by name,
 /// supervised tokens).
 fn step_grads(
@@ -267,7 +393,7 @@ fn step_grads(
     micro: &[Vec<usize>],
     shards: usize,
 ) -> (f64, std::collections::BTreeMap<String, Tensor>, usize) {
-    let (loss, mut acc, _, tokens) = accumulate_step(
+    let mut sums = accumulate_step(
         &m.model,
         params,
         samples,
@@ -276,11 +402,13 @@ fn step_grads(
         StepOptions {
             aspect: crate::ml::image::AspectMode::Pad,
             max_shards: shards,
+            regularizer: None,
         },
         &mut super::data::PixelCache::new(0),
     )
     .expect("step");
-    (loss, acc.take(), tokens)
+    assert_eq!(sums.extra, 0.0, "no regularizer, no extra term");
+    (sums.loss, sums.grads.take(), sums.tokens)
 }
 
 #[test]

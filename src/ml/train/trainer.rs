@@ -214,6 +214,10 @@ pub struct TrainReport {
     pub trainable_parameters: usize,
     /// Whether [`TrainProgress::should_stop`] ended the run before its last step.
     pub stopped_early: bool,
+    /// The method's extra objective term of each step this process ran ([`train_with`];
+    /// empty without one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub penalties: Vec<f64>,
 }
 
 impl TrainReport {
@@ -427,14 +431,59 @@ fn load_checkpoint(
     Ok(state)
 }
 
+/// A term of the training objective beyond the task's cross-entropy: a continual-learning
+/// method's penalty or distillation (docs/methods.md). Both hooks build their term from
+/// differentiable ops, so its gradient reaches the vars through candle's backward.
+pub trait Regularizer: Sync + std::fmt::Debug {
+    /// What makes this term what it is (its method and hyper-parameters, a hash of any data it
+    /// holds): part of the run's fingerprint, so a resume with another term is refused.
+    fn fingerprint(&self) -> String;
+
+    /// A term on one shard's outputs, as a mean per supervised token of the shard (it is then
+    /// weighted like the shard's cross-entropy). `ids` are the shard's sample indices into the
+    /// run's samples, in batch order; `logits` (b, t, vocab) and `labels` (b rows of t) are
+    /// [`forward_batch`]'s. `None`: no term.
+    fn logits_term(
+        &self,
+        _ids: &[usize],
+        _logits: &Tensor,
+        _labels: &[Vec<i64>],
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// A term on the parameters, added once per optimiser step (a scalar built from
+    /// `params.vars`); vars it does not reach get no gradient from it. `None`: no term.
+    fn params_term(&self, _params: &TrainableParams) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
 /// How [`accumulate_step`] batches: the images' aspect mode and the most shards per
-/// micro-batch ([`TrainConfig::shards`]).
+/// micro-batch ([`TrainConfig::shards`]), and the objective's extra term, if any.
 #[derive(Clone, Copy, Debug)]
-pub struct StepOptions {
+pub struct StepOptions<'a> {
     /// How images are fitted to the tower's square input.
     pub aspect: AspectMode,
     /// Concurrent shards per micro-batch, at most.
     pub max_shards: usize,
+    /// A method's extra term on each shard's outputs ([`Regularizer::logits_term`]).
+    pub regularizer: Option<&'a dyn Regularizer>,
+}
+
+/// What one [`accumulate_step`] did.
+#[derive(Debug)]
+pub struct StepSums {
+    /// The mean cross-entropy over the step's supervised tokens.
+    pub loss: f64,
+    /// The mean of the outputs' extra term over the same tokens (0 without one).
+    pub extra: f64,
+    /// The summed (token-weighted) gradients of both.
+    pub grads: GradAccumulator,
+    /// Sequence positions covered.
+    pub positions: usize,
+    /// Supervised tokens covered.
+    pub tokens: usize,
 }
 
 /// Vars that only images reach (the projector; the vision tower in full training): a part
@@ -445,8 +494,8 @@ fn image_only(name: &str) -> bool {
 }
 
 /// Forward and backward every micro-batch of one optimiser step; returns the step's mean loss
-/// over its supervised tokens, the summed (token-weighted) gradients, and the positions and
-/// supervised tokens it covered. Each micro-batch runs as up to `max_shards` concurrent
+/// over its supervised tokens (and the mean of the regularizer's outputs term), the summed
+/// (token-weighted) gradients, and the positions and supervised tokens it covered. Each micro-batch runs as up to `max_shards` concurrent
 /// shards of consecutive samples on rayon's pool, each with the calling thread's kernels
 /// setting. Splitting the same samples into more
 /// micro-batches or shards gives the same loss and gradients up to rounding: dropout masks are
@@ -459,11 +508,15 @@ pub fn accumulate_step(
     samples: &[Sample],
     images: &ImageProcessor,
     micro: &[Vec<usize>],
-    opts: StepOptions,
+    opts: StepOptions<'_>,
     cache: &mut PixelCache,
-) -> Result<(f64, GradAccumulator, usize, usize)> {
+) -> Result<StepSums> {
     use rayon::prelude::*;
-    let StepOptions { aspect, max_shards } = opts;
+    let StepOptions {
+        aspect,
+        max_shards,
+        regularizer,
+    } = opts;
     let step_tokens: usize = micro.iter().flatten().map(|&k| samples[k].supervised).sum();
     let step_positions: usize = micro.iter().flatten().map(|&k| samples[k].positions).sum();
     if step_tokens == 0 {
@@ -474,6 +527,7 @@ pub fn accumulate_step(
     let key = params.dropout.next_key();
     let mut acc = GradAccumulator::default();
     let mut loss_sum = 0.0;
+    let mut extra_sum = 0.0;
     let mut first_row = 0;
     for mb in micro {
         let batch: Vec<&Sample> = mb.iter().map(|&k| &samples[k]).collect();
@@ -492,7 +546,7 @@ pub fn accumulate_step(
             .filter(|&(a, b)| batch[a..b].iter().any(|s| s.supervised > 0))
             .collect();
         let kernels = crate::ml::fused::kernels_override();
-        let run = |&(a, b): &(usize, usize)| -> Result<(f64, GradStore, bool)> {
+        let run = |&(a, b): &(usize, usize)| -> Result<(f64, f64, GradStore, bool)> {
             let part = &batch[a..b];
             let px = &pixels[img_at[a]..img_at[b]];
             crate::ml::fused::with_kernels(kernels, || {
@@ -501,32 +555,50 @@ pub fn accumulate_step(
                     let (logits, labels) = forward_batch(model, &examples, px)?;
                     let tokens: usize = part.iter().map(|s| s.supervised).sum();
                     let loss = masked_cross_entropy(&logits, &labels)?;
+                    let extra = match regularizer {
+                        Some(r) => r.logits_term(&mb[a..b], &logits, &labels)?,
+                        None => None,
+                    };
                     let weight = tokens as f64 / step_tokens as f64;
-                    let grads = (&loss * weight)?.backward()?;
+                    let (objective, extra) = match extra {
+                        Some(t) => {
+                            let v = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                            ((&loss + t)?, v)
+                        }
+                        None => (loss.clone(), 0.0),
+                    };
+                    let grads = (&objective * weight)?.backward()?;
                     let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    Ok((loss * tokens as f64, grads, !px.is_empty()))
+                    Ok((
+                        loss * tokens as f64,
+                        extra * tokens as f64,
+                        grads,
+                        !px.is_empty(),
+                    ))
                 })
             })
         };
-        let done: Vec<Result<(f64, GradStore, bool)>> = if shards.len() > 1 {
+        let done: Vec<Result<(f64, f64, GradStore, bool)>> = if shards.len() > 1 {
             shards.par_iter().map(run).collect()
         } else {
             shards.iter().map(run).collect()
         };
         for r in done {
-            let (loss, grads, has_images) = r?;
+            let (loss, extra, grads, has_images) = r?;
             acc.add(&params.vars, &grads, |name| !has_images && image_only(name))?;
             loss_sum += loss;
+            extra_sum += extra;
         }
         first_row += batch.len();
     }
     acc.fill_missing(&params.vars)?;
-    Ok((
-        loss_sum / step_tokens as f64,
-        acc,
-        step_positions,
-        step_tokens,
-    ))
+    Ok(StepSums {
+        loss: loss_sum / step_tokens as f64,
+        extra: extra_sum / step_tokens as f64,
+        grads: acc,
+        positions: step_positions,
+        tokens: step_tokens,
+    })
 }
 
 /// Train `params` (already attached to `model`) on `samples`.
@@ -542,6 +614,25 @@ pub fn train(
     cfg: &TrainConfig,
     checkpoint: Option<&CheckpointPolicy>,
     progress: &mut dyn TrainProgress,
+) -> Result<TrainReport> {
+    train_with(
+        model, params, samples, images, cfg, checkpoint, progress, None,
+    )
+}
+
+/// [`train`] with a method's extra objective term ([`Regularizer`]): its outputs term joins
+/// each shard's loss, its parameters term each optimiser step's gradient (before clipping).
+/// The report's `losses` stay the task's cross-entropy; `penalties` hold the extra terms.
+#[allow(clippy::too_many_arguments)]
+pub fn train_with(
+    model: &Llava,
+    params: &TrainableParams,
+    samples: &[Sample],
+    images: &ImageProcessor,
+    cfg: &TrainConfig,
+    checkpoint: Option<&CheckpointPolicy>,
+    progress: &mut dyn TrainProgress,
+    regularizer: Option<&dyn Regularizer>,
 ) -> Result<TrainReport> {
     if samples.is_empty() {
         return Err(MlError::Input("no training samples".into()));
@@ -567,8 +658,14 @@ pub fn train(
             ..AdamWConfig::default()
         },
     )?;
-    let fp = fingerprint(cfg, params, samples);
+    let mut fp = fingerprint(cfg, params, samples);
+    if let Some(r) = regularizer {
+        fp = blake3::hash(format!("{fp}\n{}", r.fingerprint()).as_bytes())
+            .to_hex()
+            .to_string();
+    }
     let mut losses = Vec::new();
+    let mut penalties = Vec::new();
     let mut start = 0;
     if let Some(policy) = checkpoint {
         if let Some(ckpt) = latest_checkpoint(&policy.dir)? {
@@ -600,7 +697,13 @@ pub fn train(
                     .device
                     .set_seed(cfg.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
             }
-            let (loss, mut acc, step_positions, step_tokens) = accumulate_step(
+            let StepSums {
+                loss,
+                extra,
+                grads: mut acc,
+                positions: step_positions,
+                tokens: step_tokens,
+            } = accumulate_step(
                 model,
                 params,
                 samples,
@@ -609,9 +712,26 @@ pub fn train(
                 StepOptions {
                     aspect: cfg.image_aspect,
                     max_shards: shards,
+                    regularizer,
                 },
                 &mut cache,
             )?;
+            let mut penalty = extra;
+            if let Some(term) = regularizer
+                .map(|r| r.params_term(params))
+                .transpose()?
+                .flatten()
+            {
+                let g = term.backward()?;
+                acc.add(&params.vars, &g, |_| true)?;
+                penalty += term.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
+            if !penalty.is_finite() {
+                return Err(MlError::Input(format!(
+                    "the method's extra term became {penalty} at step {} (lower its weight?)",
+                    i + 1
+                )));
+            }
             if !loss.is_finite() {
                 return Err(MlError::Input(format!(
                     "the loss became {loss} at step {} (lower the learning rate?)",
@@ -627,6 +747,9 @@ pub fn train(
                 _ => lr,
             })?;
             losses.push(loss);
+            if regularizer.is_some() {
+                penalties.push(penalty);
+            }
             positions += step_positions as u64;
             supervised += step_tokens as u64;
             let done = i + 1;
@@ -681,6 +804,7 @@ pub fn train(
         tokens_per_s: positions as f64 / seconds.max(1e-9),
         trainable_parameters: params.num_elements(),
         stopped_early: stopped,
+        penalties,
     })
 }
 
