@@ -160,6 +160,10 @@ fn merge_two_branches_exactly_with_both_parents_and_the_union_of_tasks() {
     assert!(log.contains(&merged[..8]), "{log}");
     assert!(log.contains("merge: average of"), "{log}");
     assert!(
+        log.contains(&format!("merge of {} and {}", &a[..12], &b[..12])),
+        "both parents, first first: {log}"
+    );
+    assert!(
         log.contains("mini-TextVQA 0.00") || log.contains("mini-TextVQA"),
         "{log}"
     );
@@ -199,21 +203,21 @@ fn merge_two_branches_exactly_with_both_parents_and_the_union_of_tasks() {
 
     // Training continues from a merge and evaluates the merged tasks with the new one.
     env.coin(&["switch", "-c", "after", &merged]).success();
-    // (with the merged adapter's rank and α: the settings must match the adapter continued).
-    let r = format!("train.lora_r={}", pm.rank().unwrap());
-    let alpha = format!("train.lora_alpha={}", pm.config.lora_alpha.unwrap());
+    // The merged adapter's rank and α come from the merge: no setting needed, the record says so.
     let next = env
-        .coin(&[
-            "train",
-            "mini-OCRVQA",
-            "--set",
-            &r,
-            "--set",
-            &alpha,
-            "--json",
-        ])
+        .coin(&["train", "mini-OCRVQA", "--json"])
         .success()
         .json();
+    let shown = env
+        .coin(&["show", next["checkpoint"].as_str().unwrap(), "--json"])
+        .success()
+        .json();
+    let tc = &shown["train"]["config"]["train"];
+    assert_eq!(tc["lora_r"].as_u64().unwrap() as usize, pm.rank().unwrap());
+    assert_eq!(
+        tc["lora_alpha"].as_f64().unwrap(),
+        pm.config.lora_alpha.unwrap()
+    );
     let tasks: Vec<&str> = next["evals"]
         .as_array()
         .unwrap()

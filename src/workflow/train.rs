@@ -274,6 +274,8 @@ struct StepInputs {
     parent: Option<CheckpointId>,
     parent_cp: Option<crate::history::Checkpoint>,
     data: crate::tasks::formats::DatasetIdentity,
+    /// What was adjusted on the way, for the user (e.g. a merged parent's rank).
+    notes: Vec<String>,
 }
 
 /// Resolve and check a step's inputs, before anything is loaded or run.
@@ -318,8 +320,24 @@ fn step_inputs(
     if let Some(cp) = &parent_cp {
         check_parent_base(cp, &cfg)?;
     }
+    let mut cfg = cfg;
+    let mut notes = Vec::new();
+    if let Some((r, alpha)) = parent_cp.as_ref().and_then(merged_shape) {
+        if (r, alpha) != (cfg.train.lora_r, cfg.train.lora_alpha) {
+            // A merge's adapter has the summed rank of its inputs: training on from it continues
+            // that adapter, whatever rank a fresh one would get. The record and the key say so.
+            notes.push(format!(
+                "Continuing the merged adapter with its own rank {r} and lora_alpha {alpha} \
+                 (train.lora_r = {} and lora_alpha = {} apply to fresh adapters).",
+                cfg.train.lora_r, cfg.train.lora_alpha
+            ));
+            cfg.train.lora_r = r;
+            cfg.train.lora_alpha = alpha;
+        }
+    }
     let data = dataset_identity(&train_file)?;
     Ok(StepInputs {
+        notes,
         cfg,
         rt,
         def,
@@ -330,6 +348,17 @@ fn step_inputs(
         parent_cp,
         data,
     })
+}
+
+/// The rank and `lora_alpha` of a merge checkpoint's adapter (`coin merge`), from its record.
+fn merged_shape(cp: &crate::history::Checkpoint) -> Option<(usize, f64)> {
+    let t = cp
+        .train
+        .as_ref()
+        .filter(|t| t.task == super::merge::MERGE_TASK)?;
+    let r = t.extra.get("rank")?.as_u64()? as usize;
+    let scale = t.extra.get("scale")?.as_f64()?;
+    (r > 0 && scale.is_finite()).then_some((r, scale * r as f64))
 }
 
 /// The training key of a step of coin's own engine.
@@ -525,7 +554,11 @@ pub fn train_task(
         parent,
         parent_cp,
         data,
+        notes,
     } = step_inputs(repo, cfg, req, None)?;
+    for n in &notes {
+        progress.note(n);
+    }
     let cfg = &cfg;
     let settings = adapter_settings(cfg)?;
     let root = repo.root().to_path_buf();

@@ -10,6 +10,8 @@ use super::history_util::{evals_json, format_time, open_repo, Decorations};
 
 /// Show the checkpoints leading to a revision, newest first (first parents)
 ///
+/// A merge (`coin merge`) shows both of its parents; the log follows the first.
+///
 /// Each checkpoint's eval scores follow its task; general-knowledge scores of the LLM judge
 /// (`GK:<task>` records, `coin judge --record`) are shown on their own `gk:` line.
 #[derive(clap::Args, Debug)]
@@ -64,6 +66,11 @@ pub fn cmd_log(ui: &mut Ui, helper: &CommandHelper, args: &LogArgs) -> Result<()
                 format!(" ({})", names.join(", "))
             };
             writeln!(out, "{}{names}  {}", id.short(), format_time(cp.time))?;
+            if cp.parents.len() > 1 {
+                // A merge (`coin merge`): both parents, first parent first, as `git log` does.
+                let ps: Vec<String> = cp.parents.iter().map(|p| p.short()).collect();
+                writeln!(out, "    merge of {}", ps.join(" and "))?;
+            }
             let task = train.map_or("?", |t| t.task.as_str());
             match train.and_then(|t| t.message.as_deref()) {
                 Some(m) => writeln!(out, "    {task}: {m}")?,
