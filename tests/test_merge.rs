@@ -246,15 +246,23 @@ fn merge_two_branches_exactly_with_both_parents_and_the_union_of_tasks() {
         let w = [(1.0 * s1).sqrt(), (0.5 * s2).sqrt()];
         let want_a = coin::ml::merge::ties(&[&a1, &a2], &w, 0.5);
         let want_b = coin::ml::merge::ties(&[&b1, &b2], &w, 0.5);
-        for (got, want) in [(&am, &want_a), (&bm, &want_b)] {
+        for (got, want, x1, x2) in [(&am, &want_a, &a1, &a2), (&bm, &want_b, &b1, &b2)] {
             let d = got
                 .iter()
                 .zip(want.iter())
                 .map(|(x, y)| (x - y).abs())
                 .fold(0f32, f32::max);
             assert!(d < 1e-6, "{name}: {d}");
-            let kept = got.iter().filter(|x| **x != 0.0).count();
-            assert!(kept <= got.len() / 2, "{name}: {kept} of {}", got.len());
+            // A merged entry is non-zero only where an input kept its entry (⌊0.5·n⌋ each).
+            let (t1, t2) = (
+                coin::ml::merge::trim_top(x1, 0.5),
+                coin::ml::merge::trim_top(x2, 0.5),
+            );
+            assert_eq!(t1.iter().filter(|x| **x != 0.0).count(), x1.len() / 2);
+            for (i, v) in got.iter().enumerate() {
+                assert!(*v == 0.0 || t1[i] != 0.0 || t2[i] != 0.0, "{name}[{i}]");
+            }
+            assert!(got.iter().any(|v| *v != 0.0), "{name}");
         }
     }
 
