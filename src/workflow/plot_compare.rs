@@ -244,7 +244,9 @@ fn draw<DB: DrawingBackend>(
     }
     let x_max = points.iter().map(|p| p.1).fold(1.0f64, f64::max) * 1.25;
     let y_hi = points.iter().map(|p| p.2).fold(1.0f64, f64::max) * 1.25;
-    let y_lo = points.iter().map(|p| p.2).fold(0.0f64, f64::min) * 1.25;
+    // A margin below the lowest point, so that a branch without forgetting is not drawn on
+    // the axis.
+    let y_lo = points.iter().map(|p| p.2).fold(0.0f64, f64::min) * 1.25 - 0.05 * y_hi;
     let x_desc = format!("wall time as a multiple of {first}");
     let mut chart = ChartBuilder::on(&bottom)
         .margin_left(10)
