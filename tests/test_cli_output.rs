@@ -277,6 +277,8 @@ fn eval_record_matrix_and_compare() {
     main     60.00   90.00       —   85.00   75.00   77.50  -20.00       —   20.00
     alt      75.00       —   55.50   67.75   65.25   72.62   -5.00       —    5.00
 
+    wall time: not recorded (no train or eval record of these branches holds its seconds: imports, `coin commit`, `eval --record`)
+
     main and alt share 1 checkpoint(s) up to 3dba696e6cc9 (1 step(s): A)
     ");
     insta::assert_snapshot!(env.coin_render(&["log", "main"]), @r"

@@ -1,6 +1,7 @@
 //! `coin merge` end to end on the tiny model and CoIN-mini: two branches trained on different
 //! tasks from one parent, merged into a checkpoint with both as git parents, evaluated on the
-//! union of their tasks, whose adapter's update is exactly the weighted sum of theirs; the same
+//! union of their tasks, whose adapter's update is exactly the weighted sum of theirs (TIES:
+//! the factors are the TIES of theirs); the same
 //! merge run again reuses it; fsck and log cope with it; training continues from it; every
 //! incompatible input is refused before anything is written.
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
@@ -70,8 +71,9 @@ fn merge_two_branches_exactly_with_both_parents_and_the_union_of_tasks() {
 
     // Wrong methods and weights are refused before anything is loaded.
     for (args, want) in [
-        (vec!["--method", "ties"], "not implemented yet"),
         (vec!["--method", "slerp"], "unknown merge method"),
+        (vec!["--density", "0.5"], "setting of --method ties"),
+        (vec!["--method", "ties", "--density", "0"], "outside (0, 1]"),
         (vec!["--weights", "1,2,3"], "needs two"),
         (vec!["--weights", "nan,1"], "not a finite number"),
         (vec!["--weights", "x,1"], "is not a number"),
@@ -200,6 +202,73 @@ fn merge_two_branches_exactly_with_both_parents_and_the_union_of_tasks() {
     assert_eq!(ta["reused"], false);
     assert_ne!(id_of(&ta), merged);
     assert_eq!(ta["weights"], serde_json::json!([1.0, 1.0]));
+
+    // TIES on the factors: rank kept, α = r, each merged factor the TIES of the inputs'
+    // factors weighted √(w·s); method, weights and density recorded.
+    env.coin(&["switch", "-c", "ties", &b]).success();
+    let ti = env
+        .coin(&[
+            "merge",
+            &a,
+            &b,
+            "--method",
+            "ties",
+            "--density",
+            "0.5",
+            "--weights",
+            "1,0.5",
+            "--eval-tasks",
+            "none",
+            "--json",
+        ])
+        .success()
+        .json();
+    assert_eq!(ti["method"], "ties");
+    assert_eq!(ti["density"], 0.5);
+    let tid = id_of(&ti);
+    let rec = &show(&env, &tid)["train"];
+    assert_eq!(rec["method"], "ties");
+    assert_eq!(rec["weights"], serde_json::json!([1.0, 0.5]));
+    assert_eq!(rec["density"], 0.5);
+    assert_eq!(rec["rank"], ra as u64);
+    let pt = load(&tid);
+    assert_eq!(pt.rank(), Some(ra));
+    assert_eq!(pt.config.lora_alpha, Some(ra as f64));
+    let factors = |p: &PeftAdapter, n: &str| match &p.layers[n] {
+        Adapter::Lora(l) => (
+            l.a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            l.b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            l.scale,
+        ),
+        Adapter::MoeLora(_) => panic!("LoRA expected"),
+    };
+    for name in pa.layers.keys() {
+        let (a1, b1, s1) = factors(&pa, name);
+        let (a2, b2, s2) = factors(&pb, name);
+        let (am, bm, sm) = factors(&pt, name);
+        assert_eq!(sm, 1.0);
+        let w = [(1.0 * s1).sqrt(), (0.5 * s2).sqrt()];
+        let want_a = coin::ml::merge::ties(&[&a1, &a2], &w, 0.5);
+        let want_b = coin::ml::merge::ties(&[&b1, &b2], &w, 0.5);
+        for (got, want, x1, x2) in [(&am, &want_a, &a1, &a2), (&bm, &want_b, &b1, &b2)] {
+            let d = got
+                .iter()
+                .zip(want.iter())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-6, "{name}: {d}");
+            // A merged entry is non-zero only where an input kept its entry (⌊0.5·n⌋ each).
+            let (t1, t2) = (
+                coin::ml::merge::trim_top(x1, 0.5),
+                coin::ml::merge::trim_top(x2, 0.5),
+            );
+            assert_eq!(t1.iter().filter(|x| **x != 0.0).count(), x1.len() / 2);
+            for (i, v) in got.iter().enumerate() {
+                assert!(*v == 0.0 || t1[i] != 0.0 || t2[i] != 0.0, "{name}[{i}]");
+            }
+            assert!(got.iter().any(|v| *v != 0.0), "{name}");
+        }
+    }
 
     // Training continues from a merge and evaluates the merged tasks with the new one.
     env.coin(&["switch", "-c", "after", &merged]).success();

@@ -399,3 +399,182 @@ fn matrix_and_compare_from_eval_records() {
     assert!(text.contains("mini-VQAv2 → mini-GQA"), "{text}");
     assert!(text.contains("share 1 checkpoint(s)"), "{text}");
 }
+
+/// `coin compare` over branches made of records with known seconds (written through the
+/// library, as `coin train` and `coin eval` write them): the wall time of each branch is the
+/// sum of its history's train and eval seconds (shared checkpoints counted for every branch),
+/// the ratio is to the first branch, untimed steps and evals are counted and named, the method
+/// comes from `config.train`, and `--plot` writes a valid SVG and PNG.
+#[test]
+fn compare_wall_time_methods_and_plot() {
+    use coin::history::{CoinRepo, CommitRequest, EvalRecord};
+    use serde_json::json;
+
+    let env = TestEnvironment::new();
+    env.coin(&["init"]).success();
+    let repo = CoinRepo::open(&env.work()).unwrap();
+    let mut n = 0;
+    let mut commit = |task: &str, train: Value, evals: &[(&str, f64, Value)]| {
+        n += 1;
+        let file = env.write(format!("w{n}/weights.bin"), format!("weights {n}"));
+        let req = CommitRequest {
+            paths: vec![file],
+            task: task.to_string(),
+            evals: evals
+                .iter()
+                .map(|(t, score, extra)| {
+                    let extra = extra.as_object().cloned().unwrap_or_default();
+                    let rec = EvalRecord {
+                        metric: "accuracy".into(),
+                        score: *score,
+                        n: 10,
+                        extra: extra.into_iter().collect(),
+                    };
+                    (t.to_string(), rec)
+                })
+                .collect(),
+            train_extra: train.as_object().unwrap().clone().into_iter().collect(),
+            skip_hooks: true,
+            ..CommitRequest::default()
+        };
+        repo.commit(&req).unwrap().id
+    };
+    let secs = |s: f64| json!({ "seconds": s });
+    let lora = |strategy: Option<&str>| {
+        let mut train = json!({ "method": "lora" });
+        if let Some(s) = strategy {
+            train["strategy"] = json!(s);
+        }
+        json!({ "train": train })
+    };
+    // main: zero-shot (evals 1 + 1 s), A (train 10 s, eval 2 s), B (train 20 s, evals 2 + 2 s).
+    let base = commit(
+        "base",
+        json!({ "kind": "base" }),
+        &[("A", 10.0, secs(1.0)), ("B", 20.0, secs(1.0))],
+    );
+    let step_a = commit(
+        "A",
+        json!({ "config": lora(None), "result": { "seconds": 10.0 } }),
+        &[("A", 80.0, secs(2.0))],
+    );
+    commit(
+        "B",
+        json!({ "config": lora(None), "result": { "seconds": 20.0 } }),
+        &[("A", 60.0, secs(2.0)), ("B", 90.0, secs(2.0))],
+    );
+    // replay: from the zero-shot row; coin's trainer (15 s), then an external trainer (30 s)
+    // and an external evaluator (4 + 4 s).
+    repo.create_branch("replay", base).unwrap();
+    repo.switch("replay", false).unwrap();
+    commit(
+        "A",
+        json!({ "config": lora(Some("replay")), "result": { "seconds": 15.0 } }),
+        &[("A", 82.0, secs(3.0))],
+    );
+    commit(
+        "B",
+        json!({ "config": lora(Some("replay")), "external": { "seconds": 30.0 } }),
+        &[
+            ("A", 75.0, json!({ "evaluator": { "seconds": 4.0 } })),
+            ("B", 88.0, json!({ "evaluator": { "seconds": 4.0 } })),
+        ],
+    );
+    // imported: main's A, then a step without timing or configuration (as `coin commit`).
+    repo.create_branch("imported", step_a).unwrap();
+    repo.switch("imported", false).unwrap();
+    commit(
+        "C",
+        json!({}),
+        &[("A", 50.0, json!({})), ("C", 70.0, json!({}))],
+    );
+
+    let c = env
+        .coin(&["compare", "main", "replay", "imported", "--json"])
+        .success()
+        .json();
+    let b = &c["branches"];
+    // main: 10 + 20 train, 1 + 1 + 2 + 2 + 2 eval.
+    assert_eq!(b[0]["wall"]["train_seconds"], 30.0);
+    assert_eq!(b[0]["wall"]["eval_seconds"], 8.0);
+    assert_eq!(b[0]["wall"]["seconds"], 38.0);
+    assert_eq!(b[0]["wall"]["ratio_to_first"], 1.0);
+    assert_eq!(b[0]["method"], "lora");
+    assert_eq!(b[0]["strategies"], json!(["sequential"]));
+    // replay: 15 + 30 train, 1 + 1 (shared zero-shot) + 3 + 4 + 4 eval = 58 = 38 × 1.526.
+    assert_eq!(b[1]["wall"]["train_seconds"], 45.0);
+    assert_eq!(b[1]["wall"]["eval_seconds"], 13.0);
+    let ratio = b[1]["wall"]["ratio_to_first"].as_f64().unwrap();
+    assert!((ratio - 58.0 / 38.0).abs() < 1e-12, "{ratio}");
+    assert_eq!(b[1]["method"], "lora+replay");
+    assert_eq!(b[1]["train_methods"], json!(["lora"]));
+    assert_eq!(b[1]["wall"]["untimed_steps"], 0);
+    // imported: main's zero-shot and A counted again (10 s train, 1 + 1 + 2 s eval); C untimed.
+    assert_eq!(b[2]["wall"]["seconds"], 14.0);
+    assert_eq!(b[2]["wall"]["steps"], 2);
+    assert_eq!(b[2]["wall"]["untimed_steps"], 1);
+    assert_eq!(b[2]["wall"]["evals"], 5);
+    assert_eq!(b[2]["wall"]["untimed_evals"], 2);
+    for key in ["mft", "mfn", "maa", "bwt", "forgetting"] {
+        assert!(b[1]["metrics"].get(key).is_some(), "{key}");
+    }
+
+    let text = env
+        .coin(&["compare", "main", "replay", "imported"])
+        .success()
+        .stdout;
+    assert!(text.contains("× main"), "{text}");
+    let replay_row = text
+        .lines()
+        .find(|l| l.starts_with("replay") && l.contains("lora+replay"))
+        .unwrap_or_else(|| panic!("{text}"));
+    for cell in ["45.0", "13.0", "58.0", "1.53"] {
+        assert!(replay_row.contains(cell), "{cell}: {replay_row}");
+    }
+    let imported_row = text
+        .lines()
+        .find(|l| l.starts_with("imported") && l.contains("steps"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        imported_row.contains("1/2 steps, 2/5 evals"),
+        "{imported_row}"
+    );
+    assert!(imported_row.contains("0.37"), "{imported_row}");
+    assert!(text.contains("count 0 s"), "{text}");
+    assert!(text.contains("imported  lora"), "{text}");
+    let main_row = text
+        .lines()
+        .find(|l| l.starts_with("main ") && l.contains("1.00"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        main_row.contains("38.0") && main_row.ends_with('—'),
+        "{main_row}"
+    );
+
+    // The plot: one figure, SVG and PNG.
+    env.coin(&[
+        "compare", "main", "replay", "imported", "--plot", "cmp.svg", "--json",
+    ])
+    .success();
+    let svg = std::fs::read_to_string(env.path("cmp.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    for needle in [
+        "replay (lora+replay)",
+        "MAA",
+        "wall time as a multiple of main",
+        "mean forgetting",
+    ] {
+        assert!(svg.contains(needle), "missing {needle}");
+    }
+    let out = env
+        .coin(&["compare", "main", "replay", "--plot", "cmp.png"])
+        .success();
+    assert!(out.stderr.contains("cmp.png"), "{}", out.stderr);
+    let img = image::open(env.path("cmp.png")).unwrap().to_rgb8();
+    assert!(img.width() >= 760 && img.height() > 600);
+    // Both branches' colours (Tableau blue and orange) are drawn.
+    let has = |rgb: [u8; 3]| img.pixels().any(|p| p.0 == rgb);
+    assert!(has([31, 119, 180]) && has([255, 127, 14]));
+    let e = env.coin(&["compare", "main", "--plot", "cmp.jpg"]).code(1);
+    assert!(e.stderr.contains(".svg or .png"), "{}", e.stderr);
+}

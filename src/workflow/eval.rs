@@ -210,6 +210,10 @@ fn parse_predictions(bytes: &[u8], id: &ObjectId) -> Result<Vec<AnswerRecord>, W
     Ok(out)
 }
 
+/// The eval-record field that holds the wall seconds of generating and scoring the answers
+/// (`coin compare` sums it into a branch's wall time).
+pub const SECONDS_FIELD: &str = "seconds";
+
 fn make_record(
     plan: &TaskPlan,
     report: &ScoreReport,
@@ -422,18 +426,28 @@ fn run(
                         .evals
                         .get(&plan.def.name)
                         .and_then(|(r, _)| r.extra.get("runtime"));
-                    let rec = make_record(plan, &report, *id, cfg, Some(&plan.generation_key), ran);
+                    let mut rec =
+                        make_record(plan, &report, *id, cfg, Some(&plan.generation_key), ran);
+                    // ... and how long generating them took.
+                    if let Some(secs) = cp
+                        .evals
+                        .get(&plan.def.name)
+                        .and_then(|(r, _)| r.extra.get(SECONDS_FIELD))
+                    {
+                        rec.extra.insert(SECONDS_FIELD.into(), secs.clone());
+                    }
                     (rec, TaskStatus::Rescored)
                 }
                 Action::Generate => {
                     let m = model
                         .as_deref_mut()
                         .expect("a model is loaded whenever a task needs generation");
+                    let started = std::time::Instant::now();
                     let answers = generate_answers(repo.root(), m, plan, cfg, &rt, progress)?;
                     let jsonl = formats::answers_to_jsonl(&answers);
                     let id = repo.store().put_blob_bytes(jsonl.as_bytes())?;
                     let report = score_answers(repo, plan, &answers)?;
-                    let rec = make_record(
+                    let mut rec = make_record(
                         plan,
                         &report,
                         id,
@@ -441,6 +455,8 @@ fn run(
                         Some(&plan.generation_key),
                         Some(&rt_json),
                     );
+                    rec.extra
+                        .insert(SECONDS_FIELD.into(), json!(started.elapsed().as_secs_f64()));
                     (rec, TaskStatus::Generated)
                 }
             };

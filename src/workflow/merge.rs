@@ -1,10 +1,12 @@
 //! Merging two checkpoints (`coin merge A B`, docs/merge.md): a checkpoint whose git parents
-//! are both inputs (A first, so first-parent walks follow A), whose adapter is the exact merge
-//! of theirs ([`crate::ml::merge`]), evaluated on the union of both inputs' trained tasks by
+//! are both inputs (A first, so first-parent walks follow A), whose adapter is the merge of
+//! theirs ([`crate::ml::merge`]: exact for average and task arithmetic, TIES on the factors for
+//! `ties`), evaluated on the union of both inputs' trained tasks by
 //! coin's own engine, and then made the head of the current branch through the
 //! `pre-checkpoint` gate, as `coin train` does (commit detached, evaluate, publish).
 //!
-//! The merge key (blake3 of the inputs, method, effective weights and coin's version) is
+//! The merge key (blake3 of the inputs, method, effective weights, TIES' density and coin's
+//! version) is
 //! recorded in the train record; a merge with the same key anywhere in the repository is reused,
 //! so running the same merge again is idempotent.
 
@@ -20,6 +22,7 @@ use super::train::TrainWorkflowProgress;
 use super::{RunConfig, WorkflowError};
 use crate::history::records::to_canonical_json;
 use crate::history::{BaseModel, Checkpoint, CheckpointId, CoinRepo, CommitRequest};
+use crate::ml::merge::FactorMerge;
 
 /// `kind` of a merge checkpoint's train record.
 pub const KIND_MERGE: &str = "merge";
@@ -45,23 +48,43 @@ pub enum MergeMethod {
     Average,
     /// Task arithmetic: the adapters' updates added with the weights as given (default 1, 1).
     TaskArithmetic,
+    /// TIES-Merging on the LoRA factors (equal ranks), the weights as given (default 1, 1),
+    /// each factor trimmed to the `--density` share of its largest entries.
+    Ties,
 }
 
+/// TIES' default density: the share of each factor's entries kept (the paper's k = 20 %).
+pub const DEFAULT_TIES_DENSITY: f64 = 0.2;
+
 impl MergeMethod {
-    /// Parse a method name (`average`, `task-arithmetic`); `ties` and others are refused.
+    /// Parse a method name (`average`, `task-arithmetic`, `ties`).
     pub fn parse(s: &str) -> Result<Self, WorkflowError> {
         match s {
             "average" => Ok(MergeMethod::Average),
             "task-arithmetic" => Ok(MergeMethod::TaskArithmetic),
-            "ties" => Err(WorkflowError::Input(
-                "merge method 'ties' is not implemented yet: TIES trims and elects signs per \
-                 weight of the full update, which a LoRA adapter can only approximate; use \
-                 average or task-arithmetic (docs/merge.md)"
-                    .to_string(),
-            )),
+            "ties" => Ok(MergeMethod::Ties),
             other => Err(WorkflowError::Input(format!(
-                "unknown merge method '{}'; use average or task-arithmetic",
+                "unknown merge method '{}'; use average, task-arithmetic or ties",
                 other.escape_debug()
+            ))),
+        }
+    }
+
+    /// The density the factors are trimmed to: `given` (or the default) for
+    /// [`MergeMethod::Ties`], checked to lie in (0, 1]; `None` for the other methods, which
+    /// refuse a given one.
+    pub fn effective_density(self, given: Option<f64>) -> Result<Option<f64>, WorkflowError> {
+        match (self, given) {
+            (MergeMethod::Ties, None) => Ok(Some(DEFAULT_TIES_DENSITY)),
+            (MergeMethod::Ties, Some(d)) if d > 0.0 && d <= 1.0 => Ok(Some(d)),
+            (MergeMethod::Ties, Some(d)) => Err(WorkflowError::Input(format!(
+                "--density {d} is outside (0, 1]: it is the share of each factor's entries \
+                 TIES keeps, e.g. --density 0.2"
+            ))),
+            (_, None) => Ok(None),
+            (m, Some(_)) => Err(WorkflowError::Input(format!(
+                "--density is a setting of --method ties; {} trims nothing",
+                m.name()
             ))),
         }
     }
@@ -71,6 +94,7 @@ impl MergeMethod {
         match self {
             MergeMethod::Average => "average",
             MergeMethod::TaskArithmetic => "task-arithmetic",
+            MergeMethod::Ties => "ties",
         }
     }
 
@@ -95,7 +119,7 @@ impl MergeMethod {
             )));
         }
         match self {
-            MergeMethod::TaskArithmetic => Ok(w),
+            MergeMethod::TaskArithmetic | MergeMethod::Ties => Ok(w),
             MergeMethod::Average => {
                 let sum = w[0] + w[1];
                 if w.iter().any(|x| *x < 0.0) || sum <= 0.0 {
@@ -133,6 +157,8 @@ pub struct MergeRequest {
     pub method: MergeMethod,
     /// The weights as given (`None`: the method's default).
     pub weights: Option<Vec<f64>>,
+    /// TIES' density as given (`None`: the default for ties; refused for other methods).
+    pub density: Option<f64>,
     /// Commit message.
     pub message: Option<String>,
     /// Skip the `pre-checkpoint` gate.
@@ -156,6 +182,9 @@ pub struct MergeOutcome {
     pub method: MergeMethod,
     /// The weights the adapters were merged with.
     pub weights: [f64; 2],
+    /// TIES' density (absent for the other methods).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub density: Option<f64>,
     /// The merged adapter's rank.
     pub rank: Option<u64>,
     /// Eval outcomes, in task order.
@@ -267,14 +296,22 @@ fn check_compatible(a: &Checkpoint, b: &Checkpoint, cfg: &RunConfig) -> Result<(
     Ok(())
 }
 
-fn merge_key(req: &MergeRequest, weights: [f64; 2]) -> Result<String, WorkflowError> {
-    let key_json = json!({
+fn merge_key(
+    req: &MergeRequest,
+    weights: [f64; 2],
+    density: Option<f64>,
+) -> Result<String, WorkflowError> {
+    let mut key_json = json!({
         "format": MERGE_KEY_FORMAT,
         "inputs": [req.a.to_string(), req.b.to_string()],
         "method": req.method.name(),
         "weights": weights,
         "coin_version": env!("CARGO_PKG_VERSION"),
     });
+    // Only TIES has a density: the other methods' keys stay as they were.
+    if let Some(d) = density {
+        key_json["density"] = json!(d);
+    }
     Ok(blake3::hash(to_canonical_json(&key_json)?.as_bytes())
         .to_hex()
         .to_string())
@@ -307,6 +344,7 @@ pub fn merge_checkpoints(
 ) -> Result<MergeOutcome, WorkflowError> {
     let cfg = &cfg.with_runtime(cfg.resolved_runtime()?);
     let weights = req.method.effective_weights(req.weights.as_deref())?;
+    let density = req.method.effective_density(req.density)?;
     if req.a == req.b {
         return Err(WorkflowError::Input(format!(
             "both inputs are checkpoint {}; merge two different checkpoints",
@@ -318,7 +356,7 @@ pub fn merge_checkpoints(
     check_compatible(&a, &b, cfg)?;
     let branch = repo.current_branch()?;
     let head = repo.branch_target(&branch)?;
-    let key = merge_key(req, weights)?;
+    let key = merge_key(req, weights, density)?;
     let tasks = {
         let mut t = merged_trained_tasks(repo, req.a)?;
         for x in merged_trained_tasks(repo, req.b)? {
@@ -347,19 +385,27 @@ pub fn merge_checkpoints(
             repo.checkout(req.a, &da)?;
             repo.checkout(req.b, &db)?;
             progress.note(&format!(
-                "Merging the adapters of {} and {} ({}, weights {} and {}).",
+                "Merging the adapters of {} and {} ({}, weights {} and {}{}).",
                 a.id.short(),
                 b.id.short(),
                 req.method.name(),
                 weights[0],
-                weights[1]
+                weights[1],
+                density.map_or_else(String::new, |d| format!(", density {d}"))
             ));
-            let merged = crate::ml::merge::merge_lora([&da, &db], weights, &out)?;
+            let how = match density {
+                Some(density) => FactorMerge::Ties { density },
+                None => FactorMerge::Concat,
+            };
+            let merged = crate::ml::merge::merge_lora([&da, &db], weights, how, &out)?;
             let mut extra: BTreeMap<String, Value> = BTreeMap::new();
             extra.insert(KIND_FIELD.into(), json!(KIND_MERGE));
             extra.insert(MERGE_KEY_FIELD.into(), json!(key));
             extra.insert("method".into(), json!(req.method.name()));
             extra.insert("weights".into(), json!(weights));
+            if let Some(d) = density {
+                extra.insert("density".into(), json!(d));
+            }
             extra.insert(
                 "inputs".into(),
                 json!([req.a.to_string(), req.b.to_string()]),
@@ -445,6 +491,7 @@ pub fn merge_checkpoints(
         merge_key: key,
         method: req.method,
         weights,
+        density,
         rank,
         evals,
     })
@@ -482,8 +529,29 @@ mod tests {
                 .to_string();
             assert!(e.contains(want), "{w:?}: {e}");
         }
-        let e = MergeMethod::parse("ties").expect_err("ties").to_string();
-        assert!(e.contains("not implemented yet"), "{e}");
+        assert_eq!(MergeMethod::parse("ties").expect("ties"), MergeMethod::Ties);
+        let ties = MergeMethod::Ties;
+        assert_eq!(ties.effective_weights(None).expect("ok"), [1.0, 1.0]);
+        assert_eq!(
+            ties.effective_weights(Some(&[0.7, -0.2])).expect("ok"),
+            [0.7, -0.2]
+        );
+        assert_eq!(ties.effective_density(None).expect("ok"), Some(0.2));
+        assert_eq!(ties.effective_density(Some(1.0)).expect("ok"), Some(1.0));
+        assert_eq!(avg.effective_density(None).expect("ok"), None);
+        for (m, d, want) in [
+            (ties, 0.0, "outside (0, 1]"),
+            (ties, 1.5, "outside (0, 1]"),
+            (ties, f64::NAN, "outside (0, 1]"),
+            (avg, 0.5, "setting of --method ties"),
+            (ta, 0.5, "setting of --method ties"),
+        ] {
+            let e = m
+                .effective_density(Some(d))
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains(want), "{d}: {e}");
+        }
         assert!(MergeMethod::parse("slerp").is_err());
         assert_eq!(
             MergeMethod::parse("task-arithmetic").expect("ok"),

@@ -20,6 +20,7 @@ pub mod matrix;
 pub mod merge;
 pub mod methods;
 pub mod plot;
+pub mod plot_compare;
 mod plot_font;
 pub mod train;
 

@@ -19,7 +19,7 @@ use super::plot_font::{GLYPHS, GLYPH_H, GLYPH_W};
 use super::WorkflowError;
 
 /// Distinct line colours (Tableau 10).
-const PALETTE: [(u8, u8, u8); 10] = [
+pub(super) const PALETTE: [(u8, u8, u8); 10] = [
     (31, 119, 180),
     (255, 127, 14),
     (44, 160, 44),
@@ -33,54 +33,77 @@ const PALETTE: [(u8, u8, u8); 10] = [
 ];
 
 const CELL_H: i32 = 26;
-const FONT: (&str, u32) = ("sans-serif", 14);
+pub(super) const FONT: (&str, u32) = ("sans-serif", 14);
 
 /// Draw `bm` to `path`; the extension picks the format (`.svg` or `.png`).
 pub fn plot_matrix(bm: &BranchMatrix, title: &str, path: &Path) -> Result<(), WorkflowError> {
-    let err = |message: String| WorkflowError::Plot {
-        path: path.to_path_buf(),
-        message,
-    };
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .unwrap_or_default();
+    plot_ext(path)?;
     if bm.matrix.tasks.is_empty() {
         return Err(WorkflowError::Input(format!(
             "cannot plot to '{}': the matrix is empty, no eval records on this history yet",
             path.display()
         )));
     }
-    let size = layout(bm).size;
-    match ext.as_str() {
+    write_plot(
+        path,
+        layout(bm).size,
+        |root| draw(root, bm, title),
+        |root| draw(root, bm, title),
+    )
+}
+
+/// Draw a figure of `size` pixels to `path`: `.svg` with `svg`, `.png` with `png` (the same
+/// drawing on the two backends), written atomically.
+pub(super) fn write_plot(
+    path: &Path,
+    size: (u32, u32),
+    svg: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> Result<(), String>,
+    png: impl FnOnce(&DrawingArea<TextBitmap<'_>, Shift>) -> Result<(), String>,
+) -> Result<(), WorkflowError> {
+    let err = |message: String| WorkflowError::Plot {
+        path: path.to_path_buf(),
+        message,
+    };
+    match plot_ext(path)?.as_str() {
         "svg" => {
             let mut text = String::new();
             {
                 let root = SVGBackend::with_string(&mut text, size).into_drawing_area();
-                draw(&root, bm, title).map_err(err)?;
+                svg(&root).map_err(err)?;
                 root.present().map_err(|e| err(e.to_string()))?;
             }
             crate::store::fsutil::write_atomic(path, text.as_bytes())
                 .map_err(WorkflowError::io("write the plot", path))
         }
-        "png" => {
+        _ => {
             let (w, h) = size;
             let mut buf = vec![255u8; w as usize * h as usize * 3];
             {
                 let inner = BitMapBackend::with_buffer(&mut buf, size);
                 let root = TextBitmap { inner }.into_drawing_area();
-                draw(&root, bm, title).map_err(err)?;
+                png(&root).map_err(err)?;
                 root.present().map_err(|e| err(e.to_string()))?;
             }
             let img = image::RgbImage::from_raw(w, h, buf)
-                .expect("the buffer has exactly w × h RGB pixels");
+                .ok_or_else(|| err("the drawing buffer does not match the image size".into()))?;
             let mut png = Vec::new();
             img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
                 .map_err(|e| err(e.to_string()))?;
             crate::store::fsutil::write_atomic(path, &png)
                 .map_err(WorkflowError::io("write the plot", path))
         }
+    }
+}
+
+/// The plot format `path` names (`svg` or `png`); anything else is refused.
+pub(super) fn plot_ext(path: &Path) -> Result<String, WorkflowError> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    match ext.as_str() {
+        "svg" | "png" => Ok(ext),
         _ => Err(WorkflowError::Input(format!(
             "cannot plot to '{}': the plot file must end in .svg or .png",
             path.display()
@@ -148,7 +171,7 @@ fn heat_colour(score: f64) -> (RGBColor, RGBColor) {
     (bg, fg)
 }
 
-fn truncate(s: &str, max_chars: usize) -> String {
+pub(super) fn truncate(s: &str, max_chars: usize) -> String {
     if s.chars().count() <= max_chars {
         s.to_string()
     } else {
@@ -331,7 +354,7 @@ fn draw<DB: DrawingBackend>(
 }
 
 /// plotters' bitmap backend with text drawn from [`super::plot_font`].
-struct TextBitmap<'a> {
+pub(super) struct TextBitmap<'a> {
     inner: BitMapBackend<'a>,
 }
 

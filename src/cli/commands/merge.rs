@@ -12,10 +12,13 @@ use super::workflow_util::ConfigArgs;
 
 /// Merge the adapters of two checkpoints into a new checkpoint whose parents are both
 ///
-/// The merged LoRA adapter is exact: its update is w₁·ΔW₁ + w₂·ΔW₂, stored with rank
-/// r₁ + r₂ (no SVD, no approximation); a trained projector is the weighted average. `average`
-/// normalises the weights to sum 1 (default ½, ½); `task-arithmetic` uses them as given
-/// (default 1, 1). The inputs must share the base model, the adapter kind (LoRA; MoELoRA is not
+/// With `average` and `task-arithmetic` the merged LoRA adapter is exact: its update is
+/// w₁·ΔW₁ + w₂·ΔW₂, stored with rank r₁ + r₂ (no SVD, no approximation). `average` normalises
+/// the weights to sum 1 (default ½, ½); `task-arithmetic` uses them as given (default 1, 1).
+/// `ties` applies TIES-Merging to the A factors and to the B factors separately, as PEFT's
+/// `add_weighted_adapter(combination_type="ties")` does (equal ranks; rank kept; weights as
+/// given, default 1, 1): an approximation whose ΔW is not the TIES of the inputs' ΔWs. A
+/// trained projector is the weighted average for every method. The inputs must share the base model, the adapter kind (LoRA; MoELoRA is not
 /// supported yet) and the target modules. The new checkpoint is evaluated on the union of the
 /// tasks both inputs were trained on and becomes the head of the current branch after the
 /// pre-checkpoint gate; its first parent is A. The same merge run again reuses its checkpoint
@@ -26,13 +29,17 @@ pub struct MergeArgs {
     pub a: String,
     /// The second checkpoint
     pub b: String,
-    /// How to combine the adapters: average or task-arithmetic (ties is not implemented yet)
+    /// How to combine the adapters: average, task-arithmetic or ties (TIES on the LoRA factors)
     #[arg(
         long,
         default_value = "average",
-        value_name = "average|task-arithmetic"
+        value_name = "average|task-arithmetic|ties"
     )]
     pub method: String,
+    /// ties only: the share of each factor's entries kept, by magnitude (0 < D ≤ 1; default
+    /// 0.2, the TIES paper's k = 20 %)
+    #[arg(long, value_name = "D")]
+    pub density: Option<f64>,
     /// The two weights, comma-separated, e.g. 0.7,0.3 (default: 0.5,0.5 for average, 1,1 for
     /// task-arithmetic)
     #[arg(long, value_name = "W1,W2")]
@@ -91,12 +98,15 @@ pub fn cmd_merge(
     let repo = open_repo(helper)?;
     let method = MergeMethod::parse(&args.method)?;
     let weights = args.weights.as_deref().map(parse_weights).transpose()?;
+    // Checked before the configuration and the inputs are read.
+    method.effective_density(args.density)?;
     let cfg = args.config.resolve(helper, &repo, None)?;
     let req = MergeRequest {
         a: repo.resolve(&args.a)?,
         b: repo.resolve(&args.b)?,
         method,
         weights,
+        density: args.density,
         message: args.message.clone(),
         skip_hooks: args.no_verify,
         eval_tasks: parse_eval_tasks(&args.eval_tasks),
