@@ -964,6 +964,29 @@ mod tests {
     }
 
     #[test]
+    fn each_demo_method_resolves_to_its_strategy_and_settings() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let settings = DemoSettings::new(true);
+        let cfg = |m: &str, sets: &[String]| {
+            demo_config(dir.path(), m, &settings, sets, &[]).expect("config")
+        };
+        use crate::workflow::config::{Method, Strategy};
+        let lora = cfg("lora", &[]);
+        assert_eq!(lora.train.strategy, Strategy::Sequential);
+        assert_eq!(cfg("moelora", &[]).train.method, Method::Moelora);
+        let replay = cfg(REPLAY, &[]);
+        assert_eq!(replay.train.strategy, Strategy::Replay);
+        assert_eq!(replay.train.replay_items, REPLAY_ITEMS);
+        let ewc = cfg(EWC, &[]);
+        assert_eq!(ewc.train.method, Method::Lora);
+        assert_eq!(ewc.train.strategy, Strategy::Ewc);
+        assert_eq!(ewc.train.ewc_lambda, EWC_LAMBDA);
+        // --set still wins (tuning).
+        let tuned = cfg(EWC, &["train.ewc_lambda=7".to_string()]);
+        assert_eq!(tuned.train.ewc_lambda, 7.0);
+    }
+
+    #[test]
     fn facts_compare_the_diagonal_with_chance_and_bwt_with_the_bar() {
         // ScienceQA (chance 25) then TextVQA (chance 12.5).
         let good = bm(vec![vec![Some(90.0), None], vec![Some(60.0), Some(80.0)]]);
