@@ -434,12 +434,14 @@ fn ewc_stores_a_fisher_per_var_and_penalises_the_next_step() {
     };
     let out = ewc(&[]).success();
     assert!(
-        out.stderr.contains("EWC: no penalty this step: the first step"),
+        out.stderr
+            .contains("EWC: no penalty this step: the first step"),
         "{}",
         out.stderr
     );
     assert!(
-        out.stderr.contains("Computing the diagonal Fisher of mini-VizWiz on 6 of its 12"),
+        out.stderr
+            .contains("Computing the diagonal Fisher of mini-VizWiz on 6 of its 12"),
         "{}",
         out.stderr
     );
@@ -517,13 +519,24 @@ fn ewc_stores_a_fisher_per_var_and_penalises_the_next_step() {
     assert_eq!(other["reuse"], Value::Null);
     assert_ne!(other["training_key"], same["training_key"]);
     let seq = plan(&[]);
-    let seq_set = plan(&["train.ewc_lambda=3", "train.ewc_gamma=0.5", "train.ewc_samples=1"]);
+    let seq_set = plan(&[
+        "train.ewc_lambda=3",
+        "train.ewc_gamma=0.5",
+        "train.ewc_samples=1",
+    ]);
     assert_eq!(seq["training_key"], seq_set["training_key"]);
     assert_ne!(seq["training_key"], same["training_key"]);
 
     // Clear errors: a bad γ or λ, and ewc with an external trainer.
     let e = env
-        .coin(&["train", "mini-GQA", "--set", "train.strategy=ewc", "--set", "train.ewc_gamma=2"])
+        .coin(&[
+            "train",
+            "mini-GQA",
+            "--set",
+            "train.strategy=ewc",
+            "--set",
+            "train.ewc_gamma=2",
+        ])
         .code(1);
     assert!(e.stderr.contains("train.ewc_gamma"), "{}", e.stderr);
     let e = env
@@ -541,7 +554,8 @@ fn ewc_stores_a_fisher_per_var_and_penalises_the_next_step() {
         ])
         .code(1);
     assert!(
-        e.stderr.contains("train.strategy = ewc needs coin's engine"),
+        e.stderr
+            .contains("train.strategy = ewc needs coin's engine"),
         "{}",
         e.stderr
     );

@@ -158,7 +158,9 @@ impl Ewc {
         }
         let penalty = EwcPenalty::new(t.ewc_lambda, ctx.params, &parent, &shown).map_err(bad)?;
         let why_not = if penalty.vars() == 0 {
-            Some(format!("the parent's {FISHER_FILE} has no tensor of a trained var"))
+            Some(format!(
+                "the parent's {FISHER_FILE} has no tensor of a trained var"
+            ))
         } else if t.ewc_lambda == 0.0 {
             Some("train.ewc_lambda is 0".into())
         } else {

@@ -191,8 +191,8 @@ fn the_penalty_and_its_gradient_match_the_closed_form_and_finite_differences() {
 /// Sample `k`'s mean supervised-token log-likelihood.
 fn log_likelihood(m: &LoadedModel, s: &Sample) -> f64 {
     let mut cache = PixelCache::new(0);
-    let px = batch_pixels(&[s], &m.image, AspectMode::Pad, &m.model.device, &mut cache)
-        .expect("pixels");
+    let px =
+        batch_pixels(&[s], &m.image, AspectMode::Pad, &m.model.device, &mut cache).expect("pixels");
     let (logits, labels) =
         forward_batch(&m.model, std::slice::from_ref(&s.example), &px).expect("forward");
     -scalar(&masked_cross_entropy(&logits, &labels).expect("loss"))
@@ -299,12 +299,19 @@ fn fisher_samples_are_a_seeded_choice_and_the_consolidation_weights_the_parent_b
     let (f, m, _params) = lora_model();
     let samples = samples_of(&f, &m, &task("mini-GQA"));
     let n = samples.len();
-    assert_eq!(fisher_sample_indices(&samples, 0, 1), (0..n).collect::<Vec<_>>());
+    assert_eq!(
+        fisher_sample_indices(&samples, 0, 1),
+        (0..n).collect::<Vec<_>>()
+    );
     assert_eq!(fisher_sample_indices(&samples, n + 5, 1).len(), n);
     let a = fisher_sample_indices(&samples, 2, 1);
     assert_eq!(a.len(), 2);
     assert!(a[0] < a[1] && a[1] < n, "{a:?}");
-    assert_eq!(a, fisher_sample_indices(&samples, 2, 1), "same seed, same choice");
+    assert_eq!(
+        a,
+        fisher_sample_indices(&samples, 2, 1),
+        "same seed, same choice"
+    );
     let seeds: std::collections::BTreeSet<Vec<usize>> = (0..20)
         .map(|s| fisher_sample_indices(&samples, 2, s))
         .collect();
@@ -321,7 +328,11 @@ fn fisher_samples_are_a_seeded_choice_and_the_consolidation_weights_the_parent_b
     task_f.insert("new".to_string(), t(&[3.0]));
     let out = consolidate(Some(&parent), &task_f, 0.5, |n| n == "p").expect("merge");
     assert_eq!(values(&out["a"]), vec![1.0, 1.25]);
-    assert_eq!(values(&out["p"]), vec![1.0], "a var started afresh keeps the task's");
+    assert_eq!(
+        values(&out["p"]),
+        vec![1.0],
+        "a var started afresh keeps the task's"
+    );
     assert_eq!(values(&out["new"]), vec![3.0]);
     assert!(!out.contains_key("gone"), "only the vars trained now");
     let plain = consolidate(Some(&parent), &task_f, 1.0, |_| false).expect("merge");
