@@ -276,7 +276,7 @@ fn default_replay_items() -> usize {
 }
 
 /// `train.ewc_lambda`'s default (docs/methods.md: measured on CoIN-mini).
-pub const DEFAULT_EWC_LAMBDA: f64 = 1000.0;
+pub const DEFAULT_EWC_LAMBDA: f64 = 100.0;
 
 fn default_ewc_lambda() -> f64 {
     DEFAULT_EWC_LAMBDA
