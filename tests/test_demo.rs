@@ -170,9 +170,10 @@ fn quick_demo_leaves_a_coin_repository_with_the_whole_order() {
         .stdout;
     assert!(cmp.contains("replay"), "{cmp}");
     let e = env
-        .coin(&["demo", "--quick", "--dir", "demo", "--method", "ewc"])
+        .coin(&["demo", "--quick", "--dir", "demo", "--method", "nonsense"])
         .code(2);
     assert!(e.stderr.contains("replay"), "{}", e.stderr);
+    assert!(e.stderr.contains("ewc"), "{}", e.stderr);
 
     // Refused: the folder of a quick demo for a full one, and a folder that is not a demo.
     let e = env.coin(&["demo", "--dir", "demo"]).code(1);

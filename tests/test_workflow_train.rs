@@ -381,7 +381,182 @@ fn replay_mixes_recorded_items_of_earlier_tasks_and_shares_the_first_step() {
         .code(1);
     assert!(e.stderr.contains("replay_share"), "{}", e.stderr);
     let e = env
-        .coin(&["train", "mini-GQA", "--set", "train.strategy=ewc"])
+        .coin(&["train", "mini-GQA", "--set", "train.strategy=nonsense"])
         .code(1);
-    assert!(e.stderr.contains("sequential, replay"), "{}", e.stderr);
+    assert!(e.stderr.contains("sequential, replay, ewc"), "{}", e.stderr);
+}
+
+/// The tensors of a safetensors file as (name, f32 values): the 8-byte header length, the JSON
+/// header, the data.
+fn read_f32_safetensors(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut out = Vec::new();
+    for (name, meta) in header.as_object().unwrap() {
+        if name == "__metadata__" {
+            continue;
+        }
+        assert_eq!(meta["dtype"], "F32", "{name}");
+        let (a, b) = (
+            meta["data_offsets"][0].as_u64().unwrap() as usize,
+            meta["data_offsets"][1].as_u64().unwrap() as usize,
+        );
+        let v = data[a..b]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        out.push((name.clone(), v));
+    }
+    out
+}
+
+#[test]
+fn ewc_stores_a_fisher_per_var_and_penalises_the_next_step() {
+    let env = setup();
+    let order = "mini-VizWiz,mini-GQA";
+    let ewc = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--order",
+            order,
+            "--branch",
+            "ewc",
+            "--set",
+            "train.strategy=ewc",
+            "--set",
+            "train.ewc_samples=6",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        env.coin(&args)
+    };
+    let out = ewc(&[]).success();
+    assert!(
+        out.stderr
+            .contains("EWC: no penalty this step: the first step"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("Computing the diagonal Fisher of mini-VizWiz on 6 of its 12"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("EWC: holding "), "{}", out.stderr);
+    let run = out.json();
+    let (id1, id2) = (
+        run["steps"][0]["checkpoint"].as_str().unwrap().to_string(),
+        run["steps"][1]["checkpoint"].as_str().unwrap().to_string(),
+    );
+    // The first checkpoint holds one non-negative, non-zero Fisher tensor per trained var.
+    env.coin(&["checkout", &id1, "--output", "first"]).success();
+    let fisher = read_f32_safetensors(&env.work().join("first").join("ewc.safetensors"));
+    let adapter = read_f32_safetensors(&env.work().join("first").join("adapter_model.safetensors"));
+    let lora: Vec<&(String, Vec<f32>)> =
+        fisher.iter().filter(|(n, _)| n.contains("lora_")).collect();
+    assert_eq!(lora.len(), adapter.len(), "one Fisher tensor per LoRA var");
+    for (name, values) in &fisher {
+        assert!(values.iter().all(|v| v.is_finite() && *v >= 0.0), "{name}");
+        assert!(values.iter().any(|v| *v > 0.0), "{name} is all zero");
+    }
+    for (name, values) in &adapter {
+        // adapter keys: base_model.model.<path>.lora_A.weight; Fisher keys: the var names.
+        let tail = name.rsplit_once("layers.").unwrap().1;
+        let f = lora
+            .iter()
+            .find(|(n, _)| n.ends_with(&format!("layers.{tail}")))
+            .unwrap_or_else(|| panic!("no Fisher for {name}"));
+        assert_eq!(f.1.len(), values.len(), "{name}");
+    }
+    let rec1 = show(&env, &id1);
+    let m1 = &rec1["train"]["method"];
+    assert_eq!(m1["name"], "ewc");
+    assert_eq!(m1["penalty"], false);
+    assert_eq!(m1["fisher_samples"], 6);
+    assert!(m1["why"].as_str().unwrap().contains("first step"), "{m1}");
+    // The second step: the parent's Fisher applied, the penalty grows from 0.
+    let rec2 = show(&env, &id2);
+    let m2 = &rec2["train"]["method"];
+    assert_eq!(m2["penalty"], true, "{m2}");
+    assert_eq!(m2["lambda"], rec2["train"]["config"]["train"]["ewc_lambda"]);
+    assert_eq!(m2["gamma"], 1.0);
+    assert_eq!(
+        m2["parent_fisher"]["tensors"].as_u64().unwrap() as usize,
+        fisher.len()
+    );
+    // γ = 1: the stored Fisher is the parent's plus this task's.
+    let (ps, ts, s) = (
+        m2["parent_fisher"]["sum"].as_f64().unwrap(),
+        m2["fisher"]["task_sum"].as_f64().unwrap(),
+        m2["fisher"]["sum"].as_f64().unwrap(),
+    );
+    assert!((ps + ts - s).abs() <= 1e-4 * s, "{ps} + {ts} vs {s}");
+    let r = &rec2["train"]["result"];
+    assert!(r["penalty_last10"].as_f64().unwrap() > 0.0, "{r}");
+    // coin diff names the changed Fisher tensors.
+    let d = env.coin(&["diff", &id1, &id2]).success().stdout;
+    assert!(d.contains("changed  ewc.safetensors\n"), "{d}");
+    assert!(d.contains("changed  ewc.safetensors:"), "{d}");
+
+    // λ changes the key; on a sequential branch the ewc settings change nothing.
+    let plan = |sets: &[&str]| {
+        let mut args = vec!["train", "mini-GQA", "--from", &id1, "--dry-run", "--json"];
+        for s in sets {
+            args.extend_from_slice(&["--set", s]);
+        }
+        env.coin(&args).success().json()
+    };
+    let same = plan(&["train.strategy=ewc", "train.ewc_samples=6"]);
+    assert_eq!(same["reuse"], id2.as_str(), "{same}");
+    let other = plan(&[
+        "train.strategy=ewc",
+        "train.ewc_samples=6",
+        "train.ewc_lambda=3",
+    ]);
+    assert_eq!(other["reuse"], Value::Null);
+    assert_ne!(other["training_key"], same["training_key"]);
+    let seq = plan(&[]);
+    let seq_set = plan(&[
+        "train.ewc_lambda=3",
+        "train.ewc_gamma=0.5",
+        "train.ewc_samples=1",
+    ]);
+    assert_eq!(seq["training_key"], seq_set["training_key"]);
+    assert_ne!(seq["training_key"], same["training_key"]);
+
+    // Clear errors: a bad γ or λ, and ewc with an external trainer.
+    let e = env
+        .coin(&[
+            "train",
+            "mini-GQA",
+            "--set",
+            "train.strategy=ewc",
+            "--set",
+            "train.ewc_gamma=2",
+        ])
+        .code(1);
+    assert!(e.stderr.contains("train.ewc_gamma"), "{}", e.stderr);
+    let e = env
+        .coin(&["train", "mini-GQA", "--set", "train.ewc_lambda=-1"])
+        .code(1);
+    assert!(e.stderr.contains("train.ewc_lambda"), "{}", e.stderr);
+    let e = env
+        .coin(&[
+            "train",
+            "mini-GQA",
+            "--set",
+            "train.strategy=ewc",
+            "--set",
+            "trainer.command=true",
+        ])
+        .code(1);
+    assert!(
+        e.stderr
+            .contains("train.strategy = ewc needs coin's engine"),
+        "{}",
+        e.stderr
+    );
 }

@@ -247,9 +247,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// The linear layers that get adapters (module name suffixes).
     pub targets: Vec<String>,
-    /// The continual-learning method: `sequential` (each task trained on its own data) or
-    /// `replay` (earlier tasks' training items mixed in). Left out of the training key while
-    /// `sequential`.
+    /// The continual-learning method: `sequential` (each task trained on its own data),
+    /// `replay` (earlier tasks' training items mixed in) or `ewc` (a Fisher-weighted penalty
+    /// towards the parent's adapter). Left out of the training key while `sequential`.
     #[serde(default)]
     pub strategy: Strategy,
     /// `replay`: items replayed from each earlier task, unless `replay_share` is set.
@@ -259,16 +259,43 @@ pub struct TrainConfig {
     /// `replay_items` (0 = use `replay_items`).
     #[serde(default)]
     pub replay_share: f64,
+    /// `ewc`: the weight λ of the quadratic penalty (λ/2)·Σ F·(θ − θ*)² (docs/methods.md).
+    #[serde(default = "default_ewc_lambda")]
+    pub ewc_lambda: f64,
+    /// `ewc`: the factor γ ∈ [0, 1] on the parent's Fisher when this task's is added (1: plain
+    /// EWC's sum over tasks; < 1: online EWC).
+    #[serde(default = "default_ewc_gamma")]
+    pub ewc_gamma: f64,
+    /// `ewc`: training samples (a seeded choice) the Fisher is computed on; 0 = all.
+    #[serde(default = "default_ewc_samples")]
+    pub ewc_samples: usize,
 }
 
 fn default_replay_items() -> usize {
     100
 }
 
+/// `train.ewc_lambda`'s default (docs/methods.md: measured on CoIN-mini).
+pub const DEFAULT_EWC_LAMBDA: f64 = 100.0;
+
+fn default_ewc_lambda() -> f64 {
+    DEFAULT_EWC_LAMBDA
+}
+
+fn default_ewc_gamma() -> f64 {
+    1.0
+}
+
+fn default_ewc_samples() -> usize {
+    200
+}
+
 /// The `train` settings that belong to one method: in the training key only while that method
 /// is the strategy (so adding a method's setting keeps every other method's keys).
-pub const METHOD_FIELDS: &[(Strategy, &[&str])] =
-    &[(Strategy::Replay, &["replay_items", "replay_share"])];
+pub const METHOD_FIELDS: &[(Strategy, &[&str])] = &[
+    (Strategy::Replay, &["replay_items", "replay_share"]),
+    (Strategy::Ewc, &["ewc_lambda", "ewc_gamma", "ewc_samples"]),
+];
 
 /// The continual-learning method (`train.strategy`; docs/methods.md).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,6 +307,9 @@ pub enum Strategy {
     /// Experience replay: a fixed number or share of each earlier task's training items mixed
     /// into the task's data (which items is recorded).
     Replay,
+    /// Elastic Weight Consolidation: a quadratic penalty, weighted by the diagonal Fisher the
+    /// parent stored, that holds the adapter near the parent's (each checkpoint stores its own).
+    Ewc,
 }
 
 /// Eval settings: greedy decoding and scoring.
@@ -527,7 +557,7 @@ impl Choices for CheckpointLayout {
     ];
 }
 impl Choices for Strategy {
-    const ALL: &'static [Self] = &[Strategy::Sequential, Strategy::Replay];
+    const ALL: &'static [Self] = &[Strategy::Sequential, Strategy::Replay, Strategy::Ewc];
 }
 impl Choices for Method {
     const ALL: &'static [Self] = &[Method::Lora, Method::Moelora];
@@ -725,6 +755,9 @@ impl RunConfig {
                 strategy: Strategy::Sequential,
                 replay_items: default_replay_items(),
                 replay_share: 0.0,
+                ewc_lambda: default_ewc_lambda(),
+                ewc_gamma: default_ewc_gamma(),
+                ewc_samples: default_ewc_samples(),
             },
             eval: EvalConfig {
                 max_new_tokens: 128,
@@ -819,6 +852,9 @@ impl RunConfig {
                 strategy: Strategy::Sequential,
                 replay_items: default_replay_items(),
                 replay_share: 0.0,
+                ewc_lambda: default_ewc_lambda(),
+                ewc_gamma: default_ewc_gamma(),
+                ewc_samples: default_ewc_samples(),
             },
             eval: EvalConfig {
                 // Grounding answers ("[0.25, 0.50, 0.50, 0.75]") are the longest in CoIN-mini.
@@ -937,6 +973,21 @@ impl RunConfig {
             return bad(
                 "train.replay_items",
                 "replay needs replay_items ≥ 1 or replay_share > 0".into(),
+            );
+        }
+        if !(t.ewc_lambda.is_finite() && t.ewc_lambda >= 0.0) {
+            return bad(
+                "train.ewc_lambda",
+                format!("must be a finite number ≥ 0, got {}", t.ewc_lambda),
+            );
+        }
+        if !(t.ewc_gamma.is_finite() && (0.0..=1.0).contains(&t.ewc_gamma)) {
+            return bad(
+                "train.ewc_gamma",
+                format!(
+                    "must be in [0, 1] (1: plain EWC, < 1: online EWC), got {}",
+                    t.ewc_gamma
+                ),
             );
         }
         check_counts(&self.runtime)

@@ -63,8 +63,9 @@ pub const PRETRAIN_RECORD: &str = "pretrain.json";
 /// "Far above chance": every task's accuracy right after training must beat its chance level
 /// by at least this many points.
 pub const LEARN_MARGIN: f64 = 20.0;
-/// The demo's methods, each on the branch of its name: LoRA, MoELoRA, LoRA with replay.
-pub const DEMO_METHODS: &[&str] = &["lora", "moelora", REPLAY];
+/// The demo's methods, each on the branch of its name: LoRA, MoELoRA, LoRA with replay, LoRA
+/// with EWC.
+pub const DEMO_METHODS: &[&str] = &["lora", "moelora", REPLAY, EWC];
 
 /// The method name of LoRA with replay (`train.strategy = replay`).
 pub const REPLAY: &str = "replay";
@@ -72,6 +73,12 @@ pub const REPLAY: &str = "replay";
 /// Items replayed per earlier task by `--method replay`: on CoIN-mini it cuts plain LoRA's
 /// forgetting to about a quarter at 1.4× its wall time (docs/methods.md).
 pub const REPLAY_ITEMS: usize = 20;
+
+/// The method name of LoRA with Elastic Weight Consolidation (`train.strategy = ewc`).
+pub const EWC: &str = "ewc";
+
+/// `train.ewc_lambda` of `--method ewc`: the default, measured on CoIN-mini (docs/methods.md).
+pub const EWC_LAMBDA: f64 = super::config::DEFAULT_EWC_LAMBDA;
 
 /// "Forgets measurably": BWT must be at most this (points).
 pub const FORGET_BWT: f64 = -5.0;
@@ -432,6 +439,15 @@ pub fn demo_layers(
             "train.method=lora".to_string(),
             "train.strategy=replay".to_string(),
             format!("train.replay_items={REPLAY_ITEMS}"),
+        ] {
+            layers.push(Layer::from_set(&set)?);
+        }
+    } else if method == EWC {
+        // LoRA with EWC at EWC_LAMBDA (docs/methods.md).
+        for set in [
+            "train.method=lora".to_string(),
+            "train.strategy=ewc".to_string(),
+            format!("train.ewc_lambda={EWC_LAMBDA:?}"),
         ] {
             layers.push(Layer::from_set(&set)?);
         }
@@ -945,6 +961,29 @@ mod tests {
                 zero_shot: None,
             },
         }
+    }
+
+    #[test]
+    fn each_demo_method_resolves_to_its_strategy_and_settings() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let settings = DemoSettings::new(true);
+        let cfg = |m: &str, sets: &[String]| {
+            demo_config(dir.path(), m, &settings, sets, &[]).expect("config")
+        };
+        use crate::workflow::config::{Method, Strategy};
+        let lora = cfg("lora", &[]);
+        assert_eq!(lora.train.strategy, Strategy::Sequential);
+        assert_eq!(cfg("moelora", &[]).train.method, Method::Moelora);
+        let replay = cfg(REPLAY, &[]);
+        assert_eq!(replay.train.strategy, Strategy::Replay);
+        assert_eq!(replay.train.replay_items, REPLAY_ITEMS);
+        let ewc = cfg(EWC, &[]);
+        assert_eq!(ewc.train.method, Method::Lora);
+        assert_eq!(ewc.train.strategy, Strategy::Ewc);
+        assert_eq!(ewc.train.ewc_lambda, EWC_LAMBDA);
+        // --set still wins (tuning).
+        let tuned = cfg(EWC, &["train.ewc_lambda=7".to_string()]);
+        assert_eq!(tuned.train.ewc_lambda, 7.0);
     }
 
     #[test]

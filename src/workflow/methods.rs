@@ -9,14 +9,21 @@
 //!    folder (committed with the adapter, stored per tensor like any safetensors file) and
 //!    returns what the train record keeps under `method`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Instant;
 
-use serde_json::Value;
+use candle_core::{DType, Tensor};
+use serde_json::{json, Value};
 
-use super::config::{RunConfig, Strategy};
+use super::config::{ProjectorInit, RunConfig, Strategy};
 use super::WorkflowError;
 use crate::ml::llava::LoadedModel;
+use crate::ml::load::{read_tensor_file, write_safetensors};
 use crate::ml::train::data::Sample;
+use crate::ml::train::ewc::{
+    consolidate, diagonal_fisher, fisher_sample_indices, fisher_sum_max, EwcPenalty, FISHER_FILE,
+};
 use crate::ml::train::params::TrainableParams;
 use crate::ml::train::trainer::Regularizer;
 
@@ -39,6 +46,12 @@ pub struct MethodContext<'a> {
 
 /// One step's run of a method.
 pub trait MethodRun {
+    /// A sentence for the user about what the method does in this step (`None`: nothing to
+    /// say), shown before training.
+    fn summary(&self) -> Option<String> {
+        None
+    }
+
     /// The objective's extra term while training (`None`: cross-entropy only).
     fn regularizer(&self) -> Option<&dyn Regularizer> {
         None
@@ -46,8 +59,13 @@ pub trait MethodRun {
 
     /// After training, before the checkpoint is written: put the method's files into `out`
     /// (the folder that becomes the checkpoint) and return what the train record keeps under
-    /// `method` (`Value::Null`: nothing).
-    fn finish(&mut self, _ctx: &MethodContext<'_>, _out: &Path) -> Result<Value, WorkflowError> {
+    /// `method` (`Value::Null`: nothing). `note` takes sentences about long work (progress).
+    fn finish(
+        &mut self,
+        _ctx: &MethodContext<'_>,
+        _out: &Path,
+        _note: &mut dyn FnMut(&str),
+    ) -> Result<Value, WorkflowError> {
         Ok(Value::Null)
     }
 }
@@ -60,5 +78,196 @@ impl MethodRun for Plain {}
 pub fn prepare(ctx: &MethodContext<'_>) -> Result<Box<dyn MethodRun>, WorkflowError> {
     match ctx.cfg.train.strategy {
         Strategy::Sequential | Strategy::Replay => Ok(Box::new(Plain)),
+        Strategy::Ewc => Ok(Box::new(Ewc::prepare(ctx)?)),
+    }
+}
+
+/// Whether `name` is a var that this step starts afresh (the projector under
+/// `train.projector_init = "as-coin"`), so the parent's Fisher says nothing about it.
+fn started_afresh(cfg: &RunConfig, has_parent: bool, name: &str) -> bool {
+    has_parent
+        && cfg.train.projector_init == ProjectorInit::AsCoin
+        && name.starts_with("multi_modal_projector.")
+}
+
+/// `train.strategy = ewc` (docs/methods.md): the penalty from the parent's stored Fisher while
+/// training, this task's Fisher consolidated into the checkpoint's `ewc.safetensors` after.
+struct Ewc {
+    /// The parent's Fisher, when it stored one (vars started afresh left out).
+    parent: Option<BTreeMap<String, Tensor>>,
+    /// Why there is no penalty this step.
+    why_not: Option<String>,
+    penalty: Option<EwcPenalty>,
+    /// Fisher tensors of the parent whose var this step does not train.
+    unmatched: usize,
+}
+
+impl Ewc {
+    fn prepare(ctx: &MethodContext<'_>) -> Result<Self, WorkflowError> {
+        let t = &ctx.cfg.train;
+        let Some(dir) = ctx.parent_dir else {
+            return Ok(Ewc {
+                parent: None,
+                why_not: Some("the first step of the branch has no parent adapter".into()),
+                penalty: None,
+                unmatched: 0,
+            });
+        };
+        let file = dir.join(FISHER_FILE);
+        if !file.is_file() {
+            return Ok(Ewc {
+                parent: None,
+                why_not: Some(format!(
+                    "the parent checkpoint has no {FISHER_FILE} (it was not trained with \
+                     train.strategy = ewc)"
+                )),
+                penalty: None,
+                unmatched: 0,
+            });
+        }
+        let shown = format!("the parent's {FISHER_FILE}");
+        let bad = |e: crate::ml::MlError| {
+            WorkflowError::Input(format!(
+                "{shown}: {e} (retrain the parent with train.strategy = ewc, or train this \
+                 step with another strategy)"
+            ))
+        };
+        let mut parent = BTreeMap::new();
+        let mut unmatched = 0;
+        for (name, f) in read_tensor_file(&file).map_err(bad)? {
+            if ctx.params.get(&name).is_none() {
+                unmatched += 1;
+                continue;
+            }
+            if started_afresh(ctx.cfg, true, &name) {
+                continue;
+            }
+            let bad_values = f
+                .to_dtype(DType::F64)
+                .and_then(|v| v.flatten_all()?.to_vec1::<f64>())
+                .map_err(|e| bad(e.into()))?
+                .iter()
+                .any(|v| !v.is_finite() || *v < 0.0);
+            if bad_values {
+                return Err(WorkflowError::Input(format!(
+                    "{shown}: the Fisher of '{name}' has a negative or non-finite entry (the \
+                     file is damaged; retrain the parent)"
+                )));
+            }
+            parent.insert(name, f);
+        }
+        let penalty = EwcPenalty::new(t.ewc_lambda, ctx.params, &parent, &shown).map_err(bad)?;
+        let why_not = if penalty.vars() == 0 {
+            Some(format!(
+                "the parent's {FISHER_FILE} has no tensor of a trained var"
+            ))
+        } else if t.ewc_lambda == 0.0 {
+            Some("train.ewc_lambda is 0".into())
+        } else {
+            None
+        };
+        Ok(Ewc {
+            parent: Some(parent),
+            why_not,
+            penalty: Some(penalty),
+            unmatched,
+        })
+    }
+}
+
+impl MethodRun for Ewc {
+    fn summary(&self) -> Option<String> {
+        Some(match (&self.why_not, &self.penalty) {
+            (None, Some(p)) => format!(
+                "EWC: holding {} var(s) near the parent's adapter, weighted by its Fisher \
+                 (train.strategy = ewc).",
+                p.vars()
+            ),
+            (why, _) => format!(
+                "EWC: no penalty this step: {} (train.strategy = ewc).",
+                why.as_deref().unwrap_or("nothing to hold")
+            ),
+        })
+    }
+
+    fn regularizer(&self) -> Option<&dyn Regularizer> {
+        match (&self.why_not, &self.penalty) {
+            (None, Some(p)) => Some(p as &dyn Regularizer),
+            _ => None,
+        }
+    }
+
+    fn finish(
+        &mut self,
+        ctx: &MethodContext<'_>,
+        out: &Path,
+        note: &mut dyn FnMut(&str),
+    ) -> Result<Value, WorkflowError> {
+        let t = &ctx.cfg.train;
+        let which = fisher_sample_indices(ctx.samples, t.ewc_samples, t.seed);
+        note(&format!(
+            "Computing the diagonal Fisher of {} on {} of its {} samples (train.strategy = ewc).",
+            ctx.task,
+            which.len(),
+            ctx.samples.len()
+        ));
+        let t0 = Instant::now();
+        let mut last = Instant::now();
+        let mut on_sample = |done: usize, total: usize| {
+            if done < total && last.elapsed().as_secs_f64() >= 30.0 {
+                last = Instant::now();
+                note(&format!("Fisher: {done} of {total} samples."));
+            }
+        };
+        let task = diagonal_fisher(
+            &ctx.loaded.model,
+            ctx.params,
+            ctx.samples,
+            &ctx.loaded.image,
+            ctx.cfg.train.image_aspect_ratio,
+            &which,
+            &mut on_sample,
+        )?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let has_parent = ctx.parent_dir.is_some();
+        let merged = consolidate(self.parent.as_ref(), &task, t.ewc_gamma, |n| {
+            started_afresh(ctx.cfg, has_parent, n)
+        })?;
+        let stored: Vec<(String, Tensor)> = merged
+            .iter()
+            .map(|(n, f)| Ok((n.clone(), f.to_dtype(DType::F32)?)))
+            .collect::<Result<_, crate::ml::MlError>>()?;
+        write_safetensors(&out.join(FISHER_FILE), &stored)?;
+        let (task_sum, task_max) = fisher_sum_max(&task)?;
+        let (sum, max) = fisher_sum_max(&merged)?;
+        let mut record = json!({
+            "name": "ewc",
+            "lambda": t.ewc_lambda,
+            "gamma": t.ewc_gamma,
+            "fisher_samples": which.len(),
+            "of_samples": ctx.samples.len(),
+            "fisher_seconds": seconds,
+            "penalty": self.why_not.is_none(),
+            "fisher": {
+                "file": FISHER_FILE, "tensors": merged.len(),
+                "task_sum": task_sum, "task_max": task_max, "sum": sum, "max": max,
+            },
+        });
+        if let Some(o) = record.as_object_mut() {
+            if let Some(why) = &self.why_not {
+                o.insert("why".into(), json!(why));
+            }
+            if let (Some(p), Some(pen)) = (&self.parent, &self.penalty) {
+                let (psum, pmax) = fisher_sum_max(p)?;
+                o.insert(
+                    "parent_fisher".into(),
+                    json!({
+                        "tensors": p.len(), "penalised_vars": pen.vars(),
+                        "sum": psum, "max": pmax, "unmatched": self.unmatched,
+                    }),
+                );
+            }
+        }
+        Ok(record)
     }
 }

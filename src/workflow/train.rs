@@ -288,15 +288,27 @@ fn step_inputs(
     cfg.validate()?;
     let rt = cfg.resolved_runtime()?;
     let cfg = cfg.with_runtime(rt);
-    if cfg.train.strategy != super::config::Strategy::Sequential
-        && !cfg.trainer.command.trim().is_empty()
-    {
-        return Err(WorkflowError::Config(
-            "train.strategy = replay needs coin's engine: an external [trainer] gets only the \
-             task's own {data}; mix the replayed items in the trainer, or leave \
-             trainer.command empty"
-                .into(),
-        ));
+    if !cfg.trainer.command.trim().is_empty() {
+        match cfg.train.strategy {
+            super::config::Strategy::Sequential => {}
+            super::config::Strategy::Replay => {
+                return Err(WorkflowError::Config(
+                    "train.strategy = replay needs coin's engine: an external [trainer] gets only \
+                     the task's own {data}; mix the replayed items in the trainer, or leave \
+                     trainer.command empty"
+                        .into(),
+                ))
+            }
+            super::config::Strategy::Ewc => {
+                return Err(WorkflowError::Config(
+                    "train.strategy = ewc needs coin's engine: its penalty is a term of coin's \
+                     training objective and its Fisher is computed by coin after training; \
+                     leave trainer.command empty, or use train.strategy = sequential with the \
+                     external trainer"
+                        .into(),
+                ))
+            }
+        }
     }
     let root = repo.root().to_path_buf();
     let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
@@ -681,6 +693,9 @@ pub fn train_task(
         samples: &samples,
     };
     let mut method = methods::prepare(&ctx)?;
+    if let Some(s) = method.summary() {
+        progress.note(&s);
+    }
     let report = train_with(
         &loaded.model,
         &params,
@@ -702,7 +717,7 @@ pub fn train_task(
         std::fs::remove_dir_all(&out).map_err(|e| io_err("remove", &out, e))?;
     }
     save_adapter(&params, &out, &cfg.model.name)?;
-    let method_record = method.finish(&ctx, &out)?;
+    let method_record = method.finish(&ctx, &out, &mut |m: &str| progress.note(m))?;
 
     let mut extra: BTreeMap<String, Value> = BTreeMap::new();
     extra.insert(TRAINING_KEY_FIELD.into(), Value::String(key.clone()));

@@ -20,14 +20,14 @@ use crate::ml::tiny::{write_tiny, TinyOptions};
 use crate::tasks::formats::{read_test_file, read_train_file};
 use crate::tasks::mini::{self, MiniConfig};
 
-struct Fixture {
+pub(super) struct Fixture {
     _dir: tempfile::TempDir,
-    model_dir: PathBuf,
-    data: PathBuf,
+    pub(super) model_dir: PathBuf,
+    pub(super) data: PathBuf,
 }
 
 /// A tiny model whose tokenizer knows CoIN-mini's words, plus CoIN-mini data.
-fn fixture(train: usize, test: usize) -> Fixture {
+pub(super) fn fixture(train: usize, test: usize) -> Fixture {
     let dir = tempfile::tempdir().expect("temp dir");
     let model_dir = write_tiny(
         &dir.path().join("model"),
@@ -55,19 +55,19 @@ fn fixture(train: usize, test: usize) -> Fixture {
     }
 }
 
-fn load(dir: &Path, dtype: DType) -> LoadedModel {
+pub(super) fn load(dir: &Path, dtype: DType) -> LoadedModel {
     let src = ModelSource::resolve(dir, None, None).expect("resolves");
     load_model(&src, &Device::Cpu, dtype).expect("loads")
 }
 
-fn task(name: &str) -> mini::MiniTask {
+pub(super) fn task(name: &str) -> mini::MiniTask {
     *mini::TASKS
         .iter()
         .find(|t| t.name == name)
         .expect("known mini task")
 }
 
-fn samples_of(f: &Fixture, m: &LoadedModel, t: &mini::MiniTask) -> Vec<Sample> {
+pub(super) fn samples_of(f: &Fixture, m: &LoadedModel, t: &mini::MiniTask) -> Vec<Sample> {
     let records = read_train_file(
         &f.data
             .join("Instructions_Original")
@@ -214,7 +214,7 @@ fn every_token_after_the_generation_prompt_is_supervised() {
     );
 }
 
-fn settings(kind: AdapterKind, seed: u64) -> AdapterSettings {
+pub(super) fn settings(kind: AdapterKind, seed: u64) -> AdapterSettings {
     AdapterSettings {
         kind,
         r: 8,
@@ -249,7 +249,7 @@ fn worst_relative_difference(
 }
 
 /// Set every LoRA B to 0.05 (B starts at zero, which leaves A without a gradient path).
-fn nonzero_lora_b(params: &TrainableParams) {
+pub(super) fn nonzero_lora_b(params: &TrainableParams) {
     for (name, var) in &params.vars {
         if name.contains("lora_B") {
             let v = var.as_tensor().ones_like().expect("ones") * 0.05;

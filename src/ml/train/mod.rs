@@ -1,6 +1,6 @@
 //! The differentiable training core: a weight-gradient-free matmul for frozen linears
 //! ([`frozen`]), trainable LoRA / MoELoRA adapters and projector as named `Var`s ([`params`]),
-//! seeded adapter dropout ([`dropout`]), batches to full-sequence logits ([`batch`]) and the
+//! seeded adapter dropout ([`dropout`]), EWC's Fisher and penalty ([`ewc`]), batches to full-sequence logits ([`batch`]) and the
 //! assistant-only token cross-entropy ([`loss`]), an AdamW step ([`step`]), saving LoRA /
 //! MoELoRA adapters in PEFT/CoIN layout ([`save`], [`torch_save`]); CoIN records to labelled
 //! examples ([`data`]), AdamW with saveable state, schedules and clipping ([`optim`]) and the
@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod data;
 pub mod dropout;
+pub mod ewc;
 pub mod frozen;
 pub mod full;
 pub mod loss;
@@ -21,6 +22,8 @@ pub mod trainer;
 
 #[cfg(test)]
 mod adapter_tests;
+#[cfg(test)]
+mod ewc_tests;
 #[cfg(test)]
 mod loop_tests;
 #[cfg(test)]
