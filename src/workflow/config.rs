@@ -247,9 +247,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// The linear layers that get adapters (module name suffixes).
     pub targets: Vec<String>,
-    /// The continual-learning method: `sequential` (each task trained on its own data) or
-    /// `replay` (earlier tasks' training items mixed in). Left out of the training key while
-    /// `sequential`.
+    /// The continual-learning method: `sequential` (each task trained on its own data),
+    /// `replay` (earlier tasks' training items mixed in) or `lwf` (distillation toward the
+    /// parent's outputs). Left out of the training key while `sequential`.
     #[serde(default)]
     pub strategy: Strategy,
     /// `replay`: items replayed from each earlier task, unless `replay_share` is set.
@@ -259,6 +259,24 @@ pub struct TrainConfig {
     /// `replay_items` (0 = use `replay_items`).
     #[serde(default)]
     pub replay_share: f64,
+    /// `lwf`: λ, the weight of the distillation term (Li & Hoiem's λ_o = 1).
+    #[serde(default = "default_lwf_lambda")]
+    pub lwf_lambda: f64,
+    /// `lwf`: T, the temperature that softens teacher and student (Li & Hoiem: 2).
+    #[serde(default = "default_lwf_temperature")]
+    pub lwf_temperature: f64,
+    /// `lwf`: keep only the teacher's `lwf_top_k` largest probabilities per position,
+    /// renormalised (0 = the whole vocabulary; the memory is samples × supervised tokens × k).
+    #[serde(default)]
+    pub lwf_top_k: usize,
+}
+
+fn default_lwf_lambda() -> f64 {
+    1.0
+}
+
+fn default_lwf_temperature() -> f64 {
+    2.0
 }
 
 fn default_replay_items() -> usize {
@@ -267,8 +285,10 @@ fn default_replay_items() -> usize {
 
 /// The `train` settings that belong to one method: in the training key only while that method
 /// is the strategy (so adding a method's setting keeps every other method's keys).
-pub const METHOD_FIELDS: &[(Strategy, &[&str])] =
-    &[(Strategy::Replay, &["replay_items", "replay_share"])];
+pub const METHOD_FIELDS: &[(Strategy, &[&str])] = &[
+    (Strategy::Replay, &["replay_items", "replay_share"]),
+    (Strategy::Lwf, &["lwf_lambda", "lwf_temperature", "lwf_top_k"]),
+];
 
 /// The continual-learning method (`train.strategy`; docs/methods.md).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,6 +300,9 @@ pub enum Strategy {
     /// Experience replay: a fixed number or share of each earlier task's training items mixed
     /// into the task's data (which items is recorded).
     Replay,
+    /// Learning without Forgetting: distillation toward the parent checkpoint's outputs on the
+    /// task's own inputs.
+    Lwf,
 }
 
 /// Eval settings: greedy decoding and scoring.
@@ -527,7 +550,7 @@ impl Choices for CheckpointLayout {
     ];
 }
 impl Choices for Strategy {
-    const ALL: &'static [Self] = &[Strategy::Sequential, Strategy::Replay];
+    const ALL: &'static [Self] = &[Strategy::Sequential, Strategy::Replay, Strategy::Lwf];
 }
 impl Choices for Method {
     const ALL: &'static [Self] = &[Method::Lora, Method::Moelora];
@@ -725,6 +748,9 @@ impl RunConfig {
                 strategy: Strategy::Sequential,
                 replay_items: default_replay_items(),
                 replay_share: 0.0,
+                lwf_lambda: default_lwf_lambda(),
+                lwf_temperature: default_lwf_temperature(),
+                lwf_top_k: 0,
             },
             eval: EvalConfig {
                 max_new_tokens: 128,
@@ -819,6 +845,9 @@ impl RunConfig {
                 strategy: Strategy::Sequential,
                 replay_items: default_replay_items(),
                 replay_share: 0.0,
+                lwf_lambda: default_lwf_lambda(),
+                lwf_temperature: default_lwf_temperature(),
+                lwf_top_k: 0,
             },
             eval: EvalConfig {
                 // Grounding answers ("[0.25, 0.50, 0.50, 0.75]") are the longest in CoIN-mini.
@@ -931,6 +960,22 @@ impl RunConfig {
             return bad(
                 "train.replay_share",
                 format!("must be in [0, 1], got {}", t.replay_share),
+            );
+        }
+        if !(t.lwf_lambda.is_finite() && t.lwf_lambda > 0.0) {
+            return bad(
+                "train.lwf_lambda",
+                format!(
+                    "must be a finite number > 0, got {} (train.strategy = sequential trains \
+                     without the distillation)",
+                    t.lwf_lambda
+                ),
+            );
+        }
+        if !(t.lwf_temperature.is_finite() && t.lwf_temperature > 0.0) {
+            return bad(
+                "train.lwf_temperature",
+                format!("must be a finite number > 0, got {}", t.lwf_temperature),
             );
         }
         if t.strategy == Strategy::Replay && t.replay_items == 0 && t.replay_share == 0.0 {

@@ -63,8 +63,15 @@ pub const PRETRAIN_RECORD: &str = "pretrain.json";
 /// "Far above chance": every task's accuracy right after training must beat its chance level
 /// by at least this many points.
 pub const LEARN_MARGIN: f64 = 20.0;
-/// The demo's methods, each on the branch of its name: LoRA, MoELoRA, LoRA with replay.
-pub const DEMO_METHODS: &[&str] = &["lora", "moelora", REPLAY];
+/// The demo's methods, each on the branch of its name: LoRA, MoELoRA, LoRA with replay,
+/// LoRA with Learning without Forgetting.
+pub const DEMO_METHODS: &[&str] = &["lora", "moelora", REPLAY, LWF];
+
+/// The method name of LoRA with Learning without Forgetting (`train.strategy = lwf`).
+pub const LWF: &str = "lwf";
+
+/// The distillation weight λ of `--method lwf` (docs/methods.md).
+pub const LWF_LAMBDA: f64 = 1.0;
 
 /// The method name of LoRA with replay (`train.strategy = replay`).
 pub const REPLAY: &str = "replay";
@@ -432,6 +439,15 @@ pub fn demo_layers(
             "train.method=lora".to_string(),
             "train.strategy=replay".to_string(),
             format!("train.replay_items={REPLAY_ITEMS}"),
+        ] {
+            layers.push(Layer::from_set(&set)?);
+        }
+    } else if method == LWF {
+        // LoRA with LwF's distillation at λ = LWF_LAMBDA, T = 2 (docs/methods.md).
+        for set in [
+            "train.method=lora".to_string(),
+            "train.strategy=lwf".to_string(),
+            format!("train.lwf_lambda={LWF_LAMBDA:?}"),
         ] {
             layers.push(Layer::from_set(&set)?);
         }

@@ -20,7 +20,7 @@ use crate::history::CheckpointId;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::config::{check_parent_base, Method, ProjectorInit, RunConfig};
+use super::config::{check_parent_base, Method, ProjectorInit, RunConfig, Strategy, METHOD_FIELDS};
 use super::eval::{
     evaluate_loaded, find_task, load_base_model, trained_tasks, EvalOptions, EvalProgress,
     InMemoryModel, TaskEval,
@@ -190,6 +190,8 @@ struct KeyInputs<'a> {
     rt: &'a Runtime,
     /// The replayed tasks' data (empty unless `train.strategy = replay`).
     replay: &'a [ReplayGroup],
+    /// Whether the parent has an adapter (an `lwf` teacher).
+    parent_adapter: bool,
 }
 
 /// The training key: blake3 of the canonical JSON of [`KeyInputs`] and coin's version.
@@ -202,12 +204,21 @@ fn training_key(k: &KeyInputs<'_>) -> Result<String, WorkflowError> {
             what: "the training settings",
             source,
         })?;
-    // A step with nothing to replay trains exactly as sequential fine-tuning: same key, so a
-    // replay branch shares its first step with a sequential one.
-    if k.replay.is_empty() {
+    // A step where the method has nothing to work with (nothing to replay, no teacher)
+    // trains exactly as sequential fine-tuning: same key, so a method's branch shares its
+    // first step with a sequential one.
+    let active = match k.cfg.train.strategy {
+        Strategy::Sequential => false,
+        Strategy::Replay => !k.replay.is_empty(),
+        Strategy::Lwf => k.parent_adapter,
+    };
+    if !active {
         if let Some(o) = train.as_object_mut() {
-            for f in ["strategy", "replay_items", "replay_share"] {
-                o.remove(f);
+            o.remove("strategy");
+            for (_, fields) in METHOD_FIELDS {
+                for f in *fields {
+                    o.remove(*f);
+                }
             }
         }
     }
@@ -286,15 +297,23 @@ fn step_inputs(
     cfg.validate()?;
     let rt = cfg.resolved_runtime()?;
     let cfg = cfg.with_runtime(rt);
-    if cfg.train.strategy != super::config::Strategy::Sequential
-        && !cfg.trainer.command.trim().is_empty()
-    {
-        return Err(WorkflowError::Config(
-            "train.strategy = replay needs coin's engine: an external [trainer] gets only the \
-             task's own {data}; mix the replayed items in the trainer, or leave \
-             trainer.command empty"
-                .into(),
-        ));
+    if !cfg.trainer.command.trim().is_empty() {
+        let why = match cfg.train.strategy {
+            Strategy::Sequential => None,
+            Strategy::Replay => Some(
+                "train.strategy = replay needs coin's engine: an external [trainer] gets only \
+                 the task's own {data}; mix the replayed items in the trainer, or leave \
+                 trainer.command empty",
+            ),
+            Strategy::Lwf => Some(
+                "train.strategy = lwf needs coin's engine: an external [trainer] trains with its \
+                 own objective, without the distillation term; add it to the trainer and use \
+                 train.strategy = sequential, or leave trainer.command empty",
+            ),
+        };
+        if let Some(why) = why {
+            return Err(WorkflowError::Config(why.into()));
+        }
     }
     let root = repo.root().to_path_buf();
     let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
@@ -340,8 +359,10 @@ fn own_key(
     cfg: &RunConfig,
     rt: &Runtime,
     replay: &[ReplayGroup],
+    parent_cp: Option<&crate::history::Checkpoint>,
 ) -> Result<String, WorkflowError> {
     training_key(&KeyInputs {
+        parent_adapter: has_adapter(parent_cp),
         parent,
         task: &def.name,
         data_blake3: &data.blake3,
@@ -351,6 +372,11 @@ fn own_key(
         rt,
         replay,
     })
+}
+
+/// Whether checkpoint `cp` holds an adapter (one to continue, and an `lwf` teacher).
+fn has_adapter(cp: Option<&crate::history::Checkpoint>) -> bool {
+    cp.is_some_and(|c| c.manifest.files.contains_key("adapter_config.json"))
 }
 
 /// The items one earlier task contributes to a `replay` step.
@@ -473,7 +499,15 @@ pub fn plan_train(
     let s = step_inputs(repo, cfg, req, branch)?;
     let (key, command, workdir, code) = if s.cfg.trainer.command.trim().is_empty() {
         let replay = replay_groups(repo, &s.cfg, s.parent, &s.def.name)?;
-        let key = own_key(s.parent, &s.def, &s.data, &s.cfg, &s.rt, &replay)?;
+        let key = own_key(
+            s.parent,
+            &s.def,
+            &s.data,
+            &s.cfg,
+            &s.rt,
+            &replay,
+            s.parent_cp.as_ref(),
+        )?;
         (key, None, None, None)
     } else {
         let p = external::plan_step(&TrainerStep {
@@ -541,7 +575,7 @@ pub fn train_task(
         return train_external(&step, req, parent, &branch, head, progress);
     }
     let replay = replay_groups(repo, cfg, parent, &def.name)?;
-    let key = own_key(parent, &def, &data, cfg, &rt, &replay)?;
+    let key = own_key(parent, &def, &data, cfg, &rt, &replay, parent_cp.as_ref())?;
     if !req.retrain {
         if let Some(found) = find_by_key(repo, &key)? {
             return reuse(
@@ -556,6 +590,7 @@ pub fn train_task(
     let work = repo.coin_dir().join("tmp").join("train").join(&key[..16]);
     std::fs::create_dir_all(&work).map_err(|e| io_err("create", &work, e))?;
     let mut parent_dir = None;
+    let mut fresh_projector = false;
     let params = match &parent_cp {
         Some(cp) if cp.manifest.files.contains_key("adapter_config.json") => {
             let dir = work.join("parent");
@@ -566,13 +601,10 @@ pub fn train_task(
             progress.note(&format!("Continuing the adapter of {}.", cp.id.short()));
             let params = TrainableParams::attach_from(&mut loaded.model, &settings, &dir)?;
             parent_dir = Some(dir);
-            if cfg.train.projector_init == ProjectorInit::AsCoin {
-                // CoIN's later tasks: a new projector (its previous-task load matches no key).
-                progress.note(
-                    "Starting the projector afresh, as CoIN's code does after its first task.",
-                );
-                params.reinit_projector(&mut loaded.model, cfg.train.seed)?;
-            }
+            // CoIN's later tasks: a new projector (its previous-task load matches no key),
+            // set after the method has seen the parent's model (an `lwf` teacher is the
+            // parent as it was, projector included).
+            fresh_projector = cfg.train.projector_init == ProjectorInit::AsCoin;
             params
         }
         _ => TrainableParams::attach(&mut loaded.model, &settings)?,
@@ -639,6 +671,21 @@ pub fn train_task(
         dir: work.join("resume"),
         every: (total / 10).max(1),
     };
+    let mut method = methods::prepare(
+        &MethodContext {
+            cfg,
+            task: &def.name,
+            parent_dir: parent_dir.as_deref(),
+            loaded: &loaded,
+            params: &params,
+            samples: &samples,
+        },
+        &mut |m: &str| progress.note(m),
+    )?;
+    if fresh_projector {
+        progress.note("Starting the projector afresh, as CoIN's code does after its first task.");
+        params.reinit_projector(&mut loaded.model, cfg.train.seed)?;
+    }
     let ctx = MethodContext {
         cfg,
         task: &def.name,
@@ -647,7 +694,6 @@ pub fn train_task(
         params: &params,
         samples: &samples,
     };
-    let mut method = methods::prepare(&ctx)?;
     let report = train_with(
         &loaded.model,
         &params,

@@ -35,9 +35,10 @@ pub struct DemoArgs {
     /// The demo folder: new or empty, or a previous demo's folder to resume [default: ./coin-demo]
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// The method: lora, moelora, or replay (LoRA with 20 items of each earlier task replayed;
-    /// docs/methods.md); each runs on the branch of its name
-    #[arg(long, default_value = "lora", value_parser = ["lora", "moelora", "replay"])]
+    /// The method: lora, moelora, replay (LoRA with 20 items of each earlier task replayed) or
+    /// lwf (LoRA with Learning without Forgetting's distillation; docs/methods.md); each runs
+    /// on the branch of its name
+    #[arg(long, default_value = "lora", value_parser = ["lora", "moelora", "replay", "lwf"])]
     pub method: String,
     /// A much smaller run (seconds; what the tests use): checks the mechanics, not the science
     #[arg(long)]
@@ -117,6 +118,7 @@ fn write_facts(out: &mut impl std::io::Write, r: &DemoReport) -> std::io::Result
     let kind = match r.method.as_str() {
         "lora" => "plain LoRA",
         "replay" => "LoRA with replay",
+        "lwf" => "LoRA with LwF",
         _ => "MoELoRA",
     };
     match f.bwt {
