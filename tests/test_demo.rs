@@ -183,7 +183,12 @@ fn quick_demo_leaves_a_coin_repository_with_the_whole_order() {
         .json();
     assert_eq!(last["train"]["config"]["train"]["strategy"], "lwf");
     assert_eq!(last["train"]["method"]["name"], "lwf", "{last}");
-    assert!(last["train"]["method"]["teacher"]["positions"].as_u64().unwrap() > 0);
+    assert!(
+        last["train"]["method"]["teacher"]["positions"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     let e = env
         .coin(&["demo", "--quick", "--dir", "demo", "--method", "ewc"])
         .code(2);

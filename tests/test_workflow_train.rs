@@ -439,7 +439,10 @@ fn lwf_shares_the_first_step_and_records_its_distillation() {
     assert!(penalty.is_finite() && penalty >= 0.0, "{train}");
     // λ is keyed: another λ shares the first step only.
     let half = lwf("lwf-half", "0.5");
-    assert_eq!(half["steps"][0]["checkpoint"], seq["steps"][0]["checkpoint"]);
+    assert_eq!(
+        half["steps"][0]["checkpoint"],
+        seq["steps"][0]["checkpoint"]
+    );
     assert_ne!(half["steps"][1]["training_key"], step["training_key"]);
     // Bad settings and an external trainer are refused before training.
     let e = env

@@ -287,7 +287,10 @@ fn default_replay_items() -> usize {
 /// is the strategy (so adding a method's setting keeps every other method's keys).
 pub const METHOD_FIELDS: &[(Strategy, &[&str])] = &[
     (Strategy::Replay, &["replay_items", "replay_share"]),
-    (Strategy::Lwf, &["lwf_lambda", "lwf_temperature", "lwf_top_k"]),
+    (
+        Strategy::Lwf,
+        &["lwf_lambda", "lwf_temperature", "lwf_top_k"],
+    ),
 ];
 
 /// The continual-learning method (`train.strategy`; docs/methods.md).

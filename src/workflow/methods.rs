@@ -20,8 +20,8 @@ use super::config::{RunConfig, Strategy};
 use super::WorkflowError;
 use crate::ml::llava::LoadedModel;
 use crate::ml::train::data::Sample;
-use crate::ml::train::params::TrainableParams;
 use crate::ml::train::lwf::{teacher_outputs, Lwf, LwfSettings, TeacherPass};
+use crate::ml::train::params::TrainableParams;
 use crate::ml::train::trainer::Regularizer;
 
 /// What a method sees of the step it runs in.

@@ -122,7 +122,11 @@ impl Teacher {
     pub fn digest(&self) -> Result<String> {
         let mut h = blake3::Hasher::new();
         for s in &self.samples {
-            let p = s.probs.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let p = s
+                .probs
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
             h.update(&(p.len() as u64).to_le_bytes());
             for v in p {
                 h.update(&v.to_le_bytes());
@@ -210,7 +214,11 @@ pub fn teacher_outputs(
             let mut at = 0;
             for &c in &counts {
                 if c == 0 {
-                    let k = if settings.top_k == 0 { v } else { settings.top_k.min(v) };
+                    let k = if settings.top_k == 0 {
+                        v
+                    } else {
+                        settings.top_k.min(v)
+                    };
                     out.push(SampleTeacher {
                         probs: Tensor::zeros((0, k), dt, &Device::Cpu)?,
                         ids: None,

@@ -10,11 +10,11 @@ use candle_core::{DType, Device, Tensor};
 use super::*;
 use crate::ml::llava::{load_model, LoadedModel, ModelSource};
 use crate::ml::rng::Rng;
+use crate::ml::tiny::{write_tiny, TinyOptions};
 use crate::ml::train::batch::forward_batch;
 use crate::ml::train::data::{prepare_samples, Labeling};
 use crate::ml::train::params::{AdapterKind, AdapterSettings};
 use crate::ml::train::trainer::{train_with, NoProgress, TrainConfig};
-use crate::ml::tiny::{write_tiny, TinyOptions};
 use crate::tasks::formats::read_train_file;
 use crate::tasks::mini::{self, MiniConfig};
 
@@ -190,8 +190,9 @@ fn the_term_is_lambda_t_squared_times_the_mean_kl_at_the_shifted_supervised_posi
             .iter()
             .map(|z| {
                 let zt = Tensor::new(&[*z], &Device::Cpu).expect("z");
-                let logp = candle_nn::ops::log_softmax(&(zt / temperature).expect("div"), D::Minus1)
-                    .expect("logp");
+                let logp =
+                    candle_nn::ops::log_softmax(&(zt / temperature).expect("div"), D::Minus1)
+                        .expect("logp");
                 keep(&logp, top_k, DType::F64).expect("keep")
             })
             .collect();
@@ -231,7 +232,10 @@ fn the_term_is_lambda_t_squared_times_the_mean_kl_at_the_shifted_supervised_posi
         assert!((kl_sum - want).abs() < 1e-12, "{kl_sum} vs {want}");
         let got = value(&term);
         let expect = lambda * temperature * temperature * want / 2.0;
-        assert!((got - expect).abs() < 1e-12, "top_k {top_k}: {got} vs {expect}");
+        assert!(
+            (got - expect).abs() < 1e-12,
+            "top_k {top_k}: {got} vs {expect}"
+        );
         assert!(got > 0.0);
         // A shard whose sample ids do not match the teacher's positions is refused.
         assert!(lwf.term(&[1, 0], &logits, &labels).is_ok());
@@ -307,7 +311,11 @@ fn check_gradient(f: &Fixture, params: &TrainableParams, lwf: &Lwf, ids: &[usize
 fn the_distillation_gradient_matches_finite_differences() {
     let mut f = fixture(4);
     let params = attach(&mut f);
-    let lora = params.vars.iter().filter(|(n, _)| n.contains("lora_")).count();
+    let lora = params
+        .vars
+        .iter()
+        .filter(|(n, _)| n.contains("lora_"))
+        .count();
     assert!(lora > 0 && params.vars.iter().any(|(n, _)| n.contains("projector")));
     for (top_k, per_var) in [(0, 2), (5, 1)] {
         let settings = LwfSettings {
@@ -382,7 +390,10 @@ fn the_term_and_its_gradient_vanish_while_the_student_is_the_teacher_and_kl_is_n
                 .collect();
             shift(&params, 100 + seed, 0.1 * (seed + 1) as f64, |_| true);
             let (term, kl, n) = term_of(&f, &lwf, &[0, 1, 2, 3, 4]);
-            assert!(n > 0 && kl >= 0.0 && value(&term) >= 0.0, "top_k {top_k}: {kl}");
+            assert!(
+                n > 0 && kl >= 0.0 && value(&term) >= 0.0,
+                "top_k {top_k}: {kl}"
+            );
             for ((_, v), t) in params.vars.iter().zip(&saved) {
                 v.set(t).expect("restore");
             }
