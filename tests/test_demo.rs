@@ -169,6 +169,26 @@ fn quick_demo_leaves_a_coin_repository_with_the_whole_order() {
         .success()
         .stdout;
     assert!(cmp.contains("replay"), "{cmp}");
+    // LoRA with LwF: its later steps distil toward their parent.
+    let lwf = env
+        .coin(&[
+            "demo", "--quick", "--dir", "demo", "--method", "lwf", "--json",
+        ])
+        .success()
+        .json();
+    assert_eq!(lwf["method"], "lwf");
+    let last = env
+        .coin_in(&env.path("demo"), &["show", "lwf", "--json"])
+        .success()
+        .json();
+    assert_eq!(last["train"]["config"]["train"]["strategy"], "lwf");
+    assert_eq!(last["train"]["method"]["name"], "lwf", "{last}");
+    assert!(
+        last["train"]["method"]["teacher"]["positions"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     let e = env
         .coin(&["demo", "--quick", "--dir", "demo", "--method", "nonsense"])
         .code(2);

@@ -560,3 +560,86 @@ fn ewc_stores_a_fisher_per_var_and_penalises_the_next_step() {
         e.stderr
     );
 }
+
+#[test]
+fn lwf_shares_the_first_step_and_records_its_distillation() {
+    let env = setup();
+    let seq = env
+        .coin(&[
+            "run",
+            "--order",
+            "mini-VizWiz,mini-GQA",
+            "--branch",
+            "seq",
+            "--json",
+        ])
+        .success()
+        .json();
+    let lwf = |branch: &str, lambda: &str| {
+        env.coin(&[
+            "run",
+            "--order",
+            "mini-VizWiz,mini-GQA",
+            "--branch",
+            branch,
+            "--set",
+            "train.strategy=lwf",
+            "--set",
+            &format!("train.lwf_lambda={lambda}"),
+            "--json",
+        ])
+        .success()
+        .json()
+    };
+    let one = lwf("lwf", "1.0");
+    // No teacher at the first step: the sequential checkpoint is reused.
+    assert_eq!(one["steps"][0]["reused"], true);
+    assert_eq!(one["steps"][0]["checkpoint"], seq["steps"][0]["checkpoint"]);
+    // The second step distils toward its parent.
+    let step = &one["steps"][1];
+    assert_eq!(step["reused"], false);
+    assert_ne!(step["training_key"], seq["steps"][1]["training_key"]);
+    let rec = show(&env, step["checkpoint"].as_str().unwrap());
+    let train = &rec["train"];
+    assert_eq!(train["config"]["train"]["strategy"], "lwf");
+    let m = &train["method"];
+    assert_eq!(m["name"], "lwf", "{train}");
+    assert_eq!(m["lambda"], 1.0);
+    assert_eq!(m["temperature"], 2.0);
+    assert_eq!(m["top_k"], 0);
+    assert_eq!(m["teacher"]["samples"], 12);
+    assert!(m["teacher"]["positions"].as_u64().unwrap() > 0, "{m}");
+    assert!(m["kl_last_epoch"].as_f64().unwrap() >= 0.0, "{m}");
+    let penalty = train["result"]["penalty_last10"].as_f64().unwrap();
+    assert!(penalty.is_finite() && penalty >= 0.0, "{train}");
+    // λ is keyed: another λ shares the first step only.
+    let half = lwf("lwf-half", "0.5");
+    assert_eq!(
+        half["steps"][0]["checkpoint"],
+        seq["steps"][0]["checkpoint"]
+    );
+    assert_ne!(half["steps"][1]["training_key"], step["training_key"]);
+    // Bad settings and an external trainer are refused before training.
+    let e = env
+        .coin(&[
+            "train",
+            "mini-GQA",
+            "--set",
+            "train.strategy=lwf",
+            "--set",
+            "train.lwf_temperature=0",
+        ])
+        .code(1);
+    assert!(e.stderr.contains("lwf_temperature"), "{}", e.stderr);
+    let e = env
+        .coin(&[
+            "train",
+            "mini-GQA",
+            "--set",
+            "train.strategy=lwf",
+            "--set",
+            "trainer.command=true",
+        ])
+        .code(1);
+    assert!(e.stderr.contains("lwf needs coin's engine"), "{}", e.stderr);
+}

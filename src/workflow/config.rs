@@ -248,8 +248,9 @@ pub struct TrainConfig {
     /// The linear layers that get adapters (module name suffixes).
     pub targets: Vec<String>,
     /// The continual-learning method: `sequential` (each task trained on its own data),
-    /// `replay` (earlier tasks' training items mixed in) or `ewc` (a Fisher-weighted penalty
-    /// towards the parent's adapter). Left out of the training key while `sequential`.
+    /// `replay` (earlier tasks' training items mixed in), `ewc` (a Fisher-weighted penalty
+    /// towards the parent's adapter) or `lwf` (distillation toward the parent's outputs). Left
+    /// out of the training key while `sequential`.
     #[serde(default)]
     pub strategy: Strategy,
     /// `replay`: items replayed from each earlier task, unless `replay_share` is set.
@@ -269,6 +270,24 @@ pub struct TrainConfig {
     /// `ewc`: training samples (a seeded choice) the Fisher is computed on; 0 = all.
     #[serde(default = "default_ewc_samples")]
     pub ewc_samples: usize,
+    /// `lwf`: λ, the weight of the distillation term (Li & Hoiem's λ_o = 1).
+    #[serde(default = "default_lwf_lambda")]
+    pub lwf_lambda: f64,
+    /// `lwf`: T, the temperature that softens teacher and student (Li & Hoiem: 2).
+    #[serde(default = "default_lwf_temperature")]
+    pub lwf_temperature: f64,
+    /// `lwf`: keep only the teacher's `lwf_top_k` largest probabilities per position,
+    /// renormalised (0 = the whole vocabulary; the memory is samples × supervised tokens × k).
+    #[serde(default)]
+    pub lwf_top_k: usize,
+}
+
+fn default_lwf_lambda() -> f64 {
+    1.0
+}
+
+fn default_lwf_temperature() -> f64 {
+    2.0
 }
 
 fn default_replay_items() -> usize {
@@ -295,6 +314,10 @@ fn default_ewc_samples() -> usize {
 pub const METHOD_FIELDS: &[(Strategy, &[&str])] = &[
     (Strategy::Replay, &["replay_items", "replay_share"]),
     (Strategy::Ewc, &["ewc_lambda", "ewc_gamma", "ewc_samples"]),
+    (
+        Strategy::Lwf,
+        &["lwf_lambda", "lwf_temperature", "lwf_top_k"],
+    ),
 ];
 
 /// The continual-learning method (`train.strategy`; docs/methods.md).
@@ -310,6 +333,9 @@ pub enum Strategy {
     /// Elastic Weight Consolidation: a quadratic penalty, weighted by the diagonal Fisher the
     /// parent stored, that holds the adapter near the parent's (each checkpoint stores its own).
     Ewc,
+    /// Learning without Forgetting: distillation toward the parent checkpoint's outputs on the
+    /// task's own inputs.
+    Lwf,
 }
 
 /// Eval settings: greedy decoding and scoring.
@@ -557,7 +583,12 @@ impl Choices for CheckpointLayout {
     ];
 }
 impl Choices for Strategy {
-    const ALL: &'static [Self] = &[Strategy::Sequential, Strategy::Replay, Strategy::Ewc];
+    const ALL: &'static [Self] = &[
+        Strategy::Sequential,
+        Strategy::Replay,
+        Strategy::Ewc,
+        Strategy::Lwf,
+    ];
 }
 impl Choices for Method {
     const ALL: &'static [Self] = &[Method::Lora, Method::Moelora];
@@ -758,6 +789,9 @@ impl RunConfig {
                 ewc_lambda: default_ewc_lambda(),
                 ewc_gamma: default_ewc_gamma(),
                 ewc_samples: default_ewc_samples(),
+                lwf_lambda: default_lwf_lambda(),
+                lwf_temperature: default_lwf_temperature(),
+                lwf_top_k: 0,
             },
             eval: EvalConfig {
                 max_new_tokens: 128,
@@ -855,6 +889,9 @@ impl RunConfig {
                 ewc_lambda: default_ewc_lambda(),
                 ewc_gamma: default_ewc_gamma(),
                 ewc_samples: default_ewc_samples(),
+                lwf_lambda: default_lwf_lambda(),
+                lwf_temperature: default_lwf_temperature(),
+                lwf_top_k: 0,
             },
             eval: EvalConfig {
                 // Grounding answers ("[0.25, 0.50, 0.50, 0.75]") are the longest in CoIN-mini.
@@ -967,6 +1004,22 @@ impl RunConfig {
             return bad(
                 "train.replay_share",
                 format!("must be in [0, 1], got {}", t.replay_share),
+            );
+        }
+        if !(t.lwf_lambda.is_finite() && t.lwf_lambda > 0.0) {
+            return bad(
+                "train.lwf_lambda",
+                format!(
+                    "must be a finite number > 0, got {} (train.strategy = sequential trains \
+                     without the distillation)",
+                    t.lwf_lambda
+                ),
+            );
+        }
+        if !(t.lwf_temperature.is_finite() && t.lwf_temperature > 0.0) {
+            return bad(
+                "train.lwf_temperature",
+                format!("must be a finite number > 0, got {}", t.lwf_temperature),
             );
         }
         if t.strategy == Strategy::Replay && t.replay_items == 0 && t.replay_share == 0.0 {

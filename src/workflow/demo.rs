@@ -64,8 +64,15 @@ pub const PRETRAIN_RECORD: &str = "pretrain.json";
 /// by at least this many points.
 pub const LEARN_MARGIN: f64 = 20.0;
 /// The demo's methods, each on the branch of its name: LoRA, MoELoRA, LoRA with replay, LoRA
-/// with EWC.
-pub const DEMO_METHODS: &[&str] = &["lora", "moelora", REPLAY, EWC];
+/// with EWC, LoRA with Learning without Forgetting.
+pub const DEMO_METHODS: &[&str] = &["lora", "moelora", REPLAY, EWC, LWF];
+
+/// The method name of LoRA with Learning without Forgetting (`train.strategy = lwf`).
+pub const LWF: &str = "lwf";
+
+/// The distillation weight λ of `--method lwf`: the paper's; on CoIN-mini a larger λ lowers BWT
+/// mostly by no longer learning the new tasks (docs/methods.md).
+pub const LWF_LAMBDA: f64 = 1.0;
 
 /// The method name of LoRA with replay (`train.strategy = replay`).
 pub const REPLAY: &str = "replay";
@@ -448,6 +455,15 @@ pub fn demo_layers(
             "train.method=lora".to_string(),
             "train.strategy=ewc".to_string(),
             format!("train.ewc_lambda={EWC_LAMBDA:?}"),
+        ] {
+            layers.push(Layer::from_set(&set)?);
+        }
+    } else if method == LWF {
+        // LoRA with LwF's distillation at λ = LWF_LAMBDA, T = 2 (docs/methods.md).
+        for set in [
+            "train.method=lora".to_string(),
+            "train.strategy=lwf".to_string(),
+            format!("train.lwf_lambda={LWF_LAMBDA:?}"),
         ] {
             layers.push(Layer::from_set(&set)?);
         }

@@ -20,7 +20,7 @@ use crate::history::CheckpointId;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::config::{check_parent_base, Method, ProjectorInit, RunConfig};
+use super::config::{check_parent_base, Method, ProjectorInit, RunConfig, Strategy, METHOD_FIELDS};
 use super::eval::{
     evaluate_loaded, find_task, load_base_model, trained_tasks, EvalOptions, EvalProgress,
     InMemoryModel, TaskEval,
@@ -190,6 +190,8 @@ struct KeyInputs<'a> {
     rt: &'a Runtime,
     /// The replayed tasks' data (empty unless `train.strategy = replay`).
     replay: &'a [ReplayGroup],
+    /// Whether the parent has an adapter (an `lwf` teacher).
+    parent_adapter: bool,
 }
 
 /// The training key: blake3 of the canonical JSON of [`KeyInputs`] and coin's version.
@@ -202,12 +204,23 @@ fn training_key(k: &KeyInputs<'_>) -> Result<String, WorkflowError> {
             what: "the training settings",
             source,
         })?;
-    // A step with nothing to replay trains exactly as sequential fine-tuning: same key, so a
-    // replay branch shares its first step with a sequential one.
-    if k.replay.is_empty() {
+    // A step where the method has nothing to work with (nothing to replay, no teacher)
+    // trains exactly as sequential fine-tuning: same key, so a method's branch shares its
+    // first step with a sequential one.
+    let active = match k.cfg.train.strategy {
+        Strategy::Sequential => false,
+        Strategy::Replay => !k.replay.is_empty(),
+        // Even a first step stores its Fisher: never the same checkpoint as sequential's.
+        Strategy::Ewc => true,
+        Strategy::Lwf => k.parent_adapter,
+    };
+    if !active {
         if let Some(o) = train.as_object_mut() {
-            for f in ["strategy", "replay_items", "replay_share"] {
-                o.remove(f);
+            o.remove("strategy");
+            for (_, fields) in METHOD_FIELDS {
+                for f in *fields {
+                    o.remove(*f);
+                }
             }
         }
     }
@@ -289,25 +302,27 @@ fn step_inputs(
     let rt = cfg.resolved_runtime()?;
     let cfg = cfg.with_runtime(rt);
     if !cfg.trainer.command.trim().is_empty() {
-        match cfg.train.strategy {
-            super::config::Strategy::Sequential => {}
-            super::config::Strategy::Replay => {
-                return Err(WorkflowError::Config(
-                    "train.strategy = replay needs coin's engine: an external [trainer] gets only \
-                     the task's own {data}; mix the replayed items in the trainer, or leave \
-                     trainer.command empty"
-                        .into(),
-                ))
-            }
-            super::config::Strategy::Ewc => {
-                return Err(WorkflowError::Config(
-                    "train.strategy = ewc needs coin's engine: its penalty is a term of coin's \
-                     training objective and its Fisher is computed by coin after training; \
-                     leave trainer.command empty, or use train.strategy = sequential with the \
-                     external trainer"
-                        .into(),
-                ))
-            }
+        let why = match cfg.train.strategy {
+            Strategy::Sequential => None,
+            Strategy::Replay => Some(
+                "train.strategy = replay needs coin's engine: an external [trainer] gets only \
+                 the task's own {data}; mix the replayed items in the trainer, or leave \
+                 trainer.command empty",
+            ),
+            Strategy::Ewc => Some(
+                "train.strategy = ewc needs coin's engine: its penalty is a term of coin's \
+                 training objective and its Fisher is computed by coin after training; leave \
+                 trainer.command empty, or use train.strategy = sequential with the external \
+                 trainer",
+            ),
+            Strategy::Lwf => Some(
+                "train.strategy = lwf needs coin's engine: an external [trainer] trains with its \
+                 own objective, without the distillation term; add it to the trainer and use \
+                 train.strategy = sequential, or leave trainer.command empty",
+            ),
+        };
+        if let Some(why) = why {
+            return Err(WorkflowError::Config(why.into()));
         }
     }
     let root = repo.root().to_path_buf();
@@ -381,8 +396,10 @@ fn own_key(
     cfg: &RunConfig,
     rt: &Runtime,
     replay: &[ReplayGroup],
+    parent_cp: Option<&crate::history::Checkpoint>,
 ) -> Result<String, WorkflowError> {
     training_key(&KeyInputs {
+        parent_adapter: has_adapter(parent_cp),
         parent,
         task: &def.name,
         data_blake3: &data.blake3,
@@ -392,6 +409,11 @@ fn own_key(
         rt,
         replay,
     })
+}
+
+/// Whether checkpoint `cp` holds an adapter (one to continue, and an `lwf` teacher).
+fn has_adapter(cp: Option<&crate::history::Checkpoint>) -> bool {
+    cp.is_some_and(|c| c.manifest.files.contains_key("adapter_config.json"))
 }
 
 /// The items one earlier task contributes to a `replay` step.
@@ -514,7 +536,15 @@ pub fn plan_train(
     let s = step_inputs(repo, cfg, req, branch)?;
     let (key, command, workdir, code) = if s.cfg.trainer.command.trim().is_empty() {
         let replay = replay_groups(repo, &s.cfg, s.parent, &s.def.name)?;
-        let key = own_key(s.parent, &s.def, &s.data, &s.cfg, &s.rt, &replay)?;
+        let key = own_key(
+            s.parent,
+            &s.def,
+            &s.data,
+            &s.cfg,
+            &s.rt,
+            &replay,
+            s.parent_cp.as_ref(),
+        )?;
         (key, None, None, None)
     } else {
         let p = external::plan_step(&TrainerStep {
@@ -586,7 +616,7 @@ pub fn train_task(
         return train_external(&step, req, parent, &branch, head, progress);
     }
     let replay = replay_groups(repo, cfg, parent, &def.name)?;
-    let key = own_key(parent, &def, &data, cfg, &rt, &replay)?;
+    let key = own_key(parent, &def, &data, cfg, &rt, &replay, parent_cp.as_ref())?;
     if !req.retrain {
         if let Some(found) = find_by_key(repo, &key)? {
             return reuse(
@@ -601,6 +631,7 @@ pub fn train_task(
     let work = repo.coin_dir().join("tmp").join("train").join(&key[..16]);
     std::fs::create_dir_all(&work).map_err(|e| io_err("create", &work, e))?;
     let mut parent_dir = None;
+    let mut fresh_projector = false;
     let params = match &parent_cp {
         Some(cp) if cp.manifest.files.contains_key("adapter_config.json") => {
             let dir = work.join("parent");
@@ -611,13 +642,10 @@ pub fn train_task(
             progress.note(&format!("Continuing the adapter of {}.", cp.id.short()));
             let params = TrainableParams::attach_from(&mut loaded.model, &settings, &dir)?;
             parent_dir = Some(dir);
-            if cfg.train.projector_init == ProjectorInit::AsCoin {
-                // CoIN's later tasks: a new projector (its previous-task load matches no key).
-                progress.note(
-                    "Starting the projector afresh, as CoIN's code does after its first task.",
-                );
-                params.reinit_projector(&mut loaded.model, cfg.train.seed)?;
-            }
+            // CoIN's later tasks: a new projector (its previous-task load matches no key),
+            // set after the method has seen the parent's model (an `lwf` teacher is the
+            // parent as it was, projector included).
+            fresh_projector = cfg.train.projector_init == ProjectorInit::AsCoin;
             params
         }
         _ => TrainableParams::attach(&mut loaded.model, &settings)?,
@@ -684,6 +712,24 @@ pub fn train_task(
         dir: work.join("resume"),
         every: (total / 10).max(1),
     };
+    let mut method = methods::prepare(
+        &MethodContext {
+            cfg,
+            task: &def.name,
+            parent_dir: parent_dir.as_deref(),
+            loaded: &loaded,
+            params: &params,
+            samples: &samples,
+        },
+        &mut |m: &str| progress.note(m),
+    )?;
+    if let Some(s) = method.summary() {
+        progress.note(&s);
+    }
+    if fresh_projector {
+        progress.note("Starting the projector afresh, as CoIN's code does after its first task.");
+        params.reinit_projector(&mut loaded.model, cfg.train.seed)?;
+    }
     let ctx = MethodContext {
         cfg,
         task: &def.name,
@@ -692,10 +738,6 @@ pub fn train_task(
         params: &params,
         samples: &samples,
     };
-    let mut method = methods::prepare(&ctx)?;
-    if let Some(s) = method.summary() {
-        progress.note(&s);
-    }
     let report = train_with(
         &loaded.model,
         &params,

@@ -35,10 +35,10 @@ pub struct DemoArgs {
     /// The demo folder: new or empty, or a previous demo's folder to resume [default: ./coin-demo]
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// The method: lora, moelora, replay (LoRA with 20 items of each earlier task replayed) or
-    /// ewc (LoRA with Elastic Weight Consolidation; docs/methods.md); each runs on the branch of
-    /// its name
-    #[arg(long, default_value = "lora", value_parser = ["lora", "moelora", "replay", "ewc"])]
+    /// The method: lora, moelora, replay (LoRA with 20 items of each earlier task replayed),
+    /// ewc (LoRA with Elastic Weight Consolidation), lwf (LoRA with Learning without
+    /// Forgetting's distillation; docs/methods.md); each runs on the branch of its name
+    #[arg(long, default_value = "lora", value_parser = ["lora", "moelora", "replay", "ewc", "lwf"])]
     pub method: String,
     /// A much smaller run (seconds; what the tests use): checks the mechanics, not the science
     #[arg(long)]
@@ -119,6 +119,7 @@ fn write_facts(out: &mut impl std::io::Write, r: &DemoReport) -> std::io::Result
         "lora" => "plain LoRA",
         "replay" => "LoRA with replay",
         "ewc" => "LoRA with EWC",
+        "lwf" => "LoRA with LwF",
         _ => "MoELoRA",
     };
     match f.bwt {
