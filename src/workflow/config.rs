@@ -259,16 +259,30 @@ pub struct TrainConfig {
     /// `replay_items` (0 = use `replay_items`).
     #[serde(default)]
     pub replay_share: f64,
+    /// `olora`: weight λ1 of the orthogonality term Σ|A_earlier · A_newᵀ| (O-LoRA's default
+    /// 0.5).
+    #[serde(default = "default_olora_lambda1")]
+    pub olora_lambda1: f64,
+    /// `olora`: weight λ2 of the new adapter's squared L2 norm (O-LoRA's default 0).
+    #[serde(default)]
+    pub olora_lambda2: f64,
 }
 
 fn default_replay_items() -> usize {
     100
 }
 
+/// O-LoRA's λ1 (Wang et al. 2023; `lamda_1` in their scripts).
+pub fn default_olora_lambda1() -> f64 {
+    0.5
+}
+
 /// The `train` settings that belong to one method: in the training key only while that method
 /// is the strategy (so adding a method's setting keeps every other method's keys).
-pub const METHOD_FIELDS: &[(Strategy, &[&str])] =
-    &[(Strategy::Replay, &["replay_items", "replay_share"])];
+pub const METHOD_FIELDS: &[(Strategy, &[&str])] = &[
+    (Strategy::Replay, &["replay_items", "replay_share"]),
+    (Strategy::Olora, &["olora_lambda1", "olora_lambda2"]),
+];
 
 /// The continual-learning method (`train.strategy`; docs/methods.md).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,6 +294,9 @@ pub enum Strategy {
     /// Experience replay: a fixed number or share of each earlier task's training items mixed
     /// into the task's data (which items is recorded).
     Replay,
+    /// O-LoRA: a new LoRA per task, trained orthogonal to the earlier tasks' frozen ones;
+    /// inference uses all of them (their exact concatenation).
+    Olora,
 }
 
 /// Eval settings: greedy decoding and scoring.
@@ -527,7 +544,7 @@ impl Choices for CheckpointLayout {
     ];
 }
 impl Choices for Strategy {
-    const ALL: &'static [Self] = &[Strategy::Sequential, Strategy::Replay];
+    const ALL: &'static [Self] = &[Strategy::Sequential, Strategy::Replay, Strategy::Olora];
 }
 impl Choices for Method {
     const ALL: &'static [Self] = &[Method::Lora, Method::Moelora];
@@ -725,6 +742,8 @@ impl RunConfig {
                 strategy: Strategy::Sequential,
                 replay_items: default_replay_items(),
                 replay_share: 0.0,
+                olora_lambda1: default_olora_lambda1(),
+                olora_lambda2: 0.0,
             },
             eval: EvalConfig {
                 max_new_tokens: 128,
@@ -819,6 +838,8 @@ impl RunConfig {
                 strategy: Strategy::Sequential,
                 replay_items: default_replay_items(),
                 replay_share: 0.0,
+                olora_lambda1: default_olora_lambda1(),
+                olora_lambda2: 0.0,
             },
             eval: EvalConfig {
                 // Grounding answers ("[0.25, 0.50, 0.50, 0.75]") are the longest in CoIN-mini.
@@ -931,6 +952,23 @@ impl RunConfig {
             return bad(
                 "train.replay_share",
                 format!("must be in [0, 1], got {}", t.replay_share),
+            );
+        }
+        for (key, v) in [
+            ("train.olora_lambda1", t.olora_lambda1),
+            ("train.olora_lambda2", t.olora_lambda2),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(key, format!("must be a number ≥ 0, got {v}"));
+            }
+        }
+        if t.strategy == Strategy::Olora && t.method == Method::Moelora {
+            return bad(
+                "train.strategy",
+                "olora stacks a new plain LoRA per task and cannot be combined with \
+                 train.method = \"moelora\" (the router mixes its experts per token); use \
+                 train.method = \"lora\""
+                    .into(),
             );
         }
         if t.strategy == Strategy::Replay && t.replay_items == 0 && t.replay_share == 0.0 {

@@ -63,11 +63,15 @@ pub const PRETRAIN_RECORD: &str = "pretrain.json";
 /// "Far above chance": every task's accuracy right after training must beat its chance level
 /// by at least this many points.
 pub const LEARN_MARGIN: f64 = 20.0;
-/// The demo's methods, each on the branch of its name: LoRA, MoELoRA, LoRA with replay.
-pub const DEMO_METHODS: &[&str] = &["lora", "moelora", REPLAY];
+/// The demo's methods, each on the branch of its name: LoRA, MoELoRA, LoRA with replay,
+/// O-LoRA.
+pub const DEMO_METHODS: &[&str] = &["lora", "moelora", REPLAY, OLORA];
 
 /// The method name of LoRA with replay (`train.strategy = replay`).
 pub const REPLAY: &str = "replay";
+
+/// The method name of O-LoRA (`train.strategy = olora`, its default λ1 and λ2).
+pub const OLORA: &str = "olora";
 
 /// Items replayed per earlier task by `--method replay`: on CoIN-mini it cuts plain LoRA's
 /// forgetting to about a quarter at 1.4× its wall time (docs/methods.md).
@@ -434,6 +438,11 @@ pub fn demo_layers(
             format!("train.replay_items={REPLAY_ITEMS}"),
         ] {
             layers.push(Layer::from_set(&set)?);
+        }
+    } else if method == OLORA {
+        // A new LoRA per task, orthogonal to the earlier ones (docs/methods.md).
+        for set in ["train.method=lora", "train.strategy=olora"] {
+            layers.push(Layer::from_set(set)?);
         }
     } else {
         layers.push(Layer::from_set(&format!("train.method={method}"))?);

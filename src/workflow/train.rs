@@ -34,6 +34,7 @@ use crate::history::{BaseModel, CoinRepo, CommitRequest};
 use crate::ml::runtime::Runtime;
 use crate::ml::train::data::{prepare_samples, Labeling, PrepareStats};
 use crate::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
+use crate::ml::train::olora::attach_olora;
 use crate::ml::train::save::save_adapter;
 use crate::ml::train::trainer::{
     plan_steps, train_with, CheckpointPolicy, TrainConfig as LoopConfig, TrainProgress, TrainReport,
@@ -204,7 +205,7 @@ fn training_key(k: &KeyInputs<'_>) -> Result<String, WorkflowError> {
         })?;
     // A step with nothing to replay trains exactly as sequential fine-tuning: same key, so a
     // replay branch shares its first step with a sequential one.
-    if k.replay.is_empty() {
+    if k.replay.is_empty() && k.cfg.train.strategy == super::config::Strategy::Replay {
         if let Some(o) = train.as_object_mut() {
             for f in ["strategy", "replay_items", "replay_share"] {
                 o.remove(f);
@@ -286,15 +287,26 @@ fn step_inputs(
     cfg.validate()?;
     let rt = cfg.resolved_runtime()?;
     let cfg = cfg.with_runtime(rt);
-    if cfg.train.strategy != super::config::Strategy::Sequential
-        && !cfg.trainer.command.trim().is_empty()
-    {
-        return Err(WorkflowError::Config(
-            "train.strategy = replay needs coin's engine: an external [trainer] gets only the \
-             task's own {data}; mix the replayed items in the trainer, or leave \
-             trainer.command empty"
-                .into(),
-        ));
+    if !cfg.trainer.command.trim().is_empty() {
+        match cfg.train.strategy {
+            super::config::Strategy::Sequential => {}
+            super::config::Strategy::Replay => {
+                return Err(WorkflowError::Config(
+                    "train.strategy = replay needs coin's engine: an external [trainer] gets \
+                     only the task's own {data}; mix the replayed items in the trainer, or \
+                     leave trainer.command empty"
+                        .into(),
+                ))
+            }
+            super::config::Strategy::Olora => {
+                return Err(WorkflowError::Config(
+                    "train.strategy = olora needs coin's engine: it adds a penalty term to the \
+                     loss and stores every task's adapter, which an external [trainer] does \
+                     not do; leave trainer.command empty, or set train.strategy = \"sequential\""
+                        .into(),
+                ))
+            }
+        }
     }
     let root = repo.root().to_path_buf();
     let reg = Registry::load(&repo.coin_dir().join("tasks"))?;
@@ -556,7 +568,46 @@ pub fn train_task(
     let work = repo.coin_dir().join("tmp").join("train").join(&key[..16]);
     std::fs::create_dir_all(&work).map_err(|e| io_err("create", &work, e))?;
     let mut parent_dir = None;
+    let olora = cfg.train.strategy == super::config::Strategy::Olora;
+    let mut olora_stack = None;
     let params = match &parent_cp {
+        Some(cp) if olora && cp.manifest.files.contains_key("adapter_config.json") => {
+            let dir = work.join("parent");
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|e| io_err("remove", &dir, e))?;
+            }
+            repo.checkout(cp.id, &dir)?;
+            let parent_task = cp
+                .train
+                .as_ref()
+                .map(|t| t.task.clone())
+                .unwrap_or_else(|| cp.id.short());
+            let (params, stack) =
+                attach_olora(&mut loaded.model, &settings, Some((&dir, &parent_task)))?;
+            progress.note(&format!(
+                "O-LoRA: freezing the adapters of {} earlier task(s) of {} (rank {}) and \
+                 training a new rank-{} adapter for {}.",
+                stack.earlier.len(),
+                cp.id.short(),
+                stack.frozen_rank(),
+                settings.r,
+                def.name
+            ));
+            if cfg.train.projector_init == ProjectorInit::AsCoin {
+                progress.note(
+                    "Starting the projector afresh, as CoIN's code does after its first task.",
+                );
+                params.reinit_projector(&mut loaded.model, cfg.train.seed)?;
+            }
+            olora_stack = Some(stack);
+            parent_dir = Some(dir);
+            params
+        }
+        _ if olora => {
+            let (params, stack) = attach_olora(&mut loaded.model, &settings, None)?;
+            olora_stack = Some(stack);
+            params
+        }
         Some(cp) if cp.manifest.files.contains_key("adapter_config.json") => {
             let dir = work.join("parent");
             if dir.exists() {
@@ -646,6 +697,7 @@ pub fn train_task(
         loaded: &loaded,
         params: &params,
         samples: &samples,
+        olora: olora_stack.as_ref(),
     };
     let mut method = methods::prepare(&ctx)?;
     let report = train_with(

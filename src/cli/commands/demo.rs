@@ -35,9 +35,10 @@ pub struct DemoArgs {
     /// The demo folder: new or empty, or a previous demo's folder to resume [default: ./coin-demo]
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// The method: lora, moelora, or replay (LoRA with 20 items of each earlier task replayed;
-    /// docs/methods.md); each runs on the branch of its name
-    #[arg(long, default_value = "lora", value_parser = ["lora", "moelora", "replay"])]
+    /// The method: lora, moelora, replay (LoRA with 20 items of each earlier task replayed) or
+    /// olora (a new LoRA per task, orthogonal to the earlier ones; docs/methods.md); each runs
+    /// on the branch of its name
+    #[arg(long, default_value = "lora", value_parser = ["lora", "moelora", "replay", "olora"])]
     pub method: String,
     /// A much smaller run (seconds; what the tests use): checks the mechanics, not the science
     #[arg(long)]

@@ -12,6 +12,7 @@ pub mod dropout;
 pub mod frozen;
 pub mod full;
 pub mod loss;
+pub mod olora;
 pub mod optim;
 pub mod params;
 pub mod save;
@@ -23,5 +24,7 @@ pub mod trainer;
 mod adapter_tests;
 #[cfg(test)]
 mod loop_tests;
+#[cfg(test)]
+mod olora_tests;
 #[cfg(test)]
 mod tests;
