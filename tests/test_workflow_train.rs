@@ -422,7 +422,8 @@ fn olora_stacks_a_new_adapter_per_task_and_diff_shows_only_the_new_one() {
         serde_json::from_str(&std::fs::read_to_string(env.path(d).join("olora.json")).unwrap())
             .unwrap()
     };
-    let tasks: Vec<&str> = index("two")["tasks"]
+    let two = index("two");
+    let tasks: Vec<&str> = two["tasks"]
         .as_array()
         .unwrap()
         .iter()
