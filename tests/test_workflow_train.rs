@@ -406,11 +406,15 @@ fn olora_stacks_a_new_adapter_per_task_and_diff_shows_only_the_new_one() {
         .map(|i| run["steps"][i]["checkpoint"].as_str().unwrap().to_string())
         .collect();
     // The second checkpoint's adapter is the concatenation: rank 2r.
-    env.coin(&["checkout", &ids[0], "--output", "one"]).success();
-    env.coin(&["checkout", &ids[1], "--output", "two"]).success();
+    env.coin(&["checkout", &ids[0], "--output", "one"])
+        .success();
+    env.coin(&["checkout", &ids[1], "--output", "two"])
+        .success();
     let cfg = |d: &str| -> Value {
-        serde_json::from_str(&std::fs::read_to_string(env.path(d).join("adapter_config.json")).unwrap())
-            .unwrap()
+        serde_json::from_str(
+            &std::fs::read_to_string(env.path(d).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap()
     };
     let r = cfg("one")["r"].as_u64().unwrap();
     assert_eq!(cfg("two")["r"].as_u64().unwrap(), 2 * r);
@@ -455,10 +459,7 @@ fn olora_stacks_a_new_adapter_per_task_and_diff_shows_only_the_new_one() {
     assert!(!olora.is_empty(), "{d}");
     for t in &olora {
         assert_eq!(t["change"], "added", "{t}");
-        assert!(
-            t["name"].as_str().unwrap().starts_with("mini-GQA."),
-            "{t}"
-        );
+        assert!(t["name"].as_str().unwrap().starts_with("mini-GQA."), "{t}");
     }
     // Task 1's tensors are byte-identical in both checkpoints.
     let one = std::fs::read(env.path("one").join("olora.safetensors")).unwrap();

@@ -33,8 +33,8 @@ use crate::history::records::to_canonical_json;
 use crate::history::{BaseModel, CoinRepo, CommitRequest};
 use crate::ml::runtime::Runtime;
 use crate::ml::train::data::{prepare_samples, Labeling, PrepareStats};
-use crate::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
 use crate::ml::train::olora::attach_olora;
+use crate::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
 use crate::ml::train::save::save_adapter;
 use crate::ml::train::trainer::{
     plan_steps, train_with, CheckpointPolicy, TrainConfig as LoopConfig, TrainProgress, TrainReport,

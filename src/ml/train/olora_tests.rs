@@ -124,10 +124,7 @@ fn penalty_and_full_loss_gradients_match_finite_differences_and_the_frozen_part_
     // Only the new adapter (and the projector) are vars.
     let linears = stack.frozen.len();
     assert_eq!(
-        params
-            .names()
-            .filter(|n| n.contains(".lora_"))
-            .count(),
+        params.names().filter(|n| n.contains(".lora_")).count(),
         2 * linears
     );
     let penalty = OloraPenalty::new(0.5, 0.1, &params, &stack);
@@ -156,7 +153,12 @@ fn penalty_and_full_loss_gradients_match_finite_differences_and_the_frozen_part_
             .as_tensor();
         let prod = values(&f.a.matmul(&a.t().expect("t")).expect("mm"));
         want += 0.5 * prod.iter().map(|x| x.abs()).sum::<f64>();
-        want += 0.1 * values(a).iter().chain(&values(b)).map(|x| x * x).sum::<f64>();
+        want += 0.1
+            * values(a)
+                .iter()
+                .chain(&values(b))
+                .map(|x| x * x)
+                .sum::<f64>();
     }
     let got = scalar(&p());
     assert!((got - want).abs() < 1e-9 * want.abs(), "{got} vs {want}");
@@ -220,7 +222,9 @@ fn training_steps_move_only_the_new_adapter_and_lower_the_objective() {
         assert_eq!(after.get(name), Some(v), "{name}");
     }
     assert_eq!(after.len(), 2 * before.len());
-    assert!(after.keys().any(|k| k.starts_with("two.language_model.layers.0.")));
+    assert!(after
+        .keys()
+        .any(|k| k.starts_with("two.language_model.layers.0.")));
 }
 
 #[test]
@@ -231,9 +235,23 @@ fn the_saved_concatenation_reproduces_the_stacked_forward_and_chains() {
     step(&mut model, &settings(4, 8.0), None, "one", &t1, 7);
     let t2 = dir.path().join("t2");
     // Another scale for task 2 (α/r = 3 vs 2): its B is folded into the concatenation.
-    step(&mut model, &settings(4, 12.0), Some((&t1, "one")), "two", &t2, 8);
+    step(
+        &mut model,
+        &settings(4, 12.0),
+        Some((&t1, "one")),
+        "two",
+        &t2,
+        8,
+    );
     let t3 = dir.path().join("t3");
-    step(&mut model, &settings(2, 4.0), Some((&t2, "two")), "one", &t3, 9);
+    step(
+        &mut model,
+        &settings(2, 4.0),
+        Some((&t2, "two")),
+        "one",
+        &t3,
+        9,
+    );
     let stacked = values(&loss_of(&model, &examples, &pixels));
     let logits = |m: &Llava| {
         let (l, _) = super::batch::forward_batch(m, &examples, &pixels).expect("forward");
@@ -264,7 +282,10 @@ fn the_saved_concatenation_reproduces_the_stacked_forward_and_chains() {
         .iter()
         .map(|t| (t.task.as_str(), t.key.as_str(), t.rank))
         .collect();
-    assert_eq!(keys, vec![("one", "one", 4), ("two", "two", 4), ("one", "one~2", 2)]);
+    assert_eq!(
+        keys,
+        vec![("one", "one", 4), ("two", "two", 4), ("one", "one~2", 2)]
+    );
     // Task 1's and 2's tensors are the same bytes in every later checkpoint.
     let file = |d: &Path| -> BTreeMap<String, Vec<f64>> {
         read_tensor_file(&d.join(OLORA_TENSORS))
