@@ -118,6 +118,7 @@ fn write_facts(out: &mut impl std::io::Write, r: &DemoReport) -> std::io::Result
     let kind = match r.method.as_str() {
         "lora" => "plain LoRA",
         "replay" => "LoRA with replay",
+        "olora" => "O-LoRA",
         _ => "MoELoRA",
     };
     match f.bwt {
