@@ -189,6 +189,24 @@ fn quick_demo_leaves_a_coin_repository_with_the_whole_order() {
             .unwrap()
             > 0
     );
+    // O-LoRA on its own branch: the last checkpoint stacks all eight tasks' adapters.
+    let olora = env
+        .coin(&[
+            "demo", "--quick", "--dir", "demo", "--method", "olora", "--json",
+        ])
+        .success()
+        .json();
+    assert_eq!(olora["method"], "olora");
+    let last = env
+        .coin_in(&env.path("demo"), &["show", "olora", "--json"])
+        .success()
+        .json();
+    assert_eq!(last["train"]["config"]["train"]["strategy"], "olora");
+    let m = &last["train"]["method"];
+    let tasks = m["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 8, "{m}");
+    let ranks: u64 = tasks.iter().map(|t| t["rank"].as_u64().unwrap()).sum();
+    assert_eq!(m["total_rank"].as_u64().unwrap(), ranks);
     let e = env
         .coin(&["demo", "--quick", "--dir", "demo", "--method", "nonsense"])
         .code(2);

@@ -643,3 +643,100 @@ fn lwf_shares_the_first_step_and_records_its_distillation() {
         .code(1);
     assert!(e.stderr.contains("lwf needs coin's engine"), "{}", e.stderr);
 }
+
+#[test]
+fn olora_stacks_a_new_adapter_per_task_and_diff_shows_only_the_new_one() {
+    let env = setup();
+    let run = env
+        .coin(&[
+            "run",
+            "--order",
+            "mini-VizWiz,mini-GQA",
+            "--branch",
+            "olora",
+            "--set",
+            "train.strategy=olora",
+            "--json",
+        ])
+        .success()
+        .json();
+    let ids: Vec<String> = (0..2)
+        .map(|i| run["steps"][i]["checkpoint"].as_str().unwrap().to_string())
+        .collect();
+    // The second checkpoint's adapter is the concatenation: rank 2r.
+    env.coin(&["checkout", &ids[0], "--output", "one"])
+        .success();
+    env.coin(&["checkout", &ids[1], "--output", "two"])
+        .success();
+    let cfg = |d: &str| -> Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(env.path(d).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let r = cfg("one")["r"].as_u64().unwrap();
+    assert_eq!(cfg("two")["r"].as_u64().unwrap(), 2 * r);
+    assert_eq!(
+        cfg("two")["lora_alpha"].as_f64().unwrap(),
+        2.0 * cfg("one")["lora_alpha"].as_f64().unwrap()
+    );
+    let index = |d: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(env.path(d).join("olora.json")).unwrap())
+            .unwrap()
+    };
+    let two = index("two");
+    let tasks: Vec<&str> = two["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task"].as_str().unwrap())
+        .collect();
+    assert_eq!(tasks, ["mini-VizWiz", "mini-GQA"]);
+    assert_eq!(index("one")["tasks"].as_array().unwrap().len(), 1);
+    // The record keeps the method's settings and what it did.
+    let rec = show(&env, &ids[1]);
+    let m = &rec["train"]["method"];
+    assert_eq!(m["lambda1"], 0.5);
+    assert_eq!(m["lambda2"], 0.0);
+    assert_eq!(m["total_rank"].as_u64().unwrap(), 2 * r);
+    assert_eq!(m["frozen_rank"].as_u64().unwrap(), r);
+    assert!(m["orthogonality_start"].as_f64().unwrap() > 0.0, "{m}");
+    assert!(m["orthogonality_end"].as_f64().is_some(), "{m}");
+    assert!(show(&env, &ids[0])["train"]["method"]["orthogonality_start"].is_null());
+    // diff: in olora.safetensors only mini-GQA's tensors are added, none changed or removed.
+    let d = env
+        .coin(&["diff", &ids[0], &ids[1], "--json"])
+        .success()
+        .json();
+    let olora: Vec<&Value> = d["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["file"] == "olora.safetensors")
+        .collect();
+    assert!(!olora.is_empty(), "{d}");
+    for t in &olora {
+        assert_eq!(t["change"], "added", "{t}");
+        assert!(t["name"].as_str().unwrap().starts_with("mini-GQA."), "{t}");
+    }
+    // Task 1's tensors are byte-identical in both checkpoints.
+    let one = std::fs::read(env.path("one").join("olora.safetensors")).unwrap();
+    let two = std::fs::read(env.path("two").join("olora.safetensors")).unwrap();
+    assert!(two.len() > one.len());
+    // Incompatible combinations are refused before anything is trained.
+    let e = env
+        .coin(&[
+            "train",
+            "mini-GQA",
+            "--set",
+            "train.strategy=olora",
+            "--set",
+            "train.method=moelora",
+        ])
+        .code(1);
+    assert!(e.stderr.contains("moelora"), "{}", e.stderr);
+    let e = env
+        .coin(&["train", "mini-GQA", "--set", "train.olora_lambda1=-1"])
+        .code(1);
+    assert!(e.stderr.contains("olora_lambda1"), "{}", e.stderr);
+}

@@ -139,8 +139,8 @@ fn module_order(name: &str) -> (usize, usize, String) {
 }
 
 /// The in-memory (coin) names and tensors of one adapted linear.
-fn coin_vars(linear: &str, adapter: &Adapter) -> Vec<(String, Tensor)> {
-    match adapter {
+fn coin_vars(linear: &str, adapter: &Adapter) -> Result<Vec<(String, Tensor)>> {
+    Ok(match adapter {
         Adapter::Lora(l) => vec![
             (format!("{linear}.lora_A.weight"), l.a.clone()),
             (format!("{linear}.lora_B.weight"), l.b.clone()),
@@ -150,7 +150,14 @@ fn coin_vars(linear: &str, adapter: &Adapter) -> Vec<(String, Tensor)> {
             (format!("{linear}.lora_B.experts"), m.b.clone()),
             (format!("{linear}.lora_router.weight"), m.router.clone()),
         ],
-    }
+        Adapter::Olora { frozen, new } => {
+            let l = frozen.concat(new)?;
+            vec![
+                (format!("{linear}.lora_A.weight"), l.a),
+                (format!("{linear}.lora_B.weight"), l.b),
+            ]
+        }
+    })
 }
 
 fn write_file(dst: &Path, name: &str, bytes: impl AsRef<[u8]>) -> Result<()> {
@@ -252,7 +259,7 @@ pub fn export_adapter(src: &Path, dst: &Path, format: ExportFormat) -> Result<Ex
             }
             let mut adapter = Vec::new();
             for (linear, a) in &linears {
-                for (name, t) in coin_vars(linear, a) {
+                for (name, t) in coin_vars(linear, a)? {
                     adapter.extend(saved_tensors(&name, &t, ad.kind, Layout::Split)?);
                 }
             }
@@ -333,7 +340,7 @@ pub fn export_adapter(src: &Path, dst: &Path, format: ExportFormat) -> Result<Ex
                 let rest = linear
                     .strip_prefix("language_model.")
                     .unwrap_or(linear.as_str());
-                for (name, t) in coin_vars(linear, a) {
+                for (name, t) in coin_vars(linear, a)? {
                     let part = &name[linear.len()..];
                     adapter.push((
                         format!("base_model.model.language_model.model.{rest}{part}"),
@@ -379,7 +386,7 @@ pub fn export_adapter(src: &Path, dst: &Path, format: ExportFormat) -> Result<Ex
         ExportFormat::Safetensors => {
             let mut all = Vec::new();
             for (linear, a) in &linears {
-                all.extend(coin_vars(linear, a));
+                all.extend(coin_vars(linear, a)?);
             }
             all.extend(projector.iter().cloned());
             let mut text = serde_json::to_string_pretty(c).map_err(|source| MlError::Encode {
@@ -410,12 +417,7 @@ fn llava_config(
     linears: &[(&String, &Adapter)],
     projector: &[(String, Tensor)],
 ) -> Result<(String, bool)> {
-    let in_out = |a: &Adapter| -> Result<(usize, usize)> {
-        Ok(match a {
-            Adapter::Lora(l) => (l.a.dim(1)?, l.b.dim(0)?),
-            Adapter::MoeLora(m) => (m.a.dim(1)?, m.b.dim(0)?),
-        })
-    };
+    let in_out = |a: &Adapter| -> Result<(usize, usize)> { Ok(a.in_out()?) };
     let (mut hidden, mut inter, mut layers) = (4096, 11008, 32);
     let mut found_layers = 0;
     for (name, a) in linears {

@@ -49,6 +49,24 @@ impl Lora {
         let h = (matmul_t(&x, &self.a)? * self.scale)?;
         matmul_t(&h, &self.b)
     }
+
+    /// The exact rank concatenation of `self` and `other` (ranks r₁ + r₂), a LoRA with
+    /// `self`'s scale s₁ whose update s₁·B·A is the sum of both: A = [A₁; A₂],
+    /// B = [B₁, (s₂/s₁)·B₂] (as `coin merge` does). No dropout.
+    pub fn concat(&self, other: &Lora) -> Result<Lora> {
+        let c = other.scale / self.scale;
+        let b2 = if c == 1.0 {
+            other.b.clone()
+        } else {
+            (&other.b * c)?
+        };
+        Ok(Lora {
+            a: Tensor::cat(&[&self.a, &other.a], 0)?.contiguous()?,
+            b: Tensor::cat(&[&self.b, &b2], 1)?.contiguous()?,
+            scale: self.scale,
+            dropout: None,
+        })
+    }
 }
 
 /// CoIN's MoELoRA: E experts of rank r/E and a token-wise dense softmax router,
@@ -128,6 +146,15 @@ pub enum Adapter {
     Lora(Lora),
     /// CoIN's MoELoRA.
     MoeLora(MoeLora),
+    /// O-LoRA while training (`train.strategy = olora`): the earlier tasks' LoRA, frozen
+    /// (plain tensors, no dropout), plus the task's own trainable one; the layer adds both.
+    /// Saved as their exact rank concatenation, a plain [`Adapter::Lora`].
+    Olora {
+        /// The earlier tasks' adapters, concatenated (rank R).
+        frozen: Lora,
+        /// The task's own adapter (rank r), the one that is trained.
+        new: Lora,
+    },
 }
 
 impl Adapter {
@@ -135,6 +162,26 @@ impl Adapter {
         match self {
             Adapter::Lora(l) => l.forward(x),
             Adapter::MoeLora(m) => m.forward(x),
+            Adapter::Olora { frozen, new } => frozen.forward(x)? + new.forward(x)?,
+        }
+    }
+
+    /// The adapter's input and output widths (A's columns, B's rows).
+    pub fn in_out(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Adapter::Lora(l) | Adapter::Olora { new: l, .. } => (l.a.dim(1)?, l.b.dim(0)?),
+            Adapter::MoeLora(m) => (m.a.dim(1)?, m.b.dim(0)?),
+        })
+    }
+
+    /// The adapter's total rank (frozen and trained ranks together for O-LoRA).
+    pub fn rank(&self) -> usize {
+        match self {
+            Adapter::Lora(l) => l.a.dim(0).unwrap_or(0),
+            Adapter::MoeLora(m) => m.a.dim(0).unwrap_or(0),
+            Adapter::Olora { frozen, new } => {
+                frozen.a.dim(0).unwrap_or(0) + new.a.dim(0).unwrap_or(0)
+            }
         }
     }
 }
@@ -202,8 +249,11 @@ impl Linear {
     /// it applies: x, weight and adapter of one f32/f64 dtype on the CPU, a 2-D `x`, a frozen
     /// weight. `None`: use the composed ops.
     fn forward_fused_lora(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some(Adapter::Lora(l)) = &self.adapter else {
-            return Ok(None);
+        let (l, frozen) = match &self.adapter {
+            Some(Adapter::Lora(l)) => (l, None),
+            // O-LoRA: the trained adapter fused, the frozen one added by composed ops.
+            Some(Adapter::Olora { frozen, new }) => (new, Some(frozen)),
+            _ => return Ok(None),
         };
         let dt = x.dtype();
         if !fused::supported(x)
@@ -222,6 +272,9 @@ impl Linear {
         let mut y = fused::lora_linear(x, &self.weight, &l.a, &l.b, l.scale, mask)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
+        }
+        if let Some(f) = frozen {
+            y = (y + f.forward(x)?)?;
         }
         Ok(Some(y))
     }

@@ -147,7 +147,7 @@ fn loras(adapter: &PeftAdapter) -> Result<BTreeMap<&str, &Lora>> {
         .iter()
         .map(|(name, a)| match a {
             Adapter::Lora(l) => Ok((name.as_str(), l)),
-            Adapter::MoeLora(_) => Err(refuse(
+            Adapter::MoeLora(_) | Adapter::Olora { .. } => Err(refuse(
                 &adapter.dir,
                 format!("module '{name}' holds a MoELoRA adapter"),
             )),
@@ -426,7 +426,7 @@ mod tests {
     fn lora_of(a: &PeftAdapter, name: &str) -> Lora {
         match &a.layers[name] {
             Adapter::Lora(l) => l.clone(),
-            Adapter::MoeLora(_) => panic!("a LoRA module"),
+            _ => panic!("a LoRA module"),
         }
     }
 

@@ -652,10 +652,7 @@ impl PeftAdapter {
 
     /// The total rank r of the adapter (the same for every module, or the config's `r`).
     pub fn rank(&self) -> Option<usize> {
-        let mut ranks = self.layers.values().map(|a| match a {
-            Adapter::Lora(l) => l.a.dim(0).unwrap_or(0),
-            Adapter::MoeLora(m) => m.a.dim(0).unwrap_or(0),
-        });
+        let mut ranks = self.layers.values().map(Adapter::rank);
         let first = ranks.next()?;
         ranks.all(|r| r == first).then_some(first)
     }
@@ -673,9 +670,10 @@ impl PeftAdapter {
             match linears.get_mut(name) {
                 Some(lin) => {
                     let (out_f, in_f) = lin.weight.dims2()?;
-                    let (a_in, b_out, router_in) = match adapter {
-                        Adapter::Lora(l) => (l.a.dim(1)?, l.b.dim(0)?, in_f),
-                        Adapter::MoeLora(m) => (m.a.dim(1)?, m.b.dim(0)?, m.router.dim(1)?),
+                    let (a_in, b_out) = adapter.in_out()?;
+                    let router_in = match adapter {
+                        Adapter::MoeLora(m) => m.router.dim(1)?,
+                        _ => in_f,
                     };
                     if a_in != in_f || b_out != out_f || router_in != in_f {
                         let key = self.module_keys.get(name).unwrap_or(name);

@@ -280,6 +280,13 @@ pub struct TrainConfig {
     /// renormalised (0 = the whole vocabulary; the memory is samples × supervised tokens × k).
     #[serde(default)]
     pub lwf_top_k: usize,
+    /// `olora`: weight λ1 of the orthogonality term Σ|A_earlier · A_newᵀ| (O-LoRA's default
+    /// 0.5).
+    #[serde(default = "default_olora_lambda1")]
+    pub olora_lambda1: f64,
+    /// `olora`: weight λ2 of the new adapter's squared L2 norm (O-LoRA's default 0).
+    #[serde(default)]
+    pub olora_lambda2: f64,
 }
 
 fn default_lwf_lambda() -> f64 {
@@ -309,6 +316,11 @@ fn default_ewc_samples() -> usize {
     200
 }
 
+/// O-LoRA's λ1 (Wang et al. 2023; `lamda_1` in their scripts).
+pub fn default_olora_lambda1() -> f64 {
+    0.5
+}
+
 /// The `train` settings that belong to one method: in the training key only while that method
 /// is the strategy (so adding a method's setting keeps every other method's keys).
 pub const METHOD_FIELDS: &[(Strategy, &[&str])] = &[
@@ -318,6 +330,7 @@ pub const METHOD_FIELDS: &[(Strategy, &[&str])] = &[
         Strategy::Lwf,
         &["lwf_lambda", "lwf_temperature", "lwf_top_k"],
     ),
+    (Strategy::Olora, &["olora_lambda1", "olora_lambda2"]),
 ];
 
 /// The continual-learning method (`train.strategy`; docs/methods.md).
@@ -336,6 +349,9 @@ pub enum Strategy {
     /// Learning without Forgetting: distillation toward the parent checkpoint's outputs on the
     /// task's own inputs.
     Lwf,
+    /// O-LoRA: a new LoRA per task, trained orthogonal to the earlier tasks' frozen ones;
+    /// inference uses all of them (their exact concatenation).
+    Olora,
 }
 
 /// Eval settings: greedy decoding and scoring.
@@ -588,6 +604,7 @@ impl Choices for Strategy {
         Strategy::Replay,
         Strategy::Ewc,
         Strategy::Lwf,
+        Strategy::Olora,
     ];
 }
 impl Choices for Method {
@@ -792,6 +809,8 @@ impl RunConfig {
                 lwf_lambda: default_lwf_lambda(),
                 lwf_temperature: default_lwf_temperature(),
                 lwf_top_k: 0,
+                olora_lambda1: default_olora_lambda1(),
+                olora_lambda2: 0.0,
             },
             eval: EvalConfig {
                 max_new_tokens: 128,
@@ -892,6 +911,8 @@ impl RunConfig {
                 lwf_lambda: default_lwf_lambda(),
                 lwf_temperature: default_lwf_temperature(),
                 lwf_top_k: 0,
+                olora_lambda1: default_olora_lambda1(),
+                olora_lambda2: 0.0,
             },
             eval: EvalConfig {
                 // Grounding answers ("[0.25, 0.50, 0.50, 0.75]") are the longest in CoIN-mini.
@@ -1020,6 +1041,23 @@ impl RunConfig {
             return bad(
                 "train.lwf_temperature",
                 format!("must be a finite number > 0, got {}", t.lwf_temperature),
+            );
+        }
+        for (key, v) in [
+            ("train.olora_lambda1", t.olora_lambda1),
+            ("train.olora_lambda2", t.olora_lambda2),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(key, format!("must be a number ≥ 0, got {v}"));
+            }
+        }
+        if t.strategy == Strategy::Olora && t.method == Method::Moelora {
+            return bad(
+                "train.strategy",
+                "olora stacks a new plain LoRA per task and cannot be combined with \
+                 train.method = \"moelora\" (the router mixes its experts per token); use \
+                 train.method = \"lora\""
+                    .into(),
             );
         }
         if t.strategy == Strategy::Replay && t.replay_items == 0 && t.replay_share == 0.0 {

@@ -64,8 +64,8 @@ pub const PRETRAIN_RECORD: &str = "pretrain.json";
 /// by at least this many points.
 pub const LEARN_MARGIN: f64 = 20.0;
 /// The demo's methods, each on the branch of its name: LoRA, MoELoRA, LoRA with replay, LoRA
-/// with EWC, LoRA with Learning without Forgetting.
-pub const DEMO_METHODS: &[&str] = &["lora", "moelora", REPLAY, EWC, LWF];
+/// with EWC, LoRA with Learning without Forgetting, O-LoRA.
+pub const DEMO_METHODS: &[&str] = &["lora", "moelora", REPLAY, EWC, LWF, OLORA];
 
 /// The method name of LoRA with Learning without Forgetting (`train.strategy = lwf`).
 pub const LWF: &str = "lwf";
@@ -76,6 +76,9 @@ pub const LWF_LAMBDA: f64 = 1.0;
 
 /// The method name of LoRA with replay (`train.strategy = replay`).
 pub const REPLAY: &str = "replay";
+
+/// The method name of O-LoRA (`train.strategy = olora`, its default λ1 and λ2).
+pub const OLORA: &str = "olora";
 
 /// Items replayed per earlier task by `--method replay`: on CoIN-mini it cuts plain LoRA's
 /// forgetting to about a quarter at 1.4× its wall time (docs/methods.md).
@@ -466,6 +469,11 @@ pub fn demo_layers(
             format!("train.lwf_lambda={LWF_LAMBDA:?}"),
         ] {
             layers.push(Layer::from_set(&set)?);
+        }
+    } else if method == OLORA {
+        // A new LoRA per task, orthogonal to the earlier ones (docs/methods.md).
+        for set in ["train.method=lora", "train.strategy=olora"] {
+            layers.push(Layer::from_set(set)?);
         }
     } else {
         layers.push(Layer::from_set(&format!("train.method={method}"))?);

@@ -27,6 +27,7 @@ use crate::ml::train::ewc::{
     consolidate, diagonal_fisher, fisher_sample_indices, fisher_sum_max, EwcPenalty, FISHER_FILE,
 };
 use crate::ml::train::lwf::{teacher_outputs, Lwf, LwfSettings, TeacherPass};
+use crate::ml::train::olora::{write_olora, OloraPenalty, OloraStack};
 use crate::ml::train::params::TrainableParams;
 use crate::ml::train::trainer::Regularizer;
 
@@ -45,6 +46,9 @@ pub struct MethodContext<'a> {
     pub params: &'a TrainableParams,
     /// The step's training samples (replayed ones included).
     pub samples: &'a [Sample],
+    /// `olora`: the earlier tasks' frozen adapters the new one is stacked on (attached by
+    /// [`crate::ml::train::olora::attach_olora`]).
+    pub olora: Option<&'a OloraStack>,
 }
 
 /// One step's run of a method.
@@ -89,6 +93,18 @@ pub fn prepare(
         // A first step has no teacher: it trains as sequential (and has its key).
         Strategy::Lwf if ctx.parent_dir.is_none() => Ok(Box::new(Plain)),
         Strategy::Lwf => Ok(Box::new(LwfRun::prepare(ctx, note)?)),
+        Strategy::Olora => {
+            let stack = ctx.olora.ok_or_else(|| {
+                WorkflowError::Input(
+                    "train.strategy = olora: the step's adapters were not attached as O-LoRA"
+                        .into(),
+                )
+            })?;
+            let t = &ctx.cfg.train;
+            let penalty = OloraPenalty::new(t.olora_lambda1, t.olora_lambda2, ctx.params, stack);
+            let start = scalar(penalty.orthogonality(ctx.params)?)?;
+            Ok(Box::new(OloraRun { penalty, start }))
+        }
     }
 }
 
@@ -382,6 +398,59 @@ impl MethodRun for LwfRun {
             },
             "kl_first_epoch": first,
             "kl_last_epoch": last,
+        }))
+    }
+}
+
+fn scalar(t: Option<candle_core::Tensor>) -> Result<Option<f64>, WorkflowError> {
+    Ok(match t {
+        Some(t) => Some(
+            t.to_dtype(candle_core::DType::F64)
+                .and_then(|t| t.to_scalar::<f64>())
+                .map_err(crate::ml::MlError::from)?,
+        ),
+        None => None,
+    })
+}
+
+/// `olora` (docs/methods.md): the orthogonality penalty while training, the concatenated
+/// adapter and each task's own factors in the checkpoint.
+struct OloraRun {
+    penalty: OloraPenalty,
+    /// The orthogonality sum before training (`None` at a first step).
+    start: Option<f64>,
+}
+
+impl MethodRun for OloraRun {
+    fn regularizer(&self) -> Option<&dyn Regularizer> {
+        Some(&self.penalty)
+    }
+
+    fn finish(
+        &mut self,
+        ctx: &MethodContext<'_>,
+        out: &Path,
+        _note: &mut dyn FnMut(&str),
+    ) -> Result<Value, WorkflowError> {
+        let stack = ctx.olora.ok_or_else(|| {
+            WorkflowError::Input("train.strategy = olora: no O-LoRA stack to save".into())
+        })?;
+        let end = scalar(self.penalty.orthogonality(ctx.params)?)?;
+        let saved = write_olora(ctx.params, stack, ctx.task, out, &ctx.cfg.model.name)?;
+        let tasks: Vec<Value> = saved
+            .tasks
+            .iter()
+            .map(|t| json!({"task": t.task, "key": t.key, "rank": t.rank, "alpha": t.alpha}))
+            .collect();
+        Ok(json!({
+            "name": "olora",
+            "lambda1": self.penalty.lambda1,
+            "lambda2": self.penalty.lambda2,
+            "tasks": tasks,
+            "total_rank": saved.total_rank,
+            "frozen_rank": stack.frozen_rank(),
+            "orthogonality_start": self.start,
+            "orthogonality_end": end,
         }))
     }
 }

@@ -33,6 +33,7 @@ use crate::history::records::to_canonical_json;
 use crate::history::{BaseModel, CoinRepo, CommitRequest};
 use crate::ml::runtime::Runtime;
 use crate::ml::train::data::{prepare_samples, Labeling, PrepareStats};
+use crate::ml::train::olora::attach_olora;
 use crate::ml::train::params::{AdapterKind, AdapterSettings, TrainableParams};
 use crate::ml::train::save::save_adapter;
 use crate::ml::train::trainer::{
@@ -213,6 +214,8 @@ fn training_key(k: &KeyInputs<'_>) -> Result<String, WorkflowError> {
         // Even a first step stores its Fisher: never the same checkpoint as sequential's.
         Strategy::Ewc => true,
         Strategy::Lwf => k.parent_adapter,
+        // Even a first step stores its task's factors (olora.safetensors).
+        Strategy::Olora => true,
     };
     if !active {
         if let Some(o) = train.as_object_mut() {
@@ -320,6 +323,11 @@ fn step_inputs(
                  own objective, without the distillation term; add it to the trainer and use \
                  train.strategy = sequential, or leave trainer.command empty",
             ),
+            Strategy::Olora => Some(
+                "train.strategy = olora needs coin's engine: it adds a penalty term to the loss \
+                 and stores every task's adapter, which an external [trainer] does not do; leave \
+                 trainer.command empty, or set train.strategy = \"sequential\"",
+            ),
         };
         if let Some(why) = why {
             return Err(WorkflowError::Config(why.into()));
@@ -349,7 +357,9 @@ fn step_inputs(
     }
     let mut cfg = cfg;
     let mut notes = Vec::new();
-    if let Some((r, alpha)) = parent_cp.as_ref().and_then(merged_shape) {
+    // (O-LoRA freezes the merged adapter and trains a fresh one of rank train.lora_r.)
+    let merged = parent_cp.as_ref().and_then(merged_shape);
+    if let Some((r, alpha)) = merged.filter(|_| cfg.train.strategy != Strategy::Olora) {
         if (r, alpha) != (cfg.train.lora_r, cfg.train.lora_alpha) {
             // A merge's adapter has the summed rank of its inputs: training on from it continues
             // that adapter, whatever rank a fresh one would get. The record and the key say so.
@@ -632,7 +642,46 @@ pub fn train_task(
     std::fs::create_dir_all(&work).map_err(|e| io_err("create", &work, e))?;
     let mut parent_dir = None;
     let mut fresh_projector = false;
+    let olora = cfg.train.strategy == super::config::Strategy::Olora;
+    let mut olora_stack = None;
     let params = match &parent_cp {
+        Some(cp) if olora && cp.manifest.files.contains_key("adapter_config.json") => {
+            let dir = work.join("parent");
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|e| io_err("remove", &dir, e))?;
+            }
+            repo.checkout(cp.id, &dir)?;
+            let parent_task = cp
+                .train
+                .as_ref()
+                .map(|t| t.task.clone())
+                .unwrap_or_else(|| cp.id.short());
+            let (params, stack) =
+                attach_olora(&mut loaded.model, &settings, Some((&dir, &parent_task)))?;
+            progress.note(&format!(
+                "O-LoRA: freezing the adapters of {} earlier task(s) of {} (rank {}) and \
+                 training a new rank-{} adapter for {}.",
+                stack.earlier.len(),
+                cp.id.short(),
+                stack.frozen_rank(),
+                settings.r,
+                def.name
+            ));
+            if cfg.train.projector_init == ProjectorInit::AsCoin {
+                progress.note(
+                    "Starting the projector afresh, as CoIN's code does after its first task.",
+                );
+                params.reinit_projector(&mut loaded.model, cfg.train.seed)?;
+            }
+            olora_stack = Some(stack);
+            parent_dir = Some(dir);
+            params
+        }
+        _ if olora => {
+            let (params, stack) = attach_olora(&mut loaded.model, &settings, None)?;
+            olora_stack = Some(stack);
+            params
+        }
         Some(cp) if cp.manifest.files.contains_key("adapter_config.json") => {
             let dir = work.join("parent");
             if dir.exists() {
@@ -720,6 +769,7 @@ pub fn train_task(
             loaded: &loaded,
             params: &params,
             samples: &samples,
+            olora: olora_stack.as_ref(),
         },
         &mut |m: &str| progress.note(m),
     )?;
@@ -737,6 +787,7 @@ pub fn train_task(
         loaded: &loaded,
         params: &params,
         samples: &samples,
+        olora: olora_stack.as_ref(),
     };
     let report = train_with(
         &loaded.model,

@@ -37,8 +37,9 @@ pub struct DemoArgs {
     pub dir: Option<PathBuf>,
     /// The method: lora, moelora, replay (LoRA with 20 items of each earlier task replayed),
     /// ewc (LoRA with Elastic Weight Consolidation), lwf (LoRA with Learning without
-    /// Forgetting's distillation; docs/methods.md); each runs on the branch of its name
-    #[arg(long, default_value = "lora", value_parser = ["lora", "moelora", "replay", "ewc", "lwf"])]
+    /// Forgetting's distillation), olora (a new LoRA per task, orthogonal to the earlier ones;
+    /// docs/methods.md); each runs on the branch of its name
+    #[arg(long, default_value = "lora", value_parser = ["lora", "moelora", "replay", "ewc", "lwf", "olora"])]
     pub method: String,
     /// A much smaller run (seconds; what the tests use): checks the mechanics, not the science
     #[arg(long)]
@@ -120,6 +121,7 @@ fn write_facts(out: &mut impl std::io::Write, r: &DemoReport) -> std::io::Result
         "replay" => "LoRA with replay",
         "ewc" => "LoRA with EWC",
         "lwf" => "LoRA with LwF",
+        "olora" => "O-LoRA",
         _ => "MoELoRA",
     };
     match f.bwt {

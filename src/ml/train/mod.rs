@@ -15,6 +15,7 @@ pub mod frozen;
 pub mod full;
 pub mod loss;
 pub mod lwf;
+pub mod olora;
 pub mod optim;
 pub mod params;
 pub mod save;
@@ -28,5 +29,7 @@ mod adapter_tests;
 mod ewc_tests;
 #[cfg(test)]
 mod loop_tests;
+#[cfg(test)]
+mod olora_tests;
 #[cfg(test)]
 mod tests;

@@ -376,7 +376,7 @@ impl TrainableParams {
                 ))
             })?;
             let scale = match adapter {
-                Adapter::Lora(l) => l.scale,
+                Adapter::Lora(l) | Adapter::Olora { new: l, .. } => l.scale,
                 Adapter::MoeLora(m) => m.scale,
             };
             let want_scale = self.settings.alpha / self.settings.r as f64;
@@ -416,6 +416,12 @@ impl TrainableParams {
                 self.settings.targets
             )));
         }
+        self.load_projector(model, saved)
+    }
+
+    /// Set the projector from `saved`'s trained projector, when it has one: the projector vars
+    /// when the projector is trained, else the model's frozen projector.
+    pub(crate) fn load_projector(&self, model: &mut Llava, saved: &PeftAdapter) -> Result<()> {
         if let Some(p) = &saved.projector {
             if self.settings.train_projector {
                 for (name, var) in self
