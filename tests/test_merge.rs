@@ -240,7 +240,7 @@ fn merge_two_branches_exactly_with_both_parents_and_the_union_of_tasks() {
             l.b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             l.scale,
         ),
-        Adapter::MoeLora(_) => panic!("LoRA expected"),
+        _ => panic!("LoRA expected"),
     };
     for name in pa.layers.keys() {
         let (a1, b1, s1) = factors(&pa, name);
