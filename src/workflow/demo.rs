@@ -81,7 +81,7 @@ pub const REPLAY: &str = "replay";
 pub const OLORA: &str = "olora";
 
 /// Items replayed per earlier task by `--method replay`: on CoIN-mini it cuts plain LoRA's
-/// forgetting to about a quarter at 1.4× its wall time (docs/methods.md).
+/// forgetting to about a quarter at 1.2× its wall time (docs/methods.md).
 pub const REPLAY_ITEMS: usize = 20;
 
 /// The method name of LoRA with Elastic Weight Consolidation (`train.strategy = ewc`).
