@@ -54,8 +54,9 @@ fn settings(kind: AdapterKind) -> AdapterSettings {
     }
 }
 
-/// Every var (adapters and projector) set to random values, so nothing is at its init.
-fn randomise(params: &TrainableParams, seed: u64) {
+/// Every var (adapters and projector) set to N(0, 0.2²) values, so nothing is at its init (and
+/// B ≠ 0 gives A a gradient path).
+pub(super) fn randomise(params: &TrainableParams, seed: u64) {
     let mut rng = Rng::new(seed);
     for (_, var) in &params.vars {
         let t = Tensor::from_vec(

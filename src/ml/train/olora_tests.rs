@@ -9,6 +9,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::adapter_tests::randomise;
 use super::olora::{attach_olora, read_index, write_olora, OloraPenalty, OLORA_TENSORS};
 use super::params::{AdapterKind, AdapterSettings, TrainableParams};
 use super::save::save_adapter;
@@ -18,7 +19,6 @@ use crate::ml::linear::Adapter;
 use crate::ml::llava::Llava;
 use crate::ml::load::read_tensor_file;
 use crate::ml::peft::PeftAdapter;
-use crate::ml::rng::Rng;
 use crate::ml::MlError;
 
 fn settings(r: usize, alpha: f64) -> AdapterSettings {
@@ -29,21 +29,6 @@ fn settings(r: usize, alpha: f64) -> AdapterSettings {
         dropout: 0.0,
         seed: 3,
         ..AdapterSettings::default()
-    }
-}
-
-/// Every var set to N(0, 0.2²) values (B included, so A has a gradient path).
-fn randomise(params: &TrainableParams, seed: u64) {
-    let mut rng = Rng::new(seed);
-    for (_, var) in &params.vars {
-        let t = Tensor::from_vec(
-            rng.normal_vec(var.elem_count(), 0.2),
-            var.shape(),
-            &Device::Cpu,
-        )
-        .and_then(|t| t.to_dtype(var.dtype()))
-        .expect("random values");
-        var.set(&t).expect("var set");
     }
 }
 
