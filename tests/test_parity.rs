@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use coin::ml::fused::{with_kernels, Kernels};
 use coin::ml::generate::{generate, generate_segments, GenerateRequest, GenerateSettings};
 use coin::ml::image::{AspectMode, Rgb8};
 use coin::ml::linear::Adapter;
@@ -152,8 +153,32 @@ fn logits_and_greedy_tokens_match_hf_with_peft_lora() {
     check_cases(&mut m, None, "base after lora");
 }
 
+/// The same goldens with every CPU kernel on (`runtime.kernels = "on"`, the default of release
+/// builds; debug builds default to the composed ops): fused norms, RoPE, SwiGLU and the blocked
+/// attention of `coin::ml::flash`, prefill and KV-cache steps.
+#[test]
+fn logits_and_greedy_tokens_match_hf_with_all_kernels_on() {
+    let mut m = load(&ModelSource::Hf(fixtures().join("model")));
+    let a =
+        PeftAdapter::load(&fixtures().join("adapter"), &Device::Cpu, DType::F32).expect("adapter");
+    with_kernels(Some(Kernels::On), || {
+        check_cases(&mut m, None, "base, kernels on");
+        check_cases(&mut m, Some(&a), "lora, kernels on");
+    });
+}
+
 #[test]
 fn batched_left_padded_generation_matches_hf() {
+    batched_left_padded_generation(None);
+}
+
+/// Left padding (whole query rows that see no key) through the blocked attention.
+#[test]
+fn batched_left_padded_generation_matches_hf_with_all_kernels_on() {
+    batched_left_padded_generation(Some(Kernels::On));
+}
+
+fn batched_left_padded_generation(kernels: Option<Kernels>) {
     let g = goldens();
     let b = &g["batch"];
     let mut m = load(&ModelSource::Hf(fixtures().join("model")));
@@ -173,7 +198,8 @@ fn batched_left_padded_generation_matches_hf() {
         return_logits: false,
         ignore_eos: false,
     };
-    let out = generate(&mut m, None, &reqs, &settings).expect("generates");
+    let out =
+        with_kernels(kernels, || generate(&mut m, None, &reqs, &settings)).expect("generates");
     for (o, want) in out.iter().zip(b["tokens"].as_array().expect("a")) {
         // HF pads finished rows with pad_token_id; we stop the row.
         let want: Vec<u32> = u32s(want);

@@ -5,7 +5,9 @@
 //! which have none): norms, softmax and RoPE are computed in f32, as transformers does, so the
 //! same forward serves training. On the CPU in f32/f64 RMSNorm, RoPE, the masked attention
 //! softmax and SwiGLU are [`super::fused`] kernels with an analytic backward; elsewhere (CUDA,
-//! bf16/f16) the same functions compose plain tensor ops (the `*_composed` references).
+//! bf16/f16) the same functions compose plain tensor ops (the `*_composed` references). With
+//! `runtime.kernels = "on"` on the CPU the attention core (scores → probabilities → `p·v`) is
+//! [`super::flash::flash_attention`] instead, which never keeps the (s × t) score matrix.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
@@ -213,6 +215,14 @@ impl Attention {
             }
             None => (k, v),
         };
+        let scale = 1.0 / (hd as f64).sqrt();
+        if flash_enabled(&q) {
+            // Blocked attention: no (s × t) scores kept, grouped heads without expanding k/v.
+            let o = super::flash::flash_attention(&q, &k, &v, Some(mask), scale)?
+                .transpose(1, 2)?
+                .reshape((b * s, self.heads * hd))?;
+            return self.o_proj.forward(&o);
+        }
         let t = k.dim(2)?;
         let rep = self.heads / self.kv_heads;
         let (k, v) = if rep > 1 {
@@ -229,13 +239,20 @@ impl Attention {
         let scores = q
             .to_dtype(compute_dtype(dtype))?
             .matmul(&k.to_dtype(compute_dtype(dtype))?.t()?)?;
-        let p = attention_probs(&scores, mask, 1.0 / (hd as f64).sqrt())?.to_dtype(dtype)?;
+        let p = attention_probs(&scores, mask, scale)?.to_dtype(dtype)?;
         let o = p
             .matmul(&v.contiguous()?)?
             .transpose(1, 2)?
             .reshape((b * s, self.heads * hd))?;
         self.o_proj.forward(&o)
     }
+}
+
+/// Whether attention runs as [`super::flash::flash_attention`]: the loop kernels are on
+/// (`runtime.kernels = "on"`, [`fused::loop_kernels`]) and `q` is on the CPU (any float dtype:
+/// bf16/f16 are computed in f32). Elsewhere the composed scores → probabilities → `p·v`.
+pub fn flash_enabled(q: &Tensor) -> bool {
+    q.device().is_cpu() && fused::kernels() == fused::Kernels::On && q.dtype().is_float()
 }
 
 /// `softmax(scores · scale + mask)` over the keys; fused on the CPU for f32/f64.

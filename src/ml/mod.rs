@@ -14,6 +14,7 @@ pub mod clip;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod flash;
 pub mod fused;
 pub mod generate;
 pub mod image;
