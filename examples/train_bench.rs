@@ -95,6 +95,10 @@ struct Args {
     /// Seed of data, adapter init and dropout
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The decoder's attention with runtime.kernels = on: flash (blocked, no score matrix, the
+    /// default) or scores (q·kᵀ, fused softmax, p·v), to measure one against the other
+    #[arg(long, default_value = "flash", value_parser = ["flash", "scores"])]
+    attention: String,
 }
 
 type Error = Box<dyn std::error::Error>;
@@ -295,6 +299,7 @@ fn run(a: &Args, rt: &Runtime) -> Result<serde_json::Value, Error> {
     let steps_per_s = timed.len() as f64 / secs.max(1e-12);
     Ok(serde_json::json!({
         "engine": "coin",
+        "attention": a.attention,
         "device": format!("{:?}", device.location()),
         "dtype": format!("{dtype:?}").to_lowercase(),
         "method": a.method,
@@ -317,6 +322,7 @@ fn run(a: &Args, rt: &Runtime) -> Result<serde_json::Value, Error> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    coin::ml::flash::set_enabled_for_process(args.attention == "flash");
     // The runtime as `coin` resolves and applies it, before the first tensor op.
     let rt = match run_config(&args).and_then(|c| Ok(c.resolved_runtime()?)) {
         Ok(rt) => rt,

@@ -44,6 +44,20 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+static OFF_FOR_PROCESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turn the blocked attention off (or back on) for the whole process, so that a benchmark can
+/// compare it with the score-matrix path in one binary (`examples/train_bench.rs --attention
+/// scores`). Not a user setting: `runtime.kernels` decides everywhere else.
+pub fn set_enabled_for_process(on: bool) {
+    OFF_FOR_PROCESS.store(!on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_enabled_for_process`] left the blocked attention on (the default).
+pub fn enabled_for_process() -> bool {
+    !OFF_FOR_PROCESS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Scores per block step, over all (batch, head) pairs together (4 Mi: 16 MiB in f32).
 pub const BLOCK_ELEMS: usize = 1 << 22;
 

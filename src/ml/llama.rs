@@ -252,7 +252,10 @@ impl Attention {
 /// (`runtime.kernels = "on"`, [`fused::loop_kernels`]) and `q` is on the CPU (any float dtype:
 /// bf16/f16 are computed in f32). Elsewhere the composed scores → probabilities → `p·v`.
 pub fn flash_enabled(q: &Tensor) -> bool {
-    q.device().is_cpu() && fused::kernels() == fused::Kernels::On && q.dtype().is_float()
+    q.device().is_cpu()
+        && fused::kernels() == fused::Kernels::On
+        && q.dtype().is_float()
+        && super::flash::enabled_for_process()
 }
 
 /// `softmax(scores · scale + mask)` over the keys; fused on the CPU for f32/f64.
