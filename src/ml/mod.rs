@@ -15,6 +15,8 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod fused;
+#[cfg(feature = "cuda")]
+mod fused_cuda;
 pub mod generate;
 pub mod image;
 pub mod linear;
