@@ -5,7 +5,9 @@
 # Result: TARGET_DIR/release/coin (needs libcuda, cuBLAS 13, cuRAND 10, cudart 13 at run time),
 # plus a stripped, xz-compressed copy TARGET_DIR/coin-cuda.xz small enough to carry; the same for
 # the training benchmark example (TARGET_DIR/release/examples/train_bench, train_bench-cuda.xz)
-# that scripts/gpu-check.sh runs beside it.
+# and the kernel check (examples/cuda_kernel_check, cuda_kernel_check-cuda.xz) that
+# scripts/gpu-check.sh runs beside it. coin's build.rs compiles src/ml/cuda/fused.cu to PTX
+# with the same nvcc (CUDA_HOME, CUDA_COMPUTE_CAP).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TC=${1:-$HOME/.cache/coin-cuda}
@@ -46,9 +48,13 @@ if [ ! -f "$STUBS/libcuda.so" ]; then
   stub '^curand' libcurand.so.10 libcurand.so
   stub '^nvrtc' libnvrtc.so.13 libnvrtc.so
 fi
-cargo build --release --locked --features cuda --target-dir "$TARGET" --bin coin --example train_bench
+cargo build --release --locked --features cuda --target-dir "$TARGET" --bin coin --example train_bench \
+  --example cuda_kernel_check
 strip -o "$TARGET/coin-cuda" "$TARGET/release/coin"
 xz -T0 -9 -c "$TARGET/coin-cuda" > "$TARGET/coin-cuda.xz"
 strip -o "$TARGET/train_bench-cuda" "$TARGET/release/examples/train_bench"
 xz -T0 -9 -c "$TARGET/train_bench-cuda" > "$TARGET/train_bench-cuda.xz"
-ls -la "$TARGET/release/coin" "$TARGET/coin-cuda" "$TARGET/coin-cuda.xz" "$TARGET/train_bench-cuda.xz"
+strip -o "$TARGET/cuda_kernel_check-cuda" "$TARGET/release/examples/cuda_kernel_check"
+xz -T0 -9 -c "$TARGET/cuda_kernel_check-cuda" > "$TARGET/cuda_kernel_check-cuda.xz"
+ls -la "$TARGET/release/coin" "$TARGET/coin-cuda" "$TARGET/coin-cuda.xz" "$TARGET/train_bench-cuda.xz" \
+  "$TARGET/cuda_kernel_check-cuda.xz"

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # The GPU check of issues 3 and 4, run on a machine with an NVIDIA GPU from the repository root:
-#   scripts/gpu-check.sh BIN [quick]
+#   scripts/gpu-check.sh BIN [quick|kernels|bench]
 # BIN is a `cargo build --release --features cuda` coin binary (see docs/cuda.md); a file ending
 # in .xz is unpacked first. The training steps run the train_bench example of the same build:
 # TRAIN_BENCH, by default BIN's examples/train_bench (cargo's layout) or, for BIN = DIR/*.xz,
-# DIR/train_bench-cuda.xz (what scripts/build-cuda.sh writes). Needs python3 with torch,
-# transformers and peft for the PyTorch side.
+# DIR/train_bench-cuda.xz (what scripts/build-cuda.sh writes); the kernel check likewise runs
+# KERNEL_CHECK (examples/cuda_kernel_check, or DIR/cuda_kernel_check-cuda.xz). Needs python3
+# with torch, transformers and peft for the PyTorch side. `kernels` stops after step 1b, `quick`
+# after step 3, `bench` runs step 4 only.
 # Writes everything it prints to $OUT/gpu-check.log (OUT defaults to /tmp/gpu-check).
 #  1. devices and driver;
+#  1b. kernels: the fused ops' CUDA kernels (forward and backward, f32/bf16/f16) against the CPU
+#     kernels, PASS/FAIL per op, dtype and gradient, then fused vs composed timings (~1 minute);
 #  2. generation: the HF parity model (tests/fixtures/parity) on CPU f32, CUDA f32, CUDA bf16 —
 #     greedy tokens compared with each other and with the HF goldens;
 #  3. training: LoRA and MoELoRA steps on the tiny model with CoIN-mini data, CPU f32 vs CUDA
-#     f32 vs CUDA bf16 (same data order and init; dropout off, since a GPU draws its masks on the
-#     device) — losses compared;
+#     f32 vs CUDA bf16, each CUDA run also with the fused kernels (-k) (same data order and
+#     init; dropout off, since a GPU draws its masks on the device) — losses compared;
 #  4. benchmark: LoRA r=128 training steps/s and peak GPU memory on a TinyLlama-1.1B-shaped
-#     random model, coin vs PyTorch+PEFT (bf16).
+#     random model, coin (composed ops, then the fused CUDA kernels: BENCH_KERNELS="off on")
+#     vs PyTorch+PEFT (bf16).
 set -uo pipefail
 BIN=${1:?usage: scripts/gpu-check.sh BIN [quick]}
 MODE=${2:-full}
@@ -24,7 +29,9 @@ exec > >(tee "$OUT/gpu-check.log") 2>&1
 W=$(mktemp -d)
 step() { echo; echo "=== $* ($(date +%T))"; }
 if [[ "$BIN" == *.xz ]]; then TRAIN_BENCH=${TRAIN_BENCH:-$(dirname "$BIN")/train_bench-cuda.xz}
-else TRAIN_BENCH=${TRAIN_BENCH:-$(dirname "$BIN")/examples/train_bench}; fi
+  KERNEL_CHECK=${KERNEL_CHECK:-$(dirname "$BIN")/cuda_kernel_check-cuda.xz}
+else TRAIN_BENCH=${TRAIN_BENCH:-$(dirname "$BIN")/examples/train_bench}
+  KERNEL_CHECK=${KERNEL_CHECK:-$(dirname "$BIN")/examples/cuda_kernel_check}; fi
 # Unpack an .xz binary into $W; prints the path to run.
 unpack() {
   if [[ "$1" == *.xz ]]; then
@@ -49,6 +56,13 @@ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 BIN=$(unpack "$BIN" coin); TRAIN_BENCH=$(unpack "$TRAIN_BENCH" train_bench)
 "$BIN" --version || { echo "FAIL: the binary does not start"; ldd "$BIN"; exit 1; }
 ldd "$BIN" | grep -E "cuda|cublas|curand|not found"
+
+step "1b. kernels: fused ops on CUDA vs the CPU kernels (forward, backward; f32, bf16, f16)"
+if [ -e "$KERNEL_CHECK" ]; then
+  KERNEL_CHECK=$(unpack "$KERNEL_CHECK" cuda_kernel_check)
+  timeout 240 "$KERNEL_CHECK" || echo "FAIL: kernel check (exit $?)"
+else echo "FAIL: no kernel check binary at $KERNEL_CHECK"; fi
+[ "$MODE" = kernels ] && exit 0
 
 step "2. generation: CPU f32 / CUDA f32 / CUDA bf16 on the parity model"
 M=tests/fixtures/parity/model
@@ -81,11 +95,13 @@ step "3. training steps: CPU f32 vs CUDA f32 vs CUDA bf16 (tiny model, CoIN-mini
 python3 -c "import sys" # keep going even without python extras
 "$BIN" -q model init --tiny "$W/tiny" >/dev/null
 for method in lora moelora; do
-  for run in cpu:f32 cuda:f32 cuda:bf16; do
-    dev=${run%%:*}; dt=${run##*:}
+  # DEV:DTYPE[:k] — k: with the fused CUDA kernels (runtime.kernels=on).
+  for run in cpu:f32 cuda:f32 cuda:bf16 cuda:f32:k cuda:bf16:k; do
+    IFS=: read -r dev dt k <<< "$run"
+    ks=(); name=$dev-$dt; [ -n "$k" ] && { ks=(--set runtime.kernels=on); name=$name-k; }
     timeout 180 "$TRAIN_BENCH" --model "$W/tiny" --data "$W/mini" --task-dir VizWiz --method $method \
-      --experts 2 --device $dev --dtype $dt --batch 8 --steps 6 --warmup 0 --lr 2e-3 --dropout 0 > "$W/train-$method-$dev-$dt.json" \
-      || echo "FAIL: train $method $run"
+      --experts 2 --device $dev --dtype $dt "${ks[@]}" --batch 8 --steps 6 --warmup 0 --lr 2e-3 --dropout 0 \
+      > "$W/train-$method-$name.json" || echo "FAIL: train $method $run"
   done
 done
 python3 - "$W" <<'EOF'
@@ -93,7 +109,7 @@ import json, sys
 w = sys.argv[1]
 for method in ["lora", "moelora"]:
     runs = {}
-    for k in ["cpu-f32", "cuda-f32", "cuda-bf16"]:
+    for k in ["cpu-f32", "cuda-f32", "cuda-bf16", "cuda-f32-k", "cuda-bf16-k"]:
         try: runs[k] = json.load(open(f"{w}/train-{method}-{k}.json"))
         except Exception as e: print(method, k, "missing", e)
     base = runs.get("cpu-f32")
@@ -119,10 +135,12 @@ step "4. benchmark: LoRA r=128 on a TinyLlama-1.1B-shaped model, bf16, batch $BA
 for B in $BATCHES; do
 echo "--- batch $B"
 mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$1" & echo $!; }
-P=$(mem "$W/mem-coin.txt")
-timeout 300 "$TRAIN_BENCH" --model "$W/m1b" --device cuda --dtype bf16 --r 128 --alpha 256 \
-  --batch $B --seq-len 512 --steps 10 --warmup 3 > "$W/bench-coin.json" 2>"$W/coin.err" || { echo "FAIL: coin bench"; head -3 "$W/coin.err"; }
+for K in ${BENCH_KERNELS:-off on}; do
+P=$(mem "$W/mem-coin-$K.txt")
+timeout 300 "$TRAIN_BENCH" --model "$W/m1b" --device cuda --dtype bf16 --r 128 --alpha 256 --set runtime.kernels=$K \
+  --batch $B --seq-len 512 --steps 10 --warmup 3 > "$W/bench-coin-$K.json" 2>"$W/coin.err" || { echo "FAIL: coin bench (kernels $K)"; head -3 "$W/coin.err"; }
 kill $P
+done
 P=$(mem "$W/mem-torch.txt")
 timeout 300 python3 scripts/bench_train_hf.py --model "$W/m1b" --device cuda --dtype bf16 --r 128 --alpha 256 \
   --batch $B --seq-len 512 --steps 10 --warmup 3 2>"$W/torch.err" > "$W/bench-torch.json" || { echo "FAIL: torch bench"; tail -20 "$W/torch.err"; }
@@ -134,16 +152,17 @@ def peak(f):
     try: return max(int(x) for x in open(f).read().split())
     except Exception: return None
 res = {}
-for k in ["coin", "torch"]:
+for k in ["coin-off", "coin-on", "torch"]:
     try: res[k] = json.load(open(f"{w}/bench-{k}.json"))
     except Exception as e: print(k, "missing", e); continue
     r = res[k]
-    print(f"{k:6s} steps/s {r['steps_per_s']:.3f} tokens/s {r['tokens_per_s']:.0f} trainable {r['trainable_parameters']}"
+    print(f"{k:8s} steps/s {r['steps_per_s']:.3f} tokens/s {r['tokens_per_s']:.0f} trainable {r['trainable_parameters']}"
           f" peak GPU (nvidia-smi) {peak(f'{w}/mem-{k}.txt')} MiB torch-allocator {r.get('peak_gpu_bytes')}"
           f" first/last loss {r['losses'][0]:.3f}/{r['losses'][-1]:.3f}")
-if len(res) == 2:
-    print(f"ratio coin/torch steps/s = {res['coin']['steps_per_s'] / res['torch']['steps_per_s']:.2f}x")
+for k in ["coin-off", "coin-on"]:
+    if k in res and "torch" in res:
+        print(f"ratio {k}/torch steps/s = {res[k]['steps_per_s'] / res['torch']['steps_per_s']:.2f}x")
 EOF
-mv "$W/bench-coin.json" "$W/bench-coin-b$B.json" 2>/dev/null; mv "$W/bench-torch.json" "$W/bench-torch-b$B.json" 2>/dev/null
+for K in off on; do mv "$W/bench-coin-$K.json" "$W/bench-coin-$K-b$B.json" 2>/dev/null; done; mv "$W/bench-torch.json" "$W/bench-torch-b$B.json" 2>/dev/null
 done
 tar czf "$OUT/results.tgz" -C "$W" $(cd "$W" && ls *.json *.txt 2>/dev/null)

@@ -13,9 +13,11 @@
 //!   (transposed) `x` directly;
 //! - [`swiglu`]: `silu(g) · u`.
 //!
-//! They run for f32 and f64 tensors on the CPU ([`supported`]), as the run's `runtime.kernels`
-//! setting says ([`kernels`], [`with_kernels`]); callers keep the composed ops for every other
-//! device or dtype (CUDA, bf16/f16), which also serve as the tests' reference. The
+//! They run for f32 and f64 tensors on the CPU and, in a build with the `cuda` feature, for f32,
+//! bf16 and f16 tensors on a GPU ([`supported`]; the CUDA kernels of `src/ml/cuda/fused.cu`,
+//! launched by `fused_cuda.rs`, accumulate in f32 whatever the dtype), as the run's
+//! `runtime.kernels` setting says ([`kernels`], [`with_kernels`]); callers keep the composed ops
+//! for every other device or dtype, which also serve as the tests' reference. The
 //! backward kernels return a gradient only for arguments that need one (`track_op`), so a frozen
 //! norm weight gets none. Gradients are checked against central finite differences in f64 and
 //! against the composed ops' gradients in the tests below.
@@ -44,9 +46,22 @@ pub fn kernels() -> Kernels {
 }
 
 /// Whether the fused ops may handle `t`: the kernels are not [`Kernels::Off`], and `t` is f32
-/// or f64 on the CPU. [`lora_linear`] is gated by this alone.
+/// or f64 on the CPU, or (with the `cuda` feature) f32, bf16 or f16 on a GPU. [`lora_linear`] is
+/// gated by this alone.
 pub fn supported(t: &Tensor) -> bool {
-    kernels() != Kernels::Off && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    kernels() != Kernels::Off && device_supported(t)
+}
+
+/// Whether kernels exist for `t`'s device and dtype (whatever the setting).
+fn device_supported(t: &Tensor) -> bool {
+    if t.device().is_cpu() {
+        return matches!(t.dtype(), DType::F32 | DType::F64);
+    }
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda() {
+        return super::fused_cuda::dtype_supported(t.dtype());
+    }
+    false
 }
 
 /// Whether the hand-written element loops ([`rms_norm`], [`masked_softmax`], [`rope`],
@@ -304,6 +319,22 @@ impl CustomOp2 for RmsNorm {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let h = l2.shape().elem_count();
+        if l1.shape().dims().last() != Some(&h) {
+            bail!("rms norm: weight of {h} for input {:?}", l1.shape());
+        }
+        let y = super::fused_cuda::rms_norm_fwd(s1, l1, s2, l2, self.eps)?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -312,6 +343,18 @@ impl CustomOp2 for RmsNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let want_dw = w.track_op();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let g = grad.contiguous()?;
+            let dx = x.apply_op3_no_bwd(w, &g, &CudaBwd::RmsNormDx { eps: self.eps })?;
+            let dw = want_dw
+                .then(|| {
+                    let h = w.elem_count();
+                    x.apply_op2_no_bwd(&g, &CudaBwd::RmsNormDw { eps: self.eps, h })
+                })
+                .transpose()?;
+            return Ok((Some(dx), dw));
+        }
         macro_rules! run {
             ($t:ty) => {
                 with_values::<$t, _>(x, |xv| {
@@ -383,6 +426,13 @@ impl Strided4 {
             start: layout.start_offset(),
             strides,
         })
+    }
+
+    /// Start and strides as the CUDA kernels take them.
+    #[cfg(feature = "cuda")]
+    fn off4(&self) -> [u64; 5] {
+        let s = self.strides;
+        [self.start, s[0], s[1], s[2], s[3]].map(|v| v as u64)
     }
 
     /// Offset of the start of row `r` (rows = the first three dimensions flattened).
@@ -502,6 +552,23 @@ impl CustomOp2 for MaskedSoftmax {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = dims4(l1.shape())?;
+        let ml = Strided4::new(l2, dims, "attention mask")?;
+        if ml.strides[3] == 0 && l2.dims()[3] != dims[3] {
+            bail!("attention mask: the key dimension must not be broadcast");
+        }
+        let p = super::fused_cuda::masked_softmax_fwd((s1, l1), s2, ml.off4(), dims, self.scale)?;
+        Ok((p, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         scores: &Tensor,
@@ -513,6 +580,15 @@ impl CustomOp2 for MaskedSoftmax {
             return Ok((None, None));
         }
         let t = scores.dim(candle_core::D::Minus1)?;
+        #[cfg(feature = "cuda")]
+        if scores.device().is_cuda() {
+            let (p, g) = (res.contiguous()?, grad.contiguous()?);
+            let scale = self.scale;
+            return Ok((
+                Some(p.apply_op2_no_bwd(&g, &CudaBwd::Softmax { scale, t })?),
+                None,
+            ));
+        }
         macro_rules! run {
             ($t:ty) => {
                 with_values::<$t, _>(res, |pv| {
@@ -609,6 +685,29 @@ fn rope_bwd<T: Real>(
     dx
 }
 
+/// The 4-D dims of a rope input `l1` and the strided access to it and to its tables `l2`, `l3`.
+fn rope_layouts(
+    l1: &Layout,
+    l2: &Layout,
+    l3: &Layout,
+) -> Result<([usize; 4], Strided4, Strided4, Strided4)> {
+    let dims = dims4(l1.shape())?;
+    if dims[3] % 2 != 0 {
+        bail!("rope: odd head dimension {}", dims[3]);
+    }
+    let xl = Strided4::new(l1, dims, "rope input")?;
+    let cl = Strided4::new(l2, dims, "rope cos")?;
+    let sl = Strided4::new(l3, dims, "rope sin")?;
+    if l2.dims()[3] != dims[3] || l3.dims()[3] != dims[3] {
+        bail!(
+            "rope: tables of width {} for head dim {}",
+            l2.dims()[3],
+            dims[3]
+        );
+    }
+    Ok((dims, xl, cl, sl))
+}
+
 impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
         "fused-rope"
@@ -623,20 +722,7 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = dims4(l1.shape())?;
-        if dims[3] % 2 != 0 {
-            bail!("rope: odd head dimension {}", dims[3]);
-        }
-        let xl = Strided4::new(l1, dims, "rope input")?;
-        let cl = Strided4::new(l2, dims, "rope cos")?;
-        let sl = Strided4::new(l3, dims, "rope sin")?;
-        if l2.dims()[3] != dims[3] || l3.dims()[3] != dims[3] {
-            bail!(
-                "rope: tables of width {} for head dim {}",
-                l2.dims()[3],
-                dims[3]
-            );
-        }
+        let (dims, xl, cl, sl) = rope_layouts(l1, l2, l3)?;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
                 CpuStorage::F32(rope_fwd(x, xl, dims, c, cl, s, sl))
@@ -649,6 +735,22 @@ impl CustomOp3 for Rope {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (dims, xl, cl, sl) = rope_layouts(l1, l2, l3)?;
+        let y =
+            super::fused_cuda::rope(s1, xl.off4(), (s2, cl.off4()), (s3, sl.off4()), dims, false)?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -659,6 +761,15 @@ impl CustomOp3 for Rope {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if !x.track_op() {
             return Ok((None, None, None));
+        }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let g = grad.contiguous()?;
+            return Ok((
+                Some(g.apply_op3_no_bwd(cos, sin, &CudaBwd::Rope)?),
+                None,
+                None,
+            ));
         }
         let dims = dims4(x.shape())?;
         let (cs, cl) = cos.storage_and_layout();
@@ -766,6 +877,25 @@ impl CustomOp2 for SwiGlu {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!(
+                "swiglu: gate {:?} and up {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let y = super::fused_cuda::swiglu_fwd((s1, l1), (s2, l2))?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         g: &Tensor,
@@ -776,6 +906,16 @@ impl CustomOp2 for SwiGlu {
         let (want_dg, want_du) = (g.track_op(), u.track_op());
         if !want_dg && !want_du {
             return Ok((None, None));
+        }
+        #[cfg(feature = "cuda")]
+        if g.device().is_cuda() {
+            let grad = grad.contiguous()?;
+            let out = g.apply_op3_no_bwd(u, &grad, &CudaBwd::SwiGlu { want_du })?;
+            if !want_du {
+                return Ok((Some(out), None));
+            }
+            let dg = want_dg.then(|| out.get(0)).transpose()?;
+            return Ok((dg, Some(out.get(1)?)));
         }
         macro_rules! run {
             ($t:ty) => {
@@ -851,6 +991,25 @@ impl CustomOp1 for MulConst {
         }
         let out = float_pair!(self.name(), (s, l), (m, ml), |x, mask| mul(x, mask));
         Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (ms, ml) = self.mask.storage_and_layout();
+        let Storage::Cuda(m) = &*ms else {
+            bail!("mul-const: the mask must be on the input's GPU")
+        };
+        if ml.shape() != l.shape() {
+            bail!("mul-const: mask {:?} for input {:?}", ml.shape(), l.shape());
+        }
+        Ok((
+            super::fused_cuda::mul_const((s, l), (m, ml))?,
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -930,6 +1089,31 @@ impl CustomOp3 for LoraLinear {
         Ok((out, layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = self
+            .y
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let Some(y) = y else {
+            bail!("lora linear: the forward ran twice")
+        };
+        let (storage, layout) = y.storage_and_layout();
+        let Storage::Cuda(c) = &*storage else {
+            bail!("lora linear: the value must be on the GPU")
+        };
+        Ok((super::fused_cuda::copy(c, layout)?, layout.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -990,6 +1174,115 @@ pub fn lora_linear(
             scale,
         },
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backward kernels on a GPU, as graph-less ops (`apply_op*_no_bwd`)
+
+#[cfg(feature = "cuda")]
+enum CudaBwd {
+    /// (x, w, g) → dx.
+    RmsNormDx { eps: f64 },
+    /// (x, g) → dw of `h` values.
+    RmsNormDw { eps: f64, h: usize },
+    /// (p, g) → ds over rows of `t`.
+    Softmax { scale: f64, t: usize },
+    /// (g, cos, sin) → dx.
+    Rope,
+    /// (g, u, grad) → dg, or (2, …) holding dg and du.
+    SwiGlu { want_du: bool },
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp2 for CudaBwd {
+    fn name(&self) -> &'static str {
+        "fused-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("fused backward: this op runs on a GPU only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::fused_cuda as k;
+        match *self {
+            CudaBwd::RmsNormDw { eps, h } => Ok((
+                k::rms_norm_bwd_dw((s1, l1), (s2, l2), h, eps)?,
+                Shape::from(h),
+            )),
+            CudaBwd::Softmax { scale, t } => Ok((
+                k::masked_softmax_bwd((s1, l1), (s2, l2), t, scale)?,
+                l1.shape().clone(),
+            )),
+            _ => bail!("fused backward: a three-input op applied to two inputs"),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for CudaBwd {
+    fn name(&self) -> &'static str {
+        "fused-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("fused backward: this op runs on a GPU only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::fused_cuda as k;
+        match *self {
+            CudaBwd::RmsNormDx { eps } => Ok((
+                k::rms_norm_bwd_dx((s1, l1), (s2, l2), (s3, l3), eps)?,
+                l1.shape().clone(),
+            )),
+            CudaBwd::Rope => {
+                let (dims, gl, cl, sl) = rope_layouts(l1, l2, l3)?;
+                let dx = k::rope(s1, gl.off4(), (s2, cl.off4()), (s3, sl.off4()), dims, true)?;
+                Ok((dx, l1.shape().clone()))
+            }
+            CudaBwd::SwiGlu { want_du } => {
+                let out = k::swiglu_bwd((s1, l1), (s2, l2), (s3, l3), want_du)?;
+                let shape = if want_du {
+                    let mut d = vec![2];
+                    d.extend_from_slice(l1.dims());
+                    Shape::from(d)
+                } else {
+                    l1.shape().clone()
+                };
+                Ok((out, shape))
+            }
+            _ => bail!("fused backward: a two-input op applied to three inputs"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1231,6 +1524,61 @@ mod tests {
         let (g, u) = (f32t(&mut rng, &[280, 160])?, f32t(&mut rng, &[280, 160])?);
         assert!(max_diff(&swiglu(&g, &u)?, &swiglu_composed(&g, &u)?) < 1e-5);
         Ok(())
+    }
+
+    /// The CUDA side cannot run here, so its plumbing is checked as text: every kernel that
+    /// `fused_cuda.rs` launches is defined in `cuda/fused.cu` (for every dtype, by the
+    /// instantiation macro) and every defined kernel is launched; each dtype is instantiated.
+    #[test]
+    fn the_cuda_kernels_launched_are_the_ones_defined() {
+        let cu = include_str!("cuda/fused.cu");
+        let rs = include_str!("fused_cuda.rs");
+        let defined: std::collections::BTreeSet<&str> = cu
+            .split("__global__ void ")
+            .skip(1)
+            .filter_map(|rest| rest.split("_##SFX(").next())
+            .filter(|name| name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .collect();
+        assert!(
+            defined.len() >= 12,
+            "kernels found in fused.cu: {defined:?}"
+        );
+        for name in &defined {
+            assert!(
+                rs.contains(&format!("\"{name}\"")),
+                "fused.cu defines {name}, fused_cuda.rs never launches it"
+            );
+        }
+        let launched = [
+            "rms_norm_fwd",
+            "rms_norm_bwd",
+            "rms_norm_rrow",
+            "rms_norm_dw",
+            "cast_from_f32",
+            "masked_softmax_fwd",
+            "masked_softmax_bwd",
+            "rope_fwd",
+            "rope_bwd",
+            "swiglu_fwd",
+            "swiglu_bwd",
+            "swiglu_bwd_dg",
+            "mul_const",
+        ];
+        for name in launched {
+            assert!(defined.contains(name), "{name} is not defined in fused.cu");
+        }
+        assert_eq!(defined.len(), launched.len(), "{defined:?}");
+        for (ty, sfx) in [
+            ("float", "f32"),
+            ("__nv_bfloat16", "bf16"),
+            ("__half", "f16"),
+        ] {
+            assert!(
+                cu.contains(&format!("INSTANTIATE({ty}, {sfx})")),
+                "{sfx} instances"
+            );
+            assert!(rs.contains(&format!("const SUFFIX: &'static str = \"{sfx}\"")));
+        }
     }
 
     #[test]

@@ -245,9 +245,10 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 impl Linear {
-    /// The fused CPU path of a frozen weight with a LoRA adapter ([`fused::lora_linear`]), when
-    /// it applies: x, weight and adapter of one f32/f64 dtype on the CPU, a 2-D `x`, a frozen
-    /// weight. `None`: use the composed ops.
+    /// The fused path of a frozen weight with a LoRA adapter ([`fused::lora_linear`]), when it
+    /// applies: x, weight and adapter of one dtype the kernels support ([`fused::supported`]:
+    /// f32/f64 on the CPU, f32/bf16/f16 on a GPU), a 2-D `x`, a frozen weight. `None`: use the
+    /// composed ops (e.g. a bf16 model with f32 adapters).
     fn forward_fused_lora(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let (l, frozen) = match &self.adapter {
             Some(Adapter::Lora(l)) => (l, None),
@@ -266,7 +267,7 @@ impl Linear {
             return Ok(None);
         }
         let mask = match &l.dropout {
-            Some(d) => d.next_cpu_mask(x)?,
+            Some(d) => d.next_mask(x)?,
             None => None,
         };
         let mut y = fused::lora_linear(x, &self.weight, &l.a, &l.b, l.scale, mask)?;

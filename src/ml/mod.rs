@@ -16,6 +16,8 @@ pub mod error;
 pub mod export;
 pub mod flash;
 pub mod fused;
+#[cfg(feature = "cuda")]
+mod fused_cuda;
 pub mod generate;
 pub mod image;
 pub mod linear;

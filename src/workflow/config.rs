@@ -492,8 +492,9 @@ pub struct RuntimeConfig {
     /// Data-parallel shards per training micro-batch on the CPU (auto: `threads` when the
     /// element-wise pool has one thread, else 1; always 1 on a GPU).
     pub shards: Setting<usize>,
-    /// Fused CPU kernels: `on`, `off`, `lora` (only the fused LoRA linear) or auto (`on` in
-    /// optimised builds, `lora` in debug builds; `off` on a GPU, where none runs).
+    /// Fused kernels: `on`, `off`, `lora` (only the fused LoRA linear) or auto (`on` in
+    /// optimised builds, `lora` in debug builds; `off` on a GPU, where the CUDA kernels run
+    /// only when set explicitly).
     pub kernels: Setting<Kernels>,
     /// `cpu` or `cuda` (auto: the first CUDA GPU when coin is built with it and one is present).
     pub device: Setting<DeviceKind>,
@@ -539,7 +540,10 @@ impl RuntimeConfig {
             (s, _) => s.or_auto(|| runtime::auto_shards(device, threads, elementwise_threads)),
         };
         let kernels = match device {
-            DeviceKind::Cuda => Kernels::Off,
+            // The CUDA kernels (src/ml/cuda/fused.cu) run when asked for; `auto` keeps candle's
+            // composed ops on a GPU until scripts/gpu-check.sh has checked them on one
+            // (docs/cuda.md).
+            DeviceKind::Cuda => self.kernels.or_auto(|| Kernels::Off),
             DeviceKind::Cpu => self.kernels.or_auto(Kernels::build_default),
         };
         let dtype = self.dtype.or_auto(|| runtime::auto_dtype(device));
@@ -2320,6 +2324,15 @@ mod tests {
         assert_eq!(
             (rt.device, rt.dtype, rt.shards, rt.kernels),
             (DeviceKind::Cuda, Dtype::Bf16, 1, Kernels::Off)
+        );
+        let on = RuntimeConfig {
+            kernels: Setting::Is(Kernels::On),
+            ..RuntimeConfig::AUTO
+        };
+        assert_eq!(
+            on.resolve(&gpu).expect("gpu").kernels,
+            Kernels::On,
+            "the CUDA kernels when asked for"
         );
         let tiny = RunConfig::preset("tiny").expect("tiny");
         assert_eq!(tiny.runtime.resolve(&gpu).expect("gpu").dtype, Dtype::F32);

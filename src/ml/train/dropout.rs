@@ -130,6 +130,25 @@ impl Dropout {
         Ok(Some(self.cpu_mask(x)?))
     }
 
+    /// The next mask for `x` on any device (0 or `1/(1−p)` per element, `x`'s dtype): drawn as
+    /// [`Dropout::forward`] would, on the CPU from the seeded stream ([`Dropout::next_cpu_mask`]),
+    /// on a GPU by the device's generator; `None` in eval mode or for p = 0.
+    pub fn next_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !self.is_training() || self.p <= 0.0 {
+            return Ok(None);
+        }
+        if x.device().is_cpu() {
+            return Ok(Some(self.cpu_mask(x)?));
+        }
+        Ok(Some(self.device_mask(x)?))
+    }
+
+    fn device_mask(&self, x: &Tensor) -> Result<Tensor> {
+        let keep = 1.0 / (1.0 - self.p);
+        let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+        u.ge(self.p)?.to_dtype(x.dtype())? * keep
+    }
+
     /// A key for one optimiser step's row-keyed masks ([`with_rows`]), advancing the shared
     /// stream by one draw (so a saved [`Dropout::rng_state`] resumes the same keys).
     pub fn next_key(&self) -> u64 {
@@ -167,14 +186,16 @@ impl Dropout {
         if !self.is_training() || self.p <= 0.0 {
             return Ok(x.clone());
         }
-        let keep = 1.0 / (1.0 - self.p);
         if !x.device().is_cpu() {
             // On a GPU the mask is drawn there (candle's seeded device generator; the trainer
             // re-seeds it from the run's seed and the step number before every step, so runs
             // and resumed runs are reproducible). Drawing hundreds of millions of uniforms on
             // the CPU and copying them over made a 1B model's step CPU-bound.
-            let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
-            let mask = (u.ge(self.p)?.to_dtype(x.dtype())? * keep)?;
+            let mask = self.device_mask(x)?;
+            if crate::ml::fused::loop_kernels(x) {
+                // The GPU kernel; no gradient computed for the constant mask.
+                return crate::ml::fused::mul_const(x, &mask);
+            }
             return x * mask;
         }
         let mask = self.cpu_mask(x)?;
@@ -210,6 +231,24 @@ mod tests {
         assert!(!clone.is_training());
         let e: Vec<f32> = clone.forward(&x)?.flatten_all()?.to_vec1()?;
         assert!(e.iter().all(|&v| v == 1.0));
+        Ok(())
+    }
+
+    /// On the CPU, `next_mask` (the fused LoRA linear's, any device) draws what `forward` and
+    /// `next_cpu_mask` draw from the same seed; `None` in eval.
+    #[test]
+    fn next_mask_on_the_cpu_is_the_forward_mask() -> Result<()> {
+        let x = Tensor::ones((30, 40), candle_core::DType::F32, &Device::Cpu)?;
+        let values = |t: Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
+        let via_forward = values(Dropout::new(0.3, 4).forward(&x)?)?;
+        let d = Dropout::new(0.3, 4);
+        let m = d.next_mask(&x)?.expect("a mask in training");
+        assert_eq!(values(m)?, via_forward);
+        let m2 = Dropout::new(0.3, 4).next_cpu_mask(&x)?.expect("mask");
+        assert_eq!(values(m2)?, via_forward);
+        assert!(via_forward.contains(&0.0) && via_forward.iter().any(|&v| v > 1.0));
+        d.set_training(false);
+        assert!(d.next_mask(&x)?.is_none());
         Ok(())
     }
 
