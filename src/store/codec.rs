@@ -23,11 +23,14 @@ pub const KEEP_RATIO: f64 = 0.97;
 /// Objects smaller than this stay raw (a zstd frame's overhead eats the gain).
 pub const MIN_COMPRESS_LEN: u64 = 256;
 
-/// The codec `coin repack` chooses for an object: byte planes for tensors of 2-, 4- and
-/// 8-byte elements, plain zstd for everything else.
+/// The codec `coin repack` chooses for an object: byte planes for tensors of 2-byte
+/// elements, the high byte split off for 4- and 8-byte elements (smaller than all planes on
+/// a trained f32 adapter, equal on generated LoRA matrices: docs/benchmarks.md), plain zstd
+/// for everything else.
 pub fn choose(header: &ObjectHeader) -> Codec {
     match element_width(header) {
-        Some(w) if w >= 2 => Codec::ZstdPlanes,
+        Some(2) => Codec::ZstdPlanes,
+        Some(w) if w >= 4 => Codec::ZstdHighByte,
         _ => Codec::Zstd,
     }
 }
@@ -52,56 +55,74 @@ pub fn applies(codec: Codec, header: &ObjectHeader) -> bool {
 /// Apply `codec`'s byte transform to one block (`src` and `dst` of equal length). Bytes past
 /// the last whole element are copied as they are.
 pub fn transform(codec: Codec, width: usize, src: &[u8], dst: &mut [u8]) {
-    let m = if width == 0 { 0 } else { src.len() / width };
-    let body = m * width;
-    match codec {
-        Codec::ZstdPlanes if width >= 2 => {
-            for (i, el) in src[..body].chunks_exact(width).enumerate() {
-                for (p, &b) in el.iter().enumerate() {
-                    dst[p * m + i] = b;
-                }
-            }
-        }
-        Codec::ZstdHighByte if width >= 2 => {
-            let low = width - 1;
-            for (i, el) in src[..body].chunks_exact(width).enumerate() {
-                dst[i] = el[low];
-                dst[m + i * low..m + (i + 1) * low].copy_from_slice(&el[..low]);
-            }
-        }
-        _ => {
-            dst.copy_from_slice(src);
-            return;
-        }
+    match (codec, width) {
+        (Codec::ZstdPlanes, 2) | (Codec::ZstdHighByte, 2) => split::<2>(src, dst, false),
+        (Codec::ZstdPlanes, 4) => split::<4>(src, dst, false),
+        (Codec::ZstdPlanes, 8) => split::<8>(src, dst, false),
+        (Codec::ZstdHighByte, 4) => split::<4>(src, dst, true),
+        (Codec::ZstdHighByte, 8) => split::<8>(src, dst, true),
+        _ => dst.copy_from_slice(src),
     }
-    dst[body..].copy_from_slice(&src[body..]);
 }
 
 /// Undo [`transform`] for one block.
 pub fn untransform(codec: Codec, width: usize, src: &[u8], dst: &mut [u8]) {
-    let m = if width == 0 { 0 } else { src.len() / width };
-    let body = m * width;
-    match codec {
-        Codec::ZstdPlanes if width >= 2 => {
-            for (i, el) in dst[..body].chunks_exact_mut(width).enumerate() {
-                for (p, b) in el.iter_mut().enumerate() {
-                    *b = src[p * m + i];
-                }
-            }
+    match (codec, width) {
+        (Codec::ZstdPlanes, 2) | (Codec::ZstdHighByte, 2) => join::<2>(src, dst, false),
+        (Codec::ZstdPlanes, 4) => join::<4>(src, dst, false),
+        (Codec::ZstdPlanes, 8) => join::<8>(src, dst, false),
+        (Codec::ZstdHighByte, 4) => join::<4>(src, dst, true),
+        (Codec::ZstdHighByte, 8) => join::<8>(src, dst, true),
+        _ => dst.copy_from_slice(src),
+    }
+}
+
+/// Elements of `W` bytes → `W` planes (byte 0 of every element, then byte 1, ...); with
+/// `high_only`, the high-byte plane first and the other `W - 1` bytes of each element kept
+/// together after it. The tail past the last whole element is copied.
+fn split<const W: usize>(src: &[u8], dst: &mut [u8], high_only: bool) {
+    let m = src.len() / W;
+    let body = m * W;
+    let (head, tail) = dst.split_at_mut(body);
+    tail.copy_from_slice(&src[body..]);
+    let elems = src[..body].chunks_exact(W);
+    if high_only {
+        let (high, low) = head.split_at_mut(m);
+        for ((el, h), l) in elems.zip(high.iter_mut()).zip(low.chunks_exact_mut(W - 1)) {
+            *h = el[W - 1];
+            l.copy_from_slice(&el[..W - 1]);
         }
-        Codec::ZstdHighByte if width >= 2 => {
-            let low = width - 1;
-            for (i, el) in dst[..body].chunks_exact_mut(width).enumerate() {
-                el[low] = src[i];
-                el[..low].copy_from_slice(&src[m + i * low..m + (i + 1) * low]);
+    } else {
+        let mut planes: Vec<&mut [u8]> = head.chunks_exact_mut(m.max(1)).collect();
+        for (i, el) in elems.enumerate() {
+            for p in 0..W {
+                planes[p][i] = el[p];
             }
-        }
-        _ => {
-            dst.copy_from_slice(src);
-            return;
         }
     }
-    dst[body..].copy_from_slice(&src[body..]);
+}
+
+/// Undo [`split`].
+fn join<const W: usize>(src: &[u8], dst: &mut [u8], high_only: bool) {
+    let m = src.len() / W;
+    let body = m * W;
+    let (head, tail) = dst.split_at_mut(body);
+    tail.copy_from_slice(&src[body..]);
+    let elems = head.chunks_exact_mut(W);
+    if high_only {
+        let (high, low) = src[..body].split_at(m);
+        for ((el, h), l) in elems.zip(high.iter()).zip(low.chunks_exact(W - 1)) {
+            el[W - 1] = *h;
+            el[..W - 1].copy_from_slice(l);
+        }
+    } else {
+        let planes: Vec<&[u8]> = src[..body].chunks_exact(m.max(1)).collect();
+        for (i, el) in elems.enumerate() {
+            for p in 0..W {
+                el[p] = planes[p][i];
+            }
+        }
+    }
 }
 
 /// Counts what passes through to the inner writer.
