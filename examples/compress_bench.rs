@@ -11,7 +11,6 @@
 //! safetensors file as stored (its float tensors) and converted to bf16.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -202,16 +201,15 @@ fn write_safetensors(path: &Path, set: &[Tensor]) {
         off = end;
     }
     let mut json = serde_json::to_vec(&header).unwrap();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
-    let mut f = std::fs::File::create(path).unwrap();
-    f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
-    f.write_all(&json).unwrap();
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
     for t in set {
-        f.write_all(&t.data).unwrap();
+        bytes.extend_from_slice(&t.data);
     }
-    f.sync_all().unwrap();
+    coin::store::fsutil::write_atomic(path, &bytes).unwrap();
 }
 
 /// Ingest, checkout raw, repack, checkout compressed: seconds of each, and stored bytes.
