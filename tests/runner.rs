@@ -6,6 +6,7 @@ mod test_bench_data_command;
 mod test_bisect;
 mod test_cli_output;
 mod test_compat_fixtures;
+mod test_compress;
 mod test_demo;
 mod test_export;
 mod test_external;

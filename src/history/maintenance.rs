@@ -12,7 +12,7 @@ use std::path::Path;
 use git2::{ObjectType, Oid, Repository};
 use serde::Serialize;
 
-use crate::store::{fault, ObjectId};
+use crate::store::{fault, ObjectId, RepackReport};
 
 use super::records::{entry_object_ids, parse_manifest, parse_note, Manifest, MANIFEST_FORMAT};
 use super::repo::{short_id, CoinRepo, HEAD_REF, NOTES_REF};
@@ -83,6 +83,16 @@ pub struct RepoStats {
     pub objects: u64,
     /// Bytes the store takes on disk.
     pub stored_bytes: u64,
+    /// Bytes the store's objects hold decoded (each object once, headers excluded).
+    pub object_bytes: u64,
+    /// `stored_bytes / object_bytes` (1 for an empty store).
+    pub stored_ratio: f64,
+    /// Objects stored compressed (`coin repack`).
+    pub compressed_objects: u64,
+    /// Decoded bytes of the compressed objects.
+    pub compressed_object_bytes: u64,
+    /// Their bytes on disk.
+    pub compressed_stored_bytes: u64,
     /// Bytes all reachable checkpoints would take as plain files (no dedupe).
     pub logical_bytes: u64,
     /// Reachable checkpoints.
@@ -601,6 +611,19 @@ impl CoinRepo {
         })
     }
 
+    /// Compress the store's loose raw objects that shrink (`coin repack`, `coin gc
+    /// --compress`), at zstd `level`. Holds the repository lock for the whole run, like gc.
+    pub fn repack(
+        &self,
+        level: i32,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<RepackReport, HistoryError> {
+        let _lock = self.lock()?;
+        let report = self.store().repack(level, progress)?;
+        self.store().remove_dead_temp_files()?;
+        Ok(report)
+    }
+
     /// Store size and the logical size of all reachable checkpoints.
     pub fn stats(&self) -> Result<RepoStats, HistoryError> {
         let s = self.store().stats()?;
@@ -608,6 +631,15 @@ impl CoinRepo {
         Ok(RepoStats {
             objects: s.objects,
             stored_bytes: s.stored_bytes,
+            object_bytes: s.payload_bytes,
+            stored_ratio: if s.payload_bytes == 0 {
+                1.0
+            } else {
+                s.stored_bytes as f64 / s.payload_bytes as f64
+            },
+            compressed_objects: s.compressed_objects,
+            compressed_object_bytes: s.compressed_payload_bytes,
+            compressed_stored_bytes: s.compressed_stored_bytes,
             logical_bytes: reach.manifests.values().map(Manifest::logical_bytes).sum(),
             checkpoints: reach.manifests.len(),
         })

@@ -288,4 +288,12 @@ pub struct StoreStats {
     pub objects: u64,
     /// Their size on disk in bytes, object headers included.
     pub stored_bytes: u64,
+    /// Their decoded payload bytes (what they hold before compression, headers excluded).
+    pub payload_bytes: u64,
+    /// How many are compressed.
+    pub compressed_objects: u64,
+    /// Decoded payload bytes of the compressed objects.
+    pub compressed_payload_bytes: u64,
+    /// Bytes on disk of the compressed objects, headers included.
+    pub compressed_stored_bytes: u64,
 }

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod codec;
 mod dtype;
 mod entry;
 pub mod fault;
@@ -16,6 +17,7 @@ pub mod lock;
 pub mod object;
 mod paths;
 pub mod pickle;
+mod repack;
 mod repo;
 pub mod safetensors;
 mod torchbin;
@@ -27,8 +29,9 @@ pub use dtype::{Dtype, UnknownDtype};
 pub use entry::{FileEntry, StorageEntry, StoreStats, TensorData, TensorEntry, TorchTensorEntry};
 pub use id::ObjectId;
 pub use lock::Lock;
-pub use object::ObjectKind;
+pub use object::{Codec, ObjectKind};
 pub use paths::{check_output_dir, check_relative_path, is_git_component};
+pub use repack::RepackReport;
 pub use repo::{Store, DEAD_TEMP_AGE, FORMAT_VERSION, STORE_TYPE};
 pub use safetensors::HeaderError;
 

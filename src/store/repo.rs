@@ -6,8 +6,9 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::codec::{self, DecodeError};
 use super::fsutil::{self, AtomicFile};
-use super::object::{ObjectHeader, ObjectKind};
+use super::object::{Codec, ObjectHeader, ObjectKind};
 use super::safetensors::{self, Header, HeaderError};
 use super::torchbin;
 use super::{fault, FileEntry, ObjectId, StoreError, StoreStats, TensorData, TensorEntry};
@@ -122,7 +123,7 @@ impl Store {
         self.root.join("objects")
     }
 
-    fn tmp_dir(&self) -> PathBuf {
+    pub(super) fn tmp_dir(&self) -> PathBuf {
         self.root.join("objects").join("tmp")
     }
 
@@ -393,19 +394,22 @@ impl Store {
             path: source.to_path_buf(),
             reason,
         };
-        let (header, _) = ObjectHeader::decode(&mut &mut *src).map_err(corrupt)?;
+        let (header, header_len) = ObjectHeader::decode(&mut &mut *src).map_err(corrupt)?;
         let mut bad: Option<String> = None;
         let result = self.write_object(id, &header, |out| {
-            let mut buf = vec![0u8; header.payload_len.min(READ_CHUNK as u64) as usize];
+            let mut buf = vec![0u8; header.stored_len.min(READ_CHUNK as u64) as usize];
             let mut h = header.id_hasher();
-            let mut left = header.payload_len;
+            let mut left = header.stored_len;
+            let raw = header.codec == Codec::Raw;
             while left > 0 {
                 let n = left.min(buf.len() as u64) as usize;
                 if let Err(e) = src.read_exact(&mut buf[..n]) {
                     bad = Some(format!("it ends early ({e})"));
                     return Err(io::Error::other("short object"));
                 }
-                hash_update(&mut h, &buf[..n]);
+                if raw {
+                    hash_update(&mut h, &buf[..n]);
+                }
                 out.write_all(&buf[..n])?;
                 left -= n as u64;
             }
@@ -414,7 +418,23 @@ impl Store {
                 bad = Some("bytes follow the payload".into());
                 return Err(io::Error::other("trailing bytes"));
             }
-            if ObjectId::from(h.finalize()) != *id {
+            let hash = if raw {
+                h.finalize()
+            } else {
+                // A compressed object travels as stored; it is verified by decoding the
+                // temp file before it becomes visible.
+                out.seek(SeekFrom::Start(header_len))?;
+                let mut stored = io::BufReader::new(&mut *out).take(header.stored_len);
+                match codec::decode(&header, &mut stored, &mut |_| Ok(())) {
+                    Ok(hash) => hash,
+                    Err(DecodeError::Corrupt(reason)) => {
+                        bad = Some(reason);
+                        return Err(io::Error::other("undecodable object"));
+                    }
+                    Err(DecodeError::Sink(e)) => return Err(e),
+                }
+            };
+            if ObjectId::from(hash) != *id {
                 bad = Some("its content does not match its id".into());
                 return Err(io::Error::other("hash mismatch"));
             }
@@ -447,10 +467,10 @@ impl Store {
             reason,
         };
         let (header, header_len) = ObjectHeader::decode(&mut file).map_err(corrupt)?;
-        if header_len.checked_add(header.payload_len) != Some(file_len) {
+        if header_len.checked_add(header.stored_len) != Some(file_len) {
             return Err(corrupt(format!(
                 "the file is {file_len} bytes but its header says {header_len} + {}",
-                header.payload_len
+                header.stored_len
             )));
         }
         Ok((file, header))
@@ -476,6 +496,28 @@ impl Store {
             }
         }
         let path = self.object_path(id);
+        if header.codec != Codec::Raw {
+            let mut src = io::BufReader::new(&mut file).take(header.stored_len);
+            let hash = codec::decode(&header, &mut src, &mut |b| out.write_all(b)).map_err(
+                |e| match e {
+                    DecodeError::Corrupt(reason) => StoreError::Corrupt {
+                        id: *id,
+                        path: path.clone(),
+                        reason,
+                    },
+                    DecodeError::Sink(e) => StoreError::io("write", out_path, e),
+                },
+            )?;
+            if ObjectId::from(hash) != *id {
+                return Err(StoreError::Corrupt {
+                    id: *id,
+                    path,
+                    reason: "its decoded content does not match its id (the file was modified or damaged)"
+                        .into(),
+                });
+            }
+            return Ok(header);
+        }
         let mut buf = vec![0u8; header.payload_len.min(READ_CHUNK as u64) as usize];
         let mut h = header.id_hasher();
         let mut left = header.payload_len;
@@ -681,15 +723,22 @@ impl Store {
         }
     }
 
-    /// Object count and bytes on disk.
+    /// Object count, bytes on disk, and decoded payload bytes (reads every object header).
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let mut stats = StoreStats::default();
         for id in self.list()? {
             let path = self.object_path(&id);
             let m = fs::metadata(&path)
                 .map_err(|e| StoreError::io("read the metadata of", &path, e))?;
+            let (_, header) = self.open_object(&id)?;
             stats.objects += 1;
             stats.stored_bytes += m.len();
+            stats.payload_bytes += header.payload_len;
+            if header.codec != Codec::Raw {
+                stats.compressed_objects += 1;
+                stats.compressed_payload_bytes += header.payload_len;
+                stats.compressed_stored_bytes += m.len();
+            }
         }
         Ok(stats)
     }

@@ -29,6 +29,7 @@ mod model;
 mod pull;
 mod push;
 mod remote;
+mod repack;
 mod run;
 mod score;
 mod show;
@@ -60,6 +61,7 @@ pub enum Command {
     Checkout(checkout::CheckoutArgs),
     Fsck(fsck::FsckArgs),
     Gc(gc::GcArgs),
+    Repack(repack::RepackArgs),
     Stats(stats::StatsArgs),
     Metrics(metrics::MetricsArgs),
     #[command(hide = true)]
@@ -131,6 +133,7 @@ pub fn run(ui: &mut Ui, helper: &CommandHelper, command: Command) -> Result<(), 
         Command::Checkout(args) => checkout::cmd_checkout(ui, helper, &args),
         Command::Fsck(args) => fsck::cmd_fsck(ui, helper, &args),
         Command::Gc(args) => gc::cmd_gc(ui, helper, &args),
+        Command::Repack(args) => repack::cmd_repack(ui, helper, &args),
         Command::Stats(args) => stats::cmd_stats(ui, helper, &args),
         Command::Debug(args) => debug::cmd_debug(ui, helper, &args),
         Command::Score(args) => score::cmd_score(ui, helper, &args),

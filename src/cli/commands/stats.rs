@@ -1,4 +1,4 @@
-//! `coin stats`: store size and dedupe.
+//! `coin stats`: store size, compression and dedupe.
 
 use std::io::Write;
 
@@ -6,7 +6,8 @@ use crate::cli::{CommandError, CommandHelper, Ui};
 
 use super::history_util::open_repo;
 
-/// Show how many objects the store holds, their size, and the size without dedupe
+/// Show how many objects the store holds, their size on disk and decoded (compression), and
+/// the size of all checkpoints without dedupe
 #[derive(clap::Args, Debug)]
 pub struct StatsArgs {
     /// Print JSON instead of text
@@ -26,7 +27,21 @@ pub fn cmd_stats(
     }
     let out = ui.out();
     writeln!(out, "objects        {}", s.objects)?;
-    writeln!(out, "stored bytes   {}", s.stored_bytes)?;
+    writeln!(
+        out,
+        "stored bytes   {}  ({:.3}x of {} object bytes)",
+        s.stored_bytes, s.stored_ratio, s.object_bytes
+    )?;
+    if s.compressed_objects > 0 {
+        writeln!(
+            out,
+            "compressed     {} objects: {} bytes stored for {} ({:.3}x)",
+            s.compressed_objects,
+            s.compressed_stored_bytes,
+            s.compressed_object_bytes,
+            s.compressed_stored_bytes as f64 / s.compressed_object_bytes.max(1) as f64
+        )?;
+    }
     writeln!(
         out,
         "logical bytes  {}  ({} checkpoints)",
