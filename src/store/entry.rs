@@ -288,4 +288,8 @@ pub struct StoreStats {
     pub objects: u64,
     /// Their size on disk in bytes, object headers included.
     pub stored_bytes: u64,
+    /// How many of them are in packs.
+    pub packed_objects: u64,
+    /// How many pack files there are.
+    pub packs: u64,
 }

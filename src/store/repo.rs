@@ -4,10 +4,12 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::fsutil::{self, AtomicFile};
 use super::object::{ObjectHeader, ObjectKind};
+use super::pack::PackCache;
 use super::safetensors::{self, Header, HeaderError};
 use super::torchbin;
 use super::{fault, FileEntry, ObjectId, StoreError, StoreStats, TensorData, TensorEntry};
@@ -28,10 +30,13 @@ const READ_CHUNK: usize = 8 * 1024 * 1024;
 /// Below this, one-thread hashing beats spreading work over rayon.
 const RAYON_MIN: usize = 1024 * 1024;
 
-/// The object store of one repository. Cheap to clone; holds no open files.
+/// The object store of one repository. Cheap to clone; holds no open files (clones share
+/// the loaded pack indexes).
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    /// Pack indexes loaded so far (a hint: refreshed from `objects/pack/` on a miss).
+    pub(super) packs: Arc<Mutex<PackCache>>,
 }
 
 pub(super) fn hash_update(h: &mut blake3::Hasher, data: &[u8]) {
@@ -108,6 +113,7 @@ impl Store {
         }
         let store = Store {
             root: coin_dir.to_path_buf(),
+            packs: Arc::default(),
         };
         create_dir(&store.tmp_dir())?;
         Ok(store)
@@ -118,11 +124,11 @@ impl Store {
         &self.root
     }
 
-    fn objects_dir(&self) -> PathBuf {
+    pub(super) fn objects_dir(&self) -> PathBuf {
         self.root.join("objects")
     }
 
-    fn tmp_dir(&self) -> PathBuf {
+    pub(super) fn tmp_dir(&self) -> PathBuf {
         self.root.join("objects").join("tmp")
     }
 
@@ -132,9 +138,10 @@ impl Store {
         self.objects_dir().join(&hex[..2]).join(&hex[2..])
     }
 
-    /// Whether the object's file exists (not whether it is intact: see [`Store::verify`]).
+    /// Whether the object exists, loose or in a pack (not whether it is intact: see
+    /// [`Store::verify`]).
     pub fn contains(&self, id: &ObjectId) -> bool {
-        self.object_path(id).is_file()
+        self.object_path(id).is_file() || self.packed_contains(id)
     }
 
     /// Store a file. Safetensors files (a `.safetensors` name, or content that starts like
@@ -332,7 +339,7 @@ impl Store {
         fill: impl FnOnce(&mut File) -> io::Result<()>,
     ) -> Result<bool, StoreError> {
         let final_path = self.object_path(id);
-        if final_path.is_file() {
+        if self.contains(id) {
             return Ok(false);
         }
         let dir = final_path
@@ -427,20 +434,53 @@ impl Store {
         }
     }
 
-    /// Open an object and check its header against the file size.
-    pub(super) fn open_object(&self, id: &ObjectId) -> Result<(File, ObjectHeader), StoreError> {
+    /// Open an object's stored bytes (header, then payload), loose first, then in the packs:
+    /// a reader that ends where the object ends, its length, and the file it is in (for
+    /// messages). What [`Store::receive_object`] and [`Store::pack_writer`] take.
+    pub fn open_raw(&self, id: &ObjectId) -> Result<(io::Take<File>, u64, PathBuf), StoreError> {
+        self.open_raw_from(id, true)
+    }
+
+    fn open_raw_from(
+        &self,
+        id: &ObjectId,
+        packs: bool,
+    ) -> Result<(io::Take<File>, u64, PathBuf), StoreError> {
         let path = self.object_path(id);
-        let mut file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::ObjectMissing { id: *id })
+        match File::open(&path) {
+            Ok(f) => {
+                let len = f
+                    .metadata()
+                    .map_err(|e| StoreError::io("read the metadata of", &path, e))?
+                    .len();
+                Ok((f.take(len), len, path))
             }
-            Err(e) => return Err(StoreError::io("open", &path, e)),
-        };
-        let file_len = file
-            .metadata()
-            .map_err(|e| StoreError::io("read the metadata of", &path, e))?
-            .len();
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match packs {
+                true => self
+                    .open_packed(id)?
+                    .ok_or(StoreError::ObjectMissing { id: *id }),
+                false => Err(StoreError::ObjectMissing { id: *id }),
+            },
+            Err(e) => Err(StoreError::io("open", &path, e)),
+        }
+    }
+
+    /// Open an object and check its header against the file size.
+    pub(super) fn open_object(
+        &self,
+        id: &ObjectId,
+    ) -> Result<(io::Take<File>, ObjectHeader), StoreError> {
+        self.open_object_at(id, true).map(|(f, h, _)| (f, h))
+    }
+
+    /// [`Store::open_object`], also returning the file the object is in; only the loose
+    /// file without `packs`.
+    fn open_object_at(
+        &self,
+        id: &ObjectId,
+        packs: bool,
+    ) -> Result<(io::Take<File>, ObjectHeader, PathBuf), StoreError> {
+        let (mut file, file_len, path) = self.open_raw_from(id, packs)?;
         let corrupt = |reason: String| StoreError::Corrupt {
             id: *id,
             path: path.clone(),
@@ -453,7 +493,7 @@ impl Store {
                 header.payload_len
             )));
         }
-        Ok((file, header))
+        Ok((file, header, path))
     }
 
     /// Stream object `id`'s payload into `out`, verifying its hash; the caller must discard
@@ -465,7 +505,18 @@ impl Store {
         out: &mut dyn Write,
         out_path: &Path,
     ) -> Result<ObjectHeader, StoreError> {
-        let (mut file, header) = self.open_object(id)?;
+        self.copy_object_from(id, kind, out, out_path, true)
+    }
+
+    fn copy_object_from(
+        &self,
+        id: &ObjectId,
+        kind: Option<ObjectKind>,
+        out: &mut dyn Write,
+        out_path: &Path,
+        packs: bool,
+    ) -> Result<ObjectHeader, StoreError> {
+        let (mut file, header, path) = self.open_object_at(id, packs)?;
         if let Some(expected) = kind {
             if header.kind != expected {
                 return Err(StoreError::WrongKind {
@@ -475,7 +526,6 @@ impl Store {
                 });
             }
         }
-        let path = self.object_path(id);
         let mut buf = vec![0u8; header.payload_len.min(READ_CHUNK as u64) as usize];
         let mut h = header.id_hasher();
         let mut left = header.payload_len;
@@ -524,6 +574,12 @@ impl Store {
     /// Re-hash an object and check its header; reads it whole, keeps nothing.
     pub fn verify(&self, id: &ObjectId) -> Result<(), StoreError> {
         self.copy_object(id, None, &mut io::sink(), Path::new("<sink>"))
+            .map(|_| ())
+    }
+
+    /// [`Store::verify`] of the loose copy only (before packing it).
+    pub(super) fn verify_loose(&self, id: &ObjectId) -> Result<(), StoreError> {
+        self.copy_object_from(id, None, &mut io::sink(), Path::new("<sink>"), false)
             .map(|_| ())
     }
 
@@ -639,8 +695,18 @@ impl Store {
         Ok(())
     }
 
-    /// Every object id in the store, sorted. Temp files and stray names are skipped.
+    /// Every object id in the store, loose or packed, sorted, without duplicates. Temp files
+    /// and stray names are skipped.
     pub fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
+        let mut ids = self.loose_ids()?;
+        ids.extend(self.packed_ids()?);
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// The ids of the loose object files, sorted.
+    pub(super) fn loose_ids(&self) -> Result<Vec<ObjectId>, StoreError> {
         let dir = self.objects_dir();
         let mut ids = Vec::new();
         let entries = fs::read_dir(&dir).map_err(|e| StoreError::io("list", &dir, e))?;
@@ -666,7 +732,8 @@ impl Store {
         Ok(ids)
     }
 
-    /// Delete an object (for gc). Returns the bytes freed; 0 when it was already gone.
+    /// Delete a loose object (for gc). Returns the bytes freed; 0 when it was already gone
+    /// (or is only in a pack: [`Store::prune_packs`] drops packed objects).
     pub fn remove(&self, id: &ObjectId) -> Result<u64, StoreError> {
         let path = self.object_path(id);
         let len = match fs::metadata(&path) {
@@ -681,16 +748,20 @@ impl Store {
         }
     }
 
-    /// Object count and bytes on disk.
+    /// Object count and bytes on disk (loose files, packs and their indexes).
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let mut stats = StoreStats::default();
-        for id in self.list()? {
+        for id in self.loose_ids()? {
             let path = self.object_path(&id);
             let m = fs::metadata(&path)
                 .map_err(|e| StoreError::io("read the metadata of", &path, e))?;
-            stats.objects += 1;
             stats.stored_bytes += m.len();
         }
+        let (pack_bytes, packs) = self.pack_disk_usage()?;
+        stats.stored_bytes += pack_bytes;
+        stats.packs = packs;
+        stats.packed_objects = self.packed_ids()?.len() as u64;
+        stats.objects = self.list()?.len() as u64;
         Ok(stats)
     }
 
@@ -724,7 +795,7 @@ impl Store {
     /// process. Commit, fetch, push (on the remote's store) and gc call it. Returns how many
     /// files were removed.
     pub fn remove_dead_temp_files(&self) -> Result<usize, StoreError> {
-        let mut n = 0;
+        let mut n = self.remove_orphan_packs()?;
         for (path, age) in self.temp_files()? {
             if age < DEAD_TEMP_AGE {
                 continue;
@@ -751,7 +822,7 @@ impl Store {
 }
 
 #[cfg(unix)]
-fn set_read_only(file: &File) -> io::Result<()> {
+pub(super) fn set_read_only(file: &File) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     file.set_permissions(fs::Permissions::from_mode(0o444))
 }
@@ -769,7 +840,7 @@ fn set_checkout_mode(_file: &File) -> io::Result<()> {
 }
 
 #[cfg(not(unix))]
-fn set_read_only(file: &File) -> io::Result<()> {
+pub(super) fn set_read_only(file: &File) -> io::Result<()> {
     let mut p = file.metadata()?.permissions();
     p.set_readonly(true);
     file.set_permissions(p)
