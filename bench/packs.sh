@@ -6,6 +6,7 @@
 #
 #   bench/packs.sh                 # release build
 #   PROFILE=dev bench/packs.sh     # reuse the dev build (deps are opt-level 3 there too)
+#   BENCH_NO_BUILD=1 ...           # use the binary as built
 #
 # Prints one line per step: seconds for the loose and the packed repository and their ratio,
 # and the object files and bytes of each store.
@@ -14,10 +15,10 @@ cd "$(dirname "$0")/.."
 
 PROFILE=${PROFILE:-release}
 if [ "$PROFILE" = release ]; then
-  cargo build --release --bin coin
+  [ "${BENCH_NO_BUILD:-0}" = 1 ] || cargo build --release --bin coin
   COIN=$PWD/target/release/coin
 else
-  cargo build --bin coin
+  [ "${BENCH_NO_BUILD:-0}" = 1 ] || cargo build --bin coin
   COIN=$PWD/target/debug/coin
 fi
 WORK=${BENCH_DIR:-$(mktemp -d /tmp/coin-packs.XXXXXX)}

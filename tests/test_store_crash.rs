@@ -234,3 +234,61 @@ fn killed_packing_loses_nothing_at_every_fault_point() {
         }
     }
 }
+
+#[test]
+fn killed_ingest_into_a_pack_leaves_a_clean_store() {
+    for point in [
+        "store.pack.after_object:60",
+        "store.pack.before_rename",
+        "store.pack.after_pack",
+        "store.pack.after_index",
+    ] {
+        let env = TestEnvironment::new();
+        // 120 small tensors: ingest writes them as one pack.
+        let file = safetensors_file(120, 3);
+        env.write("m.safetensors", &file);
+        let args = [
+            "debug",
+            "store-ingest",
+            "--store",
+            "s/.coin",
+            "m.safetensors",
+        ];
+        let crashed = run(env
+            .coin_cmd(&env.work())
+            .env("COIN_FAULT", point)
+            .args(args));
+        assert_ne!(crashed.code, 0, "{point}: the fault point was not reached");
+        let v = env
+            .coin(&["debug", "store-verify", "--store", "s/.coin"])
+            .success()
+            .json();
+        assert_eq!(v["corrupt"].as_array().unwrap().len(), 0, "{point}: {v}");
+        // Either nothing of the pack is visible, or all of it.
+        let packed = v["packed_objects"].as_u64().unwrap();
+        assert!(packed == 0 || packed == 120, "{point}: {v}");
+        let out = env.coin(&args).success();
+        env.write("entries.json", out.stdout.as_bytes());
+        env.coin(&[
+            "debug",
+            "store-materialize",
+            "--store",
+            "s/.coin",
+            "--entries",
+            "entries.json",
+            "--output",
+            "out",
+        ])
+        .success();
+        assert_eq!(std::fs::read(env.path("out/m.safetensors")).unwrap(), file);
+        let v = env
+            .coin(&["debug", "store-verify", "--store", "s/.coin"])
+            .success()
+            .json();
+        assert_eq!(
+            (v["objects"].as_u64(), v["packed_objects"].as_u64()),
+            (Some(121), Some(120)),
+            "{point}: {v}"
+        );
+    }
+}

@@ -90,6 +90,10 @@ pub struct RepoStats {
     pub logical_bytes: u64,
     /// Reachable checkpoints.
     pub checkpoints: usize,
+    /// How many of the objects are in pack files.
+    pub packed_objects: u64,
+    /// How many pack files there are.
+    pub packs: u64,
 }
 
 #[derive(Default)]
@@ -634,6 +638,8 @@ impl CoinRepo {
             stored_bytes: s.stored_bytes,
             logical_bytes: reach.manifests.values().map(Manifest::logical_bytes).sum(),
             checkpoints: reach.manifests.len(),
+            packed_objects: s.packed_objects,
+            packs: s.packs,
         })
     }
 

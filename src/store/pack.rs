@@ -411,6 +411,18 @@ impl<'a> PackWriter<'a> {
         Ok(())
     }
 
+    /// [`PackWriter::add`] of an object held in memory.
+    pub(super) fn add_bytes(
+        &mut self,
+        id: &ObjectId,
+        header: &ObjectHeader,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        let encoded = header.encode();
+        let mut src = encoded.as_slice().chain(payload);
+        self.add(id, &mut src, Path::new("<memory>"))
+    }
+
     /// Write the trailer, fsync, rename the pack into `objects/pack/`, write its index the
     /// same way, fsync the directory. Returns the new pack's index (`None` when empty: nothing
     /// is written).
@@ -455,6 +467,80 @@ impl<'a> PackWriter<'a> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Small new objects of one ingest: held back until there are [`MIN_PACK_OBJECTS`] of them
+/// (or 64 MiB), then written into a pack, so that a checkpoint of thousands of small tensors
+/// costs a few fsyncs instead of one per tensor. Fewer are written as loose files by
+/// [`IngestPacker::finish`]. Nothing of the pack is visible before `finish` returns.
+pub(super) struct IngestPacker<'a> {
+    store: &'a Store,
+    pending: Vec<(ObjectId, ObjectHeader, Vec<u8>)>,
+    pending_bytes: u64,
+    writer: Option<PackWriter<'a>>,
+    done: Vec<Arc<PackIndex>>,
+}
+
+const MAX_PENDING_BYTES: u64 = 64 * 1024 * 1024;
+
+impl<'a> IngestPacker<'a> {
+    pub(super) fn new(store: &'a Store) -> Self {
+        IngestPacker {
+            store,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            writer: None,
+            done: Vec::new(),
+        }
+    }
+
+    /// Take a new object when it is small (returns false otherwise: the caller writes it).
+    pub(super) fn offer(
+        &mut self,
+        id: &ObjectId,
+        header: &ObjectHeader,
+        payload: &[u8],
+    ) -> Result<bool, StoreError> {
+        let len = header.encode().len() as u64 + payload.len() as u64;
+        if len > PACK_MAX_OBJECT {
+            return Ok(false);
+        }
+        if self.writer.is_none() {
+            self.pending.push((*id, header.clone(), payload.to_vec()));
+            self.pending_bytes += len;
+            if self.pending.len() < MIN_PACK_OBJECTS && self.pending_bytes < MAX_PENDING_BYTES {
+                return Ok(true);
+            }
+            let mut w = self.store.pack_writer()?;
+            for (id, h, p) in std::mem::take(&mut self.pending) {
+                w.add_bytes(&id, &h, &p)?;
+            }
+            self.writer = Some(w);
+        } else if let Some(w) = self.writer.as_mut() {
+            w.add_bytes(id, header, payload)?;
+        }
+        if self
+            .writer
+            .as_ref()
+            .is_some_and(|w| w.len() >= MAX_PACK_BYTES)
+        {
+            if let Some(w) = self.writer.take() {
+                self.done.extend(w.finish()?);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Make everything taken durable and visible: the pack, or loose files for a few.
+    pub(super) fn finish(mut self) -> Result<(), StoreError> {
+        if let Some(w) = self.writer.take() {
+            self.done.extend(w.finish()?);
+        }
+        for (id, h, p) in std::mem::take(&mut self.pending) {
+            self.store.write_object(&id, &h, |out| out.write_all(&p))?;
+        }
+        Ok(())
+    }
 }
 
 /// Where an object to pack comes from.

@@ -95,19 +95,51 @@ fn pack_round_trip_keeps_every_object_readable_and_verified() {
 }
 
 #[test]
+fn ingest_writes_many_small_new_tensors_as_one_pack_and_a_few_as_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store_in(tmp.path(), "s");
+    let (path, bytes) = checkpoint(tmp.path(), "m.safetensors", MIN_PACK_OBJECTS + 20, 0);
+    let entry = store.ingest_file(&path).unwrap();
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.packs, 1);
+    assert_eq!(stats.packed_objects, MIN_PACK_OBJECTS as u64 + 20);
+    // The header blob and the 2 MiB tensor are files.
+    assert_eq!(loose_count(&store), 2);
+    let out = tmp.path().join("out");
+    Store::open(store.root())
+        .unwrap()
+        .materialize(&entry, &out)
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+    // A second stage with 10 new small tensors: those are files, the rest deduped.
+    let (path, _) = checkpoint(tmp.path(), "n.safetensors", MIN_PACK_OBJECTS + 30, 0);
+    let entry2 = store.ingest_file(&path).unwrap();
+    let stats = store.stats().unwrap();
+    assert_eq!((stats.packs, loose_count(&store)), (1, 2 + 11), "{stats:?}");
+    for id in ids_of(&entry2) {
+        store.verify(&id).unwrap();
+    }
+}
+
+#[test]
 fn too_few_objects_are_not_packed_by_default() {
     let tmp = tempfile::tempdir().unwrap();
     let store = store_in(tmp.path(), "s");
-    let (path, _) = checkpoint(tmp.path(), "m.safetensors", 10, 0);
-    store.ingest_file(&path).unwrap();
+    let put = |range: std::ops::Range<usize>| {
+        for i in range {
+            store
+                .put_blob_bytes(format!("record {i}").as_bytes())
+                .unwrap();
+        }
+    };
+    put(0..10);
     let report = store.pack_loose(&PackOptions::default()).unwrap();
     assert_eq!(report.packed, 0);
-    assert_eq!(loose_count(&store), 12);
-    let (path, _) = checkpoint(tmp.path(), "n.safetensors", MIN_PACK_OBJECTS, 7);
-    store.ingest_file(&path).unwrap();
+    assert_eq!(loose_count(&store), 10);
+    put(10..MIN_PACK_OBJECTS);
     let report = store.pack_loose(&PackOptions::default()).unwrap();
-    assert!(report.packed > MIN_PACK_OBJECTS, "{report:?}");
-    assert_eq!(loose_count(&store), 1, "the big tensor (the same in both)");
+    assert_eq!(report.packed, MIN_PACK_OBJECTS, "{report:?}");
+    assert_eq!(loose_count(&store), 0);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::fsutil::{self, AtomicFile};
 use super::object::{ObjectHeader, ObjectKind};
-use super::pack::PackCache;
+use super::pack::{IngestPacker, PackCache};
 use super::safetensors::{self, Header, HeaderError};
 use super::torchbin;
 use super::{fault, FileEntry, ObjectId, StoreError, StoreStats, TensorData, TensorEntry};
@@ -198,6 +198,8 @@ impl Store {
         let cap = largest.min(MAX_BUFFER) as usize;
         // Two buffers at most: while a new tensor object is written and fsynced on a writer
         // thread (disk-bound), the next tensor is read and hashed (CPU-bound).
+        // Many small new tensors (MoELoRA routers and experts) go into one pack.
+        let mut packer = IngestPacker::new(self);
         std::thread::scope(|scope| {
             let mut free: Vec<Vec<u8>> = vec![vec![0u8; cap]];
             let mut allocated = 1;
@@ -234,7 +236,7 @@ impl Store {
                     let mut h = object.id_hasher();
                     hash_update(&mut h, &buf[..n]);
                     let id = ObjectId::from(h.finalize());
-                    if self.contains(&id) {
+                    if self.contains(&id) || packer.offer(&id, &object, &buf[..n])? {
                         free.push(buf);
                     } else {
                         if let Some(p) = pending.take() {
@@ -259,6 +261,7 @@ impl Store {
             if let Some(p) = pending.take() {
                 join(p)?;
             }
+            packer.finish()?;
             Ok(FileEntry::Safetensors {
                 header: header_id,
                 size: len,
