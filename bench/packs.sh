@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Pack benchmark: a MoELoRA checkpoint with LLaVA-7B's tensor count (32 layers × 7 projections
 # × (1 router + 8 experts × lora_A/lora_B) = 3,808 tensors, small shapes: hidden 64, rank 4,
-# f32), committed, checked out and fsck'ed in a repository whose objects are loose and in one
-# where `coin gc` packed them. A second stage rewrites the experts of 8 layers (952 tensors).
+# f32), committed, checked out and fsck'ed in a repository whose objects are loose (commit run
+# with COIN_STORE_LOOSE=1: one file per object, as before packs) and in one where commit writes
+# the small new tensors as a pack (the default; `coin gc` runs after stage 2). A second stage rewrites
+# the experts of 8 layers (896 tensors).
 #
 #   bench/packs.sh                 # release build
 #   PROFILE=dev bench/packs.sh     # reuse the dev build (deps are opt-level 3 there too)
@@ -59,8 +61,11 @@ def checkpoint(path, stage):
     return len(tensors)
 
 def run(repo, *args):
+    env = dict(os.environ)
+    if os.path.basename(repo) == "loose":
+        env["COIN_STORE_LOOSE"] = "1"
     t = time.perf_counter()
-    subprocess.run([coin, *args], cwd=repo, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([coin, *args], cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t
 
 def store_files(repo):
@@ -81,17 +86,15 @@ for kind in ["loose", "packed"]:
     subprocess.run([coin, "init"], cwd=repo, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     r = rows.setdefault(kind, {})
     r["commit stage 1"] = run(repo, "commit", "../s1", "--task", "A")
-    if kind == "packed":
-        r["gc (packs)"] = run(repo, "gc")
     r["commit stage 2"] = run(repo, "commit", "../s2", "--task", "B")
     if kind == "packed":
-        run(repo, "gc")
+        r["gc"] = run(repo, "gc")
     r["checkout stage 1"] = run(repo, "checkout", "HEAD~1", "--output", "out1")
     r["checkout stage 2"] = run(repo, "checkout", "HEAD", "--output", "out2")
     r["fsck"] = run(repo, "fsck")
     r["files"], r["bytes"] = store_files(repo)
 print(f"{'step':<18} {'loose s':>9} {'packed s':>9} {'packed/loose':>13}")
-for step in ["commit stage 1", "gc (packs)", "commit stage 2", "checkout stage 1", "checkout stage 2", "fsck"]:
+for step in ["commit stage 1", "commit stage 2", "gc", "checkout stage 1", "checkout stage 2", "fsck"]:
     l, p = rows["loose"].get(step), rows["packed"][step]
     print(f"{step:<18} {l if l is not None else float('nan'):>9.3f} {p:>9.3f} {(p / l) if l else float('nan'):>13.2f}")
 for kind in ["loose", "packed"]:

@@ -87,7 +87,7 @@ impl PackIndex {
 
     /// Encode an index for `entries` (sorted here) of a pack with `checksum`.
     fn encode(entries: &mut [PackEntry], checksum: &[u8; 32]) -> Vec<u8> {
-        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        entries.sort_by_key(|e| e.id);
         let mut out = Vec::with_capacity(
             INDEX_HEADER_LEN + FANOUT_LEN + entries.len() * INDEX_ENTRY_LEN + 64,
         );
@@ -483,6 +483,15 @@ pub(super) struct IngestPacker<'a> {
 
 const MAX_PENDING_BYTES: u64 = 64 * 1024 * 1024;
 
+/// `COIN_STORE_LOOSE=1` makes ingest write every object as a loose file, as coin did before
+/// packs (bench/packs.sh compares the two). Read once per process.
+pub const LOOSE_ENV: &str = "COIN_STORE_LOOSE";
+
+fn ingest_loose_only() -> bool {
+    static LOOSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOOSE.get_or_init(|| std::env::var(LOOSE_ENV).is_ok_and(|v| v == "1"))
+}
+
 impl<'a> IngestPacker<'a> {
     pub(super) fn new(store: &'a Store) -> Self {
         IngestPacker {
@@ -502,7 +511,7 @@ impl<'a> IngestPacker<'a> {
         payload: &[u8],
     ) -> Result<bool, StoreError> {
         let len = header.encode().len() as u64 + payload.len() as u64;
-        if len > PACK_MAX_OBJECT {
+        if len > PACK_MAX_OBJECT || ingest_loose_only() {
             return Ok(false);
         }
         if self.writer.is_none() {
