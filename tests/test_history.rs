@@ -657,3 +657,107 @@ fn killed_eval_record_leaves_a_clean_repository() {
         assert_eq!(show["eval"]["TextVQA"]["source"], "note");
     }
 }
+
+/// A checkpoint of `n` tiny tensors (MoELoRA-router-like), distinct per `stage`.
+fn many_small_tensors(env: &TestEnvironment, dir: &str, n: usize, stage: f32) {
+    use crate::common::st;
+    let tensors: Vec<st::T> = (0..n)
+        .map(|i| {
+            st::T::f32(
+                &format!("layer.{i}.router"),
+                &[4],
+                &[stage, i as f32, 1.0, 2.0],
+            )
+        })
+        .collect();
+    env.write(
+        format!("{dir}/adapter_model.safetensors"),
+        st::safetensors(&tensors),
+    );
+}
+
+#[test]
+fn gc_packs_small_objects_and_drops_dead_ones_from_packs() {
+    let env = setup();
+    many_small_tensors(&env, "m1", 120, 1.0);
+    let id1 = commit(&env, &["m1", "--task", "A"]);
+    many_small_tensors(&env, "m2", 120, 2.0);
+    let id2 = commit(&env, &["m2", "--task", "B"]);
+    let objects = |env: &TestEnvironment| {
+        env.coin(&["stats", "--json"]).success().json()["objects"]
+            .as_u64()
+            .unwrap()
+    };
+    let all = objects(&env);
+    // Each commit wrote its 120 new small tensors as one pack.
+    let stats = env.coin(&["stats", "--json"]).success().json();
+    assert_eq!(
+        (stats["packs"].as_u64(), stats["packed_objects"].as_u64()),
+        (Some(2), Some(240))
+    );
+    let gc = env.coin(&["gc", "--json"]).success().json();
+    assert_eq!(gc["removed"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        gc["pack"]["packed"], 0,
+        "too few loose objects to pack: {gc}"
+    );
+    assert_eq!(objects(&env), all);
+    env.coin(&["fsck"]).success();
+    // Make the second checkpoint unreachable: rewind main and forget its reflog.
+    env.git_in(&env.work(), &["update-ref", "refs/coin/heads/main", &id1])
+        .success();
+    env.git_in(&env.work(), &["reflog", "expire", "--expire=now", "--all"])
+        .success();
+    let gc = env.coin(&["gc", "--json"]).success().json();
+    let removed = gc["removed"].as_array().unwrap().len() as u64;
+    assert_eq!(removed, 120, "m2's tensors (its header blob is m1's): {gc}");
+    assert_eq!(gc["pack"]["dropped"].as_u64().unwrap(), removed, "{gc}");
+    assert!(gc["freed_bytes"].as_u64().unwrap() > 0, "{gc}");
+    assert_eq!(objects(&env), all - removed);
+    env.coin(&["fsck"]).success();
+    env.coin(&["checkout", &id1, "--output", "o1"]).success();
+    assert_eq!(
+        std::fs::read(env.path("o1/adapter_model.safetensors")).unwrap(),
+        std::fs::read(env.path("m1/adapter_model.safetensors")).unwrap()
+    );
+    let e = env.coin(&["checkout", &id2, "--output", "o2"]);
+    assert_ne!(e.code, 0, "the dropped checkpoint cannot be rebuilt");
+}
+
+#[test]
+fn fsck_names_a_damaged_pack() {
+    let env = setup();
+    many_small_tensors(&env, "m1", 120, 1.0);
+    commit(&env, &["m1", "--task", "A"]);
+    env.coin(&["gc"]).success();
+    let pack_dir = env.path(".coin/objects/pack");
+    let pack = std::fs::read_dir(&pack_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "pack"))
+        .unwrap();
+    let mut perms = std::fs::metadata(&pack).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&pack, perms).unwrap();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x04;
+    std::fs::write(&pack, bytes).unwrap();
+    let out = env.coin(&["fsck", "--json"]).code(1);
+    let report = out.json();
+    let problems = report["problems"].as_array().unwrap();
+    let name = pack.file_name().unwrap().to_str().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["kind"] == "pack" && p["object"].as_str().unwrap().contains(name)),
+        "{report}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["kind"] == "object" && p["message"].as_str().unwrap().contains(name)),
+        "the damaged object names its pack: {report}"
+    );
+}

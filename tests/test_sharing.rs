@@ -1060,3 +1060,73 @@ fn remote_add_list_remove() {
     let err = env.coin_in(&a, &["push", "s3"]).code(1);
     assert!(err.stderr.contains("S3 plan"), "{}", err.stderr);
 }
+
+fn pack_files(coin_dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(coin_dir.join("objects/pack")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn packed_objects_push_and_clone_as_packs_and_check_out_byte_identical() {
+    use crate::common::st;
+    let env = TestEnvironment::new();
+    env.coin(&["init", "a"]).success();
+    let a = env.path("a");
+    // 150 router-sized tensors: packed by gc here, sent as a pack, received as a pack.
+    let tensors: Vec<st::T> = (0..150)
+        .map(|i| {
+            st::T::f32(
+                &format!("layer.{i}.router"),
+                &[2, 2],
+                &[i as f32, 1.0, 2.0, 3.0],
+            )
+        })
+        .collect();
+    env.write("m/routers.safetensors", st::safetensors(&tensors));
+    let d = env.adapter("m", 0.0);
+    let id = env
+        .coin_in(&a, &["commit", d.to_str().unwrap(), "--task", "T1"])
+        .success()
+        .stdout
+        .trim()
+        .to_string();
+    env.coin_in(&a, &["gc"]).success();
+    assert_eq!(
+        pack_files(&a.join(".coin")).len(),
+        2,
+        "one pack and its index"
+    );
+    env.git_in(&env.work(), &["init", "-q", "--bare", "r.git"])
+        .success();
+    env.coin_in(&a, &["remote", "add", "origin", "../r.git"])
+        .success();
+    let push = env.coin_in(&a, &["push", "--json"]).success().json();
+    let sent = push["objects"]["transferred"].as_u64().unwrap();
+    assert!(sent >= 150, "{push}");
+    let remote = env.path("r.git/coin");
+    assert_eq!(pack_files(&remote).len(), 2, "the remote got one pack");
+    assert!(
+        object_files(&remote).len() < 5,
+        "{:?}",
+        object_files(&remote)
+    );
+    env.coin(&["clone", "r.git", "b"]).success();
+    let b = env.path("b");
+    assert_eq!(
+        pack_files(&b.join(".coin")).len(),
+        2,
+        "the clone got one pack"
+    );
+    env.coin_in(&b, &["fsck"]).success();
+    let out = b.join("o");
+    env.coin_in(&b, &["checkout", &id, "--output", out.to_str().unwrap()])
+        .success();
+    assert_same_tree_except(&d, &out, &[".coin-checkpoint"]);
+    // A second push moves nothing.
+    let again = env.coin_in(&a, &["push", "--json"]).success().json();
+    assert_eq!(again["objects"]["transferred"], 0);
+}

@@ -160,3 +160,135 @@ fn killed_materialize_leaves_no_output_file() {
     env.coin(&args).success();
     assert_eq!(std::fs::read(env.path("out/m.safetensors")).unwrap(), file);
 }
+
+#[test]
+fn killed_packing_loses_nothing_at_every_fault_point() {
+    let points = [
+        "store.pack.after_object",
+        "store.pack.after_object:7",
+        "store.pack.before_rename",
+        "store.pack.after_pack",
+        "store.pack.after_index",
+        "store.pack.after_remove_loose",
+        "store.pack.after_remove_loose:5",
+        "store.pack.after_remove_old",
+        "store.pack.after_remove_old:2",
+    ];
+    for point in points {
+        let env = TestEnvironment::new();
+        let first = safetensors_file(12, 1);
+        let second = safetensors_file(9, 2);
+        env.write("a.safetensors", &first);
+        env.write("b.safetensors", &second);
+        let ingest = |file: &str| {
+            let out = env
+                .coin(&["debug", "store-ingest", "--store", "s/.coin", file])
+                .success();
+            env.write(format!("{file}.json"), out.stdout.as_bytes());
+        };
+        let pack = ["debug", "store-pack", "--store", "s/.coin", "--merge"];
+        ingest("a.safetensors");
+        // The merge points need a pack to merge: the first file is packed cleanly.
+        if point.starts_with("store.pack.after_remove_old") {
+            env.coin(&pack).success();
+        }
+        ingest("b.safetensors");
+        let objects = |env: &TestEnvironment| {
+            env.coin(&["debug", "store-verify", "--store", "s/.coin"])
+                .success()
+                .json()
+        };
+        let before = objects(&env)["objects"].clone();
+        let crashed = run(env
+            .coin_cmd(&env.work())
+            .env("COIN_FAULT", point)
+            .args(pack));
+        assert_ne!(crashed.code, 0, "{point}: the fault point was not reached");
+        // Every object is still there, complete and intact; no pack is half-visible.
+        let v = objects(&env);
+        assert_eq!(v["corrupt"].as_array().unwrap().len(), 0, "{point}: {v}");
+        assert_eq!(v["objects"], before, "{point}");
+        // A rerun completes: everything small ends in one pack, and both files rebuild.
+        env.coin(&pack).success();
+        let v = objects(&env);
+        assert_eq!(v["objects"], before, "{point}");
+        assert_eq!(v["packs"], 1, "{point}: {v}");
+        assert_eq!(v["packed_objects"], before, "{point}: {v}");
+        for (file, bytes) in [("a.safetensors", &first), ("b.safetensors", &second)] {
+            env.coin(&[
+                "debug",
+                "store-materialize",
+                "--store",
+                "s/.coin",
+                "--entries",
+                &format!("{file}.json"),
+                "--output",
+                "out",
+            ])
+            .success();
+            assert_eq!(
+                &std::fs::read(env.path(format!("out/{file}"))).unwrap(),
+                bytes
+            );
+            std::fs::remove_file(env.path(format!("out/{file}"))).unwrap();
+        }
+    }
+}
+
+#[test]
+fn killed_ingest_into_a_pack_leaves_a_clean_store() {
+    for point in [
+        "store.pack.after_object:60",
+        "store.pack.before_rename",
+        "store.pack.after_pack",
+        "store.pack.after_index",
+    ] {
+        let env = TestEnvironment::new();
+        // 120 small tensors: ingest writes them as one pack.
+        let file = safetensors_file(120, 3);
+        env.write("m.safetensors", &file);
+        let args = [
+            "debug",
+            "store-ingest",
+            "--store",
+            "s/.coin",
+            "m.safetensors",
+        ];
+        let crashed = run(env
+            .coin_cmd(&env.work())
+            .env("COIN_FAULT", point)
+            .args(args));
+        assert_ne!(crashed.code, 0, "{point}: the fault point was not reached");
+        let v = env
+            .coin(&["debug", "store-verify", "--store", "s/.coin"])
+            .success()
+            .json();
+        assert_eq!(v["corrupt"].as_array().unwrap().len(), 0, "{point}: {v}");
+        // Either nothing of the pack is visible, or all of it.
+        let packed = v["packed_objects"].as_u64().unwrap();
+        assert!(packed == 0 || packed == 120, "{point}: {v}");
+        let out = env.coin(&args).success();
+        env.write("entries.json", out.stdout.as_bytes());
+        env.coin(&[
+            "debug",
+            "store-materialize",
+            "--store",
+            "s/.coin",
+            "--entries",
+            "entries.json",
+            "--output",
+            "out",
+        ])
+        .success();
+        assert_eq!(std::fs::read(env.path("out/m.safetensors")).unwrap(), file);
+        let v = env
+            .coin(&["debug", "store-verify", "--store", "s/.coin"])
+            .success()
+            .json();
+        assert_eq!(
+            (v["objects"].as_u64(), v["packed_objects"].as_u64()),
+            (Some(121), Some(120)),
+            "{point}: {v}"
+        );
+    }
+}

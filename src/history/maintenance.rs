@@ -74,6 +74,9 @@ pub struct GcReport {
     pub freed_bytes: u64,
     /// Temp files of interrupted object writes (whose writer is gone) removed.
     pub temp_files_removed: usize,
+    /// What packing did after the removal: dead objects dropped from packs, small loose
+    /// objects packed (default for a dry run: nothing is packed).
+    pub pack: crate::store::pack::PackReport,
 }
 
 /// The result of `coin stats`.
@@ -97,6 +100,10 @@ pub struct RepoStats {
     pub logical_bytes: u64,
     /// Reachable checkpoints.
     pub checkpoints: usize,
+    /// How many of the objects are in pack files.
+    pub packed_objects: u64,
+    /// How many pack files there are.
+    pub packs: u64,
 }
 
 #[derive(Default)]
@@ -465,6 +472,9 @@ impl CoinRepo {
                 ));
             }
         }
+        for p in self.store().check_packs()? {
+            problems.push(problem(p.path.display().to_string(), "pack", p.message));
+        }
         let listed = self.store().list()?;
         for id in &listed {
             if let Err(e) = self.store().verify(id) {
@@ -602,12 +612,30 @@ impl CoinRepo {
         } else {
             self.store().remove_dead_temp_files()?
         };
+        // Dead objects inside packs go with their pack's rewrite; then the small loose
+        // objects that are left are packed.
+        let mut pack = crate::store::pack::PackReport::default();
+        if !dry_run {
+            let live =
+                |id: &ObjectId| reach.objects.contains_key(id) || reach.kept.contains_key(id);
+            let pruned = self.store().prune_packs(&live)?;
+            freed += pruned.freed_bytes;
+            fault::point("gc.after_prune");
+            pack = self
+                .store()
+                .pack_loose(&crate::store::pack::PackOptions::default())?;
+            pack.dropped = pruned.dropped;
+            pack.packed += pruned.packed;
+            pack.packs_removed += pruned.packs_removed;
+            pack.packs_written += pruned.packs_written;
+        }
         Ok(GcReport {
             dry_run,
             kept,
             removed,
             freed_bytes: freed,
             temp_files_removed,
+            pack,
         })
     }
 
@@ -642,6 +670,8 @@ impl CoinRepo {
             compressed_stored_bytes: s.compressed_stored_bytes,
             logical_bytes: reach.manifests.values().map(Manifest::logical_bytes).sum(),
             checkpoints: reach.manifests.len(),
+            packed_objects: s.packed_objects,
+            packs: s.packs,
         })
     }
 

@@ -53,6 +53,7 @@ pub const FAULT_POINTS: &[&str] = &[
     "note.after_write",
     "gc.after_mark",
     "gc.after_remove",
+    "gc.after_prune",
 ];
 
 /// Errors of the history module.

@@ -296,4 +296,8 @@ pub struct StoreStats {
     pub compressed_payload_bytes: u64,
     /// Bytes on disk of the compressed objects, headers included.
     pub compressed_stored_bytes: u64,
+    /// How many of them are in packs.
+    pub packed_objects: u64,
+    /// How many pack files there are.
+    pub packs: u64,
 }

@@ -15,6 +15,7 @@ pub mod fuzz;
 mod id;
 pub mod lock;
 pub mod object;
+pub mod pack;
 mod paths;
 pub mod pickle;
 mod repack;

@@ -4,11 +4,13 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::codec::{self, DecodeError};
 use super::fsutil::{self, AtomicFile};
 use super::object::{Codec, ObjectHeader, ObjectKind};
+use super::pack::{IngestPacker, PackCache};
 use super::safetensors::{self, Header, HeaderError};
 use super::torchbin;
 use super::{fault, FileEntry, ObjectId, StoreError, StoreStats, TensorData, TensorEntry};
@@ -29,10 +31,13 @@ const READ_CHUNK: usize = 8 * 1024 * 1024;
 /// Below this, one-thread hashing beats spreading work over rayon.
 const RAYON_MIN: usize = 1024 * 1024;
 
-/// The object store of one repository. Cheap to clone; holds no open files.
+/// The object store of one repository. Cheap to clone; holds no open files (clones share
+/// the loaded pack indexes).
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    /// Pack indexes loaded so far (a hint: refreshed from `objects/pack/` on a miss).
+    pub(super) packs: Arc<Mutex<PackCache>>,
 }
 
 pub(super) fn hash_update(h: &mut blake3::Hasher, data: &[u8]) {
@@ -109,6 +114,7 @@ impl Store {
         }
         let store = Store {
             root: coin_dir.to_path_buf(),
+            packs: Arc::default(),
         };
         create_dir(&store.tmp_dir())?;
         Ok(store)
@@ -119,7 +125,7 @@ impl Store {
         &self.root
     }
 
-    fn objects_dir(&self) -> PathBuf {
+    pub(super) fn objects_dir(&self) -> PathBuf {
         self.root.join("objects")
     }
 
@@ -133,9 +139,10 @@ impl Store {
         self.objects_dir().join(&hex[..2]).join(&hex[2..])
     }
 
-    /// Whether the object's file exists (not whether it is intact: see [`Store::verify`]).
+    /// Whether the object exists, loose or in a pack (not whether it is intact: see
+    /// [`Store::verify`]).
     pub fn contains(&self, id: &ObjectId) -> bool {
-        self.object_path(id).is_file()
+        self.object_path(id).is_file() || self.packed_contains(id)
     }
 
     /// Store a file. Safetensors files (a `.safetensors` name, or content that starts like
@@ -192,6 +199,8 @@ impl Store {
         let cap = largest.min(MAX_BUFFER) as usize;
         // Two buffers at most: while a new tensor object is written and fsynced on a writer
         // thread (disk-bound), the next tensor is read and hashed (CPU-bound).
+        // Many small new tensors (MoELoRA routers and experts) go into one pack.
+        let mut packer = IngestPacker::new(self);
         std::thread::scope(|scope| {
             let mut free: Vec<Vec<u8>> = vec![vec![0u8; cap]];
             let mut allocated = 1;
@@ -228,7 +237,7 @@ impl Store {
                     let mut h = object.id_hasher();
                     hash_update(&mut h, &buf[..n]);
                     let id = ObjectId::from(h.finalize());
-                    if self.contains(&id) {
+                    if self.contains(&id) || packer.offer(&id, &object, &buf[..n])? {
                         free.push(buf);
                     } else {
                         if let Some(p) = pending.take() {
@@ -253,6 +262,7 @@ impl Store {
             if let Some(p) = pending.take() {
                 join(p)?;
             }
+            packer.finish()?;
             Ok(FileEntry::Safetensors {
                 header: header_id,
                 size: len,
@@ -333,7 +343,7 @@ impl Store {
         fill: impl FnOnce(&mut File) -> io::Result<()>,
     ) -> Result<bool, StoreError> {
         let final_path = self.object_path(id);
-        if final_path.is_file() {
+        if self.contains(id) {
             return Ok(false);
         }
         let dir = final_path
@@ -447,20 +457,53 @@ impl Store {
         }
     }
 
-    /// Open an object and check its header against the file size.
-    pub(super) fn open_object(&self, id: &ObjectId) -> Result<(File, ObjectHeader), StoreError> {
+    /// Open an object's stored bytes (header, then payload), loose first, then in the packs:
+    /// a reader that ends where the object ends, its length, and the file it is in (for
+    /// messages). What [`Store::receive_object`] and [`Store::pack_writer`] take.
+    pub fn open_raw(&self, id: &ObjectId) -> Result<(io::Take<File>, u64, PathBuf), StoreError> {
+        self.open_raw_from(id, true)
+    }
+
+    fn open_raw_from(
+        &self,
+        id: &ObjectId,
+        packs: bool,
+    ) -> Result<(io::Take<File>, u64, PathBuf), StoreError> {
         let path = self.object_path(id);
-        let mut file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::ObjectMissing { id: *id })
+        match File::open(&path) {
+            Ok(f) => {
+                let len = f
+                    .metadata()
+                    .map_err(|e| StoreError::io("read the metadata of", &path, e))?
+                    .len();
+                Ok((f.take(len), len, path))
             }
-            Err(e) => return Err(StoreError::io("open", &path, e)),
-        };
-        let file_len = file
-            .metadata()
-            .map_err(|e| StoreError::io("read the metadata of", &path, e))?
-            .len();
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match packs {
+                true => self
+                    .open_packed(id)?
+                    .ok_or(StoreError::ObjectMissing { id: *id }),
+                false => Err(StoreError::ObjectMissing { id: *id }),
+            },
+            Err(e) => Err(StoreError::io("open", &path, e)),
+        }
+    }
+
+    /// Open an object and check its header against the file size.
+    pub(super) fn open_object(
+        &self,
+        id: &ObjectId,
+    ) -> Result<(io::Take<File>, ObjectHeader), StoreError> {
+        self.open_object_at(id, true).map(|(f, h, _)| (f, h))
+    }
+
+    /// [`Store::open_object`], also returning the file the object is in; only the loose
+    /// file without `packs`.
+    fn open_object_at(
+        &self,
+        id: &ObjectId,
+        packs: bool,
+    ) -> Result<(io::Take<File>, ObjectHeader, PathBuf), StoreError> {
+        let (mut file, file_len, path) = self.open_raw_from(id, packs)?;
         let corrupt = |reason: String| StoreError::Corrupt {
             id: *id,
             path: path.clone(),
@@ -473,7 +516,7 @@ impl Store {
                 header.stored_len
             )));
         }
-        Ok((file, header))
+        Ok((file, header, path))
     }
 
     /// Stream object `id`'s payload into `out`, verifying its hash; the caller must discard
@@ -485,7 +528,18 @@ impl Store {
         out: &mut dyn Write,
         out_path: &Path,
     ) -> Result<ObjectHeader, StoreError> {
-        let (mut file, header) = self.open_object(id)?;
+        self.copy_object_from(id, kind, out, out_path, true)
+    }
+
+    fn copy_object_from(
+        &self,
+        id: &ObjectId,
+        kind: Option<ObjectKind>,
+        out: &mut dyn Write,
+        out_path: &Path,
+        packs: bool,
+    ) -> Result<ObjectHeader, StoreError> {
+        let (mut file, header, path) = self.open_object_at(id, packs)?;
         if let Some(expected) = kind {
             if header.kind != expected {
                 return Err(StoreError::WrongKind {
@@ -495,7 +549,6 @@ impl Store {
                 });
             }
         }
-        let path = self.object_path(id);
         if header.codec != Codec::Raw {
             let mut src = io::BufReader::new(&mut file).take(header.stored_len);
             let hash = codec::decode(&header, &mut src, &mut |b| out.write_all(b)).map_err(
@@ -566,6 +619,12 @@ impl Store {
     /// Re-hash an object and check its header; reads it whole, keeps nothing.
     pub fn verify(&self, id: &ObjectId) -> Result<(), StoreError> {
         self.copy_object(id, None, &mut io::sink(), Path::new("<sink>"))
+            .map(|_| ())
+    }
+
+    /// [`Store::verify`] of the loose copy only (before packing it).
+    pub(super) fn verify_loose(&self, id: &ObjectId) -> Result<(), StoreError> {
+        self.copy_object_from(id, None, &mut io::sink(), Path::new("<sink>"), false)
             .map(|_| ())
     }
 
@@ -681,8 +740,18 @@ impl Store {
         Ok(())
     }
 
-    /// Every object id in the store, sorted. Temp files and stray names are skipped.
+    /// Every object id in the store, loose or packed, sorted, without duplicates. Temp files
+    /// and stray names are skipped.
     pub fn list(&self) -> Result<Vec<ObjectId>, StoreError> {
+        let mut ids = self.loose_ids()?;
+        ids.extend(self.packed_ids()?);
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// The ids of the loose object files, sorted.
+    pub(super) fn loose_ids(&self) -> Result<Vec<ObjectId>, StoreError> {
         let dir = self.objects_dir();
         let mut ids = Vec::new();
         let entries = fs::read_dir(&dir).map_err(|e| StoreError::io("list", &dir, e))?;
@@ -708,7 +777,8 @@ impl Store {
         Ok(ids)
     }
 
-    /// Delete an object (for gc). Returns the bytes freed; 0 when it was already gone.
+    /// Delete a loose object (for gc). Returns the bytes freed; 0 when it was already gone
+    /// (or is only in a pack: [`Store::prune_packs`] drops packed objects).
     pub fn remove(&self, id: &ObjectId) -> Result<u64, StoreError> {
         let path = self.object_path(id);
         let len = match fs::metadata(&path) {
@@ -723,15 +793,15 @@ impl Store {
         }
     }
 
-    /// Object count, bytes on disk, and decoded payload bytes (reads every object header).
+    /// Object count, bytes on disk (loose files, packs and their indexes), and decoded payload
+    /// bytes (reads every object header).
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let mut stats = StoreStats::default();
-        for id in self.list()? {
+        for id in self.loose_ids()? {
             let path = self.object_path(&id);
             let m = fs::metadata(&path)
                 .map_err(|e| StoreError::io("read the metadata of", &path, e))?;
             let (_, header) = self.open_object(&id)?;
-            stats.objects += 1;
             stats.stored_bytes += m.len();
             stats.payload_bytes += header.payload_len;
             if header.codec != Codec::Raw {
@@ -740,6 +810,24 @@ impl Store {
                 stats.compressed_stored_bytes += m.len();
             }
         }
+        let (pack_bytes, packs) = self.pack_disk_usage()?;
+        stats.stored_bytes += pack_bytes;
+        stats.packs = packs;
+        let packed = self.packed_ids()?;
+        stats.packed_objects = packed.len() as u64;
+        for id in &packed {
+            if self.object_path(id).exists() {
+                continue; // counted as loose
+            }
+            let (_, header) = self.open_object(id)?;
+            stats.payload_bytes += header.payload_len;
+            if header.codec != Codec::Raw {
+                stats.compressed_objects += 1;
+                stats.compressed_payload_bytes += header.payload_len;
+                stats.compressed_stored_bytes += header.encode().len() as u64 + header.stored_len;
+            }
+        }
+        stats.objects = self.list()?.len() as u64;
         Ok(stats)
     }
 
@@ -773,7 +861,7 @@ impl Store {
     /// process. Commit, fetch, push (on the remote's store) and gc call it. Returns how many
     /// files were removed.
     pub fn remove_dead_temp_files(&self) -> Result<usize, StoreError> {
-        let mut n = 0;
+        let mut n = self.remove_orphan_packs()?;
         for (path, age) in self.temp_files()? {
             if age < DEAD_TEMP_AGE {
                 continue;
@@ -800,7 +888,7 @@ impl Store {
 }
 
 #[cfg(unix)]
-fn set_read_only(file: &File) -> io::Result<()> {
+pub(super) fn set_read_only(file: &File) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     file.set_permissions(fs::Permissions::from_mode(0o444))
 }
@@ -818,7 +906,7 @@ fn set_checkout_mode(_file: &File) -> io::Result<()> {
 }
 
 #[cfg(not(unix))]
-fn set_read_only(file: &File) -> io::Result<()> {
+pub(super) fn set_read_only(file: &File) -> io::Result<()> {
     let mut p = file.metadata()?.permissions();
     p.set_readonly(true);
     file.set_permissions(p)

@@ -12,12 +12,13 @@
 //! * `put` makes an object visible on the other side only once it is complete and verified
 //!   (for the filesystem: temp file, hash check, rename); an interrupted `put` leaves at most
 //!   a temp file, and re-running it completes.
+//! * `put_many`/`get_many` keep the same promises for a batch; the filesystem writes the
+//!   small objects of a batch as one pack on the receiving side (visible when whole).
 
-use std::fs::File;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use super::pack::{MIN_PACK_OBJECTS, PACK_MAX_OBJECT};
 use super::{Lock, ObjectId, Store, StoreError};
 
 /// A place objects can be copied to and from.
@@ -32,6 +33,41 @@ pub trait ObjectTransport {
     /// Copy object `id` from the other side into `local`, verified before it becomes visible.
     /// Returns the bytes received (0 when `local` already had it).
     fn get(&self, local: &Store, id: &ObjectId) -> Result<u64, StoreError>;
+    /// [`ObjectTransport::put`] for each of `ids`, calling `done(bytes)` once per object
+    /// when it is visible on the other side. Returns the bytes sent. An implementation may
+    /// batch (the filesystem writes small objects as one pack).
+    fn put_many(
+        &self,
+        local: &Store,
+        ids: &[ObjectId],
+        done: &mut dyn FnMut(u64),
+    ) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for id in ids {
+            let n = self.put(local, id)?;
+            total += n;
+            super::fault::point("transfer.after_object");
+            done(n);
+        }
+        Ok(total)
+    }
+    /// [`ObjectTransport::get`] for each of `ids`, calling `done(bytes)` once per object
+    /// when it is visible locally. Returns the bytes received.
+    fn get_many(
+        &self,
+        local: &Store,
+        ids: &[ObjectId],
+        done: &mut dyn FnMut(u64),
+    ) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for id in ids {
+            let n = self.get(local, id)?;
+            total += n;
+            super::fault::point("transfer.after_object");
+            done(n);
+        }
+        Ok(total)
+    }
     /// Take the other side's writer lock, when it has one, for a push: its gc must not remove
     /// objects that arrived before the refs naming them. `None`: no lock to take (a store
     /// without gc, or one whose gc keeps young objects).
@@ -73,20 +109,45 @@ fn copy(from: &Store, to: &Store, id: &ObjectId) -> Result<u64, StoreError> {
     if to.contains(id) {
         return Ok(0);
     }
-    let path: PathBuf = from.object_path(id);
-    let mut file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(StoreError::ObjectMissing { id: *id })
-        }
-        Err(e) => return Err(StoreError::io("open", &path, e)),
-    };
-    let len = file
-        .metadata()
-        .map_err(|e| StoreError::io("read the metadata of", &path, e))?
-        .len();
+    let (mut file, len, path) = from.open_raw(id)?;
     to.receive_object(id, &mut file, &path)?;
     Ok(len)
+}
+
+/// Copy `ids` from `from` to `to`: objects up to [`PACK_MAX_OBJECT`] bytes as new packs when
+/// there are at least [`MIN_PACK_OBJECTS`] of them, the rest one file each.
+fn copy_many(
+    from: &Store,
+    to: &Store,
+    ids: &[ObjectId],
+    done: &mut dyn FnMut(u64),
+) -> Result<u64, StoreError> {
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    for id in ids {
+        if to.contains(id) {
+            done(0);
+            continue;
+        }
+        let (_, len, _) = from.open_raw(id)?;
+        if len <= PACK_MAX_OBJECT {
+            small.push(*id);
+        } else {
+            large.push(*id);
+        }
+    }
+    if small.len() < MIN_PACK_OBJECTS {
+        large.append(&mut small);
+        large.sort();
+    }
+    let mut total = to.receive_packed(from, &small, done)?;
+    for id in &large {
+        let n = copy(from, to, id)?;
+        total += n;
+        super::fault::point("transfer.after_object");
+        done(n);
+    }
+    Ok(total)
 }
 
 impl ObjectTransport for FsTransport {
@@ -104,6 +165,24 @@ impl ObjectTransport for FsTransport {
 
     fn get(&self, local: &Store, id: &ObjectId) -> Result<u64, StoreError> {
         copy(&self.remote, local, id)
+    }
+
+    fn put_many(
+        &self,
+        local: &Store,
+        ids: &[ObjectId],
+        done: &mut dyn FnMut(u64),
+    ) -> Result<u64, StoreError> {
+        copy_many(local, &self.remote, ids, done)
+    }
+
+    fn get_many(
+        &self,
+        local: &Store,
+        ids: &[ObjectId],
+        done: &mut dyn FnMut(u64),
+    ) -> Result<u64, StoreError> {
+        copy_many(&self.remote, local, ids, done)
     }
 
     /// The store's `lock` file, which coin's commit and gc on that side share.
@@ -153,24 +232,30 @@ pub fn transfer(
         objects: ids.len(),
         ..TransferReport::default()
     };
-    for (i, id) in ids.iter().enumerate() {
+    let mut missing = Vec::new();
+    let mut done = 0;
+    for id in ids {
         let present = match direction {
             Direction::Push => transport.has(id)?,
             Direction::Fetch => local.contains(id),
         };
         if present {
             report.already_present += 1;
+            done += 1;
+            progress(done, ids.len());
         } else {
-            let n = match direction {
-                Direction::Push => transport.put(local, id)?,
-                Direction::Fetch => transport.get(local, id)?,
-            };
-            report.transferred += 1;
-            report.bytes += n;
-            super::fault::point("transfer.after_object");
+            missing.push(*id);
         }
-        progress(i + 1, ids.len());
     }
+    let mut each = |_: u64| {
+        done += 1;
+        progress(done, ids.len());
+    };
+    report.bytes = match direction {
+        Direction::Push => transport.put_many(local, &missing, &mut each)?,
+        Direction::Fetch => transport.get_many(local, &missing, &mut each)?,
+    };
+    report.transferred = missing.len();
     Ok(report)
 }
 

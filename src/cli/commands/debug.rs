@@ -25,6 +25,22 @@ enum DebugCommand {
     Materialize(StoreMaterializeArgs),
     #[command(name = "store-verify")]
     Verify(StoreVerifyArgs),
+    #[command(name = "store-pack")]
+    Pack(StorePackArgs),
+}
+
+/// Move small loose objects into a pack (as `coin gc` does) and print the report as JSON
+#[derive(clap::Args, Debug)]
+struct StorePackArgs {
+    /// The store directory
+    #[arg(long)]
+    store: PathBuf,
+    /// Merge all packs into one
+    #[arg(long)]
+    merge: bool,
+    /// Pack only when at least this many loose objects qualify
+    #[arg(long, default_value_t = 1)]
+    min_objects: usize,
 }
 
 /// Store files in an object store (created if missing) and print their entries as JSON
@@ -100,6 +116,22 @@ pub fn cmd_debug(
             let seconds = start.elapsed().as_secs_f64();
             ui.json(&serde_json::json!({ "files": entries.len(), "seconds": seconds }))
         }
+        DebugCommand::Pack(a) => {
+            let store = Store::open(&abs(&a.store))?;
+            let _lock = crate::store::Lock::acquire(
+                &store.root().join("lock"),
+                std::time::Duration::from_secs(10),
+            )?;
+            let start = Instant::now();
+            let opts = crate::store::pack::PackOptions {
+                merge: a.merge,
+                min_objects: a.min_objects,
+                ..Default::default()
+            };
+            let report = store.pack_loose(&opts)?;
+            let seconds = start.elapsed().as_secs_f64();
+            ui.json(&serde_json::json!({ "report": report, "seconds": seconds }))
+        }
         DebugCommand::Verify(a) => {
             let store = Store::open(&abs(&a.store))?;
             let ids = store.list()?;
@@ -109,11 +141,15 @@ pub fn cmd_debug(
                     bad.push(CommandError::from(e).to_string());
                 }
             }
+            for p in store.check_packs()? {
+                bad.push(format!("'{}': {}", p.path.display(), p.message));
+            }
             let temp = store.temp_files()?.len();
             let stats = store.stats()?;
             ui.json(&serde_json::json!({
                 "objects": ids.len(), "corrupt": bad, "temp_files": temp,
-                "stored_bytes": stats.stored_bytes,
+                "stored_bytes": stats.stored_bytes, "packed_objects": stats.packed_objects,
+                "packs": stats.packs,
             }))?;
             if bad.is_empty() {
                 Ok(())

@@ -64,6 +64,12 @@ pub fn cmd_gc(ui: &mut Ui, helper: &CommandHelper, args: &GcArgs) -> Result<(), 
             report.freed_bytes,
             report.kept
         ));
+        if report.pack.loose_removed > 0 {
+            ui.status(&format!(
+                "Packed {} small objects into {} pack(s).",
+                report.pack.loose_removed, report.pack.packs_written
+            ));
+        }
     }
     if let Some(r) = &repack {
         ui.status(&repack_summary(r));

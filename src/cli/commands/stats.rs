@@ -47,5 +47,12 @@ pub fn cmd_stats(
         "logical bytes  {}  ({} checkpoints)",
         s.logical_bytes, s.checkpoints
     )?;
+    if s.packs > 0 {
+        writeln!(
+            out,
+            "packed         {}  (in {} packs)",
+            s.packed_objects, s.packs
+        )?;
+    }
     Ok(())
 }

@@ -108,14 +108,17 @@ impl CoinRepo {
                 continue;
             };
             let mut still = Vec::new();
+            let mut there = Vec::new();
             for id in missing {
                 if transport.has(&id)? {
-                    transport.get(self.store(), &id)?;
-                    fetched += 1;
+                    there.push(id);
                 } else {
                     still.push(id);
                 }
             }
+            // Many small objects arrive as one pack (see ObjectTransport::get_many).
+            transport.get_many(self.store(), &there, &mut |_| {})?;
+            fetched += there.len();
             missing = still;
             if missing.is_empty() {
                 break;
