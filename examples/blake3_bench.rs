@@ -12,7 +12,7 @@
 //! (pretty-printed JSON) on stdout.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -51,8 +51,10 @@ fn hash_mmap(path: &PathBuf) -> std::io::Result<(f64, String)> {
 }
 
 /// Write `bytes` of random data (generated before the clock starts) to a new file in `dir`,
-/// fsync it, return the seconds; the file is removed afterwards.
-fn write_fsync(bytes: u64, dir: &PathBuf) -> std::io::Result<f64> {
+/// fsync it, return the seconds; the file is removed afterwards. A plain create + write +
+/// fsync on purpose: this scratch file is the floor coin's atomic writes are compared with.
+#[allow(clippy::disallowed_methods)]
+fn write_fsync(bytes: u64, dir: &Path) -> std::io::Result<f64> {
     let mut data = vec![0u8; bytes as usize];
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for chunk in data.chunks_mut(8) {
