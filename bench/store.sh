@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Store benchmark: a 256 MiB checkpoint of 8 tensors and a 40 MiB adapter of 16 tensors,
 # one tensor rewritten per step for 5 steps. Measures coin's commit (ingest) per step,
-# checkout (materialize), stored bytes, peak RSS and ingest speed against blake3 with
-# 2 threads; and the same sequence with git-lfs and DVC when they are installed (this
+# checkout (materialize), stored bytes and peak RSS, each commit and the checkout as a ratio
+# to the durable floor measured in the same run (examples/blake3_bench.rs: blake3 of the file
+# from a memory map with all threads + write and fsync of the changed tensor; write and fsync
+# of the whole file); and the same sequence with git-lfs and DVC when they are installed (this
 # script installs them: Debian's git-lfs, PyPI's dvc; BENCH_NO_INSTALL=1 skips that).
 #
 #   bench/store.sh                 # release build (what docs/benchmarks.md reports)

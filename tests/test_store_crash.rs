@@ -35,6 +35,7 @@ fn killed_ingest_leaves_a_clean_store_at_every_fault_point() {
         "store.object.before_rename:2",
         "store.ingest.after_tensor",
         "store.ingest.after_tensor:3",
+        "store.ingest.before_dir_sync",
     ];
     for point in points {
         let env = TestEnvironment::new();

@@ -503,6 +503,13 @@ impl<'a> IngestPacker<'a> {
         }
     }
 
+    /// Whether [`IngestPacker::offer`] may take an object with this header (it is small and
+    /// packing is not turned off), so the caller reads its bytes only then.
+    pub(super) fn may_take(&self, header: &ObjectHeader) -> bool {
+        header.encode().len() as u64 + header.payload_len <= PACK_MAX_OBJECT
+            && !ingest_loose_only()
+    }
+
     /// Take a new object when it is small (returns false otherwise: the caller writes it).
     pub(super) fn offer(
         &mut self,

@@ -5,7 +5,9 @@ use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use rayon::prelude::*;
 
 use super::codec::{self, DecodeError};
 use super::fsutil::{self, AtomicFile};
@@ -30,6 +32,9 @@ pub const DEAD_TEMP_AGE: Duration = Duration::from_secs(10);
 const READ_CHUNK: usize = 8 * 1024 * 1024;
 /// Below this, one-thread hashing beats spreading work over rayon.
 const RAYON_MIN: usize = 1024 * 1024;
+/// Chunk size of safetensors ingest: read into a buffer that stays in the CPU cache, then
+/// hashed (and written, for a new object) from there.
+const INGEST_CHUNK: usize = 4 * 1024 * 1024;
 
 /// The object store of one repository. Cheap to clone; holds no open files (clones share
 /// the loaded pack indexes).
@@ -46,6 +51,91 @@ pub(super) fn hash_update(h: &mut blake3::Hasher, data: &[u8]) {
     } else {
         h.update(data);
     }
+}
+
+/// Read exactly `buf.len()` bytes of `file` at `offset`, without moving a shared cursor (so
+/// threads can read one file at once).
+pub(super) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+    }
+    #[cfg(windows)]
+    {
+        let (mut buf, mut offset) = (buf, offset);
+        while !buf.is_empty() {
+            match std::os::windows::fs::FileExt::seek_read(file, buf, offset)? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Write all of `buf` into `file` at `offset`, without moving a shared cursor.
+fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+    }
+    #[cfg(windows)]
+    {
+        let (mut buf, mut offset) = (buf, offset);
+        while !buf.is_empty() {
+            match std::os::windows::fs::FileExt::seek_write(file, buf, offset)? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => {
+                    buf = &buf[n..];
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Blake3 id of `len` bytes of `file` at `offset` as an object with `header`, read through
+/// `buf` in chunks.
+fn hash_range(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: u64,
+    header: &ObjectHeader,
+    buf: &mut [u8],
+) -> Result<ObjectId, StoreError> {
+    let mut h = header.id_hasher();
+    let mut done = 0u64;
+    while done < len {
+        let k = (len - done).min(buf.len() as u64) as usize;
+        read_exact_at(file, &mut buf[..k], offset + done)
+            .map_err(|e| StoreError::io("read", path, e))?;
+        hash_update(&mut h, &buf[..k]);
+        done += k as u64;
+    }
+    Ok(ObjectId::from(h.finalize()))
+}
+
+/// Size and modification time of an open file: a file rewritten while it was read shows a
+/// different stamp afterwards.
+fn file_stamp(file: &File, path: &Path) -> Result<(u64, Option<SystemTime>), StoreError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| StoreError::io("read the metadata of", path, e))?;
+    Ok((meta.len(), meta.modified().ok()))
+}
+
+/// Sync each distinct directory once (objects renamed into them become durable), in parallel
+/// so the file system can commit them together.
+pub(super) fn sync_dirs(dirs: &[PathBuf]) {
+    let mut dirs: Vec<&PathBuf> = dirs.iter().collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs.par_iter().for_each(|d| fsutil::sync_dir(d));
 }
 
 fn read_trimmed(path: &Path) -> Result<Option<String>, StoreError> {
@@ -194,80 +284,143 @@ impl Store {
         header: &Header,
         header_bytes: &[u8],
     ) -> Result<FileEntry, StoreError> {
+        let stamp_before = file_stamp(file, path)?;
         let header_id = self.put_blob_bytes(header_bytes)?;
+        let file: &File = file;
         let largest = header.tensors.iter().map(|t| t.len()).max().unwrap_or(0);
-        let cap = largest.min(MAX_BUFFER) as usize;
-        // Two buffers at most: while a new tensor object is written and fsynced on a writer
-        // thread (disk-bound), the next tensor is read and hashed (CPU-bound).
-        // Many small new tensors (MoELoRA routers and experts) go into one pack.
-        let mut packer = IngestPacker::new(self);
-        std::thread::scope(|scope| {
-            let mut free: Vec<Vec<u8>> = vec![vec![0u8; cap]];
-            let mut allocated = 1;
-            let mut pending: Option<std::thread::ScopedJoinHandle<'_, WriteResult>> = None;
-            let join = |p: std::thread::ScopedJoinHandle<'_, WriteResult>| match p.join() {
-                Ok((buf, result)) => result.map(|_| buf),
+        let chunk = largest.clamp(1, INGEST_CHUNK as u64) as usize;
+        // The tensors are hashed in parallel (rayon, all threads), each read in chunks that
+        // stay in the CPU cache. A tensor whose object is missing goes to one writer thread,
+        // which copies it again into a private buffer, hashes that copy while writing it (so
+        // the object always holds what its id says, even if the file changes meanwhile),
+        // fsyncs and renames it, while the other tensors are still being hashed. The object
+        // directories are synced once at the end.
+        let (ids, dirs) = std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::channel::<(ObjectId, ObjectHeader, u64, u64)>();
+            let writer = scope.spawn(move || -> Result<Vec<PathBuf>, StoreError> {
+                let mut buf: Vec<u8> = Vec::new();
+                let mut dirs = Vec::new();
+                // Many small new tensors (MoELoRA routers and experts) go into one pack.
+                let mut packer = IngestPacker::new(self);
+                for (id, object, offset, n) in rx {
+                    if packer.may_take(&object) {
+                        let mut bytes = vec![0u8; n as usize];
+                        read_exact_at(file, &mut bytes, offset)
+                            .map_err(|e| StoreError::io("read", path, e))?;
+                        let mut h = object.id_hasher();
+                        hash_update(&mut h, &bytes);
+                        if ObjectId::from(h.finalize()) != id {
+                            return Err(StoreError::FileChanged {
+                                path: path.to_path_buf(),
+                            });
+                        }
+                        if packer.offer(&id, &object, &bytes)? {
+                            continue;
+                        }
+                    }
+                    if buf.is_empty() {
+                        buf = vec![0u8; chunk];
+                    }
+                    if let Some(dir) =
+                        self.write_range_verified(file, path, offset, n, &id, &object, &mut buf)?
+                    {
+                        dirs.push(dir);
+                    }
+                }
+                packer.finish()?;
+                Ok(dirs)
+            });
+            let hashed: Result<Vec<ObjectId>, StoreError> = header
+                .tensors
+                .par_iter()
+                .map_init(Vec::new, |buf: &mut Vec<u8>, t| {
+                    if buf.is_empty() {
+                        *buf = vec![0u8; chunk];
+                    }
+                    let object = ObjectHeader::tensor(t.dtype, t.shape.clone(), t.len());
+                    let offset = header.data_start() + t.begin;
+                    let id = hash_range(file, path, offset, t.len(), &object, buf)?;
+                    if !self.contains(&id) {
+                        // The writer only stops early on an error, which is returned below.
+                        let _ = tx.send((id, object, offset, t.len()));
+                    }
+                    fault::point("store.ingest.after_tensor");
+                    Ok(id)
+                })
+                .collect();
+            drop(tx);
+            let written = match writer.join() {
+                Ok(r) => r,
                 Err(panic) => std::panic::resume_unwind(panic),
             };
-            let mut tensors = Vec::with_capacity(header.tensors.len());
-            for t in &header.tensors {
-                let object = ObjectHeader::tensor(t.dtype, t.shape.clone(), t.len());
-                let offset = header.data_start() + t.begin;
-                let mut buf = match free.pop() {
-                    Some(b) => b,
-                    None if allocated < 2 => {
-                        allocated += 1;
-                        vec![0u8; cap]
-                    }
-                    None => join(
-                        pending
-                            .take()
-                            .expect("a buffer is out only while a write is pending"),
-                    )?,
-                };
-                let id = if t.len() > cap as u64 {
-                    let id = self.ingest_range(file, path, offset, t.len(), object, &mut buf)?;
-                    free.push(buf);
-                    id
-                } else {
-                    let n = t.len() as usize;
-                    file.seek(SeekFrom::Start(offset))
-                        .and_then(|_| file.read_exact(&mut buf[..n]))
-                        .map_err(|e| StoreError::io("read", path, e))?;
-                    let mut h = object.id_hasher();
-                    hash_update(&mut h, &buf[..n]);
-                    let id = ObjectId::from(h.finalize());
-                    if self.contains(&id) || packer.offer(&id, &object, &buf[..n])? {
-                        free.push(buf);
-                    } else {
-                        if let Some(p) = pending.take() {
-                            free.push(join(p)?);
-                        }
-                        pending = Some(scope.spawn(move || {
-                            let r = self.write_object(&id, &object, |out| out.write_all(&buf[..n]));
-                            (buf, r)
-                        }));
-                    }
-                    id
-                };
-                fault::point("store.ingest.after_tensor");
-                tensors.push(TensorEntry {
-                    name: t.name.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                    id,
-                    bytes: t.len(),
-                });
-            }
-            if let Some(p) = pending.take() {
-                join(p)?;
-            }
-            packer.finish()?;
-            Ok(FileEntry::Safetensors {
-                header: header_id,
-                size: len,
-                tensors,
+            Ok::<_, StoreError>((hashed?, written?))
+        })?;
+        fault::point("store.ingest.before_dir_sync");
+        sync_dirs(&dirs);
+        if file_stamp(file, path)? != stamp_before {
+            return Err(StoreError::FileChanged {
+                path: path.to_path_buf(),
+            });
+        }
+        let tensors = header
+            .tensors
+            .iter()
+            .zip(ids)
+            .map(|(t, id)| TensorEntry {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                id,
+                bytes: t.len(),
             })
+            .collect();
+        Ok(FileEntry::Safetensors {
+            header: header_id,
+            size: len,
+            tensors,
+        })
+    }
+
+    /// Write object `id` (unless it exists) from `n` bytes of `file` at `offset`, copied
+    /// through `buf` and hashed as they are written: when the copy does not hash to `id` the
+    /// file changed after it was hashed, and nothing is stored. Returns the object's
+    /// directory when a new object was renamed into it (the caller syncs the directory).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn write_range_verified(
+        &self,
+        file: &File,
+        path: &Path,
+        offset: u64,
+        n: u64,
+        id: &ObjectId,
+        object: &ObjectHeader,
+        buf: &mut [u8],
+    ) -> Result<Option<PathBuf>, StoreError> {
+        let mut changed = false;
+        self.write_object_unsynced_dir(id, object, |out| {
+            let mut h = object.id_hasher();
+            let mut done = 0u64;
+            while done < n {
+                let k = (n - done).min(buf.len() as u64) as usize;
+                read_exact_at(file, &mut buf[..k], offset + done)?;
+                hash_update(&mut h, &buf[..k]);
+                out.write_all(&buf[..k])?;
+                done += k as u64;
+            }
+            if ObjectId::from(h.finalize()) != *id {
+                changed = true;
+                return Err(io::Error::other("file changed"));
+            }
+            Ok(())
+        })
+        .map_err(|e| {
+            if changed {
+                StoreError::FileChanged {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                e
+            }
         })
     }
 
@@ -342,9 +495,25 @@ impl Store {
         header: &ObjectHeader,
         fill: impl FnOnce(&mut File) -> io::Result<()>,
     ) -> Result<bool, StoreError> {
+        let dir = self.write_object_unsynced_dir(id, header, fill)?;
+        if let Some(dir) = &dir {
+            fsutil::sync_dir(dir);
+        }
+        Ok(dir.is_some())
+    }
+
+    /// [`Store::write_object`] without the final directory sync: the object's file is fsynced
+    /// and renamed into place; returns its directory when a new object was written, which the
+    /// caller must sync (once for many objects) before anything durable refers to it.
+    pub(super) fn write_object_unsynced_dir(
+        &self,
+        id: &ObjectId,
+        header: &ObjectHeader,
+        fill: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> Result<Option<PathBuf>, StoreError> {
         let final_path = self.object_path(id);
         if self.contains(id) {
-            return Ok(false);
+            return Ok(None);
         }
         let dir = final_path
             .parent()
@@ -369,9 +538,8 @@ impl Store {
         fault::point("store.object.before_rename");
         tmp.persist(&final_path)
             .map_err(|e| StoreError::io("rename an object into", &final_path, e.error))?;
-        fsutil::sync_dir(&dir);
         fault::point("store.object.after_rename");
-        Ok(true)
+        Ok(Some(dir))
     }
 
     /// Store bytes as a blob (atomic; a no-op when it exists). Returns its id.
@@ -594,6 +762,49 @@ impl Store {
         Ok(header)
     }
 
+    /// Copy object `id`'s payload into `out` at `at` (positioned writes: threads may fill one
+    /// file at once), through `buf`, verifying its hash and kind; the caller must discard the
+    /// file when this fails. `out_path` names `out` in write errors.
+    fn copy_object_at(
+        &self,
+        id: &ObjectId,
+        kind: ObjectKind,
+        out: &File,
+        at: u64,
+        out_path: &Path,
+        buf: &mut [u8],
+    ) -> Result<(), StoreError> {
+        let (mut file, header) = self.open_object(id)?;
+        if header.kind != kind {
+            return Err(StoreError::WrongKind {
+                id: *id,
+                found: header.kind.as_str(),
+                expected: kind.as_str(),
+            });
+        }
+        let path = self.object_path(id);
+        let mut h = header.id_hasher();
+        let mut done = 0u64;
+        while done < header.payload_len {
+            let n = (header.payload_len - done).min(buf.len() as u64) as usize;
+            file.read_exact(&mut buf[..n])
+                .map_err(|e| StoreError::io("read", &path, e))?;
+            hash_update(&mut h, &buf[..n]);
+            write_all_at(out, &buf[..n], at + done)
+                .map_err(|e| StoreError::io("write", out_path, e))?;
+            done += n as u64;
+        }
+        if ObjectId::from(h.finalize()) != *id {
+            return Err(StoreError::Corrupt {
+                id: *id,
+                path,
+                reason: "its content does not match its id (the file was modified or damaged)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Read a blob, verifying its hash.
     pub fn read_blob(&self, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
         let mut out = Vec::new();
@@ -720,12 +931,34 @@ impl Store {
                 self.copy_object(id, Some(ObjectKind::Blob), file.file(), out)?;
             }
             FileEntry::Safetensors {
-                header, tensors, ..
+                header,
+                size,
+                tensors,
             } => {
-                self.copy_object(header, Some(ObjectKind::Blob), file.file(), out)?;
+                // The file is sized once, then the tensors are copied into their places in
+                // parallel (each verified as it is copied); one fsync at the commit below.
+                let f = file.file();
+                f.set_len(*size)
+                    .map_err(|e| StoreError::io("write", out, e))?;
+                let head = self.copy_object(header, Some(ObjectKind::Blob), f, out)?;
+                let mut offsets = Vec::with_capacity(tensors.len());
+                let mut at = head.payload_len;
                 for t in tensors {
-                    self.copy_object(&t.id, Some(ObjectKind::Tensor), file.file(), out)?;
+                    offsets.push(at);
+                    at += t.bytes;
                 }
+                let largest = tensors.iter().map(|t| t.bytes).max().unwrap_or(0);
+                let chunk = largest.clamp(1, INGEST_CHUNK as u64) as usize;
+                let f: &File = f;
+                tensors.par_iter().zip(offsets).try_for_each_init(
+                    Vec::new,
+                    |buf: &mut Vec<u8>, (t, at)| {
+                        if buf.is_empty() {
+                            *buf = vec![0u8; chunk];
+                        }
+                        self.copy_object_at(&t.id, ObjectKind::Tensor, f, at, out, buf)
+                    },
+                )?;
             }
             FileEntry::Torchbin {
                 layout,
@@ -911,9 +1144,6 @@ pub(super) fn set_read_only(file: &File) -> io::Result<()> {
     p.set_readonly(true);
     file.set_permissions(p)
 }
-
-/// A writer thread hands its buffer back with the outcome.
-type WriteResult = (Vec<u8>, Result<bool, StoreError>);
 
 enum Sniff {
     /// A valid safetensors file.

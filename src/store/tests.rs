@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::object::ObjectHeader;
 use super::safetensors::build_file;
 use super::*;
 
@@ -642,4 +643,101 @@ fn file_entry_json_refuses_unknown_fields_and_kinds() {
     ] {
         assert!(serde_json::from_str::<FileEntry>(&bad).is_err(), "{bad}");
     }
+}
+
+/// The parallel ingest of a safetensors file: tensors larger than one read chunk, a tensor
+/// repeated within the file, and a second version with one tensor changed that adds exactly
+/// one object; both versions rebuild byte for byte.
+#[test]
+fn parallel_ingest_writes_each_new_tensor_once() {
+    let (dir, store) = store();
+    let big = 4 * 1024 * 1024 + 12_345; // more than one read chunk, not a multiple of it
+    let a = tensor_bytes(1, big * 4);
+    let b = tensor_bytes(2, 4096);
+    let c = tensor_bytes(3, big * 4);
+    let d = tensor_bytes(4, 64);
+    let shape_big = [big as u64];
+    let tensors: Vec<(&str, Dtype, &[u64], &[u8])> = vec![
+        ("a", Dtype::F32, &shape_big, &a),
+        ("b", Dtype::F32, &[1024], &b),
+        ("b_again", Dtype::F32, &[1024], &b),
+        ("c", Dtype::F32, &shape_big, &c),
+        ("d", Dtype::U8, &[64], &d),
+    ];
+    let file = build_file(&tensors, &[]);
+    let p = write(dir.path(), "m.safetensors", &file);
+    let entry = store.ingest_file(&p).unwrap();
+    // header blob + a, b, c, d: the repeated tensor is one object.
+    assert_eq!(store.list().unwrap().len(), 5);
+    let FileEntry::Safetensors {
+        tensors: listed, ..
+    } = &entry
+    else {
+        panic!("not stored as safetensors: {entry:?}");
+    };
+    let names: Vec<&str> = listed.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "b_again", "c", "d"]);
+    assert_eq!(listed[1].id, listed[2].id);
+    for id in store.list().unwrap() {
+        store.verify(&id).unwrap();
+    }
+    let out = dir.path().join("out/m.safetensors");
+    store.materialize(&entry, &out).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), file);
+
+    let c2 = tensor_bytes(9, big * 4);
+    let mut tensors2 = tensors.clone();
+    tensors2[3] = ("c", Dtype::F32, &shape_big, &c2);
+    let file2 = build_file(&tensors2, &[]);
+    let p2 = write(dir.path(), "m2.safetensors", &file2);
+    let entry2 = store.ingest_file(&p2).unwrap();
+    assert_eq!(store.list().unwrap().len(), 6);
+    let out2 = dir.path().join("out/m2.safetensors");
+    store.materialize(&entry2, &out2).unwrap();
+    assert_eq!(std::fs::read(&out2).unwrap(), file2);
+    // The first version still rebuilds.
+    store.materialize(&entry, &out).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), file);
+}
+
+/// A tensor's object is written from a second read of the file, hashed as it is written: when
+/// those bytes no longer hash to the id found before (the file changed in between), ingest
+/// refuses with FileChanged and stores nothing under the wrong id.
+#[test]
+fn bytes_that_changed_after_hashing_are_never_stored() {
+    let (dir, store) = store();
+    let data = tensor_bytes(5, 3 * 1024 * 1024);
+    let p = write(dir.path(), "t.bin", &data);
+    let file = std::fs::File::open(&p).unwrap();
+    let object = ObjectHeader::tensor(Dtype::U8, vec![data.len() as u64], data.len() as u64);
+    // The id of what the file held "before": different bytes of the same length.
+    let before = tensor_bytes(6, data.len());
+    let mut h = object.id_hasher();
+    h.update(&before);
+    let stale = ObjectId::from(h.finalize());
+    let mut buf = vec![0u8; 1024 * 1024];
+    let e = store
+        .write_range_verified(&file, &p, 0, data.len() as u64, &stale, &object, &mut buf)
+        .unwrap_err();
+    assert!(matches!(e, StoreError::FileChanged { .. }), "{e}");
+    assert!(!store.contains(&stale));
+    assert!(store.list().unwrap().is_empty());
+    // With the right id the same call stores a verified object and names its directory.
+    let mut h = object.id_hasher();
+    h.update(&data);
+    let id = ObjectId::from(h.finalize());
+    let dir_written = store
+        .write_range_verified(&file, &p, 0, data.len() as u64, &id, &object, &mut buf)
+        .unwrap();
+    assert_eq!(
+        dir_written.as_deref(),
+        store.object_path(&id).parent(),
+        "the new object's directory is returned for the caller to sync"
+    );
+    store.verify(&id).unwrap();
+    // An object that exists is not written again.
+    let again = store
+        .write_range_verified(&file, &p, 0, data.len() as u64, &id, &object, &mut buf)
+        .unwrap();
+    assert_eq!(again, None);
 }
