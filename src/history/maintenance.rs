@@ -640,14 +640,18 @@ impl CoinRepo {
     }
 
     /// Compress the store's loose raw objects that shrink (`coin repack`, `coin gc
-    /// --compress`), at zstd `level`. Holds the repository lock for the whole run, like gc.
+    /// --compress`), at zstd `level`, then pack the small loose objects. Holds the repository lock for the whole run, like gc.
     pub fn repack(
         &self,
         level: i32,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<RepackReport, HistoryError> {
         let _lock = self.lock()?;
-        let report = self.store().repack(level, progress)?;
+        let mut report = self.store().repack(level, progress)?;
+        // Then the small loose objects (compressed or not) go into a pack, as gc does.
+        report.pack = self
+            .store()
+            .pack_loose(&crate::store::pack::PackOptions::default())?;
         self.store().remove_dead_temp_files()?;
         Ok(report)
     }

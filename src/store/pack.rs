@@ -15,8 +15,9 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::codec::{self, DecodeError};
 use super::fsutil;
-use super::object::ObjectHeader;
+use super::object::{Codec, ObjectHeader};
 use super::repo::{hash_update, DEAD_TEMP_AGE};
 use super::{fault, ObjectId, Store, StoreError};
 
@@ -376,27 +377,49 @@ impl<'a> PackWriter<'a> {
         let Recording { inner: src, seen } = rec;
         let start = self.offset;
         self.write(&seen)?;
-        let chunk = header.payload_len.min(1024 * 1024) as usize;
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(chunk, 0);
-        let mut h = header.id_hasher();
-        let mut left = header.payload_len;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            src.read_exact(&mut buf[..n])
+        let hash = if header.codec != Codec::Raw {
+            // A compressed object is copied as stored and decoded (not kept) to check its id.
+            if header.stored_len > PACK_MAX_OBJECT {
+                return Err(corrupt(format!(
+                    "it is {} bytes stored, more than a packed object may be ({PACK_MAX_OBJECT})",
+                    header.stored_len
+                )));
+            }
+            let mut stored = vec![0u8; header.stored_len as usize];
+            src.read_exact(&mut stored)
                 .map_err(|e| corrupt(format!("it ends early ({e})")))?;
-            hash_update(&mut h, &buf[..n]);
-            self.write(&buf[..n])?;
-            left -= n as u64;
-        }
+            let hash = codec::decode(&header, &mut stored.as_slice(), &mut |_| Ok(())).map_err(
+                |e| match e {
+                    DecodeError::Corrupt(reason) => corrupt(reason),
+                    DecodeError::Sink(e) => corrupt(e.to_string()),
+                },
+            )?;
+            self.write(&stored)?;
+            hash
+        } else {
+            let chunk = header.payload_len.min(1024 * 1024) as usize;
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.resize(chunk, 0);
+            let mut h = header.id_hasher();
+            let mut left = header.payload_len;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                src.read_exact(&mut buf[..n])
+                    .map_err(|e| corrupt(format!("it ends early ({e})")))?;
+                hash_update(&mut h, &buf[..n]);
+                self.write(&buf[..n])?;
+                left -= n as u64;
+            }
+            self.buf = buf;
+            h.finalize()
+        };
         let mut extra = [0u8; 1];
         match src.read(&mut extra) {
             Ok(0) => {}
             Ok(_) => return Err(corrupt("bytes follow the payload".into())),
             Err(e) => return Err(StoreError::io("read", source, e)),
         }
-        self.buf = buf;
-        if ObjectId::from(h.finalize()) != *id {
+        if ObjectId::from(hash) != *id {
             return Err(corrupt(
                 "its content does not match its id (the file was modified or damaged)".into(),
             ));
@@ -506,8 +529,7 @@ impl<'a> IngestPacker<'a> {
     /// Whether [`IngestPacker::offer`] may take an object with this header (it is small and
     /// packing is not turned off), so the caller reads its bytes only then.
     pub(super) fn may_take(&self, header: &ObjectHeader) -> bool {
-        header.encode().len() as u64 + header.payload_len <= PACK_MAX_OBJECT
-            && !ingest_loose_only()
+        header.encode().len() as u64 + header.payload_len <= PACK_MAX_OBJECT && !ingest_loose_only()
     }
 
     /// Take a new object when it is small (returns false otherwise: the caller writes it).

@@ -30,6 +30,8 @@ pub struct RepackReport {
     pub bytes_before: u64,
     /// Their bytes on disk after.
     pub bytes_after: u64,
+    /// The small loose objects then packed (`coin repack`; empty from [`Store::repack`]).
+    pub pack: super::pack::PackReport,
 }
 
 impl Store {
@@ -43,7 +45,8 @@ impl Store {
         level: i32,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<RepackReport, StoreError> {
-        let ids = self.list()?;
+        // Loose objects only: packed ones are small, and a pack is rewritten whole.
+        let ids = self.loose_ids()?;
         let total = ids.len() as u64;
         let mut report = RepackReport::default();
         for (i, id) in ids.iter().enumerate() {

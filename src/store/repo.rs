@@ -774,7 +774,7 @@ impl Store {
         out_path: &Path,
         buf: &mut [u8],
     ) -> Result<(), StoreError> {
-        let (mut file, header) = self.open_object(id)?;
+        let (mut file, header, path) = self.open_object_at(id, true)?;
         if header.kind != kind {
             return Err(StoreError::WrongKind {
                 id: *id,
@@ -782,7 +782,32 @@ impl Store {
                 expected: kind.as_str(),
             });
         }
-        let path = self.object_path(id);
+        if header.codec != Codec::Raw {
+            let mut src = io::BufReader::new(&mut file).take(header.stored_len);
+            let mut pos = at;
+            let mut sink = |b: &[u8]| -> io::Result<()> {
+                write_all_at(out, b, pos)?;
+                pos += b.len() as u64;
+                Ok(())
+            };
+            let hash = codec::decode(&header, &mut src, &mut sink).map_err(|e| match e {
+                DecodeError::Corrupt(reason) => StoreError::Corrupt {
+                    id: *id,
+                    path: path.clone(),
+                    reason,
+                },
+                DecodeError::Sink(e) => StoreError::io("write", out_path, e),
+            })?;
+            if ObjectId::from(hash) != *id {
+                return Err(StoreError::Corrupt {
+                    id: *id,
+                    path,
+                    reason: "its decoded content does not match its id (the file was modified or damaged)"
+                        .into(),
+                });
+            }
+            return Ok(());
+        }
         let mut h = header.id_hasher();
         let mut done = 0u64;
         while done < header.payload_len {

@@ -1,4 +1,5 @@
-//! `coin repack`: compress the store's loose raw objects (deferred compression).
+//! `coin repack`: compress the store's loose raw objects (deferred compression), then pack the
+//! small ones.
 
 use crate::cli::{CommandError, CommandHelper, Ui};
 use crate::history::CoinRepo;
@@ -9,7 +10,7 @@ use super::remote::{human_bytes, TransferProgress};
 
 /// Compress stored objects that shrink (zstd after grouping each tensor element's bytes by
 /// significance); ids, dedupe and verification are unchanged, and objects that do not shrink
-/// stay raw. Safe to interrupt and to repeat
+/// stay raw; then small loose objects are written into a pack. Safe to interrupt and to repeat
 #[derive(clap::Args, Debug)]
 pub struct RepackArgs {
     /// zstd level (1 = fastest, 19 = smallest)
@@ -46,8 +47,16 @@ pub fn repack_summary(r: &RepackReport) -> String {
             r.bytes_after as f64 / r.bytes_before as f64
         )
     };
+    let packed = if r.pack.packed == 0 {
+        String::new()
+    } else {
+        format!(
+            " Packed {} small objects into {} pack(s).",
+            r.pack.packed, r.pack.packs_written
+        )
+    };
     format!(
-        "Compressed {} objects{ratio}; {} were already compressed, {} stay raw.",
+        "Compressed {} objects{ratio}; {} were already compressed, {} stay raw.{packed}",
         r.compressed, r.already_compressed, r.kept_raw
     )
 }
