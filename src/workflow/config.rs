@@ -22,7 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::WorkflowError;
 use crate::history::hooks::GatesConfig;
 use crate::ml::image::AspectMode;
-use crate::ml::runtime::{self, DeviceKind, Dtype, Kernels, Machine, Runtime};
+use crate::ml::runtime::{self, Checkpointing, DeviceKind, Dtype, Kernels, Machine, Runtime};
 use crate::ml::train::optim::Schedule;
 
 /// The preset used when no layer names one.
@@ -61,6 +61,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("COIN_KERNELS", "runtime.kernels"),
     ("COIN_DEVICE", "runtime.device"),
     ("COIN_DTYPE", "runtime.dtype"),
+    ("COIN_CHECKPOINTING", "runtime.checkpointing"),
 ];
 
 /// The older name of `COIN_KERNELS` (`0`: off, `1`: on).
@@ -438,6 +439,12 @@ pub enum Setting<T> {
     Is(T),
 }
 
+impl<T> Default for Setting<T> {
+    fn default() -> Self {
+        Setting::Auto
+    }
+}
+
 impl<T: Copy> Setting<T> {
     /// The value, or `auto()` for [`Setting::Auto`].
     pub fn or_auto(self, auto: impl FnOnce() -> T) -> T {
@@ -499,6 +506,10 @@ pub struct RuntimeConfig {
     pub device: Setting<DeviceKind>,
     /// Weight dtype: `f32`, `bf16` or `f16` (auto: bf16 on a GPU, f32 on the CPU).
     pub dtype: Setting<Dtype>,
+    /// Activation checkpointing in training: `on`, `off` or auto (on for a micro-batch whose
+    /// activations are estimated above 1 GiB). Same gradients, so not in the training key.
+    #[serde(default)]
+    pub checkpointing: Setting<Checkpointing>,
 }
 
 impl RuntimeConfig {
@@ -510,6 +521,7 @@ impl RuntimeConfig {
         kernels: Setting::Auto,
         device: Setting::Auto,
         dtype: Setting::Auto,
+        checkpointing: Setting::Auto,
     };
 
     /// Resolve `auto` against `machine` (the policies of [`crate::ml::runtime`]) and check
@@ -550,6 +562,7 @@ impl RuntimeConfig {
             kernels,
             device,
             dtype,
+            checkpointing: self.checkpointing.or_auto(|| Checkpointing::Auto),
         };
         check_counts(&RuntimeConfig::from(rt))?;
         Ok(rt)
@@ -566,6 +579,10 @@ impl From<Runtime> for RuntimeConfig {
             kernels: Setting::Is(rt.kernels),
             device: Setting::Is(rt.device),
             dtype: Setting::Is(rt.dtype),
+            checkpointing: match rt.checkpointing {
+                Checkpointing::Auto => Setting::Auto,
+                c => Setting::Is(c),
+            },
         }
     }
 }
@@ -633,6 +650,9 @@ impl Choices for AspectMode {
 impl Choices for Kernels {
     const ALL: &'static [Self] = &[Kernels::On, Kernels::Off, Kernels::Lora];
 }
+impl Choices for Checkpointing {
+    const ALL: &'static [Self] = &[Checkpointing::On, Checkpointing::Off];
+}
 impl Choices for DeviceKind {
     const ALL: &'static [Self] = &[DeviceKind::Cpu, DeviceKind::Cuda];
 }
@@ -677,6 +697,7 @@ fn rule(key: &str) -> Option<Rule> {
         "runtime.kernels" => Rule::AutoOr(names::<Kernels>()),
         "runtime.device" => Rule::AutoOr(names::<DeviceKind>()),
         "runtime.dtype" => Rule::AutoOr(names::<Dtype>()),
+        "runtime.checkpointing" => Rule::AutoOr(names::<Checkpointing>()),
         "runtime.threads" | "runtime.elementwise_threads" | "runtime.shards" => Rule::AutoOrCount,
         _ => return None,
     })
@@ -2297,6 +2318,7 @@ mod tests {
                 kernels: Kernels::build_default(),
                 device: DeviceKind::Cpu,
                 dtype: Dtype::F32,
+                checkpointing: Checkpointing::Auto,
             }
         );
         let big = Machine {
