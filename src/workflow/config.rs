@@ -431,18 +431,13 @@ pub enum EvalMode {
 
 /// A runtime setting: `auto` (resolved once per run, [`RuntimeConfig::resolve`]) or a value.
 /// Written as the word `auto` or as the value itself (`threads = 2`, `kernels = "on"`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Setting<T> {
     /// Chosen for this machine and build.
+    #[default]
     Auto,
     /// This value.
     Is(T),
-}
-
-impl<T> Default for Setting<T> {
-    fn default() -> Self {
-        Setting::Auto
-    }
 }
 
 impl<T: Copy> Setting<T> {
