@@ -105,8 +105,8 @@ impl Kernels {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Checkpointing {
-    /// Per micro-batch: on when the plain pass's activations are estimated above 1 GiB
-    /// ([`crate::ml::train::checkpoint::auto_checkpointing`]).
+    /// Off for now ([`crate::ml::train::checkpoint::resolve`]: no measured memory gain on the
+    /// CPU yet).
     #[default]
     Auto,
     /// Always.

@@ -200,6 +200,7 @@ fn the_activation_estimate_grows_with_rows_and_squares_with_positions() {
     assert!(one > 0);
     assert_eq!(activation_bytes(&model, 4, 64), 4 * one);
     assert!(activation_bytes(&model, 1, 128) > 2 * one);
-    // The tiny model's test batches stay below `auto`'s threshold (plain pass).
-    assert!(!super::checkpoint::auto_checkpointing(&model, 8, 64));
+    // `auto` runs the plain pass (docs/training.md: no measured memory gain yet).
+    let auto = crate::ml::runtime::Checkpointing::Auto;
+    assert!(!super::checkpoint::resolve(auto, &model, 8, 528));
 }
