@@ -105,8 +105,7 @@ impl Kernels {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Checkpointing {
-    /// Off for now ([`crate::ml::train::checkpoint::resolve`]: no measured memory gain on the
-    /// CPU yet).
+    /// Off for now ([`crate::ml::train::checkpoint::resolve`]: not yet measured where it pays).
     #[default]
     Auto,
     /// Always.

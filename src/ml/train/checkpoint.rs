@@ -25,9 +25,8 @@
 //! gradients equal the plain pass's (tests: `checkpoint_tests`), so the setting is not part of
 //! the training key.
 //!
-//! Peak memory should then hold the saved layer inputs (layers × b·t·hidden), one layer's graph
-//! and the head's (logits are b·t·vocab); docs/training.md has what was measured (so far no
-//! lower peak on the CPU, hence `auto` = off).
+//! Peak memory then holds the saved layer inputs (layers × b·t·hidden), one layer's graph and
+//! the head's (logits are b·t·vocab); docs/training.md has what was measured.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
@@ -80,8 +79,8 @@ pub fn activation_bytes(model: &Llava, rows: usize, positions: usize) -> u64 {
 }
 
 /// Resolve a [`Checkpointing`] setting for a shard of `rows` rows of `positions` positions.
-/// `auto` is off for now: on the CPU the measured peak memory did not fall with checkpointing
-/// (docs/training.md, "Activation checkpointing"), while a step took 1.5–1.7× as long.
+/// `auto` is off for now: a step takes 1.5–1.7× as long, and no release measurement yet says
+/// where the memory saved is worth it (docs/training.md, "Activation checkpointing").
 pub fn resolve(setting: Checkpointing, model: &Llava, rows: usize, positions: usize) -> bool {
     let _ = (model, rows, positions);
     match setting {
@@ -90,24 +89,41 @@ pub fn resolve(setting: Checkpointing, model: &Llava, rows: usize, positions: us
     }
 }
 
-/// Gradients of a batch's objective with respect to every var the graph reaches.
+/// Gradients of a batch's objective with respect to `vars` (those the graph reaches).
+///
+/// Only the vars' gradients are kept: candle's backward also leaves gradients for untracked
+/// inputs of ops (a dropout mask, a broadcast mask view) in its store, which would otherwise
+/// stay alive, layer after layer, until the store is dropped.
 ///
 /// `head` gets the logits (b, t, vocab) and the padded labels and returns the scalar objective
 /// to differentiate and a value of its own (the losses to report). With `checkpointed` the
 /// layers are recomputed in the backward (module docs); the gradients are the same.
 pub fn batch_gradients<T>(
     model: &Llava,
+    vars: &[(String, Var)],
     examples: &[TrainExample],
     pixels: &[Tensor],
     checkpointed: bool,
     head: impl FnOnce(&Tensor, &[Vec<i64>]) -> Result<(Tensor, T)>,
 ) -> Result<(GradStore, T)> {
+    // Move the vars' gradients into a fresh store; the rest is dropped with the old one.
+    let strip = |store: &mut GradStore| {
+        let mut only = GradStore::default();
+        for (_, v) in vars {
+            if let Some(g) = store.remove(v.as_tensor()) {
+                only.insert(v.as_tensor(), g);
+            }
+        }
+        *store = only;
+    };
     let inputs = prepare_batch(model, examples, pixels)?;
     if !checkpointed {
         let hidden = decoder(model, &inputs)?;
         let logits = model.llm.logits(&hidden)?;
         let (objective, value) = head(&logits, &inputs.labels)?;
-        return Ok((objective.backward()?, value));
+        let mut grads = objective.backward()?;
+        strip(&mut grads);
+        return Ok((grads, value));
     }
     let llm = &model.llm;
     let dev = &model.device;
@@ -139,6 +155,7 @@ pub fn batch_gradients<T>(
         let g = grads
             .remove(top.as_tensor())
             .ok_or_else(|| no_gradient("the last decoder layer's output"))?;
+        strip(&mut grads);
         (grads, value, g)
     };
     drop(top);
@@ -158,12 +175,14 @@ pub fn batch_gradients<T>(
         g = layer_grads
             .remove(var.as_tensor())
             .ok_or_else(|| no_gradient(&format!("decoder layer {i}'s input")))?;
+        strip(&mut layer_grads);
         grads.extend(layer_grads)?;
     }
     dropout::set_row_calls(end_calls);
     // The embedding side: projector (and tower), trainable embeddings.
     if x0.track_op() {
-        let side = (x0 * g)?.sum_all()?.backward()?;
+        let mut side = (x0 * g)?.sum_all()?.backward()?;
+        strip(&mut side);
         grads.extend(side)?;
     }
     Ok((grads, value))

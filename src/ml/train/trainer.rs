@@ -566,6 +566,7 @@ pub fn accumulate_step(
                         super::checkpoint::resolve(checkpointing, model, part.len(), longest);
                     let (grads, (loss, extra)) = super::checkpoint::batch_gradients(
                         model,
+                        &params.vars,
                         &examples,
                         px,
                         checkpointed,
