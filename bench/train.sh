@@ -7,6 +7,7 @@
 # than the wall clock on a shared machine). Then coin's peak memory across adapter ranks on one model, to show
 # it grows with the adapter, not with the frozen weights.
 #   PYTHON=venv/bin/python bench/train.sh [steps]
+#   bench/train.sh checkpointing [size] [batch] [text tokens] [steps] [warmup]   (see below)
 # BIN (a coin binary) and TRAIN_BENCH (a train_bench example binary) skip the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,39 @@ else
 fi
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
+if [ "${1:-}" = checkpointing ]; then
+  # Activation checkpointing off vs on, each in its own process (peak RSS = VmHWM):
+  #   bench/train.sh checkpointing [size] [batch] [text tokens] [steps] [warmup]
+  # (defaults 1b 8 512 2 1: batch 8 × 528 positions with the tiny tower's 16 patches).
+  # MODEL=DIR uses an existing model directory instead of writing one. MODES="on" skips the
+  # plain run (whose activations may not fit: ~2.6 GiB per 528-position row on the 1b model).
+  SIZE=${2:-1b}; B=${3:-8}; SEQ=${4:-512}; N=${5:-2}; WU=${6:-1}
+  M=${MODEL:-}
+  if [ -z "$M" ]; then M="$W/$SIZE"; "$BIN" -q model init --tiny "$M" --size "$SIZE"; fi
+  for mode in ${MODES:-off on}; do
+    "$TRAIN_BENCH" --model "$M" --batch "$B" --seq-len "$SEQ" --steps "$N" --warmup "$WU" \
+      --device cpu --set runtime.checkpointing="$mode" > "$W/$mode.json"
+  done
+  "$PY" - "$W" ${MODES:-off on} <<'PY'
+import json, sys
+w, modes = sys.argv[1], sys.argv[2:]
+r = {m: json.load(open(f"{w}/{m}.json")) for m in modes}
+print(f"{'mode':<5} {'batch':<5} {'pos/row':<7} {'tok/s':<8} {'s/step':<8} {'cpu_s/step':<10} {'peak_MiB':<9} losses")
+for m, d in r.items():
+    st = sum(d["step_seconds"][-d["timed_steps"]:]) / max(d["timed_steps"], 1)
+    print(f"{m:<5} {d['batch']:<5} {d['positions_per_row']:<7.0f} {d['tokens_per_s']:<8.1f} {st:<8.1f} "
+          f"{d['cpu_seconds_per_step']:<10.1f} {d['peak_rss_bytes']/2**20:<9.0f} {d['losses']}")
+if "off" in r and "on" in r:
+    off, on = r["off"], r["on"]
+    rel = lambda a, b: max(abs(x - y) / max(abs(x), 1e-30) for x, y in zip(a, b))
+    print(f"on/off: peak {on['peak_rss_bytes']/off['peak_rss_bytes']:.3f}, "
+          f"throughput {on['tokens_per_s']/off['tokens_per_s']:.3f}, "
+          f"CPU s/step {on['cpu_seconds_per_step']/off['cpu_seconds_per_step']:.3f}; "
+          f"max relative difference of losses {rel(off['losses'], on['losses']):.1e}, "
+          f"of gradient norms {rel(off['grad_norms'], on['grad_norms']):.1e}")
+PY
+  exit 0
+fi
 "$BIN" -q model init --tiny "$W/tiny" --size tiny
 "$BIN" -q model init --tiny "$W/small" --size small
 field() { "$PY" -c "import json,sys; d=json.load(sys.stdin); print(d['$1'])"; }

@@ -10,8 +10,10 @@
 //! Two data sources: synthetic rows (`--seq-len` text tokens around one image, the second half
 //! supervised, token ids from the seed — the shape bench/train.sh gives PyTorch too), or a
 //! CoIN task folder (`--data DIR --task-dir NAME`, e.g. CoIN-mini) for loss comparisons.
-//! Prints one JSON object on stdout (pretty-printed): engine, device, dtype, losses, step times,
-//! steps/s, tokens/s, CPU seconds per step and peak RSS.
+//! Prints one JSON object on stdout (pretty-printed): engine, device, dtype, losses, gradient
+//! norms, step times, steps/s, tokens/s, CPU seconds per step and peak RSS. Activation
+//! checkpointing follows `runtime.checkpointing` (`--set runtime.checkpointing=on|off`, or
+//! `COIN_CHECKPOINTING`); `bench/train.sh checkpointing` runs both and prints the ratios.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -109,6 +111,7 @@ struct Timer {
     times: Vec<f64>,
     cpu_times: Vec<f64>,
     losses: Vec<f64>,
+    grad_norms: Vec<f64>,
 }
 
 impl TrainProgress for Timer {
@@ -122,6 +125,7 @@ impl TrainProgress for Timer {
         self.times.push((now - self.last).as_secs_f64());
         self.cpu_times.push(cpu - self.last_cpu);
         self.losses.push(info.loss);
+        self.grad_norms.push(info.grad_norm);
         self.last = now;
         self.last_cpu = cpu;
     }
@@ -269,6 +273,7 @@ fn run(a: &Args, rt: &Runtime) -> Result<serde_json::Value, Error> {
         max_steps: Some(a.steps + a.warmup),
         shards: rt.shards,
         kernels: Some(rt.kernels),
+        checkpointing: rt.checkpointing,
         ..TrainConfig::default()
     };
     let images: &ImageProcessor = &loaded.image;
@@ -278,6 +283,7 @@ fn run(a: &Args, rt: &Runtime) -> Result<serde_json::Value, Error> {
         times: Vec::new(),
         cpu_times: Vec::new(),
         losses: Vec::new(),
+        grad_norms: Vec::new(),
     };
     let report = train(
         &loaded.model,
@@ -309,6 +315,8 @@ fn run(a: &Args, rt: &Runtime) -> Result<serde_json::Value, Error> {
         "trainable_parameters": report.trainable_parameters,
         "load_seconds": load_s,
         "losses": timer.losses,
+        "grad_norms": timer.grad_norms,
+        "checkpointing": rt.checkpointing,
         "step_seconds": timer.times,
         "timed_steps": timed.len(),
         "steps_per_s": steps_per_s,

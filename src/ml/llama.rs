@@ -104,6 +104,27 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
+impl DecoderLayer {
+    /// One layer on the flattened residual stream `x` (b·s, hidden) of `b` rows of `s`
+    /// positions: `x + attn(norm(x))`, then `+ mlp(norm(·))`. `cos`/`sin` from
+    /// [`Llama::rope`], `mask` as in [`Llama::forward_embeds`].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        (b, s): (usize, usize),
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        slot: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let h = self.self_attn.forward(&h, (b, s), cos, sin, mask, slot)?;
+        let x = (x + h)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        &x + self.mlp.forward(&h)?
+    }
+}
+
 /// Cached keys and values of every layer, shape (b, kv_heads, t, head_dim) each.
 #[derive(Default)]
 pub struct KvCache {
@@ -380,7 +401,7 @@ impl Llama {
         mask: &Tensor,
         mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
-        let (cos, sin) = rope_tables(positions, self.config.head_dim, self.config.rope_theta)?;
+        let (cos, sin) = self.rope(positions)?;
         // The residual stream runs flattened to (b·s, hidden): the linears then need no reshape
         // (each reshape is one more node, and in the backward one more gradient pass).
         let (b, s, h) = embeds.dims3()?;
@@ -392,15 +413,14 @@ impl Llama {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = layer
-                .self_attn
-                .forward(&h, (b, s), &cos, &sin, mask, slot)?;
-            x = (x + h)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            x = (&x + layer.mlp.forward(&h)?)?;
+            x = layer.forward(&x, (b, s), &cos, &sin, mask, slot)?;
         }
         self.norm.forward(&x)?.reshape((b, s, h))
+    }
+
+    /// The RoPE tables (cos, sin) of `positions` (b, s) for [`DecoderLayer::forward`].
+    pub fn rope(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        rope_tables(positions, self.config.head_dim, self.config.rope_theta)
     }
 
     /// Logits (…, vocab) of hidden states, in f32 (f64 for an f64 model).

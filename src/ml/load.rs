@@ -354,6 +354,74 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     })
 }
 
+/// Write a safetensors file one tensor at a time: `entries` name each tensor with its shape and
+/// dtype (the header is written first), and `make(i)` builds entry `i` when its bytes are due,
+/// so only one tensor is in memory at once (a 7B model's 14 GB need not fit twice). Entries are
+/// written in name order, as [`write_safetensors`] does; the file appears atomically.
+pub fn write_safetensors_streaming(
+    path: &Path,
+    entries: &[(String, Vec<usize>, DType)],
+    mut make: impl FnMut(usize) -> Result<Tensor>,
+) -> Result<()> {
+    use std::io::Write;
+    let werr = |source: std::io::Error| MlError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by(|&a, &b| entries[a].0.cmp(&entries[b].0));
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for &i in &order {
+        let (name, shape, dtype) = &entries[i];
+        let code = match dtype {
+            DType::F32 => "F32",
+            DType::F64 => "F64",
+            DType::BF16 => "BF16",
+            DType::F16 => "F16",
+            other => {
+                return Err(MlError::Input(format!(
+                    "cannot stream a {other:?} tensor '{name}' into '{}'",
+                    path.display()
+                )))
+            }
+        };
+        let len = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": code, "shape": shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut h = serde_json::to_vec(&Value::Object(header)).map_err(|source| MlError::Encode {
+        what: "a safetensors header",
+        source,
+    })?;
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut f = crate::store::fsutil::AtomicFile::create(path).map_err(werr)?;
+    let mut w = std::io::BufWriter::with_capacity(8 << 20, f.file());
+    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(werr)?;
+    w.write_all(&h).map_err(werr)?;
+    for &i in &order {
+        let (name, shape, dtype) = &entries[i];
+        let t = make(i)?.to_device(&Device::Cpu)?.to_dtype(*dtype)?;
+        if t.dims() != shape.as_slice() {
+            return Err(MlError::Input(format!(
+                "tensor '{name}' has shape {:?}, not the announced {shape:?}",
+                t.dims()
+            )));
+        }
+        let (_, bytes) = tensor_bytes(&t.contiguous()?)?;
+        w.write_all(&bytes).map_err(werr)?;
+    }
+    w.flush().map_err(werr)?;
+    drop(w);
+    f.commit().map_err(werr)
+}
+
 fn tensor_bytes(t: &Tensor) -> Result<(&'static str, Vec<u8>)> {
     let flat = t.flatten_all()?;
     Ok(match t.dtype() {

@@ -99,6 +99,21 @@ impl Kernels {
     }
 }
 
+/// Activation checkpointing of training ([`crate::ml::train::checkpoint`]): recompute each
+/// decoder layer in the backward instead of keeping its activations. The gradients are the
+/// same, so the choice is not part of the training key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    /// Off for now ([`crate::ml::train::checkpoint::resolve`]: not yet measured where it pays).
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
 /// The resolved runtime of a run: every value concrete. Stored in train records (under
 /// `config.runtime`) and eval records (under `runtime`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -116,6 +131,10 @@ pub struct Runtime {
     pub device: DeviceKind,
     /// The weight dtype.
     pub dtype: Dtype,
+    /// Activation checkpointing in training (`auto` decides per micro-batch). Records written
+    /// before the setting existed read as `auto`.
+    #[serde(default)]
+    pub checkpointing: Checkpointing,
 }
 
 impl Runtime {
@@ -275,6 +294,7 @@ mod tests {
             kernels: Kernels::On,
             device: DeviceKind::Cpu,
             dtype: Dtype::F32,
+            checkpointing: Checkpointing::Auto,
         };
         let k = rt.keyed();
         assert_eq!(
@@ -287,6 +307,15 @@ mod tests {
             "threads are not keyed"
         );
         assert_ne!(Runtime { shards: 1, ..rt }.keyed(), k);
+        assert_eq!(
+            Runtime {
+                checkpointing: Checkpointing::On,
+                ..rt
+            }
+            .keyed(),
+            k,
+            "checkpointing gives the same gradients: not keyed"
+        );
         assert_ne!(
             Runtime {
                 kernels: Kernels::Off,
@@ -307,6 +336,7 @@ mod tests {
             kernels: Kernels::Off,
             device: DeviceKind::Cuda,
             dtype: Dtype::Bf16,
+            checkpointing: Checkpointing::Auto,
         };
         let e = rt.device().expect_err("no cuda").to_string();
         assert!(e.contains("--features cuda"), "{e}");

@@ -22,7 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::WorkflowError;
 use crate::history::hooks::GatesConfig;
 use crate::ml::image::AspectMode;
-use crate::ml::runtime::{self, DeviceKind, Dtype, Kernels, Machine, Runtime};
+use crate::ml::runtime::{self, Checkpointing, DeviceKind, Dtype, Kernels, Machine, Runtime};
 use crate::ml::train::optim::Schedule;
 
 /// The preset used when no layer names one.
@@ -61,6 +61,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("COIN_KERNELS", "runtime.kernels"),
     ("COIN_DEVICE", "runtime.device"),
     ("COIN_DTYPE", "runtime.dtype"),
+    ("COIN_CHECKPOINTING", "runtime.checkpointing"),
 ];
 
 /// The older name of `COIN_KERNELS` (`0`: off, `1`: on).
@@ -430,9 +431,10 @@ pub enum EvalMode {
 
 /// A runtime setting: `auto` (resolved once per run, [`RuntimeConfig::resolve`]) or a value.
 /// Written as the word `auto` or as the value itself (`threads = 2`, `kernels = "on"`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Setting<T> {
     /// Chosen for this machine and build.
+    #[default]
     Auto,
     /// This value.
     Is(T),
@@ -500,6 +502,10 @@ pub struct RuntimeConfig {
     pub device: Setting<DeviceKind>,
     /// Weight dtype: `f32`, `bf16` or `f16` (auto: bf16 on a GPU, f32 on the CPU).
     pub dtype: Setting<Dtype>,
+    /// Activation checkpointing in training: `on`, `off` or auto (off for now: not yet
+    /// measured where it pays). Same gradients, so not in the training key.
+    #[serde(default)]
+    pub checkpointing: Setting<Checkpointing>,
 }
 
 impl RuntimeConfig {
@@ -511,6 +517,7 @@ impl RuntimeConfig {
         kernels: Setting::Auto,
         device: Setting::Auto,
         dtype: Setting::Auto,
+        checkpointing: Setting::Auto,
     };
 
     /// Resolve `auto` against `machine` (the policies of [`crate::ml::runtime`]) and check
@@ -554,6 +561,7 @@ impl RuntimeConfig {
             kernels,
             device,
             dtype,
+            checkpointing: self.checkpointing.or_auto(|| Checkpointing::Auto),
         };
         check_counts(&RuntimeConfig::from(rt))?;
         Ok(rt)
@@ -570,6 +578,10 @@ impl From<Runtime> for RuntimeConfig {
             kernels: Setting::Is(rt.kernels),
             device: Setting::Is(rt.device),
             dtype: Setting::Is(rt.dtype),
+            checkpointing: match rt.checkpointing {
+                Checkpointing::Auto => Setting::Auto,
+                c => Setting::Is(c),
+            },
         }
     }
 }
@@ -637,6 +649,9 @@ impl Choices for AspectMode {
 impl Choices for Kernels {
     const ALL: &'static [Self] = &[Kernels::On, Kernels::Off, Kernels::Lora];
 }
+impl Choices for Checkpointing {
+    const ALL: &'static [Self] = &[Checkpointing::On, Checkpointing::Off];
+}
 impl Choices for DeviceKind {
     const ALL: &'static [Self] = &[DeviceKind::Cpu, DeviceKind::Cuda];
 }
@@ -681,6 +696,7 @@ fn rule(key: &str) -> Option<Rule> {
         "runtime.kernels" => Rule::AutoOr(names::<Kernels>()),
         "runtime.device" => Rule::AutoOr(names::<DeviceKind>()),
         "runtime.dtype" => Rule::AutoOr(names::<Dtype>()),
+        "runtime.checkpointing" => Rule::AutoOr(names::<Checkpointing>()),
         "runtime.threads" | "runtime.elementwise_threads" | "runtime.shards" => Rule::AutoOrCount,
         _ => return None,
     })
@@ -2301,6 +2317,7 @@ mod tests {
                 kernels: Kernels::build_default(),
                 device: DeviceKind::Cpu,
                 dtype: Dtype::F32,
+                checkpointing: Checkpointing::Auto,
             }
         );
         let big = Machine {

@@ -908,6 +908,7 @@ fn pretrain_base(
         drop_partial_step: false,
         shards: rt.shards,
         kernels: Some(rt.kernels),
+        checkpointing: rt.checkpointing,
     };
     progress.note(&format!(
         "Pre-training the tiny base on {} captions: {} full-parameter steps ({} parameters; the \

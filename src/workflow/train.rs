@@ -164,6 +164,7 @@ pub fn loop_config(
         drop_partial_step: t.drop_partial_step,
         shards: rt.shards,
         kernels: Some(rt.kernels),
+        checkpointing: rt.checkpointing,
     };
     // A fractional epoch count (HF allows 0.5): stop after that share of the steps.
     if t.num_train_epochs.fract() != 0.0 {
@@ -1222,7 +1223,7 @@ mod tests {
     #![allow(clippy::disallowed_methods)]
 
     use super::*;
-    use crate::ml::runtime::{DeviceKind, Dtype, Kernels};
+    use crate::ml::runtime::{Checkpointing, DeviceKind, Dtype, Kernels};
     use crate::tasks::mini;
     use crate::workflow::config::{resolve, Layer};
     use crate::workflow::matrix::tests::Fixture;
@@ -1386,6 +1387,7 @@ mod tests {
             kernels: Kernels::On,
             device: DeviceKind::Cpu,
             dtype: Dtype::F32,
+            checkpointing: Checkpointing::Auto,
         };
         assert_eq!(stored.runtime, want.into(), "every value resolved");
         let eval = &first.evals[0].record;

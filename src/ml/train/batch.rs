@@ -52,6 +52,19 @@ impl TrainExample {
     }
 }
 
+/// A batch ready for the decoder: the padded input embeddings, positions, mask and labels.
+pub struct BatchInputs {
+    /// Input embeddings (b, t, hidden): text embeddings and projected image features
+    /// (tracked when the projector or the embeddings train).
+    pub embeds: Tensor,
+    /// Positions (b, t), 0..t in every row.
+    pub positions: Tensor,
+    /// The additive causal + padding mask (b, 1, t, t).
+    pub mask: Tensor,
+    /// Labels, b rows of t ([`IGNORE_INDEX`] on padding).
+    pub labels: Vec<Vec<i64>>,
+}
+
 /// Full-sequence logits (b, s, vocab) of a batch and its padded labels (b × s).
 /// `pixels` holds one (3, H, W) tensor per image place, in row order.
 pub fn forward_batch(
@@ -59,6 +72,17 @@ pub fn forward_batch(
     examples: &[TrainExample],
     pixels: &[Tensor],
 ) -> Result<(Tensor, Vec<Vec<i64>>)> {
+    let inputs = prepare_batch(model, examples, pixels)?;
+    let hidden = super::checkpoint::decoder(model, &inputs)?;
+    Ok((model.llm.logits(&hidden)?, inputs.labels))
+}
+
+/// Embed and pad a batch (the vision tower and projector run here) for the decoder.
+pub fn prepare_batch(
+    model: &Llava,
+    examples: &[TrainExample],
+    pixels: &[Tensor],
+) -> Result<BatchInputs> {
     if examples.is_empty() {
         return Err(MlError::Input("empty training batch".into()));
     }
@@ -121,6 +145,10 @@ pub fn forward_batch(
     let positions: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
     let positions = Tensor::from_vec(positions, (b, t), dev)?;
     let mask = attention_mask(&valid, t, dev)?;
-    let hidden = model.llm.forward_embeds(&x, &positions, &mask, None)?;
-    Ok((model.llm.logits(&hidden)?, labels))
+    Ok(BatchInputs {
+        embeds: x,
+        positions,
+        mask,
+        labels,
+    })
 }

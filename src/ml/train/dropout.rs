@@ -63,6 +63,36 @@ fn next_row_call() -> Option<RowKeys> {
     })
 }
 
+/// The number of dropout calls made so far in the current [`with_rows`] context (`None`
+/// outside one). Activation checkpointing ([`super::checkpoint`]) saves it before a layer's
+/// forward and restores it with [`set_row_calls`] before the layer's recompute, so the
+/// recompute draws exactly the forward's masks.
+pub fn row_calls() -> Option<u64> {
+    ROW_KEYS.with(|k| k.borrow().as_ref().map(|c| c.calls))
+}
+
+/// Set the call count of the current [`with_rows`] context (no effect outside one, or with
+/// `None`).
+pub fn set_row_calls(calls: Option<u64>) {
+    if let Some(n) = calls {
+        ROW_KEYS.with(|k| {
+            if let Some(c) = k.borrow_mut().as_mut() {
+                c.calls = n;
+            }
+        });
+    }
+}
+
+/// A seed for the `salt`-th unit of work (a decoder layer) of the current [`with_rows`] context:
+/// a function of the step's key, the salt and the context's first row (`None` outside one).
+pub fn row_seed(salt: u64) -> Option<u64> {
+    ROW_KEYS.with(|k| {
+        k.borrow()
+            .as_ref()
+            .map(|c| sub_seed(c.key ^ 0x5EED_C4EC_4B01_7A7E, salt, c.first_row))
+    })
+}
+
 #[derive(Debug)]
 struct State {
     rng: Mutex<Rng>,

@@ -16,6 +16,7 @@ use super::trainer::{
 use crate::ml::generate::{generate, GenerateRequest, GenerateSettings};
 use crate::ml::image::Rgb8;
 use crate::ml::llava::{load_model, LoadedModel, ModelSource, Segment};
+use crate::ml::runtime::Checkpointing;
 use crate::ml::tiny::{write_tiny, TinyOptions};
 use crate::tasks::formats::{read_test_file, read_train_file};
 use crate::tasks::mini::{self, MiniConfig};
@@ -297,7 +298,7 @@ fn a_regularizer_adds_its_terms_to_the_loss_and_gradients_of_every_shard_and_ste
     nonzero_lora_b(&params);
     params.set_training(false);
     let micro = vec![vec![0, 1, 2], vec![3, 4, 5]];
-    let (l0, g0, _) = step_grads(&m, &params, &samples, &micro, 1);
+    let (l0, g0, _) = step_grads(&m, &params, &samples, &micro, 1, Checkpointing::Off);
     let reg = ScaledLoss {
         k: 0.5,
         c: 0.0,
@@ -314,6 +315,7 @@ fn a_regularizer_adds_its_terms_to_the_loss_and_gradients_of_every_shard_and_ste
                 aspect: crate::ml::image::AspectMode::Pad,
                 max_shards: shards,
                 regularizer: Some(&reg),
+                checkpointing: Checkpointing::Off,
             },
             &mut super::data::PixelCache::new(0),
         )
@@ -384,14 +386,15 @@ fn a_regularizer_adds_its_terms_to_the_loss_and_gradients_of_every_shard_and_ste
     );
 }
 
-/// One [`accumulate_step`] over `micro` in at most `shards` shards: (loss, gradients by name,
-/// supervised tokens).
+/// One [`accumulate_step`] over `micro` in at most `shards` shards, checkpointed or not: (loss,
+/// gradients by name, supervised tokens).
 fn step_grads(
     m: &LoadedModel,
     params: &TrainableParams,
     samples: &[Sample],
     micro: &[Vec<usize>],
     shards: usize,
+    checkpointing: Checkpointing,
 ) -> (f64, std::collections::BTreeMap<String, Tensor>, usize) {
     let mut sums = accumulate_step(
         &m.model,
@@ -403,6 +406,7 @@ fn step_grads(
             aspect: crate::ml::image::AspectMode::Pad,
             max_shards: shards,
             regularizer: None,
+            checkpointing,
         },
         &mut super::data::PixelCache::new(0),
     )
@@ -425,24 +429,37 @@ fn accumulated_micro_batches_and_shards_equal_one_large_batch() {
         let params = TrainableParams::attach(&mut m.model, &settings(kind, 3)).expect("attach");
         nonzero_lora_b(&params);
         let rng0 = params.dropout.rng_state();
-        let keyed_step = |micro: Vec<Vec<usize>>, shards: usize, rng: u64| {
+        let keyed_step = |micro: Vec<Vec<usize>>, shards: usize, rng: u64, ckpt| {
             params.dropout.set_rng_state(rng);
-            step_grads(&m, &params, &samples, &micro, shards)
+            step_grads(&m, &params, &samples, &micro, shards, ckpt)
         };
         // Same dropout key for every variant.
-        let step = |micro, shards| keyed_step(micro, shards, rng0);
+        let step = |micro, shards, ckpt| keyed_step(micro, shards, rng0, ckpt);
         for training in [false, true] {
             params.set_training(training);
-            let (l1, g1, n1) = step(vec![(0..6).collect()], 1);
+            let (l1, g1, n1) = step(vec![(0..6).collect()], 1, Checkpointing::Off);
             assert_eq!(g1.len(), params.vars.len());
-            for (micro, shards) in [
-                (vec![vec![0, 1], vec![2, 3, 4], vec![5]], 1),
-                (vec![(0..6).collect()], 2),
-                (vec![(0..6).collect()], 4),
-                (vec![vec![0, 1, 2, 3], vec![4, 5]], 3),
+            for (micro, shards, ckpt) in [
+                (vec![(0..6).collect()], 1, Checkpointing::On),
+                (
+                    vec![vec![0, 1], vec![2, 3, 4], vec![5]],
+                    1,
+                    Checkpointing::Off,
+                ),
+                (
+                    vec![vec![0, 1], vec![2, 3, 4], vec![5]],
+                    1,
+                    Checkpointing::On,
+                ),
+                (vec![(0..6).collect()], 2, Checkpointing::Off),
+                (vec![(0..6).collect()], 4, Checkpointing::Off),
+                (vec![(0..6).collect()], 3, Checkpointing::On),
+                (vec![vec![0, 1, 2, 3], vec![4, 5]], 3, Checkpointing::Off),
+                (vec![vec![0, 1, 2, 3], vec![4, 5]], 3, Checkpointing::On),
             ] {
-                let what = format!("{kind:?}, dropout {training}, {micro:?} in {shards} shards");
-                let (l2, g2, n2) = step(micro, shards);
+                let what =
+                    format!("{kind:?}, dropout {training}, {micro:?} in {shards} shards, {ckpt:?}");
+                let (l2, g2, n2) = step(micro, shards, ckpt);
                 assert_eq!(n1, n2, "{what}");
                 assert!((l1 - l2).abs() < 1e-10, "{what}: loss {l1} vs {l2}");
                 let worst = worst_relative_difference(&g1, &g2);
@@ -450,7 +467,7 @@ fn accumulated_micro_batches_and_shards_equal_one_large_batch() {
             }
             if training {
                 // Dropout is on: another key gives another loss.
-                let (l3, ..) = keyed_step(vec![(0..6).collect()], 2, rng0 ^ 1);
+                let (l3, ..) = keyed_step(vec![(0..6).collect()], 2, rng0 ^ 1, Checkpointing::On);
                 assert!(
                     (l1 - l3).abs() > 1e-6,
                     "dropout masks had no effect: {l1} {l3}"
@@ -479,8 +496,9 @@ fn text_only_samples_give_the_projector_a_zero_gradient() {
         TrainableParams::attach(&mut m.model, &settings(AdapterKind::Lora, 4)).expect("attach");
     params.set_training(false);
     nonzero_lora_b(&params);
-    let step =
-        |micro: Vec<Vec<usize>>, shards: usize| step_grads(&m, &params, &samples, &micro, shards).1;
+    let step = |micro: Vec<Vec<usize>>, shards: usize| {
+        step_grads(&m, &params, &samples, &micro, shards, Checkpointing::On).1
+    };
     let is_proj = |n: &str| n.starts_with("multi_modal_projector.");
     let norm = |t: &Tensor| {
         t.sqr()

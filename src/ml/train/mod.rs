@@ -8,6 +8,7 @@
 //! resumable training loop ([`trainer`]). See docs/training.md and docs/trainer.md.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod data;
 pub mod dropout;
 pub mod ewc;
@@ -25,6 +26,8 @@ pub mod trainer;
 
 #[cfg(test)]
 mod adapter_tests;
+#[cfg(test)]
+mod checkpoint_tests;
 #[cfg(test)]
 mod ewc_tests;
 #[cfg(test)]

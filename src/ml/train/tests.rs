@@ -66,7 +66,7 @@ pub(super) fn scalar(t: &Tensor) -> f64 {
         .expect("scalar")
 }
 
-fn attach(model: &mut Llava, kind: AdapterKind) -> TrainableParams {
+pub(super) fn attach(model: &mut Llava, kind: AdapterKind) -> TrainableParams {
     let settings = AdapterSettings {
         kind,
         r: 8,

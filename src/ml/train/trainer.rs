@@ -28,7 +28,6 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::batch::forward_batch;
 use super::data::{batch_pixels, PixelCache, Sample};
 use super::loss::masked_cross_entropy;
 use super::optim::{lr_factor, warmup_steps, AdamW, AdamWConfig, GradAccumulator, Schedule};
@@ -37,7 +36,7 @@ use crate::ml::image::{AspectMode, ImageProcessor};
 use crate::ml::llava::Llava;
 use crate::ml::load::{read_tensor_file, write_safetensors};
 use crate::ml::rng::Rng;
-use crate::ml::runtime::Kernels;
+use crate::ml::runtime::{Checkpointing, Kernels};
 use crate::ml::{MlError, Result};
 use crate::store::fsutil::write_atomic;
 
@@ -84,6 +83,10 @@ pub struct TrainConfig {
     /// setting ([`crate::ml::fused::kernels`]). Results depend on it by float rounding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernels: Option<Kernels>,
+    /// Activation checkpointing (`runtime.checkpointing`, [`super::checkpoint`]). The
+    /// gradients are the same either way, so it is not part of the run's fingerprint.
+    #[serde(skip)]
+    pub checkpointing: Checkpointing,
 }
 
 fn one() -> usize {
@@ -108,6 +111,7 @@ impl Default for TrainConfig {
             drop_partial_step: false,
             shards: 1,
             kernels: None,
+            checkpointing: Checkpointing::Auto,
         }
     }
 }
@@ -442,7 +446,7 @@ pub trait Regularizer: Sync + std::fmt::Debug {
     /// A term on one shard's outputs, as a mean per supervised token of the shard (it is then
     /// weighted like the shard's cross-entropy). `ids` are the shard's sample indices into the
     /// run's samples, in batch order; `logits` (b, t, vocab) and `labels` (b rows of t) are
-    /// [`forward_batch`]'s. `None`: no term.
+    /// [`super::batch::forward_batch`]'s. `None`: no term.
     fn logits_term(
         &self,
         _ids: &[usize],
@@ -469,6 +473,8 @@ pub struct StepOptions<'a> {
     pub max_shards: usize,
     /// A method's extra term on each shard's outputs ([`Regularizer::logits_term`]).
     pub regularizer: Option<&'a dyn Regularizer>,
+    /// Activation checkpointing ([`super::checkpoint`]; `auto` decides per shard).
+    pub checkpointing: Checkpointing,
 }
 
 /// What one [`accumulate_step`] did.
@@ -516,6 +522,7 @@ pub fn accumulate_step(
         aspect,
         max_shards,
         regularizer,
+        checkpointing,
     } = opts;
     let step_tokens: usize = micro.iter().flatten().map(|&k| samples[k].supervised).sum();
     let step_positions: usize = micro.iter().flatten().map(|&k| samples[k].positions).sum();
@@ -552,23 +559,34 @@ pub fn accumulate_step(
             crate::ml::fused::with_kernels(kernels, || {
                 super::dropout::with_rows(key, first_row + a, b - a, || {
                     let examples: Vec<_> = part.iter().map(|s| s.example.clone()).collect();
-                    let (logits, labels) = forward_batch(model, &examples, px)?;
                     let tokens: usize = part.iter().map(|s| s.supervised).sum();
-                    let loss = masked_cross_entropy(&logits, &labels)?;
-                    let extra = match regularizer {
-                        Some(r) => r.logits_term(&mb[a..b], &logits, &labels)?,
-                        None => None,
-                    };
                     let weight = tokens as f64 / step_tokens as f64;
-                    let (objective, extra) = match extra {
-                        Some(t) => {
-                            let v = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                            ((&loss + t)?, v)
-                        }
-                        None => (loss.clone(), 0.0),
-                    };
-                    let grads = (&objective * weight)?.backward()?;
-                    let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    let longest = part.iter().map(|s| s.positions).max().unwrap_or(0);
+                    let checkpointed =
+                        super::checkpoint::resolve(checkpointing, model, part.len(), longest);
+                    let (grads, (loss, extra)) = super::checkpoint::batch_gradients(
+                        model,
+                        &params.vars,
+                        &examples,
+                        px,
+                        checkpointed,
+                        |logits, labels| {
+                            let loss = masked_cross_entropy(logits, labels)?;
+                            let extra = match regularizer {
+                                Some(r) => r.logits_term(&mb[a..b], logits, labels)?,
+                                None => None,
+                            };
+                            let (objective, extra) = match extra {
+                                Some(t) => {
+                                    let v = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                                    ((&loss + t)?, v)
+                                }
+                                None => (loss.clone(), 0.0),
+                            };
+                            let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                            Ok(((&objective * weight)?, (loss, extra)))
+                        },
+                    )?;
                     Ok((
                         loss * tokens as f64,
                         extra * tokens as f64,
@@ -713,6 +731,7 @@ pub fn train_with(
                     aspect: cfg.image_aspect,
                     max_shards: shards,
                     regularizer,
+                    checkpointing: cfg.checkpointing,
                 },
                 &mut cache,
             )?;

@@ -24,8 +24,9 @@ pub struct InitArgs {
     /// CoIN split setup (split: llm/, clip/, mm_projector.safetensors)
     #[arg(long, value_enum, default_value_t = TinyLayout::Hf)]
     pub layout: TinyLayout,
-    /// Language-model size: tiny (tests, demo), small (~13 M, CPU benchmarks) or 1b
-    /// (TinyLlama-1.1B-shaped decoder, GPU benchmarks); the vision tower is always tiny
+    /// Model size: tiny (tests, demo), small (~13 M, CPU benchmarks), 1b (TinyLlama-1.1B-shaped
+    /// decoder, GPU benchmarks) with a tiny vision tower, or 7b (LLaVA-1.5-7B's shapes
+    /// throughout, CLIP ViT-L/14-336 included; ~14 GB in bf16, for measurements)
     #[arg(long, value_enum, default_value_t = TinySize::Tiny)]
     pub size: TinySize,
     /// Write into DIR even if it holds files (files of the same name are replaced)
@@ -61,6 +62,13 @@ pub fn cmd_init(ui: &mut Ui, helper: &CommandHelper, args: &InitArgs) -> Result<
         size: args.size,
         ..TinyOptions::default()
     };
+    if args.size == TinySize::Llava7b {
+        let gb = TinySize::Llava7b.weight_bytes(opts.vocab_size) as f64 / 1e9;
+        ui.warn(&format!(
+            "The 7b model takes {gb:.1} GB on disk (bf16) and about as much memory to load in \
+             bf16 (twice that in f32); writing it takes minutes."
+        ));
+    }
     let model_dir = write_tiny(&dir, &opts)?;
     if args.json {
         ui.json(&serde_json::json!({
