@@ -109,7 +109,8 @@ impl CoinRepo {
             };
             let mut still = Vec::new();
             for id in missing {
-                if transport.has(&id)? {
+                // An object store that cannot be listed (down, refused) counts as unreachable.
+                if transport.has(&id).unwrap_or(false) {
                     transport.get(self.store(), &id)?;
                     fetched += 1;
                 } else {
