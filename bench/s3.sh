@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# S3 remote benchmark: an 8-stage LoRA run (8 checkpoints of one adapter; each stage rewrites
-# one tensor, as examples/synth_adapter does) pushed to and pulled from a local S3-compatible
+# S3 remote benchmark: an 8-stage LoRA run (8 checkpoints of one adapter with LAYERS layers of
+# q/v LoRA A/B pairs, f32, made by bench/s3_stages.py; stage k retrains layer k's four
+# tensors, the rest stay as they were) pushed to and pulled from a local S3-compatible
 # server (moto_server on 127.0.0.1), against `aws s3 sync` of the same checkpoint folders
 # (whole files) to the same server. Prints bytes moved and wall time of each, and the ratios.
 #
 #   bench/s3.sh                    # dev build (deps at opt-level 3; transfer-bound anyway)
 #   PROFILE=release bench/s3.sh
 #   LAYERS=8 HIDDEN=4096 RANK=32 bench/s3.sh   # the adapter's size (defaults shown)
+#   BENCH_NO_BUILD=1 bench/s3.sh   # use the coin binary already built
 #
 # Needs moto_server (pip install 'moto[server]') and the aws CLI.
 set -euo pipefail
@@ -14,14 +16,13 @@ cd "$(dirname "$0")/.."
 
 PROFILE=${PROFILE:-dev}
 if [ "$PROFILE" = release ]; then
-  cargo build --release --bin coin --example synth_adapter
-  BIN=$PWD/target/release
+  [ "${BENCH_NO_BUILD:-0}" = 1 ] || cargo build --release --bin coin
+  COIN=$PWD/target/release/coin
 else
-  cargo build --bin coin --example synth_adapter
-  BIN=$PWD/target/debug
+  [ "${BENCH_NO_BUILD:-0}" = 1 ] || cargo build --bin coin
+  COIN=$PWD/target/debug/coin
 fi
-COIN=$BIN/coin
-SYNTH=$BIN/examples/synth_adapter
+GEN=$PWD/bench/s3_stages.py
 LAYERS=${LAYERS:-8}
 HIDDEN=${HIDDEN:-4096}
 RANK=${RANK:-32}
@@ -50,10 +51,7 @@ bytes_of() { du -sb --apparent-size "$1" | cut -f1; }
 echo "machine: $(nproc) cores, $(uname -r); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "run: $STAGES stages, LoRA adapter LAYERS=$LAYERS HIDDEN=$HIDDEN RANK=$RANK (f32)"
 
-# The run: stage k's checkpoint folder is synth_adapter step k.
-for k in $(seq 0 $((STAGES - 1))); do
-  "$SYNTH" "$WORK/stages/stage$k" "$k" "$LAYERS" "$HIDDEN" "$RANK" >/dev/null
-done
+python3 "$GEN" "$WORK/stages" "$STAGES" "$LAYERS" "$HIDDEN" "$RANK"
 echo "checkpoint size: $(bytes_of "$WORK/stages/stage0") bytes; all stages: $(bytes_of "$WORK/stages") bytes"
 
 # coin: commit each stage, then push (objects to S3, refs to a bare git repository).
