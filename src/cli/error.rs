@@ -227,6 +227,15 @@ impl From<StoreError> for CommandError {
         use StoreError as E;
         match &e {
             E::Io { source, .. } => CommandError::new(io_kind(source), e),
+            E::Corrupt { path, .. }
+                if crate::store::s3::is_object_store_url(&path.to_string_lossy()) =>
+            {
+                CommandError::new(ErrorKind::Internal, e).hint(
+                    "The copy on the object store is damaged and was not kept here. \
+                     `coin fsck --remote NAME` lists every damaged object there; delete them on \
+                     the server and push again from a repository that has them intact.",
+                )
+            }
             E::ObjectMissing { .. }
             | E::Corrupt { .. }
             | E::WrongKind { .. }
