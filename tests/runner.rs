@@ -21,6 +21,7 @@ mod test_merge;
 mod test_metrics_command;
 mod test_model_command;
 mod test_parity;
+mod test_s3;
 mod test_score_command;
 mod test_score_limits;
 mod test_sharing;

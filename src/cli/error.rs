@@ -227,6 +227,15 @@ impl From<StoreError> for CommandError {
         use StoreError as E;
         match &e {
             E::Io { source, .. } => CommandError::new(io_kind(source), e),
+            E::Corrupt { path, .. }
+                if crate::store::s3::is_object_store_url(&path.to_string_lossy()) =>
+            {
+                CommandError::new(ErrorKind::Internal, e).hint(
+                    "The copy on the object store is damaged and was not kept here. \
+                     `coin fsck --remote NAME` lists every damaged object there; delete them on \
+                     the server and push again from a repository that has them intact.",
+                )
+            }
             E::ObjectMissing { .. }
             | E::Corrupt { .. }
             | E::WrongKind { .. }
@@ -240,6 +249,37 @@ impl From<StoreError> for CommandError {
             | E::FileChanged { .. }
             | E::UnsafePath { .. }
             | E::Locked { .. } => CommandError::new(ErrorKind::User, e),
+            E::Remote { kind, .. } => {
+                use crate::store::RemoteErrorKind as K;
+                let hint = match kind {
+                    K::Credentials => {
+                        "Check the credentials in the environment (AWS_ACCESS_KEY_ID and \
+                         AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; GOOGLE_SERVICE_ACCOUNT for gs://, \
+                         AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY for az://); see \
+                         docs/remotes.md."
+                    }
+                    K::NoBucket => {
+                        "Create the bucket first (e.g. `aws s3 mb s3://BUCKET`), or fix the \
+                         bucket name with `git config remote.NAME.coinobjects s3://BUCKET/PREFIX`."
+                    }
+                    K::Unreachable => {
+                        "Check that the server is up and the endpoint (AWS_ENDPOINT_URL) is \
+                         right, then re-run: objects already sent are skipped."
+                    }
+                    K::Config => {
+                        "See docs/remotes.md for the object store URLs and settings coin \
+                         understands."
+                    }
+                    K::Other => "Re-run the command: objects already sent are skipped.",
+                };
+                // A refused key, a missing bucket or a server that is down is the user's to fix;
+                // anything else the store said is reported as an internal error.
+                let kind = match kind {
+                    K::Other => ErrorKind::Internal,
+                    _ => ErrorKind::User,
+                };
+                CommandError::new(kind, e).hint(hint)
+            }
         }
     }
 }

@@ -20,9 +20,11 @@ mod paths;
 pub mod pickle;
 mod repack;
 mod repo;
+pub mod s3;
 pub mod safetensors;
 mod torchbin;
 pub mod transport;
+pub mod verify;
 
 use std::path::PathBuf;
 
@@ -34,6 +36,7 @@ pub use object::{Codec, ObjectKind};
 pub use paths::{check_output_dir, check_relative_path, is_git_component};
 pub use repack::RepackReport;
 pub use repo::{Store, DEAD_TEMP_AGE, FORMAT_VERSION, STORE_TYPE};
+pub use s3::ObjectStoreTransport;
 pub use safetensors::HeaderError;
 
 /// Errors of the object store. Messages name the path or object and the operation.
@@ -134,6 +137,18 @@ pub enum StoreError {
         /// Why it is refused.
         reason: String,
     },
+    /// An object store reached over the network (S3, GCS, Azure, HTTP) refused or failed.
+    #[error("could not {op} '{url}': {reason}")]
+    Remote {
+        /// What was being done ("list", "upload object …").
+        op: String,
+        /// The store's URL (`s3://bucket/prefix`) or the object's key under it.
+        url: String,
+        /// What the store said, classified.
+        kind: RemoteErrorKind,
+        /// The error text, causes included.
+        reason: String,
+    },
     /// Another process holds the lock.
     #[error("'{path}' is locked by another coin process (waited {waited:?})")]
     Locked {
@@ -142,6 +157,21 @@ pub enum StoreError {
         /// How long we waited.
         waited: std::time::Duration,
     },
+}
+
+/// What kind of failure a network object store reported, for the hint a caller gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteErrorKind {
+    /// The credentials were refused (a wrong key or secret, an expired token, no access).
+    Credentials,
+    /// The bucket (or container) does not exist.
+    NoBucket,
+    /// The server could not be reached (down, wrong endpoint, network).
+    Unreachable,
+    /// The URL or settings are not usable (unknown scheme, missing region or bucket).
+    Config,
+    /// Anything else the store reported.
+    Other,
 }
 
 impl StoreError {

@@ -345,7 +345,7 @@ fn transfers_of_many_small_objects_arrive_as_a_verified_pack() {
     let ids = a.list().unwrap();
     let t = FsTransport::open(b.root(), false).unwrap();
     let mut calls = 0;
-    let r = transfer(&a, &t, &ids, Direction::Push, &mut |_, _| calls += 1).unwrap();
+    let r = transfer(&a, &t, &ids, Direction::Push, &mut |_| calls += 1).unwrap();
     assert_eq!((r.transferred, calls), (152, 152));
     // The 151 small objects as one pack; the big tensor as a file.
     let sb = b.stats().unwrap();
@@ -353,7 +353,7 @@ fn transfers_of_many_small_objects_arrive_as_a_verified_pack() {
     assert_eq!(loose_count(&b), 1);
     // From b's pack into an empty c.
     let tc = FsTransport::open(b.root(), false).unwrap();
-    let r = transfer(&c, &tc, &ids, Direction::Fetch, &mut |_, _| {}).unwrap();
+    let r = transfer(&c, &tc, &ids, Direction::Fetch, &mut |_| {}).unwrap();
     assert_eq!(r.transferred, 152);
     assert_eq!(c.stats().unwrap().packed_objects, 151);
     let out = tmp.path().join("out");
@@ -361,7 +361,7 @@ fn transfers_of_many_small_objects_arrive_as_a_verified_pack() {
     assert_eq!(std::fs::read(&out).unwrap(), bytes);
     assert!(c.check_packs().unwrap().is_empty());
     // Again: nothing moves.
-    let r = transfer(&a, &t, &ids, Direction::Push, &mut |_, _| {}).unwrap();
+    let r = transfer(&a, &t, &ids, Direction::Push, &mut |_| {}).unwrap();
     assert_eq!((r.transferred, r.already_present), (0, 152));
 }
 
@@ -377,7 +377,7 @@ fn a_corrupt_object_in_a_transfer_makes_nothing_visible() {
     let len = std::fs::metadata(&victim).unwrap().len() as usize;
     flip(&victim, len - 1);
     let t = FsTransport::open(b.root(), false).unwrap();
-    let err = transfer(&a, &t, &ids, Direction::Push, &mut |_, _| {}).unwrap_err();
+    let err = transfer(&a, &t, &ids, Direction::Push, &mut |_| {}).unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     assert!(b.list().unwrap().is_empty(), "nothing may be visible");
     assert_eq!(b.stats().unwrap().packs, 0);

@@ -79,6 +79,40 @@ pub trait ObjectTransport {
     fn clean(&self) -> Result<usize, StoreError> {
         Ok(0)
     }
+    /// The size of object `id` on the other side when known cheaply (for progress totals);
+    /// `None` when it is not there or the size is unknown.
+    fn len_there(&self, _id: &ObjectId) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+    /// Check object `id` on the other side: with `quick`, only that it exists (and has the
+    /// size of the local copy, where `local` has one); else download and hash it. The default
+    /// is the quick check by [`ObjectTransport::has`].
+    fn check(
+        &self,
+        _local: &Store,
+        id: &ObjectId,
+        _quick: bool,
+    ) -> Result<RemoteObject, StoreError> {
+        Ok(if self.has(id)? {
+            RemoteObject::Ok { bytes: 0 }
+        } else {
+            RemoteObject::Missing
+        })
+    }
+}
+
+/// How an object on the other side checked out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RemoteObject {
+    /// Present (and, for a full check, hashed right): its size in bytes.
+    Ok {
+        /// Its size on the other side.
+        bytes: u64,
+    },
+    /// Not there.
+    Missing,
+    /// There, but not what its id promises: why.
+    Corrupt(String),
 }
 
 /// A store reachable through the filesystem.
@@ -193,6 +227,33 @@ impl ObjectTransport for FsTransport {
     fn clean(&self) -> Result<usize, StoreError> {
         self.remote.remove_dead_temp_files()
     }
+
+    fn len_there(&self, id: &ObjectId) -> Result<Option<u64>, StoreError> {
+        // Loose or packed on the other side.
+        Ok(self.remote.open_raw(id).ok().map(|(_, len, _)| len))
+    }
+
+    fn check(&self, local: &Store, id: &ObjectId, quick: bool) -> Result<RemoteObject, StoreError> {
+        let Some(len) = self.len_there(id)? else {
+            return Ok(RemoteObject::Missing);
+        };
+        if quick {
+            if let Ok((_, here, _)) = local.open_raw(id) {
+                if here != len {
+                    return Ok(RemoteObject::Corrupt(format!(
+                        "it is {len} bytes there but {here} here"
+                    )));
+                }
+            }
+            return Ok(RemoteObject::Ok { bytes: len });
+        }
+        match self.remote.verify(id) {
+            Ok(()) => Ok(RemoteObject::Ok { bytes: len }),
+            Err(StoreError::Corrupt { reason, .. }) => Ok(RemoteObject::Corrupt(reason)),
+            Err(StoreError::ObjectMissing { .. }) => Ok(RemoteObject::Missing),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// What a transfer did.
@@ -217,8 +278,22 @@ pub enum Direction {
     Fetch,
 }
 
+/// Where a transfer is, for a progress display.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransferProgress {
+    /// Objects handled (copied or found present).
+    pub done: usize,
+    /// Objects in all.
+    pub total: usize,
+    /// Bytes copied so far.
+    pub bytes: u64,
+    /// Bytes to copy in all, when the sizes are known (a push knows its local files; a
+    /// fetch knows what the other side lists).
+    pub bytes_total: Option<u64>,
+}
+
 /// Copy `ids` between `local` and `transport` in `direction`; only missing objects move.
-/// `progress(done, total)` is called after each object. The fault point
+/// `progress` is called once before the first copy and after each object. The fault point
 /// `transfer.after_object` (reached after each object copied) lets tests kill a transfer
 /// midway; re-running it copies only what is still missing.
 pub fn transfer(
@@ -226,14 +301,15 @@ pub fn transfer(
     transport: &dyn ObjectTransport,
     ids: &[ObjectId],
     direction: Direction,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(&TransferProgress),
 ) -> Result<TransferReport, StoreError> {
     let mut report = TransferReport {
         objects: ids.len(),
         ..TransferReport::default()
     };
-    let mut missing = Vec::new();
-    let mut done = 0;
+    // Which objects must move, and how many bytes that is (when known).
+    let mut todo = Vec::with_capacity(ids.len());
+    let mut bytes_total = Some(0u64);
     for id in ids {
         let present = match direction {
             Direction::Push => transport.has(id)?,
@@ -241,21 +317,33 @@ pub fn transfer(
         };
         if present {
             report.already_present += 1;
-            done += 1;
-            progress(done, ids.len());
-        } else {
-            missing.push(*id);
+            continue;
         }
+        let len = match direction {
+            Direction::Push => local.open_raw(id).ok().map(|(_, len, _)| len),
+            Direction::Fetch => transport.len_there(id)?,
+        };
+        bytes_total = bytes_total.zip(len).map(|(a, b)| a + b);
+        todo.push(*id);
     }
-    let mut each = |_: u64| {
-        done += 1;
-        progress(done, ids.len());
+    let mut state = TransferProgress {
+        done: report.already_present,
+        total: ids.len(),
+        bytes: 0,
+        bytes_total,
     };
+    progress(&state);
+    let mut each = |n: u64| {
+        state.done += 1;
+        state.bytes += n;
+        progress(&state);
+    };
+    // Many small objects may move as one pack (see ObjectTransport::put_many).
     report.bytes = match direction {
-        Direction::Push => transport.put_many(local, &missing, &mut each)?,
-        Direction::Fetch => transport.get_many(local, &missing, &mut each)?,
+        Direction::Push => transport.put_many(local, &todo, &mut each)?,
+        Direction::Fetch => transport.get_many(local, &todo, &mut each)?,
     };
-    report.transferred = missing.len();
+    report.transferred = todo.len();
     Ok(report)
 }
 
@@ -280,18 +368,24 @@ mod tests {
         // b already has one of them.
         b.put_blob_bytes(b"object 2").unwrap();
         let t = FsTransport::open(b.root(), false).unwrap();
-        let mut calls = 0;
-        let r = transfer(&a, &t, &ids, Direction::Push, &mut |_, _| calls += 1).unwrap();
+        let mut seen = Vec::new();
+        let r = transfer(&a, &t, &ids, Direction::Push, &mut |p| seen.push(*p)).unwrap();
         assert_eq!((r.objects, r.transferred, r.already_present), (5, 4, 1));
-        assert_eq!(calls, 5);
+        // Once before the copies (the present one counted), then once per copy.
+        assert_eq!(seen.len(), 5);
+        assert_eq!((seen[0].done, seen[0].total, seen[0].bytes), (1, 5, 0));
+        let last = seen[4];
+        assert_eq!((last.done, last.bytes), (5, r.bytes));
+        assert_eq!(last.bytes_total, Some(r.bytes));
+        assert!(seen.windows(2).all(|w| w[0].bytes <= w[1].bytes));
         for id in &ids {
             b.verify(id).unwrap();
         }
-        let again = transfer(&a, &t, &ids, Direction::Push, &mut |_, _| {}).unwrap();
+        let again = transfer(&a, &t, &ids, Direction::Push, &mut |_| {}).unwrap();
         assert_eq!((again.transferred, again.bytes), (0, 0));
         // And back into an empty third store.
         let c = Store::init(&b.root().with_file_name("c")).unwrap();
-        let r = transfer(&c, &t, &ids, Direction::Fetch, &mut |_, _| {}).unwrap();
+        let r = transfer(&c, &t, &ids, Direction::Fetch, &mut |_| {}).unwrap();
         assert_eq!(r.transferred, 5);
         assert_eq!(c.read_blob(&ids[4]).unwrap(), b"object 4");
     }
@@ -331,6 +425,48 @@ mod tests {
             .receive_object(&id, &mut bytes.as_slice(), Path::new("ok"))
             .unwrap());
         b.verify(&id).unwrap();
+    }
+
+    #[test]
+    fn check_finds_missing_resized_and_corrupt_objects_on_the_other_side() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_tmp, a, b) = stores();
+        let ids: Vec<ObjectId> = (0..3)
+            .map(|i| a.put_blob_bytes(format!("weights {i}").as_bytes()).unwrap())
+            .collect();
+        let t = FsTransport::open(b.root(), false).unwrap();
+        transfer(&a, &t, &ids[..2], Direction::Push, &mut |_| {}).unwrap();
+        let len = std::fs::metadata(a.object_path(&ids[0])).unwrap().len();
+        for quick in [true, false] {
+            assert_eq!(
+                t.check(&a, &ids[0], quick).unwrap(),
+                RemoteObject::Ok { bytes: len }
+            );
+            assert_eq!(t.check(&a, &ids[2], quick).unwrap(), RemoteObject::Missing);
+        }
+        assert_eq!(t.len_there(&ids[0]).unwrap(), Some(len));
+        assert_eq!(t.len_there(&ids[2]).unwrap(), None);
+        // Same size, one bit flipped: only the full check sees it.
+        let path = b.object_path(&ids[1]);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            t.check(&a, &ids[1], true).unwrap(),
+            RemoteObject::Ok { .. }
+        ));
+        assert!(matches!(
+            t.check(&a, &ids[1], false).unwrap(),
+            RemoteObject::Corrupt(r) if r.contains("does not match")
+        ));
+        // Truncated: the quick check compares with the local copy's size.
+        std::fs::write(&path, &bytes[..last]).unwrap();
+        assert!(matches!(
+            t.check(&a, &ids[1], true).unwrap(),
+            RemoteObject::Corrupt(r) if r.contains("bytes there")
+        ));
     }
 
     #[test]

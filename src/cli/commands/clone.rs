@@ -35,7 +35,7 @@ pub fn cmd_clone(
         _ => args.url.clone(),
     };
     let mut progress = TransferProgress::new(ui, "Receiving objects");
-    let (repo, report) = CoinRepo::clone_from(&url, &dir, &mut |d, t| progress.update(d, t))?;
+    let (repo, report) = CoinRepo::clone_from(&url, &dir, &mut |p| progress.update(p))?;
     drop(progress);
     super::fetch::warn_fetch_problems(ui, &report);
     if args.json {

@@ -75,7 +75,7 @@ pub fn cmd_fetch(
         None => repo.default_remote()?,
     };
     let mut progress = TransferProgress::new(ui, "Receiving objects");
-    let report = repo.fetch(&remote, &mut |d, t| progress.update(d, t))?;
+    let report = repo.fetch(&remote, &mut |p| progress.update(p))?;
     drop(progress);
     warn_fetch_problems(ui, &report);
     if args.json {

@@ -20,7 +20,7 @@ pub fn cmd_pull(ui: &mut Ui, helper: &CommandHelper, args: &PullArgs) -> Result<
     let repo = open_repo(helper)?;
     let (remote, branch) = args.target.resolve(&repo)?;
     let mut progress = TransferProgress::new(ui, "Receiving objects");
-    let report = repo.pull(&remote, &branch, &mut |d, t| progress.update(d, t))?;
+    let report = repo.pull(&remote, &branch, &mut |p| progress.update(p))?;
     drop(progress);
     super::fetch::warn_fetch_problems(ui, &report.fetch);
     if args.target.json {

@@ -21,7 +21,7 @@ pub fn cmd_push(ui: &mut Ui, helper: &CommandHelper, args: &PushArgs) -> Result<
     let repo = open_repo(helper)?;
     let (remote, branch) = args.target.resolve(&repo)?;
     let mut progress = TransferProgress::new(ui, "Sending objects");
-    let report = repo.push(&remote, &branch, &mut |d, t| progress.update(d, t))?;
+    let report = repo.push(&remote, &branch, &mut |p| progress.update(p))?;
     drop(progress);
     if args.target.json {
         return ui.json(&report);

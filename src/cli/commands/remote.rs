@@ -1,5 +1,6 @@
 //! `coin remote`: add, list and remove remotes (coin/git repositories reachable as a path or
-//! `file://` URL), and the progress display shared by push, pull, fetch and clone.
+//! `file://` URL, with objects there or in an object store), and the progress display shared
+//! by push, pull, fetch, clone and `fsck --remote`.
 
 use std::io::Write;
 
@@ -14,7 +15,8 @@ use super::history_util::open_repo;
 ///
 /// A remote is a git remote (refs and notes travel with git) whose store objects live in its
 /// `.coin/` (a coin repository), in `coin/` (a bare git repository), or where git config
-/// `remote.<name>.coinobjects` says. See docs/remotes.md.
+/// `remote.<name>.coinobjects` says (`--objects`: a path or an S3/GCS/Azure/HTTP object store
+/// URL). See docs/remotes.md.
 #[derive(clap::Subcommand, Debug)]
 pub enum RemoteCommand {
     Add(RemoteAddArgs),
@@ -27,9 +29,12 @@ pub enum RemoteCommand {
 pub struct RemoteAddArgs {
     /// Its name, e.g. origin
     pub name: String,
-    /// A path or file:// URL of a coin repository or a bare git repository
+    /// A path or file:// URL of a coin repository or a bare git repository (the git half:
+    /// refs and notes)
     pub url: String,
-    /// Where its store objects live, when not in the repository itself (path or file:// URL)
+    /// Where its store objects live, when not in the repository itself: a path, a file:// URL,
+    /// or an object store (s3://BUCKET/PREFIX, gs://, az://CONTAINER/PREFIX, http(s)://;
+    /// credentials from the environment, see docs/remotes.md)
     #[arg(long, value_name = "URL")]
     pub objects: Option<String>,
 }
@@ -124,9 +129,12 @@ pub fn cmd_remote(
     }
 }
 
-/// A progress callback for object transfers: a bar on a terminal, nothing otherwise.
+/// A progress callback for object transfers: a bar on a terminal (objects, bytes and rate),
+/// nothing otherwise.
 pub struct TransferProgress {
     bar: Option<indicatif::ProgressBar>,
+    what: String,
+    start: std::time::Instant,
 }
 
 impl TransferProgress {
@@ -135,22 +143,53 @@ impl TransferProgress {
         let bar = ui.show_progress().then(|| {
             let bar = indicatif::ProgressBar::new(0);
             bar.set_message(what.to_string());
-            if let Ok(style) =
-                indicatif::ProgressStyle::with_template("{msg} {pos}/{len} {wide_bar}")
-            {
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg} {wide_bar} {prefix} [{elapsed_precise}]",
+            ) {
                 bar.set_style(style);
             }
             bar
         });
-        TransferProgress { bar }
+        TransferProgress {
+            bar,
+            what: what.to_string(),
+            start: std::time::Instant::now(),
+        }
     }
 
-    /// Record `done` of `total` objects.
-    pub fn update(&mut self, done: usize, total: usize) {
-        if let Some(b) = &self.bar {
-            b.set_length(total as u64);
-            b.set_position(done as u64);
+    /// Record where the transfer is: the bar follows bytes when their total is known, else
+    /// objects; the text shows both and the rate.
+    pub fn update(&mut self, p: &crate::store::transport::TransferProgress) {
+        let Some(b) = &self.bar else { return };
+        match p.bytes_total {
+            Some(total) if total > 0 => {
+                b.set_length(total);
+                b.set_position(p.bytes);
+            }
+            _ => {
+                b.set_length(p.total as u64);
+                b.set_position(p.done as u64);
+            }
         }
+        b.set_message(format!("{} {}/{}", self.what, p.done, p.total));
+        b.set_prefix(transfer_text(p, self.start.elapsed()));
+    }
+}
+
+/// "12.0 MB of 64.0 MB, 8.1 MB/s" for a progress line.
+pub fn transfer_text(
+    p: &crate::store::transport::TransferProgress,
+    elapsed: std::time::Duration,
+) -> String {
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 {
+        human_bytes((p.bytes as f64 / secs) as u64)
+    } else {
+        human_bytes(0)
+    };
+    match p.bytes_total {
+        Some(t) => format!("{} of {}, {rate}/s", human_bytes(p.bytes), human_bytes(t)),
+        None => format!("{}, {rate}/s", human_bytes(p.bytes)),
     }
 }
 

@@ -30,7 +30,12 @@ pub fn repack_with_progress(
 ) -> Result<RepackReport, CommandError> {
     let mut progress = TransferProgress::new(ui, "Compressing objects");
     let report = repo.repack(level, &mut |done, total| {
-        progress.update(done as usize, total as usize)
+        progress.update(&crate::store::transport::TransferProgress {
+            done: done as usize,
+            total: total as usize,
+            bytes: 0,
+            bytes_total: None,
+        })
     })?;
     Ok(report)
 }

@@ -125,7 +125,41 @@ fn store_samples() -> Vec<(&'static str, StoreError, u8)> {
             },
             1,
         ),
+        (
+            "object store: credentials",
+            remote(crate::store::RemoteErrorKind::Credentials),
+            1,
+        ),
+        (
+            "object store: no bucket",
+            remote(crate::store::RemoteErrorKind::NoBucket),
+            1,
+        ),
+        (
+            "object store: unreachable",
+            remote(crate::store::RemoteErrorKind::Unreachable),
+            1,
+        ),
+        (
+            "object store: config",
+            remote(crate::store::RemoteErrorKind::Config),
+            1,
+        ),
+        (
+            "object store: other",
+            remote(crate::store::RemoteErrorKind::Other),
+            255,
+        ),
     ]
+}
+
+fn remote(kind: crate::store::RemoteErrorKind) -> StoreError {
+    StoreError::Remote {
+        op: "list the objects of".into(),
+        url: "s3://bucket/prefix".into(),
+        kind,
+        reason: CAUSE.into(),
+    }
 }
 
 fn history_samples() -> Vec<(&'static str, HistoryError, u8)> {

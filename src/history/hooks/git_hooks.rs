@@ -90,7 +90,7 @@ impl CoinRepo {
             transport.as_ref(),
             &ids,
             crate::store::transport::Direction::Push,
-            &mut |_, _| {},
+            &mut |_| {},
         )?;
         report.objects_sent = t.transferred;
         report.messages.push(format!(

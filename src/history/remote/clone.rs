@@ -99,6 +99,18 @@ impl CoinRepo {
             git.remote_set_url("origin", &url)
                 .map_err(git_err("set the remote URL"))?;
         }
+        // A remote whose objects live in an object store says where (`coin.objects` in its
+        // git config, written by the first push there).
+        let objects = git2::Repository::open(&src)
+            .ok()
+            .and_then(|g| g.config().ok())
+            .and_then(|c| c.get_string(super::REMOTE_OBJECTS_CONFIG).ok());
+        if let Some(o) = &objects {
+            let git = git2::Repository::open(dir).map_err(git_err("open the clone"))?;
+            git.config()
+                .and_then(|mut c| c.set_str(&format!("remote.origin.{}", super::OBJECTS_KEY), o))
+                .map_err(git_err("set remote.origin.coinobjects"))?;
+        }
         CoinRepo::init(dir)?;
         let repo = CoinRepo::discover(dir)?;
         let mut fetch = repo.fetch("origin", progress)?;

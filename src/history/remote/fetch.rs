@@ -279,7 +279,7 @@ impl CoinRepo {
             transport.as_ref(),
             &ids,
             Direction::Fetch,
-            &mut |d, t| progress(d, t),
+            &mut |p| progress(p),
         )?;
         // The same checks checkout makes, now that the objects are here, before any ref names
         // the new checkpoints.

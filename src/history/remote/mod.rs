@@ -23,6 +23,7 @@ mod notes;
 mod objects;
 mod pack;
 mod push;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,13 +31,15 @@ use std::time::Duration;
 use git2::Repository;
 use serde::Serialize;
 
-use crate::store::transport::{FsTransport, ObjectTransport};
+use crate::store::s3::{is_object_store_url, ObjectStoreTransport};
+use crate::store::transport::{FsTransport, ObjectTransport, TransferProgress};
 
 use super::repo::CoinRepo;
 use super::HistoryError;
 
 pub use fetch::{FetchReport, NotesUpdate, PullReport};
 pub use push::PushReport;
+pub use verify::{RemoteFsckReport, RemoteProblem};
 
 /// Prefix of remote-tracking refs: `refs/coin/remotes/<remote>/<branch>`.
 pub const REMOTE_PREFIX: &str = "refs/coin/remotes/";
@@ -46,6 +49,11 @@ pub const STAGING_PREFIX: &str = "refs/coin-fetch/";
 
 /// Git config key (under `remote.<name>.`) naming the remote's object store explicitly.
 pub const OBJECTS_KEY: &str = "coinobjects";
+
+/// Git config key, in a remote's own git repository, naming the object store its checkpoints'
+/// objects are in (when that is a network object store): written by a push there, read by
+/// `coin clone`.
+pub const REMOTE_OBJECTS_CONFIG: &str = "coin.objects";
 
 /// A configured remote.
 #[derive(Clone, Debug, Serialize)]
@@ -58,8 +66,8 @@ pub struct RemoteInfo {
     pub objects: Option<String>,
 }
 
-/// Progress of an object transfer: `(objects done, objects in total)`.
-pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+/// Progress of an object transfer: objects and bytes done and in total.
+pub type Progress<'a> = &'a mut dyn FnMut(&TransferProgress);
 
 /// The local path a path or `file://` URL names; `None` for other URLs.
 pub fn url_path(url: &str) -> Option<PathBuf> {
@@ -76,8 +84,9 @@ pub fn url_path(url: &str) -> Option<PathBuf> {
 
 fn unsupported(url: &str) -> HistoryError {
     HistoryError::Input(format!(
-        "remote '{url}' is not a path or file:// URL; coin moves objects only to and from \
-         filesystem remotes today (see docs/remotes.md for the S3 plan)"
+        "remote '{url}' is not a path or file:// URL; coin reaches the git half of a remote \
+         as a path, and store objects at a path or an object store URL (s3://, gs://, az://, \
+         http(s)://) set with `coin remote add NAME GIT_PATH --objects URL` (docs/remotes.md)"
     ))
 }
 
@@ -143,6 +152,13 @@ impl CoinRepo {
         if !git2::Remote::is_valid_name(name) {
             return Err(HistoryError::Input(format!(
                 "'{name}' is not a valid remote name"
+            )));
+        }
+        if is_object_store_url(url) {
+            return Err(HistoryError::Input(format!(
+                "'{url}' holds store objects, not the git half (refs and notes); give both: \
+                 `coin remote add {name} GIT_PATH --objects {url}`, where GIT_PATH is a bare \
+                 git repository (`git init --bare PATH`) or a coin repository"
             )));
         }
         let url = absolute_url(url)?;
@@ -252,6 +268,10 @@ impl CoinRepo {
         remote: &RemoteInfo,
         create: bool,
     ) -> Result<Box<dyn ObjectTransport>, HistoryError> {
+        if let Some(o) = remote.objects.as_deref().filter(|o| is_object_store_url(o)) {
+            let _ = create; // An object store needs no creating: the bucket must exist.
+            return Ok(Box::new(ObjectStoreTransport::open(o)?));
+        }
         let dir = match &remote.objects {
             Some(o) => Some((url_path(o).ok_or_else(|| unsupported(o))?, true)),
             None => {

@@ -110,7 +110,8 @@ impl CoinRepo {
             let mut still = Vec::new();
             let mut there = Vec::new();
             for id in missing {
-                if transport.has(&id)? {
+                // An object store that cannot be listed (down, refused) counts as unreachable.
+                if transport.has(&id).unwrap_or(false) {
                     there.push(id);
                 } else {
                     still.push(id);

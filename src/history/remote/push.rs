@@ -8,7 +8,8 @@ use crate::store::transport::{transfer, Direction, TransferReport};
 use super::super::repo::{short_id, CoinRepo, BRANCH_PREFIX, NOTES_REF, TAG_PREFIX};
 use super::super::{CheckpointId, HistoryError};
 use super::pack::{copy_git_objects, list_refs_of};
-use super::{git_err, lock_wait, Progress, STAGING_PREFIX};
+use super::{git_err, lock_wait, Progress, REMOTE_OBJECTS_CONFIG, STAGING_PREFIX};
+use crate::store::s3::is_object_store_url;
 
 /// What `push` did.
 #[derive(Clone, Debug, Serialize)]
@@ -50,6 +51,17 @@ impl CoinRepo {
         let _remote_lock = transport.lock(lock_wait())?;
         transport.clean()?;
         let rgit = self.open_remote_git(&info)?;
+        if let Some(o) = info.objects.as_deref().filter(|o| is_object_store_url(o)) {
+            // So that `coin clone` of the git half finds the objects.
+            let mut cfg = rgit
+                .config()
+                .map_err(git_err("read the remote's git config"))?;
+            if cfg.get_string(REMOTE_OBJECTS_CONFIG).ok().as_deref() != Some(o) {
+                cfg.set_str(REMOTE_OBJECTS_CONFIG, o).map_err(git_err(
+                    "record the object store in the remote's git config",
+                ))?;
+            }
+        }
         let (remote_refs, _) = list_refs_of(&rgit)?;
         let full = format!("{BRANCH_PREFIX}{branch}");
         let old = remote_refs.get(&full).copied();
@@ -87,7 +99,7 @@ impl CoinRepo {
             transport.as_ref(),
             &ids,
             Direction::Push,
-            &mut |d, t| progress(d, t),
+            &mut |p| progress(p),
         )?;
 
         // Notes: merge the remote's first when both sides have new ones.
