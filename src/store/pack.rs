@@ -466,6 +466,7 @@ impl<'a> PackWriter<'a> {
         let name = format!("pack-{}", hex(&checksum));
         let pack_path = dir.join(format!("{name}.pack"));
         fault::point("store.pack.before_rename");
+        self.store.mark_packed()?;
         self.tmp
             .persist(&pack_path)
             .map_err(|e| StoreError::io("rename a pack into", &pack_path, e.error))?;

@@ -67,7 +67,11 @@ fn pack_round_trip_keeps_every_object_readable_and_verified() {
     let entry = store.ingest_file(&path).unwrap();
     let before = store.list().unwrap();
     assert_eq!(before.len(), 42, "header + 40 small + 1 big");
+    let store_type = store.root().join("store/type");
+    assert_eq!(std::fs::read_to_string(&store_type).unwrap(), "loose\n");
     let report = store.pack_loose(&all_packs()).unwrap();
+    // A store with packs says so, so that coins without packs refuse it.
+    assert_eq!(std::fs::read_to_string(&store_type).unwrap(), "packed\n");
     assert_eq!(report.packed, 41, "{report:?}");
     assert_eq!(report.loose_removed, 41);
     assert_eq!(report.packs_written, 1);

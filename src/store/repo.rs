@@ -21,6 +21,9 @@ use super::{fault, FileEntry, ObjectId, StoreError, StoreStats, TensorData, Tens
 pub const FORMAT_VERSION: &str = "1";
 /// Content of `.coin/store/type`: loose object files under `objects/`.
 pub const STORE_TYPE: &str = "loose";
+/// Content of `.coin/store/type` once a pack was written (`objects/pack/`): coins that
+/// predate packs refuse the store instead of reporting its packed objects missing.
+pub const STORE_TYPE_PACKED: &str = "packed";
 
 /// Largest buffer ingest reads into: an item (tensor or blob) up to this size is read once,
 /// hashed, and written from memory; a larger one is hashed in chunks, then (only when the
@@ -193,12 +196,12 @@ impl Store {
         }
         let type_path = coin_dir.join("store").join("type");
         match read_trimmed(&type_path)? {
-            Some(t) if t == STORE_TYPE => {}
+            Some(t) if t == STORE_TYPE || t == STORE_TYPE_PACKED => {}
             other => {
                 return Err(StoreError::UnsupportedFormat {
                     path: type_path,
                     found: other.unwrap_or_default().chars().take(40).collect(),
-                    expected: format!("store type '{STORE_TYPE}'"),
+                    expected: format!("store type '{STORE_TYPE}' or '{STORE_TYPE_PACKED}'"),
                 })
             }
         }
@@ -208,6 +211,16 @@ impl Store {
         };
         create_dir(&store.tmp_dir())?;
         Ok(store)
+    }
+
+    /// Record in `store/type` that the store holds packs (before the first pack is visible).
+    pub(super) fn mark_packed(&self) -> Result<(), StoreError> {
+        let path = self.root.join("store").join("type");
+        if read_trimmed(&path)?.as_deref() != Some(STORE_TYPE_PACKED) {
+            fsutil::write_atomic(&path, format!("{STORE_TYPE_PACKED}\n"))
+                .map_err(|e| StoreError::io("write", &path, e))?;
+        }
+        Ok(())
     }
 
     /// The `.coin` directory.
