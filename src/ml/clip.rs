@@ -63,7 +63,8 @@ pub struct ClipLayer {
 }
 
 impl ClipLayer {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// One layer on hidden states (b, n, d).
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let hd = d / self.heads;
         let h = self.ln1.forward(x)?;
@@ -174,6 +175,16 @@ impl ClipVision {
 
     /// Pixel values (b, 3, H, W) → selected hidden state (b, n, d), CLS dropped for `Patch`.
     pub fn forward(&self, pixels: &Tensor, select: FeatureSelect) -> candle_core::Result<Tensor> {
+        let mut x = self.embed(pixels)?;
+        for layer in &self.layers {
+            x = layer.forward(&x)?;
+        }
+        self.select(&x, select)
+    }
+
+    /// Hidden state 0 (b, n + 1, d): patch embedding, CLS token, position embedding and
+    /// `pre_layrnorm`, the input of the first layer.
+    pub(crate) fn embed(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let (b, ch, h, w) = pixels.dims4()?;
         let p = c.patch_size;
@@ -201,13 +212,15 @@ impl ClipVision {
             .broadcast_as((b, 1, c.hidden_size))?;
         let x = Tensor::cat(&[cls, x], 1)?;
         let x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
-        let mut x = self.pre_ln.forward(&x)?;
-        for layer in &self.layers {
-            x = layer.forward(&x)?;
-        }
+        self.pre_ln.forward(&x)
+    }
+
+    /// The features of the last layer's output `x` (b, n + 1, d): without the CLS position for
+    /// `Patch`.
+    pub(crate) fn select(&self, x: &Tensor, select: FeatureSelect) -> candle_core::Result<Tensor> {
         match select {
-            FeatureSelect::Patch => x.narrow(1, 1, g * g),
-            FeatureSelect::Full => Ok(x),
+            FeatureSelect::Patch => x.narrow(1, 1, self.config.grid() * self.config.grid()),
+            FeatureSelect::Full => Ok(x.clone()),
         }
     }
 }

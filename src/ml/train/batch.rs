@@ -77,7 +77,8 @@ pub fn forward_batch(
     Ok((model.llm.logits(&hidden)?, inputs.labels))
 }
 
-/// Embed and pad a batch (the vision tower and projector run here) for the decoder.
+/// Embed and pad a batch (the vision tower and projector run here, with their graph) for the
+/// decoder.
 pub fn prepare_batch(
     model: &Llava,
     examples: &[TrainExample],
@@ -86,14 +87,33 @@ pub fn prepare_batch(
     if examples.is_empty() {
         return Err(MlError::Input("empty training batch".into()));
     }
-    let dev = &model.device;
-    let features: Vec<Tensor> = if pixels.is_empty() {
-        Vec::new()
+    let features = if pixels.is_empty() {
+        None
     } else {
-        let f = model.image_features(&Tensor::stack(pixels, 0)?)?;
-        (0..pixels.len())
+        Some(super::checkpoint::image_features(
+            model,
+            &Tensor::stack(pixels, 0)?,
+        )?)
+    };
+    embed_batch(model, examples, features)
+}
+
+/// Embed and pad a batch whose image features (n_images, image_seq_len, hidden), projected,
+/// are given (`None` without images).
+pub(crate) fn embed_batch(
+    model: &Llava,
+    examples: &[TrainExample],
+    features: Option<Tensor>,
+) -> Result<BatchInputs> {
+    if examples.is_empty() {
+        return Err(MlError::Input("empty training batch".into()));
+    }
+    let dev = &model.device;
+    let features: Vec<Tensor> = match features {
+        None => Vec::new(),
+        Some(f) => (0..f.dim(0)?)
             .map(|i| f.get(i))
-            .collect::<candle_core::Result<_>>()?
+            .collect::<candle_core::Result<_>>()?,
     };
     let n_features = features.len();
     let mut feat_iter = features.into_iter();

@@ -1,55 +1,223 @@
-//! Activation checkpointing per decoder layer: gradients of a batch's objective without
-//! keeping every layer's activations alive at once.
+//! Activation checkpointing per decoder layer, and per vision tower layer when the tower
+//! trains: gradients of a batch's objective without keeping every layer's activations alive at
+//! once.
 //!
 //! Without it, candle's backward needs the graph of the whole forward: every intermediate of
 //! every layer (attention scores and probabilities, the MLP's wide activations, the adapters'
-//! inputs) stays alive until the backward has passed it. With it ([`batch_gradients`] with
-//! `checkpointed`):
+//! inputs) stays alive until the backward has passed it; a trained tower's graph (LLaVA's 23
+//! layers of 577 positions per image) stays alive through the decoder's forward and backward.
+//! With it ([`batch_gradients`] with `checkpointed`):
 //!
-//! 1. the forward keeps only each layer's input, detached (no graph); each layer's graph is
-//!    dropped as soon as its output is taken;
-//! 2. the loss head (final norm, `lm_head`, the caller's objective: masked cross-entropy and a
+//! 1. the tower ([`TowerTape`]) runs layer by layer keeping only each layer's input, detached,
+//!    and its selected layer's output (LLaVA's `hidden_states[-2]`: the layers after it are not
+//!    loaded) made a fresh tracked input of the projector when any part of the tower trains;
+//!    a frozen tower keeps nothing (its forward has no graph either way);
+//! 2. the decoder's forward keeps only each layer's input, detached (no graph); each layer's
+//!    graph is dropped as soon as its output is taken;
+//! 3. the loss head (final norm, `lm_head`, the caller's objective: masked cross-entropy and a
 //!    method's outputs term) runs on the last layer's output made a fresh tracked input, and its
 //!    backward gives the parameters' gradients there and `g_L`, the gradient of that input;
-//! 3. the layers are walked in reverse: layer `i` is recomputed from its saved input made a
-//!    fresh tracked input (`Var::from_tensor`), the backward of `sum(out ⊙ g_{i+1})` gives its
-//!    parameters' gradients (accumulated into one [`GradStore`]) and `g_i`, and the layer's
-//!    graph is dropped before the next;
-//! 4. the embedding side (projector, a trained tower, trainable embeddings) gets its gradients
-//!    from one more backward, of `sum(x_0 ⊙ g_0)` through the embeddings' own graph.
+//! 4. the decoder layers are walked in reverse: layer `i` is recomputed from its saved input
+//!    made a fresh tracked input (`Var::from_tensor`), the backward of `sum(out ⊙ g_{i+1})`
+//!    gives its parameters' gradients (accumulated into one [`GradStore`]) and `g_i`, and the
+//!    layer's graph is dropped before the next;
+//! 5. the embedding side (projector, trainable embeddings) gets its gradients from one more
+//!    backward, of `sum(x_0 ⊙ g_0)` through the embeddings' own graph, which also gives the
+//!    gradient of the tower's output;
+//! 6. a trained tower's layers are walked in reverse the same way, then its embeddings (patch
+//!    and position embeddings, CLS, `pre_layrnorm`) are recomputed from the pixels and get the
+//!    backward of `sum(e ⊙ g_emb)`.
 //!
 //! The recompute draws the forward's dropout masks: on the CPU the row-keyed masks
 //! ([`super::dropout::with_rows`]) are a function of the call count, which is saved before each
 //! layer's forward and restored before its recompute; on a GPU the device generator is re-seeded
-//! before every layer (in both modes, so checkpointing does not change the masks). The
-//! gradients equal the plain pass's (tests: `checkpoint_tests`), so the setting is not part of
-//! the training key.
+//! before every layer, decoder and tower (in both modes, so checkpointing does not change the
+//! masks). The tower has no dropout today (adapters never target it), but it is handled alike.
+//! The gradients equal the plain pass's (tests: `checkpoint_tests`), so the setting is not part
+//! of the training key.
 //!
-//! Peak memory then holds the saved layer inputs (layers × b·t·hidden), one layer's graph and
-//! the head's (logits are b·t·vocab); docs/training.md has what was measured.
+//! Peak memory then holds the saved layer inputs (decoder layers × b·t·hidden, tower layers ×
+//! images·577·1024 at LLaVA size), one layer's graph and the head's (logits are b·t·vocab);
+//! docs/training.md has what was measured.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 
-use super::batch::{prepare_batch, BatchInputs, TrainExample};
+use super::batch::{embed_batch, prepare_batch, BatchInputs, TrainExample};
 use super::dropout;
 use crate::ml::llava::Llava;
 use crate::ml::runtime::Checkpointing;
 use crate::ml::{MlError, Result};
 
-/// Seeds of the GPU's dropout masks of layer `i` are salted with this plus `i`.
+/// Seeds of the GPU's dropout masks of decoder layer `i` are salted with this plus `i`.
 const LAYER_SALT: u64 = 1 << 40;
+/// Seeds of the GPU's dropout masks of vision tower layer `i` are salted with this plus `i`.
+const TOWER_SALT: u64 = 1 << 41;
 
-/// On a GPU inside a trainer's row context, re-seed the device generator for layer `i` (its
-/// dropout masks are then a function of the step, the rows and the layer).
+/// On a GPU inside a trainer's row context, re-seed the device generator for decoder layer `i`
+/// (its dropout masks are then a function of the step, the rows and the layer).
 fn seed_layer(device: &Device, i: usize) -> Result<()> {
+    seed_salted(device, LAYER_SALT + i as u64)
+}
+
+/// [`seed_layer`] for vision tower layer `i`.
+fn seed_tower_layer(device: &Device, i: usize) -> Result<()> {
+    seed_salted(device, TOWER_SALT + i as u64)
+}
+
+fn seed_salted(device: &Device, salt: u64) -> Result<()> {
     if device.is_cpu() {
         return Ok(());
     }
-    if let Some(seed) = dropout::row_seed(LAYER_SALT + i as u64) {
+    if let Some(seed) = dropout::row_seed(salt) {
         device.set_seed(seed)?;
     }
     Ok(())
+}
+
+/// Projected image features (n, image_seq_len, hidden) of pixels (n, 3, H, W), with the graph
+/// (the plain training forward; the tower's layers seeded as in [`TowerTape::forward`]).
+pub fn image_features(model: &Llava, pixels: &Tensor) -> Result<Tensor> {
+    let v = &model.vision;
+    let mut x = v.embed(pixels)?;
+    for (i, layer) in v.layers.iter().enumerate() {
+        seed_tower_layer(&model.device, i)?;
+        x = layer.forward(&x)?;
+    }
+    let f = v.select(&x, model.config.feature_select)?;
+    Ok(model.projector.forward(&f)?)
+}
+
+/// The checkpointed forward of the vision tower: each layer's input kept detached, from the
+/// first layer the gradient must pass (the first whose input or parameters are tracked) on,
+/// and the selected layer's output made a fresh tracked input of the projector.
+pub(crate) struct TowerTape {
+    /// The stacked pixel values (n, 3, H, W), for the embeddings' recompute.
+    pixels: Tensor,
+    /// The dropout call count before the embeddings, and whether they are trained.
+    embed: (Option<u64>, bool),
+    /// Per layer: its detached input and the dropout call count before it, `None` for the
+    /// leading layers no gradient passes (a frozen tower has none).
+    saved: Vec<Option<(Tensor, Option<u64>)>>,
+    /// The last layer's output (n, positions, d): a fresh tracked input when any part of the
+    /// tower trains, else detached.
+    out: TowerOut,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tower layers recomputed by [`batch_gradients`] on this thread (tests).
+    pub(crate) static TOWER_RECOMPUTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The tower's last layer output.
+enum TowerOut {
+    /// A fresh tracked input of the projector (some part of the tower trains).
+    Tracked(Var),
+    /// Detached (the tower is frozen).
+    Frozen(Tensor),
+}
+
+impl TowerTape {
+    /// Run the tower layer by layer on `pixels` (n, 3, H, W), keeping no layer's graph.
+    pub(crate) fn forward(model: &Llava, pixels: &Tensor) -> Result<Self> {
+        let v = &model.vision;
+        let embed_calls = dropout::row_calls();
+        let e = v.embed(pixels)?;
+        let embed_trains = e.track_op();
+        let mut needed = embed_trains;
+        let mut x = e.detach();
+        drop(e);
+        let mut saved = Vec::with_capacity(v.layers.len());
+        for (i, layer) in v.layers.iter().enumerate() {
+            let calls = dropout::row_calls();
+            seed_tower_layer(&model.device, i)?;
+            let out = layer.forward(&x)?;
+            needed |= out.track_op();
+            // The output's graph (this layer's activations) is dropped here.
+            let out = out.detach();
+            saved.push(needed.then_some((x, calls)));
+            x = out;
+        }
+        let out = if needed {
+            TowerOut::Tracked(Var::from_tensor(&x)?)
+        } else {
+            TowerOut::Frozen(x)
+        };
+        Ok(TowerTape {
+            pixels: pixels.clone(),
+            embed: (embed_calls, embed_trains),
+            saved,
+            out,
+        })
+    }
+
+    /// The selected features (n, image_seq_len, d) for the projector: tracked from
+    /// [`TowerTape::output`] when the tower trains.
+    pub(crate) fn features(&self, model: &Llava) -> Result<Tensor> {
+        let x = match &self.out {
+            TowerOut::Tracked(var) => var.as_tensor(),
+            TowerOut::Frozen(t) => t,
+        };
+        Ok(model.vision.select(x, model.config.feature_select)?)
+    }
+
+    /// The tracked output whose gradient [`TowerTape::backward`] needs (`None`: the tower is
+    /// frozen).
+    pub(crate) fn output(&self) -> Option<&Var> {
+        match &self.out {
+            TowerOut::Tracked(var) => Some(var),
+            TowerOut::Frozen(_) => None,
+        }
+    }
+
+    /// How many layers' inputs are kept (those [`TowerTape::backward`] recomputes).
+    #[cfg(test)]
+    pub(crate) fn saved_inputs(&self) -> Vec<&Tensor> {
+        self.saved.iter().flatten().map(|(t, _)| t).collect()
+    }
+
+    /// The tower's gradients given `g`, the gradient of [`TowerTape::output`]: the layers are
+    /// recomputed in reverse from their saved inputs as fresh tracked inputs, each layer's
+    /// graph dropped before the next, then the embeddings; `keep` strips a store to the
+    /// trained vars' gradients. Returns the gradients and the number of layers recomputed.
+    pub(crate) fn backward(
+        mut self,
+        model: &Llava,
+        mut g: Tensor,
+        keep: impl Fn(&mut GradStore),
+    ) -> Result<(GradStore, usize)> {
+        let layers = &model.vision.layers;
+        let mut grads = GradStore::default();
+        let mut recomputed = 0;
+        drop(self.out);
+        while let Some(Some((input, calls))) = self.saved.pop() {
+            let i = self.saved.len();
+            dropout::set_row_calls(calls);
+            seed_tower_layer(&model.device, i)?;
+            let var = Var::from_tensor(&input)?;
+            drop(input);
+            let mut layer_grads = {
+                let out = layers[i].forward(var.as_tensor())?;
+                (out * &g)?.sum_all()?.backward()?
+            };
+            g = layer_grads
+                .remove(var.as_tensor())
+                .ok_or_else(|| no_gradient(&format!("vision tower layer {i}'s input")))?;
+            keep(&mut layer_grads);
+            grads.extend(layer_grads)?;
+            recomputed += 1;
+        }
+        let (calls, trains) = self.embed;
+        if trains {
+            dropout::set_row_calls(calls);
+            let e = model.vision.embed(&self.pixels)?;
+            let mut side = (e * g)?.sum_all()?.backward()?;
+            keep(&mut side);
+            grads.extend(side)?;
+        }
+        Ok((grads, recomputed))
+    }
 }
 
 /// The decoder's final-normed hidden states (b, t, hidden) of a prepared batch, with the graph
@@ -116,8 +284,8 @@ pub fn batch_gradients<T>(
         }
         *store = only;
     };
-    let inputs = prepare_batch(model, examples, pixels)?;
     if !checkpointed {
+        let inputs = prepare_batch(model, examples, pixels)?;
         let hidden = decoder(model, &inputs)?;
         let logits = model.llm.logits(&hidden)?;
         let (objective, value) = head(&logits, &inputs.labels)?;
@@ -125,6 +293,17 @@ pub fn batch_gradients<T>(
         strip(&mut grads);
         return Ok((grads, value));
     }
+    // The tower layer by layer (its graph not kept), the projector on its output.
+    let tower = if pixels.is_empty() {
+        None
+    } else {
+        Some(TowerTape::forward(model, &Tensor::stack(pixels, 0)?)?)
+    };
+    let features = match &tower {
+        Some(t) => Some(model.projector.forward(&t.features(model)?)?),
+        None => None,
+    };
+    let inputs = embed_batch(model, examples, features)?;
     let llm = &model.llm;
     let dev = &model.device;
     let (b, s, h) = inputs.embeds.dims3()?;
@@ -178,13 +357,28 @@ pub fn batch_gradients<T>(
         strip(&mut layer_grads);
         grads.extend(layer_grads)?;
     }
-    dropout::set_row_calls(end_calls);
-    // The embedding side: projector (and tower), trainable embeddings.
+    // The embedding side: projector, trainable embeddings and the gradient of a trained
+    // tower's output.
+    let mut g_tower = None;
     if x0.track_op() {
         let mut side = (x0 * g)?.sum_all()?.backward()?;
+        if let Some(out) = tower.as_ref().and_then(TowerTape::output) {
+            g_tower = side.remove(out.as_tensor());
+        }
         strip(&mut side);
         grads.extend(side)?;
     }
+    // The tower in reverse, one layer's graph alive at a time.
+    if let Some(tower) = tower {
+        if tower.output().is_some() {
+            let g = g_tower.ok_or_else(|| no_gradient("the vision tower's output"))?;
+            let (tower_grads, _recomputed) = tower.backward(model, g, strip)?;
+            #[cfg(test)]
+            TOWER_RECOMPUTES.with(|c| c.set(c.get() + _recomputed));
+            grads.extend(tower_grads)?;
+        }
+    }
+    dropout::set_row_calls(end_calls);
     Ok((grads, value))
 }
 

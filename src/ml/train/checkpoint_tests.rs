@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::checkpoint::{activation_bytes, batch_gradients};
+use super::checkpoint::{activation_bytes, batch_gradients, TowerTape, TOWER_RECOMPUTES};
 use super::dropout::with_rows;
 use super::full::FullScope;
 use super::loss::masked_cross_entropy;
@@ -17,8 +17,22 @@ use crate::ml::tiny::{write_tiny, TinyOptions};
 use crate::ml::train::batch::TrainExample;
 
 fn tiny(dtype: DType) -> (tempfile::TempDir, Llava) {
+    tiny_with_tower_layers(dtype, None)
+}
+
+/// The tiny model; with `Some(k)` its `vision_feature_layer` set to `k` (−1: both tower layers
+/// run, so the tower's backward walks more than one layer).
+fn tiny_with_tower_layers(dtype: DType, feature_layer: Option<i64>) -> (tempfile::TempDir, Llava) {
     let dir = tempfile::tempdir().expect("temp dir");
     let m = write_tiny(dir.path(), &TinyOptions::default()).expect("tiny model writes");
+    if let Some(k) = feature_layer {
+        let path = m.join("config.json");
+        let text = std::fs::read_to_string(&path).expect("config.json reads");
+        let mut v: serde_json::Value = serde_json::from_str(&text).expect("config.json parses");
+        v["vision_feature_layer"] = serde_json::json!(k);
+        crate::store::fsutil::write_atomic(&path, v.to_string().as_bytes())
+            .expect("config.json writes");
+    }
     let src = ModelSource::resolve(&m, None, None).expect("tiny model resolves");
     let loaded = load_model(&src, &Device::Cpu, dtype).expect("tiny model loads");
     (dir, loaded.model)
@@ -146,10 +160,125 @@ fn checkpointed_adapter_gradients_equal_the_plain_pass() {
 
 #[test]
 fn checkpointed_full_training_gradients_equal_the_plain_pass() {
-    for scope in [FullScope::LanguageModel, FullScope::WithVisionTower] {
-        let (_dir, mut model) = tiny(DType::F64);
-        let params = TrainableParams::attach_full(&mut model, 3, scope).expect("attach_full");
-        assert_same_gradients(&model, &params, 1e-12, false, &format!("full {scope:?}"));
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        for feature_layer in [None, Some(-1)] {
+            for scope in [FullScope::LanguageModel, FullScope::WithVisionTower] {
+                let (_dir, mut model) = tiny_with_tower_layers(dtype, feature_layer);
+                let params =
+                    TrainableParams::attach_full(&mut model, 3, scope).expect("attach_full");
+                let tower = params
+                    .vars
+                    .iter()
+                    .filter(|(n, _)| n.starts_with("vision_tower."))
+                    .count();
+                assert_eq!(tower > 0, scope == FullScope::WithVisionTower, "{scope:?}");
+                let what = format!("full {scope:?} {dtype:?} tower layers {feature_layer:?}");
+                let before = TOWER_RECOMPUTES.with(|c| c.get());
+                assert_same_gradients(&model, &params, tol, false, &what);
+                // Two checkpointed passes (dropout on and off), each recomputing every tower
+                // layer when the tower trains, none when it is frozen.
+                let recomputed = TOWER_RECOMPUTES.with(|c| c.get()) - before;
+                let expected = if tower > 0 {
+                    2 * model.vision.layers.len()
+                } else {
+                    0
+                };
+                assert_eq!(recomputed, expected, "{what}: tower layers recomputed");
+            }
+        }
+    }
+}
+
+/// With the tower trained, the checkpointed pass keeps each tower layer's input detached,
+/// recomputes every layer once in the backward, and its gradients equal the tower's plain
+/// backward of `sum(features ⊙ G)`; a frozen tower keeps nothing and recomputes nothing.
+#[test]
+fn the_tower_is_recomputed_layer_by_layer() {
+    let (_dir, mut model) = tiny_with_tower_layers(DType::F64, Some(-1));
+    assert_eq!(model.vision.layers.len(), 2);
+    let (_, pixels) = batch(model.config.text.vocab_size as u32);
+    let pixels = Tensor::stack(&pixels, 0).expect("stack");
+    let frozen = TowerTape::forward(&model, &pixels).expect("frozen forward");
+    assert!(frozen.output().is_none());
+    assert!(frozen.saved_inputs().is_empty());
+    assert!(!frozen.features(&model).expect("features").track_op());
+
+    let params = TrainableParams::attach_full(&mut model, 3, FullScope::WithVisionTower)
+        .expect("attach_full");
+    let tape = TowerTape::forward(&model, &pixels).expect("forward");
+    let saved = tape.saved_inputs();
+    assert_eq!(saved.len(), model.vision.layers.len());
+    for (i, x) in saved.iter().enumerate() {
+        assert!(
+            !x.track_op() && !x.is_variable(),
+            "tower layer {i}'s saved input keeps a graph"
+        );
+    }
+    let out = tape.output().expect("a tracked output").clone();
+    let features = tape.features(&model).expect("features");
+    assert!(features.track_op());
+    // A fixed upstream gradient G of the features: the plain tower's backward of
+    // sum(features ⊙ G) against the tape's.
+    let n = features.elem_count();
+    let weights: Vec<f64> = (0..n)
+        .map(|i| ((i * 7919) % 23) as f64 / 23.0 - 0.5)
+        .collect();
+    let g_features = Tensor::from_vec(weights, features.shape(), &Device::Cpu).expect("G");
+    let g_out = (features * &g_features)
+        .and_then(|t| t.sum_all())
+        .and_then(|t| t.backward())
+        .expect("backward to the output")
+        .get(out.as_tensor())
+        .cloned()
+        .expect("the output's gradient");
+    let tower: Vec<(String, candle_core::Var)> = params
+        .vars
+        .iter()
+        .filter(|(n, _)| n.starts_with("vision_tower."))
+        .cloned()
+        .collect();
+    let keep = |store: &mut candle_core::backprop::GradStore| {
+        let mut only = candle_core::backprop::GradStore::default();
+        for (_, v) in &tower {
+            if let Some(g) = store.remove(v.as_tensor()) {
+                only.insert(v.as_tensor(), g);
+            }
+        }
+        *store = only;
+    };
+    let (checkpointed, recomputed) = tape.backward(&model, g_out, keep).expect("tape backward");
+    assert_eq!(recomputed, model.vision.layers.len());
+    let plain = {
+        let v = &model.vision;
+        let mut x = v.embed(&pixels).expect("embed");
+        for layer in &v.layers {
+            x = layer.forward(&x).expect("layer");
+        }
+        let f = v.select(&x, model.config.feature_select).expect("select");
+        (f * &g_features)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("plain backward")
+    };
+    for (name, var) in &tower {
+        let a = checkpointed
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no checkpointed gradient for {name}"));
+        let b = plain
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no plain gradient for {name}"));
+        let scale = b
+            .abs()
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f64>())
+            .expect("scale");
+        let diff = (a - b)
+            .and_then(|t| t.abs())
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f64>())
+            .expect("diff");
+        assert!(scale > 0.0, "{name}: all-zero gradient");
+        assert!(diff <= 1e-12 * scale, "{name}: {diff:e} vs scale {scale:e}");
     }
 }
 
@@ -160,44 +289,81 @@ fn checkpointed_gradients_match_finite_differences() {
     for kind in [AdapterKind::Lora, AdapterKind::MoeLora { experts: 2 }] {
         let (_dir, mut model) = tiny(DType::F64);
         let params = attach(&mut model, kind);
-        params.set_training(true);
-        let (examples, pixels) = batch(model.config.text.vocab_size as u32);
-        let (_, g) = grads(&model, &params, &examples, &pixels, true, 3);
-        let loss = |m: &Llava| grads(m, &params, &examples, &pixels, true, 3).0;
-        let eps = 1e-5;
-        for (name, var) in &params.vars {
-            let gv = &g[name];
-            let (i, analytic) = gv
-                .iter()
-                .copied()
-                .enumerate()
-                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-                .expect("entries");
-            let values: Vec<f64> = var
-                .as_tensor()
-                .flatten_all()
-                .and_then(|t| t.to_vec1())
-                .expect("values");
-            let set = |v: f64| {
-                let mut w = values.clone();
-                w[i] = v;
-                let t = Tensor::from_vec(w, var.shape(), &Device::Cpu).expect("tensor");
-                var.set(&t).expect("set");
-            };
-            set(values[i] + eps);
-            let plus = loss(&model);
-            set(values[i] - eps);
-            let minus = loss(&model);
-            set(values[i]);
-            let numeric = (plus - minus) / (2.0 * eps);
-            let rel = (analytic - numeric).abs() / analytic.abs().max(numeric.abs());
-            assert!(
-                rel < 1e-5,
-                "{kind:?} {name}[{i}]: analytic {analytic:e} vs numeric {numeric:e}"
-            );
-        }
-        params.set_training(false);
+        assert_matches_finite_differences(&model, &params, |_| true, &format!("{kind:?}"));
     }
+}
+
+/// Full training with the tower trained (both tower layers run): checkpointed gradients
+/// against central differences on the largest-|grad| entry of a sample of vars: every tower
+/// var, the projector, and the first decoder layer's and the head's.
+#[test]
+fn checkpointed_tower_gradients_match_finite_differences() {
+    let (_dir, mut model) = tiny_with_tower_layers(DType::F64, Some(-1));
+    let params = TrainableParams::attach_full(&mut model, 3, FullScope::WithVisionTower)
+        .expect("attach_full");
+    let sample = |name: &str| {
+        name.starts_with("vision_tower.")
+            || name.starts_with("multi_modal_projector.")
+            || name.contains("layers.0.")
+            || name.contains("lm_head")
+    };
+    let tested = params.vars.iter().filter(|(n, _)| sample(n)).count();
+    assert!(tested >= 5 + 16 * 2 + 4, "{tested} vars sampled");
+    assert_matches_finite_differences(&model, &params, sample, "full with tower");
+}
+
+fn assert_matches_finite_differences(
+    model: &Llava,
+    params: &TrainableParams,
+    sample: impl Fn(&str) -> bool,
+    what: &str,
+) {
+    params.set_training(true);
+    let (examples, pixels) = batch(model.config.text.vocab_size as u32);
+    let (_, g) = grads(model, params, &examples, &pixels, true, 3);
+    let loss = |m: &Llava| grads(m, params, &examples, &pixels, true, 3).0;
+    let eps = 1e-5;
+    for (name, var) in params.vars.iter().filter(|(n, _)| sample(n)) {
+        let gv = &g[name];
+        let (i, analytic) = gv
+            .iter()
+            .copied()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .expect("entries");
+        let values: Vec<f64> = var
+            .as_tensor()
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("values");
+        let set = |v: f64| {
+            let mut w = values.clone();
+            w[i] = v;
+            let t = Tensor::from_vec(w, var.shape(), &Device::Cpu).expect("tensor");
+            var.set(&t).expect("set");
+        };
+        set(values[i] + eps);
+        let plus = loss(model);
+        set(values[i] - eps);
+        let minus = loss(model);
+        set(values[i]);
+        let numeric = (plus - minus) / (2.0 * eps);
+        if analytic.abs() < 1e-12 {
+            // A gradient that is zero in exact arithmetic (a key bias: softmax is invariant
+            // to it): the loss must not move either.
+            assert!(
+                numeric.abs() < 1e-9,
+                "{what} {name}[{i}]: analytic {analytic:e} vs numeric {numeric:e}"
+            );
+            continue;
+        }
+        let rel = (analytic - numeric).abs() / analytic.abs().max(numeric.abs());
+        assert!(
+            rel < 1e-5,
+            "{what} {name}[{i}]: analytic {analytic:e} vs numeric {numeric:e}"
+        );
+    }
+    params.set_training(false);
 }
 
 #[test]
