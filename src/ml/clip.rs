@@ -1,5 +1,5 @@
-//! The CLIP vision transformer (frozen): patch embedding, CLS token, position embedding,
-//! pre-LayerNorm and encoder layers.
+//! The CLIP vision transformer (frozen in LLaVA, trainable in full training): patch embedding,
+//! CLS token, position embedding, pre-LayerNorm and encoder layers.
 //!
 //! Layer selection follows HF's `hidden_states[k]`: index 0 is the embeddings after
 //! `pre_layrnorm`, index i the output of layer i, so LLaVA's −2 on a 24-layer tower is layer 23's

@@ -171,7 +171,7 @@ impl TowerTape {
         }
     }
 
-    /// How many layers' inputs are kept (those [`TowerTape::backward`] recomputes).
+    /// The kept layer inputs (those [`TowerTape::backward`] recomputes), first layer first.
     #[cfg(test)]
     pub(crate) fn saved_inputs(&self) -> Vec<&Tensor> {
         self.saved.iter().flatten().map(|(t, _)| t).collect()
