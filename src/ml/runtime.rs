@@ -105,7 +105,8 @@ impl Kernels {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Checkpointing {
-    /// Off for now ([`crate::ml::train::checkpoint::resolve`]: not yet measured where it pays).
+    /// On for a micro-batch whose plain pass would take more than half of the free memory
+    /// ([`crate::ml::train::checkpoint::pays`]).
     #[default]
     Auto,
     /// Always.

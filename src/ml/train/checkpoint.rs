@@ -246,14 +246,65 @@ pub fn activation_bytes(model: &Llava, rows: usize, positions: usize) -> u64 {
     per_layer * c.num_hidden_layers as u64
 }
 
-/// Resolve a [`Checkpointing`] setting for a shard of `rows` rows of `positions` positions.
-/// `auto` is off for now: a step takes 1.5–1.7× as long, and no release measurement yet says
-/// where the memory saved is worth it (docs/training.md, "Activation checkpointing").
-pub fn resolve(setting: Checkpointing, model: &Llava, rows: usize, positions: usize) -> bool {
-    let _ = (model, rows, positions);
+/// Bytes free for a step's activations on `device`: the kernel's `MemAvailable` on a Linux
+/// CPU, the free memory of a GPU; `None` where it cannot be told.
+pub fn free_bytes(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => {
+            let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+            mem_available(&text)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free as u64),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+pub(crate) fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let n: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => n.checked_mul(1024),
+        None => Some(n),
+        Some(_) => None,
+    }
+}
+
+/// `auto`'s rule: checkpoint when the plain pass's activations (`activation`, the estimate of
+/// every shard running at once) would take more than half of the `free` memory. Checkpointing
+/// costs a second forward of every layer (1.2–1.7× the step time, docs/training.md), so it is
+/// used where the plain pass would not fit or would crowd the machine, not where it merely
+/// saves memory that is there anyway. Unknown free memory: off.
+pub fn pays(activation: u64, free: Option<u64>) -> bool {
+    free.is_some_and(|f| activation > f / 2)
+}
+
+/// Resolve a [`Checkpointing`] setting for a micro-batch run as `shards` shards at once, each
+/// of at most `rows` rows of at most `positions` positions: `auto` asks [`pays`] with the
+/// device's free memory now.
+pub fn resolve(
+    setting: Checkpointing,
+    model: &Llava,
+    shards: usize,
+    rows: usize,
+    positions: usize,
+) -> bool {
     match setting {
         Checkpointing::On => true,
-        Checkpointing::Off | Checkpointing::Auto => false,
+        Checkpointing::Off => false,
+        Checkpointing::Auto => {
+            let activation =
+                activation_bytes(model, rows, positions).saturating_mul(shards.max(1) as u64);
+            pays(activation, free_bytes(&model.device))
+        }
     }
 }
 

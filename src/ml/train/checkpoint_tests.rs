@@ -373,9 +373,37 @@ fn the_activation_estimate_grows_with_rows_and_squares_with_positions() {
     assert!(one > 0);
     assert_eq!(activation_bytes(&model, 4, 64), 4 * one);
     assert!(activation_bytes(&model, 1, 128) > 2 * one);
-    // `auto` runs the plain pass for now (docs/training.md).
-    let auto = crate::ml::runtime::Checkpointing::Auto;
-    assert!(!super::checkpoint::resolve(auto, &model, 8, 528));
+    use super::checkpoint::{pays, resolve};
+    use crate::ml::runtime::Checkpointing;
+    assert!(resolve(Checkpointing::On, &model, 1, 1, 1));
+    assert!(!resolve(Checkpointing::Off, &model, 64, 64, 4096));
+    // `auto`: on only where the plain pass would take more than half of the free memory.
+    assert!(!pays(one, None), "unknown free memory: off");
+    assert!(!pays(one, Some(2 * one)));
+    assert!(pays(one, Some(2 * one - 2)));
+    assert!(!pays(one, Some(u64::MAX)));
+    // The tiny model at one short row never needs it here; a batch far beyond the machine does.
+    assert!(!resolve(Checkpointing::Auto, &model, 1, 1, 64));
+    if super::checkpoint::free_bytes(&model.device).is_some() {
+        assert!(resolve(Checkpointing::Auto, &model, 1 << 20, 1 << 10, 4096));
+    }
+}
+
+#[test]
+fn mem_available_is_read_from_meminfo() {
+    use super::checkpoint::mem_available;
+    let text = "MemTotal:       24580000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+    assert_eq!(mem_available(text), Some(20_000_000 * 1024));
+    assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
+    assert_eq!(mem_available("MemAvailable: lots kB\n"), None);
+    assert_eq!(mem_available("MemAvailable: 5 MB\n"), None);
+    if cfg!(target_os = "linux") {
+        let free = super::checkpoint::free_bytes(&candle_core::Device::Cpu);
+        assert!(
+            free.is_some_and(|f| f > 0),
+            "this Linux machine reports MemAvailable"
+        );
+    }
 }
 
 /// Peak memory (VmHWM) of one step of the small model (4 layers, 2 rows × 512 positions):

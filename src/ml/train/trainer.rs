@@ -473,7 +473,7 @@ pub struct StepOptions<'a> {
     pub max_shards: usize,
     /// A method's extra term on each shard's outputs ([`Regularizer::logits_term`]).
     pub regularizer: Option<&'a dyn Regularizer>,
-    /// Activation checkpointing ([`super::checkpoint`]; `auto` decides per shard).
+    /// Activation checkpointing ([`super::checkpoint`]; `auto` decides per micro-batch).
     pub checkpointing: Checkpointing,
 }
 
@@ -553,6 +553,12 @@ pub fn accumulate_step(
             .filter(|&(a, b)| batch[a..b].iter().any(|s| s.supervised > 0))
             .collect();
         let kernels = crate::ml::fused::kernels_override();
+        // One decision per micro-batch, for its largest shard, all shards in flight at once
+        // (the gradients are the same either way: only memory and time differ).
+        let widest = shards.iter().map(|&(a, b)| b - a).max().unwrap_or(0);
+        let longest = batch.iter().map(|s| s.positions).max().unwrap_or(0);
+        let checkpointed =
+            super::checkpoint::resolve(checkpointing, model, shards.len(), widest, longest);
         let run = |&(a, b): &(usize, usize)| -> Result<(f64, f64, GradStore, bool)> {
             let part = &batch[a..b];
             let px = &pixels[img_at[a]..img_at[b]];
@@ -561,9 +567,6 @@ pub fn accumulate_step(
                     let examples: Vec<_> = part.iter().map(|s| s.example.clone()).collect();
                     let tokens: usize = part.iter().map(|s| s.supervised).sum();
                     let weight = tokens as f64 / step_tokens as f64;
-                    let longest = part.iter().map(|s| s.positions).max().unwrap_or(0);
-                    let checkpointed =
-                        super::checkpoint::resolve(checkpointing, model, part.len(), longest);
                     let (grads, (loss, extra)) = super::checkpoint::batch_gradients(
                         model,
                         &params.vars,
