@@ -11,7 +11,9 @@
 //! supervised, token ids from the seed — the shape bench/train.sh gives PyTorch too), or a
 //! CoIN task folder (`--data DIR --task-dir NAME`, e.g. CoIN-mini) for loss comparisons.
 //! Prints one JSON object on stdout (pretty-printed): engine, device, dtype, losses, gradient
-//! norms, step times, steps/s, tokens/s, CPU seconds per step and peak RSS. Activation
+//! norms, step times, steps/s, tokens/s, CPU seconds per step, the process's peak RSS and the
+//! steps' own peak (`steps_peak_rss_bytes`, `VmHWM` reset when the steps start; minus
+//! `rss_before_steps_bytes`: what the steps add to the loaded model). Activation
 //! checkpointing follows `runtime.checkpointing` (`--set runtime.checkpointing=on|off`, or
 //! `COIN_CHECKPOINTING`); `bench/train.sh checkpointing` runs both and prints the ratios.
 
@@ -151,6 +153,20 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Resident memory of this process now (Linux `VmRSS`), in bytes.
+fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Reset `VmHWM` to the current resident memory (Linux: writing 5 to `/proc/self/clear_refs`),
+/// so that a later `VmHWM` is the peak of what ran since. Whether it worked.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Synthetic rows: BOS + half the text, the image, the other (supervised) half.
 fn synthetic_samples(a: &Args, image: PathBuf, vocab: u64, bos: u32, n_img: usize) -> Vec<Sample> {
     let mut rng = Rng::new(a.seed);
@@ -285,6 +301,11 @@ fn run(a: &Args, rt: &Runtime) -> Result<serde_json::Value, Error> {
         losses: Vec::new(),
         grad_norms: Vec::new(),
     };
+    // The peak of the load (weights read, converted) is not the steps': measure the steps'
+    // peak above what is resident when they start.
+    let peak_before_steps = peak_rss_bytes();
+    let rss_before_steps = rss_bytes();
+    let reset = reset_peak_rss();
     let report = train(
         &loaded.model,
         &params,
@@ -324,7 +345,9 @@ fn run(a: &Args, rt: &Runtime) -> Result<serde_json::Value, Error> {
         "threads": rt.threads,
         "runtime": rt,
         "cpu_seconds_per_step": cpu_secs / timed.len().max(1) as f64,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes().max(peak_before_steps),
+        "rss_before_steps_bytes": rss_before_steps,
+        "steps_peak_rss_bytes": if reset { peak_rss_bytes() } else { None },
     }))
 }
 

@@ -29,13 +29,18 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--attn", default=None, choices=["eager", "sdpa"],
+                    help="attention implementation (default: transformers' own choice)")
+    ap.add_argument("--grad-checkpointing", action="store_true",
+                    help="gradient checkpointing of the language model (non-reentrant)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
     dev = torch.device(args.device)
     t0 = time.perf_counter()
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(dev)
+    extra = {"attn_implementation": args.attn} if args.attn else {}
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, **extra).to(dev)
     load_s = time.perf_counter() - t0
     cfg = model.config
     # Only the language model's linears, as coin (never the vision tower or projector).
@@ -43,6 +48,9 @@ def main():
     peft_cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.05,
                           target_modules=pattern, bias="none")
     model = get_peft_model(model, peft_cfg)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     for name, p in model.named_parameters():
         if "multi_modal_projector" in name:
             p.requires_grad_(True)
@@ -97,6 +105,8 @@ def main():
         "engine": "pytorch+peft",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "device": args.device, "dtype": args.dtype, "r": args.r, "batch": args.batch,
+        "attn": model.config._attn_implementation if hasattr(model.config, "_attn_implementation") else None,
+        "grad_checkpointing": args.grad_checkpointing,
         "positions_per_row": ids.shape[1], "trainable_parameters": n_trainable,
         "load_seconds": load_s, "losses": losses, "step_seconds": times,
         "steps_per_s": len(timed) / secs, "tokens_per_s": len(timed) * positions / secs,

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check of issues 3 and 4, run on a machine with an NVIDIA GPU from the repository root:
-#   scripts/gpu-check.sh BIN [quick|kernels|bench]
+#   scripts/gpu-check.sh BIN [quick|kernels|bench|7b]
 # BIN is a `cargo build --release --features cuda` coin binary (see docs/cuda.md); a file ending
 # in .xz is unpacked first. The training steps run the train_bench example of the same build:
 # TRAIN_BENCH, by default BIN's examples/train_bench (cargo's layout) or, for BIN = DIR/*.xz,
 # DIR/train_bench-cuda.xz (what scripts/build-cuda.sh writes); the kernel check likewise runs
 # KERNEL_CHECK (examples/cuda_kernel_check, or DIR/cuda_kernel_check-cuda.xz). Needs python3
-# with torch, transformers and peft for the PyTorch side. `kernels` stops after step 1b, `quick`
-# after step 3, `bench` runs step 4 only.
+# with torch, transformers and peft for the PyTorch side. The full run is steps 1–3 and 5;
+# `kernels` stops after step 1b, `quick` after step 3, `bench` runs step 4 only, `7b` step 5 only.
 # Writes everything it prints to $OUT/gpu-check.log (OUT defaults to /tmp/gpu-check).
 #  1. devices and driver;
 #  1b. kernels: the fused ops' CUDA kernels (forward and backward, f32/bf16/f16) against the CPU
@@ -19,7 +19,12 @@
 #     init; dropout off, since a GPU draws its masks on the device) — losses compared;
 #  4. benchmark: LoRA r=128 training steps/s and peak GPU memory on a TinyLlama-1.1B-shaped
 #     random model, coin (composed ops, then the fused CUDA kernels: BENCH_KERNELS="off on")
-#     vs PyTorch+PEFT (bf16).
+#     vs PyTorch+PEFT (bf16);
+#  5. LLaVA-1.5-7B shapes (`coin model init --tiny --size 7b`, random bf16 weights): LoRA r=128 on
+#     all seven linears + the projector, batch B7 (8) x (576 image + 128 text) positions, coin with
+#     activation checkpointing and the fused kernels (BENCH7_KERNELS="on") vs PyTorch+PEFT with
+#     gradient checkpointing and SDPA (steps/s >= 0.8x, peak GPU memory <= 1.5x: PASS/FAIL); greedy
+#     generation at batch G7 (16), 32 new tokens, coin vs HF generate (>= 1x: PASS/FAIL).
 set -uo pipefail
 BIN=${1:?usage: scripts/gpu-check.sh BIN [quick]}
 MODE=${2:-full}
@@ -40,7 +45,7 @@ unpack() {
   else chmod +x "$1"; echo "$1"; fi
 }
 
-[ "$MODE" = bench ] || {
+{ [ "$MODE" = bench ] || [ "$MODE" = 7b ]; } || {
 step "1. device"
 nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 NV=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
@@ -120,7 +125,7 @@ for method in ["lora", "moelora"]:
 EOF
 [ "$MODE" = quick ] && exit 0
 }
-[ "$MODE" = bench ] && {
+{ [ "$MODE" = bench ] || [ "$MODE" = 7b ]; } && {
 NV=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
 for lib in libcublas.so.13 libcurand.so.10 libcudart.so.13; do
   d=$(find "$NV" -name "$lib" 2>/dev/null | head -1); [ -n "$d" ] && LD_LIBRARY_PATH="$(dirname "$d"):${LD_LIBRARY_PATH:-}"
@@ -129,6 +134,7 @@ export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/usr/local/nvidia/lib64"
 BIN=$(unpack "$BIN" coin); TRAIN_BENCH=$(unpack "$TRAIN_BENCH" train_bench)
 }
 
+if [ "$MODE" = bench ]; then
 BATCHES=${BATCHES:-8}
 step "4. benchmark: LoRA r=128 on a TinyLlama-1.1B-shaped model, bf16, batch $BATCHES x (512 text + image)"
 "$BIN" -q model init --tiny "$W/m1b" --size 1b >/dev/null && ls -la "$W/m1b"
@@ -165,4 +171,64 @@ for k in ["coin-off", "coin-on"]:
 EOF
 for K in off on; do mv "$W/bench-coin-$K.json" "$W/bench-coin-$K-b$B.json" 2>/dev/null; done; mv "$W/bench-torch.json" "$W/bench-torch-b$B.json" 2>/dev/null
 done
+fi
+
+[ "$MODE" = bench ] || {
+step "5. LLaVA-1.5-7B shapes: LoRA r=128, batch ${B7:-8} x (576 image + 128 text), coin vs PyTorch+PEFT (gradient checkpointing, SDPA); generation at batch ${G7:-16} vs HF generate"
+# Random weights with LLaVA-1.5-7B's shapes, bf16 (~14 GB on disk).
+timeout 300 "$BIN" -q model init --tiny "$W/m7b" --size 7b || echo "FAIL: 7b model init"
+gpu_mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$1" & echo $!; }
+for K in ${BENCH7_KERNELS:-on}; do
+  P=$(gpu_mem "$W/mem7-coin-$K.txt")
+  timeout 420 "$TRAIN_BENCH" --model "$W/m7b" --device cuda --dtype bf16 --r 128 --alpha 256 \
+    --set runtime.kernels=$K --set runtime.checkpointing=on \
+    --batch "${B7:-8}" --seq-len 128 --steps "${S7:-5}" --warmup 2 > "$W/bench7-coin-$K.json" 2>"$W/coin7.err" \
+    || { echo "FAIL: coin 7b train (kernels $K)"; tail -5 "$W/coin7.err"; }
+  kill $P
+done
+P=$(gpu_mem "$W/mem7-torch.txt")
+timeout 420 python3 scripts/bench_train_hf.py --model "$W/m7b" --device cuda --dtype bf16 --r 128 --alpha 256 \
+  --attn sdpa --grad-checkpointing --batch "${B7:-8}" --seq-len 128 --steps "${S7:-5}" --warmup 2 \
+  > "$W/bench7-torch.json" 2>"$W/torch7.err" || { echo "FAIL: torch 7b train"; tail -20 "$W/torch7.err"; }
+kill $P
+IMG=tests/fixtures/parity/image_a.png
+COIN_DEVICE=cuda COIN_DTYPE=bf16 timeout 300 "$BIN" generate --model "$W/m7b" --image $IMG \
+  --prompt "What is in the image?" --max-new-tokens 32 --bench-batch "${G7:-16}" > "$W/gen7-coin.json" \
+  || echo "FAIL: coin 7b generate"
+timeout 300 python3 scripts/bench_generate_hf.py --model "$W/m7b" --image $IMG --max-new-tokens 32 \
+  --batch "${G7:-16}" --device cuda --dtype bf16 > "$W/gen7-hf.json" 2>"$W/hf7.err" \
+  || { echo "FAIL: HF 7b generate"; tail -20 "$W/hf7.err"; }
+python3 - "$W" ${BENCH7_KERNELS:-on} <<'EOF'
+import json, sys
+w, kernels = sys.argv[1], sys.argv[2:]
+def load(f):
+    try:
+        text = open(f"{w}/{f}").read()
+        try: return json.loads(text)
+        except ValueError: return json.loads(text.splitlines()[0])
+    except Exception as e: print("missing", f, e); return None
+def peak(f):
+    try: return max(int(x) for x in open(f"{w}/{f}").read().split())
+    except Exception: return None
+torch = load("bench7-torch.json"); tpeak = peak("mem7-torch.txt")
+if torch:
+    print(f"torch    steps/s {torch['steps_per_s']:.3f} peak GPU {tpeak} MiB (allocator {torch['peak_gpu_bytes']})"
+          f" attn {torch.get('attn')} losses {[round(x, 3) for x in torch['losses']]}")
+for k in kernels:
+    c = load(f"bench7-coin-{k}.json"); cpeak = peak(f"mem7-coin-{k}.txt")
+    if not c: continue
+    print(f"coin-{k:3s} steps/s {c['steps_per_s']:.3f} peak GPU {cpeak} MiB losses {[round(x, 3) for x in c['losses']]}")
+    if torch:
+        sr = c['steps_per_s'] / torch['steps_per_s']
+        print(f"  steps/s coin/torch {sr:.2f}x (target >= 0.8): {'PASS' if sr >= 0.8 else 'FAIL'}")
+        if cpeak and tpeak:
+            mr = cpeak / tpeak
+            print(f"  peak memory coin/torch {mr:.2f}x (target <= 1.5): {'PASS' if mr <= 1.5 else 'FAIL'}")
+g, h = load("gen7-coin.json"), load("gen7-hf.json")
+if g and h:
+    r = g["tokens_per_s"] / h["tokens_per_s"]
+    print(f"generation batch {h['batch']}: coin {g['tokens_per_s']:.0f} tok/s, HF {h['tokens_per_s']:.0f} tok/s,"
+          f" {r:.2f}x (target >= 1): {'PASS' if r >= 1 else 'FAIL'}")
+EOF
+}
 tar czf "$OUT/results.tgz" -C "$W" $(cd "$W" && ls *.json *.txt 2>/dev/null)

@@ -502,8 +502,8 @@ pub struct RuntimeConfig {
     pub device: Setting<DeviceKind>,
     /// Weight dtype: `f32`, `bf16` or `f16` (auto: bf16 on a GPU, f32 on the CPU).
     pub dtype: Setting<Dtype>,
-    /// Activation checkpointing in training: `on`, `off` or auto (off for now: not yet
-    /// measured where it pays). Same gradients, so not in the training key.
+    /// Activation checkpointing in training: `on`, `off` or auto (as many decoder layers as
+    /// the free memory asks for, often none). Same gradients, so not in the training key.
     #[serde(default)]
     pub checkpointing: Setting<Checkpointing>,
 }

@@ -6,18 +6,21 @@
 //! every layer (attention scores and probabilities, the MLP's wide activations, the adapters'
 //! inputs) stays alive until the backward has passed it; a trained tower's graph (LLaVA's 23
 //! layers of 577 positions per image) stays alive through the decoder's forward and backward.
-//! With it ([`batch_gradients`] with `checkpointed`):
+//! With it ([`batch_gradients`] with `checkpointed` = k > 0 decoder layers; all of them for
+//! `runtime.checkpointing = "on"`, as many as the free memory asks for under `auto`:
+//! [`layers_to_checkpoint`]):
 //!
 //! 1. the tower ([`TowerTape`]) runs layer by layer keeping only each layer's input, detached,
 //!    and its selected layer's output (LLaVA's `hidden_states[-2]`: the layers after it are not
 //!    loaded) made a fresh tracked input of the projector when any part of the tower trains;
 //!    a frozen tower keeps nothing (its forward has no graph either way);
-//! 2. the decoder's forward keeps only each layer's input, detached (no graph); each layer's
-//!    graph is dropped as soon as its output is taken;
-//! 3. the loss head (final norm, `lm_head`, the caller's objective: masked cross-entropy and a
-//!    method's outputs term) runs on the last layer's output made a fresh tracked input, and its
-//!    backward gives the parameters' gradients there and `g_L`, the gradient of that input;
-//! 4. the decoder layers are walked in reverse: layer `i` is recomputed from its saved input
+//! 2. the forward of the first k decoder layers keeps only each layer's input, detached (no
+//!    graph); each layer's graph is dropped as soon as its output is taken;
+//! 3. the remaining layers and the loss head (final norm, `lm_head`, the caller's objective:
+//!    masked cross-entropy and a method's outputs term) run with their graph on layer k−1's
+//!    output made a fresh tracked input, and their backward gives the parameters' gradients
+//!    there and `g_k`, the gradient of that input;
+//! 4. the checkpointed decoder layers are walked in reverse: layer `i` is recomputed from its saved input
 //!    made a fresh tracked input (`Var::from_tensor`), the backward of `sum(out ⊙ g_{i+1})`
 //!    gives its parameters' gradients (accumulated into one [`GradStore`]) and `g_i`, and the
 //!    layer's graph is dropped before the next;
@@ -278,32 +281,43 @@ pub(crate) fn mem_available(meminfo: &str) -> Option<u64> {
     }
 }
 
-/// `auto`'s rule: checkpoint when the plain pass's activations (`activation`, the estimate of
-/// every shard running at once) would take more than half of the `free` memory. Checkpointing
-/// costs a second forward of every layer (1.2–1.7× the step time, docs/training.md), so it is
-/// used where the plain pass would not fit or would crowd the machine, not where it merely
-/// saves memory that is there anyway. Unknown free memory: off.
-pub fn pays(activation: u64, free: Option<u64>) -> bool {
-    free.is_some_and(|f| activation > f / 2)
+/// `auto`'s rule: how many decoder layers (the first ones) to checkpoint so that the plain
+/// pass's activations of the rest fit in half of the `free` memory. `activation` is the
+/// estimate for every shard running at once, spread evenly over `layers` layers. Each
+/// checkpointed layer costs a second forward in the backward (a full checkpointing step takes
+/// about 1.4× the plain one on the CPU, docs/training.md), so only the excess is checkpointed,
+/// and nothing where the plain pass fits; one more layer than the excess covers the saved inputs
+/// and the one layer's graph a recompute holds. Unknown free memory: none.
+pub fn layers_to_checkpoint(activation: u64, layers: usize, free: Option<u64>) -> usize {
+    let Some(free) = free else { return 0 };
+    let budget = free / 2;
+    if activation <= budget || layers == 0 {
+        return 0;
+    }
+    let per_layer = (activation / layers as u64).max(1);
+    let excess = (activation - budget).div_ceil(per_layer);
+    (excess as usize).saturating_add(1).min(layers)
 }
 
 /// Resolve a [`Checkpointing`] setting for a micro-batch run as `shards` shards at once, each
-/// of at most `rows` rows of at most `positions` positions: `auto` asks [`pays`] with the
-/// device's free memory now.
+/// of at most `rows` rows of at most `positions` positions, to the number of decoder layers
+/// (the first ones) [`batch_gradients`] checkpoints: all for `on`, none for `off`, and for
+/// `auto` what [`layers_to_checkpoint`] says with the device's free memory now.
 pub fn resolve(
     setting: Checkpointing,
     model: &Llava,
     shards: usize,
     rows: usize,
     positions: usize,
-) -> bool {
+) -> usize {
+    let layers = model.llm.layers.len();
     match setting {
-        Checkpointing::On => true,
-        Checkpointing::Off => false,
+        Checkpointing::On => layers,
+        Checkpointing::Off => 0,
         Checkpointing::Auto => {
             let activation =
                 activation_bytes(model, rows, positions).saturating_mul(shards.max(1) as u64);
-            pays(activation, free_bytes(&model.device))
+            layers_to_checkpoint(activation, layers, free_bytes(&model.device))
         }
     }
 }
@@ -315,14 +329,15 @@ pub fn resolve(
 /// stay alive, layer after layer, until the store is dropped.
 ///
 /// `head` gets the logits (b, t, vocab) and the padded labels and returns the scalar objective
-/// to differentiate and a value of its own (the losses to report). With `checkpointed` the
-/// layers are recomputed in the backward (module docs); the gradients are the same.
+/// to differentiate and a value of its own (the losses to report). With `checkpointed` = k > 0
+/// the first k decoder layers (all, for k ≥ their count) and a trained tower are recomputed in
+/// the backward (module docs); the gradients are the same.
 pub fn batch_gradients<T>(
     model: &Llava,
     vars: &[(String, Var)],
     examples: &[TrainExample],
     pixels: &[Tensor],
-    checkpointed: bool,
+    checkpointed: usize,
     head: impl FnOnce(&Tensor, &[Vec<i64>]) -> Result<(Tensor, T)>,
 ) -> Result<(GradStore, T)> {
     // Move the vars' gradients into a fresh store; the rest is dropped with the old one.
@@ -335,7 +350,7 @@ pub fn batch_gradients<T>(
         }
         *store = only;
     };
-    if !checkpointed {
+    if checkpointed == 0 {
         let inputs = prepare_batch(model, examples, pixels)?;
         let hidden = decoder(model, &inputs)?;
         let logits = model.llm.logits(&hidden)?;
@@ -360,10 +375,12 @@ pub fn batch_gradients<T>(
     let (b, s, h) = inputs.embeds.dims3()?;
     let (cos, sin) = llm.rope(&inputs.positions)?;
     let x0 = inputs.embeds.reshape((b * s, h))?;
-    // Forward: keep each layer's input (detached) and the dropout call count before it.
-    let mut saved: Vec<(Tensor, Option<u64>)> = Vec::with_capacity(llm.layers.len());
+    // Forward through the checkpointed layers: keep each one's input (detached) and the
+    // dropout call count before it.
+    let k = checkpointed.min(llm.layers.len());
+    let mut saved: Vec<(Tensor, Option<u64>)> = Vec::with_capacity(k);
     let mut x = x0.detach();
-    for (i, layer) in llm.layers.iter().enumerate() {
+    for (i, layer) in llm.layers.iter().enumerate().take(k) {
         let calls = dropout::row_calls();
         seed_layer(dev, i)?;
         // The output's graph (this layer's activations) is dropped here: only its values go on.
@@ -373,21 +390,28 @@ pub fn batch_gradients<T>(
         saved.push((x, calls));
         x = out;
     }
-    let end_calls = dropout::row_calls();
-    // The head on the last layer's output as a fresh tracked input.
+    // The layers not checkpointed and the head, with their graph, on the last checkpointed
+    // layer's output as a fresh tracked input.
     let top = Var::from_tensor(&x)?;
     drop(x);
     let (mut grads, value, mut g) = {
-        let hidden = llm.norm.forward(top.as_tensor())?.reshape((b, s, h))?;
+        let mut y = top.as_tensor().clone();
+        for (i, layer) in llm.layers.iter().enumerate().skip(k) {
+            seed_layer(dev, i)?;
+            y = layer.forward(&y, (b, s), &cos, &sin, &inputs.mask, None)?;
+        }
+        let hidden = llm.norm.forward(&y)?.reshape((b, s, h))?;
+        drop(y);
         let logits = llm.logits(&hidden)?;
         let (objective, value) = head(&logits, &inputs.labels)?;
         let mut grads = objective.backward()?;
         let g = grads
             .remove(top.as_tensor())
-            .ok_or_else(|| no_gradient("the last decoder layer's output"))?;
+            .ok_or_else(|| no_gradient(&format!("decoder layer {k}'s input")))?;
         strip(&mut grads);
         (grads, value, g)
     };
+    let end_calls = dropout::row_calls();
     drop(top);
     // Backward through the layers in reverse, one layer's graph alive at a time.
     while let Some((input, calls)) = saved.pop() {

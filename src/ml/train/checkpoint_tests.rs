@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 
 use super::checkpoint::{activation_bytes, batch_gradients, TowerTape, TOWER_RECOMPUTES};
+
+/// `batch_gradients`' `checkpointed` for every decoder layer.
+const ALL: usize = usize::MAX;
 use super::dropout::with_rows;
 use super::full::FullScope;
 use super::loss::masked_cross_entropy;
@@ -45,7 +48,7 @@ fn grads(
     params: &TrainableParams,
     examples: &[TrainExample],
     pixels: &[Tensor],
-    checkpointed: bool,
+    checkpointed: usize,
     key: u64,
 ) -> (f64, BTreeMap<String, Vec<f64>>) {
     let (store, loss) = with_rows(key, 0, examples.len(), || {
@@ -113,17 +116,24 @@ fn assert_same_gradients(
         .collect();
     for training in [true, false] {
         params.set_training(training);
-        let (l0, g0) = grads(model, params, &examples, &pixels, false, 7);
-        let (l1, g1) = grads(model, params, &examples, &pixels, true, 7);
-        let w = worst(&g0, &g1);
-        eprintln!("{what}, dropout {training}: loss {l0} vs {l1}, worst relative {w:e}");
-        assert!(
-            (l0 - l1).abs() <= tol * l0.abs(),
-            "{what}: loss {l0} vs {l1}"
-        );
-        assert!(w <= tol, "{what}, dropout {training}: worst relative {w:e}");
+        let (l0, g0) = grads(model, params, &examples, &pixels, 0, 7);
+        // All layers, and (the tiny model has two) only the first: the rest run with their
+        // graph on the checkpointed part's output.
+        for k in [ALL, 1] {
+            let (l1, g1) = grads(model, params, &examples, &pixels, k, 7);
+            let w = worst(&g0, &g1);
+            eprintln!("{what}, dropout {training}, {k} layers: loss {l0} vs {l1}, worst {w:e}");
+            assert!(
+                (l0 - l1).abs() <= tol * l0.abs(),
+                "{what}: loss {l0} vs {l1}"
+            );
+            assert!(
+                w <= tol,
+                "{what}, dropout {training}, {k} layers: worst {w:e}"
+            );
+        }
         if training && has_dropout {
-            let (_, g2) = grads(model, params, &examples, &pixels, true, 8);
+            let (_, g2) = grads(model, params, &examples, &pixels, ALL, 8);
             assert!(worst(&g0, &g2) > 1e-6, "{what}: dropout had no effect");
         }
     }
@@ -175,11 +185,12 @@ fn checkpointed_full_training_gradients_equal_the_plain_pass() {
                 let what = format!("full {scope:?} {dtype:?} tower layers {feature_layer:?}");
                 let before = TOWER_RECOMPUTES.with(|c| c.get());
                 assert_same_gradients(&model, &params, tol, false, &what);
-                // Two checkpointed passes (dropout on and off), each recomputing every tower
-                // layer when the tower trains, none when it is frozen.
+                // Four checkpointed passes (dropout on and off; all decoder layers and the
+                // first), each recomputing every tower layer when the tower trains, none when
+                // it is frozen.
                 let recomputed = TOWER_RECOMPUTES.with(|c| c.get()) - before;
                 let expected = if tower > 0 {
-                    2 * model.vision.layers.len()
+                    4 * model.vision.layers.len()
                 } else {
                     0
                 };
@@ -320,8 +331,8 @@ fn assert_matches_finite_differences(
 ) {
     params.set_training(true);
     let (examples, pixels) = batch(model.config.text.vocab_size as u32);
-    let (_, g) = grads(model, params, &examples, &pixels, true, 3);
-    let loss = |m: &Llava| grads(m, params, &examples, &pixels, true, 3).0;
+    let (_, g) = grads(model, params, &examples, &pixels, ALL, 3);
+    let loss = |m: &Llava| grads(m, params, &examples, &pixels, ALL, 3).0;
     let eps = 1e-5;
     for (name, var) in params.vars.iter().filter(|(n, _)| sample(n)) {
         let gv = &g[name];
@@ -373,19 +384,39 @@ fn the_activation_estimate_grows_with_rows_and_squares_with_positions() {
     assert!(one > 0);
     assert_eq!(activation_bytes(&model, 4, 64), 4 * one);
     assert!(activation_bytes(&model, 1, 128) > 2 * one);
-    use super::checkpoint::{pays, resolve};
+    use super::checkpoint::{layers_to_checkpoint as layers, resolve};
     use crate::ml::runtime::Checkpointing;
-    assert!(resolve(Checkpointing::On, &model, 1, 1, 1));
-    assert!(!resolve(Checkpointing::Off, &model, 64, 64, 4096));
-    // `auto`: on only where the plain pass would take more than half of the free memory.
-    assert!(!pays(one, None), "unknown free memory: off");
-    assert!(!pays(one, Some(2 * one)));
-    assert!(pays(one, Some(2 * one - 2)));
-    assert!(!pays(one, Some(u64::MAX)));
+    let n = model.llm.layers.len();
+    assert_eq!(resolve(Checkpointing::On, &model, 1, 1, 1), n);
+    assert_eq!(resolve(Checkpointing::Off, &model, 64, 64, 4096), 0);
+    // `auto`: only the excess over half of the free memory, plus one layer, at most all.
+    let gib = 1u64 << 30;
+    assert_eq!(layers(32 * gib, 32, None), 0, "unknown free memory: none");
+    assert_eq!(
+        layers(32 * gib, 32, Some(64 * gib)),
+        0,
+        "fits in half: none"
+    );
+    assert_eq!(layers(32 * gib, 32, Some(u64::MAX)), 0);
+    assert_eq!(
+        layers(32 * gib, 32, Some(64 * gib - 2)),
+        2,
+        "a byte over: one layer + one"
+    );
+    assert_eq!(
+        layers(32 * gib, 32, Some(40 * gib)),
+        13,
+        "12 GiB over at 1 GiB a layer"
+    );
+    assert_eq!(layers(32 * gib, 32, Some(2 * gib)), 32, "far over: all");
+    assert_eq!(layers(32 * gib, 0, Some(2 * gib)), 0);
     // The tiny model at one short row never needs it here; a batch far beyond the machine does.
-    assert!(!resolve(Checkpointing::Auto, &model, 1, 1, 64));
+    assert_eq!(resolve(Checkpointing::Auto, &model, 1, 1, 64), 0);
     if super::checkpoint::free_bytes(&model.device).is_some() {
-        assert!(resolve(Checkpointing::Auto, &model, 1 << 20, 1 << 10, 4096));
+        assert_eq!(
+            resolve(Checkpointing::Auto, &model, 1 << 20, 1 << 10, 4096),
+            n
+        );
     }
 }
 
@@ -436,7 +467,7 @@ fn checkpointing_lowers_the_peak() {
         text_labels: labels,
     };
     let examples = vec![ex.clone(), ex];
-    let step = |ck: bool| {
+    let step = |ck: usize| {
         with_rows(1, 0, 2, || {
             batch_gradients(
                 &model,
@@ -450,9 +481,9 @@ fn checkpointing_lowers_the_peak() {
         .expect("gradients")
     };
     let base = hwm();
-    drop(step(true));
+    drop(step(ALL));
     let on = hwm() - base;
-    drop(step(false));
+    drop(step(0));
     let off = hwm() - base;
     eprintln!("peak above the loaded model: checkpointed {on:.0} MiB, plain {off:.0} MiB");
     assert!(
@@ -474,8 +505,8 @@ fn hwm() -> f64 {
     kb / 1024.0
 }
 
-/// Peak memory (VmHWM) of one full-training step with the tower trained: a ViT-B-sized tower
-/// (width 256, MLP 1024, 8 heads, 224 px, patch 14: 257 positions, 7 of 8 layers run) under the
+/// Peak memory (VmHWM) of one full-training step with the tower trained: a tower of
+/// width 256 (MLP 1024, 8 heads, 224 px, patch 14: 257 positions, 7 of 8 layers run) under the
 /// tiny decoder, 8 rows of one image each; checkpointed first, then plain. Ignored by default
 /// (VmHWM is process-wide); run it alone:
 /// `cargo test --lib checkpointing_the_tower_lowers_the_peak -- --ignored --nocapture`.
@@ -526,7 +557,7 @@ fn checkpointing_the_tower_lowers_the_peak() {
             .expect("pixels")
         })
         .collect();
-    let step = |ck: bool| {
+    let step = |ck: usize| {
         with_rows(1, 0, rows, || {
             batch_gradients(
                 &model,
@@ -540,9 +571,9 @@ fn checkpointing_the_tower_lowers_the_peak() {
         .expect("gradients")
     };
     let base = hwm();
-    drop(step(true));
+    drop(step(ALL));
     let on = hwm() - base;
-    drop(step(false));
+    drop(step(0));
     let off = hwm() - base;
     eprintln!("peak above the loaded model: checkpointed {on:.0} MiB, plain {off:.0} MiB");
     assert!(
