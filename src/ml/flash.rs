@@ -38,7 +38,7 @@
 //! accumulation, head dimension ≤ 128, one thread block per (batch, head, 16 query rows) in the
 //! forward and per (batch, key head, 16 keys) in the backward, which recomputes the
 //! probabilities from the saved `m` and `l` and adds dq up with f32 atomics. The GPU kernels
-//! visit every key (no skipped ranges; a skipped key contributes exactly 0 anyway) and clamp
+//! skip masked keys by the same rule (per tile, only for rows that have seen a key) and clamp
 //! each masked score at `f32::MIN`, so a −∞ mask (`f32::MIN` rounded to bf16) behaves like the
 //! f32 one. [`device_supported`] says where the op runs; elsewhere the model keeps its composed
 //! attention.

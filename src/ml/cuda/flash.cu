@@ -3,7 +3,8 @@
 // backward that recomputes each block's probabilities from q, k, m and l (FlashAttention-2, Dao
 // 2023, algorithm 2). Semantics as the CPU op: q (b, heads, s, d), k and v (b, kv_heads, t, d)
 // with heads a multiple of kv_heads (grouped heads read their shared key head, nothing is
-// expanded), an optional additive f32 mask addressed by (batch, head, query) strides (0 for a
+// expanded; keys masked below -FLT_MAX/2 skipped where that changes no value), an optional
+// additive f32 mask addressed by (batch, head, query) strides (0 for a
 // broadcast dimension; keys contiguous), x = q·k·scale + mask clamped below at -FLT_MAX so that a
 // -inf mask (f32::MIN rounded to bf16/f16) acts as f32::MIN does. A query row that sees no key
 // (every x = -FLT_MAX) gets uniform probabilities over all t keys, as the composed ops give.
@@ -89,7 +90,22 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, const float *mask,
         for (int u = 0; u < FL_DPL; ++u) acc[rr][u] = 0.0f;
     }
     for (u64 j0 = 0; j0 < t; j0 += FL_BC) {
-        __syncthreads(); // the previous tile is consumed (and the q tile written)
+        // Skip a tile whose keys every row of the block has masked (≤ -FLT_MAX/2: the causal
+        // future, padding) when every row has already seen a key: such keys contribute
+        // exp(x − m) = 0 exactly. A row that has seen nothing yet (m = -FLT_MAX) must take them
+        // (it may see no key at all, and then gets uniform probabilities over all t keys).
+        int skip = has_mask != 0;
+#pragma unroll
+        for (int rr = 0; rr < FL_RPW; ++rr)
+            if (i0 + (u64)warp * FL_RPW + rr < s && !(m[rr] > -0.5f * FLT_MAX)) skip = 0;
+        if (skip) {
+            for (u64 x = threadIdx.x; x < FL_BR * FL_BC; x += blockDim.x) {
+                const u64 i = i0 + x / FL_BC, c = j0 + x % FL_BC;
+                if (i < s && c < t && mask[bi * ms_b + h * ms_h + i * ms_s + c] > -0.5f * FLT_MAX) skip = 0;
+            }
+        }
+        // Also the barrier after which the previous tile is consumed (and the q tile written).
+        if (__syncthreads_and(skip)) continue;
         for (u64 x = threadIdx.x; x < FL_BC * d; x += blockDim.x) {
             const u64 c = x / d, j = x % d;
             const bool in = j0 + c < t;
@@ -195,6 +211,12 @@ __device__ void flash_bwd(const T *q, const T *k, const T *v, const T *g, const 
     for (u64 x = warp; x < rep * s; x += FL_WARPS) { // the same for the whole warp
         const u64 h = kvh * rep + x / s, i = x % s;
         const u64 row = (bi * heads + h) * s + i;
+        // A row that sees some key (m > -FLT_MAX/2) gets P = 0 exactly from the keys it has
+        // masked (≤ -FLT_MAX/2): when all of the block's keys are, it adds nothing.
+        if (has_mask && ms[row] > -0.5f * FLT_MAX) {
+            const bool hidden = key >= t || mask[bi * ms_b + h * ms_h + i * ms_s + key] <= -0.5f * FLT_MAX;
+            if (__all_sync(FULL, hidden)) continue; // ms[row] is the same for the whole warp
+        }
         for (u64 j = lane; j < d; j += 32) {
             qr[j] = to_f(q[row * d + j]);
             gr[j] = to_f(g[row * d + j]);
