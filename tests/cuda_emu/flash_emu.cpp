@@ -1,13 +1,16 @@
-// Runs the kernels of src/ml/cuda/flash.cu (their own source, f32 instances) on the CPU through
-// emu.h and compares the output and dq, dk, dv with the textbook attention and its gradients in
-// double: grouped heads, causal + left-padding masks with rows that see no key (uniform
+// Runs the kernels of src/ml/cuda/flash.cu (their own source: the f32 instances through their
+// extern "C" entries, the bf16 ones through the templates, with the device's rounding) on the CPU
+// through emu.h and compares the output and dq, dk, dv with the textbook attention and its
+// gradients in double on the same (rounded) inputs: grouped heads, causal + left-padding masks with rows that see no key (uniform
 // probabilities, as the composed ops give), KV-cache shapes, no mask, head dimensions that are
-// not multiples of 32. Build and run: scripts/flash-emu.sh. Exit 1 on any error above 1e-4
-// relative to the reference's largest magnitude.
+// not multiples of 32. Build and run: scripts/flash-emu.sh. Exit 1 on any error above 1e-4 (f32)
+// or 3e-2 (bf16: the output and gradients are stored rounded) relative to the reference's largest
+// magnitude.
 #include "emu.h"
 #include "../../src/ml/cuda/flash.cu"
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdio>
 #include <random>
 
@@ -22,24 +25,40 @@ static double max_abs(const Vd &a) {
     return m;
 }
 
-static int report(const char *c, const char *what, const Vf &got, const Vd &want) {
+static int report(const char *c, const char *dt, double tol, const char *what, const Vf &got,
+                  const Vd &want) {
     double err = 0;
     for (size_t i = 0; i < want.size(); ++i) {
         const double e = std::fabs((double)got[i] - want[i]);
         err = std::isnan(e) ? INFINITY : std::max(err, e);
     }
     const double rel = err / std::max(max_abs(want), 1e-30);
-    const bool ok = rel <= 1e-4;
-    std::printf("%-22s %-8s max_abs %-10.3e max_rel %-10.3e %s\n", c, what, err, rel, ok ? "PASS" : "FAIL");
+    const bool ok = rel <= tol;
+    std::printf("%-18s %-5s %-8s max_abs %-10.3e max_rel %-10.3e %s\n", c, dt, what, err, rel,
+                ok ? "PASS" : "FAIL");
     return ok ? 0 : 1;
 }
 
-static int run(const Case &cs) {
+// The storage type's conversions (as the kernels' to_f / from_f).
+template <typename T> static T store(float x) { return from_f<T>(x); }
+template <typename T> static float load(T x) { return to_f(x); }
+
+template <typename T> static int run(const Case &cs, const char *dt, double tol) {
     const u64 b = cs.b, H = cs.heads, KV = cs.kv, s = cs.s, t = cs.t, d = cs.d, rep = H / KV;
     const float scale = 1.0f / std::sqrt((float)d);
     std::mt19937 rng(7 + s * 131 + t);
     std::normal_distribution<float> nd(0.0f, 1.0f);
-    auto rnd = [&](size_t n) { Vf v(n); for (auto &x : v) x = nd(rng); return v; };
+    // Inputs rounded to T, so that the reference sees the values the kernels see.
+    auto rnd = [&](size_t n) {
+        Vf v(n);
+        for (auto &x : v) x = load(store<T>(nd(rng)));
+        return v;
+    };
+    auto as_t = [](const Vf &v) {
+        std::vector<T> r(v.size());
+        for (size_t i = 0; i < v.size(); ++i) r[i] = store<T>(v[i]);
+        return r;
+    };
     const Vf q = rnd(b * H * s * d), k = rnd(b * KV * t * d), v = rnd(b * KV * t * d), go = rnd(b * H * s * d);
     // The model's mask (b, 1, s, t): query i (position t − s + i) sees keys ≤ its position and,
     // in batch row 1, ≥ pad.
@@ -91,33 +110,58 @@ static int run(const Case &cs) {
             }
     // The kernels, launched as flash_cuda.rs launches them.
     const u64 has = cs.masked ? 1 : 0, ms_b = s * t, ms_h = 0, ms_s = t;
+    const std::vector<T> qt = as_t(q), kt = as_t(k), vt = as_t(v), got = as_t(go);
     Vf work(b * H * s * (d + 2));
     emu_launch(Dim3{(unsigned)((s + FL_BR - 1) / FL_BR), (unsigned)(b * H), 1}, FL_WARPS * 32, [&] {
-        flash_fwd_f32(q.data(), k.data(), v.data(), mask.data(), work.data(), H, KV, s, t, d, has, ms_b, ms_h,
-                      ms_s, scale);
+        if constexpr (std::is_same_v<T, float>)
+            flash_fwd_f32(qt.data(), kt.data(), vt.data(), mask.data(), work.data(), H, KV, s, t, d, has,
+                          ms_b, ms_h, ms_s, scale);
+        else
+            flash_fwd<T>(qt.data(), kt.data(), vt.data(), mask.data(), work.data(), H, KV, s, t, d, has, ms_b,
+                         ms_h, ms_s, scale);
     });
     const u64 rows = b * H * s;
     Vf o(rows * d), ms(rows), ls(rows);
+    std::vector<T> ot(rows * d); // the op's output, stored as T
     for (u64 r = 0; r < rows; ++r) {
-        for (u64 e = 0; e < d; ++e) o[r * d + e] = work[r * (d + 2) + e];
+        for (u64 e = 0; e < d; ++e) {
+            ot[r * d + e] = store<T>(work[r * (d + 2) + e]);
+            o[r * d + e] = load(ot[r * d + e]);
+        }
         ms[r] = work[r * (d + 2) + d];
         ls[r] = work[r * (d + 2) + d + 1];
     }
     Vf dd(rows), dqf(q.size(), 0.0f);
     const u64 nq = q.size(), nk = k.size();
-    Vf out(nq + 2 * nk, NAN);
-    emu_launch(Dim3{(unsigned)((rows + FL_WARPS - 1) / FL_WARPS), 1, 1}, FL_WARPS * 32,
-               [&] { flash_bwd_dot_f32(go.data(), o.data(), dd.data(), rows, d); });
-    emu_launch(Dim3{(unsigned)((t + FB_BC - 1) / FB_BC), (unsigned)(b * KV), 1}, FL_WARPS * 32, [&] {
-        flash_bwd_f32(q.data(), k.data(), v.data(), go.data(), ms.data(), ls.data(), dd.data(), mask.data(),
-                      dqf.data(), out.data(), nq, nq + nk, H, KV, s, t, d, has, ms_b, ms_h, ms_s, scale);
+    std::vector<T> out(nq + 2 * nk, store<T>(NAN));
+    emu_launch(Dim3{(unsigned)((rows + FL_WARPS - 1) / FL_WARPS), 1, 1}, FL_WARPS * 32, [&] {
+        if constexpr (std::is_same_v<T, float>)
+            flash_bwd_dot_f32(got.data(), ot.data(), dd.data(), rows, d);
+        else
+            flash_bwd_dot<T>(got.data(), ot.data(), dd.data(), rows, d);
     });
-    emu_launch(Dim3{(unsigned)((nq + 255) / 256), 1, 1}, 256,
-               [&] { flash_cast_f32(dqf.data(), out.data(), nq); });
-    const Vf dq(out.begin(), out.begin() + nq), dk(out.begin() + nq, out.begin() + nq + nk),
-        dv(out.begin() + nq + nk, out.end());
-    return report(cs.name, "forward", o, o_ref) + report(cs.name, "dq", dq, dq_ref) +
-           report(cs.name, "dk", dk, dk_ref) + report(cs.name, "dv", dv, dv_ref);
+    emu_launch(Dim3{(unsigned)((t + FB_BC - 1) / FB_BC), (unsigned)(b * KV), 1}, FL_WARPS * 32, [&] {
+        if constexpr (std::is_same_v<T, float>)
+            flash_bwd_f32(qt.data(), kt.data(), vt.data(), got.data(), ms.data(), ls.data(), dd.data(),
+                          mask.data(), dqf.data(), out.data(), nq, nq + nk, H, KV, s, t, d, has, ms_b, ms_h,
+                          ms_s, scale);
+        else
+            flash_bwd<T>(qt.data(), kt.data(), vt.data(), got.data(), ms.data(), ls.data(), dd.data(),
+                         mask.data(), dqf.data(), out.data(), nq, nq + nk, H, KV, s, t, d, has, ms_b, ms_h,
+                         ms_s, scale);
+    });
+    emu_launch(Dim3{(unsigned)((nq + 255) / 256), 1, 1}, 256, [&] {
+        if constexpr (std::is_same_v<T, float>)
+            flash_cast_f32(dqf.data(), out.data(), nq);
+        else
+            flash_cast<T>(dqf.data(), out.data(), nq);
+    });
+    Vf all(out.size());
+    for (size_t i = 0; i < out.size(); ++i) all[i] = load(out[i]);
+    const Vf dq(all.begin(), all.begin() + nq), dk(all.begin() + nq, all.begin() + nq + nk),
+        dv(all.begin() + nq + nk, all.end());
+    return report(cs.name, dt, tol, "forward", o, o_ref) + report(cs.name, dt, tol, "dq", dq, dq_ref) +
+           report(cs.name, dt, tol, "dk", dk, dk_ref) + report(cs.name, dt, tol, "dv", dv, dv_ref);
 }
 
 int main() {
@@ -131,7 +175,8 @@ int main() {
         {"no mask d128", 1, 2, 2, 20, 33, 128, 0, false, false},
     };
     int fails = 0;
-    for (const Case &c : cases) fails += run(c);
+    for (const Case &c : cases) fails += run<float>(c, "f32", 1e-4);
+    for (const Case &c : cases) fails += run<__nv_bfloat16>(c, "bf16", 3e-2);
     std::printf("\n%d failed: %s\n", fails, fails ? "FAIL" : "PASS");
     return fails ? 1 : 0;
 }
