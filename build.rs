@@ -1,5 +1,6 @@
 //! Build step of the `cuda` feature only: compile the fused ops' CUDA kernels
-//! (src/ml/cuda/fused.cu) to PTX with nvcc, for src/ml/fused_cuda.rs to embed. A build without
+//! (src/ml/cuda/fused.cu) and the blocked attention's (src/ml/cuda/flash.cu) to PTX with nvcc,
+//! for src/ml/fused_cuda.rs and src/ml/flash_cuda.rs to embed. A build without
 //! the feature does nothing here and needs no CUDA toolkit.
 //!
 //! nvcc is found as candle-kernels finds it: `NVCC`, else `CUDA_HOME/bin/nvcc`, else `nvcc` on
@@ -8,20 +9,28 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCE: &str = "src/ml/cuda/fused.cu";
+/// The CUDA sources and the PTX file each becomes in OUT_DIR.
+const SOURCES: [(&str, &str); 2] = [
+    ("src/ml/cuda/fused.cu", "fused.ptx"),
+    ("src/ml/cuda/flash.cu", "flash.ptx"),
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed={SOURCE}");
+    for (source, _) in SOURCES {
+        println!("cargo:rerun-if-changed={source}");
+    }
     for var in ["NVCC", "CUDA_HOME", "CUDA_COMPUTE_CAP"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    if let Err(e) = compile_ptx() {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+    for (source, ptx) in SOURCES {
+        if let Err(e) = compile_ptx(source, ptx) {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
     }
 }
 
@@ -38,9 +47,9 @@ fn nvcc() -> PathBuf {
     PathBuf::from("nvcc")
 }
 
-fn compile_ptx() -> Result<(), String> {
+fn compile_ptx(source: &str, ptx: &str) -> Result<(), String> {
     let out_dir = std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set (run through cargo)")?;
-    let out = PathBuf::from(out_dir).join("fused.ptx");
+    let out = PathBuf::from(out_dir).join(ptx);
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".to_string());
     let cap: String = cap.chars().filter(|c| c.is_ascii_digit()).collect();
     if cap.is_empty() {
@@ -52,7 +61,7 @@ fn compile_ptx() -> Result<(), String> {
         .arg(format!("-arch=compute_{cap}"))
         .arg("-o")
         .arg(&out)
-        .arg(SOURCE)
+        .arg(source)
         .status()
         .map_err(|e| {
             format!(
@@ -62,7 +71,7 @@ fn compile_ptx() -> Result<(), String> {
             )
         })?;
     if !status.success() {
-        return Err(format!("nvcc failed on {SOURCE} ({status})"));
+        return Err(format!("nvcc failed on {source} ({status})"));
     }
     Ok(())
 }

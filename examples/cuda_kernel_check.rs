@@ -7,22 +7,24 @@
 //! ```
 //!
 //! For each op (RMSNorm with a frozen and a trained weight, masked softmax, RoPE on a transposed
-//! view, SwiGLU, the dropout mask product, the LoRA linear with and without a dropout mask) and
-//! each dtype (f32, bf16, f16): random inputs rounded to the dtype, the op on the GPU in that
+//! view, SwiGLU, the dropout mask product, the LoRA linear with and without a dropout mask, the
+//! blocked attention of src/ml/cuda/flash.cu) and each dtype (f32, bf16, f16): random inputs rounded to the dtype, the op on the GPU in that
 //! dtype and on the CPU in f32 from the same values; the value and the gradients of
 //! `Σ y·up` (through candle's backward) compared. Prints the largest absolute error and the
 //! largest error relative to the reference's largest magnitude, PASS or FAIL against the
 //! dtype's tolerance; exits 1 on any FAIL. Then (unless `--no-timing`) times forward + backward
-//! of the fused ops against candle's composed ops on the GPU, bf16, at LLaVA-7B shapes.
+//! of the fused ops and of the blocked attention against candle's composed ops on the GPU, bf16,
+//! at LLaVA-7B shapes.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use coin::ml::flash;
 use coin::ml::fused::{self, Kernels};
 use coin::ml::llama::{
-    apply_rope_composed, attention_mask, attention_probs_composed, rope_tables, swiglu_composed,
-    RmsNorm,
+    apply_rope_composed, attention_mask, attention_probs_composed, flash_enabled, rope_tables,
+    swiglu_composed, RmsNorm,
 };
 use coin::ml::rng::Rng;
 
@@ -285,6 +287,7 @@ fn correctness(gpu: &Device) -> Result<Report> {
             &lora_masked,
         )?;
     }
+    flash_checks(&mut report, gpu)?;
     // The setting gates the GPU path as it does the CPU one.
     let t = Tensor::zeros((2, 2), DType::BF16, gpu)?;
     let gate_on = fused::with_kernels(Some(Kernels::On), || fused::loop_kernels(&t));
@@ -296,7 +299,80 @@ fn correctness(gpu: &Device) -> Result<Report> {
         report.failures += 1;
         println!("runtime.kernels gate on GPU: on={gate_on} off-supported={gate_off}   FAIL");
     }
+    let q = Tensor::zeros((1, 32, 4, 128), DType::BF16, gpu)?;
+    let flash_on = fused::with_kernels(Some(Kernels::On), || flash_enabled(&q));
+    let flash_off = fused::with_kernels(Some(Kernels::Off), || flash_enabled(&q));
+    let wide = Tensor::zeros((1, 2, 4, 256), DType::BF16, gpu)?;
+    let wide_on = fused::with_kernels(Some(Kernels::On), || flash_enabled(&wide));
+    report.checks += 1;
+    if flash_on && !flash_off && !wide_on {
+        println!(
+            "runtime.kernels gates the GPU attention (on: blocked, off or d > 128: composed) PASS"
+        );
+    } else {
+        report.failures += 1;
+        println!("GPU attention gate: on={flash_on} off={flash_off} head-dim-256={wide_on}   FAIL");
+    }
     Ok(report)
+}
+
+/// The blocked attention on the GPU (src/ml/cuda/flash.cu) against the CPU op of
+/// src/ml/flash.rs on the same rounded q, k, v: the value and dq, dk, dv. The mask is f32 on both
+/// devices (f32::MIN rounds to −∞ in bf16/f16, which the CPU reference would turn into NaN for a
+/// row that sees nothing); one case also hands the GPU the mask in the run's dtype (−∞), which the
+/// kernels clamp to f32::MIN.
+fn flash_checks(report: &mut Report, gpu: &Device) -> Result<()> {
+    // (name, b, heads, kv_heads, s, t, d, left padding of batch row 1, masked, mask in dtype):
+    // training shapes with s = t not a multiple of the 16 × 32 tiles, left padding so the first
+    // queries of row 1 see no key at all, grouped heads; KV-cache steps (s < t) with a head
+    // dimension not a multiple of 32; one query; no mask at the largest head dimension.
+    type Case = (
+        &'static str,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        bool,
+        bool,
+    );
+    let cases: [Case; 6] = [
+        ("flash gqa causal+pad", 2, 4, 2, 37, 37, 64, 5, true, false),
+        ("flash -inf mask", 2, 4, 2, 37, 37, 64, 5, true, true),
+        ("flash mha", 1, 3, 3, 70, 70, 32, 0, true, false),
+        ("flash kv-cache d80", 2, 4, 1, 5, 45, 80, 3, true, false),
+        ("flash one query", 2, 2, 2, 1, 19, 16, 4, true, false),
+        ("flash no mask d128", 1, 2, 2, 20, 33, 128, 0, false, false),
+    ];
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let mut rng = Rng::new(3);
+        for (name, b, heads, kv, s, t, d, pad, masked, mask_in_dt) in cases {
+            let q = randn(&mut rng, &[b, heads, s, d], 1.0)?;
+            let k = randn(&mut rng, &[b, kv, t, d], 1.0)?;
+            let v = randn(&mut rng, &[b, kv, t, d], 1.0)?;
+            let mut valid = vec![vec![true; t]; b];
+            if b > 1 {
+                valid[1] = (0..t).map(|j| j >= pad).collect();
+            }
+            let mask = attention_mask(&valid, s, &Device::Cpu)?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let op = |a: &[Tensor]| {
+                let dev = a[0].device();
+                let m = if !masked {
+                    None
+                } else if mask_in_dt && dev.is_cuda() {
+                    Some(mask.to_dtype(a[0].dtype())?.to_device(dev)?)
+                } else {
+                    Some(mask.to_device(dev)?)
+                };
+                flash::flash_attention(&a[0], &a[1], &a[2], m.as_ref(), scale)
+            };
+            compare(report, name, dt, gpu, &[q, k, v], &[true, true, true], &op)?;
+        }
+    }
+    Ok(())
 }
 
 /// Seconds per call of `f` (forward and backward), after one warm-up call.
@@ -372,6 +448,7 @@ fn timing(gpu: &Device) -> Result<()> {
         ),
     ];
     println!("\nforward + backward, bf16, batch {b} × {s} positions (LLaVA-7B shapes):");
+    attention_timing(gpu, &mut rng)?;
     for (name, var, fused_op, composed_op) in &cases {
         let tf = time(gpu, 20, &|| fwd_bwd(var, fused_op.as_ref()))?;
         let tc = time(gpu, 20, &|| fwd_bwd(var, composed_op.as_ref()))?;
@@ -382,6 +459,48 @@ fn timing(gpu: &Device) -> Result<()> {
             tc / tf
         );
     }
+    Ok(())
+}
+
+/// Attention forward + backward (q, k, v trained) at LLaVA-7B shapes, bf16: the blocked kernels
+/// against the composed scores → masked softmax (composed) → `p·v`.
+fn attention_timing(gpu: &Device, rng: &mut Rng) -> Result<()> {
+    let dt = DType::BF16;
+    let (b, s, heads, hd) = (2, 704, 32, 128);
+    let var = |rng: &mut Rng| -> Result<Var> {
+        Var::from_tensor(
+            &randn(rng, &[b, heads, s, hd], 1.0)?
+                .to_dtype(dt)?
+                .to_device(gpu)?,
+        )
+    };
+    let (q, k, v) = (var(rng)?, var(rng)?, var(rng)?);
+    let mask = attention_mask(&vec![vec![true; s]; b], s, gpu)?;
+    let mask_dt = mask.to_dtype(dt)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let step = |blocked: bool| -> Result<()> {
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let y = if blocked {
+            flash::flash_attention(qt, kt, vt, Some(&mask), scale)?
+        } else {
+            let scores = qt.matmul(&kt.t()?)?;
+            attention_probs_composed(&scores, &mask_dt, scale)?.matmul(vt)?
+        };
+        let g = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+        if g.get(qt).is_none() || g.get(kt).is_none() || g.get(vt).is_none() {
+            candle_core::bail!("attention timing: a gradient is missing");
+        }
+        Ok(())
+    };
+    let tf = time(gpu, 10, &|| step(true))?;
+    let tc = time(gpu, 10, &|| step(false))?;
+    println!(
+        "{:<16} fused {:>8.3} ms  composed {:>8.3} ms  speed-up {:.2}x  (32 heads of 128)",
+        "attention",
+        tf * 1e3,
+        tc * 1e3,
+        tc / tf
+    );
     Ok(())
 }
 

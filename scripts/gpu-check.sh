@@ -10,8 +10,9 @@
 # `kernels` stops after step 1b, `quick` after step 3, `bench` runs step 4 only, `7b` step 5 only.
 # Writes everything it prints to $OUT/gpu-check.log (OUT defaults to /tmp/gpu-check).
 #  1. devices and driver;
-#  1b. kernels: the fused ops' CUDA kernels (forward and backward, f32/bf16/f16) against the CPU
-#     kernels, PASS/FAIL per op, dtype and gradient, then fused vs composed timings (~1 minute);
+#  1b. kernels: the fused ops' CUDA kernels and the blocked (flash) attention's (forward and
+#     backward, f32/bf16/f16) against the CPU kernels, PASS/FAIL per op, dtype and gradient, then
+#     fused vs composed timings (~1 minute);
 #  2. generation: the HF parity model (tests/fixtures/parity) on CPU f32, CUDA f32, CUDA bf16 —
 #     greedy tokens compared with each other and with the HF goldens;
 #  3. training: LoRA and MoELoRA steps on the tiny model with CoIN-mini data, CPU f32 vs CUDA
@@ -62,7 +63,7 @@ BIN=$(unpack "$BIN" coin); TRAIN_BENCH=$(unpack "$TRAIN_BENCH" train_bench)
 "$BIN" --version || { echo "FAIL: the binary does not start"; ldd "$BIN"; exit 1; }
 ldd "$BIN" | grep -E "cuda|cublas|curand|not found"
 
-step "1b. kernels: fused ops on CUDA vs the CPU kernels (forward, backward; f32, bf16, f16)"
+step "1b. kernels: fused ops and blocked attention on CUDA vs the CPU kernels (forward, backward; f32, bf16, f16)"
 if [ -e "$KERNEL_CHECK" ]; then
   KERNEL_CHECK=$(unpack "$KERNEL_CHECK" cuda_kernel_check)
   timeout 240 "$KERNEL_CHECK" || echo "FAIL: kernel check (exit $?)"

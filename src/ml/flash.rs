@@ -33,9 +33,15 @@
 //! do (uniform probabilities).
 //!
 //! On the CPU, f32 and f64 (the tiny model's gradient checks run in f64); bf16/f16 inputs are
-//! computed in f32. The CUDA kernel for this op is not written yet: on a GPU
-//! [`flash_attention`] returns an error saying so, and the model keeps its composed attention
-//! there (`llama::Attention::forward` only calls this op on the CPU).
+//! computed in f32. On a GPU (the `cuda` feature) the same op runs the kernels of
+//! `src/ml/cuda/flash.cu` (`flash_cuda.rs` launches them): f32, bf16 or f16 storage with f32
+//! accumulation, head dimension ≤ 128, one thread block per (batch, head, 16 query rows) in the
+//! forward and per (batch, key head, 16 keys) in the backward, which recomputes the
+//! probabilities from the saved `m` and `l` and adds dq up with f32 atomics. The GPU kernels
+//! skip masked keys by the same rule (per tile, only for rows that have seen a key) and clamp
+//! each masked score at `f32::MIN`, so a −∞ mask (`f32::MIN` rounded to bf16) behaves like the
+//! f32 one. [`device_supported`] says where the op runs; elsewhere the model keeps its composed
+//! attention.
 
 use std::sync::Mutex;
 
@@ -216,15 +222,20 @@ fn dims_of(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
 
 /// The mask's values in `T` with broadcast strides, checked against `dims`.
 fn mask_view<T: Float>(mask: &Tensor, dims: Dims) -> Result<MaskView<T>> {
-    let md = mask.dims();
+    let strides = mask_strides(mask.dims(), dims)?;
+    let data = with_slice::<T, _>(&mask.to_dtype(T::DTYPE)?, |m| Ok(m.to_vec()))?;
+    Ok(MaskView { data, strides })
+}
+
+/// The element strides of the batch, head and query dimensions of a contiguous mask of shape
+/// `md` broadcast to (b, h, s, t) (0 for a broadcast dimension), checked against `dims`.
+fn mask_strides(md: &[usize], dims: Dims) -> Result<[usize; 3]> {
     let want = [dims.b, dims.heads, dims.s, dims.t];
     if md.len() != 4 || md[3] != dims.t || (0..3).any(|k| md[k] != want[k] && md[k] != 1) {
         bail!("flash attention: mask {md:?} does not broadcast to {want:?}");
     }
-    let data = with_slice::<T, _>(&mask.to_dtype(T::DTYPE)?, |m| Ok(m.to_vec()))?;
     let st = [md[1] * md[2] * md[3], md[2] * md[3], md[3]];
-    let strides = [0, 1, 2].map(|k| if md[k] == 1 { 0 } else { st[k] });
-    Ok(MaskView { data, strides })
+    Ok([0, 1, 2].map(|k| if md[k] == 1 { 0 } else { st[k] }))
 }
 
 /// Per query block, the key range `[lo, hi)` any of its rows (in any batch row or head) can
@@ -547,12 +558,19 @@ fn backward<T: Float>(
     Ok((dq, dk, dv))
 }
 
+/// The forward's value, computed before the op is applied and handed out by its forward.
+enum Value {
+    Cpu(CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(Tensor),
+}
+
 /// The op: the forward is computed by [`flash_attention_with_blocks`] on detached inputs and
-/// handed out by `cpu_fwd` (moved, not copied); the backward recomputes from the inputs, the
-/// output and the saved row statistics.
+/// handed out by `cpu_fwd` (moved, not copied) or `cuda_fwd` (one copy); the backward recomputes
+/// from the inputs, the output and the saved row statistics.
 struct FlashAttention {
-    value: Mutex<Option<CpuStorage>>,
-    /// Row maxima and sums, (b, h, s) each, of the compute dtype.
+    value: Mutex<Option<Value>>,
+    /// Row maxima and sums, (b, h, s) each, of the compute dtype (f32 on a GPU).
     m: Tensor,
     l: Tensor,
     mask: Option<Tensor>,
@@ -580,7 +598,9 @@ impl CustomOp3 for FlashAttention {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
         match value {
-            Some(v) => Ok((v, l1.shape().clone())),
+            Some(Value::Cpu(v)) => Ok((v, l1.shape().clone())),
+            #[cfg(feature = "cuda")]
+            Some(Value::Cuda(_)) => bail!("flash attention: a GPU value on the CPU"),
             None => bail!("flash attention: the forward ran twice"),
         }
     }
@@ -589,16 +609,27 @@ impl CustomOp3 for FlashAttention {
     fn cuda_fwd(
         &self,
         _: &candle_core::CudaStorage,
-        _: &Layout,
+        l1: &Layout,
         _: &candle_core::CudaStorage,
         _: &Layout,
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        bail!(
-            "flash attention: the CUDA kernel is not built yet (issue 20); the model uses the \
-             composed attention on the GPU"
-        )
+        let value = self
+            .value
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let o = match value {
+            Some(Value::Cuda(o)) => o,
+            Some(Value::Cpu(_)) => bail!("flash attention: a CPU value on the GPU"),
+            None => bail!("flash attention: the forward ran twice"),
+        };
+        let (storage, layout) = o.storage_and_layout();
+        let Storage::Cuda(c) = &*storage else {
+            bail!("flash attention: the GPU value is not on the GPU")
+        };
+        Ok((super::fused_cuda::copy(c, layout)?, l1.shape().clone()))
     }
 
     fn bwd(
@@ -620,6 +651,10 @@ impl CustomOp3 for FlashAttention {
         let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), res.detach());
         let grad = grad.detach().to_dtype(q.dtype())?.contiguous()?;
         let dims = dims_of(&q, &k, &v)?;
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            return gpu::backward(self, (&q, &k, &v), &o.contiguous()?, &grad, dims, want);
+        }
         macro_rules! run {
             ($t:ty) => {{
                 let mask = self
@@ -660,11 +695,289 @@ impl CustomOp3 for FlashAttention {
     }
 }
 
+/// Whether [`flash_attention`] runs for queries `q` (b, heads, s, d) on their device: any float
+/// dtype on the CPU; with the `cuda` feature, f32, bf16 or f16 with a head dimension of at most
+/// 128 on a GPU (the kernels of `src/ml/cuda/flash.cu`). Elsewhere the model keeps its composed
+/// attention.
+pub fn device_supported(q: &Tensor) -> bool {
+    if q.device().is_cpu() {
+        return q.dtype().is_float();
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return gpu::supported(q);
+    }
+    false
+}
+
+/// The op on a GPU: the kernels of `src/ml/cuda/flash.cu` (launched by `flash_cuda.rs`) as
+/// graph-less ops, the forward's value handed to [`FlashAttention`] as on the CPU. The tiles are
+/// the kernels' own (16 queries × 32 keys forward, 16 keys per block backward); `blocks` only
+/// matters on the CPU.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use crate::ml::flash_cuda as kern;
+
+    pub(super) fn supported(q: &Tensor) -> bool {
+        kern::dtype_supported(q.dtype())
+            && q.dims4()
+                .is_ok_and(|(b, h, _, d)| (1..=kern::MAX_HEAD_DIM).contains(&d) && b * h <= 65535)
+    }
+
+    fn kdims(d: Dims) -> kern::Dims {
+        kern::Dims {
+            b: d.b,
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            s: d.s,
+            t: d.t,
+            d: d.d,
+        }
+    }
+
+    fn cuda_of(s: &Storage) -> Result<&candle_core::CudaStorage> {
+        match s {
+            Storage::Cuda(c) => Ok(c),
+            _ => bail!("flash attention: a tensor of the GPU op is not on the GPU"),
+        }
+    }
+
+    /// Run `f` with the mask (f32, contiguous) as the kernels' argument.
+    fn with_mask<R>(
+        mask: Option<&Tensor>,
+        dims: Dims,
+        f: impl FnOnce(Option<kern::Mask<'_>>) -> Result<R>,
+    ) -> Result<R> {
+        let Some(m) = mask else { return f(None) };
+        let strides = mask_strides(m.dims(), dims)?;
+        if m.dtype() != DType::F32 {
+            bail!("flash attention: the GPU kernels take an f32 mask");
+        }
+        let (storage, layout) = m.storage_and_layout();
+        let Some((start, _)) = layout.contiguous_offsets() else {
+            bail!("flash attention: the mask must be contiguous")
+        };
+        f(Some(kern::Mask {
+            storage: cuda_of(&storage)?,
+            start,
+            strides,
+        }))
+    }
+
+    /// (q, k, v) → (b, heads, s, d + 2) f32: each output row, then its `m` and `l`.
+    struct Forward {
+        mask: Option<Tensor>,
+        dims: Dims,
+        scale: f64,
+    }
+
+    impl CustomOp3 for Forward {
+        fn name(&self) -> &'static str {
+            "flash-attention-cuda-forward"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("flash attention: this op runs on a GPU only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &Layout,
+            s3: &candle_core::CudaStorage,
+            l3: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            let Dims { b, heads, s, d, .. } = self.dims;
+            let out = with_mask(self.mask.as_ref(), self.dims, |m| {
+                kern::forward(
+                    (s1, l1),
+                    (s2, l2),
+                    (s3, l3),
+                    m,
+                    kdims(self.dims),
+                    self.scale,
+                )
+            })?;
+            Ok((out, Shape::from((b, heads, s, d + 2))))
+        }
+    }
+
+    /// (q, k, v) → one vector of q's dtype: dq, dk, dv flattened one after another.
+    struct Backward {
+        o: Tensor,
+        grad: Tensor,
+        m: Tensor,
+        l: Tensor,
+        mask: Option<Tensor>,
+        dims: Dims,
+        scale: f64,
+    }
+
+    impl CustomOp3 for Backward {
+        fn name(&self) -> &'static str {
+            "flash-attention-cuda-backward"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("flash attention backward: this op runs on a GPU only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &Layout,
+            s3: &candle_core::CudaStorage,
+            l3: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            let (os, ol) = self.o.storage_and_layout();
+            let (gs, gl) = self.grad.storage_and_layout();
+            let (ms, ml) = self.m.storage_and_layout();
+            let (ls, ll) = self.l.storage_and_layout();
+            let x = kern::Backward {
+                q: (s1, l1),
+                k: (s2, l2),
+                v: (s3, l3),
+                o: (cuda_of(&os)?, ol),
+                g: (cuda_of(&gs)?, gl),
+                m: (cuda_of(&ms)?, ml),
+                l: (cuda_of(&ls)?, ll),
+            };
+            let n = l1.shape().elem_count() + 2 * l2.shape().elem_count();
+            let out = with_mask(self.mask.as_ref(), self.dims, |m| {
+                kern::backward(x, m, kdims(self.dims), self.scale)
+            })?;
+            Ok((out, Shape::from(n)))
+        }
+    }
+
+    fn contiguous(x: &Tensor) -> Result<Tensor> {
+        if x.is_contiguous() {
+            Ok(x.clone())
+        } else {
+            x.contiguous()
+        }
+    }
+
+    pub(super) fn forward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        scale: f64,
+        dims: Dims,
+        blocks: Blocks,
+    ) -> Result<Tensor> {
+        let dtype = q.dtype();
+        if !supported(q) {
+            bail!(
+                "flash attention: no CUDA kernel for {dtype:?} queries {:?} (f32, bf16 or f16, \
+                 head dimension at most {}); set runtime.kernels to \"lora\" or \"off\" to use \
+                 the composed attention",
+                q.dims(),
+                kern::MAX_HEAD_DIM
+            );
+        }
+        let prep = |x: &Tensor| contiguous(&x.to_dtype(dtype)?);
+        let (q, k, v) = (prep(q)?, prep(k)?, prep(v)?);
+        if dims.s == 0 {
+            return Tensor::zeros(q.shape(), dtype, q.device());
+        }
+        let mask = mask
+            .map(|m| contiguous(&m.to_dtype(DType::F32)?.detach()))
+            .transpose()?;
+        let work = q.detach().apply_op3_no_bwd(
+            &k.detach(),
+            &v.detach(),
+            &Forward {
+                mask: mask.clone(),
+                dims,
+                scale,
+            },
+        )?;
+        let d = dims.d;
+        let stats = (dims.b, dims.heads, dims.s);
+        let o = contiguous(&work.narrow(3, 0, d)?.to_dtype(dtype)?)?;
+        let m = work.narrow(3, d, 1)?.contiguous()?.reshape(stats)?;
+        let l = work.narrow(3, d + 1, 1)?.contiguous()?.reshape(stats)?;
+        drop(work);
+        let op = FlashAttention {
+            value: Mutex::new(Some(Value::Cuda(o))),
+            m,
+            l,
+            mask,
+            scale,
+            blocks,
+        };
+        q.apply_op3(&k, &v, op)
+    }
+
+    type Grads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+    pub(super) fn backward(
+        op: &FlashAttention,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        o: &Tensor,
+        grad: &Tensor,
+        dims: Dims,
+        want: Want,
+    ) -> Result<Grads> {
+        let packed = contiguous(q)?.apply_op3_no_bwd(
+            &contiguous(k)?,
+            &contiguous(v)?,
+            &Backward {
+                o: o.clone(),
+                grad: grad.clone(),
+                m: op.m.clone(),
+                l: op.l.clone(),
+                mask: op.mask.clone(),
+                dims,
+                scale: op.scale,
+            },
+        )?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let part = |on: bool, at: usize, n: usize, like: &Tensor| {
+            on.then(|| {
+                packed
+                    .narrow(0, at, n)
+                    .and_then(|x| x.reshape(like.shape()))
+            })
+            .transpose()
+        };
+        Ok((
+            part(want.q, 0, nq, q)?,
+            part(want.k, nq, nk, k)?,
+            part(want.v, nq + nk, nk, v)?,
+        ))
+    }
+}
+
 /// `softmax(q·kᵀ·scale + mask)·v` without the score matrix: `q` (b, heads, s, d), `k` and `v`
 /// (b, kv_heads, t, d) with `heads` a multiple of `kv_heads`, `mask` additive and broadcastable
-/// to (b, heads, s, t). Differentiable in q, k and v (the mask gets no gradient). CPU only;
+/// to (b, heads, s, t). Differentiable in q, k and v (the mask gets no gradient). On the CPU
 /// f32 and f64 are computed in their own dtype, other dtypes in f32, and the result has q's
-/// dtype. Block sizes from [`Blocks::auto`].
+/// dtype; block sizes from [`Blocks::auto`]. On a GPU (where [`device_supported`]) the CUDA
+/// kernels run in q's dtype with f32 accumulation.
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
@@ -687,13 +1000,18 @@ pub fn flash_attention_with_blocks(
     scale: f64,
     blocks: Blocks,
 ) -> Result<Tensor> {
+    let dims = dims_of(q, k, v)?;
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return gpu::forward(q, k, v, mask, scale, dims, blocks);
+    }
     if !q.device().is_cpu() {
         bail!(
-            "flash attention: the CUDA kernel is not built yet (issue 20); set runtime.kernels \
-             to \"lora\" or \"off\" to use the composed attention on this device"
+            "flash attention: no kernel for {:?} in this build; set runtime.kernels to \"lora\" \
+             or \"off\" to use the composed attention on this device",
+            q.device()
         );
     }
-    let dims = dims_of(q, k, v)?;
     let dtype = q.dtype();
     let cd = if dtype == DType::F64 {
         DType::F64
@@ -734,7 +1052,7 @@ pub fn flash_attention_with_blocks(
         _ => run!(f32, F32),
     };
     let op = FlashAttention {
-        value: Mutex::new(Some(value)),
+        value: Mutex::new(Some(Value::Cpu(value))),
         m,
         l,
         mask,
@@ -970,6 +1288,92 @@ mod tests {
             };
             assert!(max_diff(a, b) < 1e-5);
         }
+        Ok(())
+    }
+
+    /// The CUDA side cannot run here, so its plumbing is checked as text: every kernel of
+    /// `cuda/flash.cu` is instantiated for each dtype and launched by `flash_cuda.rs` with as many
+    /// arguments as its declaration has parameters, and the tile sizes the launches use for the
+    /// grid and the shared memory are the ones the kernels are compiled with.
+    #[test]
+    fn the_cuda_launches_match_the_kernels() {
+        let cu = include_str!("cuda/flash.cu");
+        let rs = include_str!("flash_cuda.rs");
+        let mut kernels = Vec::new();
+        for rest in cu.split("extern \"C\" __global__ void ").skip(1) {
+            let (name, params) = rest.split_once("_##SFX(").expect("a kernel name");
+            let params = params.split_once(')').expect("a parameter list").0;
+            kernels.push((name, params.matches(',').count() + 1));
+        }
+        let names: Vec<&str> = kernels.iter().map(|k| k.0).collect();
+        assert_eq!(
+            names,
+            ["flash_fwd", "flash_bwd_dot", "flash_bwd", "flash_cast"]
+        );
+        for (name, params) in kernels {
+            let at = rs
+                .find(&format!("func(&dev, \"{name}\", T::SUFFIX)"))
+                .unwrap_or_else(|| panic!("flash_cuda.rs never loads {name}"));
+            let launch = &rs[at..];
+            let launch = &launch[..launch.find(".launch(").expect("a launch")];
+            assert_eq!(
+                launch.matches(".arg(").count(),
+                params,
+                "{name}: arguments pushed vs parameters declared"
+            );
+        }
+        for sfx in ["(float, f32)", "(__nv_bfloat16, bf16)", "(__half, f16)"] {
+            assert!(cu.contains(&format!("INSTANTIATE{sfx}")), "{sfx}");
+        }
+        let define = |name: &str| -> usize {
+            let line = cu
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("#define {name}"));
+            let value = line.split_whitespace().nth(2).expect("a value");
+            value.parse().unwrap_or_else(|_| panic!("{name} = {value}"))
+        };
+        for (cu_name, rs_const) in [
+            ("FL_RPW", "const FWD_ROWS: usize = 16;"),
+            ("FL_BC", "const FWD_KEYS: usize = 32;"),
+            ("FB_BC", "const BWD_KEYS: usize = 16;"),
+            ("FL_DMAX", "pub const MAX_HEAD_DIM: usize = 128;"),
+            ("FL_WARPS", "const THREADS: usize = 128;"),
+        ] {
+            assert!(rs.contains(rs_const), "{rs_const}");
+            let want: usize = rs_const
+                .trim_end_matches(';')
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .expect("a number");
+            let got = match cu_name {
+                "FL_RPW" => define("FL_RPW") * define("FL_WARPS"),
+                "FL_WARPS" => define("FL_WARPS") * 32,
+                other => define(other),
+            };
+            assert_eq!(got, want, "{cu_name} vs {rs_const}");
+        }
+        // The forward's shared memory at the largest head dimension stays under the 48 KiB a
+        // launch gets without opting in.
+        let d = define("FL_DMAX");
+        let fwd = (16 * d + 32 * (d + 1) + 32 * d) * 4;
+        let bwd = (2 * 16 * (d + 1) + 2 * 16 * d + 2 * define("FL_WARPS") * d) * 4;
+        assert!(fwd <= 48 * 1024 && bwd <= 48 * 1024, "{fwd} {bwd}");
+    }
+
+    /// On the CPU the op takes every float dtype; a GPU has its own rule (flash_cuda.rs).
+    #[test]
+    fn the_cpu_takes_every_float_dtype() -> Result<()> {
+        for dt in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+            assert!(device_supported(&Tensor::zeros(
+                (1, 2, 3, 4),
+                dt,
+                &Device::Cpu
+            )?));
+        }
+        let ids = Tensor::zeros((1, 2, 3, 4), DType::U32, &Device::Cpu)?;
+        assert!(!device_supported(&ids));
         Ok(())
     }
 

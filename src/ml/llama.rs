@@ -270,12 +270,13 @@ impl Attention {
 }
 
 /// Whether attention runs as [`super::flash::flash_attention`]: the loop kernels are on
-/// (`runtime.kernels = "on"`, [`fused::loop_kernels`]) and `q` is on the CPU (any float dtype:
-/// bf16/f16 are computed in f32). Elsewhere the composed scores → probabilities → `p·v`.
+/// (`runtime.kernels = "on"`, [`fused::loop_kernels`]) and the op has a kernel for `q`
+/// ([`super::flash::device_supported`]: any float dtype on the CPU, bf16/f16 computed in f32;
+/// f32/bf16/f16 with head dimension ≤ 128 on a GPU in a `cuda` build). Elsewhere the composed
+/// scores → probabilities → `p·v`.
 pub fn flash_enabled(q: &Tensor) -> bool {
-    q.device().is_cpu()
-        && fused::kernels() == fused::Kernels::On
-        && q.dtype().is_float()
+    fused::kernels() == fused::Kernels::On
+        && super::flash::device_supported(q)
         && super::flash::enabled_for_process()
 }
 

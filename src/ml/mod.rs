@@ -15,6 +15,8 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod flash;
+#[cfg(feature = "cuda")]
+mod flash_cuda;
 pub mod fused;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
