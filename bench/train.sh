@@ -46,12 +46,12 @@ r = {m: json.load(open(f"{w}/{m}.json")) for m in modes}
 above = lambda d: (d["steps_peak_rss_bytes"] - d["rss_before_steps_bytes"]) / 2**20 \
     if d.get("steps_peak_rss_bytes") and d.get("rss_before_steps_bytes") else float("nan")
 print(f"{'mode':<5} {'batch':<5} {'pos/row':<7} {'tok/s':<8} {'s/step':<8} {'cpu_s/step':<10} {'peak_MiB':<9} "
-      f"{'resident_MiB':<12} {'steps_MiB':<9} losses")
+      f"{'resident_MiB':<12} {'steps_MiB':<9} {'ckpt_layers':<11} losses")
 for m, d in r.items():
     st = sum(d["step_seconds"][-d["timed_steps"]:]) / max(d["timed_steps"], 1)
     res = (d.get("rss_before_steps_bytes") or 0) / 2**20
     print(f"{m:<5} {d['batch']:<5} {d['positions_per_row']:<7.0f} {d['tokens_per_s']:<8.1f} {st:<8.1f} "
-          f"{d['cpu_seconds_per_step']:<10.1f} {d['peak_rss_bytes']/2**20:<9.0f} {res:<12.0f} {above(d):<9.0f} {d['losses']}")
+          f"{d['cpu_seconds_per_step']:<10.1f} {d['peak_rss_bytes']/2**20:<9.0f} {res:<12.0f} {above(d):<9.0f} {str(d.get('checkpointed_layers')):<11} {d['losses']}")
 if "off" in r and "on" in r:
     off, on = r["off"], r["on"]
     rel = lambda a, b: max(abs(x - y) / max(abs(x), 1e-30) for x, y in zip(a, b))

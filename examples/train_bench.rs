@@ -344,6 +344,7 @@ fn run(a: &Args, rt: &Runtime) -> Result<serde_json::Value, Error> {
         "losses": timer.losses,
         "grad_norms": timer.grad_norms,
         "checkpointing": rt.checkpointing,
+        "checkpointed_layers": report.checkpointed_layers,
         "step_seconds": timer.times,
         "timed_steps": timed.len(),
         "steps_per_s": steps_per_s,

@@ -237,16 +237,35 @@ pub fn decoder(model: &Llava, inputs: &BatchInputs) -> Result<Tensor> {
     Ok(llm.norm.forward(&x)?.reshape((b, s, h))?)
 }
 
-/// A rough estimate of the bytes the plain (un-checkpointed) pass keeps for its backward:
-/// per layer about 12 hidden-wide and 4 intermediate-wide tensors per position in the weight
-/// dtype, and the attention scores and probabilities (f32) of every head.
+/// An estimate of the bytes the plain (un-checkpointed) pass keeps for its backward: per layer
+/// about 18 hidden-wide and 8 intermediate-wide tensors per position in the weight dtype (the
+/// layer's inputs to its norms, projections, adapters and dropout masks), and, where the
+/// attention is the composed ops ([`keeps_scores`]), 12 bytes per score of every head (scores,
+/// probabilities, the masked sum). Calibrated on the 1b model (width 2048, MLP 5632, f32, 528
+/// positions a row; docs/benchmarks.md): 175 MB per layer and row measured with the blocked
+/// attention (the estimate: 173 MB), 95 MB more with the composed attention (estimate: 107 MB).
 pub fn activation_bytes(model: &Llava, rows: usize, positions: usize) -> u64 {
     let c = &model.llm.config;
     let elem = model.llm.embed_tokens.dtype().size_in_bytes() as u64;
     let n = (rows * positions) as u64;
-    let per_layer = elem * n * (12 * c.hidden_size as u64 + 4 * c.intermediate_size as u64)
-        + 8 * (rows * c.num_attention_heads) as u64 * (positions * positions) as u64;
+    let mut per_layer = elem * n * (18 * c.hidden_size as u64 + 8 * c.intermediate_size as u64);
+    if keeps_scores(model) {
+        per_layer += 12 * (rows * c.num_attention_heads) as u64 * (positions * positions) as u64;
+    }
     per_layer * c.num_hidden_layers as u64
+}
+
+/// Whether the decoder's attention keeps its (s × t) scores for the backward on the model's
+/// device and dtype under the calling thread's kernels: the composed ops do, the blocked op
+/// ([`crate::ml::flash`], `runtime.kernels = "on"`) does not.
+pub fn keeps_scores(model: &Llava) -> bool {
+    let c = &model.llm.config;
+    let head_dim = c.hidden_size / c.num_attention_heads.max(1);
+    let dtype = model.llm.embed_tokens.dtype();
+    match Tensor::zeros((1, 1, 1, head_dim), dtype, &model.device) {
+        Ok(q) => !crate::ml::llama::flash_enabled(&q),
+        Err(_) => true,
+    }
 }
 
 /// Bytes free for a step's activations on `device`: the kernel's `MemAvailable` on a Linux

@@ -379,11 +379,24 @@ fn assert_matches_finite_differences(
 
 #[test]
 fn the_activation_estimate_grows_with_rows_and_squares_with_positions() {
+    use crate::ml::fused::{with_kernels, Kernels};
     let (_dir, model) = tiny(DType::F32);
-    let one = activation_bytes(&model, 1, 64);
-    assert!(one > 0);
-    assert_eq!(activation_bytes(&model, 4, 64), 4 * one);
-    assert!(activation_bytes(&model, 1, 128) > 2 * one);
+    // The composed attention keeps its scores: they grow with the square of the positions.
+    let one = with_kernels(Some(Kernels::Off), || {
+        assert!(super::checkpoint::keeps_scores(&model));
+        let one = activation_bytes(&model, 1, 64);
+        assert!(one > 0);
+        assert_eq!(activation_bytes(&model, 4, 64), 4 * one);
+        assert!(activation_bytes(&model, 1, 128) > 2 * one);
+        one
+    });
+    // The blocked attention (the CPU with the kernels on) keeps none: linear in the positions.
+    with_kernels(Some(Kernels::On), || {
+        assert!(!super::checkpoint::keeps_scores(&model));
+        let lean = activation_bytes(&model, 1, 64);
+        assert!(0 < lean && lean < one);
+        assert_eq!(activation_bytes(&model, 1, 128), 2 * lean);
+    });
     use super::checkpoint::{layers_to_checkpoint as layers, resolve};
     use crate::ml::runtime::Checkpointing;
     let n = model.llm.layers.len();

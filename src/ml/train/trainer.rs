@@ -222,6 +222,10 @@ pub struct TrainReport {
     /// empty without one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub penalties: Vec<f64>,
+    /// The most decoder layers a micro-batch of this process checkpointed
+    /// (`runtime.checkpointing`; 0: none).
+    #[serde(default)]
+    pub checkpointed_layers: usize,
 }
 
 impl TrainReport {
@@ -490,6 +494,9 @@ pub struct StepSums {
     pub positions: usize,
     /// Supervised tokens covered.
     pub tokens: usize,
+    /// The most decoder layers a micro-batch of the step checkpointed
+    /// ([`super::checkpoint::resolve`]).
+    pub checkpointed_layers: usize,
 }
 
 /// Vars that only images reach (the projector; the vision tower in full training): a part
@@ -536,6 +543,7 @@ pub fn accumulate_step(
     let mut loss_sum = 0.0;
     let mut extra_sum = 0.0;
     let mut first_row = 0;
+    let mut most_checkpointed = 0;
     for mb in micro {
         let batch: Vec<&Sample> = mb.iter().map(|&k| &samples[k]).collect();
         let pixels = batch_pixels(&batch, images, aspect, &model.device, cache)?;
@@ -559,6 +567,7 @@ pub fn accumulate_step(
         let longest = batch.iter().map(|s| s.positions).max().unwrap_or(0);
         let checkpointed =
             super::checkpoint::resolve(checkpointing, model, shards.len(), widest, longest);
+        most_checkpointed = most_checkpointed.max(checkpointed);
         let run = |&(a, b): &(usize, usize)| -> Result<(f64, f64, GradStore, bool)> {
             let part = &batch[a..b];
             let px = &pixels[img_at[a]..img_at[b]];
@@ -619,6 +628,7 @@ pub fn accumulate_step(
         grads: acc,
         positions: step_positions,
         tokens: step_tokens,
+        checkpointed_layers: most_checkpointed,
     })
 }
 
@@ -687,6 +697,7 @@ pub fn train_with(
     }
     let mut losses = Vec::new();
     let mut penalties = Vec::new();
+    let mut checkpointed_layers = 0;
     let mut start = 0;
     if let Some(policy) = checkpoint {
         if let Some(ckpt) = latest_checkpoint(&policy.dir)? {
@@ -724,6 +735,7 @@ pub fn train_with(
                 grads: mut acc,
                 positions: step_positions,
                 tokens: step_tokens,
+                checkpointed_layers: step_checkpointed,
             } = accumulate_step(
                 model,
                 params,
@@ -774,6 +786,7 @@ pub fn train_with(
             }
             positions += step_positions as u64;
             supervised += step_tokens as u64;
+            checkpointed_layers = checkpointed_layers.max(step_checkpointed);
             let done = i + 1;
             let elapsed = t0.elapsed().as_secs_f64();
             let per_step = elapsed / (done - start) as f64;
@@ -827,6 +840,7 @@ pub fn train_with(
         trainable_parameters: params.num_elements(),
         stopped_early: stopped,
         penalties,
+        checkpointed_layers,
     })
 }
 
