@@ -11,9 +11,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
@@ -33,24 +33,8 @@ const WARPS: usize = THREADS / 32;
 /// The largest grid y dimension.
 const GRID_Y: usize = 65535;
 
-/// The element types the kernels are instantiated for.
-trait Elem: DeviceRepr + ValidAsZeroBits + CudaDType + Copy + 'static {
-    const SUFFIX: &'static str;
-}
-impl Elem for f32 {
-    const SUFFIX: &'static str = "f32";
-}
-impl Elem for half::bf16 {
-    const SUFFIX: &'static str = "bf16";
-}
-impl Elem for half::f16 {
-    const SUFFIX: &'static str = "f16";
-}
-
-/// Whether the kernels exist for `dtype`.
-pub fn dtype_supported(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
-}
+pub use super::fused_cuda::dtype_supported;
+use super::fused_cuda::Elem;
 
 /// The shapes of one call: q (b, heads, s, d), k and v (b, kv_heads, t, d).
 #[derive(Clone, Copy, Debug)]

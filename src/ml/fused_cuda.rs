@@ -12,7 +12,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
@@ -20,8 +20,8 @@ use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const MODULE: &str = "coin-fused";
 
-/// The element types the kernels are instantiated for.
-trait Elem: DeviceRepr + CudaDType + Copy + 'static {
+/// The element types the kernels (these and `flash_cuda.rs`'s) are instantiated for.
+pub(super) trait Elem: DeviceRepr + ValidAsZeroBits + CudaDType + Copy + 'static {
     const SUFFIX: &'static str;
 }
 impl Elem for f32 {
@@ -34,7 +34,7 @@ impl Elem for half::f16 {
     const SUFFIX: &'static str = "f16";
 }
 
-/// Whether the kernels exist for `dtype`.
+/// Whether the kernels (these and `flash_cuda.rs`'s) exist for `dtype`.
 pub fn dtype_supported(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
 }

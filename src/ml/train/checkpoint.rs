@@ -35,7 +35,7 @@
 //! ([`super::dropout::with_rows`]) are a function of the call count, which is saved before each
 //! layer's forward and restored before its recompute; on a GPU the device generator is re-seeded
 //! before every layer, decoder and tower (in both modes, so checkpointing does not change the
-//! masks). The tower has no dropout today (adapters never target it), but it is handled alike.
+//! masks). The tower has no dropout (adapters never target it), but it is handled alike.
 //! The gradients equal the plain pass's (tests: `checkpoint_tests`), so the setting is not part
 //! of the training key.
 //!

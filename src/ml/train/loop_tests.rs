@@ -412,6 +412,13 @@ fn step_grads(
     )
     .expect("step");
     assert_eq!(sums.extra, 0.0, "no regularizer, no extra term");
+    // The step reports what it checkpointed: every decoder layer for `on`, none for `off`.
+    let layers = m.model.llm.layers.len();
+    match checkpointing {
+        Checkpointing::On => assert_eq!(sums.checkpointed_layers, layers),
+        Checkpointing::Off => assert_eq!(sums.checkpointed_layers, 0),
+        Checkpointing::Auto => assert!(sums.checkpointed_layers <= layers),
+    }
     (sums.loss, sums.grads.take(), sums.tokens)
 }
 
